@@ -1,0 +1,191 @@
+"""Build the FHIR R4 result of a finding: a DiagnosticReport and its Observation.
+
+Built with fhir.resources' R4-family (R4B) models, so anything we publish has been
+validated against the base specification on the way out. Resource ids are derived
+from the study UID and finding, so a retried finding produces the same resources and
+an EHR can update instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.observation import Observation
+
+from schemas.findings import Finding
+
+# Namespace for deterministic resource ids (uuid5).
+_ID_NAMESPACE = uuid.UUID("5b0c4a57-65c4-4c1e-9b1f-1c9f3f0d7a11")
+FINDING_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-finding"
+
+# What each finding code means, for humans and for coded consumers (SNOMED CT disorder).
+FINDINGS: dict[str, tuple[str, str, str]] = {
+    # code: (plain words, SNOMED CT code, SNOMED display)
+    "ICH": ("intracranial haemorrhage", "1386000", "Intracranial hemorrhage"),
+    "LVO": ("large-vessel occlusion", "432504007", "Cerebral infarction"),
+    "NODULE": ("lung nodule", "786838002", "Pulmonary nodule"),
+    "CXR_CRITICAL": ("critical chest radiograph finding", "36118008", "Pneumothorax"),
+    "BIRADS": ("suspicious mammographic finding", "129748009", "Mass of breast"),
+}
+
+
+def _uid_identifier(study_uid: str) -> dict[str, str]:
+    return {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}
+
+
+def resource_ids(finding: Finding) -> tuple[str, str]:
+    base = f"{finding.study_uid}/{finding.finding}"
+    return (
+        str(uuid.uuid5(_ID_NAMESPACE, base + "/report")),
+        str(uuid.uuid5(_ID_NAMESPACE, base + "/observation")),
+    )
+
+
+def conclusion_text(finding: Finding) -> str:
+    words = FINDINGS[finding.finding][0]
+    model = f"{finding.model_name} v{finding.model_version}"
+    if finding.positive:
+        head = (
+            f"Suspected {words}: AI probability {finding.probability:.2f} "
+            f"at or above the alert threshold {finding.threshold:.2f} ({model})."
+        )
+    else:
+        head = (
+            f"No {words} suspected: AI probability {finding.probability:.2f} "
+            f"below the alert threshold {finding.threshold:.2f} ({model})."
+        )
+    return head + " Preliminary machine triage for prioritisation only; a radiologist must review the study."
+
+
+def build_observation(finding: Finding, observation_id: str) -> Observation:
+    words, snomed, snomed_display = FINDINGS[finding.finding]
+    body: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": observation_id,
+        "status": "preliminary",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "imaging",
+                        "display": "Imaging",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [
+                {"system": FINDING_SYSTEM, "code": finding.finding, "display": f"AI triage: {words}"},
+                {"system": "http://snomed.info/sct", "code": snomed, "display": snomed_display},
+            ],
+            "text": f"Probability of {words} (AI triage)",
+        },
+        "effectiveDateTime": finding.inferred_at.isoformat(),
+        "valueQuantity": {
+            "value": round(finding.probability, 4),
+            "unit": "probability",
+            "system": "http://unitsofmeasure.org",
+            "code": "1",
+        },
+        "interpretation": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                        "code": "POS" if finding.positive else "NEG",
+                        "display": "Positive" if finding.positive else "Negative",
+                    }
+                ]
+            }
+        ],
+        "method": {"text": f"{finding.model_name} version {finding.model_version} (Triton)"},
+        "device": {"display": f"{finding.model_name} version {finding.model_version}"},
+        "derivedFrom": [{"type": "ImagingStudy", "identifier": _uid_identifier(finding.study_uid)}],
+        "component": [
+            {
+                "code": {"text": "Alert threshold"},
+                "valueQuantity": {
+                    "value": finding.threshold,
+                    "unit": "probability",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "1",
+                },
+            },
+            {"code": {"text": "DICOM Series Instance UID"}, "valueString": finding.series_uid},
+        ],
+    }
+    if finding.patient_id:
+        body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
+    return Observation.model_validate(body)
+
+
+def build_report(finding: Finding, report_id: str, observation_id: str) -> DiagnosticReport:
+    words, snomed, snomed_display = FINDINGS[finding.finding]
+    body: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "id": report_id,
+        "identifier": [
+            {"system": "urn:dicom:uid", "value": f"urn:oid:{finding.study_uid}"},
+        ],
+        "status": "preliminary",
+        "category": [
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
+                ]
+            }
+        ],
+        "code": {
+            "coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}],
+            "text": f"AI triage for {words}",
+        },
+        "effectiveDateTime": finding.ready_at.isoformat(),
+        "issued": finding.inferred_at.isoformat(),
+        "imagingStudy": [{"type": "ImagingStudy", "identifier": _uid_identifier(finding.study_uid)}],
+        "result": [{"reference": f"urn:uuid:{observation_id}"}],
+        "conclusion": conclusion_text(finding),
+    }
+    if finding.accession_number:
+        body["identifier"].append(
+            {
+                "type": {
+                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]
+                },
+                "value": finding.accession_number,
+            }
+        )
+    if finding.patient_id:
+        body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
+    if finding.positive:
+        body["conclusionCode"] = [
+            {"coding": [{"system": "http://snomed.info/sct", "code": snomed, "display": snomed_display}]}
+        ]
+    return DiagnosticReport.model_validate(body)
+
+
+def build_result_bundle(finding: Finding) -> dict[str, Any]:
+    """A `collection` Bundle: the DiagnosticReport first, then its Observation (FHIR JSON)."""
+    report_id, observation_id = resource_ids(finding)
+    observation = build_observation(finding, observation_id)
+    report = build_report(finding, report_id, observation_id)
+    bundle = Bundle.model_validate(
+        {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid5(_ID_NAMESPACE, f"{finding.study_uid}/{finding.finding}/bundle")),
+            "type": "collection",
+            "timestamp": finding.inferred_at.isoformat(),
+            "entry": [
+                {"fullUrl": f"urn:uuid:{report_id}", "resource": report.model_dump(mode="json", exclude_none=True)},
+                {
+                    "fullUrl": f"urn:uuid:{observation_id}",
+                    "resource": observation.model_dump(mode="json", exclude_none=True),
+                },
+            ],
+        }
+    )
+    out: dict[str, Any] = bundle.model_dump(mode="json", exclude_none=True)
+    return out

@@ -1,0 +1,43 @@
+"""From a series' blob URIs to the tensor a given Triton model expects.
+
+Each served model names the preprocessing it was trained with; keeping the mapping
+here (and the transforms in `processors/preprocessing.py`, shared with training)
+is what prevents train/serve skew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from processors.dicom_volume import Volume, load_series
+from processors.preprocessing import preprocess_head_ct
+
+Preprocessor = Callable[[Volume], np.ndarray]
+
+
+def _head_ct(volume: Volume) -> np.ndarray:
+    return preprocess_head_ct(volume.hu, volume.spacing_zyx)
+
+
+PREPROCESSORS: dict[str, Preprocessor] = {
+    "ich_classifier": _head_ct,
+}
+
+
+class UnsupportedModelError(ValueError):
+    """A routing rule names a model this processor has no preprocessing for."""
+
+
+def prepare_model_input(model_name: str, paths: Sequence[Path]) -> tuple[np.ndarray, Volume]:
+    """Load the series and preprocess it for `model_name` (CPU-bound: run in a thread)."""
+    try:
+        preprocess = PREPROCESSORS[model_name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"no preprocessing registered for model '{model_name}' (known: {', '.join(sorted(PREPROCESSORS))})"
+        ) from None
+    volume = load_series(paths)
+    return preprocess(volume), volume

@@ -1,0 +1,85 @@
+"""The `radtriage` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from radtriage.logs import setup_logging
+from radtriage.settings import Settings, load_settings
+
+
+def _settings(bootstrap_servers: str | None = None, triton_url: str | None = None) -> Settings:
+    settings = load_settings()
+    if bootstrap_servers:
+        settings.kafka.bootstrap_servers = bootstrap_servers
+        settings.kafka.embedded = False
+    if triton_url:
+        settings.triton.grpc_url = triton_url
+        settings.triton.embedded = False
+    return settings
+
+
+@click.group()
+def main() -> None:
+    """radtriage: real-time triage of medical imaging."""
+
+
+@main.command()
+@click.option("--bootstrap-servers", help="Use this Kafka instead of starting a local broker.")
+@click.option("--triton-url", help="Use this Triton (gRPC host:port) instead of starting a local server.")
+def up(bootstrap_servers: str | None, triton_url: str | None) -> None:
+    """Start the whole local stack (Kafka, Triton, Faust workers, DICOM listener); Ctrl-C stops it."""
+    from radtriage.up import StackError, run_up
+
+    setup_logging(component="up")
+    try:
+        run_up(_settings(bootstrap_servers, triton_url))
+    except StackError as exc:
+        click.echo(f"radtriage up failed: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--bootstrap-servers", help="Kafka of the running stack.")
+@click.option("--runs", default=1, show_default=True, help="Send the three demo studies this many times.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write every outcome as JSON here.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for each study's outcome.")
+def demo(bootstrap_servers: str | None, runs: int, json_out: Path | None, timeout: float) -> None:
+    """Send bundled synthetic studies to a running stack and print route, finding and latency."""
+    from radtriage.demo import SendError, run_demo
+
+    setup_logging(level="WARNING", component="demo")
+    try:
+        ok = run_demo(_settings(bootstrap_servers), runs=runs, json_out=json_out, timeout_s=timeout)
+    except SendError as exc:
+        click.echo(f"radtriage demo: {exc}. Is `radtriage up` running?", err=True)
+        sys.exit(2)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+def worker() -> None:
+    """Run the Faust stream processors (started for you by `radtriage up`)."""
+    from radtriage.worker import run_worker
+
+    setup_logging(component="worker")
+    run_worker(_settings())
+
+
+@main.command("dicom-scp")
+def dicom_scp() -> None:
+    """Run the DICOM C-STORE listener (started for you by `radtriage up`)."""
+    from connectors.dicom.scp import run_scp
+    from radtriage.telemetry import setup_tracing
+
+    setup_logging(component="dicom")
+    settings = _settings()
+    setup_tracing(settings, "dicom-scp")
+    run_scp(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""`radtriage demo`: replay synthetic studies through a running stack and show what happened.
+
+Three studies per run — a head CT with a bleed, a normal head CT, and a chest CT
+that no ICH rule may take — are written as real DICOM series, sent over a DICOM
+association (C-STORE, then release) to the running listener, and followed on Kafka
+until each reaches its outcome: an alert and a report, a report alone, or
+"unrouted". Latencies are measured from the broker-side timestamps the pipeline
+records (first instance received, study ready, alert/report produced).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from radtriage.settings import Settings
+
+console = Console()
+
+
+@dataclass
+class DemoCase:
+    name: str
+    expect: str  # "alert", "report", "unrouted"
+    make: Callable[[np.random.Generator, Path, str], list[Path]]
+
+
+@dataclass
+class Outcome:
+    case: str
+    study_uid: str
+    expected: str
+    route: str = "-"
+    finding: str = "-"
+    probability: float | None = None
+    alert: bool = False
+    report: bool = False
+    unrouted: bool = False
+    dead_letter: str = ""
+    sent_s: float = 0.0
+    ready_to_alert_ms: float | None = None
+    ready_to_report_ms: float | None = None
+    received_to_alert_ms: float | None = None
+    timestamps: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        if self.dead_letter:
+            return False
+        return {
+            "alert": self.alert and self.report,
+            "report": self.report and not self.alert,
+            "unrouted": self.unrouted and not self.report and not self.alert,
+        }[self.expected]
+
+
+def _head(bleed: bool) -> Callable[[np.random.Generator, Path, str], list[Path]]:
+    def make(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
+        from models.dicom_writer import write_ct_series
+        from models.phantoms import head_ct_phantom
+
+        ph = head_ct_phantom(rng, bleed=bleed)
+        return write_ct_series(
+            ph.hu, ph.spacing_zyx, out, accession=accession, patient_id=f"DEMO-{accession}",
+            patient_name="Demo^Phantom", body_part="HEAD", series_description="CT HEAD WO CONTRAST",
+        )
+
+    return make
+
+
+def _chest(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
+    from models.dicom_writer import write_ct_series
+    from models.phantoms import chest_ct_phantom
+
+    ph = chest_ct_phantom(rng)
+    return write_ct_series(
+        ph.hu, ph.spacing_zyx, out, accession=accession, patient_id=f"DEMO-{accession}",
+        patient_name="Demo^Phantom", body_part="CHEST", series_description="CT CHEST WO CONTRAST",
+    )
+
+
+CASES = (
+    DemoCase("head CT, haemorrhage", "alert", _head(True)),
+    DemoCase("head CT, normal", "report", _head(False)),
+    DemoCase("chest CT", "unrouted", _chest),
+)
+
+
+class SendError(RuntimeError):
+    pass
+
+
+def send_series(paths: list[Path], settings: Settings, host: str = "127.0.0.1") -> None:
+    """C-STORE every file over one association, then release it (the 'study complete' signal)."""
+    ae = AE(ae_title="RADTRIAGE_DEMO")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(host, settings.dicom.port, ae_title=settings.dicom.ae_title)
+    if not assoc.is_established:
+        raise SendError(f"DICOM association to {host}:{settings.dicom.port} ({settings.dicom.ae_title}) refused")
+    try:
+        for path in paths:
+            status = assoc.send_c_store(dcmread(path))
+            code = getattr(status, "Status", None)
+            if code != 0x0000:
+                raise SendError(f"C-STORE of {path.name} answered status {code!r}")
+    finally:
+        assoc.release()
+
+
+def _ms(a: datetime, b: datetime) -> float:
+    return (b - a).total_seconds() * 1000.0
+
+
+class OutputWatcher:
+    """Reads the output topics from 'now' on and files every message under its study UID."""
+
+    def __init__(self, settings: Settings) -> None:
+        t = settings.topics
+        self.topics = [t.alerts_ich, t.alerts_stroke, t.results_fhir, t.audit, t.deadletter]
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False, group_id=None
+        )
+        parts = [
+            TopicPartition(topic, p)
+            for topic in self.topics
+            for p in sorted(self.consumer.partitions_for_topic(topic) or {0})
+        ]
+        self.consumer.assign(parts)
+        self.consumer.seek_to_end(*parts)
+        for tp in parts:  # resolve the end offsets now, before anything is sent
+            self.consumer.position(tp)
+        self.seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+
+    def poll(self, timeout_ms: int = 200) -> None:
+        for records in self.consumer.poll(timeout_ms=timeout_ms).values():
+            for record in records:
+                try:
+                    data = json.loads(record.value)
+                except (ValueError, TypeError):
+                    continue
+                uid = data.get("study_uid") or ""
+                self.seen.setdefault(uid, []).append((record.topic, data))
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _apply(outcome: Outcome, topic: str, data: dict[str, Any], settings: Settings) -> None:
+    t = settings.topics
+    if topic in (t.alerts_ich, t.alerts_stroke):
+        outcome.alert = True
+        outcome.finding = data["finding"]
+        outcome.probability = data["probability"]
+        ready = datetime.fromisoformat(data["ready_at"])
+        alerted = datetime.fromisoformat(data["alerted_at"])
+        outcome.ready_to_alert_ms = _ms(ready, alerted)
+        outcome.received_to_alert_ms = _ms(datetime.fromisoformat(data["received_at"]), alerted)
+    elif topic == t.results_fhir:
+        outcome.report = True
+        report = data["bundle"]["entry"][0]["resource"]
+        obs = data["bundle"]["entry"][1]["resource"]
+        outcome.finding = data["finding"]
+        outcome.probability = obs["valueQuantity"]["value"]
+        outcome.ready_to_report_ms = _ms(
+            datetime.fromisoformat(report["effectiveDateTime"]), datetime.fromisoformat(data["produced_at"])
+        )
+    elif topic == t.audit:
+        if data["decision"] == "unrouted":
+            outcome.unrouted = True
+            outcome.route = "unrouted"
+        elif data["stage"] == "route":
+            outcome.route = f"{data['detail']['lane']} → {data['detail']['model']}"
+    elif topic == t.deadletter:
+        outcome.dead_letter = f"{data['stage']}: {data['error']}"
+
+
+def _finished(outcome: Outcome) -> bool:
+    if outcome.dead_letter:
+        return True
+    if outcome.expected == "alert":
+        return outcome.alert and outcome.report
+    if outcome.expected == "unrouted":
+        return outcome.unrouted
+    return outcome.report or outcome.unrouted
+
+
+def run_case(
+    case: DemoCase, settings: Settings, watcher: OutputWatcher, rng: np.random.Generator, workdir: Path,
+    timeout_s: float, grace_s: float,
+) -> Outcome:
+    accession = f"DEMO{int(time.time() * 1000) % 10**10:010d}"
+    out = workdir / accession
+    files = case.make(rng, out, accession)
+    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    outcome = Outcome(case=case.name, study_uid=study_uid, expected=case.expect)
+    started = time.monotonic()
+    send_series(files, settings)
+    outcome.sent_s = time.monotonic() - started
+    deadline = time.monotonic() + timeout_s
+    done_at: float | None = None
+    while time.monotonic() < deadline:
+        watcher.poll()
+        for topic, data in watcher.seen.pop(study_uid, []):
+            _apply(outcome, topic, data, settings)
+        if _finished(outcome):
+            # Keep listening a little: a duplicate or unexpected alert must show up as a failure.
+            done_at = done_at or time.monotonic()
+            if time.monotonic() - done_at >= grace_s:
+                break
+    return outcome
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:,.0f} ms"
+
+
+def run_demo(settings: Settings, runs: int = 1, json_out: Path | None = None, timeout_s: float = 120.0) -> bool:
+    rng = np.random.default_rng(20261124)
+    watcher = OutputWatcher(settings)
+    outcomes: list[Outcome] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="radtriage-demo-") as tmp, Progress(console=console) as progress:
+            task = progress.add_task("sending demo studies", total=runs * len(CASES))
+            for _ in range(runs):
+                for case in CASES:
+                    progress.update(task, description=f"{case.name}")
+                    outcomes.append(run_case(case, settings, watcher, rng, Path(tmp), timeout_s, grace_s=1.0))
+                    progress.advance(task)
+    finally:
+        watcher.close()
+
+    table = Table(title="radtriage demo")
+    for col in ("study", "route", "finding", "probability", "alert", "report", "ready→alert", "ready→report", "result"):
+        table.add_column(col)
+    for o in outcomes[-len(CASES):] if runs > 1 else outcomes:
+        table.add_row(
+            o.case,
+            o.route,
+            o.finding,
+            "-" if o.probability is None else f"{o.probability:.3f}",
+            "yes" if o.alert else "no",
+            "yes" if o.report else ("unrouted" if o.unrouted else "no"),
+            _fmt(o.ready_to_alert_ms),
+            _fmt(o.ready_to_report_ms),
+            "[green]as expected[/]" if o.ok else f"[red]UNEXPECTED[/] {o.dead_letter}",
+        )
+    console.print(table)
+    alert_ms = [o.ready_to_alert_ms for o in outcomes if o.ready_to_alert_ms is not None]
+    summary: dict[str, Any] = {"runs": runs, "studies": len(outcomes), "all_ok": all(o.ok for o in outcomes)}
+    if alert_ms:
+        summary |= {
+            "ready_to_alert_ms_p50": statistics.median(alert_ms),
+            "ready_to_alert_ms_max": max(alert_ms),
+            "alerts": len(alert_ms),
+        }
+        console.print(
+            f"study ready → alert over {len(alert_ms)} alert(s): p50 {statistics.median(alert_ms):,.0f} ms, "
+            f"max {max(alert_ms):,.0f} ms"
+        )
+    if json_out:
+        json_out.write_text(json.dumps({"summary": summary, "outcomes": [asdict(o) for o in outcomes]}, indent=2))
+    return bool(summary["all_ok"])
+

@@ -1,0 +1,159 @@
+"""One typed settings object for every radtriage process.
+
+Sources, highest priority first: explicit keyword arguments (the CLI's flags),
+environment variables (``RADTRIAGE_`` prefix, ``__`` for nesting, e.g.
+``RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS``), a YAML file (``RADTRIAGE_CONFIG`` or
+``./radtriage.yaml``), then the defaults below, which are the external contract of
+ARCHITECTURE.md. Child processes started by ``radtriage up`` receive the resolved
+settings as ``RADTRIAGE_SETTINGS_JSON`` so that every component sees one picture.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_JSON_ENV = "RADTRIAGE_SETTINGS_JSON"
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("RADTRIAGE_HOME", Path.home() / ".local" / "share" / "radtriage"))
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("RADTRIAGE_CACHE", Path.home() / ".cache" / "radtriage"))
+
+
+class Topics(BaseModel):
+    instances: str = "imaging.instances"
+    studies: str = "imaging.studies"
+    orders: str = "imaging.orders"
+    requests_stat: str = "triage.requests.stat"
+    requests_urgent: str = "triage.requests.urgent"
+    requests_routine: str = "triage.requests.routine"
+    findings: str = "triage.findings"
+    results_fhir: str = "triage.results.fhir"
+    alerts_ich: str = "triage.alerts.ich"
+    alerts_stroke: str = "triage.alerts.stroke"
+    audit: str = "triage.audit"
+    deadletter: str = "triage.deadletter"
+
+    def lane_topic(self, lane: str) -> str:
+        return {
+            "stat": self.requests_stat,
+            "urgent": self.requests_urgent,
+            "routine": self.requests_routine,
+        }[lane]
+
+    def all(self) -> list[str]:
+        return list(self.model_dump().values())
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    # `radtriage up` starts a local single-node broker unless pointed elsewhere.
+    embedded: bool = True
+    embedded_version: str = "3.9.1"
+    controller_port: int = 9093
+    partitions: int = 3
+    replication_factor: int = 1
+    # How long a connector waits for acks=all before it answers the sender with a failure.
+    produce_timeout_s: float = 15.0
+
+
+class TritonSettings(BaseModel):
+    grpc_url: str = "127.0.0.1:8001"
+    http_url: str = "127.0.0.1:8000"
+    metrics_port: int = 8002
+    embedded: bool = True
+    model_repository: Path = REPO_ROOT / "deploy" / "triton" / "model_repository"
+    timeout_s: float = 20.0
+    # Triton priority levels (1 is highest) per lane; the model config declares 3 levels.
+    lane_priority: dict[str, int] = Field(default_factory=lambda: {"stat": 1, "urgent": 2, "routine": 3})
+
+
+class DicomSettings(BaseModel):
+    port: int = 11112
+    ae_title: str = "RADTRIAGE"
+    bind_address: str = "0.0.0.0"
+    # Largest single object accepted; a CT slice is ~0.5 MB, an enhanced multiframe far more.
+    max_pdu: int = 16382
+
+
+class StreamSettings(BaseModel):
+    app_id: str = "radtriage"
+    # A study with no association-release marker is ready after this much silence.
+    assembly_quiet_s: float = 10.0
+    assembly_scan_interval_s: float = 1.0
+    web_port: int = 6066
+    # Concurrency of each lane's inference agent; stat keeps its own capacity.
+    lane_concurrency: dict[str, int] = Field(default_factory=lambda: {"stat": 2, "urgent": 1, "routine": 1})
+
+
+class TelemetrySettings(BaseModel):
+    exporter: Literal["none", "console", "otlp", "jsonl"] = "jsonl"
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "radtriage"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RADTRIAGE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    home: Path = Field(default_factory=_default_home)
+    cache: Path = Field(default_factory=_default_cache)
+    routing_rules: Path = REPO_ROOT / "deploy" / "routing" / "rules.yaml"
+    http_port: int = 8080
+    hl7_port: int = 2575
+    topics: Topics = Field(default_factory=Topics)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    streams: StreamSettings = Field(default_factory=StreamSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = Path(os.environ.get("RADTRIAGE_CONFIG", "radtriage.yaml"))
+        return (
+            init_settings,
+            env_settings,
+            YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),
+        )
+
+    @cached_property
+    def blob_dir(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def trace_file(self) -> Path:
+        return self.home / "traces.jsonl"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings for this process: the parent's resolved settings if we were spawned by `up`."""
+    inherited = os.environ.get(SETTINGS_JSON_ENV)
+    if inherited and not overrides:
+        return Settings.model_validate_json(inherited)
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,244 @@
+"""`radtriage up`: start the whole local stack and keep it running until Ctrl-C.
+
+Kafka and Triton are started in-process through their launchers (unless the
+settings point at existing ones); the Faust worker and the DICOM listener run as
+child processes in their own sessions, so a Ctrl-C stops each cleanly in reverse
+order and nothing is left behind. While running it prints every result, alert,
+unrouted study and dead letter as it appears on Kafka.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from rich.console import Console
+from rich.table import Table
+
+from radtriage.kafka_admin import ensure_topics
+from radtriage.settings import REPO_ROOT, SETTINGS_JSON_ENV, Settings
+from radtriage.worker import ready_file
+
+console = Console(stderr=True)
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes] = field(repr=False)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.log.close()
+
+
+def spawn(name: str, args: list[str], settings: Settings) -> Child:
+    log_dir = settings.home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("ab")
+    env = dict(os.environ)
+    env[SETTINGS_JSON_ENV] = settings.model_dump_json()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "radtriage.cli", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
+    return Child(name, process, log_path, log)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_for(predicate: object, what: str, timeout: float, child: Child | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        if child is not None and child.process.poll() is not None:
+            raise StackError(
+                f"{child.name} exited with {child.process.returncode} while waiting for {what}; "
+                f"last lines of {child.log_path}:\n{_tail(child.log_path)}"
+            )
+        time.sleep(0.2)
+    tail = f"\nlast lines of {child.log_path}:\n{_tail(child.log_path)}" if child else ""
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+def _port_open(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+@contextlib.contextmanager
+def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
+    """Start everything `settings` asks for; stop it all on exit, in reverse order."""
+    stoppers: list[tuple[str, object]] = []
+    endpoints: list[tuple[str, str]] = []
+    children: list[Child] = []
+    try:
+        if settings.kafka.embedded:
+            from radtriage.stack.kafka import LocalKafka
+
+            host, port = settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)
+            with console.status("starting Apache Kafka (KRaft, single node)…"):
+                kafka = LocalKafka(
+                    data_dir=settings.home / "kafka",
+                    port=int(port),
+                    controller_port=settings.kafka.controller_port,
+                    version=settings.kafka.embedded_version,
+                    cache_root=settings.cache,
+                )
+                kafka.start()
+            stoppers.append(("kafka", kafka))
+            endpoints.append(("Kafka", f"{settings.kafka.bootstrap_servers} (embedded {settings.kafka.embedded_version})"))
+        else:
+            endpoints.append(("Kafka", f"{settings.kafka.bootstrap_servers} (external)"))
+        ensure_topics(
+            settings.kafka.bootstrap_servers,
+            dict.fromkeys(settings.topics.all(), settings.kafka.partitions),
+            replication_factor=settings.kafka.replication_factor,
+        )
+        if settings.triton.embedded:
+            from radtriage.stack.triton import LocalTriton
+
+            http_port = int(settings.triton.http_url.rsplit(":", 1)[1])
+            grpc_port = int(settings.triton.grpc_url.rsplit(":", 1)[1])
+            with console.status("starting Triton Inference Server (CPU)…"):
+                triton = LocalTriton(
+                    settings.triton.model_repository,
+                    http_port=http_port,
+                    grpc_port=grpc_port,
+                    metrics_port=settings.triton.metrics_port,
+                    log_file=settings.home / "logs" / "triton.log",
+                    extra_pythonpath=[REPO_ROOT],
+                )
+                triton.start()
+            stoppers.append(("triton", triton))
+            endpoints.append(("Triton", f"gRPC {settings.triton.grpc_url}, HTTP {settings.triton.http_url} (embedded)"))
+        else:
+            endpoints.append(("Triton", f"gRPC {settings.triton.grpc_url} (external)"))
+
+        ready_file(settings).unlink(missing_ok=True)
+        worker = spawn("worker", ["worker"], settings)
+        children.append(worker)
+        with console.status("starting Faust workers (waiting for partition assignment)…"):
+            wait_for(ready_file(settings).exists, "the Faust worker to be assigned partitions", 120, worker)
+        endpoints.append(("Faust worker", f"app '{settings.streams.app_id}', log {worker.log_path}"))
+
+        scp = spawn("dicom-scp", ["dicom-scp"], settings)
+        children.append(scp)
+        wait_for(lambda: _port_open("127.0.0.1", settings.dicom.port), "the DICOM listener", 30, scp)
+        endpoints.append(("DICOM C-STORE SCP", f"port {settings.dicom.port}, AE title {settings.dicom.ae_title}"))
+        yield endpoints
+    finally:
+        for child in reversed(children):
+            console.print(f"stopping {child.name}…")
+            child.stop()
+        for name, service in reversed(stoppers):
+            console.print(f"stopping {name}…")
+            service.stop()  # type: ignore[attr-defined]
+
+
+def _print_event(topic: str, value: bytes) -> None:
+    data = json.loads(value)
+    uid = data.get("study_uid", "?")
+    if topic.startswith("triage.alerts"):
+        console.print(
+            f"[bold red]ALERT[/] {data['finding']} study {uid} p={data['probability']:.2f} "
+            f"(threshold {data['threshold']:.2f}, {data['model_name']} v{data['model_version']}) on {topic}"
+        )
+    elif topic.endswith("results.fhir"):
+        report = data["bundle"]["entry"][0]["resource"]
+        console.print(f"[green]REPORT[/] study {uid}: {report.get('conclusion', '')}")
+    elif topic.endswith("deadletter"):
+        console.print(f"[yellow]DEAD LETTER[/] from {data['source_topic']} ({data['stage']}): {data['error']}")
+    elif topic.endswith("audit") and data.get("decision") == "unrouted":
+        console.print(f"[magenta]UNROUTED[/] study {uid}: {data['detail'].get('series', '')}")
+
+
+def _tail_outputs(settings: Settings, stop: threading.Event) -> None:
+    from kafka import KafkaConsumer
+
+    t = settings.topics
+    consumer = KafkaConsumer(
+        t.alerts_ich, t.alerts_stroke, t.results_fhir, t.deadletter, t.audit,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=500,
+    )
+    try:
+        while not stop.is_set():
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    with contextlib.suppress(Exception):
+                        _print_event(record.topic, record.value)
+    finally:
+        consumer.close()
+
+
+def run_up(settings: Settings) -> None:
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def _on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        with running_stack(settings) as endpoints:
+            table = Table(title=f"radtriage is up ({time.monotonic() - started:.1f}s)")
+            table.add_column("component")
+            table.add_column("endpoint")
+            for name, where in endpoints:
+                table.add_row(name, where)
+            console.print(table)
+            console.print(
+                f"Send a study: [bold]storescu -aec {settings.dicom.ae_title} 127.0.0.1 {settings.dicom.port} "
+                f"*.dcm[/]   or run [bold]radtriage demo[/].   Ctrl-C stops everything."
+            )
+            tail = threading.Thread(target=_tail_outputs, args=(settings, stop), daemon=True)
+            tail.start()
+            while True:
+                time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("Ctrl-C: stopping the stack…")
+    finally:
+        stop.set()

@@ -1,0 +1,32 @@
+"""`triage.alerts.ich` / `triage.alerts.stroke`: one critical finding for the emergency team."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import Field
+
+from schemas.base import Event, utcnow
+from schemas.requests import FindingCode, Lane
+
+
+def alert_id(study_uid: str, finding: str) -> str:
+    """The identity of an alert: one per study and finding, whatever is retried."""
+    return f"{study_uid}/{finding}"
+
+
+class Alert(Event):
+    alert_id: str
+    study_uid: str
+    accession_number: str = ""
+    finding: FindingCode
+    probability: float = Field(ge=0.0, le=1.0)
+    threshold: float = Field(ge=0.0, le=1.0)
+    model_name: str
+    model_version: str
+    lane: Lane
+    # First instance received, and study complete: the two starts of the latency clock.
+    received_at: datetime
+    ready_at: datetime
+    alerted_at: datetime = Field(default_factory=utcnow)
+    trace_id: str = ""

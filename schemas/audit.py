@@ -1,0 +1,20 @@
+"""`triage.audit`: every decision taken about a study, for the record."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import Event, utcnow
+
+
+class AuditEvent(Event):
+    study_uid: str
+    accession_number: str = ""
+    stage: Literal["route", "infer", "report", "alert"]
+    # e.g. "routed", "unrouted", "positive", "negative", "alert_sent", "alert_suppressed_duplicate"
+    decision: str
+    detail: dict[str, str | float | int | bool] = Field(default_factory=dict)
+    at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,29 @@
+"""`triage.requests.{stat,urgent,routine}`: one model run asked for one series of a study."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import Event, utcnow
+
+Lane = Literal["stat", "urgent", "routine"]
+FindingCode = Literal["ICH", "LVO", "NODULE", "CXR_CRITICAL", "BIRADS"]
+
+
+class TriageRequest(Event):
+    study_uid: str
+    accession_number: str = ""
+    patient_id: str = ""
+    series_uid: str
+    instance_uris: tuple[str, ...]
+    lane: Lane
+    rule_id: str
+    model_name: str
+    finding: FindingCode
+    threshold: float = Field(ge=0.0, le=1.0)
+    received_at: datetime
+    ready_at: datetime
+    routed_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,73 @@
+"""The routing-rules file: which series go to which Triton model, on which lane.
+
+Loaded from YAML (`deploy/routing/rules.yaml` by default) and validated here, so a
+typo in a rule is a start-up error with the rule's id, not a silent mis-route.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from schemas.requests import FindingCode, Lane
+
+
+class RuleMatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    modality: list[str] = Field(min_length=1)
+    # Any of these (case-insensitive) in BodyPartExamined; empty = any body part.
+    body_part: list[str] = Field(default_factory=list)
+    # Regexes (case-insensitive, searched) on SeriesDescription.
+    series_description: str | None = None
+    exclude_series_description: str | None = None
+    min_instances: int = Field(default=1, ge=1)
+
+    @field_validator("series_description", "exclude_series_description")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from exc
+        return value
+
+
+class Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    description: str = ""
+    match: RuleMatch
+    model: str
+    finding: FindingCode
+    threshold: float = Field(ge=0.0, le=1.0)
+    # The lane when no order says otherwise (orders refine it; see streams/routing.py).
+    lane: Lane = "routine"
+    alert: Literal["ich", "stroke", "none"] = "none"
+
+
+class RoutingRules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = 1
+    rules: list[Rule]
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_ids(cls, rules: list[Rule]) -> list[Rule]:
+        ids = [r.id for r in rules]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate rule id(s): {', '.join(dupes)}")
+        return rules
+
+    @classmethod
+    def load(cls, path: Path) -> RoutingRules:
+        with path.open(encoding="utf-8") as fh:
+            return cls.model_validate(yaml.safe_load(fh))

@@ -1,0 +1,130 @@
+"""The Faust application: topics, tables and the small helpers every agent shares.
+
+Messages are raw JSON bytes parsed with the pydantic schemas in `schemas/` (not
+Faust Records), so producers in the connectors (kafka-python) and consumers here
+share one definition, and an unreadable message becomes a dead letter with the
+reason instead of an exception inside Faust's deserializer that stalls a partition.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+from faust.types import EventT, TopicT
+
+from radtriage.settings import Settings
+from radtriage.telemetry import HeaderList
+from schemas.base import Event
+from schemas.deadletter import DeadLetter
+
+log = logging.getLogger(__name__)
+
+# Dead-letter payloads keep enough of the original for forensics without copying a huge message.
+DEADLETTER_PAYLOAD_LIMIT = 64 * 1024
+
+
+def faust_broker_url(bootstrap_servers: str) -> str:
+    return ";".join(f"kafka://{host.strip()}" for host in bootstrap_servers.split(",") if host.strip())
+
+
+@dataclass
+class TriageTopics:
+    instances: TopicT
+    studies: TopicT
+    lanes: dict[str, TopicT]
+    findings: TopicT
+    results_fhir: TopicT
+    alerts: dict[str, TopicT]
+    audit: TopicT
+    deadletter: TopicT
+
+
+def create_app(settings: Settings) -> faust.App:
+    return faust.App(
+        settings.streams.app_id,
+        broker=faust_broker_url(settings.kafka.bootstrap_servers),
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.kafka.partitions,
+        topic_replication_factor=settings.kafka.replication_factor,
+        # acks=all: an alert or report is only "sent" once every in-sync replica has it.
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        # Our own HTTP surface lives in the connectors; the Faust web server would only
+        # take another port.
+        web_enabled=False,
+        # A 3D volume load + Triton call can take seconds; do not let Faust think we hung.
+        broker_commit_every=100,
+        stream_wait_empty=False,
+    )
+
+
+def declare_topics(app: faust.App, settings: Settings) -> TriageTopics:
+    t = settings.topics
+
+    def topic(name: str) -> TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes)
+
+    return TriageTopics(
+        instances=topic(t.instances),
+        studies=topic(t.studies),
+        lanes={lane: topic(t.lane_topic(lane)) for lane in ("stat", "urgent", "routine")},
+        findings=topic(t.findings),
+        results_fhir=topic(t.results_fhir),
+        alerts={"ich": topic(t.alerts_ich), "stroke": topic(t.alerts_stroke)},
+        audit=topic(t.audit),
+        deadletter=topic(t.deadletter),
+    )
+
+
+async def publish(topic: TopicT, key: str, event: Event, headers: HeaderList | None = None) -> None:
+    """Send and wait for the broker's acknowledgement before the stream moves on.
+
+    Waiting per message costs a few milliseconds but means the source offset is
+    never committed ahead of what we produced from it.
+    """
+    fut = await topic.send(key=key.encode(), value=event.to_bytes(), headers=headers or [])
+    await fut
+
+
+def event_key(event: EventT) -> str:
+    key = event.key
+    if isinstance(key, bytes | bytearray):
+        return key.decode("utf-8", errors="replace")
+    return "" if key is None else str(key)
+
+
+async def dead_letter(
+    topics: TriageTopics,
+    event: EventT,
+    stage: str,
+    error: str,
+    study_uid: str = "",
+    headers: HeaderList | None = None,
+) -> None:
+    value: Any = event.value
+    payload = value.decode("utf-8", errors="replace") if isinstance(value, bytes | bytearray) else str(value)
+    message = event.message
+    letter = DeadLetter(
+        source_topic=message.topic,
+        stage=stage,
+        error=error,
+        key=event_key(event),
+        partition=message.partition,
+        offset=message.offset,
+        study_uid=study_uid,
+        payload=payload[:DEADLETTER_PAYLOAD_LIMIT],
+    )
+    log.warning(
+        "dead letter from %s[%s]@%s stage=%s: %s",
+        message.topic,
+        message.partition,
+        message.offset,
+        stage,
+        error,
+    )
+    await publish(topics.deadletter, letter.key or study_uid or "unknown", letter, headers)

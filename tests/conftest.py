@@ -1,0 +1,78 @@
+"""Session fixtures that start the REAL services once per test run.
+
+Kafka and Triton are started by the project's own launchers (the same ones
+`radtriage up` uses) on the default ports unless RADTRIAGE_TEST_KAFKA /
+RADTRIAGE_TEST_TRITON point at running instances.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from radtriage.settings import REPO_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(service_dir: Path) -> Iterator[str]:
+    """A real single-node Apache Kafka (KRaft) for the whole session."""
+    external = os.environ.get("RADTRIAGE_TEST_KAFKA")
+    if external:
+        yield external
+        return
+    from radtriage.settings import Settings
+    from radtriage.stack.kafka import LocalKafka
+
+    settings = Settings()
+    broker = LocalKafka(
+        data_dir=service_dir / "kafka",
+        port=free_port(),
+        controller_port=free_port(),
+        version=settings.kafka.embedded_version,
+        cache_root=settings.cache,
+    )
+    broker.start()
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_grpc_url(service_dir: Path) -> Iterator[str]:
+    """A real Triton Inference Server serving the repo's model repository."""
+    external = os.environ.get("RADTRIAGE_TEST_TRITON")
+    if external:
+        yield external
+        return
+    from radtriage.stack.triton import LocalTriton
+
+    grpc_port = free_port()
+    server = LocalTriton(
+        REPO_ROOT / "deploy" / "triton" / "model_repository",
+        http_port=free_port(),
+        grpc_port=grpc_port,
+        metrics_port=free_port(),
+        log_file=service_dir / "triton.log",
+        extra_pythonpath=[REPO_ROOT],
+    )
+    server.start()
+    try:
+        yield f"127.0.0.1:{grpc_port}"
+    finally:
+        server.stop()

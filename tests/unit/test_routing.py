@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from radtriage.settings import REPO_ROOT
+from schemas.routing_rules import RoutingRules
+from schemas.studies import SeriesRef, StudyEvent
+from streams.routing import build_request, route_study
+
+RULES = RoutingRules.load(REPO_ROOT / "deploy" / "routing" / "rules.yaml")
+
+
+def series(uid: str, modality: str, body: str, desc: str, n: int) -> SeriesRef:
+    return SeriesRef(
+        series_uid=uid,
+        modality=modality,
+        body_part=body,
+        series_description=desc,
+        instance_uris=tuple(f"file:///b/{uid}/{i}.dcm" for i in range(n)),
+    )
+
+
+def study(*s: SeriesRef) -> StudyEvent:
+    now = datetime.now(UTC)
+    return StudyEvent(
+        study_uid="1.2.3", accession_number="ACC1", series=s, received_at=now, ready_reason="transfer_complete"
+    )
+
+
+def test_noncontrast_head_ct_goes_to_ich_model_on_stat_lane() -> None:
+    routes = route_study(study(series("1.1", "CT", "HEAD", "CT HEAD WO CONTRAST", 30)), RULES)
+    assert [(r.rule.model, r.lane, r.series.series_uid) for r in routes] == [("ich_classifier", "stat", "1.1")]
+
+
+def test_largest_matching_series_is_chosen() -> None:
+    routes = route_study(
+        study(series("1.1", "CT", "HEAD", "Head 5mm", 24), series("1.2", "CT", "HEAD", "Head 1mm", 120)), RULES
+    )
+    assert [r.series.series_uid for r in routes] == ["1.2"]
+
+
+@pytest.mark.parametrize(
+    ("modality", "body", "desc", "n"),
+    [
+        ("CT", "CHEST", "CT CHEST WO CONTRAST", 60),  # another body part
+        ("MR", "HEAD", "AX FLAIR BRAIN", 30),  # another modality
+        ("CT", "HEAD", "CTA HEAD NECK", 200),  # angiography belongs to the stroke model
+        ("CT", "HEAD", "Head perfusion", 200),
+        ("CT", "HEAD", "CT HEAD WO CONTRAST", 3),  # too few slices: a scout, not a volume
+        ("CT", "", "CT HEAD WO CONTRAST", 30),  # no BodyPartExamined: not guessed
+    ],
+)
+def test_studies_no_rule_takes_are_unrouted(modality: str, body: str, desc: str, n: int) -> None:
+    assert route_study(study(series("1.1", modality, body, desc, n)), RULES) == []
+
+
+def test_body_part_and_modality_match_case_insensitively() -> None:
+    assert route_study(study(series("1.1", "ct", "brain", "routine head", 30)), RULES)
+
+
+def test_request_carries_rule_threshold_and_clock_starts() -> None:
+    st = study(series("1.1", "CT", "HEAD", "CT HEAD", 30))
+    (route,) = route_study(st, RULES)
+    req = build_request(st, route)
+    assert (req.model_name, req.finding, req.lane, req.rule_id) == (
+        "ich_classifier",
+        "ICH",
+        "stat",
+        "ct-head-noncontrast-ich",
+    )
+    assert req.threshold == route.rule.threshold
+    assert req.received_at == st.received_at and req.ready_at == st.ready_at
+    assert len(req.instance_uris) == 30
+
+
+def test_rules_file_errors_name_the_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(
+        "version: 1\nrules:\n"
+        "  - {id: a, match: {modality: [CT]}, model: m, finding: ICH, threshold: 0.5}\n"
+        "  - {id: a, match: {modality: [CT]}, model: m, finding: ICH, threshold: 1.5}\n"
+    )
+    with pytest.raises(ValidationError) as err:
+        RoutingRules.load(bad)
+    assert "threshold" in str(err.value)
+    bad.write_text(
+        "version: 1\nrules:\n"
+        "  - {id: a, match: {modality: [CT]}, model: m, finding: ICH, threshold: 0.5}\n"
+        "  - {id: a, match: {modality: [CT]}, model: m, finding: ICH, threshold: 0.5}\n"
+    )
+    with pytest.raises(ValidationError, match="duplicate rule id"):
+        RoutingRules.load(bad)
+    bad.write_text(
+        "version: 1\nrules:\n  - {id: a, match: {modality: [CT], series_description: '(unclosed'}, "
+        "model: m, finding: ICH, threshold: 0.5}\n"
+    )
+    with pytest.raises(ValidationError):
+        RoutingRules.load(bad)
