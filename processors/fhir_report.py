@@ -135,12 +135,18 @@ def build_report(finding: Finding, report_id: str, observation_id: str) -> Diagn
         "category": [
             {
                 "coding": [
-                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "RAD",
+                        "display": "Radiology",
+                    }
                 ]
             }
         ],
         "code": {
-            "coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}],
+            "coding": [
+                {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
+            ],
             "text": f"AI triage for {words}",
         },
         "effectiveDateTime": finding.ready_at.isoformat(),
@@ -179,7 +185,10 @@ def build_result_bundle(finding: Finding) -> dict[str, Any]:
             "type": "collection",
             "timestamp": finding.inferred_at.isoformat(),
             "entry": [
-                {"fullUrl": f"urn:uuid:{report_id}", "resource": report.model_dump(mode="json", exclude_none=True)},
+                {
+                    "fullUrl": f"urn:uuid:{report_id}",
+                    "resource": report.model_dump(mode="json", exclude_none=True),
+                },
                 {
                     "fullUrl": f"urn:uuid:{observation_id}",
                     "resource": observation.model_dump(mode="json", exclude_none=True),

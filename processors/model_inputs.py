@@ -37,7 +37,8 @@ def prepare_model_input(model_name: str, paths: Sequence[Path]) -> tuple[np.ndar
         preprocess = PREPROCESSORS[model_name]
     except KeyError:
         raise UnsupportedModelError(
-            f"no preprocessing registered for model '{model_name}' (known: {', '.join(sorted(PREPROCESSORS))})"
+            f"no preprocessing registered for model '{model_name}' "
+            f"(known: {', '.join(sorted(PREPROCESSORS))})"
         ) from None
     volume = load_series(paths)
     return preprocess(volume), volume

@@ -45,7 +45,9 @@ def up(bootstrap_servers: str | None, triton_url: str | None) -> None:
 @main.command()
 @click.option("--bootstrap-servers", help="Kafka of the running stack.")
 @click.option("--runs", default=1, show_default=True, help="Send the three demo studies this many times.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write every outcome as JSON here.")
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), help="Also write every outcome as JSON here."
+)
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for each study's outcome.")
 def demo(bootstrap_servers: str | None, runs: int, json_out: Path | None, timeout: float) -> None:
     """Send bundled synthetic studies to a running stack and print route, finding and latency."""
@@ -73,6 +75,7 @@ def worker() -> None:
 def dicom_scp() -> None:
     """Run the DICOM C-STORE listener (started for you by `radtriage up`)."""
     from connectors.dicom.scp import run_scp
+
     from radtriage.telemetry import setup_tracing
 
     setup_logging(component="dicom")

@@ -77,8 +77,14 @@ def _head(bleed: bool) -> Callable[[np.random.Generator, Path, str], list[Path]]
 
         ph = head_ct_phantom(rng, bleed=bleed)
         return write_ct_series(
-            ph.hu, ph.spacing_zyx, out, accession=accession, patient_id=f"DEMO-{accession}",
-            patient_name="Demo^Phantom", body_part="HEAD", series_description="CT HEAD WO CONTRAST",
+            ph.hu,
+            ph.spacing_zyx,
+            out,
+            accession=accession,
+            patient_id=f"DEMO-{accession}",
+            patient_name="Demo^Phantom",
+            body_part="HEAD",
+            series_description="CT HEAD WO CONTRAST",
         )
 
     return make
@@ -90,8 +96,14 @@ def _chest(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
 
     ph = chest_ct_phantom(rng)
     return write_ct_series(
-        ph.hu, ph.spacing_zyx, out, accession=accession, patient_id=f"DEMO-{accession}",
-        patient_name="Demo^Phantom", body_part="CHEST", series_description="CT CHEST WO CONTRAST",
+        ph.hu,
+        ph.spacing_zyx,
+        out,
+        accession=accession,
+        patient_id=f"DEMO-{accession}",
+        patient_name="Demo^Phantom",
+        body_part="CHEST",
+        series_description="CT CHEST WO CONTRAST",
     )
 
 
@@ -112,7 +124,9 @@ def send_series(paths: list[Path], settings: Settings, host: str = "127.0.0.1") 
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate(host, settings.dicom.port, ae_title=settings.dicom.ae_title)
     if not assoc.is_established:
-        raise SendError(f"DICOM association to {host}:{settings.dicom.port} ({settings.dicom.ae_title}) refused")
+        raise SendError(
+            f"DICOM association to {host}:{settings.dicom.port} ({settings.dicom.ae_title}) refused"
+        )
     try:
         for path in paths:
             status = assoc.send_c_store(dcmread(path))
@@ -201,8 +215,13 @@ def _finished(outcome: Outcome) -> bool:
 
 
 def run_case(
-    case: DemoCase, settings: Settings, watcher: OutputWatcher, rng: np.random.Generator, workdir: Path,
-    timeout_s: float, grace_s: float,
+    case: DemoCase,
+    settings: Settings,
+    watcher: OutputWatcher,
+    rng: np.random.Generator,
+    workdir: Path,
+    timeout_s: float,
+    grace_s: float,
 ) -> Outcome:
     accession = f"DEMO{int(time.time() * 1000) % 10**10:010d}"
     out = workdir / accession
@@ -230,12 +249,17 @@ def _fmt(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:,.0f} ms"
 
 
-def run_demo(settings: Settings, runs: int = 1, json_out: Path | None = None, timeout_s: float = 120.0) -> bool:
+def run_demo(
+    settings: Settings, runs: int = 1, json_out: Path | None = None, timeout_s: float = 120.0
+) -> bool:
     rng = np.random.default_rng(20261124)
     watcher = OutputWatcher(settings)
     outcomes: list[Outcome] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="radtriage-demo-") as tmp, Progress(console=console) as progress:
+        with (
+            tempfile.TemporaryDirectory(prefix="radtriage-demo-") as tmp,
+            Progress(console=console) as progress,
+        ):
             task = progress.add_task("sending demo studies", total=runs * len(CASES))
             for _ in range(runs):
                 for case in CASES:
@@ -246,9 +270,19 @@ def run_demo(settings: Settings, runs: int = 1, json_out: Path | None = None, ti
         watcher.close()
 
     table = Table(title="radtriage demo")
-    for col in ("study", "route", "finding", "probability", "alert", "report", "ready→alert", "ready→report", "result"):
+    for col in (
+        "study",
+        "route",
+        "finding",
+        "probability",
+        "alert",
+        "report",
+        "ready→alert",
+        "ready→report",
+        "result",
+    ):
         table.add_column(col)
-    for o in outcomes[-len(CASES):] if runs > 1 else outcomes:
+    for o in outcomes[-len(CASES) :] if runs > 1 else outcomes:
         table.add_row(
             o.case,
             o.route,
@@ -274,6 +308,7 @@ def run_demo(settings: Settings, runs: int = 1, json_out: Path | None = None, ti
             f"max {max(alert_ms):,.0f} ms"
         )
     if json_out:
-        json_out.write_text(json.dumps({"summary": summary, "outcomes": [asdict(o) for o in outcomes]}, indent=2))
+        json_out.write_text(
+            json.dumps({"summary": summary, "outcomes": [asdict(o) for o in outcomes]}, indent=2)
+        )
     return bool(summary["all_ok"])
-

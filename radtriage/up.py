@@ -115,7 +115,7 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         if settings.kafka.embedded:
             from radtriage.stack.kafka import LocalKafka
 
-            host, port = settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)
+            port = settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1]
             with console.status("starting Apache Kafka (KRaft, single node)…"):
                 kafka = LocalKafka(
                     data_dir=settings.home / "kafka",
@@ -126,7 +126,9 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
                 )
                 kafka.start()
             stoppers.append(("kafka", kafka))
-            endpoints.append(("Kafka", f"{settings.kafka.bootstrap_servers} (embedded {settings.kafka.embedded_version})"))
+            endpoints.append(
+                ("Kafka", f"{settings.kafka.bootstrap_servers} (embedded {settings.kafka.embedded_version})")
+            )
         else:
             endpoints.append(("Kafka", f"{settings.kafka.bootstrap_servers} (external)"))
         ensure_topics(
@@ -150,7 +152,9 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
                 )
                 triton.start()
             stoppers.append(("triton", triton))
-            endpoints.append(("Triton", f"gRPC {settings.triton.grpc_url}, HTTP {settings.triton.http_url} (embedded)"))
+            endpoints.append(
+                ("Triton", f"gRPC {settings.triton.grpc_url}, HTTP {settings.triton.http_url} (embedded)")
+            )
         else:
             endpoints.append(("Triton", f"gRPC {settings.triton.grpc_url} (external)"))
 
@@ -164,7 +168,9 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         scp = spawn("dicom-scp", ["dicom-scp"], settings)
         children.append(scp)
         wait_for(lambda: _port_open("127.0.0.1", settings.dicom.port), "the DICOM listener", 30, scp)
-        endpoints.append(("DICOM C-STORE SCP", f"port {settings.dicom.port}, AE title {settings.dicom.ae_title}"))
+        endpoints.append(
+            ("DICOM C-STORE SCP", f"port {settings.dicom.port}, AE title {settings.dicom.ae_title}")
+        )
         yield endpoints
     finally:
         for child in reversed(children):
@@ -187,7 +193,9 @@ def _print_event(topic: str, value: bytes) -> None:
         report = data["bundle"]["entry"][0]["resource"]
         console.print(f"[green]REPORT[/] study {uid}: {report.get('conclusion', '')}")
     elif topic.endswith("deadletter"):
-        console.print(f"[yellow]DEAD LETTER[/] from {data['source_topic']} ({data['stage']}): {data['error']}")
+        console.print(
+            f"[yellow]DEAD LETTER[/] from {data['source_topic']} ({data['stage']}): {data['error']}"
+        )
     elif topic.endswith("audit") and data.get("decision") == "unrouted":
         console.print(f"[magenta]UNROUTED[/] study {uid}: {data['detail'].get('series', '')}")
 
@@ -197,7 +205,11 @@ def _tail_outputs(settings: Settings, stop: threading.Event) -> None:
 
     t = settings.topics
     consumer = KafkaConsumer(
-        t.alerts_ich, t.alerts_stroke, t.results_fhir, t.deadletter, t.audit,
+        t.alerts_ich,
+        t.alerts_stroke,
+        t.results_fhir,
+        t.deadletter,
+        t.audit,
         bootstrap_servers=settings.kafka.bootstrap_servers,
         auto_offset_reset="latest",
         enable_auto_commit=False,
@@ -231,8 +243,8 @@ def run_up(settings: Settings) -> None:
                 table.add_row(name, where)
             console.print(table)
             console.print(
-                f"Send a study: [bold]storescu -aec {settings.dicom.ae_title} 127.0.0.1 {settings.dicom.port} "
-                f"*.dcm[/]   or run [bold]radtriage demo[/].   Ctrl-C stops everything."
+                f"Send a study: [bold]storescu -aec {settings.dicom.ae_title} 127.0.0.1 "
+                f"{settings.dicom.port} *.dcm[/]   or run [bold]radtriage demo[/].   Ctrl-C stops everything."
             )
             tail = threading.Thread(target=_tail_outputs, args=(settings, stop), daemon=True)
             tail.start()

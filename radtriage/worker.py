@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
@@ -32,7 +33,7 @@ def run_worker(settings: Settings) -> None:
     pipeline = build_pipeline(settings)
 
     @pipeline.app.on_rebalance_complete.connect
-    async def _ready(sender: object, **kwargs: object) -> None:
+    async def _ready(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         # `radtriage up` and the tests wait for this before they report the stack ready.
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("ready\n")

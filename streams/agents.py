@@ -17,11 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from connectors.blobstore import LocalBlobStore
 from faust.types import EventT
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from connectors.blobstore import LocalBlobStore
 from processors.fhir_report import build_result_bundle
 from processors.model_inputs import prepare_model_input
 from processors.triton_client import InferenceError, TritonModelClient
@@ -88,7 +88,9 @@ def build_pipeline(settings: Settings) -> Pipeline:
         state = assembly.AssemblyState.model_validate(raw) if raw else None
         if inst.kind == "instance":
             traceparent = _traceparent(event.headers)
-            assembling[inst.study_uid] = assembly.add_instance(state, inst, traceparent).model_dump(mode="json")
+            assembling[inst.study_uid] = assembly.add_instance(state, inst, traceparent).model_dump(
+                mode="json"
+            )
             return
         if state is None:
             # Already emitted (a duplicate marker, or a nudge that raced the release).
@@ -314,7 +316,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 except Exception as exc:
                     log.exception("inference on lane %s failed", lane)
                     await dead_letter(topics, event, f"infer.{lane}", f"{type(exc).__name__}: {exc}")
-    
+
         app.agent(
             topics.lanes[lane],
             name=f"infer-{lane}",
@@ -333,7 +335,10 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     "report",
                     context=context_from_headers(event.headers),
                     kind=SpanKind.CONSUMER,
-                    attributes={"radtriage.study_uid": finding.study_uid, "radtriage.finding": finding.finding},
+                    attributes={
+                        "radtriage.study_uid": finding.study_uid,
+                        "radtriage.finding": finding.finding,
+                    },
                 ):
                     result = FhirResult(
                         study_uid=finding.study_uid,
@@ -403,7 +408,9 @@ def build_pipeline(settings: Settings) -> Pipeline:
 
     @app.task
     async def _log_start() -> None:
-        log.info("radtriage streams started (rules: %s, %d rule(s))", settings.routing_rules, len(rules.rules))
+        log.info(
+            "radtriage streams started (rules: %s, %d rule(s))", settings.routing_rules, len(rules.rules)
+        )
 
     _ = (assemble, route, report, escalate, quiet_period_scan)
     return Pipeline(app=app, topics=topics, settings=settings)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from schemas.requests import Lane, TriageRequest
-from schemas.routing_rules import Rule, RoutingRules
+from schemas.routing_rules import RoutingRules, Rule
 from schemas.studies import SeriesRef, StudyEvent
 
 

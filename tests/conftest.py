@@ -35,8 +35,9 @@ def kafka_bootstrap(service_dir: Path) -> Iterator[str]:
     if external:
         yield external
         return
-    from radtriage.settings import Settings
     from radtriage.stack.kafka import LocalKafka
+
+    from radtriage.settings import Settings
 
     settings = Settings()
     broker = LocalKafka(

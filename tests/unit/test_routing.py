@@ -27,18 +27,25 @@ def series(uid: str, modality: str, body: str, desc: str, n: int) -> SeriesRef:
 def study(*s: SeriesRef) -> StudyEvent:
     now = datetime.now(UTC)
     return StudyEvent(
-        study_uid="1.2.3", accession_number="ACC1", series=s, received_at=now, ready_reason="transfer_complete"
+        study_uid="1.2.3",
+        accession_number="ACC1",
+        series=s,
+        received_at=now,
+        ready_reason="transfer_complete",
     )
 
 
 def test_noncontrast_head_ct_goes_to_ich_model_on_stat_lane() -> None:
     routes = route_study(study(series("1.1", "CT", "HEAD", "CT HEAD WO CONTRAST", 30)), RULES)
-    assert [(r.rule.model, r.lane, r.series.series_uid) for r in routes] == [("ich_classifier", "stat", "1.1")]
+    assert [(r.rule.model, r.lane, r.series.series_uid) for r in routes] == [
+        ("ich_classifier", "stat", "1.1")
+    ]
 
 
 def test_largest_matching_series_is_chosen() -> None:
     routes = route_study(
-        study(series("1.1", "CT", "HEAD", "Head 5mm", 24), series("1.2", "CT", "HEAD", "Head 1mm", 120)), RULES
+        study(series("1.1", "CT", "HEAD", "Head 5mm", 24), series("1.2", "CT", "HEAD", "Head 1mm", 120)),
+        RULES,
     )
     assert [r.series.series_uid for r in routes] == ["1.2"]
 

@@ -22,6 +22,8 @@ def test_round_trip() -> None:
         (None, "empty"),
     ],
 )
-def test_unreadable_messages_raise_one_error_type_with_the_reason(payload: bytes | None, fragment: str) -> None:
+def test_unreadable_messages_raise_one_error_type_with_the_reason(
+    payload: bytes | None, fragment: str
+) -> None:
     with pytest.raises(EventDecodeError, match=fragment):
         InstanceEvent.from_bytes(payload)

@@ -1,0 +1,25 @@
+# The front door: `make up` runs radtriage, `make test` runs every test.
+# Both install what they need first (idempotently; caches under ~/.cache/radtriage).
+VENV ?= $(or $(RADTRIAGE_VENV),$(HOME)/.cache/radtriage/venv)
+PY := $(VENV)/bin/python
+
+.PHONY: install up demo test lint
+
+install:
+	@scripts/install.sh
+
+up: install
+	@$(VENV)/bin/radtriage up
+
+demo: install
+	@$(VENV)/bin/radtriage demo
+
+# Unit, integration and end-to-end tests; the session fixtures start (and stop) a
+# real Kafka broker and a real Triton server.
+test:
+	@scripts/install.sh --test
+	@$(PY) -m pytest
+
+lint: install
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/mypy radtriage connectors streams processors models schemas

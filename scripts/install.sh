@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Idempotent set-up for radtriage on a fresh Debian machine: system packages, a
+# Python venv outside the clone (so a new clone or CI run reuses it), and the
+# project installed into it in editable mode. Kafka's jars are fetched (and cached
+# outside the clone) by the broker launcher the first time a broker starts.
+#
+#   scripts/install.sh          runtime needs (Java, Maven, Python deps)
+#   scripts/install.sh --test   also the test peers (dcmtk's storescu)
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")/.." && pwd)"
+cache="${RADTRIAGE_CACHE:-$HOME/.cache/radtriage}"
+venv="${RADTRIAGE_VENV:-$cache/venv}"
+python="${RADTRIAGE_PYTHON:-python3.11}"
+command -v "$python" >/dev/null || python=python3
+
+log() { printf '\033[1m[install]\033[0m %s\n' "$*" >&2; }
+
+apt_updated=0
+need_pkg() {  # need_pkg COMMAND PACKAGE...
+  command -v "$1" >/dev/null && return 0
+  shift
+  if [ "$(id -u)" != 0 ]; then
+    log "missing $* and not root: install them with your package manager"; exit 1
+  fi
+  if [ "$apt_updated" = 0 ]; then apt-get update -qq; apt_updated=1; fi
+  log "installing $* (Debian)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+need_pkg java openjdk-17-jre-headless
+need_pkg mvn maven
+if [ "${1:-}" = "--test" ]; then
+  need_pkg storescu dcmtk
+fi
+
+mkdir -p "$cache"
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating venv $venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip wheel setuptools
+fi
+
+# Re-run pip only when the dependency list or the clone's location changed.
+stamp="$venv/.radtriage-install"
+want="$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1) $here"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing radtriage and its Python dependencies into $venv"
+  "$venv/bin/pip" install -q -e "$here[dev]"
+  echo "$want" > "$stamp"
+fi
+log "ready: $venv/bin/radtriage"

@@ -1,0 +1,335 @@
+"""End to end, as a user runs it: `radtriage up` (embedded Kafka + Triton), studies sent
+with dcmtk's `storescu`, outcomes read back from Kafka, Ctrl-C leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from kafka import KafkaConsumer, TopicPartition
+from models.dicom_writer import write_ct_series
+from models.phantoms import chest_ct_phantom, head_ct_phantom
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from radtriage.settings import REPO_ROOT
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.e2e
+
+OUTCOME_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    bootstrap: str
+    dicom_port: int
+    home: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _storescu() -> str:
+    path = shutil.which("storescu")
+    assert path, "dcmtk's storescu is required (scripts/install.sh --test installs it: apt-get install dcmtk)"
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("radtriage-home")
+    kafka_port, dicom_port = free_port(), free_port()
+    env = dict(os.environ)
+    env.update(
+        {
+            "RADTRIAGE_HOME": str(home),
+            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
+            "RADTRIAGE_KAFKA__CONTROLLER_PORT": str(free_port()),
+            "RADTRIAGE_TRITON__GRPC_URL": f"127.0.0.1:{free_port()}",
+            "RADTRIAGE_TRITON__HTTP_URL": f"127.0.0.1:{free_port()}",
+            "RADTRIAGE_TRITON__METRICS_PORT": str(free_port()),
+            "RADTRIAGE_DICOM__PORT": str(dicom_port),
+            "RADTRIAGE_STREAMS__ASSEMBLY_QUIET_S": "4",
+        }
+    )
+    env.pop("RADTRIAGE_SETTINGS_JSON", None)
+    log = home / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "radtriage.cli", "up"],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    st = Stack(env, f"127.0.0.1:{kafka_port}", dicom_port, home, proc, log)
+    deadline = time.monotonic() + 300
+    while "radtriage is up" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(
+                f"radtriage up did not come up (rc={proc.poll()}):\n{log.read_text(errors='replace')[-4000:]}"
+            )
+        time.sleep(0.5)
+    try:
+        yield st
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+
+
+class Outputs:
+    """Everything produced on the output topics since the consumer was created."""
+
+    TOPICS = (
+        "triage.alerts.ich",
+        "triage.results.fhir",
+        "triage.audit",
+        "triage.deadletter",
+        "imaging.studies",
+    )
+
+    def __init__(self, bootstrap: str) -> None:
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+        parts = [
+            TopicPartition(t, p)
+            for t in self.TOPICS
+            for p in sorted(self.consumer.partitions_for_topic(t) or {0})
+        ]
+        self.consumer.assign(parts)
+        self.consumer.seek_to_end(*parts)
+        for tp in parts:
+            self.consumer.position(tp)
+        self.records: list[tuple[str, dict[str, Any], dict[str, bytes]]] = []
+
+    def poll_until(self, predicate: Any, timeout: float = OUTCOME_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate() and time.monotonic() < deadline:
+            for recs in self.consumer.poll(timeout_ms=300).values():
+                for r in recs:
+                    self.records.append((r.topic, json.loads(r.value), dict(r.headers or [])))
+        assert predicate(), (
+            f"timed out; saw {[(t, d.get('study_uid'), d.get('decision')) for t, d, _ in self.records]}"
+        )
+
+    def drain(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for recs in self.consumer.poll(timeout_ms=300).values():
+                for r in recs:
+                    self.records.append((r.topic, json.loads(r.value), dict(r.headers or [])))
+
+    def of(self, topic: str, study_uid: str) -> list[dict[str, Any]]:
+        return [d for t, d, _ in self.records if t == topic and d.get("study_uid") == study_uid]
+
+
+def _write_head(tmp: Path, bleed: bool, seed: int) -> tuple[str, list[Path]]:
+    ph = head_ct_phantom(np.random.default_rng(seed), bleed=bleed)
+    files = write_ct_series(
+        ph.hu,
+        ph.spacing_zyx,
+        tmp,
+        accession=f"E2E{seed}",
+        patient_id=f"MRN{seed}",
+        patient_name="Test^Phantom",
+        body_part="HEAD",
+        series_description="CT HEAD WO CONTRAST",
+        shuffle_files=True,
+    )
+    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files
+
+
+def _storescu_send(stack: Stack, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            _storescu(),
+            "-aec",
+            "RADTRIAGE",
+            "-aet",
+            "E2E_SCU",
+            "127.0.0.1",
+            str(stack.dicom_port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bleed_raises_one_alert_and_normal_gets_a_report_only(stack: Stack, tmp_path: Path) -> None:
+    out = Outputs(stack.bootstrap)
+    bleed_uid, bleed_files = _write_head(tmp_path / "bleed", True, 101)
+    normal_uid, normal_files = _write_head(tmp_path / "normal", False, 102)
+    for files in (bleed_files, normal_files):
+        sent = _storescu_send(stack, files)
+        assert sent.returncode == 0, sent.stderr
+
+    out.poll_until(
+        lambda: (
+            out.of("triage.results.fhir", bleed_uid)
+            and out.of("triage.results.fhir", normal_uid)
+            and out.of("triage.alerts.ich", bleed_uid)
+        )
+    )
+    out.drain(3.0)  # a duplicate alert, or one for the normal study, would arrive now
+
+    alerts = out.of("triage.alerts.ich", bleed_uid)
+    assert len(alerts) == 1, alerts
+    assert alerts[0]["finding"] == "ICH" and alerts[0]["probability"] >= alerts[0]["threshold"]
+    assert alerts[0]["trace_id"] and alerts[0]["model_name"] == "ich_classifier"
+    assert out.of("triage.alerts.ich", normal_uid) == []
+
+    for uid, positive in ((bleed_uid, True), (normal_uid, False)):
+        (result,) = out.of("triage.results.fhir", uid)
+        Bundle.model_validate(result["bundle"])
+        report = DiagnosticReport.model_validate(result["bundle"]["entry"][0]["resource"])
+        assert report.imagingStudy[0].identifier.value == f"urn:oid:{uid}"
+        assert report.status == "preliminary"
+        assert ("Suspected" in report.conclusion) is positive
+
+    # One trace per study: the alert's trace id is the study's trace from the DICOM receive on.
+    alert_headers = [h for t, d, h in out.records if t == "triage.alerts.ich" and d["study_uid"] == bleed_uid]
+    assert alert_headers[0]["traceparent"].decode().split("-")[1] == alerts[0]["trace_id"]
+    study_headers = [h for t, d, h in out.records if t == "imaging.studies" and d["study_uid"] == bleed_uid]
+    assert study_headers[0]["traceparent"].decode().split("-")[1] == alerts[0]["trace_id"]
+
+
+def test_chest_ct_is_reported_unrouted(stack: Stack, tmp_path: Path) -> None:
+    out = Outputs(stack.bootstrap)
+    ph = chest_ct_phantom(np.random.default_rng(7))
+    files = write_ct_series(
+        ph.hu,
+        ph.spacing_zyx,
+        tmp_path,
+        accession="E2ECHEST",
+        patient_id="MRN7",
+        patient_name="Test^Chest",
+        body_part="CHEST",
+        series_description="CT CHEST WO CONTRAST",
+    )
+    uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    assert _storescu_send(stack, files).returncode == 0
+    out.poll_until(lambda: any(d["decision"] == "unrouted" for d in out.of("triage.audit", uid)))
+    out.drain(2.0)
+    assert out.of("triage.results.fhir", uid) == [] and out.of("triage.alerts.ich", uid) == []
+
+
+def _corrupt_file(path: Path) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.save_as(path, enforce_file_format=True)
+    # A valid Part 10 preamble and meta header followed by garbage where the dataset should be.
+    with path.open("ab") as fh:
+        fh.write(b"\x08\x00\x18\x00UI\xff\xff" + os.urandom(512))
+    return path
+
+
+def _non_image_file(path: Path) -> Path:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage  # claims CT, carries no pixels
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_bad_objects_get_failure_statuses_and_the_next_good_study_is_processed(
+    stack: Stack, tmp_path: Path
+) -> None:
+    ae = AE(ae_title="E2E_BAD")
+    ae.add_requested_context(CTImageStorage)
+    statuses = []
+    for bad in (_corrupt_file(tmp_path / "corrupt.dcm"), _non_image_file(tmp_path / "noimage.dcm")):
+        assoc = ae.associate("127.0.0.1", stack.dicom_port, ae_title="RADTRIAGE")
+        assert assoc.is_established
+        with bad.open("rb") as fh:
+            status = assoc.send_c_store(fh)
+        assoc.release()
+        statuses.append(int(status.Status))
+    assert all(s != 0x0000 and (s >> 12) in (0xA, 0xC) for s in statuses), [hex(s) for s in statuses]
+
+    out = Outputs(stack.bootstrap)
+    uid, files = _write_head(tmp_path / "after", True, 103)
+    assert _storescu_send(stack, files).returncode == 0
+    out.poll_until(lambda: out.of("triage.results.fhir", uid) and out.of("triage.alerts.ich", uid))
+
+
+def test_aborted_association_completes_after_the_quiet_period(stack: Stack, tmp_path: Path) -> None:
+    out = Outputs(stack.bootstrap)
+    uid, files = _write_head(tmp_path / "abort", False, 104)
+    ae = AE(ae_title="E2E_ABORT")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", stack.dicom_port, ae_title="RADTRIAGE")
+    for f in files:
+        assert int(assoc.send_c_store(dcmread(f)).Status) == 0
+    assoc.abort()
+    out.poll_until(lambda: out.of("triage.results.fhir", uid))
+    (study,) = [d for t, d, _ in out.records if t == "imaging.studies" and d["study_uid"] == uid]
+    assert study["ready_reason"] == "quiet_period"
+    assert len(study["series"][0]["instance_uris"]) == len(files)
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def test_ctrl_c_stops_everything(stack: Stack) -> None:
+    """Last in this module: interrupts the shared stack and checks nothing is left running."""
+    spawned = _descendants(stack.process.pid)
+    # Kafka (java), Triton, the Faust worker and the DICOM listener at least.
+    assert len(spawned) >= 4, spawned
+    os.killpg(stack.process.pid, signal.SIGINT)
+    stack.process.wait(90)
+    time.sleep(0.5)
+    alive = {p for p in spawned if Path(f"/proc/{p}").exists()}
+    assert not alive, f"left behind: {[Path(f'/proc/{p}/cmdline').read_bytes()[:120] for p in alive]}"
+    assert stack.process.returncode == 0, stack.log.read_text(errors="replace")[-3000:]
