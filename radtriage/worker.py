@@ -32,7 +32,7 @@ def run_worker(settings: Settings) -> None:
     marker.unlink(missing_ok=True)
     pipeline = build_pipeline(settings)
 
-    @pipeline.app.on_rebalance_complete.connect
+    @pipeline.app.on_rebalance_complete.connect  # type: ignore[arg-type]  # mode's stub wants a sync signature
     async def _ready(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         # `radtriage up` and the tests wait for this before they report the stack ready.
         marker.parent.mkdir(parents=True, exist_ok=True)
