@@ -67,8 +67,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
 
     # Per-study assembly state and the alerts already sent; both changelogged in Kafka
     # so a restarted worker recovers them.
-    assembling = app.Table("assembly", default=None, key_serializer="json", value_serializer="json")
-    alerts_sent = app.Table("alerts-sent", default=None, key_serializer="json", value_serializer="json")
+    assembling = app.Table("assembly", default=None)
+    alerts_sent = app.Table("alerts-sent", default=None)
     # Studies already nudged for the quiet period, with the last_instance_at they were nudged at.
     nudged: dict[str, str] = {}
 

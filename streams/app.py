@@ -47,8 +47,10 @@ def create_app(settings: Settings) -> faust.App:
         settings.streams.app_id,
         broker=faust_broker_url(settings.kafka.bootstrap_servers),
         store="memory://",
-        key_serializer="raw",
-        value_serializer="raw",
+        # Tables (assembly state, alerts sent) are JSON; topics override this with raw
+        # bytes in `declare_topics`, since their values are our own schema-checked JSON.
+        key_serializer="json",
+        value_serializer="json",
         topic_partitions=settings.kafka.partitions,
         topic_replication_factor=settings.kafka.replication_factor,
         # acks=all: an alert or report is only "sent" once every in-sync replica has it.
@@ -67,7 +69,9 @@ def declare_topics(app: faust.App, settings: Settings) -> TriageTopics:
     t = settings.topics
 
     def topic(name: str) -> TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes)
+        return app.topic(
+            name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
 
     return TriageTopics(
         instances=topic(t.instances),
