@@ -35,9 +35,8 @@ def kafka_bootstrap(service_dir: Path) -> Iterator[str]:
     if external:
         yield external
         return
-    from radtriage.stack.kafka import LocalKafka
-
     from radtriage.settings import Settings
+    from radtriage.stack.kafka import LocalKafka
 
     settings = Settings()
     broker = LocalKafka(
@@ -77,3 +76,15 @@ def triton_grpc_url(service_dir: Path) -> Iterator[str]:
         yield f"127.0.0.1:{grpc_port}"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracing() -> None:
+    """A real tracer provider (no exporter): spans get ids and traceparent is propagated,
+    as in every radtriage process."""
+    from radtriage.settings import Settings
+    from radtriage.telemetry import setup_tracing
+
+    settings = Settings()
+    settings.telemetry.exporter = "none"
+    setup_tracing(settings, "tests")
