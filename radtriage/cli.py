@@ -75,7 +75,6 @@ def worker() -> None:
 def dicom_scp() -> None:
     """Run the DICOM C-STORE listener (started for you by `radtriage up`)."""
     from connectors.dicom.scp import run_scp
-
     from radtriage.telemetry import setup_tracing
 
     setup_logging(component="dicom")

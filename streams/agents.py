@@ -17,11 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
-from connectors.blobstore import LocalBlobStore
 from faust.types import EventT
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from connectors.blobstore import LocalBlobStore
 from processors.fhir_report import build_result_bundle
 from processors.model_inputs import prepare_model_input
 from processors.triton_client import InferenceError, TritonModelClient

@@ -69,9 +69,7 @@ def declare_topics(app: faust.App, settings: Settings) -> TriageTopics:
     t = settings.topics
 
     def topic(name: str) -> TopicT:
-        return app.topic(
-            name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-        )
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     return TriageTopics(
         instances=topic(t.instances),

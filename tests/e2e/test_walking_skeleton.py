@@ -21,14 +21,15 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from kafka import KafkaConsumer, TopicPartition
-from models.dicom_writer import write_ct_series
-from models.phantoms import chest_ct_phantom, head_ct_phantom
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from models.dicom_writer import write_ct_series
+from models.phantoms import chest_ct_phantom, head_ct_phantom
 from radtriage.settings import REPO_ROOT
 from tests.conftest import free_port
 
@@ -269,16 +270,18 @@ def _non_image_file(path: Path) -> Path:
 
 
 def test_bad_objects_get_failure_statuses_and_the_next_good_study_is_processed(
-    stack: Stack, tmp_path: Path
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Chunked mode sends the files' bytes as they are, without pynetdicom parsing them.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     ae = AE(ae_title="E2E_BAD")
-    ae.add_requested_context(CTImageStorage)
+    # The files' own transfer syntax only: chunked sending cannot convert.
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     statuses = []
     for bad in (_corrupt_file(tmp_path / "corrupt.dcm"), _non_image_file(tmp_path / "noimage.dcm")):
         assoc = ae.associate("127.0.0.1", stack.dicom_port, ae_title="RADTRIAGE")
         assert assoc.is_established
-        with bad.open("rb") as fh:
-            status = assoc.send_c_store(fh)
+        status = assoc.send_c_store(bad)  # sent as stored, without decoding
         assoc.release()
         statuses.append(int(status.Status))
     assert all(s != 0x0000 and (s >> 12) in (0xA, 0xC) for s in statuses), [hex(s) for s in statuses]
