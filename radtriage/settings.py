@@ -96,7 +96,10 @@ class StreamSettings(BaseModel):
     # A study with no association-release marker is ready after this much silence.
     assembly_quiet_s: float = 10.0
     assembly_scan_interval_s: float = 1.0
-    web_port: int = 6066
+    # A killed worker's partitions move to the survivors after this long without heartbeats
+    # (Faust's default is 60 s: far too long for a stat lane).
+    session_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 3.0
     # Concurrency of each lane's inference agent; stat keeps its own capacity.
     lane_concurrency: dict[str, int] = Field(default_factory=lambda: {"stat": 2, "urgent": 1, "routine": 1})
 

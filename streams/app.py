@@ -61,6 +61,8 @@ def create_app(settings: Settings) -> faust.App:
         web_enabled=False,
         # A 3D volume load + Triton call can take seconds; do not let Faust think we hung.
         broker_commit_every=100,
+        broker_session_timeout=settings.streams.session_timeout_s,
+        broker_heartbeat_interval=settings.streams.heartbeat_interval_s,
         stream_wait_empty=False,
     )
 
