@@ -32,12 +32,14 @@ def main() -> None:
 @click.option("--triton-url", help="Use this Triton (gRPC host:port) instead of starting a local server.")
 def up(bootstrap_servers: str | None, triton_url: str | None) -> None:
     """Start the whole local stack (Kafka, Triton, Faust workers, DICOM listener); Ctrl-C stops it."""
-    from radtriage.up import StackError, run_up
+    from radtriage.kafka_admin import KafkaUnavailable
+    from radtriage.stack.process import ServiceError
+    from radtriage.up import run_up
 
     setup_logging(component="up")
     try:
         run_up(_settings(bootstrap_servers, triton_url))
-    except StackError as exc:
+    except (ServiceError, KafkaUnavailable) as exc:
         click.echo(f"radtriage up failed: {exc}", err=True)
         sys.exit(1)
 

@@ -13,96 +13,35 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
 
 from rich.console import Console
 from rich.table import Table
 
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, SETTINGS_JSON_ENV, Settings
+from radtriage.stack.process import ServiceProcess, port_in_use
 from radtriage.worker import ready_file
 
 console = Console(stderr=True)
 
 
-class StackError(RuntimeError):
-    pass
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    log: IO[bytes] = field(repr=False)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        self.log.close()
-
-
-def spawn(name: str, args: list[str], settings: Settings) -> Child:
-    log_dir = settings.home / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    log = log_path.open("ab")
+def spawn(name: str, args: list[str], settings: Settings) -> ServiceProcess:
+    """A radtriage subcommand as a child service that sees exactly our resolved settings."""
     env = dict(os.environ)
     env[SETTINGS_JSON_ENV] = settings.model_dump_json()
-    process = subprocess.Popen(
+    service = ServiceProcess(
+        name,
         [sys.executable, "-m", "radtriage.cli", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
+        settings.home / "logs" / f"{name}.log",
         env=env,
         cwd=REPO_ROOT,
-        start_new_session=True,
     )
-    return Child(name, process, log_path, log)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def wait_for(predicate: object, what: str, timeout: float, child: Child | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        if child is not None and child.process.poll() is not None:
-            raise StackError(
-                f"{child.name} exited with {child.process.returncode} while waiting for {what}; "
-                f"last lines of {child.log_path}:\n{_tail(child.log_path)}"
-            )
-        time.sleep(0.2)
-    tail = f"\nlast lines of {child.log_path}:\n{_tail(child.log_path)}" if child else ""
-    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
-
-
-def _port_open(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
+    service.start()
+    return service
 
 
 @contextlib.contextmanager
@@ -110,7 +49,7 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
     """Start everything `settings` asks for; stop it all on exit, in reverse order."""
     stoppers: list[tuple[str, object]] = []
     endpoints: list[tuple[str, str]] = []
-    children: list[Child] = []
+    children: list[ServiceProcess] = []
     try:
         if settings.kafka.embedded:
             from radtriage.stack.kafka import LocalKafka
@@ -162,12 +101,12 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         worker = spawn("worker", ["worker"], settings)
         children.append(worker)
         with console.status("starting Faust workers (waiting for partition assignment)…"):
-            wait_for(ready_file(settings).exists, "the Faust worker to be assigned partitions", 120, worker)
-        endpoints.append(("Faust worker", f"app '{settings.streams.app_id}', log {worker.log_path}"))
+            worker.wait_until(ready_file(settings).exists, 120, "partition assignment")
+        endpoints.append(("Faust worker", f"app '{settings.streams.app_id}', log {worker.log_file}"))
 
         scp = spawn("dicom-scp", ["dicom-scp"], settings)
         children.append(scp)
-        wait_for(lambda: _port_open("127.0.0.1", settings.dicom.port), "the DICOM listener", 30, scp)
+        scp.wait_until(lambda: port_in_use(settings.dicom.port), 30, "the DICOM port to open")
         endpoints.append(
             ("DICOM C-STORE SCP", f"port {settings.dicom.port}, AE title {settings.dicom.ae_title}")
         )
