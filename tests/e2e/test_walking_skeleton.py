@@ -94,6 +94,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         yield st
     finally:
+        for consumer in _consumers:
+            consumer.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -101,6 +103,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 raise
+
+
+_consumers: list[KafkaConsumer] = []
 
 
 class Outputs:
@@ -116,6 +121,7 @@ class Outputs:
 
     def __init__(self, bootstrap: str) -> None:
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+        _consumers.append(self.consumer)
         parts = [
             TopicPartition(t, p)
             for t in self.TOPICS
@@ -327,6 +333,9 @@ def _descendants(pid: int) -> set[int]:
 
 def test_ctrl_c_stops_everything(stack: Stack) -> None:
     """Last in this module: interrupts the shared stack and checks nothing is left running."""
+    for consumer in _consumers:
+        consumer.close()
+    _consumers.clear()
     spawned = _descendants(stack.process.pid)
     # Kafka (java), Triton, the Faust worker and the DICOM listener at least.
     assert len(spawned) >= 4, spawned
