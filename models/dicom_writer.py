@@ -1,0 +1,113 @@
+"""Write a volume in Hounsfield units as a standards-conformant CT Image Storage series.
+
+Used by the demo, the tests and anyone who wants to feed the pipeline a study:
+real Part 10 files with patient/study/series identity, geometry (position,
+orientation, spacing) and rescale, so the whole pipeline — DICOM transfer, volume
+assembly by position, HU conversion — is exercised, not only the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+
+def write_ct_series(
+    volume_hu: np.ndarray,
+    spacing_zyx: Sequence[float],
+    out_dir: Path,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    accession: str = "",
+    patient_id: str = "",
+    patient_name: str = "",
+    body_part: str = "HEAD",
+    series_description: str = "CT HEAD WO CONTRAST",
+    study_description: str | None = None,
+    institution: str = "radtriage synthetic",
+    rescale_slope: float = 1.0,
+    rescale_intercept: float = -1024.0,
+    shuffle_files: bool = False,
+    rng: np.random.Generator | None = None,
+) -> list[Path]:
+    """Write one file per slice; returns the paths (in InstanceNumber order unless shuffled).
+
+    With `shuffle_files`, InstanceNumbers are assigned in a random order relative to
+    position — senders do that, and the loader must sort by ImagePositionPatient.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    now = datetime.now(UTC)
+    dz, dy, dx = (float(s) for s in spacing_zyx)
+    n, rows, cols = volume_hu.shape
+    stored = np.round((volume_hu - rescale_intercept) / rescale_slope)
+    signed = bool(stored.min() < 0)
+    dtype = np.int16 if signed else np.uint16
+    info = np.iinfo(dtype)
+    stored = np.clip(stored, info.min, info.max).astype(dtype)
+    order = np.arange(n)
+    if shuffle_files:
+        order = (rng or np.random.default_rng()).permutation(n)
+    # Patient coordinates: x to the patient's left, y posterior, z towards the head (LPS).
+    origin = (-(cols - 1) * dx / 2.0, -(rows - 1) * dy / 2.0, -(n - 1) * dz / 2.0)
+    paths: list[Path] = []
+    for instance_number, k in enumerate(order, start=1):
+        sop_uid = generate_uid()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        path = out_dir / f"CT{instance_number:04d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = study_uid + ".1" if len(study_uid) < 62 else generate_uid()
+        ds.Modality = "CT"
+        ds.Manufacturer = "radtriage"
+        ds.InstitutionName = institution
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = ""
+        ds.AccessionNumber = accession
+        ds.ReferringPhysicianName = ""
+        ds.StudyID = accession[-16:] if accession else "1"
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.StudyDescription = study_description or series_description
+        ds.SeriesDescription = series_description
+        ds.BodyPartExamined = body_part
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = instance_number
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [f"{origin[0]:.4f}", f"{origin[1]:.4f}", f"{origin[2] + int(k) * dz:.4f}"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [f"{dy:.6f}", f"{dx:.6f}"]
+        ds.SliceThickness = f"{dz:.4f}"
+        ds.SliceLocation = f"{origin[2] + int(k) * dz:.4f}"
+        ds.KVP = "120"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1 if signed else 0
+        ds.RescaleIntercept = f"{rescale_intercept:g}"
+        ds.RescaleSlope = f"{rescale_slope:g}"
+        ds.RescaleType = "HU"
+        ds.WindowCenter, ds.WindowWidth = "40", "80"
+        ds.PixelData = stored[int(k)].tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
