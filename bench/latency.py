@@ -84,7 +84,7 @@ def kafka_round_trip_ms(settings: Settings, n: int) -> list[float]:
 
 def model_work_ms(settings: Settings, n: int, workdir: Path) -> list[float]:
     rng = np.random.default_rng(7)
-    ph = head_ct_phantom(rng, bleed=True)
+    ph = head_ct_phantom(rng, bleed=True, min_bleed_ml=5.0)
     files = write_ct_series(ph.hu, ph.spacing_zyx, workdir / "baseline")
 
     async def run() -> list[float]:

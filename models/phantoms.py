@@ -54,6 +54,22 @@ def head_ct_phantom(
     bleed: bool,
     shape: tuple[int, int, int] | None = None,
     pixel_mm: float | None = None,
+    min_bleed_ml: float = 0.0,
+) -> Phantom:
+    """A head CT; with `min_bleed_ml`, redrawn until the blood volume reaches it (demos and
+    tests that need an unmistakable bleed; training uses the full range)."""
+    while True:
+        ph = _head_ct_phantom(rng, bleed=bleed, shape=shape, pixel_mm=pixel_mm)
+        if not bleed or sum(b.volume_ml for b in ph.bleeds) >= min_bleed_ml:
+            return ph
+
+
+def _head_ct_phantom(
+    rng: np.random.Generator,
+    *,
+    bleed: bool,
+    shape: tuple[int, int, int] | None,
+    pixel_mm: float | None,
 ) -> Phantom:
     n_slices = int(rng.integers(24, 33)) if shape is None else shape[0]
     rows = 128 if shape is None else shape[1]

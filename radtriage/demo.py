@@ -75,7 +75,7 @@ def _head(bleed: bool) -> Callable[[np.random.Generator, Path, str], list[Path]]
         from models.dicom_writer import write_ct_series
         from models.phantoms import head_ct_phantom
 
-        ph = head_ct_phantom(rng, bleed=bleed)
+        ph = head_ct_phantom(rng, bleed=bleed, min_bleed_ml=5.0)
         return write_ct_series(
             ph.hu,
             ph.spacing_zyx,

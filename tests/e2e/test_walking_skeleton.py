@@ -155,7 +155,7 @@ class Outputs:
 
 
 def _write_head(tmp: Path, bleed: bool, seed: int) -> tuple[str, list[Path]]:
-    ph = head_ct_phantom(np.random.default_rng(seed), bleed=bleed)
+    ph = head_ct_phantom(np.random.default_rng(seed), bleed=bleed, min_bleed_ml=5.0)
     files = write_ct_series(
         ph.hu,
         ph.spacing_zyx,

@@ -25,7 +25,7 @@ def test_served_model_separates_bleeds_from_normals(triton_grpc_url: str, tmp_pa
     rng = np.random.default_rng(424242)  # not a training or validation seed
     cases = []
     for i in range(12):
-        ph = head_ct_phantom(rng, bleed=i % 2 == 0)
+        ph = head_ct_phantom(rng, bleed=i % 2 == 0, min_bleed_ml=2.0)
         files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path / str(i), shuffle_files=True, rng=rng)
         tensor, _ = prepare_model_input("ich_classifier", files)
         cases.append((ph.has_bleed, tensor))

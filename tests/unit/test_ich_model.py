@@ -26,7 +26,7 @@ def test_weights_separate_fresh_phantoms() -> None:
     rng = np.random.default_rng(777_777)  # neither the training nor the validation seed
     labels, probs = [], []
     for i in range(16):
-        ph = head_ct_phantom(rng, bleed=i % 2 == 0)
+        ph = head_ct_phantom(rng, bleed=i % 2 == 0, min_bleed_ml=2.0)
         x = torch.from_numpy(preprocess_head_ct(ph.hu, ph.spacing_zyx))[None]
         with torch.no_grad():
             probs.append(float(model(x).reshape(-1)[0]))
