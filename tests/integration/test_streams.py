@@ -25,10 +25,14 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.integration
 
 
+_workers: list[Worker] = []
+
+
 class Worker:
     def __init__(self, env: dict[str, str], home: Path) -> None:
         self.env, self.home = env, home
         self.proc: subprocess.Popen[bytes] | None = None
+        _workers.append(self)
 
     def start(self) -> None:
         ready = self.home / "run" / "worker.ready"
@@ -81,6 +85,11 @@ def worker_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict[str,
     env.pop("RADTRIAGE_SETTINGS_JSON", None)
     ensure_topics(kafka_bootstrap, dict.fromkeys(settings.topics.all(), settings.kafka.partitions))
     yield env, settings
+    # A failed assertion must not leave a worker running behind the test session.
+    for worker in _workers:
+        if worker.proc is not None and worker.proc.poll() is None:
+            worker.kill(signal.SIGKILL)
+    _workers.clear()
 
 
 class Tail:
