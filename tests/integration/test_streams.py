@@ -230,6 +230,6 @@ def test_assembly_routing_and_dead_letters(worker_env: tuple[dict[str, str], Set
     stages = sorted(d["stage"] for d in tail.of(t.deadletter, key="poison"))
     assert stages == ["assemble", "route"]
     # The study's trace continues from the first instance's traceparent through routing.
-    headers = next(h for topic, d, h in tail.seen if topic == t.studies and d["study_uid"] == head)
+    headers = next(h for topic, d, h in tail.seen if topic == t.studies and d.get("study_uid") == head)
     assert headers["traceparent"].split(b"-")[1] == b"0af7651916cd43dd8448eb211c80319c"
     worker.kill(signal.SIGTERM)
