@@ -12,6 +12,7 @@ import pytest
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.model_inputs import prepare_model_input
+from processors.preprocessing import ICH_INPUT_SHAPE
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage.settings import REPO_ROOT
 
@@ -60,12 +61,12 @@ def test_wrong_input_is_an_error_not_a_crash(triton_grpc_url: str) -> None:
                 await client.infer_probability("ich_classifier", np.zeros((1, 4, 4, 4), np.float32), 1)
             with pytest.raises(InferenceError, match="NaN"):
                 await client.infer_probability(
-                    "ich_classifier", np.full((1, 32, 96, 96), np.nan, np.float32), 1
+                    "ich_classifier", np.full(ICH_INPUT_SHAPE, np.nan, np.float32), 1
                 )
             with pytest.raises(InferenceError):
-                await client.infer_probability("no_such_model", np.zeros((1, 32, 96, 96), np.float32), 1)
+                await client.infer_probability("no_such_model", np.zeros(ICH_INPUT_SHAPE, np.float32), 1)
             # ...and the server still answers.
-            ok = await client.infer_probability("ich_classifier", np.zeros((1, 32, 96, 96), np.float32), 1)
+            ok = await client.infer_probability("ich_classifier", np.zeros(ICH_INPUT_SHAPE, np.float32), 1)
             assert 0.0 <= ok.probability <= 1.0
         finally:
             await client.close()
