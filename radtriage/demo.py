@@ -292,9 +292,12 @@ def run_demo(
             "yes" if o.report else ("unrouted" if o.unrouted else "no"),
             _fmt(o.ready_to_alert_ms),
             _fmt(o.ready_to_report_ms),
-            "[green]as expected[/]" if o.ok else f"[red]UNEXPECTED[/] {o.dead_letter}",
+            "[green]as expected[/]" if o.ok else "[red]UNEXPECTED[/]",
         )
     console.print(table)
+    for o in outcomes:
+        if o.dead_letter:
+            console.print(f"[red]dead letter[/] for {o.case} ({o.study_uid}): {o.dead_letter[:300]}")
     alert_ms = [o.ready_to_alert_ms for o in outcomes if o.ready_to_alert_ms is not None]
     summary: dict[str, Any] = {"runs": runs, "studies": len(outcomes), "all_ok": all(o.ok for o in outcomes)}
     if alert_ms:

@@ -20,5 +20,8 @@ def setup_logging(level: str = "INFO", component: str = "radtriage") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # aiokafka and pynetdicom are chatty at INFO; their warnings still reach the operator.
-    for noisy in ("aiokafka", "kafka", "pynetdicom", "faust.transport", "mode"):
+    for noisy in ("aiokafka", "pynetdicom", "faust.transport", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python logs every refused connection at ERROR while a broker starts or
+    # restarts; our own code reports what matters (PublishError, KafkaUnavailable).
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
