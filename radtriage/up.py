@@ -173,6 +173,9 @@ def run_up(settings: Settings) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_term)
+    # A shell without job control starts background commands with SIGINT ignored;
+    # Ctrl-C (or `kill -INT`) must still stop the stack.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with running_stack(settings) as endpoints:
             table = Table(title=f"radtriage is up ({time.monotonic() - started:.1f}s)")
@@ -187,9 +190,15 @@ def run_up(settings: Settings) -> None:
             )
             tail = threading.Thread(target=_tail_outputs, args=(settings, stop), daemon=True)
             tail.start()
-            while True:
-                time.sleep(1)
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                console.print("Ctrl-C: stopping the stack…")
+                # The output tail goes first, so it does not watch the broker go away.
+                stop.set()
+                tail.join(5)
     except KeyboardInterrupt:
-        console.print("Ctrl-C: stopping the stack…")
+        console.print("Ctrl-C during start-up: stopping what was started…")
     finally:
         stop.set()
