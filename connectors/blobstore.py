@@ -18,18 +18,46 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 class BlobStoreError(ValueError):
-    pass
+    """A UID that is not a DICOM UID, or a URI this store does not hold."""
 
 
 def valid_uid(uid: str) -> bool:
+    """True for a DICOM UID (PS3.5 9.1). Such a UID is also a safe path component: digits
+    and dots only, never empty, never `.` or `..`."""
     return len(uid) <= 64 and bool(_UID.match(uid))
 
 
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new directory entry is durable only once its directory is synced.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalBlobStore:
+    """Instances as `<root>/<study>/<series>/<sop>.dcm`; thread-safe (no shared state)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
+    def _ensure_dir(self, folder: Path) -> None:
+        if folder.is_dir():
+            return
+        # Create parents first and sync each new entry into its parent, so a crash after
+        # we answered success cannot lose the directory that holds the instance.
+        for parent in reversed([folder, *folder.parents]):
+            if parent.is_dir():
+                continue
+            parent.mkdir(exist_ok=True)
+            _fsync_dir(parent.parent)
+
     def put_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> str:
+        """Store one instance atomically and durably; returns its `file://` URI.
+
+        A re-sent instance (same SOP Instance UID) replaces the stored one.
+        """
         for name, uid in (
             ("StudyInstanceUID", study_uid),
             ("SeriesInstanceUID", series_uid),
@@ -38,7 +66,7 @@ class LocalBlobStore:
             if not valid_uid(uid):
                 raise BlobStoreError(f"{name} {uid!r} is not a valid DICOM UID")
         folder = self.root / study_uid / series_uid
-        folder.mkdir(parents=True, exist_ok=True)
+        self._ensure_dir(folder)
         target = folder / f"{sop_uid}.dcm"
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".dcm")
         try:
@@ -47,15 +75,19 @@ class LocalBlobStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
+            _fsync_dir(folder)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return target.as_uri()
 
     def path_of(self, uri: str) -> Path:
+        """The local path of a URI returned by `put_instance`; refuses anything outside root."""
         parsed = urlparse(uri)
         if parsed.scheme != "file":
             raise BlobStoreError(f"unsupported blob URI scheme in {uri!r} (this store holds file:// URIs)")
+        if parsed.netloc not in ("", "localhost"):
+            raise BlobStoreError(f"blob URI {uri!r} names a remote host")
         path = Path(unquote(parsed.path)).resolve()
         if not path.is_relative_to(self.root):
             raise BlobStoreError(f"blob URI {uri!r} is outside the store {self.root}")

@@ -4,70 +4,155 @@
 so a connector can answer its sender (C-STORE success, HL7 ACK, HTTP 201) knowing
 the event is safe; any failure is a `PublishError` the connector turns into a
 standard refusal that makes the sender retry.
+
+Delivery is at-least-once end to end: when `publish` gives up, the record may still
+reach Kafka a little later, and the sender's retry then publishes it again. Consumers
+are written for that (study assembly keys instances by SOP Instance UID, the blob
+store overwrites a re-sent instance with itself).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.producer.future import RecordMetadata
 
 from schemas.base import Event
+
+__all__ = ["EventPublisher", "PublishError", "RecordMetadata"]
 
 
 class PublishError(RuntimeError):
     """Kafka did not acknowledge the event in time; the sender must be told to retry."""
 
 
+def _describe(exc: BaseException) -> str:
+    # kafka-python's errors already start with their class name; others do not.
+    text = str(exc)
+    name = type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
 class EventPublisher:
+    """A thread-safe, lazily connected, acks=all Kafka producer for connectors.
+
+    Safe to share between threads (pynetdicom runs one thread per association):
+    kafka-python's producer is thread-safe, and only its creation is serialised here.
+    """
+
     def __init__(self, bootstrap_servers: str, *, timeout_s: float, client_id: str) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
         self._bootstrap = bootstrap_servers
         self._timeout_s = timeout_s
         self._client_id = client_id
         self._producer: KafkaProducer | None = None
         self._lock = threading.Lock()
+        # When the last attempt to connect failed, and why: threads that queued behind
+        # that attempt fail at once instead of each waiting a full timeout in turn.
+        self._failed_at = float("-inf")
+        self._failure = ""
+        self._closed = False
 
-    def _get_producer(self) -> KafkaProducer:
-        # Created on first use, so a connector starts (and answers with a retryable
-        # failure) even while Kafka is still coming up.
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    def _new_producer(self) -> KafkaProducer:
+        timeout_ms = int(self._timeout_s * 1000)
+        linger_ms = 1
+        return KafkaProducer(
+            bootstrap_servers=self._bootstrap,
+            client_id=self._client_id,
+            # Durability: the leader answers only once every in-sync replica has the record.
+            acks="all",
+            # Explicit, so kafka-python raises on a conflicting option instead of silently
+            # dropping idempotence; a retried batch is then never written twice.
+            enable_idempotence=True,
+            # `retries` stays at its idempotent default (unbounded); delivery_timeout_ms is
+            # what bounds retrying. It is set to its minimum (request timeout + linger) so a
+            # record we already reported as failed does not linger in the producer for the
+            # 120 s default and surface long after the sender was told to retry.
+            request_timeout_ms=timeout_ms,
+            delivery_timeout_ms=timeout_ms + linger_ms,
+            # Senders wait synchronously per object; batching only pays between concurrent
+            # associations, so the linger is kept to a millisecond.
+            linger_ms=linger_ms,
+            # A record is one small JSON event; instance payloads live in the blob store.
+            max_request_size=1 << 20,
+            # send() waits for topic metadata at most this long...
+            max_block_ms=timeout_ms,
+            # ...and the constructor for the first broker connection: both bounded, so the
+            # sender hears "retry later" before its own DIMSE/ACK timeout.
+            bootstrap_timeout_ms=timeout_ms,
+            # Come back quickly after a broker restart (default backs off up to 30 s).
+            reconnect_backoff_max_ms=1000,
+        )
+
+    def _get_producer(self, started: float) -> KafkaProducer:
+        # Created on first use (not in __init__), so a connector starts — and answers with
+        # a retryable failure — even while Kafka is still coming up or briefly down.
         with self._lock:
-            if self._producer is None:
-                try:
-                    self._producer = KafkaProducer(
-                        bootstrap_servers=self._bootstrap,
-                        client_id=self._client_id,
-                        acks="all",
-                        enable_idempotence=True,
-                        retries=5,
-                        linger_ms=1,
-                        max_block_ms=int(self._timeout_s * 1000),
-                        # Bounded, so a sender waiting on us hears "retry later" before its own
-                        # DIMSE/ACK timeout; the next request tries to connect again.
-                        bootstrap_timeout_ms=int(self._timeout_s * 1000),
-                        reconnect_backoff_max_ms=2000,
-                        request_timeout_ms=int(self._timeout_s * 1000),
-                        compression_type=None,
-                    )
-                except KafkaError as exc:
-                    raise PublishError(f"Kafka at {self._bootstrap} unreachable: {exc}") from exc
+            if self._closed:
+                raise PublishError("publisher is closed")
+            if self._producer is not None:
+                return self._producer
+            if self._failed_at >= started:
+                # Another thread tried while we queued for the lock, and failed: same answer.
+                raise PublishError(self._failure)
+            try:
+                self._producer = self._new_producer()
+            except Exception as exc:  # NoBrokersAvailable, KafkaTimeoutError, socket errors...
+                self._failed_at = time.monotonic()
+                self._failure = f"Kafka at {self._bootstrap} unreachable: {_describe(exc)}"
+                raise PublishError(self._failure) from exc
             return self._producer
 
-    def publish(self, topic: str, key: str, event: Event, headers: Mapping[str, str] | None = None) -> None:
+    def _discard_if_broken(self, producer: KafkaProducer) -> None:
+        """Drop a producer that can no longer send (closed or fatal idempotence state), so
+        the next publish builds a fresh one instead of failing forever."""
+        sender = getattr(producer, "_sender", None)
+        txn = getattr(producer, "_transaction_manager", None)
+        broken = bool(getattr(producer, "_closed", False))
+        broken = broken or (sender is not None and not sender.is_alive())
+        broken = broken or (txn is not None and txn.has_fatal_error())
+        if not broken:
+            return
+        with self._lock:
+            if self._producer is producer:
+                self._producer = None
+        producer.close(timeout=0)
+
+    def publish(
+        self, topic: str, key: str, event: Event, headers: Mapping[str, str] | None = None
+    ) -> RecordMetadata:
+        """Send `event` and block until Kafka acknowledged it (acks=all).
+
+        Returns the record's metadata (partition, offset); raises `PublishError` with the
+        reason if the broker did not acknowledge within `timeout_s`.
+        """
+        started = time.monotonic()
         header_list = [(k, v.encode()) for k, v in (headers or {}).items()]
+        producer = self._get_producer(started)
         try:
-            future = self._get_producer().send(
-                topic, key=key.encode(), value=event.to_bytes(), headers=header_list
-            )
-            future.get(timeout=self._timeout_s)
-        except KafkaError as exc:
+            future = producer.send(topic, key=key.encode(), value=event.to_bytes(), headers=header_list)
+            # One budget for the whole call: connecting, metadata and the acknowledgement.
+            remaining = max(self._timeout_s - (time.monotonic() - started), 0.05)
+            metadata: RecordMetadata = future.get(timeout=remaining)
+        except Exception as exc:  # every KafkaError, and the producer's own Type/ValueErrors
+            self._discard_if_broken(producer)
             raise PublishError(
-                f"Kafka did not acknowledge {topic} within {self._timeout_s:g}s: {exc}"
+                f"Kafka did not acknowledge {topic} within {self._timeout_s:g}s: {_describe(exc)}"
             ) from exc
+        return metadata
 
     def close(self) -> None:
+        """Flush what is in flight (bounded by the timeout) and release the connection."""
         with self._lock:
-            if self._producer is not None:
-                self._producer.close(timeout=self._timeout_s)
-                self._producer = None
+            self._closed = True
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.close(timeout=self._timeout_s)

@@ -1,221 +1,538 @@
-"""The DICOM listener against a real Kafka, driven by dcmtk's storescu and pynetdicom."""
+"""The DICOM listener against a real Kafka, driven by dcmtk's storescu and pynetdicom.
+
+Each test publishes to its own `imaging.instances` topic, so "exactly these events"
+can be asserted over the whole topic.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import logging
+import random
 import shutil
+import socket
 import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    BasicTextSRStorage,
+    CTImageStorage,
+    EncapsulatedPDFStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from connectors.blobstore import LocalBlobStore
 from connectors.dicom import validation as v
 from connectors.dicom.scp import start_scp
-from connectors.publisher import EventPublisher
+from connectors.publisher import EventPublisher, PublishError
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
+from schemas.instances import InstanceEvent
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # Test objects are malformed on purpose (pydicom warns while writing or decoding them).
+    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
+    pytest.mark.filterwarnings("ignore:VR lookup failed:UserWarning"),
+]
+
+PARTITIONS = 3
+SECRET_NAME = "Secret^Patient"
+SECRET_BIRTH_DATE = "19450817"
+
+
+@dataclass
+class Record:
+    partition: int
+    offset: int
+    value: dict[str, Any]
+    headers: dict[str, bytes]
+
+
+@dataclass
+class Listener:
+    settings: Settings
+    stop: Any
+
+    @property
+    def port(self) -> int:
+        return self.settings.dicom.port
+
+    @property
+    def topic(self) -> str:
+        return self.settings.topics.instances
+
+
+def _settings(home: Path, bootstrap: str) -> Settings:
+    settings = Settings(home=home)
+    settings.kafka.bootstrap_servers = bootstrap
+    settings.dicom.port = free_port()
+    settings.dicom.bind_address = "127.0.0.1"
+    # A topic of its own for every test: nothing else writes there.
+    settings.topics.instances = f"imaging.instances.test-{uuid.uuid4().hex[:12]}"
+    return settings
 
 
 @pytest.fixture
-def scp(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Settings]:
-    settings = Settings(home=tmp_path)
-    settings.kafka.bootstrap_servers = kafka_bootstrap
-    settings.dicom.port = free_port()
-    settings.dicom.bind_address = "127.0.0.1"
-    ensure_topics(kafka_bootstrap, dict.fromkeys(settings.topics.all(), 3))
-    server, handler = start_scp(settings)
+def listener(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Listener]:
+    settings = _settings(tmp_path / "home", kafka_bootstrap)
+    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
+    _server, stop = start_scp(settings)
     try:
-        yield settings
+        yield Listener(settings, stop)
     finally:
-        server.shutdown()
-        handler.publisher.close()
+        stop()
 
 
-def _consumer(settings: Settings) -> KafkaConsumer:
-    c = KafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False
-    )
-    parts = [TopicPartition(settings.topics.instances, p) for p in range(3)]
-    c.assign(parts)
-    c.seek_to_end(*parts)
-    for tp in parts:
-        c.position(tp)
-    return c
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Finished spans of this test (the session's provider is the SDK's, see conftest)."""
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        yield exporter
+    finally:
+        exporter.shutdown()  # the processor stays registered but keeps nothing more
 
 
-def _read(
-    c: KafkaConsumer, study_uid: str, want: int, timeout: float = 30
-) -> list[tuple[dict[str, Any], dict]]:
-    got: list[tuple[dict[str, Any], dict]] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(got) < want:
-        for recs in c.poll(timeout_ms=300).values():
-            for r in recs:
-                data = json.loads(r.value)
-                if data["study_uid"] == study_uid:
-                    got.append((data, dict(r.headers or [])))
+def _read_topic(
+    bootstrap: str, topic: str, want: int, timeout_s: float = 30, settle_s: float = 2
+) -> list[Record]:
+    """Every record of `topic`: until `want` arrived, then `settle_s` more to catch extras."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    got: list[Record] = []
+    deadline = time.monotonic() + timeout_s
+    settle_until: float | None = None
+    try:
+        while time.monotonic() < (settle_until or deadline):
+            for recs in consumer.poll(timeout_ms=200).values():
+                for r in recs:
+                    got.append(Record(r.partition, r.offset, json.loads(r.value), dict(r.headers or [])))
+            if settle_until is None and len(got) >= want:
+                settle_until = time.monotonic() + settle_s
+    finally:
+        consumer.close()
     return got
 
 
-def _storescu() -> str:
-    path = shutil.which("storescu")
-    assert path, "dcmtk's storescu is required (scripts/install.sh --test installs it: apt-get install dcmtk)"
-    return path
+def _storescu(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("storescu")
+    assert exe, (
+        "dcmtk's storescu is required for the DICOM integration tests: "
+        "apt-get update && apt-get install -y dcmtk (scripts/install.sh --test does it)"
+    )
+    # errors="replace": dcmtk echoes bytes of a corrupt file in its messages.
+    return subprocess.run(
+        [exe, "-v", *args], capture_output=True, text=True, errors="replace", timeout=timeout
+    )
 
 
-def _corrupt(path: Path) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.save_as(path, enforce_file_format=True)
-    with path.open("ab") as fh:  # a valid header, then an element whose length runs off the end
-        fh.write(b"\x08\x00\x18\x00UI\xff\x7f" + os.urandom(256))
-    return path
+def _send_files(listener: Listener, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return _storescu(
+        "-aec", listener.settings.dicom.ae_title, "127.0.0.1", str(listener.port), *map(str, files)
+    )
 
 
-def _sr(path: Path) -> Path:
-    ds = Dataset()
-    ds.SOPClassUID = BasicTextSRStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "SR"
-    ds.PatientName = "Secret^Name"
+def _with_meta(ds: Dataset) -> Dataset:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _header_only(path: Path, garbage: bytes) -> Path:
+    """A valid Part 10 header claiming a CT image, followed by `garbage` as the dataset."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    _with_meta(ds).save_as(path, enforce_file_format=True)
+    with path.open("ab") as fh:
+        fh.write(garbage)
     return path
 
 
-def test_storescu_series_is_published_with_a_release_marker(scp: Settings, tmp_path: Path) -> None:
-    ph = head_ct_phantom(np.random.default_rng(5), bleed=False)
-    files = write_ct_series(
+# A sequence of undefined length that ends mid-item: pydicom cannot decode it (0xC210).
+TRUNCATED_SEQUENCE = (
+    b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"  # (0008,1115) SQ, undefined length
+    b"\xfe\xff\x00\xe0\xff\xff\xff\xff"  # an item of undefined length...
+    b"\x08\x00\x50\x00SH\x04\x00ABCD"  # ...one element, then the stream ends
+)
+
+
+def _non_image(path: Path, sop_class: str) -> Path:
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR" if sop_class == BasicTextSRStorage else "DOC"
+    ds.PatientName = SECRET_NAME
+    ds.PatientBirthDate = SECRET_BIRTH_DATE
+    if sop_class == EncapsulatedPDFStorage:
+        ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+        ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+    _with_meta(ds).save_as(path, enforce_file_format=True)
+    return path
+
+
+def _series(out: Path, seed: int, *, shape: tuple[int, int, int] = (12, 64, 64), **kw: Any) -> list[Path]:
+    ph = head_ct_phantom(np.random.default_rng(seed), bleed=False, shape=shape)
+    return write_ct_series(
         ph.hu,
         ph.spacing_zyx,
-        tmp_path / "series",
-        accession="ACC5",
-        patient_id="MRN5",
-        patient_name="Secret^Patient",
-        shuffle_files=True,
+        out,
+        accession=f"ACC{seed}",
+        patient_id=f"MRN{seed}",
+        patient_name=SECRET_NAME,
+        **kw,
     )
-    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    consumer = _consumer(scp)
-    sent = subprocess.run(
-        [_storescu(), "-aec", scp.dicom.ae_title, "127.0.0.1", str(scp.dicom.port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+
+def _scu(ae_title: str = "TEST_SCU") -> AE:
+    ae = AE(ae_title=ae_title)
+    # The files' own transfer syntax only: chunked sending (below) cannot convert.
+    for sop_class in (CTImageStorage, BasicTextSRStorage, EncapsulatedPDFStorage):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    return ae
+
+
+def _assert_no_phi(text: str) -> None:
+    assert "Secret" not in text and SECRET_BIRTH_DATE not in text
+
+
+def test_storescu_series_is_published_with_a_release_marker(
+    listener: Listener, spans: InMemorySpanExporter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 40 slices of 256 x 256: also the throughput measurement (acks=all, fsync per object).
+    files = _series(tmp_path / "series", 5, shape=(40, 256, 256), shuffle_files=True)
+    originals = {str(d.SOPInstanceUID): d for d in map(dcmread, files)}
+    study_uid = str(next(iter(originals.values())).StudyInstanceUID)
+    caplog.set_level(logging.INFO)
+
+    started = time.monotonic()
+    sent = _send_files(listener, files)
+    elapsed = time.monotonic() - started
     assert sent.returncode == 0, sent.stderr
-    events = _read(consumer, study_uid, len(files) + 1)
-    kinds = [e["kind"] for e, _ in events]
-    assert kinds.count("instance") == len(files) and kinds[-1] == "transfer_complete"
-    assert events[-1][0]["instance_count"] == len(files)
-    first = events[0][0]
+    print(f"\nC-STORE throughput: {len(files)} instances in {elapsed:.2f} s = {len(files) / elapsed:.1f}/s")
+
+    records = _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
+    instances = [r for r in records if r.value["kind"] == "instance"]
+    markers = [r for r in records if r.value["kind"] == "transfer_complete"]
+    # Exactly the good instances, once each, plus one marker.
+    assert sorted(r.value["sop_instance_uid"] for r in instances) == sorted(originals)
+    assert len(markers) == 1 and len(records) == len(files) + 1
+    (marker,) = markers
+    assert marker.value["study_uid"] == study_uid and marker.value["instance_count"] == len(files)
+    # Keyed by the study: one partition, the marker after every instance.
+    assert {r.partition for r in records} == {marker.partition}
+    assert marker.offset == max(r.offset for r in records)
+
+    first = instances[0].value
     assert (first["modality"], first["body_part"], first["accession_number"], first["patient_id"]) == (
         "CT",
         "HEAD",
         "ACC5",
         "MRN5",
     )
-    # No PHI beyond the MRN travels in events.
-    assert all("Secret" not in json.dumps(e) for e, _ in events)
-    # One trace for the study: every event carries the same trace id.
-    trace_ids = {h["traceparent"].split(b"-")[1] for _, h in events}
-    assert len(trace_ids) == 1
-    # The blobs are complete Part 10 files.
-    store = Path(scp.blob_dir)
-    stored = sorted(store.rglob("*.dcm"))
-    assert len(stored) == len(files)
-    assert dcmread(stored[0]).pixel_array.shape == (ph.hu.shape[1], ph.hu.shape[2])
+    assert {r.value["association_id"] for r in records} == {marker.value["association_id"]}
+    assert {r.value["calling_ae"] for r in records} == {"STORESCU"}
+    for r in records:
+        _assert_no_phi(json.dumps(r.value))
+
+    # One trace per study: every event carries the study span's traceparent.
+    traceparents = {r.headers["traceparent"].decode() for r in records}
+    assert len(traceparents) == 1
+    _, trace_id, study_span_id, _ = traceparents.pop().split("-")
+    finished: list[ReadableSpan] = list(spans.get_finished_spans())
+    (study_span,) = [s for s in finished if s.name == "dicom.receive_study"]
+    assert study_span.context is not None
+    assert format(study_span.context.span_id, "016x") == study_span_id
+    assert format(study_span.context.trace_id, "032x") == trace_id
+    assert study_span.attributes is not None and study_span.attributes["dicom.instances"] == len(files)
+    stores = [s for s in finished if s.name == "dicom.c_store"]
+    assert len(stores) == len(files)
+    assert all(s.parent is not None and s.parent.span_id == study_span.context.span_id for s in stores)
+    assert all(s.attributes is not None and s.attributes["dicom.status"] == 0 for s in stores)
+    for s in [study_span, *stores]:
+        _assert_no_phi(json.dumps(dict(s.attributes or {})))
+
+    # The blobs are complete Part 10 files with the pixels that were sent.
+    store = LocalBlobStore(listener.settings.blob_dir)
+    for r in instances:
+        stored = dcmread(store.path_of(r.value["blob_uri"]))
+        original = originals[str(stored.SOPInstanceUID)]
+        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert stored.PixelData == original.PixelData
+    assert stored.pixel_array.shape == (256, 256)
+    assert len(list(listener.settings.blob_dir.rglob("*.dcm"))) == len(files)
+    _assert_no_phi(caplog.text)
 
 
-def test_corrupt_and_non_image_objects_are_refused_and_the_listener_goes_on(
-    scp: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_bad_objects_get_exact_failure_statuses_and_the_listener_goes_on(
+    listener: Listener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ae = AE(ae_title="TEST_SCU")
-    # The files' own transfer syntax only: chunked sending cannot convert.
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    ae.add_requested_context(BasicTextSRStorage, ExplicitVRLittleEndian)
+    caplog.set_level(logging.WARNING, logger="connectors.dicom.scp")
+    truncated = _header_only(tmp_path / "truncated.dcm", TRUNCATED_SEQUENCE)
+    garbage = _header_only(tmp_path / "garbage.dcm", random.Random(1234).randbytes(512))
+    sr = _non_image(tmp_path / "sr.dcm", BasicTextSRStorage)
+    pdf = _non_image(tmp_path / "pdf.dcm", EncapsulatedPDFStorage)
 
-    def send(path: Path) -> Dataset:
-        # Chunked mode sends the file's bytes as they are, without pynetdicom parsing them.
-        monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
-        assoc = ae.associate("127.0.0.1", scp.dicom.port, ae_title=scp.dicom.ae_title)
-        assert assoc.is_established
-        status = assoc.send_c_store(path)  # sent as stored, without decoding
-        assoc.release()
-        return status
+    # dcmtk refuses to send an object it cannot parse itself, and says so.
+    for corrupt in (truncated, garbage):
+        out = _send_files(listener, [corrupt])
+        assert out.returncode != 0 and "Bad DICOM file" in out.stdout + out.stderr, out
+    # It sends a non-image object and reports our refusal.
+    for non_image in (sr, pdf):
+        out = _send_files(listener, [non_image])
+        assert out.returncode != 0, out
+        assert "Refused: SOPClassNotSupported" in out.stdout + out.stderr, out
 
-    corrupt = send(_corrupt(tmp_path / "corrupt.dcm"))
-    # "Cannot understand" (0xCxxx): undecodable, or decoded into nonsense without its UIDs.
-    assert int(corrupt.Status) >> 12 == 0xC and int(corrupt.Status) in (v.CANNOT_DECODE, v.MISSING_IDENTITY)
-    assert str(corrupt.ErrorComment)
-    sr = send(_sr(tmp_path / "sr.dcm"))
-    assert int(sr.Status) == v.NOT_AN_IMAGE
-    assert "pixel data" in str(sr.ErrorComment)
-
-    # dcmtk reports the refusal to its user too.
-    out = subprocess.run(
-        [_storescu(), "-aec", scp.dicom.ae_title, "127.0.0.1", str(scp.dicom.port), str(tmp_path / "sr.dcm")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert "Error" in out.stdout + out.stderr or out.returncode != 0
-
-    # ...and the next good study is taken.
-    ph = head_ct_phantom(np.random.default_rng(6), bleed=True)
-    files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path / "good")
-    study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    consumer = _consumer(scp)
-    assert (
-        subprocess.run(
-            [_storescu(), "-aec", scp.dicom.ae_title, "127.0.0.1", str(scp.dicom.port), *map(str, files)],
-            capture_output=True,
-            timeout=120,
-        ).returncode
-        == 0
-    )
-    assert len(_read(consumer, study_uid, len(files) + 1)) == len(files) + 1
-
-
-def test_kafka_down_means_out_of_resources_never_success(tmp_path: Path) -> None:
-    settings = Settings(home=tmp_path)
-    settings.dicom.port = free_port()
-    settings.dicom.bind_address = "127.0.0.1"
-    dead = EventPublisher(f"127.0.0.1:{free_port()}", timeout_s=2.0, client_id="test-dead")
-    server, _ = start_scp(settings, publisher=dead)
+    # For the exact statuses, pynetdicom in chunked mode sends each file's bytes as they
+    # are, without parsing them, so the corrupt ones do reach the listener.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = _scu()
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=listener.settings.dicom.ae_title)
+    assert assoc.is_established
     try:
-        ph = head_ct_phantom(np.random.default_rng(8), bleed=False)
-        (first, *_) = write_ct_series(ph.hu[:2], ph.spacing_zyx, tmp_path / "s")
-        ae = AE(ae_title="TEST_SCU")
-        ae.add_requested_context(CTImageStorage)
+        statuses = {name: assoc.send_c_store(path) for name, path in [("truncated", truncated), ("sr", sr)]}
+        garbage_status = assoc.send_c_store(garbage)
+        pdf_status = assoc.send_c_store(pdf)
+        echo = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    assert int(statuses["truncated"].Status) == v.CANNOT_DECODE == 0xC210
+    assert "cannot be decoded" in str(statuses["truncated"].ErrorComment)
+    # Random bytes may decode into nonsense without UIDs, or not decode at all: either
+    # way "Cannot Understand".
+    assert int(garbage_status.Status) in (v.CANNOT_DECODE, v.MISSING_IDENTITY)
+    assert str(garbage_status.ErrorComment)
+    for status in (statuses["sr"], pdf_status):
+        assert int(status.Status) == v.SOP_CLASS_NOT_SUPPORTED == 0x0122
+        assert "not supported" in str(status.ErrorComment)
+    assert int(echo.Status) == 0x0000  # the listener is alive and well
+
+    # Every refusal was logged at WARNING with its status, and without PHI.
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if "refused" in r.getMessage())
+    assert sum("refused 0xC210" in m for m in refusals) >= 1
+    assert sum("refused 0x0122" in m for m in refusals) == 4  # storescu twice, pynetdicom twice
+    _assert_no_phi(caplog.text)
+
+    # ...and the next good study is taken; the bad objects left no event behind.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)
+    files = _series(tmp_path / "good", 6)
+    assert _send_files(listener, files).returncode == 0
+    records = _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
+    assert [r.value["kind"] for r in records].count("instance") == len(files)
+    assert [r.value["kind"] for r in records].count("transfer_complete") == 1
+    assert len(records) == len(files) + 1
+    assert len(list(listener.settings.blob_dir.rglob("*.dcm"))) == len(files)
+
+
+def test_release_marks_each_study_and_abort_marks_none(listener: Listener, tmp_path: Path) -> None:
+    a = _series(tmp_path / "a", 7, shape=(3, 32, 32))
+    b = _series(tmp_path / "b", 8, shape=(2, 32, 32))
+    c = _series(tmp_path / "c", 9, shape=(2, 32, 32))
+    ae = _scu()
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=listener.settings.dicom.ae_title)
+    for f in [*a, *b]:  # two studies in one association
+        assert int(assoc.send_c_store(dcmread(f)).Status) == 0
+    assoc.release()
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=listener.settings.dicom.ae_title)
+    for f in c:
+        assert int(assoc.send_c_store(dcmread(f)).Status) == 0
+    assoc.abort()
+
+    records = _read_topic(
+        listener.settings.kafka.bootstrap_servers, listener.topic, 3 + 2 + 2 + 2, settle_s=3
+    )
+    by_study: dict[str, list[Record]] = {}
+    for r in records:
+        by_study.setdefault(r.value["study_uid"], []).append(r)
+    uid = {name: str(dcmread(files[0]).StudyInstanceUID) for name, files in (("a", a), ("b", b), ("c", c))}
+    for name, n in (("a", 3), ("b", 2)):
+        study = sorted(by_study[uid[name]], key=lambda r: r.offset)
+        assert [r.value["kind"] for r in study] == ["instance"] * n + ["transfer_complete"]
+        assert study[-1].value["instance_count"] == n
+        assert len({r.partition for r in study}) == 1
+    # Aborted: the instances are in, no marker (the quiet period finishes the study).
+    assert [r.value["kind"] for r in by_study[uid["c"]]] == ["instance", "instance"]
+    assert len(records) == 9
+
+
+class _Forwarder:
+    """A TCP port that forwards to Kafka once opened: a broker that 'comes up' later."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port, self.target = port, target
+        self._server: socket.socket | None = None
+
+    def open(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self._server is not None
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+def test_kafka_down_means_out_of_resources_never_success_and_recovery_needs_no_restart(
+    kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The listener starts while "Kafka" (a closed port) is down, with a short timeout.
+    down_port = free_port()
+    settings = _settings(tmp_path / "home", f"127.0.0.1:{down_port}")
+    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
+    publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=2.0, client_id="test-down")
+    _server, stop = start_scp(settings, publisher=publisher)
+    forwarder = _Forwarder(down_port, ("127.0.0.1", int(kafka_bootstrap.rsplit(":", 1)[1])))
+    caplog.set_level(logging.WARNING, logger="connectors.dicom.scp")
+    try:
+        files = _series(tmp_path / "s", 10, shape=(2, 32, 32))
+        ae = _scu()
         assoc = ae.associate("127.0.0.1", settings.dicom.port, ae_title=settings.dicom.ae_title)
+        started = time.monotonic()
+        status = assoc.send_c_store(dcmread(files[0]))
+        answered_in = time.monotonic() - started
+        assert int(status.Status) == v.OUT_OF_RESOURCES_KAFKA == 0xA700
+        assert "retry" in str(status.ErrorComment)
+        assert answered_in < 2.0 + 3.0  # bounded by the produce timeout, not hanging
+        assert int(assoc.send_c_echo().Status) == 0  # and the listener still answers
+        assoc.release()
+        # dcmtk's view of the same refusal.
+        out = _storescu("-aec", settings.dicom.ae_title, "127.0.0.1", str(settings.dicom.port), str(files[0]))
+        assert out.returncode != 0 and "Refused: OutOfResources" in out.stdout + out.stderr, out
+        # Nothing was acknowledged, so no marker was even attempted.
+        assert "refused 0xA700" in caplog.text and "transfer-complete" not in caplog.text
+
+        # Kafka comes up: the very next C-STORE succeeds, no restart needed.
+        forwarder.open()
+        assert _send_files(Listener(settings, stop), files).returncode == 0
+        records = _read_topic(kafka_bootstrap, settings.topics.instances, len(files) + 1)
+        assert sorted(r.value["kind"] for r in records) == ["instance", "instance", "transfer_complete"]
+    finally:
+        stop()
+        publisher.close()
+        forwarder.close()
+
+
+def test_a_storage_failure_is_out_of_resources_too(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "home", f"127.0.0.1:{free_port()}")
+    settings.home.mkdir(parents=True)
+    settings.blob_dir.write_bytes(b"")  # a file where the store's directory should be
+    publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=1.0, client_id="test-disk")
+    _server, stop = start_scp(settings, publisher=publisher)
+    try:
+        (first,) = _series(tmp_path / "s", 11, shape=(1, 32, 32))
+        assoc = _scu().associate("127.0.0.1", settings.dicom.port, ae_title=settings.dicom.ae_title)
         status = assoc.send_c_store(dcmread(first))
         assoc.release()
-        assert int(status.Status) == v.OUT_OF_RESOURCES_KAFKA
+        assert int(status.Status) == v.OUT_OF_RESOURCES_STORAGE == 0xA701
     finally:
-        server.shutdown()
+        stop()
+        publisher.close()
+
+
+def test_publishers_queued_behind_a_failed_connect_fail_fast() -> None:
+    # Kafka is down: the first publish waits its timeout to connect; the ones queued
+    # behind it get the same answer at once instead of a full timeout each, so no
+    # sender waits a multiple of the timeout.
+    publisher = EventPublisher(f"127.0.0.1:{free_port()}", timeout_s=1.5, client_id="test-herd")
+    event = InstanceEvent(study_uid="1.2.3")
+    took: list[float] = []
+
+    def attempt() -> None:
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="unreachable"):
+            publisher.publish("imaging.instances", "1.2.3", event)
+        took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=attempt) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    publisher.close()
+    assert len(took) == 4 and max(took) < 1.5 * 2, took
+    with pytest.raises(PublishError, match="closed"):
+        publisher.publish("imaging.instances", "1.2.3", event)
+
+
+def test_concurrent_associations_keep_their_own_counts(listener: Listener, tmp_path: Path) -> None:
+    # Three storescu processes at once (one thread each in the listener): study X split
+    # over two of them, study Y whole in the third.
+    x = _series(tmp_path / "x", 12, shape=(10, 32, 32))
+    y = _series(tmp_path / "y", 13, shape=(6, 32, 32))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda files: _send_files(listener, files), [x[:5], x[5:], y]))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+
+    records = _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, 10 + 6 + 3)
+    uid_x, uid_y = (str(dcmread(files[0]).StudyInstanceUID) for files in (x, y))
+    markers = {
+        uid: sorted(
+            (r.value["instance_count"], r.value["association_id"])
+            for r in records
+            if r.value["study_uid"] == uid and r.value["kind"] == "transfer_complete"
+        )
+        for uid in (uid_x, uid_y)
+    }
+    # One marker per (association, study), each counting only its own association's part.
+    assert [n for n, _ in markers[uid_x]] == [5, 5] and markers[uid_x][0][1] != markers[uid_x][1][1]
+    assert [n for n, _ in markers[uid_y]] == [6]
+    assert sum(r.value["kind"] == "instance" for r in records) == 16 and len(records) == 19

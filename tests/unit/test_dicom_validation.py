@@ -1,13 +1,31 @@
+"""Pure checks of what the DICOM listener accepts, and the claim-check blob store."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import (
+    BasicTextSRStorage,
+    CTImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    EncapsulatedPDFStorage,
+    ExplicitVRLittleEndian,
+    GrayscaleSoftcopyPresentationStateStorage,
+    MRImageStorage,
+    generate_uid,
+)
 
-from connectors.blobstore import BlobStoreError, LocalBlobStore
+from connectors.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from connectors.dicom import validation as v
+
+# Some datasets here are deliberately invalid; pydicom warns when they are built.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 
 
 def ct() -> Dataset:
@@ -16,63 +34,219 @@ def ct() -> Dataset:
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "ct"
-    ds.BodyPartExamined = "head "
+    ds.Modality = "CT"
+    ds.BodyPartExamined = "HEAD"
     ds.SeriesDescription = "CT HEAD WO"
+    ds.StudyDescription = "CT BRAIN"
     ds.AccessionNumber = "ACC1"
     ds.PatientID = "MRN1"
     ds.PatientName = "Doe^Jane"
     ds.PatientBirthDate = "19700101"
     ds.Rows = ds.Columns = 2
+    ds.BitsAllocated = 16
     ds.PixelData = b"\0" * 8
+    return ds
+
+
+def non_image(sop_class: str) -> Dataset:
+    """An SR / PDF / presentation state: identity and modality, no pixel data."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    modalities = {str(BasicTextSRStorage): "SR", str(EncapsulatedPDFStorage): "DOC"}
+    ds.Modality = modalities.get(sop_class, "PR")
     return ds
 
 
 def test_a_ct_image_is_accepted_and_carries_only_routing_metadata() -> None:
     ds = ct()
+    ds.Modality = "ct"  # senders are not always careful with case
+    ds.BodyPartExamined = "head "
     assert v.check_instance(ds) is None
+    assert v.fully_decode(ds) is None
     event = v.instance_event(ds, blob_uri="file:///b/x.dcm", calling_ae="CT1", association_id="a")
-    assert (event.modality, event.body_part, event.accession_number, event.patient_id) == (
+    assert (
+        event.kind,
+        event.study_uid,
+        event.series_uid,
+        event.sop_instance_uid,
+        event.sop_class_uid,
+    ) == ("instance", ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, CTImageStorage)
+    assert (event.modality, event.body_part, event.series_description, event.study_description) == (
         "CT",
         "HEAD",
+        "CT HEAD WO",
+        "CT BRAIN",
+    )
+    assert (event.accession_number, event.patient_id, event.calling_ae, event.source) == (
         "ACC1",
         "MRN1",
+        "CT1",
+        "dicom",
     )
     dumped = event.model_dump_json()
     assert "Doe" not in dumped and "1970" not in dumped
 
 
 @pytest.mark.parametrize(
+    "sop_class", [MRImageStorage, DigitalMammographyXRayImageStorageForPresentation], ids=["MR", "MG"]
+)
+def test_other_triaged_image_classes_are_accepted(sop_class: str) -> None:
+    ds = ct()
+    ds.SOPClassUID = sop_class
+    ds.Modality = "MR" if sop_class == MRImageStorage else "MG"
+    assert v.check_instance(ds, request_sop_class=sop_class, request_sop_instance=ds.SOPInstanceUID) is None
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "name"),
+    [
+        (BasicTextSRStorage, "Basic Text SR Storage"),
+        (EncapsulatedPDFStorage, "Encapsulated PDF Storage"),
+        (GrayscaleSoftcopyPresentationStateStorage, "Grayscale Softcopy Presentation State"),
+    ],
+    ids=["SR", "PDF", "GSPS"],
+)
+def test_non_image_sop_classes_are_refused_as_not_supported(sop_class: str, name: str) -> None:
+    refusal = v.check_instance(non_image(sop_class))
+    assert refusal is not None
+    assert refusal.status == v.SOP_CLASS_NOT_SUPPORTED == 0x0122
+    assert name in refusal.reason and "not supported" in refusal.reason
+    assert len(refusal.comment) <= v.MAX_COMMENT
+
+
+Mutation = Callable[[Dataset], object]
+
+
+@pytest.mark.parametrize(
     ("mutate", "status", "reason"),
     [
-        (lambda d: delattr(d, "StudyInstanceUID"), v.MISSING_IDENTITY, "StudyInstanceUID"),
+        (lambda d: delattr(d, "StudyInstanceUID"), v.MISSING_IDENTITY, "missing StudyInstanceUID"),
+        (lambda d: delattr(d, "SeriesInstanceUID"), v.MISSING_IDENTITY, "missing SeriesInstanceUID"),
+        (lambda d: delattr(d, "SOPInstanceUID"), v.MISSING_IDENTITY, "missing SOPInstanceUID"),
+        (lambda d: delattr(d, "SOPClassUID"), v.MISSING_IDENTITY, "missing SOPClassUID"),
         (
             lambda d: setattr(d, "SeriesInstanceUID", "1.2.03"),
             v.MISSING_IDENTITY,
             "invalid SeriesInstanceUID",
         ),
+        # A UID that would walk out of the blob store is not a UID.
+        (
+            lambda d: setattr(d, "StudyInstanceUID", "../../etc"),
+            v.MISSING_IDENTITY,
+            "invalid StudyInstanceUID",
+        ),
         (lambda d: delattr(d, "PixelData"), v.NOT_AN_IMAGE, "no pixel data"),
         (lambda d: delattr(d, "Rows"), v.NOT_AN_IMAGE, "Rows"),
-        (lambda d: delattr(d, "Modality"), v.MISSING_IDENTITY, "Modality"),
+        (lambda d: delattr(d, "Modality"), v.NOT_AN_IMAGE, "Modality"),
+    ],
+    ids=[
+        "no-study",
+        "no-series",
+        "no-sop",
+        "no-class",
+        "bad-series",
+        "traversal",
+        "no-pixels",
+        "no-rows",
+        "no-modality",
     ],
 )
-def test_refusals_name_the_problem(mutate: object, status: int, reason: str) -> None:
+def test_refusals_name_the_problem(mutate: Mutation, status: int, reason: str) -> None:
     ds = ct()
-    mutate(ds)  # type: ignore[operator]
+    mutate(ds)
     refusal = v.check_instance(ds)
     assert refusal is not None and refusal.status == status and reason in refusal.reason
     assert len(refusal.comment) <= v.MAX_COMMENT
+    # Reasons are ours: never a value from the dataset (no PHI, no garbage bytes).
+    assert "Doe" not in refusal.reason and "etc" not in refusal.reason
+
+
+def test_statuses_are_in_the_standard_ranges() -> None:
+    assert v.OUT_OF_RESOURCES_KAFKA >> 8 == v.OUT_OF_RESOURCES_STORAGE >> 8 == 0xA7
+    assert v.NOT_AN_IMAGE >> 8 == v.DATASET_MISMATCH >> 8 == 0xA9
+    assert v.CANNOT_DECODE >> 12 == v.MISSING_IDENTITY >> 12 == 0xC
+
+
+def test_a_dataset_that_disagrees_with_its_c_store_request_is_refused() -> None:
+    ds = ct()
+    wrong_class = v.check_instance(ds, request_sop_class=MRImageStorage)
+    assert wrong_class is not None and wrong_class.status == v.DATASET_MISMATCH
+    assert "SOPClassUID" in wrong_class.reason
+    wrong_instance = v.check_instance(
+        ds, request_sop_class=CTImageStorage, request_sop_instance=generate_uid()
+    )
+    assert wrong_instance is not None and wrong_instance.status == v.DATASET_MISMATCH
+    assert "SOPInstanceUID" in wrong_instance.reason
+
+
+def _decode(raw: bytes) -> Dataset:
+    """What pynetdicom does with a received byte stream (explicit VR little endian)."""
+    return read_dataset(BytesIO(raw), is_implicit_VR=False, is_little_endian=True)
+
+
+def test_a_corrupt_element_is_caught_even_if_validation_would_never_read_it() -> None:
+    # A good SOP Instance UID, then an element with an unknown VR: pydicom defers its
+    # conversion, so only the full decode finds it.
+    uid = b"1.2.3.4\x00"
+    raw = b"\x08\x00\x18\x00UI" + len(uid).to_bytes(2, "little") + uid + b"\x09\x00\x10\x00ZZ\x04\x00abcd"
+    ds = _decode(raw)
+    refusal = v.fully_decode(ds)
+    assert refusal is not None and refusal.status == v.CANNOT_DECODE
+    assert "cannot be decoded" in refusal.reason
+
+
+def test_an_undecodable_stream_maps_to_cannot_understand_without_quoting_it() -> None:
+    # A sequence of undefined length that ends mid-item: pydicom raises while decoding.
+    raw = (
+        b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"  # (0008,1115) SQ, undefined length
+        b"\xfe\xff\x00\xe0\xff\xff\xff\xff"  # an item of undefined length...
+        b"\x08\x00\x50\x00SH\x04\x00ABCD"  # ...one element, then the stream ends
+    )
+    with pytest.raises(Exception) as caught:  # pydicom's error type varies by version
+        _decode(raw)
+    refusal = v.undecodable(caught.value)
+    assert refusal.status == v.CANNOT_DECODE and "ABCD" not in refusal.reason
+
+
+def test_uid_grammar() -> None:
+    assert valid_uid("1.2.840.10008.5.1.4.1.1.2")
+    assert valid_uid("0.0")
+    for bad in ("", "1..2", "1.02", ".1", "1.", "1.2.a", "../x", "1" * 65, "1.2 "):
+        assert not valid_uid(bad), bad
 
 
 def test_blob_store_is_atomic_idempotent_and_confined(tmp_path: Path) -> None:
-    store = LocalBlobStore(tmp_path)
+    store = LocalBlobStore(tmp_path / "blobs")
     uri = store.put_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", b"first")
+    assert uri.startswith("file://") and uri.endswith("/1.2.3/1.2.3.4/1.2.3.4.5.dcm")
     assert store.put_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", b"second") == uri
     assert store.path_of(uri).read_bytes() == b"second"
     assert not list(tmp_path.rglob(".incoming-*"))
     with pytest.raises(BlobStoreError, match="not a valid DICOM UID"):
         store.put_instance("../../etc", "1.2", "1.3", b"x")
+    with pytest.raises(BlobStoreError, match="not a valid DICOM UID"):
+        store.put_instance("1.2", "1.3", "", b"x")
     with pytest.raises(BlobStoreError, match="outside the store"):
         store.path_of("file:///etc/passwd")
+    with pytest.raises(BlobStoreError, match="outside the store"):
+        store.path_of(uri.replace("/1.2.3/1.2.3.4/", "/../../../etc/"))
+    with pytest.raises(BlobStoreError, match="remote host"):
+        store.path_of("file://elsewhere" + store.path_of(uri).as_posix())
     with pytest.raises(BlobStoreError, match="scheme"):
         store.path_of("s3://bucket/key")
+
+
+def test_a_stored_part10_file_reads_back(tmp_path: Path) -> None:
+    ds = ct()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    store = LocalBlobStore(tmp_path)
+    uri = store.put_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, buf.getvalue())
+    assert dcmread(store.path_of(uri)).SOPInstanceUID == ds.SOPInstanceUID
