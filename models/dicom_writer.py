@@ -36,11 +36,21 @@ def write_ct_series(
     shuffle_files: bool = False,
     rng: np.random.Generator | None = None,
 ) -> list[Path]:
-    """Write one file per slice; returns the paths (in InstanceNumber order unless shuffled).
+    """Write one Part 10 file per slice (Explicit VR Little Endian); returns the paths in
+    InstanceNumber order.
 
-    With `shuffle_files`, InstanceNumbers are assigned in a random order relative to
-    position — senders do that, and the loader must sort by ImagePositionPatient.
+    Slice k of `volume_hu` lies at z = origin + k * spacing along the slice normal (+z,
+    towards the head). Stored pixel = round((HU - intercept) / slope), signed only if some
+    value needs it. With `shuffle_files`, InstanceNumbers (and so file names) are assigned
+    in a random order relative to position — senders do that, and a loader must sort by
+    ImagePositionPatient; `rng` makes that order reproducible.
     """
+    if volume_hu.ndim != 3:
+        raise ValueError(f"volume_hu must be (slices, rows, cols), got shape {volume_hu.shape}")
+    if len(spacing_zyx) != 3 or min(float(s) for s in spacing_zyx) <= 0:
+        raise ValueError(f"spacing_zyx must be three positive mm values, got {spacing_zyx}")
+    if rescale_slope <= 0:
+        raise ValueError("rescale_slope must be positive")
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
@@ -52,6 +62,8 @@ def write_ct_series(
     dtype = np.int16 if signed else np.uint16
     info = np.iinfo(dtype)
     stored = np.clip(stored, info.min, info.max).astype(dtype)
+    # One frame of reference for the whole series: positions are only comparable within it.
+    frame_uid = generate_uid()
     order = np.arange(n)
     if shuffle_files:
         order = (rng or np.random.default_rng()).permutation(n)
@@ -71,9 +83,12 @@ def write_ct_series(
         ds.SOPInstanceUID = sop_uid
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = study_uid + ".1" if len(study_uid) < 62 else generate_uid()
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
         ds.Modality = "CT"
+        ds.SpecificCharacterSet = "ISO_IR 100"
         ds.Manufacturer = "radtriage"
+        ds.ManufacturerModelName = "synthetic phantom"
         ds.InstitutionName = institution
         ds.PatientName = patient_name
         ds.PatientID = patient_id
@@ -88,6 +103,8 @@ def write_ct_series(
         ds.SeriesDescription = series_description
         ds.BodyPartExamined = body_part
         ds.SeriesNumber = 1
+        ds.PatientPosition = "HFS"  # head first supine: what makes LPS +z point to the head
+        ds.AcquisitionNumber = 1
         ds.InstanceNumber = instance_number
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImagePositionPatient = [f"{origin[0]:.4f}", f"{origin[1]:.4f}", f"{origin[2] + int(k) * dz:.4f}"]

@@ -1,73 +1,109 @@
 """Train the reference ICH classifier on synthetic head-CT phantoms and export it for Triton.
 
-    python -m models.train_ich --out deploy/triton/model_repository/ich_classifier/1
+    python -m models.train_ich --out deploy/triton/model_repository/ich_classifier/1 --seed 0
 
-Phantoms go through `processors.preprocessing` — the same code the inference path
-runs — so what the network learns is what it is served. Writes the TorchScript
-model, and `models/ich_classifier.metrics.json` with held-out metrics, the chosen
-threshold and what produced them.
+Phantoms (half with blood) are generated from the seed and go through
+`processors.preprocessing.preprocess_head_ct` — the same code the inference path
+runs — so what the network learns is what it is served. Three disjoint phantom sets:
+
+* train: what the weights are fitted on (left-right flips as augmentation);
+* validation: picks the operating threshold (highest with sensitivity >= target);
+* test (>= 200 studies): the reported metrics, at that threshold, never used to
+  choose anything — so they are an honest estimate on unseen phantoms.
+
+Writes `model.pt` (TorchScript of network + sigmoid: probability out) into the Triton
+model version directory, the model's `config.pbtxt` (input shape and recommended
+threshold) and `models/ich_classifier.metrics.json`. About 7 minutes on 2 CPU cores
+with the defaults.
+
+Training signal: the study label (bleed or not) and, as an auxiliary dense target, the
+phantom's blood mask at the network's stage-1 resolution (see models/ich_net.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import monai
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from models.ich_net import IchWithSigmoid, build_ich_net
-from models.phantoms import Phantom, head_ct_phantom
-from processors.preprocessing import ICH_INPUT_SHAPE, preprocess_head_ct
+from models.ich_net import MODEL_CHANNELS, IchWithSigmoid, build_ich_net
+from models.phantoms import head_ct_phantom
+from processors.preprocessing import ICH_INPUT_SHAPE, preprocess_head_ct, preprocess_head_ct_with_mask
 
 console = Console()
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / "ich_classifier" / "1"
 DEFAULT_METRICS = REPO / "models" / "ich_classifier.metrics.json"
-# Operating point: the highest threshold that still finds this share of bleeds on validation.
+MODEL_FILE = "model.pt"
+# Operating point: never below this sensitivity on validation (see choose_threshold). A triage
+# alert that misses blood is the costly error; a false alert costs a radiologist a look.
 TARGET_SENSITIVITY = 0.95
+# Seed offsets keep the three sets disjoint for any --seed (phantoms are a function of the seed).
+VAL_SEED_OFFSET, TEST_SEED_OFFSET = 1_000_003, 2_000_029
+# The auxiliary blood map is at stage-1 resolution of the network: input / (2, 4, 4).
+MAP_POOL = (2, 4, 4)
+MAP_SHAPE = tuple(n // p for n, p in zip(ICH_INPUT_SHAPE[1:], MAP_POOL, strict=True))
+# Blood fills a few per mille of the map: up-weight it so the map does not learn "never".
+MAP_POS_WEIGHT = 10.0
+SIZE_BINS = (("<1 mL", 0.0, 1.0), ("1-5 mL", 1.0, 5.0), (">=5 mL", 5.0, float("inf")))
 
 
 @dataclass
-class Dataset:
-    x: torch.Tensor  # (n, *ICH_INPUT_SHAPE) float16 to halve memory
-    y: torch.Tensor  # (n,) float32
-    phantoms: list[Phantom]
+class PhantomSet:
+    x: torch.Tensor  # (n, *ICH_INPUT_SHAPE) float16: half the memory, ample precision for [0, 1] input
+    y: torch.Tensor  # (n,) float32, 1 = bleed
+    blood: torch.Tensor  # (n, 1, *MAP_SHAPE) float16: share of each map cell that is visible blood
+    volume_ml: np.ndarray  # (n,) blood volume, 0 for normals
+    kind: list[str]  # "none", "intraparenchymal", "subdural" or "both"
 
 
-def make_dataset(n: int, seed: int, progress: Progress, label: str) -> Dataset:
+def make_set(n: int, seed: int, progress: Progress, label: str) -> PhantomSet:
     rng = np.random.default_rng(seed)
     xs = torch.empty((n, *ICH_INPUT_SHAPE), dtype=torch.float16)
     ys = torch.empty(n, dtype=torch.float32)
-    kept: list[Phantom] = []
+    maps = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
+    volumes = np.zeros(n)
+    kinds: list[str] = []
     task = progress.add_task(f"phantoms: {label}", total=n)
     for i in range(n):
         ph = head_ct_phantom(rng, bleed=bool(i % 2))
-        xs[i] = torch.from_numpy(preprocess_head_ct(ph.hu, ph.spacing_zyx))
+        if ph.blood_mask is None:
+            xs[i] = torch.from_numpy(preprocess_head_ct(ph.hu, ph.spacing_zyx))
+        else:
+            x, mask = preprocess_head_ct_with_mask(ph.hu, ph.spacing_zyx, ph.blood_mask)
+            xs[i] = torch.from_numpy(x)
+            maps[i, 0] = torch.nn.functional.avg_pool3d(torch.from_numpy(mask)[None], MAP_POOL)[0]
         ys[i] = float(ph.has_bleed)
-        kept.append(
-            Phantom(hu=np.empty(0), spacing_zyx=ph.spacing_zyx, has_bleed=ph.has_bleed, bleeds=ph.bleeds)
-        )
+        volumes[i] = ph.bleed_volume_ml
+        names = {b.kind for b in ph.bleeds}
+        kinds.append("none" if not names else "both" if len(names) > 1 else names.pop())
         progress.advance(task)
-    return Dataset(xs, ys, kept)
+    return PhantomSet(xs, ys, maps, volumes, kinds)
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney), ties counted half."""
+    """Area under the ROC curve (Mann-Whitney U), ties counted half."""
     pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """Probabilities for a whole set, in eval mode (batch-norm running statistics, no dropout)."""
     model.eval()
     out = []
     with torch.no_grad():
@@ -76,124 +112,334 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndar
     return torch.cat(out).numpy()
 
 
-def choose_threshold(scores: np.ndarray, labels: np.ndarray, target: float) -> float:
-    pos = np.sort(scores[labels == 1])
-    # Highest t with mean(pos >= t) >= target.
-    k = int(np.floor((1.0 - target) * len(pos)))
-    return float(pos[k]) if len(pos) else 0.5
+def choose_threshold(scores: np.ndarray, labels: np.ndarray, min_sensitivity: float) -> float:
+    """The validation operating point: best sensitivity + specificity (Youden's J) among the
+    thresholds that keep sensitivity >= `min_sensitivity`, placed in the middle (in logit
+    space) of the score gap that achieves it.
+
+    Why not simply "the highest threshold with sensitivity >= target": when the classes
+    separate well, that sits right under the weakest detected bleeds and throws away
+    sensitivity that costs no specificity; the middle of the gap has the most margin both
+    ways for studies unlike the validation set.
+    """
+    order = np.sort(np.unique(scores))
+    if len(order) == 0 or not (labels == 1).any() or not (labels == 0).any():
+        return 0.5
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    # Threshold t predicts bleed for score >= t; candidates are the distinct scores.
+    sens = np.array([(pos >= t).mean() for t in order])
+    spec = np.array([(neg < t).mean() for t in order])
+    youden = np.where(sens >= min_sensitivity - 1e-9, sens + spec - 1.0, -np.inf)
+    best = np.flatnonzero(youden == youden.max())
+    # Widest run of consecutive optimal candidates; any t in (order[a - 1], order[b]] is optimal.
+    runs = np.split(best, np.flatnonzero(np.diff(best) != 1) + 1)
+    run = max(runs, key=len)
+    a, b = int(run[0]), int(run[-1])
+    lo = order[a - 1] if a > 0 else max(order[a] - 1e-3, 1e-6)
+    hi = order[b]
+
+    def logit(p: float) -> float:
+        p = min(max(p, 1e-6), 1 - 1e-6)
+        return float(np.log(p / (1 - p)))
+
+    mid = 0.5 * (logit(float(lo)) + logit(float(hi)))
+    return float(1.0 / (1.0 + np.exp(-mid)))
 
 
-def main() -> None:
+def operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    pred = scores >= threshold
+    return {
+        "sensitivity": float(pred[labels == 1].mean()),
+        "specificity": float((~pred[labels == 0]).mean()),
+        "accuracy": float((pred == (labels == 1)).mean()),
+    }
+
+
+def breakdown(
+    scores: np.ndarray, labels: np.ndarray, data: PhantomSet, threshold: float
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Sensitivity (and AUC against all normals) per bleed size and per bleed kind."""
+    pred = scores >= threshold
+    neg = labels == 0
+    out: dict[str, dict[str, dict[str, float]]] = {"by_bleed_volume": {}, "by_bleed_kind": {}}
+    groups: list[tuple[str, str, np.ndarray]] = [
+        ("by_bleed_volume", name, (labels == 1) & (data.volume_ml >= lo) & (data.volume_ml < hi))
+        for name, lo, hi in SIZE_BINS
+    ]
+    kinds = np.array(data.kind)
+    groups += [("by_bleed_kind", k, kinds == k) for k in ("intraparenchymal", "subdural", "both")]
+    for section, name, mask in groups:
+        if mask.any():
+            sub = mask | neg
+            out[section][name] = {
+                "n": int(mask.sum()),
+                "sensitivity": round(float(pred[mask].mean()), 4),
+                "auc_vs_normals": round(auc(scores[sub], labels[sub]), 4),
+            }
+    return out
+
+
+TRITON_CONFIG = """\
+# GENERATED by models/train_ich.py (it also writes the weights in 1/); edit the template there.
+# Reference intracranial-haemorrhage classifier, trained on synthetic phantoms: NOT for clinical use.
+# Served by the Python backend (1/model.py + TorchScript 1/{weights}) so the same repository runs
+# on the CPU-only local tritonserver and on a GPU server (set instance_group kind there).
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch}
+
+input [
+  {{
+    name: "volume"
+    data_type: TYPE_FP32
+    # Channels (blood window, bone window), slices, rows, columns:
+    # processors.preprocessing.ICH_INPUT_SHAPE. Triton rejects any other shape.
+    dims: [ {dims} ]
+  }}
+]
+output [
+  {{
+    name: "probability"
+    data_type: TYPE_FP32
+    # Sigmoid applied in the model: probability of intracranial haemorrhage.
+    dims: [ 1 ]
+  }}
+]
+
+dynamic_batching {{
+  # Wait at most 2 ms to fill a batch: a stat study must not sit behind batching.
+  max_queue_delay_microseconds: 2000
+  # 1 = stat, 2 = urgent, 3 = routine (radtriage lanes); requests without a priority are routine.
+  priority_levels: 3
+  default_priority_level: 3
+  default_queue_policy {{
+    # Requests may carry their own (shorter) queue timeout; none waits more than 30 s.
+    timeout_action: REJECT
+    default_timeout_microseconds: 30000000
+    allow_timeout_override: true
+  }}
+}}
+
+instance_group [
+  {{
+    count: 1
+    kind: KIND_CPU
+  }}
+]
+
+parameters: {{
+  key: "display_name"
+  value: {{ string_value: "{display}" }}
+}}
+parameters: {{
+  key: "model_version"
+  value: {{ string_value: "{version}" }}
+}}
+parameters: {{
+  key: "finding"
+  value: {{ string_value: "ICH" }}
+}}
+parameters: {{
+  key: "recommended_threshold"
+  value: {{ string_value: "{threshold}" }}
+}}
+parameters: {{
+  key: "threshold_rule"
+  value: {{ string_value: "{rule}" }}
+}}
+"""
+DISPLAY_NAME = "radtriage reference ICH classifier (synthetic phantoms, not for clinical use)"
+
+
+def write_triton_config(
+    model_dir: Path, threshold: float, version: str, rule: str, max_batch: int = 8
+) -> Path:
+    """config.pbtxt next to the version directories, from ICH_INPUT_SHAPE and the chosen threshold."""
+    path = model_dir / "config.pbtxt"
+    path.write_text(
+        TRITON_CONFIG.format(
+            name=model_dir.name,
+            max_batch=max_batch,
+            dims=", ".join(str(d) for d in ICH_INPUT_SHAPE),
+            display=DISPLAY_NAME,
+            version=version,
+            threshold=f"{threshold:.4f}",
+            rule=rule,
+            weights=MODEL_FILE,
+        )
+    )
+    return path
+
+
+def export(model: torch.nn.Module, out_dir: Path) -> Path:
+    """TorchScript of network + sigmoid, traced in eval mode; self-contained for Triton."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    served = IchWithSigmoid(model).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        # torch 2.15 marks TorchScript deprecated; it is still what loads without the model's
+        # Python source (the Triton model directory holds only model.py and the weights).
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(served, torch.zeros((2, *ICH_INPUT_SHAPE)))
+        path = out_dir / MODEL_FILE
+        traced.save(str(path))
+        # The traced graph must agree with the eager model at another batch size.
+        probe = torch.rand((3, *ICH_INPUT_SHAPE))
+        reloaded = torch.jit.load(str(path), map_location="cpu")
+        if not torch.allclose(reloaded(probe), served(probe), atol=1e-5):
+            raise RuntimeError("exported TorchScript disagrees with the eager model")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Triton model version directory")
     ap.add_argument("--metrics", type=Path, default=DEFAULT_METRICS)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", type=int, default=800)
-    ap.add_argument("--val", type=int, default=300)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--train", type=int, default=1000, help="training phantoms (half with blood)")
+    ap.add_argument("--val", type=int, default=300, help="validation phantoms (threshold choice)")
+    ap.add_argument("--test", type=int, default=400, help="held-out test phantoms (reported metrics)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--map-weight", type=float, default=1.0, help="weight of the auxiliary blood-map loss (0 = off)"
+    )
+    args = ap.parse_args(argv)
+    if args.test < 200:
+        ap.error("--test must be at least 200 phantoms for the reported metrics to mean much")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     started = time.time()
-    with Progress(console=console) as progress:
-        train = make_dataset(args.train, args.seed + 1, progress, "train")
-        val = make_dataset(args.val, args.seed + 1_000_003, progress, "validation")
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        train = make_set(args.train, args.seed, progress, "train")
+        val = make_set(args.val, args.seed + VAL_SEED_OFFSET, progress, "validation")
+        test = make_set(args.test, args.seed + TEST_SEED_OFFSET, progress, "test")
+        data_seconds = time.time() - started
+
         model = build_ich_net()
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        # Full learning rate from the first step (a warm-up start left the net at chance for
-        # epochs), decaying to zero by the last.
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=args.epochs * ((args.train + args.batch - 1) // args.batch)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        steps_per_epoch = (args.train + args.batch - 1) // args.batch
+        # One-cycle: a short warm-up keeps the first batch-norm steps from blowing up, then a
+        # cosine decay to a small rate lets the last epochs settle instead of picking an epoch.
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
         )
         loss_fn = torch.nn.BCEWithLogitsLoss()
+        map_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(MAP_POS_WEIGHT))
         gen = torch.Generator().manual_seed(args.seed)
-        task = progress.add_task("training", total=args.epochs)
-        history = []
-        best_auc, best_state = -1.0, copy.deepcopy(model.state_dict())
+        epoch_task = progress.add_task("training", total=args.epochs)
+        history: list[dict[str, float]] = []
         for epoch in range(args.epochs):
             model.train()
             order = torch.randperm(args.train, generator=gen)
             total = 0.0
+            batch_task = progress.add_task(f"  epoch {epoch + 1}", total=args.train)
             for i in range(0, args.train, args.batch):
                 idx = order[i : i + args.batch]
-                xb = train.x[idx].float()
-                # No flip augmentation: with it the net stayed at chance for every epoch we
-                # could afford on CPU; the phantoms already place blood on both sides.
-                opt.zero_grad()
-                loss = loss_fn(model(xb).reshape(-1), train.y[idx])
+                xb, mb = train.x[idx].float(), train.blood[idx].float()
+                # Left-right flips: blood is as likely on either side; doubles the effective set.
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                xb[flip] = torch.flip(xb[flip], dims=(-1,))
+                mb[flip] = torch.flip(mb[flip], dims=(-1,))
+                opt.zero_grad(set_to_none=True)
+                logits, map_logits = model.forward_with_map(xb)
+                loss = loss_fn(logits.reshape(-1), train.y[idx]) + args.map_weight * map_loss_fn(
+                    map_logits, mb
+                )
                 loss.backward()
-                # Only against a rare exploding step; ordinary steps are far below this norm.
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(idx)
+                progress.advance(batch_task, len(idx))
+            progress.remove_task(batch_task)
             val_auc = auc(predict(model, val.x), val.y.numpy())
-            # Keep the best epoch on validation (early stopping without a second held-out set;
-            # the reported metrics are on this same validation set, said so in the metrics file).
-            if val_auc > best_auc:
-                best_auc, best_state = val_auc, copy.deepcopy(model.state_dict())
-            console.log(
-                f"epoch {epoch + 1}: train loss {total / args.train:.4f}, validation AUC {val_auc:.4f}"
+            train_loss = total / args.train
+            history.append(
+                {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
             )
-            history.append({"epoch": epoch + 1, "train_loss": total / args.train, "val_auc": val_auc})
+            console.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation AUC {val_auc:.4f}")
             progress.update(
-                task,
-                advance=1,
-                description=f"training (loss {total / args.train:.3f}, val AUC {val_auc:.3f})",
+                epoch_task, advance=1, description=f"training (loss {train_loss:.3f}, val AUC {val_auc:.3f})"
             )
 
-    model.load_state_dict(best_state)
-    scores, labels = predict(model, val.x), val.y.numpy()
-    threshold = choose_threshold(scores, labels, TARGET_SENSITIVITY)
-    pred = scores >= threshold
-    sens = float(pred[labels == 1].mean())
-    spec = float((~pred[labels == 0]).mean())
-    by_size: dict[str, dict[str, float]] = {}
-    volumes = np.array([sum(b.volume_ml for b in p.bleeds) for p in val.phantoms])
-    for name, lo, hi in (("<2 mL", 0, 2), ("2-10 mL", 2, 10), (">=10 mL", 10, 1e9)):
-        mask = (labels == 1) & (volumes >= lo) & (volumes < hi)
-        if mask.any():
-            by_size[name] = {"n": int(mask.sum()), "sensitivity": float(pred[mask].mean())}
-    metrics = {
-        "model": "ich_classifier",
-        "version": "1",
-        "val_auc": auc(scores, labels),
+    # The final weights are the model: no epoch is picked on validation, so validation picks
+    # only the threshold and the test set stays untouched until here.
+    val_scores, val_labels = predict(model, val.x), val.y.numpy()
+    threshold = choose_threshold(val_scores, val_labels, TARGET_SENSITIVITY)
+    test_scores, test_labels = predict(model, test.x), test.y.numpy()
+    test_point = operating_point(test_scores, test_labels, threshold)
+    path = export(model, args.out)
+    rule = (
+        f"max validation sensitivity+specificity with sensitivity >= {TARGET_SENSITIVITY}, "
+        "middle of the optimal score gap (logit space)"
+    )
+    config = write_triton_config(args.out.parent, threshold, version=args.out.name, rule=rule)
+    training_seconds = time.time() - started
+
+    metrics: dict[str, Any] = {
+        "model": args.out.parent.name,
+        "version": args.out.name,
+        "finding": "ICH",
         "threshold": round(threshold, 4),
+        "threshold_rule": rule,
         "target_sensitivity": TARGET_SENSITIVITY,
-        "sensitivity": sens,
-        "specificity": spec,
-        "sensitivity_by_bleed_volume": by_size,
+        # Held-out test set, at the validation-chosen threshold.
+        "auc": round(auc(test_scores, test_labels), 4),
+        "sensitivity": round(test_point["sensitivity"], 4),
+        "specificity": round(test_point["specificity"], 4),
+        "accuracy": round(test_point["accuracy"], 4),
+        **breakdown(test_scores, test_labels, test, threshold),
+        "val_auc": round(auc(val_scores, val_labels), 4),
+        "val_operating_point": {
+            k: round(v, 4) for k, v in operating_point(val_scores, val_labels, threshold).items()
+        },
         "train_size": args.train,
         "val_size": args.val,
+        "test_size": args.test,
         "epochs": args.epochs,
+        "batch": args.batch,
+        "lr": args.lr,
+        "aux_blood_map_weight": args.map_weight,
         "seed": args.seed,
         "history": history,
-        "training_seconds": round(time.time() - started, 1),
+        "data_generation_seconds": round(data_seconds, 1),
+        "training_seconds": round(training_seconds, 1),
+        "threads": args.threads,
         "input_shape": list(ICH_INPUT_SHAPE),
+        "channels": list(MODEL_CHANNELS),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_file": MODEL_FILE,
+        "weights_bytes": path.stat().st_size,
         "torch": torch.__version__,
         "monai": monai.__version__,
-        "best_epoch_selected_on": "validation AUC (the same validation set these metrics use)",
-        "note": "Trained on synthetic phantoms (models/phantoms.py). Not for clinical use.",
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "note": "Trained and evaluated on synthetic phantoms (models/phantoms.py). Not for clinical use.",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    served = IchWithSigmoid(model).eval()
-    example = torch.zeros((1, *ICH_INPUT_SHAPE))
-    traced = torch.jit.trace(served, example)
-    traced.save(str(args.out / "model.pt"))
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
 
-    table = Table(title="ich_classifier on held-out phantoms")
+    table = Table(title=f"ich_classifier on {args.test} held-out test phantoms")
     table.add_column("metric")
-    table.add_column("value")
-    for key in ("val_auc", "threshold", "sensitivity", "specificity", "training_seconds"):
-        table.add_row(key, f"{metrics[key]:.4g}" if isinstance(metrics[key], float) else str(metrics[key]))
-    for name, row in by_size.items():
-        table.add_row(f"sensitivity, bleed {name}", f"{row['sensitivity']:.3f} (n={row['n']})")
+    table.add_column("value", justify="right")
+    for key in ("auc", "threshold", "sensitivity", "specificity", "val_auc", "training_seconds"):
+        table.add_row(key, f"{metrics[key]:.4g}")
+    for section in ("by_bleed_volume", "by_bleed_kind"):
+        for name, row in metrics[section].items():
+            table.add_row(
+                f"sensitivity, {name}",
+                f"{row['sensitivity']:.3f} (n={row['n']}, AUC {row['auc_vs_normals']:.3f})",
+            )
     console.print(table)
-    console.print(f"wrote {args.out / 'model.pt'} and {args.metrics}")
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), {config} and {args.metrics}")
 
 
 if __name__ == "__main__":

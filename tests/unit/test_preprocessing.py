@@ -1,0 +1,129 @@
+"""The one head-CT preprocessing (training = serving), and the committed weights behind it."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.dicom_writer import write_ct_series
+from models.phantoms import head_ct_phantom
+from processors.dicom_volume import load_series
+from processors.preprocessing import (
+    ICH_INPUT_SHAPE,
+    ICH_WINDOW_HU,
+    preprocess_head_ct,
+    preprocess_head_ct_with_mask,
+)
+from radtriage.settings import REPO_ROOT
+
+MODEL_DIR = REPO_ROOT / "deploy" / "triton" / "model_repository" / "ich_classifier"
+METRICS_PATH = REPO_ROOT / "models" / "ich_classifier.metrics.json"
+
+
+def test_shape_dtype_and_range() -> None:
+    ph = head_ct_phantom(np.random.default_rng(21), bleed=True)
+    x = preprocess_head_ct(ph.hu, ph.spacing_zyx)
+    assert x.shape == ICH_INPUT_SHAPE and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    assert x[0].max() > 0.5 and x[1].max() > 0.5  # both channels carry signal
+
+
+def test_blood_is_bright_and_bone_is_stripped_from_the_blood_channel() -> None:
+    ph = head_ct_phantom(np.random.default_rng(22), bleed=True, min_bleed_ml=3.0)
+    assert ph.blood_mask is not None
+    x, mask = preprocess_head_ct_with_mask(ph.hu, ph.spacing_zyx, ph.blood_mask)
+    np.testing.assert_array_equal(x, preprocess_head_ct(ph.hu, ph.spacing_zyx))
+    assert mask.shape == ICH_INPUT_SHAPE[1:] and mask.max() > 0.5
+    blood, bone = x[0], x[2]  # channels: brain window, narrow blood window, bone window
+    parenchyma = blood[(blood > 0.15) & (blood < 0.5) & (mask < 0.01)]
+    assert np.median(blood[mask > 0.9]) > np.median(parenchyma) + 0.1
+    # Where the bone channel is saturated (skull), the blood channel is empty: bone can't mimic blood.
+    assert blood[bone > 0.5].max() < 0.05
+    lo, hi = ICH_WINDOW_HU
+    assert lo <= 40 < 60 <= hi  # parenchyma and acute blood both inside the window
+
+
+def test_volume_input_matches_array_input_after_a_dicom_round_trip(tmp_path: Path) -> None:
+    """Train/serve: what serving computes from DICOM files equals what training computed in memory."""
+    ph = head_ct_phantom(np.random.default_rng(23), bleed=True)
+    files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path, shuffle_files=True, rng=np.random.default_rng(1))
+    served = preprocess_head_ct(load_series(files))
+    trained = preprocess_head_ct(ph.hu, ph.spacing_zyx)
+    np.testing.assert_allclose(served, trained, atol=1e-5)
+
+
+def test_any_grid_gives_the_model_shape() -> None:
+    rng = np.random.default_rng(24)
+    big = head_ct_phantom(rng, bleed=False, shape=(20, 256, 256))
+    assert preprocess_head_ct(big.hu, big.spacing_zyx).shape == ICH_INPUT_SHAPE
+    thin = head_ct_phantom(rng, bleed=False, shape=(60, 96, 96))
+    assert preprocess_head_ct(thin.hu, thin.spacing_zyx).shape == ICH_INPUT_SHAPE
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="3D"):
+        preprocess_head_ct(np.zeros((10, 10)), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing_zyx is required"):
+        preprocess_head_ct(np.zeros((4, 10, 10)))
+    with pytest.raises(ValueError, match="positive"):
+        preprocess_head_ct(np.zeros((4, 10, 10)), (0, 1, 1))
+    bad = np.zeros((4, 10, 10), dtype=np.float32)
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        preprocess_head_ct(bad, (5, 1, 1))
+
+
+# --- the committed weights ---------------------------------------------------------------
+
+
+def _load_model() -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch 2.15
+        model: torch.jit.ScriptModule = torch.jit.load(str(MODEL_DIR / "1" / "model.pt"), map_location="cpu")
+    return model.eval()
+
+
+def test_metrics_and_config_agree_with_the_code() -> None:
+    metrics = json.loads(METRICS_PATH.read_text())
+    assert metrics["input_shape"] == list(ICH_INPUT_SHAPE)
+    assert metrics["auc"] >= 0.95 and metrics["test_size"] >= 200
+    assert metrics["sensitivity"] >= 0.85 and metrics["specificity"] >= 0.5
+    assert 0.0 < metrics["threshold"] < 1.0
+    config = (MODEL_DIR / "config.pbtxt").read_text()
+    assert f"dims: [ {', '.join(map(str, ICH_INPUT_SHAPE))} ]" in config
+    assert f'string_value: "{metrics["threshold"]:.4f}"' in config
+    assert (MODEL_DIR / "1" / "model.pt").stat().st_size < 10_000_000
+
+
+def test_committed_weights_classify_fresh_phantoms() -> None:
+    """Guards against a broken, random or stale model: unseen phantoms (a seed used by no
+    training set) are mostly classified right at the recommended threshold."""
+    threshold = json.loads(METRICS_PATH.read_text())["threshold"]
+    model = _load_model()
+    rng = np.random.default_rng(987_654)
+    labels, probs = [], []
+    for i in range(12):
+        ph = head_ct_phantom(rng, bleed=i % 2 == 0, min_bleed_ml=1.0)
+        x = torch.from_numpy(preprocess_head_ct(ph.hu, ph.spacing_zyx))[None]
+        with torch.no_grad():
+            probs.append(float(model(x).reshape(-1)[0]))
+        labels.append(ph.has_bleed)
+    assert all(0.0 <= p <= 1.0 for p in probs)
+    correct = sum((p >= threshold) == y for p, y in zip(probs, labels, strict=True))
+    assert correct >= 10, list(zip(labels, np.round(probs, 3), strict=True))
+    pos = [p for p, y in zip(probs, labels, strict=True) if y]
+    neg = [p for p, y in zip(probs, labels, strict=True) if not y]
+    assert np.median(pos) > np.median(neg) + 0.3  # a constant or random net cannot do this
+    # Batched inference gives the same answers as one at a time (what Triton's batching relies on).
+    x = torch.from_numpy(
+        np.stack([preprocess_head_ct(p.hu, p.spacing_zyx) for p in (ph, head_ct_phantom(rng, bleed=True))])
+    )
+    with torch.no_grad():
+        both = model(x).reshape(-1)
+        one = model(x[:1]).reshape(-1)
+    assert float(both[0]) == pytest.approx(float(one[0]), abs=1e-5)
