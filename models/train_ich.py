@@ -192,7 +192,7 @@ input [
   {{
     name: "volume"
     data_type: TYPE_FP32
-    # Channels (blood window, bone window), slices, rows, columns:
+    # Channels (brain, narrow blood and bone windows), slices, rows, columns:
     # processors.preprocessing.ICH_INPUT_SHAPE. Triton rejects any other shape.
     dims: [ {dims} ]
   }}
@@ -227,6 +227,12 @@ instance_group [
   }}
 ]
 
+parameters: {{
+  # What the weights were trained on; model.py validates requests against it even if the
+  # dims above are ever relaxed.
+  key: "input_shape"
+  value: {{ string_value: "{dims}" }}
+}}
 parameters: {{
   key: "display_name"
   value: {{ string_value: "{display}" }}

@@ -39,9 +39,12 @@ def test_blood_is_bright_and_bone_is_stripped_from_the_blood_channel() -> None:
     x, mask = preprocess_head_ct_with_mask(ph.hu, ph.spacing_zyx, ph.blood_mask)
     np.testing.assert_array_equal(x, preprocess_head_ct(ph.hu, ph.spacing_zyx))
     assert mask.shape == ICH_INPUT_SHAPE[1:] and mask.max() > 0.5
-    blood, bone = x[0], x[2]  # channels: brain window, narrow blood window, bone window
-    parenchyma = blood[(blood > 0.15) & (blood < 0.5) & (mask < 0.01)]
-    assert np.median(blood[mask > 0.9]) > np.median(parenchyma) + 0.1
+    blood, narrow, bone = x  # channels: brain window, narrow blood window, bone window
+    parenchyma = (blood > 0.15) & (blood < 0.5) & (mask < 0.01)
+    assert np.median(blood[mask > 0.9]) > np.median(blood[parenchyma]) + 0.1
+    # The narrow window all but silences parenchyma and keeps blood.
+    assert np.median(narrow[parenchyma]) < 0.05 < 0.3 < np.median(narrow[mask > 0.9])
+    assert narrow[bone > 0.5].max() < 0.05
     # Where the bone channel is saturated (skull), the blood channel is empty: bone can't mimic blood.
     assert blood[bone > 0.5].max() < 0.05
     lo, hi = ICH_WINDOW_HU

@@ -30,8 +30,14 @@ WEIGHTS_FILE = "model.pt"
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
+        # The shape the weights were trained on: the "input_shape" parameter written with them
+        # by models/train_ich.py, else the configured dims.
+        trained = config.get("parameters", {}).get("input_shape", {}).get("string_value", "")
         inputs = {i["name"]: i for i in config["input"]}
-        self.input_dims = tuple(int(d) for d in inputs[INPUT_NAME]["dims"])
+        dims = trained.split(",") if trained else inputs[INPUT_NAME]["dims"]
+        self.input_dims = tuple(int(d) for d in dims)
+        if any(d <= 0 for d in self.input_dims):
+            raise pb_utils.TritonModelException(f"ich_classifier: no fixed input shape in config ({dims})")
         self.logger = pb_utils.Logger
         # Few intra-op threads per instance: Triton scales with instances, not threads, and
         # the whole stack (Kafka, Faust workers, this) shares a small CPU.
