@@ -85,5 +85,29 @@ def dicom_scp() -> None:
     run_scp(settings)
 
 
+@main.command("hl7-listener")
+def hl7_listener() -> None:
+    """Run the HL7 v2 MLLP listener (started for you by `radtriage up`)."""
+    from connectors.hl7.mllp import run_listener
+    from radtriage.telemetry import setup_tracing
+
+    setup_logging(component="hl7")
+    settings = _settings()
+    setup_tracing(settings, "hl7-listener")
+    run_listener(settings)
+
+
+@main.command("http")
+def http() -> None:
+    """Run the HTTP intake: FHIR R4 (/fhir), DICOMweb STOW-RS (/dicomweb/studies), /healthz."""
+    from connectors.http.server import run_http
+    from radtriage.telemetry import setup_tracing
+
+    setup_logging(component="http")
+    settings = _settings()
+    setup_tracing(settings, "http")
+    run_http(settings)
+
+
 if __name__ == "__main__":
     main()

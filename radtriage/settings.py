@@ -39,6 +39,8 @@ class Topics(BaseModel):
     instances: str = "imaging.instances"
     studies: str = "imaging.studies"
     orders: str = "imaging.orders"
+    # ADT patient-location updates, keyed by patient id (the order-study join reads them).
+    encounters: str = "imaging.encounters"
     requests_stat: str = "triage.requests.stat"
     requests_urgent: str = "triage.requests.urgent"
     requests_routine: str = "triage.requests.routine"
@@ -104,6 +106,46 @@ class StreamSettings(BaseModel):
     lane_concurrency: dict[str, int] = Field(default_factory=lambda: {"stat": 2, "urgent": 1, "routine": 1})
 
 
+class Hl7Settings(BaseModel):
+    port: int = 2575
+    bind_address: str = "0.0.0.0"
+    # A frame larger than this is refused (AR) and the connection closed: an order is a few KB.
+    max_message_bytes: int = 1 << 20
+    # A connection silent this long is closed; senders reconnect per message or batch.
+    idle_timeout_s: float = 300.0
+
+
+class HttpSettings(BaseModel):
+    """FHIR intake (`/fhir`), DICOMweb STOW-RS (`/dicomweb/studies`), health (`/healthz`)."""
+
+    port: int = 8080
+    bind_address: str = "0.0.0.0"
+    # Base URL written into Location headers; empty = derived from the request's Host.
+    public_base_url: str = ""
+    # A FHIR resource is small; a STOW-RS request may carry a whole series.
+    max_fhir_bytes: int = 4 << 20
+    max_stow_bytes: int = 2 << 30
+
+
+class OrderSettings(BaseModel):
+    """How orders and patient location set a study's lane (ARCHITECTURE.md, Priority)."""
+
+    # Indications that make a study stat whatever the order's priority field says
+    # (searched case-insensitively in the reason for study / clinical indication).
+    stat_indications: list[str] = Field(
+        default_factory=lambda: [
+            r"\bcode[\s-]*stroke\b",
+            r"\bstroke[\s-]*(alert|code|activation)\b",
+            r"\bacute\s+stroke\b",
+            r"\bcode[\s-]*trauma\b",
+            r"\btrauma[\s-]*(alert|activation|code|team|call)\b",
+            r"\b(major|level[\s-]*(1|i))\s+trauma\b",
+        ]
+    )
+    # A study's requests are kept this long for a late order to upgrade their lane.
+    join_retention_s: float = 24 * 3600.0
+
+
 class TelemetrySettings(BaseModel):
     exporter: Literal["none", "console", "otlp", "jsonl"] = "jsonl"
     otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
@@ -120,8 +162,9 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=_default_home)
     cache: Path = Field(default_factory=_default_cache)
     routing_rules: Path = REPO_ROOT / "deploy" / "routing" / "rules.yaml"
-    http_port: int = 8080
-    hl7_port: int = 2575
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    orders: OrderSettings = Field(default_factory=OrderSettings)
     topics: Topics = Field(default_factory=Topics)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
