@@ -105,6 +105,19 @@ class StreamSettings(BaseModel):
     # Concurrency of each lane's inference agent; stat keeps its own capacity.
     lane_concurrency: dict[str, int] = Field(default_factory=lambda: {"stat": 2, "urgent": 1, "routine": 1})
 
+    @property
+    def studies_by_patient_topic(self) -> str:
+        """Internal repartition topic: ready studies keyed by patient id (ADT location join)."""
+        return f"{self.app_id}-studies-by-patient"
+
+    @property
+    def studies_by_accession_topic(self) -> str:
+        """Internal repartition topic: ready studies keyed by accession number (order join)."""
+        return f"{self.app_id}-studies-by-accession"
+
+    def internal_topics(self) -> list[str]:
+        return [self.studies_by_patient_topic, self.studies_by_accession_topic]
+
 
 class Hl7Settings(BaseModel):
     port: int = 2575

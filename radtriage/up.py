@@ -72,7 +72,9 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
             endpoints.append(("Kafka", f"{settings.kafka.bootstrap_servers} (external)"))
         ensure_topics(
             settings.kafka.bootstrap_servers,
-            dict.fromkeys(settings.topics.all(), settings.kafka.partitions),
+            dict.fromkeys(
+                settings.topics.all() + settings.streams.internal_topics(), settings.kafka.partitions
+            ),
             replication_factor=settings.kafka.replication_factor,
         )
         if settings.triton.embedded:

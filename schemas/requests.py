@@ -27,3 +27,9 @@ class TriageRequest(Event):
     received_at: datetime
     ready_at: datetime
     routed_at: datetime = Field(default_factory=utcnow)
+    # One routing decision's identity (study/rule/ready time): a copy re-queued on a faster
+    # lane by a late order keeps it, so the lanes run the work once between them.
+    request_id: str = ""
+    # Why this lane (streams/priority.py), and the lane it was upgraded from, if it was.
+    lane_reason: str = ""
+    upgraded_from: Lane | None = None

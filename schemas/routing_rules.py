@@ -47,8 +47,12 @@ class Rule(BaseModel):
     model: str
     finding: FindingCode
     threshold: float = Field(ge=0.0, le=1.0)
-    # The lane when no order says otherwise (orders refine it; see streams/routing.py).
+    # The lane while nothing is known of the study's order or the patient's location
+    # (orders and ADT refine it; see streams/priority.py).
     lane: Lane = "routine"
+    # The exam screens for a finding where minutes matter (a head CT for a bleed): an
+    # emergency patient's study is stat even before its order arrives.
+    time_critical: bool = False
     alert: Literal["ich", "stroke", "none"] = "none"
 
 

@@ -30,15 +30,20 @@ from radtriage.telemetry import context_from_headers, current_trace_id, headers_
 from schemas.alerts import Alert, alert_id
 from schemas.audit import AuditEvent
 from schemas.base import EventDecodeError
+from schemas.encounters import EncounterEvent
 from schemas.findings import Finding
 from schemas.instances import InstanceEvent
+from schemas.join import StudyContext
+from schemas.orders import OrderEvent, PatientClass
 from schemas.requests import TriageRequest
 from schemas.results import FhirResult
 from schemas.routing_rules import RoutingRules
 from schemas.studies import StudyEvent
 from streams import assembly
 from streams.app import TriageTopics, create_app, dead_letter, declare_topics, publish
-from streams.routing import build_request, route_study
+from streams.join import AccessionState, Dispatch, PatientState, on_order, on_study, route_with_context
+from streams.priority import LaneDecision
+from streams.routing import route_study
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("radtriage.streams")
@@ -69,6 +74,14 @@ def build_pipeline(settings: Settings) -> Pipeline:
     # so a restarted worker recovers them.
     assembling = app.Table("assembly", default=None)
     alerts_sent = app.Table("alerts-sent", default=None)
+    # The order-study join: latest order + routed studies per accession number, and
+    # each patient's location class from ADT (streams/join.py).
+    orders = app.Table("orders-by-accession", default=None)
+    patients = app.Table("patient-location", default=None)
+    # Requests whose finding was published, by request id: an upgraded copy of work on
+    # a faster lane and the original run the model once between them.
+    requests_done = app.Table("requests-done", default=None)
+    stat_patterns = tuple(settings.orders.stat_indications)
     # Studies already nudged for the quiet period, with the last_instance_at they were nudged at.
     nudged: dict[str, str] = {}
 
@@ -158,60 +171,239 @@ def build_pipeline(settings: Settings) -> Pipeline:
             kind=SpanKind.CONSUMER,
             attributes={"radtriage.study_uid": study.study_uid},
         ) as span:
-            routes = route_study(study, rules)
-            if not routes:
+            if not route_study(study, rules):
                 span.set_attribute("radtriage.route", "unrouted")
-                await publish(
-                    topics.audit,
-                    study.study_uid,
-                    AuditEvent(
-                        study_uid=study.study_uid,
-                        accession_number=study.accession_number,
-                        stage="route",
-                        decision="unrouted",
-                        detail={
-                            "reason": "no routing rule matches any series",
-                            "series": "; ".join(
-                                f"{s.modality}/{s.body_part or '-'}/{s.series_description or '-'}"
-                                for s in study.series
-                            ),
-                        },
-                    ),
-                    headers_for_current_span(),
-                )
+                await _publish_unrouted(study)
                 return
-            for r in routes:
-                span.set_attribute("radtriage.rule", r.rule.id)
-                span.set_attribute("radtriage.lane", r.lane)
-                request = build_request(study, r)
-                headers = headers_for_current_span()
-                await publish(topics.lanes[r.lane], study.study_uid, request, headers)
-                await publish(
-                    topics.audit,
-                    study.study_uid,
-                    AuditEvent(
-                        study_uid=study.study_uid,
-                        accession_number=study.accession_number,
-                        stage="route",
-                        decision="routed",
-                        detail={
-                            "rule": r.rule.id,
-                            "lane": r.lane,
-                            "model": r.rule.model,
-                            "series_uid": r.series.series_uid,
-                            "instances": len(r.series.instance_uris),
-                        },
+            await _forward_study(StudyContext(study=study), span)
+
+    async def _forward_study(ctx: StudyContext, span: trace.Span) -> None:
+        """Send a routable study on to the next join stage its ids allow, or route it now.
+
+        Patient id first (the ADT location table), then accession number (the order
+        table); a study with neither is routed on what the rules say.
+        """
+        study = ctx.study
+        if study.patient_id and not ctx.patient_checked:
+            span.set_attribute("radtriage.join", "by_patient")
+            await publish(topics.studies_by_patient, study.patient_id, ctx, headers_for_current_span())
+        elif study.accession_number:
+            span.set_attribute("radtriage.join", "by_accession")
+            await publish(
+                topics.studies_by_accession, study.accession_number, ctx, headers_for_current_span()
+            )
+        else:
+            span.set_attribute("radtriage.join", "none")
+            for dispatch in route_with_context(ctx, rules, None, stat_patterns):
+                await _dispatch(dispatch, ctx.patient_class, ctx.patient_class_source, None)
+
+    async def _publish_unrouted(study: StudyEvent) -> None:
+        await publish(
+            topics.audit,
+            study.study_uid,
+            AuditEvent(
+                study_uid=study.study_uid,
+                accession_number=study.accession_number,
+                stage="route",
+                decision="unrouted",
+                detail={
+                    "reason": "no routing rule matches any series",
+                    "series": "; ".join(
+                        f"{s.modality}/{s.body_part or '-'}/{s.series_description or '-'}"
+                        for s in study.series
                     ),
-                    headers,
-                )
+                },
+            ),
+            headers_for_current_span(),
+        )
+
+    async def _dispatch(
+        dispatch: Dispatch, patient_class: PatientClass, patient_class_source: str, order: OrderEvent | None
+    ) -> None:
+        """Publish one request on its lane and the decision on the audit topic."""
+        req = dispatch.request
+        span = trace.get_current_span()
+        span.set_attribute("radtriage.rule", req.rule_id)
+        span.set_attribute("radtriage.lane", req.lane)
+        span.set_attribute("radtriage.lane_basis", dispatch.decision.basis)
+        headers = headers_for_current_span()
+        await publish(topics.lanes[req.lane], req.study_uid, req, headers)
+        detail: dict[str, str | float | int | bool] = {
+            "rule": req.rule_id,
+            "lane": req.lane,
+            "lane_reason": dispatch.decision.reason,
+            "lane_basis": dispatch.decision.basis,
+            "model": req.model_name,
+            "series_uid": req.series_uid,
+            "instances": len(req.instance_uris),
+            "request_id": req.request_id,
+        }
+        if req.upgraded_from:
+            detail["upgraded_from"] = req.upgraded_from
+        if patient_class != "unknown":
+            detail["patient_class"] = patient_class
+            detail["patient_class_source"] = patient_class_source
+        if order is not None:
+            detail.update(_order_detail(order))
+        await publish(
+            topics.audit,
+            req.study_uid,
+            AuditEvent(
+                study_uid=req.study_uid,
+                accession_number=req.accession_number,
+                stage="route",
+                decision=dispatch.action,
+                detail=detail,
+            ),
+            headers,
+        )
+
+    # -- the order-study join --------------------------------------------------------------
+
+    @app.agent(topics.patient_side, name="patient-context")
+    async def patient_context(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                await _patient_context_one(event)
+            except Exception as exc:
+                log.exception("patient context failed")
+                await dead_letter(topics, event, "join.patient", f"{type(exc).__name__}: {exc}")
+
+    async def _patient_context_one(event: EventT) -> None:
+        if event.message.topic == settings.topics.encounters:
+            try:
+                enc = EncounterEvent.from_bytes(event.value)
+            except EventDecodeError as exc:
+                await dead_letter(topics, event, "join.patient", str(exc))
+                return
+            patients[enc.patient_id] = PatientState(
+                patient_class=enc.patient_class,
+                source=f"{enc.source} {enc.message_type}",
+                at=enc.received_at,
+            ).model_dump(mode="json")
+            return
+        try:
+            ctx = StudyContext.from_bytes(event.value)
+        except EventDecodeError as exc:
+            await dead_letter(topics, event, "join.patient", str(exc))
+            return
+        with tracer.start_as_current_span(
+            "join.patient",
+            context=context_from_headers(event.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={"radtriage.study_uid": ctx.study.study_uid},
+        ) as span:
+            raw = patients.get(ctx.study.patient_id)
+            update: dict[str, object] = {"patient_checked": True}
+            if raw:
+                known = PatientState.model_validate(raw)
+                update |= {"patient_class": known.patient_class, "patient_class_source": known.source}
+                span.set_attribute("radtriage.patient_class", known.patient_class)
+            await _forward_study(ctx.model_copy(update=update), span)
+
+    @app.agent(topics.accession_side, name="join")
+    async def join(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                await _join_one(event)
+            except Exception as exc:
+                log.exception("order-study join failed")
+                await dead_letter(topics, event, "join.order", f"{type(exc).__name__}: {exc}")
+
+    async def _join_one(event: EventT) -> None:
+        is_order = event.message.topic == settings.topics.orders
+        try:
+            incoming: OrderEvent | StudyContext = (
+                OrderEvent.from_bytes(event.value) if is_order else StudyContext.from_bytes(event.value)
+            )
+        except EventDecodeError as exc:
+            await dead_letter(topics, event, "join.order", str(exc))
+            return
+        key = (
+            incoming.accession_number if isinstance(incoming, OrderEvent) else incoming.study.accession_number
+        )
+        raw = orders.get(key)
+        state = AccessionState.model_validate(raw) if raw else None
+        now = datetime.now(UTC)
+        retention = settings.orders.join_retention_s
+        with tracer.start_as_current_span(
+            "join.order",
+            context=context_from_headers(event.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={"radtriage.side": "order" if is_order else "study"},
+        ) as span:
+            if isinstance(incoming, OrderEvent):
+                result = on_order(state, incoming, rules, stat_patterns, now, retention)
+                span.set_attribute("radtriage.upgrades", len(result.dispatches))
+                for dispatch in result.dispatches:
+                    joined = result.state.studies[dispatch.request.study_uid]
+                    await _dispatch(
+                        dispatch, joined.patient_class, joined.patient_class_source, result.state.order
+                    )
+                for study_uid, lane, decision in result.unchanged:
+                    await _audit_unchanged(study_uid, key, lane, decision, result.state.order)
+            else:
+                span.set_attribute("radtriage.study_uid", incoming.study.study_uid)
+                result = on_study(state, incoming, rules, stat_patterns, now, retention)
+                for dispatch in result.dispatches:
+                    await _dispatch(
+                        dispatch, incoming.patient_class, incoming.patient_class_source, result.state.order
+                    )
+            orders[key] = result.state.model_dump(mode="json")
+
+    async def _audit_unchanged(
+        study_uid: str, accession: str, lane: str, decision: LaneDecision, order: OrderEvent | None
+    ) -> None:
+        detail: dict[str, str | float | int | bool] = {
+            "lane": lane,
+            "order_would_set": decision.lane,
+            "lane_reason": decision.reason,
+        }
+        if order is not None:
+            detail.update(_order_detail(order))
+        await publish(
+            topics.audit,
+            study_uid,
+            AuditEvent(
+                study_uid=study_uid,
+                accession_number=accession,
+                stage="route",
+                decision="lane_unchanged",
+                detail=detail,
+            ),
+            headers_for_current_span(),
+        )
 
     triton = TritonModelClient(settings.triton.grpc_url, settings.triton.timeout_s)
+    # Request ids whose finding is being published right now (this worker owns every lane
+    # partition of a study: the lane topics are co-partitioned by study UID).
+    finishing: set[str] = set()
+
+    def _already_done(req: TriageRequest) -> bool:
+        return bool(req.request_id) and bool(requests_done.get(req.request_id))
+
+    async def _audit_skip(req: TriageRequest, lane: str) -> None:
+        await publish(
+            topics.audit,
+            req.study_uid,
+            AuditEvent(
+                study_uid=req.study_uid,
+                accession_number=req.accession_number,
+                stage="infer",
+                decision="skipped_already_done",
+                detail={"request_id": req.request_id, "lane": lane, "rule": req.rule_id},
+            ),
+            headers_for_current_span(),
+        )
 
     async def _infer_one(event: EventT, lane: str) -> None:
         try:
             req = TriageRequest.from_bytes(event.value)
         except EventDecodeError as exc:
             await dead_letter(topics, event, f"infer.{lane}", str(exc))
+            return
+        if _already_done(req):
+            await _audit_skip(req, lane)
             return
         priority = settings.triton.lane_priority[req.lane]
         with tracer.start_as_current_span(
@@ -286,8 +478,20 @@ def build_pipeline(settings: Settings) -> Pipeline:
             )
             span.set_attribute("radtriage.probability", finding.probability)
             span.set_attribute("radtriage.positive", finding.positive)
+            # The other lane's copy of this request may have finished while we inferred;
+            # check and claim with no await in between, so only one finding goes out.
+            if _already_done(req) or req.request_id in finishing:
+                await _audit_skip(req, lane)
+                return
+            if req.request_id:
+                finishing.add(req.request_id)
             headers = headers_for_current_span()
-            await publish(topics.findings, req.study_uid, finding, headers)
+            try:
+                await publish(topics.findings, req.study_uid, finding, headers)
+                if req.request_id:
+                    requests_done[req.request_id] = finding.inferred_at.isoformat()
+            finally:
+                finishing.discard(req.request_id)
             await publish(
                 topics.audit,
                 req.study_uid,
@@ -412,8 +616,26 @@ def build_pipeline(settings: Settings) -> Pipeline:
             "radtriage streams started (rules: %s, %d rule(s))", settings.routing_rules, len(rules.rules)
         )
 
-    _ = (assemble, route, report, escalate, quiet_period_scan)
+    _ = (assemble, route, patient_context, join, report, escalate, quiet_period_scan)
     return Pipeline(app=app, topics=topics, settings=settings)
+
+
+def _order_detail(order: OrderEvent) -> dict[str, str | float | int | bool]:
+    """The order a lane decision came from, for the audit trail: ids and codes, no PHI."""
+    detail: dict[str, str | float | int | bool] = {
+        "order_source": order.source,
+        "order_message_type": order.message_type,
+        "order_message_id": order.source_message_id,
+        "order_status": order.status,
+        "order_priority": order.priority or "unstated",
+    }
+    for name in ("placer_order_number", "filler_order_number", "procedure_code", "priority_field"):
+        value = getattr(order, name)
+        if value:
+            detail[f"order_{name}" if not name.startswith("order") else name] = value
+    if order.indication:
+        detail["order_indication"] = order.indication
+    return detail
 
 
 def _traceparent(headers: Any) -> str:

@@ -34,6 +34,13 @@ def faust_broker_url(bootstrap_servers: str) -> str:
 class TriageTopics:
     instances: TopicT
     studies: TopicT
+    # Internal repartition topics of the order-study join (send side)...
+    studies_by_patient: TopicT
+    studies_by_accession: TopicT
+    # ...and what the join's agents consume: each a pair of co-partitioned topics
+    # (same key, same partition count), so one worker sees both sides of a key.
+    patient_side: TopicT
+    accession_side: TopicT
     lanes: dict[str, TopicT]
     findings: TopicT
     results_fhir: TopicT
@@ -70,12 +77,19 @@ def create_app(settings: Settings) -> faust.App:
 def declare_topics(app: faust.App, settings: Settings) -> TriageTopics:
     t = settings.topics
 
-    def topic(name: str) -> TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    def topic(*names: str) -> TopicT:
+        return app.topic(
+            *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
 
+    s = settings.streams
     return TriageTopics(
         instances=topic(t.instances),
         studies=topic(t.studies),
+        studies_by_patient=topic(s.studies_by_patient_topic),
+        studies_by_accession=topic(s.studies_by_accession_topic),
+        patient_side=topic(t.encounters, s.studies_by_patient_topic),
+        accession_side=topic(t.orders, s.studies_by_accession_topic),
         lanes={lane: topic(t.lane_topic(lane)) for lane in ("stat", "urgent", "routine")},
         findings=topic(t.findings),
         results_fhir=topic(t.results_fhir),
