@@ -1,0 +1,1 @@
+"""DICOMweb STOW-RS intake: multipart DICOM instances → blob store + `imaging.instances`."""

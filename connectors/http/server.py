@@ -1,0 +1,128 @@
+"""The HTTP intake server: FHIR R4 (`/fhir`), DICOMweb STOW-RS (`/dicomweb/studies`), `/healthz`.
+
+`build_app` wires the routes and middleware around a publisher and a blob store;
+`start_http` runs it in the current event loop (tests, embedding) and `run_http` is
+the `radtriage http` process: serve until SIGTERM/SIGINT, then stop accepting, let
+requests in flight finish (bounded), and close the publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+from pydicom import config as pydicom_config
+
+from connectors.blobstore import LocalBlobStore
+from connectors.dicomweb import stow
+from connectors.fhir import routes as fhir
+from connectors.http.events import AsyncPublisher
+from connectors.http.health import healthz
+from connectors.http.middleware import Area, make_middlewares, plain_json_error
+from connectors.http.state import BLOBS, PUBLISHER, SETTINGS
+from connectors.publisher import EventPublisher
+from radtriage.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Anything outside /fhir and /dicomweb (health, unknown paths) takes no real body.
+OTHER_MAX_BODY = 64 << 10
+# Beyond the produce timeout, the time shutdown gives requests in flight.
+SHUTDOWN_GRACE_S = 5.0
+
+
+def build_app(
+    settings: Settings, publisher: EventPublisher, blobs: LocalBlobStore, *, owns_publisher: bool = False
+) -> web.Application:
+    """The application; closes `publisher` on cleanup only if `owns_publisher`."""
+    areas = [
+        Area("/fhir", settings.http.max_fhir_bytes, fhir.render_error),
+        Area("/dicomweb", settings.http.max_stow_bytes, plain_json_error),
+    ]
+    app = web.Application(
+        middlewares=make_middlewares(areas, Area("", OTHER_MAX_BODY, plain_json_error)),  # type: ignore[arg-type]
+        # Handlers read bodies themselves, with the limits above; this only bounds
+        # aiohttp's own helpers should anything use them.
+        client_max_size=max(settings.http.max_fhir_bytes, OTHER_MAX_BODY),
+    )
+    app[SETTINGS] = settings
+    app[PUBLISHER] = AsyncPublisher(publisher, owned=owns_publisher)
+    app[BLOBS] = blobs
+    app.router.add_get("/healthz", healthz)
+    fhir.add_routes(app)
+    stow.add_routes(app)
+
+    async def close_publisher(app: web.Application) -> None:
+        # Flushing may block for the produce timeout: not on the loop.
+        await asyncio.to_thread(app[PUBLISHER].close)
+
+    app.on_cleanup.append(close_publisher)
+    return app
+
+
+@dataclass
+class HttpHandle:
+    runner: web.AppRunner
+    port: int
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (bounded), run cleanup hooks."""
+        await self.runner.cleanup()
+
+
+async def start_http(settings: Settings, publisher: EventPublisher | None = None) -> HttpHandle:
+    """Serve on `settings.http.bind_address:port` (port 0: any free port, see `.port`).
+
+    A publisher passed in stays the caller's; otherwise one is created and closed on stop.
+    """
+    # As in the DICOM listener: pydicom must not log (possibly PHI-bearing) invalid
+    # values while decoding; refusals carry our own reasons.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    owns = publisher is None
+    publisher = publisher or EventPublisher(
+        settings.kafka.bootstrap_servers,
+        timeout_s=settings.kafka.produce_timeout_s,
+        client_id="radtriage-http",
+    )
+    app = build_app(settings, publisher, LocalBlobStore(settings.blob_dir), owns_publisher=owns)
+    runner = web.AppRunner(
+        app,
+        # Our own access log (middleware) logs route templates, never raw paths or queries.
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.kafka.produce_timeout_s + SHUTDOWN_GRACE_S,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http.bind_address, settings.http.port)
+    await site.start()
+    server = getattr(site, "_server", None)
+    sockets = getattr(server, "sockets", None) or []
+    port = int(sockets[0].getsockname()[1]) if sockets else settings.http.port
+    return HttpHandle(runner, port)
+
+
+async def _serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    handle = await start_http(settings)
+    log.info(
+        "HTTP intake listening on %s:%d (FHIR /fhir, STOW-RS /dicomweb/studies, /healthz)",
+        settings.http.bind_address,
+        handle.port,
+    )
+    try:
+        await stop.wait()
+        log.info("stopping: finishing requests in flight")
+    finally:
+        await handle.stop()
+    log.info("HTTP intake stopped")
+
+
+def run_http(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+    asyncio.run(_serve(settings))
