@@ -5,6 +5,7 @@ standard error response (OperationOutcome under /fhir, JSON under /dicomweb).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import traceback
@@ -43,6 +44,37 @@ class Area:
     render_error: ErrorRenderer
 
 
+class InFlight:
+    """Requests being handled right now, so shutdown can wait for them.
+
+    aiohttp's own shutdown stops reading from every connection at once, which would
+    stall an upload in progress (a STOW-RS series) until it times out; the server
+    instead stops accepting, waits here, and only then lets aiohttp close connections.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no request is in flight; False if `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
 def route_template(request: web.Request) -> str:
     """The matched route's template (`/fhir/{type}`), never the raw path: paths may carry
     whatever a client typed, and templates keep the log's cardinality low."""
@@ -70,9 +102,18 @@ def _log_unexpected(request: web.Request, exc: BaseException) -> None:
     )
 
 
-def make_middlewares(areas: Sequence[Area], default: Area) -> list[Callable[..., object]]:
+def make_middlewares(
+    areas: Sequence[Area], default: Area, in_flight: InFlight
+) -> list[Callable[..., object]]:
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        in_flight.enter()
+        try:
+            return await _observed(request, handler)
+        finally:
+            in_flight.exit()
+
+    async def _observed(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         template = route_template(request)
         status = 499  # what stays if the client goes away before an answer

@@ -21,8 +21,8 @@ from connectors.dicomweb import stow
 from connectors.fhir import routes as fhir
 from connectors.http.events import AsyncPublisher
 from connectors.http.health import healthz
-from connectors.http.middleware import Area, make_middlewares, plain_json_error
-from connectors.http.state import BLOBS, PUBLISHER, SETTINGS
+from connectors.http.middleware import Area, InFlight, make_middlewares, plain_json_error
+from connectors.http.state import BLOBS, IN_FLIGHT, PUBLISHER, SETTINGS
 from connectors.publisher import EventPublisher
 from radtriage.settings import Settings
 
@@ -42,8 +42,9 @@ def build_app(
         Area("/fhir", settings.http.max_fhir_bytes, fhir.render_error),
         Area("/dicomweb", settings.http.max_stow_bytes, plain_json_error),
     ]
+    in_flight = InFlight()
     app = web.Application(
-        middlewares=make_middlewares(areas, Area("", OTHER_MAX_BODY, plain_json_error)),  # type: ignore[arg-type]
+        middlewares=make_middlewares(areas, Area("", OTHER_MAX_BODY, plain_json_error), in_flight),  # type: ignore[arg-type]
         # Handlers read bodies themselves, with the limits above; this only bounds
         # aiohttp's own helpers should anything use them.
         client_max_size=max(settings.http.max_fhir_bytes, OTHER_MAX_BODY),
@@ -51,6 +52,7 @@ def build_app(
     app[SETTINGS] = settings
     app[PUBLISHER] = AsyncPublisher(publisher, owned=owns_publisher)
     app[BLOBS] = blobs
+    app[IN_FLIGHT] = in_flight
     app.router.add_get("/healthz", healthz)
     fhir.add_routes(app)
     stow.add_routes(app)
@@ -67,9 +69,19 @@ def build_app(
 class HttpHandle:
     runner: web.AppRunner
     port: int
+    grace_s: float
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), run cleanup hooks."""
+        for site in list(self.runner.sites):
+            await site.stop()  # no new connections
+        app = self.runner.app
+        in_flight = app[IN_FLIGHT]
+        if not await in_flight.wait_idle(self.grace_s):
+            log.warning(
+                "%d request(s) still in flight after %.0f s: closing anyway", in_flight.count, self.grace_s
+            )
+        # Now aiohttp closes the (idle) connections, and the publisher is flushed and closed.
         await self.runner.cleanup()
 
 
@@ -88,12 +100,13 @@ async def start_http(settings: Settings, publisher: EventPublisher | None = None
         client_id="radtriage-http",
     )
     app = build_app(settings, publisher, LocalBlobStore(settings.blob_dir), owns_publisher=owns)
+    grace_s = settings.kafka.produce_timeout_s + SHUTDOWN_GRACE_S
     runner = web.AppRunner(
         app,
         # Our own access log (middleware) logs route templates, never raw paths or queries.
         access_log=None,
         handle_signals=False,
-        shutdown_timeout=settings.kafka.produce_timeout_s + SHUTDOWN_GRACE_S,
+        shutdown_timeout=grace_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.http.bind_address, settings.http.port)
@@ -101,7 +114,7 @@ async def start_http(settings: Settings, publisher: EventPublisher | None = None
     server = getattr(site, "_server", None)
     sockets = getattr(server, "sockets", None) or []
     port = int(sockets[0].getsockname()[1]) if sockets else settings.http.port
-    return HttpHandle(runner, port)
+    return HttpHandle(runner, port, grace_s)
 
 
 async def _serve(settings: Settings) -> None:

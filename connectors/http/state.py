@@ -6,11 +6,13 @@ from aiohttp import web
 
 from connectors.blobstore import LocalBlobStore
 from connectors.http.events import AsyncPublisher
+from connectors.http.middleware import InFlight
 from radtriage.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 PUBLISHER = web.AppKey("publisher", AsyncPublisher)
 BLOBS = web.AppKey("blobs", LocalBlobStore)
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 
 def base_url(request: web.Request) -> str:

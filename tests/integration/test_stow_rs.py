@@ -1,0 +1,478 @@
+"""DICOMweb STOW-RS against a real Kafka, driven by the real dicomweb-client (and requests
+for the bytes a client library would refuse to send).
+
+Each test publishes to its own `imaging.instances` topic, so "exactly these events"
+can be asserted over the whole topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from kafka import KafkaConsumer, TopicPartition
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from connectors.blobstore import LocalBlobStore
+from connectors.dicom import validation as v
+from connectors.http.server import HttpHandle, start_http
+from connectors.publisher import EventPublisher
+from models.dicom_writer import write_ct_series
+from models.phantoms import head_ct_phantom
+from radtriage.kafka_admin import ensure_topics
+from radtriage.settings import REPO_ROOT, Settings
+from tests.conftest import free_port
+
+pytestmark = [
+    pytest.mark.integration,
+    # Test objects are malformed on purpose (pydicom warns while writing or decoding them).
+    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
+    pytest.mark.filterwarnings("ignore:VR lookup failed:UserWarning"),
+]
+
+PARTITIONS = 3
+SECRET_NAME = "Secret^Patient"
+SECRET_BIRTH_DATE = "19450817"
+PUBLIC_BASE = "https://pacs-gw.example.org"
+BOUNDARY = "radtriage-test-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+TIMEOUT = (5, 120)
+
+# A sequence of undefined length that ends mid-item: pydicom cannot decode it (0xC210).
+TRUNCATED_SEQUENCE = (
+    b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
+    b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    b"\x08\x00\x50\x00SH\x04\x00ABCD"
+)
+
+
+# -- a server in a background event loop ----------------------------------------------
+
+
+@dataclass
+class Intake:
+    settings: Settings
+    handle: HttpHandle
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.handle.port}"
+
+    @property
+    def topic(self) -> str:
+        return self.settings.topics.instances
+
+
+def _settings(home: Path, bootstrap: str) -> Settings:
+    settings = Settings(home=home)
+    settings.kafka.bootstrap_servers = bootstrap
+    settings.kafka.produce_timeout_s = 10.0
+    settings.http.port = 0
+    settings.http.bind_address = "127.0.0.1"
+    # dicomweb-client sends `Host` without the port; behind a proxy the base is configured anyway.
+    settings.http.public_base_url = PUBLIC_BASE
+    settings.topics.instances = f"imaging.instances.test-{uuid.uuid4().hex[:12]}"
+    return settings
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def _start(
+    settings: Settings, loop: asyncio.AbstractEventLoop, publisher: EventPublisher | None = None
+) -> Intake:
+    handle = asyncio.run_coroutine_threadsafe(start_http(settings, publisher), loop).result(30)
+    return Intake(settings, handle, loop)
+
+
+def _stop(intake: Intake) -> None:
+    asyncio.run_coroutine_threadsafe(intake.handle.stop(), intake.loop).result(60)
+
+
+@pytest.fixture
+def intake(kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Iterator[Intake]:
+    settings = _settings(tmp_path / "home", kafka_bootstrap)
+    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
+    server = _start(settings, loop)
+    try:
+        yield server
+    finally:
+        _stop(server)
+
+
+@dataclass
+class Record:
+    partition: int
+    offset: int
+    value: dict[str, Any]
+    headers: dict[str, bytes]
+    raw: bytes
+
+
+def read_topic(
+    bootstrap: str, topic: str, want: int, timeout_s: float = 30, settle_s: float = 2
+) -> list[Record]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    got: list[Record] = []
+    deadline = time.monotonic() + timeout_s
+    settle_until: float | None = None
+    try:
+        while time.monotonic() < (settle_until or deadline):
+            for recs in consumer.poll(timeout_ms=200).values():
+                for r in recs:
+                    got.append(
+                        Record(r.partition, r.offset, json.loads(r.value), dict(r.headers or []), r.value)
+                    )
+            if settle_until is None and len(got) >= want:
+                settle_until = time.monotonic() + settle_s
+    finally:
+        consumer.close()
+    return got
+
+
+# -- DICOM test objects -----------------------------------------------------------------
+
+
+def series(out: Path, seed: int, slices: int = 12) -> list[Dataset]:
+    ph = head_ct_phantom(np.random.default_rng(seed), bleed=False, shape=(slices, 64, 64))
+    files = write_ct_series(
+        ph.hu, ph.spacing_zyx, out, accession=f"ACC{seed}", patient_id=f"MRN{seed}", patient_name=SECRET_NAME
+    )
+    datasets = [dcmread(f) for f in files]
+    for ds in datasets:
+        ds.PatientBirthDate = SECRET_BIRTH_DATE
+    return datasets
+
+
+def part10(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def truncated_ct() -> bytes:
+    """A valid Part 10 header claiming a CT image, then a dataset that does not decode."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return part10(ds) + TRUNCATED_SEQUENCE
+
+
+def structured_report() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = BasicTextSRStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.PatientName = SECRET_NAME
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def multipart(parts: list[bytes]) -> bytes:
+    body = b""
+    for data in parts:
+        body += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+def failed_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return body.get("00081198", {}).get("Value", [])
+
+
+def referenced_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return body.get("00081199", {}).get("Value", [])
+
+
+def _no_phi(text: str | bytes) -> None:
+    data = text.encode() if isinstance(text, str) else text
+    assert b"Secret" not in data and SECRET_BIRTH_DATE.encode() not in data
+
+
+# -- tests --------------------------------------------------------------------------------
+
+
+def test_dicomweb_client_stores_a_series_published_with_one_marker(intake: Intake, tmp_path: Path) -> None:
+    datasets = series(tmp_path / "series", 5)
+    study_uid = str(datasets[0].StudyInstanceUID)
+    client = DICOMwebClient(url=f"{intake.base}/dicomweb")
+
+    response = client.store_instances(datasets)
+
+    assert "FailedSOPSequence" not in response
+    assert response.RetrieveURL == f"{PUBLIC_BASE}/dicomweb/studies/{study_uid}"
+    referenced = {str(item.ReferencedSOPInstanceUID): item for item in response.ReferencedSOPSequence}
+    assert sorted(referenced) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
+    for ds in datasets:
+        item = referenced[str(ds.SOPInstanceUID)]
+        assert item.ReferencedSOPClassUID == CTImageStorage
+        assert item.RetrieveURL == (
+            f"{PUBLIC_BASE}/dicomweb/studies/{study_uid}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        )
+
+    records = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, len(datasets) + 1)
+    instances = [r for r in records if r.value["kind"] == "instance"]
+    markers = [r for r in records if r.value["kind"] == "transfer_complete"]
+    assert len(instances) == len(datasets) and len(markers) == 1 and len(records) == len(datasets) + 1
+    (marker,) = markers
+    assert marker.value["study_uid"] == study_uid and marker.value["instance_count"] == len(datasets)
+    assert marker.value["source"] == "dicomweb"
+    # Keyed by the study: one partition, the marker after every instance.
+    assert {r.partition for r in records} == {marker.partition}
+    assert marker.offset == max(r.offset for r in records)
+    assert {r.value["association_id"] for r in records} == {marker.value["association_id"]}
+    assert {r.value["source"] for r in instances} == {"dicomweb"}
+    first = instances[0].value
+    assert (first["modality"], first["body_part"], first["accession_number"], first["patient_id"]) == (
+        "CT",
+        "HEAD",
+        "ACC5",
+        "MRN5",
+    )
+    assert len({r.headers["traceparent"] for r in records}) == 1  # one trace for the study
+    for r in records:
+        _no_phi(r.raw)
+
+    # Every event's blob exists and is the complete Part 10 file that was sent.
+    store = LocalBlobStore(intake.settings.blob_dir)
+    originals = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    for r in instances:
+        stored = dcmread(store.path_of(r.value["blob_uri"]))
+        original = originals[str(stored.SOPInstanceUID)]
+        assert stored.PixelData == original.PixelData
+        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert len(list(intake.settings.blob_dir.rglob("*.dcm"))) == len(datasets)
+
+
+def test_good_and_bad_parts_get_202_with_failure_reasons(intake: Intake, tmp_path: Path) -> None:
+    datasets = series(tmp_path / "series", 6, slices=3)
+    sr = structured_report()
+    garbage = part10(datasets[0])[:200] + random.Random(7).randbytes(300)
+    body = multipart(
+        [part10(datasets[0]), truncated_ct(), part10(datasets[1]), part10(sr), part10(datasets[2])]
+    )
+    r = requests.post(
+        f"{intake.base}/dicomweb/studies", data=body, headers={"Content-Type": STOW_TYPE}, timeout=TIMEOUT
+    )
+    assert r.status_code == 202, r.text
+    assert r.headers["Content-Type"] == "application/dicom+json"
+    answer = r.json()
+    assert len(referenced_items(answer)) == 3
+    failures = {
+        item["00081155"].get("Value", [""])[0]: (item["00081197"]["Value"][0], item["00000902"]["Value"][0])
+        for item in failed_items(answer)
+    }
+    assert failures[str(sr.SOPInstanceUID)][0] == v.SOP_CLASS_NOT_SUPPORTED == 0x0122
+    assert "not supported" in failures[str(sr.SOPInstanceUID)][1]
+    assert sorted(code for code, _ in failures.values()) == [v.SOP_CLASS_NOT_SUPPORTED, v.CANNOT_DECODE]
+    assert any("cannot be decoded" in reason for _, reason in failures.values())
+
+    # The real client sees the same 202 as a dataset with both sequences.
+    client = DICOMwebClient(url=f"{intake.base}/dicomweb")
+    more = series(tmp_path / "more", 7, slices=2)
+    response = client.store_instances([*more, structured_report()])
+    assert len(response.ReferencedSOPSequence) == 2
+    (failed,) = response.FailedSOPSequence
+    assert failed.FailureReason == 0x0122
+
+    # A part that is not DICOM at all, alone: 409, nothing stored.
+    r = requests.post(
+        f"{intake.base}/dicomweb/studies",
+        data=multipart([garbage]),
+        headers={"Content-Type": STOW_TYPE},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 409 and not referenced_items(r.json())
+
+    records = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, 3 + 1 + 2 + 1)
+    kinds = sorted(r.value["kind"] for r in records)
+    assert kinds == ["instance"] * 5 + ["transfer_complete"] * 2
+    assert {r.value["instance_count"] for r in records if r.value["kind"] == "transfer_complete"} == {3, 2}
+    for r in records:
+        _no_phi(r.raw)
+    assert len(list(intake.settings.blob_dir.rglob("*.dcm"))) == 5
+
+
+def test_instances_of_another_study_fail_under_a_study_url(intake: Intake, tmp_path: Path) -> None:
+    datasets = series(tmp_path / "series", 8, slices=2)
+    other = generate_uid()
+    r = requests.post(
+        f"{intake.base}/dicomweb/studies/{other}",
+        data=multipart([part10(ds) for ds in datasets]),
+        headers={"Content-Type": STOW_TYPE},
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 409, r.text
+    assert [item["00081197"]["Value"][0] for item in failed_items(r.json())] == [v.DATASET_MISMATCH] * 2
+    # The right study URL takes them, and says where the study is.
+    study = str(datasets[0].StudyInstanceUID)
+    client = DICOMwebClient(url=f"{intake.base}/dicomweb")
+    response = client.store_instances(datasets, study_instance_uid=study)
+    assert len(response.ReferencedSOPSequence) == 2
+    assert response.RetrieveURL == f"{PUBLIC_BASE}/dicomweb/studies/{study}"
+    records = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, 3)
+    assert sorted(r.value["kind"] for r in records) == ["instance", "instance", "transfer_complete"]
+
+
+def test_wrong_content_types_are_415(intake: Intake, tmp_path: Path) -> None:
+    (ds,) = series(tmp_path / "series", 9, slices=1)
+    url = f"{intake.base}/dicomweb/studies"
+    for content_type in (
+        "application/dicom",
+        "application/json",
+        f"multipart/related; boundary={BOUNDARY}",
+        f'multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
+        "",
+    ):
+        headers = {"Content-Type": content_type} if content_type else {}
+        r = requests.post(url, data=multipart([part10(ds)]), headers=headers, timeout=TIMEOUT)
+        assert r.status_code == 415, (content_type, r.text)
+        assert "multipart/related" in r.json()["error"]
+    r = requests.post(url, data=b"--x--", headers={"Content-Type": STOW_TYPE}, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.json()["error"]
+    assert read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, 1, timeout_s=2, settle_s=0) == []
+
+
+def test_kafka_down_is_503_with_out_of_resources(
+    kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop
+) -> None:
+    settings = _settings(tmp_path / "home", f"127.0.0.1:{free_port()}")
+    publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=1.5, client_id="test-stow-down")
+    server = _start(settings, loop, publisher)
+    try:
+        datasets = series(tmp_path / "series", 10, slices=4)
+        started = time.monotonic()
+        r = requests.post(
+            f"{server.base}/dicomweb/studies",
+            data=multipart([part10(ds) for ds in datasets]),
+            headers={"Content-Type": STOW_TYPE},
+            timeout=TIMEOUT,
+        )
+        # One produce timeout for the whole request, not one per instance.
+        assert time.monotonic() - started < 1.5 + 3
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5", r.text
+        codes = [item["00081197"]["Value"][0] for item in failed_items(r.json())]
+        assert codes == [v.OUT_OF_RESOURCES_KAFKA] * len(datasets)
+        assert requests.get(f"{server.base}/healthz", timeout=TIMEOUT).status_code == 503
+    finally:
+        _stop(server)
+        publisher.close()
+
+
+def test_sigterm_lets_a_request_in_flight_finish(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """`radtriage http` receives SIGTERM while a slow sender is mid-request: the request
+    still completes (200, every instance on Kafka) and the process exits 0."""
+    port = free_port()
+    settings = _settings(tmp_path / "home", kafka_bootstrap)
+    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
+    env = {k: v for k, v in os.environ.items() if k != "RADTRIAGE_SETTINGS_JSON"}
+    env.update(
+        {
+            "RADTRIAGE_HOME": str(tmp_path / "home"),
+            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "RADTRIAGE_HTTP__PORT": str(port),
+            "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1",
+            "RADTRIAGE_TOPICS__INSTANCES": settings.topics.instances,
+            "RADTRIAGE_TELEMETRY__EXPORTER": "none",
+        }
+    )
+    log = (tmp_path / "http.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radtriage.cli", "http"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    datasets = series(tmp_path / "series", 11, slices=4)
+    first_sent = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        for i, ds in enumerate(datasets):
+            yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part10(ds) + b"\r\n"
+            if i == 0:
+                first_sent.set()
+            time.sleep(0.5)
+        yield f"--{BOUNDARY}--\r\n".encode()
+
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "http.log").read_text()
+            try:
+                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "radtriage http never became healthy"
+            time.sleep(0.2)
+        result: dict[str, requests.Response] = {}
+        sender = threading.Thread(
+            target=lambda: result.setdefault(
+                "r",
+                requests.post(
+                    f"{base}/dicomweb/studies",
+                    data=slow_body(),
+                    headers={"Content-Type": STOW_TYPE},
+                    timeout=TIMEOUT,
+                ),
+            )
+        )
+        sender.start()
+        assert first_sent.wait(30)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        sender.join(60)
+        assert result["r"].status_code == 200, result["r"].text
+        assert len(referenced_items(result["r"].json())) == len(datasets)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    text = (tmp_path / "http.log").read_text()
+    assert "HTTP intake stopped" in text and "POST /dicomweb/studies 200" in text
+    _no_phi(text)
+    records = read_topic(kafka_bootstrap, settings.topics.instances, len(datasets) + 1)
+    assert sorted(r.value["kind"] for r in records) == ["instance"] * len(datasets) + ["transfer_complete"]
