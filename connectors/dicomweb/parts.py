@@ -94,6 +94,10 @@ def read_part(data: bytes) -> Part:
         return Part(Identity(), refusal=v.undecodable(exc))
     identity = _identity(ds)
     transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    if not transfer_syntax:
+        return Part(
+            identity, refusal=v.Refusal(v.CANNOT_DECODE, "no TransferSyntaxUID in the file meta header")
+        )
     if transfer_syntax not in ACCEPTED_TRANSFER_SYNTAXES:
         name = UID(transfer_syntax).name if valid_uid(transfer_syntax) else "missing"
         return Part(
