@@ -31,6 +31,11 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from connectors.http.server import HttpHandle, start_http
 from connectors.publisher import EventPublisher
@@ -246,6 +251,36 @@ def test_created_resources_are_published_once_after_ack(intake: Intake) -> None:
     assert (study.key, study.value["study_uid"], study.value["priority"]) == ("ACC-0", study_uid, None)
     assert study.value["patient_id"] == "MRN-88"
     _no_names(records)
+
+
+def test_each_request_is_a_server_span_and_the_event_carries_its_trace(intake: Intake) -> None:
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)  # the session's (tests/conftest.py)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        r = post(requests.Session(), f"{intake.base}/fhir/ServiceRequest", service_request("SPAN-1"))
+        assert r.status_code == 201
+        bad = post(requests.Session(), f"{intake.base}/fhir/ServiceRequest", b"{")
+        assert bad.status_code == 400
+        (record,) = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, 1)
+        servers = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    finally:
+        exporter.shutdown()
+    assert [dict(s.attributes or {}) for s in servers] == [
+        {
+            "http.request.method": "POST",
+            "http.route": "/fhir/{type}",
+            "url.path": "/fhir/ServiceRequest",
+            "http.response.status_code": status,
+        }
+        for status in (201, 400)
+    ]
+    assert servers[0].name == "POST /fhir/{type}"
+    _, trace_id, _, _ = record.headers["traceparent"].decode().split("-")
+    assert servers[0].context is not None and format(servers[0].context.trace_id, "032x") == trace_id
+    for span in exporter.get_finished_spans():
+        assert "Secret" not in json.dumps(dict(span.attributes or {}))
 
 
 def test_bad_requests_get_operation_outcomes_and_publish_nothing(intake: Intake) -> None:
