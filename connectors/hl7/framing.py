@@ -90,21 +90,21 @@ class FrameDecoder:
                 continue
             end = self._buf.find(EB, self._scanned)
             restart = self._buf.find(SB, self._scanned)
-            if restart >= 0 and (end < 0 or restart < end):
+            stop = min(i for i in (end, restart, len(self._buf)) if i >= 0)
+            # Oversized is decided on where the frame stops, never on how the bytes were
+            # chunked: the same stream gets the same answer however TCP delivered it.
+            if stop > self.max_bytes:
+                out.append(Oversized(bytes(self._buf[: self.max_bytes])))
+                self._close()
+                break
+            if stop == len(self._buf):
+                self._scanned = len(self._buf)
+                break
+            if stop == restart:
                 out.append(Abandoned(restart))
                 del self._buf[:restart]
                 self._in_frame = False
                 continue
-            if end < 0:
-                self._scanned = len(self._buf)
-                if len(self._buf) > self.max_bytes:
-                    out.append(Oversized(bytes(self._buf[: self.max_bytes])))
-                    self._close()
-                break
-            if end > self.max_bytes:
-                out.append(Oversized(bytes(self._buf[: self.max_bytes])))
-                self._close()
-                break
             out.append(Frame(bytes(self._buf[:end])))
             del self._buf[: end + 1]
             self._in_frame = False

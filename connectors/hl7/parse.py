@@ -66,8 +66,19 @@ _E = TypeVar("_E", OrderEvent, EncounterEvent)
 
 # The hl7apy structure library every segment is read with (see the module docstring).
 _REFERENCE_VERSION = "2.5.1"
-# The segments whose content we read; all others are checked for shape only.
-_READ = frozenset({"PID", "PV1", "ORC", "OBR", "TQ1", "IPC", "ZDS"})
+# The fields routing reads, per segment; every other segment is checked for shape only.
+# hl7apy is handed only these fields (positions kept, the rest emptied): names, birth
+# dates and addresses never even become objects in this process, and a message parses
+# about three times faster than whole.
+_READ: dict[str, frozenset[int]] = {
+    "PID": frozenset({3}),
+    "PV1": frozenset({2, 19}),
+    "ORC": frozenset({1, 2, 3, 5, 7, 16}),
+    "OBR": frozenset({2, 3, 4, 13, 18, 25, 27, 31, 44}),
+    "TQ1": frozenset({9}),
+    "IPC": frozenset({1, 3, 6}),
+    "ZDS": frozenset({1}),
+}
 # Ids (accession, patient id) become Kafka keys and join keys: the schemas' limit.
 _ID_MAX = 64
 
@@ -197,8 +208,15 @@ def _encoding_chars(header: Header) -> dict[str, str]:
     }
 
 
+def _project(text: str, fields: frozenset[int], sep: str) -> str:
+    """`text` with only `fields` kept, every other field emptied (positions unchanged)."""
+    parts = text.split(sep)
+    return sep.join(p if i == 0 or i in fields else "" for i, p in enumerate(parts)).rstrip(sep)
+
+
 def _parse_segment(text: str, name: str, sequence: int, header: Header) -> _Seg:
     enc = _encoding_chars(header)
+    text = _project(text, _READ[name], header.field_sep)
     try:
         parsed = parse_segment(
             text, version=_REFERENCE_VERSION, encoding_chars=enc, validation_level=VALIDATION_LEVEL.TOLERANT

@@ -88,3 +88,35 @@ def test_quarantine_is_content_addressed_atomic_and_idempotent(tmp_path: Path) -
     assert path.read_bytes() == data
     assert q.put(data) == (digest, uri)
     assert os.listdir(path.parent) == [path.name]  # no temp files left behind
+
+
+def test_an_unfinished_frame_past_the_limit_is_oversized_even_if_a_restart_follows() -> None:
+    stream = b"\x0b" + b"u" * 20 + frame(b"next")
+    assert FrameDecoder(10).feed(stream) == [Oversized(b"u" * 10)]
+    assert feed_all(FrameDecoder(10), stream[:15], stream[15:]) == [Oversized(b"u" * 10)]
+
+
+def _merge_junk(items: list[Item]) -> list[Item]:
+    # Junk is reported per feed; how much arrives per feed is TCP's business.
+    out: list[Item] = []
+    for item in items:
+        if isinstance(item, Junk) and out and isinstance(out[-1], Junk):
+            out[-1] = Junk(out[-1].size + item.size)
+        else:
+            out.append(item)
+    return out
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None)
+@given(
+    stream=st.lists(st.sampled_from([b"\x0b", b"\x1c", b"\r", b"a", b"MSH|", b"zz" * 5]), max_size=40).map(
+        b"".join
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+    limit=st.integers(min_value=1, max_value=30),
+)
+def test_chunking_never_changes_the_outcome(stream: bytes, cuts: list[int], limit: int) -> None:
+    points = sorted({c for c in cuts if c < len(stream)} | {0, len(stream)})
+    chunked = feed_all(FrameDecoder(limit), *(stream[a:b] for a, b in itertools.pairwise(points)))
+    whole = FrameDecoder(limit).feed(stream)
+    assert _merge_junk(chunked) == _merge_junk(whole)

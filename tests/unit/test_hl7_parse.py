@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from connectors.hl7.message import Location, decode, read_header, split_segments, unescape
+from connectors.hl7.message import Header, Location, decode, read_header, split_segments, unescape
 from connectors.hl7.parse import Accepted, Ignored, Outcome, Rejected, map_priority, oversized, parse_message
 from schemas.encounters import EncounterEvent
 from schemas.orders import INDICATION_MAX, OrderEvent
@@ -414,7 +414,7 @@ def test_declared_charset_is_honoured() -> None:
 
 def test_unescape_and_header_reading() -> None:
     header = read_header(split_segments(ORM25), "utf-8")
-    assert not isinstance(header, Exception) and hasattr(header, "control_id")
+    assert isinstance(header, Header) and header.control_id == "ORM25-0001"
     assert unescape(r"a\F\b\S\c\T\d\R\e\E\f\.br\g\X41\h\H\i\N\j", header) == "a|b^c&d~e\\f gAhij"
     assert unescape("no escapes", header) == "no escapes"
     assert split_segments("\ufeffMSH|x\n\nPID|1\r\n") == ["MSH|x", "PID|1"]
