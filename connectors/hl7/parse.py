@@ -525,7 +525,7 @@ def _check_header(header: Header) -> None:
         where = Location("MSH", field=9, component=1)
         raise _Refusal(200, f"message type {shown} not supported", where, ack="AR")
     wrong_order = code in _ORDER_TYPES and event != _ORDER_TYPES[code]
-    if wrong_order or (code == "ADT" and event not in _ADT_EVENTS):
+    if wrong_order:
         where = Location("MSH", field=9, component=2)
         raise _Refusal(201, f"event {shown} not supported", where, ack="AR")
 
@@ -534,6 +534,12 @@ def _dispatch(header: Header, lines: list[str]) -> Outcome:
     _check_header(header)
     if header.message_code == "ORU":
         return Ignored(header, f"{header.message_type} ignored: radtriage takes orders and ADT, not results")
+    if header.message_code == "ADT" and header.trigger_event not in _ADT_EVENTS:
+        # A hospital ADT feed sends every event (A02, A03, A11...); refusing them would make
+        # the interface engine retry or stall the feed. Taken, and nothing published.
+        return Ignored(
+            header, f"{header.message_type} ignored: radtriage uses ADT A01/A04/A08 for patient location"
+        )
     segs, ids = _segments(lines, header)
     all_ids = ("MSH", *ids)
     if header.message_code == "ADT":

@@ -311,8 +311,9 @@ def test_adt_refusals() -> None:
     adt = text("adt_a01_v2.5.hl7")
     r = rejected(drop_segment(adt, "PID"))
     assert (r.ack, r.code, str(r.location)) == ("AE", 100, "PID")
-    r = rejected(set_field(adt, "MSH", 9, "ADT^A03^ADT_A03"))
-    assert (r.ack, r.code) == ("AR", 201)
+    # Other ADT events of a hospital feed are acknowledged and ignored, never refused.
+    ignored = parse_message(set_field(adt, "MSH", 9, "ADT^A03^ADT_A03").encode())
+    assert isinstance(ignored, Ignored) and "A01/A04/A08" in ignored.reason
     no_pv1 = accepted(parse_message(drop_segment(adt, "PV1").encode()))[0]
     assert (no_pv1.patient_class, no_pv1.visit_number) == ("unknown", "")
 
