@@ -27,6 +27,8 @@ def write_ct_series(
     accession: str = "",
     patient_id: str = "",
     patient_name: str = "",
+    # Set by the PHI tests, so that a birth date leaking anywhere would be caught.
+    patient_birth_date: str = "",
     body_part: str = "HEAD",
     series_description: str = "CT HEAD WO CONTRAST",
     study_description: str | None = None,
@@ -92,7 +94,7 @@ def write_ct_series(
         ds.InstitutionName = institution
         ds.PatientName = patient_name
         ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
+        ds.PatientBirthDate = patient_birth_date
         ds.PatientSex = ""
         ds.AccessionNumber = accession
         ds.ReferringPhysicianName = ""

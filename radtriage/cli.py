@@ -31,7 +31,7 @@ def main() -> None:
 @click.option("--bootstrap-servers", help="Use this Kafka instead of starting a local broker.")
 @click.option("--triton-url", help="Use this Triton (gRPC host:port) instead of starting a local server.")
 def up(bootstrap_servers: str | None, triton_url: str | None) -> None:
-    """Start the whole local stack (Kafka, Triton, Faust workers, DICOM listener); Ctrl-C stops it."""
+    """Start the whole local stack (Kafka, Triton, workers, DICOM/HL7/HTTP listeners); Ctrl-C stops it."""
     from radtriage.kafka_admin import KafkaUnavailable
     from radtriage.stack.process import ServiceError
     from radtriage.up import run_up
@@ -53,12 +53,12 @@ def up(bootstrap_servers: str | None, triton_url: str | None) -> None:
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for each study's outcome.")
 def demo(bootstrap_servers: str | None, runs: int, json_out: Path | None, timeout: float) -> None:
     """Send bundled synthetic studies to a running stack and print route, finding and latency."""
-    from radtriage.demo import SendError, run_demo
+    from radtriage.demo import MessageError, SendError, run_demo
 
     setup_logging(level="WARNING", component="demo")
     try:
         ok = run_demo(_settings(bootstrap_servers), runs=runs, json_out=json_out, timeout_s=timeout)
-    except SendError as exc:
+    except (SendError, MessageError) as exc:
         click.echo(f"radtriage demo: {exc}. Is `radtriage up` running?", err=True)
         sys.exit(2)
     sys.exit(0 if ok else 1)

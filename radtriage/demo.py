@@ -1,11 +1,18 @@
 """`radtriage demo`: replay synthetic studies through a running stack and show what happened.
 
-Three studies per run — a head CT with a bleed, a normal head CT, and a chest CT
-that no ICH rule may take — are written as real DICOM series, sent over a DICOM
-association (C-STORE, then release) to the running listener, and followed on Kafka
-until each reaches its outcome: an alert and a report, a report alone, or
-"unrouted". Latencies are measured from the broker-side timestamps the pipeline
-records (first instance received, study ready, alert/report produced).
+Four studies per run, each with the hospital messages a real one would come with:
+- a head CT with a bleed whose STAT "code stroke" order (HL7 ORM^O01 over MLLP)
+  arrives before the images: routed straight to the stat lane;
+- a head CT with a bleed of a patient registered as an outpatient (HL7 ADT^A04)
+  whose images come first (routine lane) and whose STAT order comes after: the
+  queued work is moved up to the stat lane (or, if the routine lane already finished
+  it, the audit says so);
+- a normal head CT with a routine outpatient FHIR ServiceRequest: routine lane;
+- a chest CT that no rule takes: unrouted.
+Images go over a DICOM association (C-STORE, then release) to the running listener,
+and each study is followed on Kafka until its outcome. Latencies are measured from
+the timestamps the pipeline records (first instance received, study ready,
+alert/report produced).
 """
 
 from __future__ import annotations
@@ -29,6 +36,14 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from radtriage.demo_messages import (
+    MessageError,
+    hl7_adt,
+    hl7_order,
+    post_fhir,
+    send_hl7,
+    service_request,
+)
 from radtriage.settings import Settings
 
 console = Console()
@@ -39,6 +54,12 @@ class DemoCase:
     name: str
     expect: str  # "alert", "report", "unrouted"
     make: Callable[[np.random.Generator, Path, str], list[Path]]
+    # Hospital messages around the images: "stat_first" (HL7 STAT order, then images),
+    # "stat_late" (ADT outpatient, images, then HL7 STAT order), "fhir_routine" (FHIR
+    # routine ServiceRequest, then images), "" (images only).
+    orders: str = ""
+    # The lane the study's work must end in ("" for unrouted).
+    expect_lane: str = ""
 
 
 @dataclass
@@ -46,7 +67,11 @@ class Outcome:
     case: str
     study_uid: str
     expected: str
+    expect_lane: str = ""
     route: str = "-"
+    lanes: list[str] = field(default_factory=list)
+    lane_reason: str = ""
+    inferred_on: str = ""
     finding: str = "-"
     probability: float | None = None
     alert: bool = False
@@ -60,8 +85,14 @@ class Outcome:
     timestamps: dict[str, str] = field(default_factory=dict)
 
     @property
+    def final_lane(self) -> str:
+        return self.lanes[-1] if self.lanes else ""
+
+    @property
     def ok(self) -> bool:
         if self.dead_letter:
+            return False
+        if self.expected != "unrouted" and self.final_lane != self.expect_lane:
             return False
         return {
             "alert": self.alert and self.report,
@@ -108,14 +139,18 @@ def _chest(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
 
 
 CASES = (
-    DemoCase("head CT, haemorrhage", "alert", _head(True)),
-    DemoCase("head CT, normal", "report", _head(False)),
+    DemoCase("head CT, bleed, STAT order first", "alert", _head(True), "stat_first", "stat"),
+    DemoCase("head CT, bleed, STAT order late", "alert", _head(True), "stat_late", "stat"),
+    DemoCase("head CT, normal, routine order", "report", _head(False), "fhir_routine", "routine"),
     DemoCase("chest CT", "unrouted", _chest),
 )
 
 
 class SendError(RuntimeError):
     pass
+
+
+__all__ = ["MessageError", "SendError", "run_demo"]
 
 
 def send_series(paths: list[Path], settings: Settings, host: str = "127.0.0.1") -> None:
@@ -198,8 +233,12 @@ def _apply(outcome: Outcome, topic: str, data: dict[str, Any], settings: Setting
         if data["decision"] == "unrouted":
             outcome.unrouted = True
             outcome.route = "unrouted"
-        elif data["stage"] == "route":
-            outcome.route = f"{data['detail']['lane']} → {data['detail']['model']}"
+        elif data["stage"] == "route" and data["decision"] in ("routed", "lane_upgraded"):
+            outcome.route = str(data["detail"]["model"])
+            outcome.lanes.append(str(data["detail"]["lane"]))
+            outcome.lane_reason = str(data["detail"].get("lane_reason", ""))
+        elif data["stage"] == "infer" and data["decision"] in ("positive", "negative"):
+            outcome.inferred_on = str(data["detail"].get("lane", ""))
     elif topic == t.deadletter:
         outcome.dead_letter = f"{data['stage']}: {data['error']}"
 
@@ -227,22 +266,49 @@ def run_case(
     out = workdir / accession
     files = case.make(rng, out, accession)
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    outcome = Outcome(case=case.name, study_uid=study_uid, expected=case.expect)
+    outcome = Outcome(case=case.name, study_uid=study_uid, expected=case.expect, expect_lane=case.expect_lane)
+    patient_id = f"DEMO-{accession}"
     started = time.monotonic()
+    if case.orders == "stat_first":
+        send_hl7(settings, hl7_order(accession, patient_id, priority="S", indication="CODE STROKE"))
+    elif case.orders == "fhir_routine":
+        post_fhir(settings, service_request(accession, patient_id, priority="routine"))
+    elif case.orders == "stat_late":
+        send_hl7(settings, hl7_adt(patient_id, patient_class="O"))
     send_series(files, settings)
+    if case.orders == "stat_late":
+        # The order the ED placed while the scan ran reaches radtriage after the images.
+        _wait_for(watcher, outcome, settings, lambda o: bool(o.lanes), timeout_s)
+        send_hl7(settings, hl7_order(accession, patient_id, priority="S", indication="CODE STROKE"))
     outcome.sent_s = time.monotonic() - started
     deadline = time.monotonic() + timeout_s
     done_at: float | None = None
     while time.monotonic() < deadline:
-        watcher.poll()
-        for topic, data in watcher.seen.pop(study_uid, []):
-            _apply(outcome, topic, data, settings)
+        _poll_into(watcher, outcome, settings)
         if _finished(outcome):
             # Keep listening a little: a duplicate or unexpected alert must show up as a failure.
             done_at = done_at or time.monotonic()
             if time.monotonic() - done_at >= grace_s:
                 break
     return outcome
+
+
+def _poll_into(watcher: OutputWatcher, outcome: Outcome, settings: Settings) -> None:
+    watcher.poll()
+    for topic, data in watcher.seen.pop(outcome.study_uid, []):
+        _apply(outcome, topic, data, settings)
+
+
+def _wait_for(
+    watcher: OutputWatcher,
+    outcome: Outcome,
+    settings: Settings,
+    predicate: Callable[[Outcome], bool],
+    timeout_s: float,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate(outcome) and not outcome.dead_letter and time.monotonic() < deadline:
+        _poll_into(watcher, outcome, settings)
 
 
 def _fmt(ms: float | None) -> str:
@@ -273,6 +339,8 @@ def run_demo(
     for col in (
         "study",
         "route",
+        "lane",
+        "inferred on",
         "finding",
         "probability",
         "alert",
@@ -286,6 +354,8 @@ def run_demo(
         table.add_row(
             o.case,
             o.route,
+            " → ".join(o.lanes) or "-",
+            o.inferred_on or "-",
             o.finding,
             "-" if o.probability is None else f"{o.probability:.3f}",
             "yes" if o.alert else "no",
@@ -295,6 +365,9 @@ def run_demo(
             "[green]as expected[/]" if o.ok else "[red]UNEXPECTED[/]",
         )
     console.print(table)
+    for o in outcomes[-len(CASES) :] if runs > 1 else outcomes:
+        if o.lane_reason:
+            console.print(f"[dim]{o.case}: {o.final_lane} lane — {o.lane_reason}[/]")
     for o in outcomes:
         if o.dead_letter:
             console.print(f"[red]dead letter[/] for {o.case} ({o.study_uid}): {o.dead_letter[:300]}")

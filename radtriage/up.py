@@ -1,7 +1,8 @@
 """`radtriage up`: start the whole local stack and keep it running until Ctrl-C.
 
 Kafka and Triton are started in-process through their launchers (unless the
-settings point at existing ones); the Faust worker and the DICOM listener run as
+settings point at existing ones); the Faust worker and the listeners (DICOM, HL7
+MLLP, HTTP for FHIR and STOW-RS) run as
 child processes in their own sessions, so a Ctrl-C stops each cleanly in reverse
 order and nothing is left behind. While running it prints every result, alert,
 unrouted study and dead letter as it appears on Kafka.
@@ -112,6 +113,19 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         endpoints.append(
             ("DICOM C-STORE SCP", f"port {settings.dicom.port}, AE title {settings.dicom.ae_title}")
         )
+
+        hl7 = spawn("hl7-listener", ["hl7-listener"], settings)
+        children.append(hl7)
+        hl7.wait_until(lambda: port_in_use(settings.hl7.port), 30, "the MLLP port to open")
+        endpoints.append(("HL7 v2 MLLP", f"port {settings.hl7.port} (ORM^O01, OMI^O23, ADT^A01/A04/A08)"))
+
+        http = spawn("http", ["http"], settings)
+        children.append(http)
+        http.wait_until(lambda: port_in_use(settings.http.port), 30, "the HTTP port to open")
+        base = f"http://127.0.0.1:{settings.http.port}"
+        endpoints.append(("FHIR R4", f"{base}/fhir (ServiceRequest, ImagingStudy, Bundle)"))
+        endpoints.append(("DICOMweb STOW-RS", f"{base}/dicomweb/studies"))
+        endpoints.append(("Health", f"{base}/healthz"))
         yield endpoints
     finally:
         for child in reversed(children):
@@ -139,6 +153,13 @@ def _print_event(topic: str, value: bytes) -> None:
         )
     elif topic.endswith("audit") and data.get("decision") == "unrouted":
         console.print(f"[magenta]UNROUTED[/] study {uid}: {data['detail'].get('series', '')}")
+    elif topic.endswith("audit") and data.get("decision") in ("routed", "lane_upgraded"):
+        detail = data["detail"]
+        verb = "UPGRADED" if data["decision"] == "lane_upgraded" else "ROUTED"
+        console.print(
+            f"[cyan]{verb}[/] study {uid} → {detail.get('model')} on [bold]{detail.get('lane')}[/] "
+            f"({detail.get('lane_reason', '')})"
+        )
 
 
 def _tail_outputs(settings: Settings, stop: threading.Event) -> None:

@@ -25,9 +25,7 @@ def run_worker(settings: Settings) -> None:
     setup_tracing(settings, "streams")
     ensure_topics(
         settings.kafka.bootstrap_servers,
-        dict.fromkeys(
-            settings.topics.all() + settings.streams.internal_topics(), settings.kafka.partitions
-        ),
+        dict.fromkeys(settings.topics.all() + settings.streams.internal_topics(), settings.kafka.partitions),
         replication_factor=settings.kafka.replication_factor,
     )
     marker = ready_file(settings)

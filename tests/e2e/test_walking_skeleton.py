@@ -4,23 +4,16 @@ with dcmtk's `storescu`, outcomes read back from Kafka, Ctrl-C leaves nothing be
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
-from kafka import KafkaConsumer, TopicPartition
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -30,128 +23,9 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import chest_ct_phantom, head_ct_phantom
-from radtriage.settings import REPO_ROOT
-from tests.conftest import free_port
+from tests.e2e.harness import Outputs, Stack, _consumers, _storescu
 
 pytestmark = pytest.mark.e2e
-
-OUTCOME_TIMEOUT_S = 120.0
-
-
-@dataclass
-class Stack:
-    env: dict[str, str]
-    bootstrap: str
-    dicom_port: int
-    home: Path
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _storescu() -> str:
-    path = shutil.which("storescu")
-    assert path, "dcmtk's storescu is required (scripts/install.sh --test installs it: apt-get install dcmtk)"
-    return path
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("radtriage-home")
-    kafka_port, dicom_port = free_port(), free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "RADTRIAGE_HOME": str(home),
-            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
-            "RADTRIAGE_KAFKA__CONTROLLER_PORT": str(free_port()),
-            "RADTRIAGE_TRITON__GRPC_URL": f"127.0.0.1:{free_port()}",
-            "RADTRIAGE_TRITON__HTTP_URL": f"127.0.0.1:{free_port()}",
-            "RADTRIAGE_TRITON__METRICS_PORT": str(free_port()),
-            "RADTRIAGE_DICOM__PORT": str(dicom_port),
-            "RADTRIAGE_STREAMS__ASSEMBLY_QUIET_S": "4",
-        }
-    )
-    env.pop("RADTRIAGE_SETTINGS_JSON", None)
-    log = home / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", "up"],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    st = Stack(env, f"127.0.0.1:{kafka_port}", dicom_port, home, proc, log)
-    deadline = time.monotonic() + 300
-    while "radtriage is up" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(
-                f"radtriage up did not come up (rc={proc.poll()}):\n{log.read_text(errors='replace')[-4000:]}"
-            )
-        time.sleep(0.5)
-    try:
-        yield st
-    finally:
-        for consumer in _consumers:
-            consumer.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise
-
-
-_consumers: list[KafkaConsumer] = []
-
-
-class Outputs:
-    """Everything produced on the output topics since the consumer was created."""
-
-    TOPICS = (
-        "triage.alerts.ich",
-        "triage.results.fhir",
-        "triage.audit",
-        "triage.deadletter",
-        "imaging.studies",
-    )
-
-    def __init__(self, bootstrap: str) -> None:
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-        _consumers.append(self.consumer)
-        parts = [
-            TopicPartition(t, p)
-            for t in self.TOPICS
-            for p in sorted(self.consumer.partitions_for_topic(t) or {0})
-        ]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_end(*parts)
-        for tp in parts:
-            self.consumer.position(tp)
-        self.records: list[tuple[str, dict[str, Any], dict[str, bytes]]] = []
-
-    def poll_until(self, predicate: Any, timeout: float = OUTCOME_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate() and time.monotonic() < deadline:
-            for recs in self.consumer.poll(timeout_ms=300).values():
-                for r in recs:
-                    self.records.append((r.topic, json.loads(r.value), dict(r.headers or [])))
-        assert predicate(), (
-            f"timed out; saw {[(t, d.get('study_uid'), d.get('decision')) for t, d, _ in self.records]}"
-        )
-
-    def drain(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            for recs in self.consumer.poll(timeout_ms=300).values():
-                for r in recs:
-                    self.records.append((r.topic, json.loads(r.value), dict(r.headers or [])))
-
-    def of(self, topic: str, study_uid: str) -> list[dict[str, Any]]:
-        return [d for t, d, _ in self.records if t == topic and d.get("study_uid") == study_uid]
 
 
 def _write_head(tmp: Path, bleed: bool, seed: int) -> tuple[str, list[Path]]:

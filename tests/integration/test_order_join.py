@@ -89,8 +89,10 @@ def test_order_first_and_order_late_both_end_in_the_stat_lane(
     _send_head_ct(producer, t.instances, ed, acc_ed, "MRN-3")
 
     tail.until(
-        lambda: all(tail.of(t.requests_stat, study_uid=u) for u in (first, late, ed))
-        and len(tail.of(t.audit, study_uid=late)) >= 2
+        lambda: (
+            all(tail.of(t.requests_stat, study_uid=u) for u in (first, late, ed))
+            and len(tail.of(t.audit, study_uid=late)) >= 2
+        )
     )
     (req_first,) = tail.of(t.requests_stat, study_uid=first)
     assert "order priority STAT (ORC-7 = S)" in req_first["lane_reason"]
