@@ -367,7 +367,11 @@ def run_demo(
     console.print(table)
     for o in outcomes[-len(CASES) :] if runs > 1 else outcomes:
         if o.lane_reason:
-            console.print(f"[dim]{o.case}: {o.final_lane} lane — {o.lane_reason}[/]")
+            note = ""
+            if o.inferred_on and o.inferred_on != o.final_lane:
+                # Honest about the race: an idle routine lane may finish before the order lands.
+                note = f" (the {o.inferred_on} lane had already run the model when the order arrived)"
+            console.print(f"[dim]{o.case}: {o.final_lane} lane — {o.lane_reason}{note}[/]")
     for o in outcomes:
         if o.dead_letter:
             console.print(f"[red]dead letter[/] for {o.case} ({o.study_uid}): {o.dead_letter[:300]}")

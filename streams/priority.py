@@ -112,7 +112,8 @@ def decide_lane(
         if pclass in ("emergency", "inpatient"):
             return LaneDecision("urgent", f"{pclass} patient, order {where}", "patient_class")
         if active.priority == "routine" or pclass == "outpatient":
-            return LaneDecision("routine", f"routine {pclass} order, {where}", "order")
+            who = "" if pclass == "unknown" else f" for an {pclass}"
+            return LaneDecision("routine", f"routine order{who}, {where}", "order")
         # An order-side event without a priority (an ImagingStudy alone) says too little.
     if patient_class == "emergency" and time_critical:
         return LaneDecision(
