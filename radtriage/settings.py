@@ -104,6 +104,8 @@ class StreamSettings(BaseModel):
     heartbeat_interval_s: float = 3.0
     # Concurrency of each lane's inference agent; stat keeps its own capacity.
     lane_concurrency: dict[str, int] = Field(default_factory=lambda: {"stat": 2, "urgent": 1, "routine": 1})
+    # Fault tests only: "crash_after_alert" kills the worker right after an alert is acked.
+    fault_injection: Literal["", "crash_after_alert"] = ""
 
     @property
     def studies_by_patient_topic(self) -> str:

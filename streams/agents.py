@@ -10,7 +10,9 @@ message never stops a partition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +42,7 @@ from schemas.results import FhirResult
 from schemas.routing_rules import RoutingRules
 from schemas.studies import StudyEvent
 from streams import assembly
+from streams.alert_ledger import AlertLedger
 from streams.app import TriageTopics, create_app, dead_letter, declare_topics, publish
 from streams.join import AccessionState, Dispatch, PatientState, on_order, on_study, route_with_context
 from streams.priority import LaneDecision
@@ -50,6 +53,42 @@ tracer = trace.get_tracer("radtriage.streams")
 
 # Backoff between Triton attempts; the last value repeats until the deadline.
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
+
+
+class LaneRetryGate:
+    """Keeps a lane off Triton while a more urgent lane has requests retrying.
+
+    Each lane retries on its own backoff, so when Triton comes back after an outage the
+    first backoff to end wins — as often routine as stat — and a routine request reaching
+    an idle server runs at once: Triton's priority levels only order requests that queue
+    together. So before every Triton call a lane waits while any lane with a higher
+    Triton priority (smaller number) has a request between a failed attempt and its
+    success or dead letter; the stat lane never waits.
+    """
+
+    def __init__(self, lane_priority: dict[str, int]) -> None:
+        self._priority = dict(lane_priority)
+        self._retrying = dict.fromkeys(lane_priority, 0)
+        self._changed = asyncio.Event()
+
+    def blocked(self, lane: str) -> bool:
+        mine = self._priority[lane]
+        return any(n > 0 and self._priority[other] < mine for other, n in self._retrying.items())
+
+    def _notify(self) -> None:
+        # Wake every waiter on the old event; later waiters wait on a fresh one.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def retrying(self, lane: str, delta: int) -> None:
+        """Count a request of `lane` into (+1) or out of (-1) retry; synchronous, so it is
+        safe in a `finally` of a cancelled task."""
+        self._retrying[lane] += delta
+        self._notify()
+
+    async def wait_turn(self, lane: str) -> None:
+        while self.blocked(lane):
+            await self._changed.wait()
 
 
 @dataclass
@@ -73,7 +112,21 @@ def build_pipeline(settings: Settings) -> Pipeline:
     # Per-study assembly state and the alerts already sent; both changelogged in Kafka
     # so a restarted worker recovers them.
     assembling = app.Table("assembly", default=None)
-    alerts_sent = app.Table("alerts-sent", default=None)
+    # The alerts already sent, read back from the alert topics themselves (see
+    # streams/alert_ledger.py for why not a table written after the alert).
+    ledger = AlertLedger(
+        settings.kafka.bootstrap_servers, [t.get_topic_name() for t in topics.alerts.values()]
+    )
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a sync signature
+    async def _forget_ledger(sender: Any, *args: Any, **kwargs: Any) -> None:
+        ledger.forget_assignment()
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def _preload_ledger(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
+        findings = topics.findings.get_topic_name()
+        ledger.preload(sorted({tp.partition for tp in assigned if tp.topic == findings}))
+
     # The order-study join: latest order + routed studies per accession number, and
     # each patient's location class from ADT (streams/join.py).
     orders = app.Table("orders-by-accession", default=None)
@@ -375,6 +428,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         )
 
     triton = TritonModelClient(settings.triton.grpc_url, settings.triton.timeout_s)
+    gate = LaneRetryGate(settings.triton.lane_priority)
     # Request ids whose finding is being published right now (this worker owns every lane
     # partition of a study: the lane topics are co-partitioned by study UID).
     finishing: set[str] = set()
@@ -438,27 +492,40 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 return
             deadline = time.monotonic() + settings.triton.timeout_s * 3
             attempt = 0
-            while True:
-                try:
-                    with tracer.start_as_current_span("triton.infer", attributes={"attempt": attempt}):
-                        result = await triton.infer_probability(req.model_name, tensor, priority)
-                    break
-                except InferenceError as exc:
-                    delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                    attempt += 1
-                    if time.monotonic() + delay > deadline:
-                        span.set_status(Status(StatusCode.ERROR, str(exc)))
-                        await dead_letter(
-                            topics,
-                            event,
-                            f"infer.{lane}.triton",
-                            f"gave up after {attempt} attempt(s): {exc}",
-                            req.study_uid,
-                            headers_for_current_span(),
+            try:
+                while True:
+                    # Bounded by our own deadline: a lane starved by a long stat outage
+                    # still makes its last attempt and dead-letters in bounded time.
+                    if gate.blocked(lane):
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(gate.wait_turn(lane), max(deadline - time.monotonic(), 0))
+                    try:
+                        with tracer.start_as_current_span("triton.infer", attributes={"attempt": attempt}):
+                            result = await triton.infer_probability(req.model_name, tensor, priority)
+                        break
+                    except InferenceError as exc:
+                        delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                        attempt += 1
+                        if attempt == 1:
+                            gate.retrying(lane, +1)
+                        if time.monotonic() + delay > deadline:
+                            span.set_status(Status(StatusCode.ERROR, str(exc)))
+                            await dead_letter(
+                                topics,
+                                event,
+                                f"infer.{lane}.triton",
+                                f"gave up after {attempt} attempt(s): {exc}",
+                                req.study_uid,
+                                headers_for_current_span(),
+                            )
+                            return
+                        log.warning(
+                            "Triton attempt %d for %s failed (%s); retrying", attempt, req.study_uid, exc
                         )
-                        return
-                    log.warning("Triton attempt %d for %s failed (%s); retrying", attempt, req.study_uid, exc)
-                    await asyncio.sleep(delay)
+                        await asyncio.sleep(delay)
+            finally:
+                if attempt:
+                    gate.retrying(lane, -1)
             finding = Finding(
                 study_uid=req.study_uid,
                 accession_number=req.accession_number,
@@ -576,7 +643,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
             kind=SpanKind.PRODUCER,
             attributes={"radtriage.study_uid": finding.study_uid, "radtriage.finding": finding.finding},
         ) as span:
-            if alerts_sent.get(key):
+            if await ledger.already_sent(key, event.message.partition):
                 span.set_attribute("radtriage.duplicate", True)
                 decision = "alert_suppressed_duplicate"
             else:
@@ -595,7 +662,12 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     trace_id=current_trace_id(),
                 )
                 await publish(topics.alerts[channel], finding.study_uid, alert, headers_for_current_span())
-                alerts_sent[key] = alert.alerted_at.isoformat()
+                if settings.streams.fault_injection == "crash_after_alert":
+                    # Fault tests only: die in the worst place, after the alert is in Kafka
+                    # and before anything else (ledger, audit, offset commit) happened.
+                    log.critical("fault injection: crashing right after alert %s", key)
+                    os._exit(70)
+                ledger.record(key)
                 decision = "alert_sent"
             await publish(
                 topics.audit,

@@ -132,10 +132,14 @@ class LocalKafka:
     def _format_storage(self, libs: Path, props: Path) -> None:
         if (self.data_dir / "data" / "meta.properties").exists():
             return
-        cluster_id = uuid.uuid4().bytes
         import base64
 
-        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+        # A base64url id may start with "-", which the tool's argument parser then takes for
+        # an option ("expected one argument"): one start in 64 failed that way. Kafka's own
+        # `random-uuid` avoids a leading dash too.
+        cid = "-"
+        while cid.startswith("-"):
+            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         result = subprocess.run(
             [
                 "java",

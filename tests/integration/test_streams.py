@@ -129,3 +129,32 @@ def test_assembly_routing_and_dead_letters(worker_env: tuple[dict[str, str], Set
     headers = next(h for topic, d, h in tail.seen if topic == t.studies and d.get("study_uid") == head)
     assert headers["traceparent"].split(b"-")[1] == b"0af7651916cd43dd8448eb211c80319c"
     worker.kill(signal.SIGTERM)
+
+
+def test_no_second_alert_when_the_worker_dies_right_after_alerting(
+    worker_env: tuple[dict[str, str], Settings],
+) -> None:
+    """The crash window of a dedup table written after the alert: the alert is in Kafka, the
+    finding's offset is not committed, so the next worker reprocesses the finding. It must
+    find the alert on the alert topic (streams/alert_ledger.py) and not send it again."""
+    env, settings = worker_env
+    t = settings.topics
+    crashing = Worker({**env, "RADTRIAGE_STREAMS__FAULT_INJECTION": "crash_after_alert"}, settings.home)
+    crashing.start()
+    tail = Tail(settings.kafka.bootstrap_servers, [t.alerts_ich, t.audit])
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    uid = f"1.2.826.0.4.{time.time_ns()}"
+    producer.send(t.findings, key=uid.encode(), value=_finding(uid, 0.95)).get(10)
+    tail.until(lambda: len(tail.of(t.alerts_ich, study_uid=uid)) == 1)
+    assert crashing.proc is not None
+    assert crashing.proc.wait(60) == 70  # died in the window, before the audit event
+    assert tail.of(t.audit, study_uid=uid) == []
+
+    survivor = Worker(env, settings.home)
+    survivor.start()
+    tail.until(lambda: len(tail.of(t.audit, study_uid=uid)) == 1)
+    tail.drain(2.0)
+    assert len(tail.of(t.alerts_ich, study_uid=uid)) == 1
+    (audit,) = tail.of(t.audit, study_uid=uid)
+    assert audit["decision"] == "alert_suppressed_duplicate"
+    survivor.kill(signal.SIGTERM)
