@@ -42,3 +42,10 @@ def prepare_model_input(model_name: str, paths: Sequence[Path]) -> tuple[np.ndar
         ) from None
     volume = load_series(paths)
     return preprocess(volume), volume
+
+
+def prepare_tensor(model_name: str, paths: Sequence[str]) -> np.ndarray:
+    """`prepare_model_input` for another process: plain-string paths in, only the tensor back
+    (the HU volume is several times larger and the caller does not need it)."""
+    tensor, _volume = prepare_model_input(model_name, [Path(p) for p in paths])
+    return tensor

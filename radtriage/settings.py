@@ -104,6 +104,11 @@ class StreamSettings(BaseModel):
     heartbeat_interval_s: float = 3.0
     # Concurrency of each lane's inference agent; stat keeps its own capacity.
     lane_concurrency: dict[str, int] = Field(default_factory=lambda: {"stat": 2, "urgent": 1, "routine": 1})
+    # Series loading + preprocessing runs in one process pool per lane; the urgent and
+    # routine pools at a higher nice value so stat work gets the cores first.
+    preprocess_niceness: dict[str, int] = Field(
+        default_factory=lambda: {"stat": 0, "urgent": 5, "routine": 10}
+    )
     # Fault tests only: "crash_after_alert" kills the worker right after an alert is acked.
     fault_injection: Literal["", "crash_after_alert"] = ""
 

@@ -1,0 +1,119 @@
+"""Per-lane preprocessing processes: same tensor as in-process, errors come back as values,
+a dead pool process is replaced, and a SIGKILLed owner leaves no pool process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.dicom_writer import write_ct_series
+from models.phantoms import head_ct_phantom
+from processors.model_inputs import UnsupportedModelError, prepare_model_input
+from processors.preprocess_pool import LanePools
+from radtriage.settings import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    ph = head_ct_phantom(np.random.default_rng(5), bleed=True)
+    out = tmp_path_factory.mktemp("series")
+    write_ct_series(ph.hu, ph.spacing_zyx, out)
+    return sorted(out.glob("*.dcm"))
+
+
+def _niceness(pid: int) -> int:
+    # Field 19 of /proc/<pid>/stat; the command name (field 2) may hold spaces, so split after ')'.
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_pool_tensor_equals_in_process_and_lanes_run_at_their_niceness(series: list[Path]) -> None:
+    pools = LanePools({"stat": 1, "routine": 1}, {"stat": 0, "routine": 7})
+
+    async def run() -> tuple[np.ndarray, np.ndarray, int, int]:
+        stat = await pools.prepare("stat", "ich_classifier", series)
+        routine = await pools.prepare("routine", "ich_classifier", series)
+        loop = asyncio.get_running_loop()
+        stat_pid = await loop.run_in_executor(pools._pool("stat"), os.getpid)
+        routine_pid = await loop.run_in_executor(pools._pool("routine"), os.getpid)
+        return stat, routine, _niceness(stat_pid), _niceness(routine_pid)
+
+    try:
+        stat, routine, stat_nice, routine_nice = asyncio.run(run())
+    finally:
+        pools.shutdown()
+    expected, _volume = prepare_model_input("ich_classifier", series)
+    np.testing.assert_array_equal(stat, expected)
+    np.testing.assert_array_equal(routine, expected)
+    assert routine_nice - stat_nice == 7
+
+
+def test_errors_come_back_and_a_killed_pool_process_is_replaced(series: list[Path], tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not dicom at all")
+    pools = LanePools({"stat": 1}, {"stat": 0})
+
+    async def run() -> np.ndarray:
+        with pytest.raises(UnsupportedModelError):
+            await pools.prepare("stat", "no_such_model", series)
+        with pytest.raises(Exception, match=r"(?i)dicom|read|invalid|preamble"):
+            await pools.prepare("stat", "ich_classifier", [garbage])
+        loop = asyncio.get_running_loop()
+        pid = await loop.run_in_executor(pools._pool("stat"), os.getpid)
+        os.kill(pid, signal.SIGKILL)
+        # The broken pool is noticed on the next call, which still returns a tensor.
+        return await pools.prepare("stat", "ich_classifier", series)
+
+    try:
+        tensor = asyncio.run(run())
+    finally:
+        pools.shutdown()
+    assert tensor.shape == prepare_model_input("ich_classifier", series)[0].shape
+
+
+def test_sigkilled_owner_leaves_no_pool_process() -> None:
+    script = textwrap.dedent(
+        """
+        import asyncio, os, sys
+        from processors.preprocess_pool import LanePools
+        pools = LanePools({"stat": 2}, {"stat": 0})
+        async def main():
+            await pools.warm("stat")
+            loop = asyncio.get_running_loop()
+            pids = {await loop.run_in_executor(pools._pool("stat"), os.getpid) for _ in range(8)}
+            print(" ".join(map(str, sorted(pids))), flush=True)
+            await asyncio.sleep(3600)
+        asyncio.run(main())
+        """
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert pids and all(Path(f"/proc/{p}").exists() for p in pids)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if Path(f"/proc/{p}").exists() and _state(p) != "Z"]
+        time.sleep(0.2)
+    assert alive == [], f"pool processes outlived their SIGKILLed owner: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
