@@ -172,6 +172,28 @@ class TelemetrySettings(BaseModel):
     service_name: str = "radtriage"
 
 
+class OperatorSettings(BaseModel):
+    """The live operator page at `/` on the HTTP port (connectors/http/operator/)."""
+
+    enabled: bool = True
+    # How far back the page's own Kafka reader starts (by record timestamp), so a
+    # restarted server shows the shift's alerts, acknowledgements and open work again.
+    lookback_s: float = 12 * 3600.0
+    # Bounds of the in-memory view: the oldest entries are dropped first.
+    max_alerts: int = 200
+    max_studies: int = 2000
+    max_finished: int = 100
+    max_deadletters: int = 200
+    # Changes are pushed to open pages at most this often (coalesced), with an SSE
+    # comment every heartbeat_s so proxies and the browser keep the stream open.
+    push_interval_s: float = 0.3
+    heartbeat_s: float = 15.0
+    # While Kafka is unreachable the page says so and the reader retries this often.
+    retry_s: float = 3.0
+    # The waterfall reads at most this many bytes from the end of the trace file.
+    trace_scan_bytes: int = 64 << 20
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RADTRIAGE_",
@@ -191,6 +213,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     streams: StreamSettings = Field(default_factory=StreamSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    operator: OperatorSettings = Field(default_factory=OperatorSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -32,6 +32,7 @@ need_pkg java openjdk-17-jre-headless
 need_pkg mvn maven
 if [ "${1:-}" = "--test" ]; then
   need_pkg storescu dcmtk
+  need_pkg chromium chromium  # the operator page's browser test (Playwright drives it)
 fi
 
 mkdir -p "$cache"

@@ -22,6 +22,7 @@ from connectors.fhir import routes as fhir
 from connectors.http.events import AsyncPublisher
 from connectors.http.health import healthz
 from connectors.http.middleware import Area, InFlight, make_middlewares, plain_json_error
+from connectors.http.operator import page as operator
 from connectors.http.state import BLOBS, IN_FLIGHT, PUBLISHER, SETTINGS
 from connectors.publisher import EventPublisher
 from radtriage.settings import Settings
@@ -56,6 +57,8 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     fhir.add_routes(app)
     stow.add_routes(app)
+    # The live operator page at `/`, with its own Kafka reader started and stopped with the app.
+    operator.add_routes(app)
 
     async def close_publisher(app: web.Application) -> None:
         # Flushing may block for the produce timeout: not on the loop.
@@ -76,6 +79,8 @@ class HttpHandle:
         for site in list(self.runner.sites):
             await site.stop()  # no new connections
         app = self.runner.app
+        # Open operator pages' event streams never end by themselves: end them first.
+        operator.end_streams(app)
         in_flight = app[IN_FLIGHT]
         if not await in_flight.wait_idle(self.grace_s):
             log.warning(
