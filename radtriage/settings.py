@@ -172,6 +172,19 @@ class TelemetrySettings(BaseModel):
     service_name: str = "radtriage"
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics (radtriage/metrics.py). The HTTP process serves `/metrics` on its port."""
+
+    # worker / dicom-scp / hl7-listener serve their own /metrics here when set (a pod per
+    # process); 0 = off (one host: `radtriage up` aggregates every process on the HTTP port).
+    port: int = 0
+    bind_address: str = "0.0.0.0"
+    # Consumer lag and model readiness are read at scrape time, cached this long...
+    scrape_cache_s: float = 5.0
+    # ...and each read gives up after this long (Kafka or Triton down: gauge absent / 0).
+    probe_timeout_s: float = 2.0
+
+
 class OperatorSettings(BaseModel):
     """The live operator page at `/` on the HTTP port (connectors/http/operator/)."""
 
@@ -213,6 +226,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     streams: StreamSettings = Field(default_factory=StreamSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
 
     @classmethod

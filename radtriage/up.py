@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from rich.console import Console
 from rich.table import Table
 
+from radtriage import metrics
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, SETTINGS_JSON_ENV, Settings
 from radtriage.stack.process import ServiceProcess, port_in_use
@@ -34,6 +35,9 @@ def spawn(name: str, args: list[str], settings: Settings) -> ServiceProcess:
     """A radtriage subcommand as a child service that sees exactly our resolved settings."""
     env = dict(os.environ)
     env[SETTINGS_JSON_ENV] = settings.model_dump_json()
+    # One prometheus_client multiprocess directory for all children: the HTTP process's
+    # /metrics serves their aggregate. Set before the child imports prometheus_client.
+    env[metrics.MULTIPROC_ENV] = str(metrics.multiproc_dir(settings))
     service = ServiceProcess(
         name,
         [sys.executable, "-m", "radtriage.cli", *args],
@@ -51,6 +55,8 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
     stoppers: list[tuple[str, object]] = []
     endpoints: list[tuple[str, str]] = []
     children: list[ServiceProcess] = []
+    # Metric files of a previous run would add up with this one's.
+    metrics.reset_multiproc_dir(metrics.multiproc_dir(settings))
     try:
         if settings.kafka.embedded:
             from radtriage.stack.kafka import LocalKafka
@@ -126,11 +132,15 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         endpoints.append(("FHIR R4", f"{base}/fhir (ServiceRequest, ImagingStudy, Bundle)"))
         endpoints.append(("DICOMweb STOW-RS", f"{base}/dicomweb/studies"))
         endpoints.append(("Health", f"{base}/healthz"))
+        endpoints.append(("Prometheus metrics", f"{base}/metrics (every local process)"))
         yield endpoints
     finally:
         for child in reversed(children):
             console.print(f"stopping {child.name}…")
+            pid = child.process.pid if child.process is not None else None
             child.stop()
+            if pid is not None:
+                metrics.forget_process(pid, settings)
         for name, service in reversed(stoppers):
             console.print(f"stopping {name}…")
             service.stop()  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from connectors.blobstore import LocalBlobStore
 from processors.fhir_report import build_result_bundle
 from processors.model_inputs import prepare_model_input
 from processors.triton_client import InferenceError, TritonModelClient
+from radtriage import metrics
 from radtriage.settings import Settings
 from radtriage.telemetry import context_from_headers, current_trace_id, headers_for_current_span
 from schemas.alerts import Alert, alert_id
@@ -50,6 +51,8 @@ from streams.routing import route_study
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("radtriage.streams")
+# Every dead letter sent from here is counted by stage (radtriage_dead_letters_total).
+dead_letter = metrics.counting_dead_letters(dead_letter)
 
 # Backoff between Triton attempts; the last value repeats until the deadline.
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
@@ -108,6 +111,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
     rules = RoutingRules.load(settings.routing_rules)
     blobs = LocalBlobStore(settings.blob_dir)
     alert_for_model = {r.model: r.alert for r in rules.rules}
+    metrics.prepare_worker(r.model for r in rules.rules)
+    metrics.start_process_metrics(settings)
 
     # Per-study assembly state and the alerts already sent; both changelogged in Kafka
     # so a restarted worker recovers them.
@@ -183,6 +188,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         ):
             study = assembly.complete_study(state, reason)  # type: ignore[arg-type]
             await publish(topics.studies, study.study_uid, study, headers_for_current_span())
+            metrics.observe_study_ready(study.ready_reason, study.received_at, study.ready_at)
         del assembling[inst.study_uid]
         nudged.pop(inst.study_uid, None)
 
@@ -191,6 +197,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         """Nudge studies that went quiet; the nudge is handled in `assemble` (table writes
         must happen in the partition's own stream)."""
         now = datetime.now(UTC)
+        metrics.STUDIES_ASSEMBLING.set(sum(1 for raw in assembling.values() if raw))
         for key, raw in list(assembling.items()):
             if not raw:
                 continue
@@ -225,6 +232,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
             attributes={"radtriage.study_uid": study.study_uid},
         ) as span:
             if not route_study(study, rules):
+                metrics.STUDIES_UNROUTED.inc()
                 span.set_attribute("radtriage.route", "unrouted")
                 await _publish_unrouted(study)
                 return
@@ -281,6 +289,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         span.set_attribute("radtriage.lane_basis", dispatch.decision.basis)
         headers = headers_for_current_span()
         await publish(topics.lanes[req.lane], req.study_uid, req, headers)
+        metrics.observe_routed(req.lane, req.model_name, dispatch.action, req.ready_at, req.routed_at)
         detail: dict[str, str | float | int | bool] = {
             "rule": req.rule_id,
             "lane": req.lane,
@@ -477,8 +486,10 @@ def build_pipeline(settings: Settings) -> Pipeline:
         ) as span:
             try:
                 with tracer.start_as_current_span("preprocess"):
+                    prep_started = time.monotonic()
                     paths = [blobs.path_of(uri) for uri in req.instance_uris]
                     tensor, _volume = await asyncio.to_thread(prepare_model_input, req.model_name, paths)
+                    metrics.observe_preprocess(lane, req.model_name, time.monotonic() - prep_started)
             except Exception as exc:  # unreadable series: retrying will not help
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 await dead_letter(
@@ -502,8 +513,10 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     try:
                         with tracer.start_as_current_span("triton.infer", attributes={"attempt": attempt}):
                             result = await triton.infer_probability(req.model_name, tensor, priority)
+                            metrics.observe_triton(lane, req.model_name, result.elapsed_ms / 1000.0)
                         break
                     except InferenceError as exc:
+                        metrics.count_triton_failure(lane, req.model_name)
                         delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                         attempt += 1
                         if attempt == 1:
@@ -555,6 +568,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
             headers = headers_for_current_span()
             try:
                 await publish(topics.findings, req.study_uid, finding, headers)
+                metrics.observe_finding(lane, req, finding)
                 if req.request_id:
                     requests_done[req.request_id] = finding.inferred_at.isoformat()
             finally:
@@ -583,7 +597,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
         async def infer_lane(stream: faust.StreamT) -> None:
             async for event in stream.events():
                 try:
-                    await _infer_one(event, lane)
+                    with metrics.REQUESTS_IN_FLIGHT.labels(lane).track_inprogress():
+                        await _infer_one(event, lane)
                 except Exception as exc:
                     log.exception("inference on lane %s failed", lane)
                     await dead_letter(topics, event, f"infer.{lane}", f"{type(exc).__name__}: {exc}")
@@ -618,6 +633,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                         bundle=build_result_bundle(finding),
                     )
                     await publish(topics.results_fhir, finding.study_uid, result, headers_for_current_span())
+                    metrics.observe_report(finding, result)
             except Exception as exc:
                 log.exception("report failed")
                 await dead_letter(topics, event, "report", f"{type(exc).__name__}: {exc}")
@@ -646,6 +662,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
             if await ledger.already_sent(key, event.message.partition):
                 span.set_attribute("radtriage.duplicate", True)
                 decision = "alert_suppressed_duplicate"
+                metrics.ALERTS_SUPPRESSED.labels(finding.finding).inc()
             else:
                 alert = Alert(
                     alert_id=key,
@@ -669,6 +686,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     os._exit(70)
                 ledger.record(key)
                 decision = "alert_sent"
+                metrics.observe_alert(alert)
             await publish(
                 topics.audit,
                 finding.study_uid,

@@ -38,6 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from connectors.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from connectors.dicom import validation as v
 from connectors.publisher import EventPublisher, PublishError
+from radtriage import metrics
 from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
 
@@ -157,6 +158,7 @@ class StoreSCP:
         )
         span.set_attribute("dicom.status", refusal.status)
         span.set_attribute("dicom.error_comment", refusal.comment)
+        metrics.count_c_store(refusal.status)
         span.set_status(Status(StatusCode.ERROR, refusal.reason))
         return _status(refusal.status, refusal.comment)
 
@@ -230,6 +232,7 @@ class StoreSCP:
             span.set_attribute("dicom.status", v.SUCCESS)
         with self._lock:
             study.count += 1
+        metrics.count_c_store(v.SUCCESS)
         return v.SUCCESS
 
     # -- end of association --------------------------------------------------------------
@@ -318,6 +321,11 @@ class StoreSCP:
             (evt.EVT_RELEASED, self.handle_released),
             (evt.EVT_ABORTED, self.handle_aborted),
             (evt.EVT_CONN_CLOSE, self.handle_conn_close),
+            # Metrics only (radtriage/metrics.py); notification events take several handlers.
+            (evt.EVT_ACCEPTED, lambda _event: metrics.DICOM_ASSOCIATIONS.labels("accepted").inc()),
+            (evt.EVT_REJECTED, lambda _event: metrics.DICOM_ASSOCIATIONS.labels("rejected").inc()),
+            (evt.EVT_CONN_OPEN, lambda _event: metrics.DICOM_OPEN_ASSOCIATIONS.inc()),
+            (evt.EVT_CONN_CLOSE, lambda _event: metrics.DICOM_OPEN_ASSOCIATIONS.dec()),
         ]
 
 
@@ -380,6 +388,7 @@ def run_scp(settings: Settings) -> None:
     stop_requested = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_requested.set())
+    metrics.start_process_metrics(settings)
     _server, stop = start_scp(settings)
     log.info(
         "DICOM C-STORE SCP %s listening on %s:%d",

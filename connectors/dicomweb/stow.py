@@ -40,6 +40,7 @@ from connectors.http.body import BodyTooLarge
 from connectors.http.events import AsyncPublisher, PublishError
 from connectors.http.middleware import HttpError
 from connectors.http.state import BLOBS, PUBLISHER, SETTINGS, base_url
+from radtriage import metrics
 from schemas.instances import InstanceEvent
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class StowRequest:
 
     async def finish(self, completed: bool) -> None:
         """End the request: on a complete request, one marker per study that stored anything."""
+        metrics.count_stow_instances(len(self.stored), (f.status for f in self.failed))
         for study_uid, study in self.studies.items():
             if completed and study.count > 0:
                 marker = InstanceEvent(

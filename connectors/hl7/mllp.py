@@ -51,6 +51,7 @@ from connectors.hl7.message import Header, token, version_token
 from connectors.hl7.parse import Accepted, Outcome, Rejected, oversized, parse_message
 from connectors.hl7.quarantine import Quarantine
 from connectors.publisher import EventPublisher, PublishError
+from radtriage import metrics
 from radtriage.settings import Settings
 from schemas.deadletter import DeadLetter
 from schemas.encounters import EncounterEvent
@@ -180,6 +181,7 @@ class Intake:
                 type(exc).__name__,
                 "".join(traceback.format_tb(exc.__traceback__)),
             )
+            metrics.count_hl7_message(None, "AR")
             return Reply(_last_resort_ack(), "AR")
 
     def _handle(self, span: trace.Span, data: bytes, truncated: bool, peer: str) -> Reply:
@@ -221,6 +223,7 @@ class Intake:
         code = ack_code(header, kind)
         text = build_ack(header, kind, error, now=datetime.now(UTC), control_id=_new_control_id())
         span.set_attribute("hl7.ack_code", code)
+        metrics.count_hl7_message(header.message_type, code)
         if error is not None:
             span.set_attribute("hl7.error_code", error.code)
             if error.severity == "E":
@@ -310,6 +313,7 @@ class Hl7Listener:
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername or "")
         conn = _Connection(peer)
         self._connections[task] = conn
+        metrics.HL7_OPEN_CONNECTIONS.inc()
         try:
             if not self._stopping:
                 await self._converse(reader, writer, conn)
@@ -325,6 +329,7 @@ class Hl7Listener:
                 "".join(traceback.format_tb(exc.__traceback__)),
             )
         finally:
+            metrics.HL7_OPEN_CONNECTIONS.dec()
             self._connections.pop(task, None)
             writer.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -417,4 +422,5 @@ async def _serve_until_signalled(settings: Settings) -> None:
 
 def run_listener(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully (in-flight messages are answered)."""
+    metrics.start_process_metrics(settings)
     asyncio.run(_serve_until_signalled(settings))

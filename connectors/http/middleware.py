@@ -18,6 +18,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from connectors.http.body import BodyTooLarge, check_declared_length
+from radtriage import metrics
 
 log = logging.getLogger("connectors.http.access")
 errors_log = logging.getLogger("connectors.http.server")
@@ -137,6 +138,7 @@ def make_middlewares(
                 raise
             finally:
                 span.set_attribute("http.response.status_code", status)
+                metrics.observe_http_request(request.path, request.match_info.get("type"), status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
                 log.info(

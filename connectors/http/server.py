@@ -25,6 +25,7 @@ from connectors.http.middleware import Area, InFlight, make_middlewares, plain_j
 from connectors.http.operator import page as operator
 from connectors.http.state import BLOBS, IN_FLIGHT, PUBLISHER, SETTINGS
 from connectors.publisher import EventPublisher
+from radtriage import metrics
 from radtriage.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def build_app(
     app[BLOBS] = blobs
     app[IN_FLIGHT] = in_flight
     app.router.add_get("/healthz", healthz)
+    # Prometheus text format: every local process's metrics, lag and model readiness.
+    app.router.add_get("/metrics", metrics.metrics_handler(settings))
     fhir.add_routes(app)
     stow.add_routes(app)
     # The live operator page at `/`, with its own Kafka reader started and stopped with the app.
@@ -143,4 +146,5 @@ async def _serve(settings: Settings) -> None:
 
 def run_http(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+    metrics.start_process_metrics(settings, serve=False)  # /metrics is on our own port
     asyncio.run(_serve(settings))
