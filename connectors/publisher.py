@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from kafka import KafkaProducer
 from kafka.producer.future import RecordMetadata
 
+from radtriage.telemetry import record_ack, send_span
 from schemas.base import Event
 
 __all__ = ["EventPublisher", "PublishError", "RecordMetadata"]
@@ -135,18 +136,22 @@ class EventPublisher:
         reason if the broker did not acknowledge within `timeout_s`.
         """
         started = time.monotonic()
-        header_list = [(k, v.encode()) for k, v in (headers or {}).items()]
-        producer = self._get_producer(started)
-        try:
-            future = producer.send(topic, key=key.encode(), value=event.to_bytes(), headers=header_list)
-            # One budget for the whole call: connecting, metadata and the acknowledgement.
-            remaining = max(self._timeout_s - (time.monotonic() - started), 0.05)
-            metadata: RecordMetadata = future.get(timeout=remaining)
-        except Exception as exc:  # every KafkaError, and the producer's own Type/ValueErrors
-            self._discard_if_broken(producer)
-            raise PublishError(
-                f"Kafka did not acknowledge {topic} within {self._timeout_s:g}s: {_describe(exc)}"
-            ) from exc
+        # A PRODUCER span per record (OpenTelemetry messaging conventions); its context is
+        # the traceparent the record carries.
+        with send_span(topic, key, headers, event) as (span, carried):
+            header_list = [(k, v.encode()) for k, v in carried.items()]
+            producer = self._get_producer(started)
+            try:
+                future = producer.send(topic, key=key.encode(), value=event.to_bytes(), headers=header_list)
+                # One budget for the whole call: connecting, metadata and the acknowledgement.
+                remaining = max(self._timeout_s - (time.monotonic() - started), 0.05)
+                metadata: RecordMetadata = future.get(timeout=remaining)
+            except Exception as exc:  # every KafkaError, and the producer's own Type/ValueErrors
+                self._discard_if_broken(producer)
+                raise PublishError(
+                    f"Kafka did not acknowledge {topic} within {self._timeout_s:g}s: {_describe(exc)}"
+                ) from exc
+            record_ack(span, metadata.partition, metadata.offset)
         return metadata
 
     def close(self) -> None:

@@ -69,8 +69,15 @@ class TritonModelClient:
         except InferenceServerException:
             return False
 
-    async def infer_probability(self, model_name: str, volume: np.ndarray, priority: int) -> Inference:
-        """Run one preprocessed volume (C, D, H, W) through a probability model."""
+    async def infer_probability(
+        self, model_name: str, volume: np.ndarray, priority: int, headers: dict[str, str] | None = None
+    ) -> Inference:
+        """Run one preprocessed volume (C, D, H, W) through a probability model.
+
+        `headers` go out as gRPC metadata: a W3C traceparent there lets a Triton started
+        with `--trace-config mode=opentelemetry` put its own per-request spans (queue,
+        compute) into the study's trace; its infer response carries no timings itself.
+        """
         batch = np.ascontiguousarray(volume[np.newaxis], dtype=np.float32)
         inp = InferInput(INPUT_NAME, list(batch.shape), "FP32")
         inp.set_data_from_numpy(batch)
@@ -84,6 +91,7 @@ class TritonModelClient:
                 # Server-side queue timeout in microseconds; the client deadline is the backstop.
                 timeout=int(self._timeout_s * 1_000_000),
                 client_timeout=self._timeout_s,
+                headers=headers,
             )
         except InferenceServerException as exc:
             raise InferenceError(f"Triton {self._url} model {model_name}: {exc.message()}") from exc

@@ -29,7 +29,13 @@ from processors.model_inputs import prepare_model_input
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage import metrics
 from radtriage.settings import Settings
-from radtriage.telemetry import context_from_headers, current_trace_id, headers_for_current_span
+from radtriage.telemetry import (
+    consumer_attributes,
+    context_from_headers,
+    current_trace_id,
+    headers_for_current_span,
+    trace_carrier,
+)
 from schemas.alerts import Alert, alert_id
 from schemas.audit import AuditEvent
 from schemas.base import EventDecodeError
@@ -105,6 +111,12 @@ def _span_attrs(**attrs: Any) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if v not in (None, "")}
 
 
+def _consumed(event: EventT, group: str, **attrs: Any) -> dict[str, Any]:
+    """A CONSUMER span's attributes: where the record came from (messaging conventions) + ours."""
+    message = event.message
+    return consumer_attributes(message.topic, message.partition, message.offset, group) | _span_attrs(**attrs)
+
+
 def build_pipeline(settings: Settings) -> Pipeline:
     app = create_app(settings)
     topics = declare_topics(app, settings)
@@ -113,6 +125,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
     alert_for_model = {r.model: r.alert for r in rules.rules}
     metrics.prepare_worker(r.model for r in rules.rules)
     metrics.start_process_metrics(settings)
+    # Faust's consumer group is the app id.
+    group = settings.streams.app_id
 
     # Per-study assembly state and the alerts already sent; both changelogged in Kafka
     # so a restarted worker recovers them.
@@ -176,14 +190,14 @@ def build_pipeline(settings: Settings) -> Pipeline:
             "assemble",
             context=study_ctx,
             kind=SpanKind.CONSUMER,
-            attributes=_span_attrs(
+            attributes=_consumed(
+                event,
+                group,
                 **{
                     "radtriage.study_uid": inst.study_uid,
                     "radtriage.ready_reason": reason,
                     "radtriage.series_count": len(state.series),
-                    "messaging.system": "kafka",
-                    "messaging.destination.name": event.message.topic,
-                }
+                },
             ),
         ):
             study = assembly.complete_study(state, reason)  # type: ignore[arg-type]
@@ -229,7 +243,14 @@ def build_pipeline(settings: Settings) -> Pipeline:
             "route",
             context=context_from_headers(event.headers),
             kind=SpanKind.CONSUMER,
-            attributes={"radtriage.study_uid": study.study_uid},
+            attributes=_consumed(
+                event,
+                group,
+                **{
+                    "radtriage.study_uid": study.study_uid,
+                    "radtriage.accession_number": study.accession_number,
+                },
+            ),
         ) as span:
             if not route_study(study, rules):
                 metrics.STUDIES_UNROUTED.inc()
@@ -353,7 +374,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
             "join.patient",
             context=context_from_headers(event.headers),
             kind=SpanKind.CONSUMER,
-            attributes={"radtriage.study_uid": ctx.study.study_uid},
+            attributes=_consumed(event, group, **{"radtriage.study_uid": ctx.study.study_uid}),
         ) as span:
             raw = patients.get(ctx.study.patient_id)
             update: dict[str, object] = {"patient_checked": True}
@@ -392,7 +413,11 @@ def build_pipeline(settings: Settings) -> Pipeline:
             "join.order",
             context=context_from_headers(event.headers),
             kind=SpanKind.CONSUMER,
-            attributes={"radtriage.side": "order" if is_order else "study"},
+            attributes=_consumed(
+                event,
+                group,
+                **{"radtriage.side": "order" if is_order else "study", "radtriage.accession_number": key},
+            ),
         ) as span:
             if isinstance(incoming, OrderEvent):
                 result = on_order(state, incoming, rules, stat_patterns, now, retention)
@@ -473,19 +498,26 @@ def build_pipeline(settings: Settings) -> Pipeline:
             "infer",
             context=context_from_headers(event.headers),
             kind=SpanKind.CONSUMER,
-            attributes={
-                "radtriage.study_uid": req.study_uid,
-                "radtriage.lane": lane,
-                "radtriage.model": req.model_name,
-                "triton.priority": priority,
-                "messaging.system": "kafka",
-                "messaging.destination.name": event.message.topic,
-                "messaging.kafka.partition": event.message.partition,
-                "messaging.kafka.offset": event.message.offset,
-            },
+            attributes=_consumed(
+                event,
+                group,
+                **{
+                    "radtriage.study_uid": req.study_uid,
+                    "radtriage.lane": lane,
+                    "radtriage.rule": req.rule_id,
+                    "radtriage.model": req.model_name,
+                    "triton.priority": priority,
+                },
+            ),
         ) as span:
             try:
-                with tracer.start_as_current_span("preprocess"):
+                with tracer.start_as_current_span(
+                    "preprocess",
+                    attributes={
+                        "radtriage.model": req.model_name,
+                        "radtriage.instances": len(req.instance_uris),
+                    },
+                ):
                     prep_started = time.monotonic()
                     paths = [blobs.path_of(uri) for uri in req.instance_uris]
                     tensor, _volume = await asyncio.to_thread(prepare_model_input, req.model_name, paths)
@@ -511,8 +543,24 @@ def build_pipeline(settings: Settings) -> Pipeline:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(gate.wait_turn(lane), max(deadline - time.monotonic(), 0))
                     try:
-                        with tracer.start_as_current_span("triton.infer", attributes={"attempt": attempt}):
-                            result = await triton.infer_probability(req.model_name, tensor, priority)
+                        with tracer.start_as_current_span(
+                            "triton.infer",
+                            kind=SpanKind.CLIENT,
+                            attributes={
+                                "attempt": attempt,
+                                "radtriage.model": req.model_name,
+                                "triton.model_name": req.model_name,
+                                "triton.priority": priority,
+                                "server.address": settings.triton.grpc_url,
+                            },
+                        ) as triton_span:
+                            result = await triton.infer_probability(
+                                req.model_name, tensor, priority, trace_carrier()
+                            )
+                            # Triton returns no per-request queue/compute time (only cumulative
+                            # statistics); the client-side round trip is what we have.
+                            triton_span.set_attribute("triton.model_version", result.model_version)
+                            triton_span.set_attribute("triton.client_ms", round(result.elapsed_ms, 3))
                             metrics.observe_triton(lane, req.model_name, result.elapsed_ms / 1000.0)
                         break
                     except InferenceError as exc:
@@ -621,10 +669,15 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     "report",
                     context=context_from_headers(event.headers),
                     kind=SpanKind.CONSUMER,
-                    attributes={
-                        "radtriage.study_uid": finding.study_uid,
-                        "radtriage.finding": finding.finding,
-                    },
+                    attributes=_consumed(
+                        event,
+                        group,
+                        **{
+                            "radtriage.study_uid": finding.study_uid,
+                            "radtriage.finding": finding.finding,
+                            "radtriage.model": finding.model_name,
+                        },
+                    ),
                 ):
                     result = FhirResult(
                         study_uid=finding.study_uid,
@@ -656,8 +709,19 @@ def build_pipeline(settings: Settings) -> Pipeline:
         with tracer.start_as_current_span(
             "alert",
             context=context_from_headers(event.headers),
-            kind=SpanKind.PRODUCER,
-            attributes={"radtriage.study_uid": finding.study_uid, "radtriage.finding": finding.finding},
+            # Processing a finding record; the alert's own PRODUCER span is its child.
+            kind=SpanKind.CONSUMER,
+            attributes=_consumed(
+                event,
+                group,
+                **{
+                    "radtriage.study_uid": finding.study_uid,
+                    "radtriage.finding": finding.finding,
+                    "radtriage.lane": finding.lane,
+                    "radtriage.model": finding.model_name,
+                    "radtriage.probability": finding.probability,
+                },
+            ),
         ) as span:
             if await ledger.already_sent(key, event.message.partition):
                 span.set_attribute("radtriage.duplicate", True)

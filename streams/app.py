@@ -16,7 +16,7 @@ import faust
 from faust.types import EventT, TopicT
 
 from radtriage.settings import Settings
-from radtriage.telemetry import HeaderList
+from radtriage.telemetry import HeaderList, record_ack, send_span
 from schemas.base import Event
 from schemas.deadletter import DeadLetter
 
@@ -105,8 +105,15 @@ async def publish(topic: TopicT, key: str, event: Event, headers: HeaderList | N
     Waiting per message costs a few milliseconds but means the source offset is
     never committed ahead of what we produced from it.
     """
-    fut = await topic.send(key=key.encode(), value=event.to_bytes(), headers=headers or [])
-    await fut
+    carrier = {
+        k: v.decode("latin-1") if isinstance(v, bytes | bytearray) else str(v) for k, v in headers or []
+    }
+    # A PRODUCER span per record ("send <topic>"), whose context the record carries on.
+    with send_span(topic.get_topic_name(), key, carrier, event) as (span, carried):
+        sent = [(k, v.encode("latin-1")) for k, v in carried.items()]
+        fut = await topic.send(key=key.encode(), value=event.to_bytes(), headers=sent)
+        meta = await fut
+        record_ack(span, getattr(meta, "partition", None), getattr(meta, "offset", None))
 
 
 def event_key(event: EventT) -> str:

@@ -129,18 +129,9 @@ class Intake:
     # -- side effects --------------------------------------------------------------------
 
     def _publish(self, topic: str, key: str, event: OrderEvent | EncounterEvent | DeadLetter) -> None:
-        with tracer.start_as_current_span(
-            f"publish {topic}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation.type": "send",
-                "messaging.destination.name": topic,
-            },
-        ) as span:
-            meta = self.publisher.publish(topic, key, event, _traceparent())
-            span.set_attribute("messaging.destination.partition.id", str(meta.partition))
-            span.set_attribute("messaging.kafka.offset", meta.offset)
+        # The publisher makes the PRODUCER span ("send <topic>", partition, offset; the key
+        # only on topics not keyed by patient id).
+        self.publisher.publish(topic, key, event, _traceparent())
 
     def _publish_events(self, outcome: Accepted) -> None:
         topics = self.settings.topics
