@@ -151,5 +151,84 @@ def replay(
         sys.exit(1)
 
 
+@main.command("trace")
+@click.argument("study_uid")
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="JSON-lines trace file(s) to read (repeatable); default: the configured trace file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the timeline as JSON instead of a table.")
+@click.option("--all", "unfold", is_flag=True, help="One row per span (do not fold repeated siblings).")
+def trace_cmd(study_uid: str, files: tuple[Path, ...], as_json: bool, unfold: bool) -> None:
+    """Show one study's spans as a waterfall: stage, process, start, duration, lane, model, outcome."""
+    import json
+
+    from rich.console import Console
+
+    from radtriage.trace_view import build_timeline, load_study_spans, render_timeline, timeline_json
+
+    paths = list(files) or [_settings().trace_file]
+    missing = [p for p in paths if not p.exists()]
+    if len(missing) == len(paths):
+        click.echo(
+            f"radtriage trace: no trace file at {', '.join(map(str, missing))} "
+            "(spans are written there when telemetry.exporter is jsonl)",
+            err=True,
+        )
+        sys.exit(2)
+    spans, read, bad = load_study_spans(paths, study_uid)
+    timeline = build_timeline(spans, study_uid, fold=not unfold)
+    if timeline is None:
+        where = ", ".join(str(p) for p in paths if p.exists())
+        click.echo(
+            f"radtriage trace: no spans of study {study_uid} among the {read} span(s) in {where}"
+            + (f" ({bad} unreadable line(s))" if bad else "")
+            + ". Check the StudyInstanceUID; spans of a study still in flight appear within a second.",
+            err=True,
+        )
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(timeline_json(timeline), indent=2))
+        return
+    console = Console(width=max(Console().width, 180))
+    console.print(render_timeline(timeline))
+
+
+@main.command()
+@click.option("--bootstrap-servers", help="Kafka of the running stack.")
+@click.option("--triton-url", help="Triton (gRPC host:port) of the running stack.")
+@click.option("--watch", is_flag=True, help="Keep the screen up to date until Ctrl-C.")
+@click.option("--window", "window_s", type=float, help="Seconds of history for latencies and in-flight work.")
+def status(
+    bootstrap_servers: str | None, triton_url: str | None, watch: bool, window_s: float | None
+) -> None:
+    """One screen: lanes (lag, in flight, p50/p99), models, connectors, recent alerts."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from radtriage.status import gather, render_status
+
+    setup_logging(level="CRITICAL", component="status")
+    settings = _settings(bootstrap_servers, triton_url)
+    if window_s:
+        settings.status.window_s = window_s
+    console = Console(width=max(Console().width, 120))
+    if not watch:
+        console.print(render_status(gather(settings)))
+        return
+    import time
+
+    try:
+        with Live(render_status(gather(settings)), console=console, screen=False, auto_refresh=False) as live:
+            while True:
+                time.sleep(settings.status.refresh_s)
+                live.update(render_status(gather(settings)), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
     main()

@@ -172,6 +172,18 @@ class TelemetrySettings(BaseModel):
     service_name: str = "radtriage"
 
 
+class StatusSettings(BaseModel):
+    """`radtriage status`: the operator's one-screen summary (radtriage/status.py)."""
+
+    # Latency percentiles and in-flight counts cover the findings/requests of this window.
+    window_s: float = 900.0
+    # Every Kafka, Triton and port probe gives up after this long: DOWN, never a hang.
+    probe_timeout_s: float = 2.0
+    # `--watch` redraws this often.
+    refresh_s: float = 2.0
+    recent_alerts: int = 10
+
+
 class MetricsSettings(BaseModel):
     """Prometheus metrics (radtriage/metrics.py). The HTTP process serves `/metrics` on its port."""
 
@@ -226,6 +238,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     streams: StreamSettings = Field(default_factory=StreamSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    status: StatusSettings = Field(default_factory=StatusSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
 
