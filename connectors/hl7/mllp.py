@@ -153,6 +153,7 @@ class Intake:
         )
         # Keyed by content: a sender's retries of one broken message share a partition.
         self._publish(self.settings.topics.deadletter, digest, letter)
+        metrics.DEAD_LETTERS.labels(STAGE).inc()
 
     # -- one message ---------------------------------------------------------------------
 
