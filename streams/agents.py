@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from connectors.blobstore import LocalBlobStore
 from processors.fhir_report import build_result_bundle
-from processors.model_inputs import prepare_model_input
+from processors.preprocess_pool import LanePools
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage import metrics
 from radtriage.settings import Settings
@@ -520,7 +520,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 ):
                     prep_started = time.monotonic()
                     paths = [blobs.path_of(uri) for uri in req.instance_uris]
-                    tensor, _volume = await asyncio.to_thread(prepare_model_input, req.model_name, paths)
+                    tensor = await preprocess.prepare(lane, req.model_name, paths)
                     metrics.observe_preprocess(lane, req.model_name, time.monotonic() - prep_started)
             except Exception as exc:  # unreadable series: retrying will not help
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -763,6 +763,16 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 ),
                 headers_for_current_span(),
             )
+
+    preprocess = LanePools(settings.streams.lane_concurrency, settings.streams.preprocess_niceness)
+
+    @app.task
+    async def _warm_stat_pool() -> None:
+        await preprocess.warm("stat")
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    def _stop_pools(sender: Any, **kwargs: Any) -> None:
+        preprocess.shutdown()
 
     @app.task
     async def _log_start() -> None:
