@@ -13,17 +13,33 @@ from pathlib import Path
 import numpy as np
 
 from processors.dicom_volume import Volume, load_series
-from processors.preprocessing import preprocess_head_ct
+from processors.preprocessing import preprocess_cta, preprocess_head_ct, preprocess_radiograph
+from processors.radiograph import load_radiograph
 
 Preprocessor = Callable[[Volume], np.ndarray]
+Loader = Callable[[Sequence[Path]], Volume]
 
 
 def _head_ct(volume: Volume) -> np.ndarray:
     return preprocess_head_ct(volume.hu, volume.spacing_zyx)
 
 
+def _cta(volume: Volume) -> np.ndarray:
+    return preprocess_cta(volume.hu, volume.spacing_zyx)
+
+
+def _radiograph(volume: Volume) -> np.ndarray:
+    return preprocess_radiograph(volume)
+
+
 PREPROCESSORS: dict[str, Preprocessor] = {
     "ich_classifier": _head_ct,
+    "lvo_detector": _cta,
+    "cxr_triage": _radiograph,
+}
+# How a model's series is read, where it is not a CT/MR volume (`load_series`).
+LOADERS: dict[str, Loader] = {
+    "cxr_triage": load_radiograph,
 }
 
 
@@ -40,7 +56,7 @@ def prepare_model_input(model_name: str, paths: Sequence[Path]) -> tuple[np.ndar
             f"no preprocessing registered for model '{model_name}' "
             f"(known: {', '.join(sorted(PREPROCESSORS))})"
         ) from None
-    volume = load_series(paths)
+    volume = LOADERS.get(model_name, load_series)(paths)
     return preprocess(volume), volume
 
 

@@ -1,0 +1,96 @@
+"""What every training script hands to Triton: TorchScript weights and the config files.
+
+* `export_torchscript`: trace the served module (network + sigmoids) in eval mode and check
+  the saved file against the eager module at another batch size — the Triton model
+  directory holds only model.py and the weights, no model source.
+* `write_triton_configs`: from one template per model, `config.pbtxt` (what any
+  tritonserver loads by default: KIND_CPU, the local stack) and `configs/gpu.pbtxt`
+  (KIND_GPU; a production server picks it with `--model-config-name=gpu`, Triton's
+  custom-configuration mechanism, and models without that file fall back to
+  config.pbtxt). Both are parsed with Triton's own ModelConfig protobuf before they are
+  written, so a template typo fails the training run, not the server start.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+MODEL_FILE = "model.pt"
+GPU_CONFIG_NAME = "gpu"
+GPU_NOTE = (
+    "\n# Production variant: KIND_GPU. Load it with `tritonserver --model-config-name=gpu`"
+    "\n# (config.pbtxt next to configs/ is the CPU one the local stack serves)."
+)
+CPU_NOTE = (
+    "\n# Local variant: KIND_CPU. configs/gpu.pbtxt is the same with KIND_GPU, for a GPU server"
+    "\n# started with `--model-config-name=gpu`."
+)
+
+
+def parse_config(text: str) -> model_config_pb2.ModelConfig:
+    """The config as Triton reads it (protobuf text format); raises ParseError if it is not one."""
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def export_torchscript(served: torch.nn.Module, input_shape: Sequence[int], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    served = served.eval()
+    path = out_dir / MODEL_FILE
+    with warnings.catch_warnings(), torch.no_grad():
+        # torch 2.15 marks TorchScript deprecated; it is still what loads without the source.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(served, torch.zeros((2, *input_shape)))
+        traced.save(str(path))
+        probe = torch.rand((3, *input_shape))
+        reloaded = torch.jit.load(str(path), map_location="cpu")
+        got, want = reloaded(probe), served(probe)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        if len(got) != len(want) or not all(
+            torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want, strict=True)
+        ):
+            raise RuntimeError("exported TorchScript disagrees with the eager model")
+    return path
+
+
+def write_triton_configs(
+    model_dir: Path,
+    *,
+    template: str,
+    input_shape: Sequence[int],
+    threshold: float,
+    version: str,
+    rule: str,
+    display: str,
+    max_batch: int = 8,
+) -> list[Path]:
+    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from `template`."""
+    written = []
+    for path, kind, note in (
+        (model_dir / "config.pbtxt", "KIND_CPU", CPU_NOTE),
+        (model_dir / "configs" / f"{GPU_CONFIG_NAME}.pbtxt", "KIND_GPU", GPU_NOTE),
+    ):
+        text = template.format(
+            name=model_dir.name,
+            max_batch=max_batch,
+            dims=", ".join(str(d) for d in input_shape),
+            display=display,
+            version=version,
+            threshold=f"{threshold:.4f}",
+            rule=rule,
+            weights=MODEL_FILE,
+            kind=kind,
+            count=1,
+            variant_note=note,
+        )
+        parse_config(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written

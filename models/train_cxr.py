@@ -1,0 +1,328 @@
+"""Train the reference chest X-ray triage model on synthetic radiographs and export it for Triton.
+
+    python -m models.train_cxr --out deploy/triton/model_repository/cxr_triage/1 --seed 0
+
+The shape of models/train_ich.py: phantoms (half with a pneumothorax, on a random side)
+are generated from the seed and go through `processors.preprocessing.preprocess_radiograph`,
+the code the inference path runs. Three disjoint sets: train (small intensity
+augmentation: gamma and contrast, as exposure and vendor processing vary; no flips —
+the heart is on the left), validation (picks the operating threshold: sensitivity >=
+0.95, the same rule as the critical CT routes: a missed pneumothorax is the costly
+error), test (>= 200 studies, the reported metrics).
+
+Writes `model.pt` (TorchScript of network + sigmoid), `config.pbtxt`,
+`configs/gpu.pbtxt` and `models/cxr_triage.metrics.json`. A few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import monai
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models.cxr_net import BLOCK_CONFIG, BN_SIZE, GROWTH_RATE, INIT_FEATURES, CxrWithSigmoid, build_cxr_net
+from models.cxr_phantoms import chest_radiograph_phantom
+from models.serving import export_torchscript, write_triton_configs
+from models.train_ich import (
+    TARGET_SENSITIVITY,
+    TEST_SEED_OFFSET,
+    VAL_SEED_OFFSET,
+    auc,
+    choose_threshold,
+    operating_point,
+)
+from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph
+
+console = Console()
+REPO = Path(__file__).resolve().parent.parent
+MODEL_NAME = "cxr_triage"
+DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / MODEL_NAME / "1"
+DEFAULT_METRICS = REPO / "models" / f"{MODEL_NAME}.metrics.json"
+DISPLAY_NAME = "radtriage reference chest X-ray triage (synthetic phantoms, not for clinical use)"
+THRESHOLD_RULE = (
+    f"max validation sensitivity+specificity with sensitivity >= {TARGET_SENSITIVITY}, "
+    "middle of the optimal score gap (logit space)"
+)
+SIZE_BINS = (("<10 % rim", 0.0, 0.10), ("10-20 % rim", 0.10, 0.20), (">=20 % rim", 0.20, 1.0))
+
+
+@dataclass
+class CxrSet:
+    x: torch.Tensor  # (n, *CXR_INPUT_SHAPE) float16
+    y: torch.Tensor  # (n,) 1 = pneumothorax
+    rim: np.ndarray  # (n,) rim fraction, 0 for normals
+
+
+def _phantom(args: tuple[int, int]) -> tuple[np.ndarray, float, float]:
+    """One study of a set: its own generator from (set seed, index), so the set is the same
+    however the work is split between processes."""
+    seed, index = args
+    torch.set_num_threads(1)
+    ph = chest_radiograph_phantom(np.random.default_rng([seed, index]), pneumothorax=bool(index % 2))
+    x = preprocess_radiograph(ph.pixels, ph.pixel_mm)
+    return x.astype(np.float16), float(ph.has_pneumothorax), ph.rim_fraction
+
+
+def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) -> CxrSet:
+    xs = torch.empty((n, *CXR_INPUT_SHAPE), dtype=torch.float16)
+    ys = torch.zeros(n)
+    rim = np.zeros(n)
+    task = progress.add_task(f"phantoms: {label}", total=n)
+    jobs = [(seed, i) for i in range(n)]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(_phantom, jobs, chunksize=8) if pool is not None else map(_phantom, jobs)
+        for i, (x, y, r) in enumerate(results):
+            xs[i] = torch.from_numpy(x)
+            ys[i], rim[i] = y, r
+            progress.advance(task)
+    return CxrSet(xs, ys, rim)
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(torch.sigmoid(model(x[i : i + batch].float())).reshape(-1))
+    return torch.cat(out).numpy()
+
+
+def by_size(scores: np.ndarray, data: CxrSet, threshold: float) -> dict[str, dict[str, float]]:
+    y = data.y.numpy()
+    out: dict[str, dict[str, float]] = {}
+    for name, lo, hi in SIZE_BINS:
+        m = (y == 1) & (data.rim >= lo) & (data.rim < hi)
+        if m.any():
+            sub = m | (y == 0)
+            out[name] = {
+                "n": int(m.sum()),
+                "sensitivity": round(float((scores[m] >= threshold).mean()), 4),
+                "auc_vs_normals": round(auc(scores[sub], y[sub]), 4),
+            }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Triton model version directory")
+    ap.add_argument("--metrics", type=Path, default=DEFAULT_METRICS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", type=int, default=900, help="training phantoms (half with a pneumothorax)")
+    ap.add_argument("--val", type=int, default=250, help="validation phantoms (threshold choice)")
+    ap.add_argument("--test", type=int, default=250, help="held-out test phantoms (reported metrics)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    args = ap.parse_args(argv)
+    if args.test < 200:
+        ap.error("--test must be at least 200 phantoms for the reported metrics to mean much")
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        train = make_set(args.train, args.seed, progress, "train", args.workers)
+        val = make_set(args.val, args.seed + VAL_SEED_OFFSET, progress, "validation", args.workers)
+        test = make_set(args.test, args.seed + TEST_SEED_OFFSET, progress, "test", args.workers)
+        data_seconds = time.time() - started
+
+        model = build_cxr_net()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        steps_per_epoch = (args.train + args.batch - 1) // args.batch
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
+        )
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        gen = torch.Generator().manual_seed(args.seed)
+        history: list[dict[str, float]] = []
+        for epoch in range(args.epochs):
+            model.train()
+            order = torch.randperm(args.train, generator=gen)
+            total = 0.0
+            task = progress.add_task(f"  epoch {epoch + 1}", total=args.train)
+            for i in range(0, args.train, args.batch):
+                idx = order[i : i + args.batch]
+                xb = train.x[idx].float()
+                # Exposure and processing vary: a random gamma and contrast per image.
+                gamma = torch.exp(0.25 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5) * 2)
+                contrast = 1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)
+                xb = torch.clamp(xb.clamp(min=1e-6) ** gamma * contrast, 0.0, 1.0)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb).reshape(-1), train.y[idx])
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+                progress.advance(task, len(idx))
+            progress.remove_task(task)
+            val_auc = auc(predict(model, val.x), val.y.numpy())
+            train_loss = total / args.train
+            history.append(
+                {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
+            )
+            console.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation AUC {val_auc:.4f}")
+
+    val_scores = predict(model, val.x)
+    threshold = choose_threshold(val_scores, val.y.numpy(), TARGET_SENSITIVITY)
+    test_scores = predict(model, test.x)
+    test_point = operating_point(test_scores, test.y.numpy(), threshold)
+    path = export_torchscript(CxrWithSigmoid(model), CXR_INPUT_SHAPE, args.out)
+    configs = write_triton_configs(
+        args.out.parent,
+        template=TRITON_CONFIG,
+        input_shape=CXR_INPUT_SHAPE,
+        threshold=threshold,
+        version=args.out.name,
+        rule=THRESHOLD_RULE,
+        display=DISPLAY_NAME,
+    )
+    training_seconds = time.time() - started
+    metrics: dict[str, Any] = {
+        "model": args.out.parent.name,
+        "version": args.out.name,
+        "finding": "CXR_CRITICAL",  # schemas.requests.FindingCode; the critical finding here is pneumothorax
+        "threshold": round(threshold, 4),
+        "threshold_rule": THRESHOLD_RULE,
+        "target_sensitivity": TARGET_SENSITIVITY,
+        "auc": round(auc(test_scores, test.y.numpy()), 4),
+        "sensitivity": round(test_point["sensitivity"], 4),
+        "specificity": round(test_point["specificity"], 4),
+        "accuracy": round(test_point["accuracy"], 4),
+        "by_rim_size": by_size(test_scores, test, threshold),
+        "val_auc": round(auc(val_scores, val.y.numpy()), 4),
+        "val_operating_point": {
+            k: round(v, 4) for k, v in operating_point(val_scores, val.y.numpy(), threshold).items()
+        },
+        "train_size": args.train,
+        "val_size": args.val,
+        "test_size": args.test,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
+        "history": history,
+        "data_generation_seconds": round(data_seconds, 1),
+        "training_seconds": round(training_seconds, 1),
+        "threads": args.threads,
+        "input_shape": list(CXR_INPUT_SHAPE),
+        "outputs": ["probability (P(pneumothorax))"],
+        "architecture": (
+            f"monai DenseNet 2D, init_features {INIT_FEATURES}, growth_rate {GROWTH_RATE}, "
+            f"bn_size {BN_SIZE}, block_config {list(BLOCK_CONFIG)}"
+        ),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_file": path.name,
+        "weights_bytes": path.stat().st_size,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "note": "Trained and evaluated on synthetic phantoms (models/cxr_phantoms.py). Not for clinical use.",
+    }
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    console.print(
+        f"cxr_triage on {args.test} test phantoms: AUC {metrics['auc']}, threshold {metrics['threshold']}, "
+        f"sensitivity {metrics['sensitivity']}, specificity {metrics['specificity']} "
+        f"({training_seconds:.0f} s)"
+    )
+    console.print(f"wrote {path}, {', '.join(map(str, configs))} and {args.metrics}")
+
+
+TRITON_CONFIG = """\
+# GENERATED by models/train_cxr.py (it also writes the weights in 1/); edit the template there.
+# Reference chest X-ray (CR/DX) triage model, trained on synthetic phantoms: NOT for clinical use.
+# Served by the Python backend (1/model.py + TorchScript 1/{weights}).{variant_note}
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch}
+
+input [
+  {{
+    name: "volume"
+    data_type: TYPE_FP32
+    # One radiograph: channel, rows, columns (processors.preprocessing.CXR_INPUT_SHAPE).
+    # Named "volume" like every radtriage model's input, so the client needs no per-model name.
+    dims: [ {dims} ]
+  }}
+]
+output [
+  {{
+    name: "probability"
+    data_type: TYPE_FP32
+    # P(critical finding: pneumothorax), sigmoid applied in the model.
+    dims: [ 1 ]
+  }}
+]
+
+dynamic_batching {{
+  # Wait at most 2 ms to fill a batch: a stat study must not sit behind batching.
+  max_queue_delay_microseconds: 2000
+  # 1 = stat, 2 = urgent, 3 = routine (radtriage lanes); requests without a priority are routine.
+  priority_levels: 3
+  default_priority_level: 3
+  default_queue_policy {{
+    # Requests may carry their own (shorter) queue timeout; none waits more than 30 s.
+    timeout_action: REJECT
+    default_timeout_microseconds: 30000000
+    allow_timeout_override: true
+  }}
+}}
+
+instance_group [
+  {{
+    count: {count}
+    kind: {kind}
+  }}
+]
+
+parameters: {{
+  key: "input_shape"
+  value: {{ string_value: "{dims}" }}
+}}
+parameters: {{
+  key: "display_name"
+  value: {{ string_value: "{display}" }}
+}}
+parameters: {{
+  key: "model_version"
+  value: {{ string_value: "{version}" }}
+}}
+parameters: {{
+  key: "finding"
+  value: {{ string_value: "CXR_CRITICAL" }}
+}}
+parameters: {{
+  key: "recommended_threshold"
+  value: {{ string_value: "{threshold}" }}
+}}
+parameters: {{
+  key: "threshold_rule"
+  value: {{ string_value: "{rule}" }}
+}}
+"""
+
+
+if __name__ == "__main__":
+    main()
