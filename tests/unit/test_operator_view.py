@@ -403,6 +403,12 @@ def test_waterfall_stages_and_grouped_spans(tmp_path: Path) -> None:
     assert w.stages[3].step_s == 2.0 and w.total_s == 6.0
     html = waterfall_html(w)
     assert html.count('class="wf-stage"') == 6 and "dicom.c_store ×2" in html
+    # the alert may go out before the report (two agents): said so, not a negative step
+    view = run(
+        obs(TOPICS.results_fhir, FhirResult(study_uid=UID, finding="ICH", bundle={}, produced_at=at(6.5))),
+        view=view,
+    )
+    assert "500 ms before" in waterfall_html(waterfall(view.studies[UID], []))
     assert read_tail_lines(tmp_path / "absent.jsonl", 100) == []
 
 

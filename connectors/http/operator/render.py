@@ -114,8 +114,9 @@ def _work_html(item: WorkItem, now: datetime) -> str:
     upgraded = f' <span class="up">↑ from {e(item.upgraded_from)}</span>' if item.upgraded_from else ""
     return (
         f'<tr class="study-row" data-study="{e(item.study_uid)}">'
-        f"<td>{e(item.accession_number or '—')}</td><td>{uid_html(item.study_uid)}</td>"
-        f"<td>{e(item.model_name)} ({e(item.finding)}){upgraded}</td>"
+        f"<td>{e(item.accession_number or '—')}</td>"
+        f'<td>{uid_html(item.study_uid)}<div class="sub">{e(item.model_name)} ({e(item.finding)})'
+        f"{upgraded}</div></td>"
         f'<td class="num">{since(item.routed_at, now)}</td></tr>'
     )
 
@@ -125,12 +126,13 @@ def worklist_html(snap: Snapshot) -> str:
     for lane in LANES:
         items = snap.lanes.get(lane, ())
         rows = "".join(_work_html(i, snap.now) for i in items) or (
-            '<tr><td colspan="4" class="empty">nothing waiting</td></tr>'
+            '<tr><td colspan="3" class="empty">nothing waiting</td></tr>'
         )
         cols.append(
             f'<div class="lane-col" data-lane="{lane}"><h3 class="l-{lane}">{LANE_TITLES[lane]} '
-            f'<span class="n">{len(items)}</span></h3><table><thead><tr><th>Accession</th><th>Study</th>'
-            f'<th>Model</th><th class="num">Waiting</th></tr></thead><tbody>{rows}</tbody></table></div>'
+            f'<span class="n">{len(items)}</span></h3><table><thead><tr><th>Accession</th>'
+            '<th>Study · model</th><th class="num">Waiting</th></tr></thead>'
+            f"<tbody>{rows}</tbody></table></div>"
         )
     return "".join(cols)
 
@@ -232,10 +234,14 @@ def waterfall_html(w: Waterfall) -> str:
             rows.append('<td class="track"></td></tr>')
             continue
         step = f"+{duration(s.step_s)}" if s.step_s is not None else ""
+        if s.step_s is not None and s.step_s < 0:
+            # Report and alert are separate agents on the same finding: either may come first.
+            step = f"{duration(-s.step_s)} before"
+        bar = _bar(min(previous, s.offset_s), abs(s.offset_s - previous), w.total_s, "stage")
         rows.append(
             f'<tr class="wf-stage" data-stage="{s.name}"><td>{s.name}</td><td class="num">{clock(s.at)}</td>'
             f'<td class="num">{duration(s.offset_s)}</td><td class="num">{step}</td>'
-            f'<td class="track">{_bar(previous, s.offset_s - previous, w.total_s, "stage")}</td></tr>'
+            f'<td class="track">{bar}</td></tr>'
         )
         previous = s.offset_s
     table = (
