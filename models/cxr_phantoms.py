@@ -219,7 +219,7 @@ def chest_radiograph_phantom(
     atten += 0.02 * ndimage.gaussian_filter(rng.standard_normal((rows, cols)), 2.0) * lung
 
     if pneumothorax:
-        atten -= u(0.04, 0.09) * ndimage.gaussian_filter(ptx.astype(np.float32), 1.0)  # air only
+        atten -= u(0.06, 0.12) * ndimage.gaussian_filter(ptx.astype(np.float32), 1.0)  # air only
         atten += u(0.05, 0.12) * pleural_line
         atten += 0.03 * collapsed  # the collapsed lung is a little denser
     if rng.random() < 0.3:  # skin fold: a curved line across a lung, markings on both sides

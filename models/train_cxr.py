@@ -10,6 +10,9 @@ the heart is on the left), validation (picks the operating threshold: sensitivit
 0.95, the same rule as the critical CT routes: a missed pneumothorax is the costly
 error), test (>= 200 studies, the reported metrics).
 
+Training signal: the image label and, as an auxiliary dense target, the pneumothorax mask
+at the network's 8 x 8 feature resolution (models/cxr_net.py).
+
 Writes `model.pt` (TorchScript of network + sigmoid), `config.pbtxt`,
 `configs/gpu.pbtxt` and `models/cxr_triage.metrics.json`. A few minutes on 2 CPU cores.
 """
@@ -32,7 +35,15 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from models.cxr_net import BLOCK_CONFIG, BN_SIZE, GROWTH_RATE, INIT_FEATURES, CxrWithSigmoid, build_cxr_net
+from models.cxr_net import (
+    BLOCK_CONFIG,
+    BN_SIZE,
+    GROWTH_RATE,
+    INIT_FEATURES,
+    MAP_STRIDE,
+    CxrWithSigmoid,
+    build_cxr_net,
+)
 from models.cxr_phantoms import chest_radiograph_phantom
 from models.serving import export_torchscript, write_triton_configs
 from models.train_ich import (
@@ -43,7 +54,7 @@ from models.train_ich import (
     choose_threshold,
     operating_point,
 )
-from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph
+from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph, preprocess_radiograph_with_mask
 
 console = Console()
 REPO = Path(__file__).resolve().parent.parent
@@ -55,6 +66,8 @@ THRESHOLD_RULE = (
     f"max validation sensitivity+specificity with sensitivity >= {TARGET_SENSITIVITY}, "
     "middle of the optimal score gap (logit space)"
 )
+MAP_SHAPE = tuple(n // MAP_STRIDE for n in CXR_INPUT_SHAPE[1:])
+MAP_POS_WEIGHT = 5.0  # pleural air fills a few per cent of the map
 SIZE_BINS = (("<10 % rim", 0.0, 0.10), ("10-20 % rim", 0.10, 0.20), (">=20 % rim", 0.20, 1.0))
 
 
@@ -62,33 +75,41 @@ SIZE_BINS = (("<10 % rim", 0.0, 0.10), ("10-20 % rim", 0.10, 0.20), (">=20 % rim
 class CxrSet:
     x: torch.Tensor  # (n, *CXR_INPUT_SHAPE) float16
     y: torch.Tensor  # (n,) 1 = pneumothorax
+    air: torch.Tensor  # (n, 1, *MAP_SHAPE) float16: share of each map cell that is pleural air
     rim: np.ndarray  # (n,) rim fraction, 0 for normals
 
 
-def _phantom(args: tuple[int, int]) -> tuple[np.ndarray, float, float]:
+def _phantom(args: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, float, float]:
     """One study of a set: its own generator from (set seed, index), so the set is the same
     however the work is split between processes."""
     seed, index = args
     torch.set_num_threads(1)
     ph = chest_radiograph_phantom(np.random.default_rng([seed, index]), pneumothorax=bool(index % 2))
-    x = preprocess_radiograph(ph.pixels, ph.pixel_mm)
-    return x.astype(np.float16), float(ph.has_pneumothorax), ph.rim_fraction
+    if ph.mask is None:
+        x = preprocess_radiograph(ph.pixels, ph.pixel_mm)
+        air = np.zeros(MAP_SHAPE, dtype=np.float32)
+    else:
+        x, mask = preprocess_radiograph_with_mask(ph.pixels, ph.pixel_mm, ph.mask)
+        air = torch.nn.functional.avg_pool2d(torch.from_numpy(mask)[None], MAP_STRIDE)[0].numpy()
+    return x.astype(np.float16), air.astype(np.float16), float(ph.has_pneumothorax), ph.rim_fraction
 
 
 def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) -> CxrSet:
     xs = torch.empty((n, *CXR_INPUT_SHAPE), dtype=torch.float16)
     ys = torch.zeros(n)
+    air = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
     rim = np.zeros(n)
     task = progress.add_task(f"phantoms: {label}", total=n)
     jobs = [(seed, i) for i in range(n)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(_phantom, jobs, chunksize=8) if pool is not None else map(_phantom, jobs)
-        for i, (x, y, r) in enumerate(results):
+        for i, (x, a, y, r) in enumerate(results):
             xs[i] = torch.from_numpy(x)
+            air[i, 0] = torch.from_numpy(a)
             ys[i], rim[i] = y, r
             progress.advance(task)
-    return CxrSet(xs, ys, rim)
+    return CxrSet(xs, ys, air, rim)
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
@@ -128,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the air-map loss (0 = off)")
     args = ap.parse_args(argv)
     if args.test < 200:
         ap.error("--test must be at least 200 phantoms for the reported metrics to mean much")
@@ -154,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
         )
         loss_fn = torch.nn.BCEWithLogitsLoss()
+        map_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(MAP_POS_WEIGHT))
         gen = torch.Generator().manual_seed(args.seed)
         history: list[dict[str, float]] = []
         for epoch in range(args.epochs):
@@ -169,7 +192,10 @@ def main(argv: list[str] | None = None) -> None:
                 contrast = 1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)
                 xb = torch.clamp(xb.clamp(min=1e-6) ** gamma * contrast, 0.0, 1.0)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb).reshape(-1), train.y[idx])
+                logits, air = model.forward_with_map(xb)
+                loss = loss_fn(logits.reshape(-1), train.y[idx]) + args.map_weight * map_loss_fn(
+                    air, train.air[idx].float()
+                )
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -229,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
         "outputs": ["probability (P(pneumothorax))"],
         "architecture": (
             f"monai DenseNet 2D, init_features {INIT_FEATURES}, growth_rate {GROWTH_RATE}, "
-            f"bn_size {BN_SIZE}, block_config {list(BLOCK_CONFIG)}"
+            f"bn_size {BN_SIZE}, block_config {list(BLOCK_CONFIG)}; pooled head with an air map"
         ),
+        "aux_air_map_weight": args.map_weight,
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_file": path.name,
         "weights_bytes": path.stat().st_size,

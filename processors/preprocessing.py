@@ -374,6 +374,25 @@ def preprocess_radiograph(image: Volume | np.ndarray, pixel_mm: Sequence[float] 
     `image` is a `Volume` from `processors.radiograph.load_radiograph` (one slice, its
     spacing used) or a 2D array with `pixel_mm` = (row, column) spacing in mm.
     """
+    x, _ = _radiograph(image, pixel_mm, None)
+    return x
+
+
+def preprocess_radiograph_with_mask(
+    pixels: np.ndarray, pixel_mm: Sequence[float], mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training only: `preprocess_radiograph`'s input plus a pixel mask (e.g. the pleural
+    air) through the same pad and resize, as a (H, W) float32 fraction in [0, 1]."""
+    if mask.shape != pixels.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from image shape {pixels.shape}")
+    x, m = _radiograph(pixels, pixel_mm, mask)
+    assert m is not None
+    return x, m
+
+
+def _radiograph(
+    image: Volume | np.ndarray, pixel_mm: Sequence[float] | None, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     if isinstance(image, np.ndarray):
         pixels = image
         if pixel_mm is None:
@@ -393,6 +412,8 @@ def preprocess_radiograph(image: Volume | np.ndarray, pixel_mm: Sequence[float] 
         raise ValueError("image contains NaN or infinity")
     lo, hi = np.percentile(pixels, CXR_PERCENTILES)
     x = torch.from_numpy(np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0))[None]
+    if mask is not None:
+        x = torch.cat([x, torch.from_numpy(mask.astype(np.float32))[None]])
     with torch.no_grad():
         side_mm = max(x.shape[1] * spacing[0], x.shape[2] * spacing[1])
         x = torch.as_tensor(
@@ -403,4 +424,5 @@ def preprocess_radiograph(image: Volume | np.ndarray, pixel_mm: Sequence[float] 
             x = torch.nn.functional.interpolate(x[None], size=grid, mode="area")[0]
         else:
             x = torch.nn.functional.interpolate(x[None], size=grid, mode="bilinear", align_corners=False)[0]
-    return np.ascontiguousarray(np.clip(x.numpy().astype(np.float32), 0.0, 1.0))
+    out = np.clip(x.numpy().astype(np.float32), 0.0, 1.0)
+    return np.ascontiguousarray(out[:1]), (out[1] if mask is not None else None)

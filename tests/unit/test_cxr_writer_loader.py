@@ -114,3 +114,20 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
     bad.write_bytes(b"not dicom")
     with pytest.raises(VolumeError, match="not a readable DICOM"):
         load_radiograph([bad])
+
+
+def test_the_pneumothorax_mask_follows_the_image() -> None:
+    from processors.preprocessing import preprocess_radiograph_with_mask
+
+    r = chest_radiograph_phantom(
+        np.random.default_rng(63), pneumothorax=True, side="left", min_rim_fraction=0.2
+    )
+    assert r.mask is not None
+    x, mask = preprocess_radiograph_with_mask(r.pixels, r.pixel_mm, r.mask)
+    np.testing.assert_array_equal(x, preprocess_radiograph(r.pixels, r.pixel_mm))
+    assert mask.shape == CXR_INPUT_SHAPE[1:] and mask.max() > 0.5
+    cols = np.nonzero(mask > 0.5)[1]
+    assert cols.mean() > CXR_INPUT_SHAPE[2] / 2  # the patient's left is on the right
+    # Pleural air is dark: darker than the body around it.
+    body = x[0] > 0.3
+    assert np.median(x[0][mask > 0.5]) < np.median(x[0][body])
