@@ -4,12 +4,15 @@
     python -m bench.lanes --rate 30 --duration 180          # 30 studies/min for 3 min, 5% stat
     python -m bench.lanes --burst 40 --stat-count 5         # 40 routine at once, then 5 stat in the backlog
     python -m bench.lanes --running                         # against `radtriage up` on the configured ports
+    python -m bench.lanes --routine head-ct                 # stress: routine head CTs instead of chest films
 
 Synthetic studies go through the real connectors, as a hospital sends them:
 - stat: a bleed head CT whose STAT "code stroke" HL7 ORM^O01 arrives first over MLLP;
-- routine: a routine-priority FHIR ServiceRequest (an outpatient exam), then a head CT.
-The only served model is the ICH classifier on non-contrast head CT, so routine work
-(in a hospital: chest X-rays, follow-up CTs) is represented by routine-lane head CTs.
+- routine: a routine-priority FHIR ServiceRequest (an outpatient exam), then the images:
+  `--routine cxr` (default, the issue's mix) a normal PA chest radiograph (one DX image,
+  the cxr_triage model); `--routine head-ct` a normal head CT (the ICH model, ~30x the
+  intake and model work of a film: a stress mix in which routine work competes with stat
+  for the very same model and every stage of the intake).
 The phantom series are generated once and cached on disk; every send re-stamps a cached
 series with fresh Study/Series/SOP Instance UIDs and a fresh accession number, so
 generation cost is not in the loop.
@@ -62,7 +65,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -88,12 +90,20 @@ from radtriage.settings import REPO_ROOT, Settings
 
 console = Console()
 
-ROUTINE_NOTE = (
-    "routine work is represented by routine-lane head CTs (routine FHIR order): the ICH "
-    "classifier on non-contrast head CT is the only model served today"
-)
+ROUTINE_NOTES = {
+    "cxr": (
+        "routine work is chest X-rays (one DX image each, routine FHIR order, cxr_triage model): "
+        "the issue's mix"
+    ),
+    "head-ct": (
+        "routine work is routine-lane head CTs (routine FHIR order, ich_classifier): a stress mix, "
+        "each routine study ~30x the intake and model work of a chest X-ray"
+    ),
+}
 # Bumped when the cached series must be regenerated (phantom or writer parameters changed).
 CACHE_VERSION = "v1"
+# The model each template kind is routed to (deploy/routing/rules.yaml), for the direct baseline.
+MODEL_OF_KIND = {"bleed": "ich_classifier", "normal": "ich_classifier", "cxr": "cxr_triage"}
 HEADLINE_STAGES = ("ready→finding", "ready→alert")
 
 
@@ -112,17 +122,43 @@ def now() -> datetime:
 
 @dataclass(frozen=True)
 class Template:
-    name: str  # bleed-0, normal-1, …
+    name: str  # bleed-0, normal-1, cxr-0, …
     files: tuple[Path, ...]
     blobs: tuple[bytes, ...]  # the Part 10 bytes, held in memory so a send reads no disk
+    model: str = "ich_classifier"
+
+
+def _write_cxr_template(folder: Path, i: int) -> None:
+    import numpy as np
+
+    from models.cxr_phantoms import chest_radiograph_phantom
+    from models.cxr_writer import write_radiograph
+
+    # Normal chest films: routine work, no critical finding to alert on.
+    rx = chest_radiograph_phantom(np.random.default_rng(7500 + i), pneumothorax=False)
+    write_radiograph(
+        rx.pixels,
+        rx.pixel_mm,
+        folder,
+        accession="TEMPLATE",
+        patient_id="TEMPLATE",
+        patient_name="Bench^Phantom",
+        series_description="CHEST PA",
+    )
 
 
 def cached_templates(cache_root: Path, kind: str, count: int) -> list[Template]:
-    """`count` head-CT phantom series of `kind` (bleed | normal), generated once into the cache."""
+    """`count` phantom series of `kind` (bleed | normal head CT, cxr), generated once into the cache."""
     out: list[Template] = []
     for i in range(count):
         folder = cache_root / "bench-lanes-series" / f"{CACHE_VERSION}-{kind}-{i}"
         done = folder / ".complete"
+        if not done.exists() and kind == "cxr":
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob("*.dcm"):
+                old.unlink()
+            _write_cxr_template(folder, i)
+            done.write_text("ok\n")
         if not done.exists():
             import numpy as np
 
@@ -146,7 +182,9 @@ def cached_templates(cache_root: Path, kind: str, count: int) -> list[Template]:
             )
             done.write_text("ok\n")
         files = tuple(sorted(folder.glob("*.dcm")))
-        out.append(Template(f"{kind}-{i}", files, tuple(f.read_bytes() for f in files)))
+        out.append(
+            Template(f"{kind}-{i}", files, tuple(f.read_bytes() for f in files), MODEL_OF_KIND[kind])
+        )
     return out
 
 
@@ -177,7 +215,8 @@ def c_store(datasets: list[Dataset], settings: Settings, host: str, times: Study
     Counts the success answers on `times`: an instance is accepted only once answered 0x0000.
     """
     ae = AE(ae_title="RADTRIAGE_BENCH")
-    ae.add_requested_context(CTImageStorage)
+    for sop_class in {ds.SOPClassUID for ds in datasets}:
+        ae.add_requested_context(sop_class)
     # Under a flood the SCP answers only after Kafka acks=all: allow it time rather than abort.
     ae.dimse_timeout = 120
     ae.acse_timeout = 60
@@ -420,16 +459,17 @@ def direct_baseline(settings: Settings, templates: list[Template], repeats: int)
             for _ in range(repeats):
                 for template in templates:
                     t0 = time.perf_counter()
-                    tensor, _volume = prepare_model_input("ich_classifier", list(template.files))
+                    tensor, _volume = prepare_model_input(template.model, list(template.files))
                     t1 = time.perf_counter()
                     # Priority 1 (stat) like the stat lane: an idle server, so no queue either way.
-                    await client.infer_probability("ich_classifier", tensor, priority=1)
+                    await client.infer_probability(template.model, tensor, priority=1)
                     t2 = time.perf_counter()
                     out.append(
                         {
                             "load_preprocess_ms": (t1 - t0) * 1000,
                             "triton_ms": (t2 - t1) * 1000,
                             "total_ms": (t2 - t0) * 1000,
+                            "model": template.model,
                         }
                     )
         finally:
@@ -451,21 +491,24 @@ class PhaseInfo:
     drained: bool = True
     cpu_s: dict[str, float] | None = None
     load_generator_cpu_s: float = 0.0
-    triton: dict[str, float] | None = None
+    triton: dict[str, float] | None = None  # the stat lane's model (ich_classifier)
+    triton_by_model: dict[str, dict[str, float]] | None = None
 
 
 class Phase:
     """Brackets a phase with CPU and Triton counter readings."""
 
-    def __init__(self, name: str, settings: Settings, own_stack: bool) -> None:
+    def __init__(
+        self, name: str, settings: Settings, own_stack: bool, models: tuple[str, ...] = ("ich_classifier",)
+    ) -> None:
         self.info = PhaseInfo(name)
-        self.settings, self.own_stack = settings, own_stack
+        self.settings, self.own_stack, self.models = settings, own_stack, models
 
     def __enter__(self) -> Phase:
         self.info.started_at = now().isoformat()
         self._cpu = proc_cpu.descendants_cpu() if self.own_stack else {}
         self._self_cpu = proc_cpu.self_cpu()
-        self._triton = triton_counters(self.settings.triton.metrics_port)
+        self._triton = {m: triton_counters(self.settings.triton.metrics_port, m) for m in self.models}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -473,7 +516,11 @@ class Phase:
         if self.own_stack:
             self.info.cpu_s = proc_cpu.delta(proc_cpu.descendants_cpu(), self._cpu)
         self.info.load_generator_cpu_s = round(proc_cpu.self_cpu() - self._self_cpu, 2)
-        self.info.triton = triton_phase(self._triton, triton_counters(self.settings.triton.metrics_port))
+        self.info.triton_by_model = {
+            m: triton_phase(before, triton_counters(self.settings.triton.metrics_port, m))
+            for m, before in self._triton.items()
+        }
+        self.info.triton = self.info.triton_by_model[self.models[0]]
 
 
 def own_stack_settings(home: Path) -> Settings:
@@ -619,6 +666,12 @@ def main(argv: list[str] | None = None) -> None:
         default=6,
         help="concurrent DICOM associations for routine work (+2 for stat; the SCP refuses beyond 10)",
     )
+    ap.add_argument(
+        "--routine",
+        choices=sorted(ROUTINE_NOTES),
+        default="cxr",
+        help="routine work: chest X-rays (the issue's 95%% mix) or head CTs (stress)",
+    )
     ap.add_argument("--templates", type=int, default=3, help="cached phantom series per kind")
     ap.add_argument("--direct-repeats", type=int, default=3, help="baseline passes over the cached series")
     ap.add_argument("--drain-timeout", type=float, default=900.0, help="max seconds to wait for a phase")
@@ -639,8 +692,11 @@ def main(argv: list[str] | None = None) -> None:
 
         with console.status("phantom series (cached after the first run)…"):
             bleeds = cached_templates(settings.cache, "bleed", args.templates)
-            normals = cached_templates(settings.cache, "normal", args.templates)
+            normals = cached_templates(
+                settings.cache, "cxr" if args.routine == "cxr" else "normal", args.templates
+            )
 
+        models = tuple(dict.fromkeys(t.model for t in bleeds + normals))
         collector = Collector(settings)
         stack.callback(collector.close)
         sender = Sender(settings, collector, args.host, run_id)
@@ -674,7 +730,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("no stat study in the flood: raise --rate/--duration/--stat-fraction")
 
         phases: dict[str, PhaseInfo] = {}
-        console.print(f"[dim]note: {ROUTINE_NOTE}[/]")
+        console.print(f"[dim]note: {ROUTINE_NOTES[args.routine]}[/]")
         console.print(f"mode: {mode}; load before start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPU(s)")
         with Progress(
             TextColumn("{task.description}"),
@@ -684,7 +740,7 @@ def main(argv: list[str] | None = None) -> None:
             console=console,
         ) as progress:
             # Warm-up: model load, Faust table and producer start-up; its figures are discarded.
-            with Phase("warmup", settings, own) as ph:
+            with Phase("warmup", settings, own, models) as ph:
                 task = progress.add_task("warm-up (discarded)", total=2)
                 sender.send("stat", bleeds[0], "warmup")
                 sender.send("routine", normals[0], "warmup")
@@ -693,7 +749,7 @@ def main(argv: list[str] | None = None) -> None:
             phases["warmup"] = ph.info
 
             # Idle: each stat study alone in the pipeline, the next one only after it finished.
-            with Phase("idle", settings, own) as ph:
+            with Phase("idle", settings, own, models) as ph:
                 task = progress.add_task("idle: stat alone", total=n_stat)
                 for k in range(n_stat):
                     sender.send("stat", bleeds[k % len(bleeds)], "idle")
@@ -701,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
                     time.sleep(0.5)  # let the tail (audit, ledger) settle: nothing else in flight
             phases["idle"] = ph.info
 
-            with Phase("flood", settings, own) as ph:
+            with Phase("flood", settings, own, models) as ph:
                 ph.info.offered_per_min = run_sends(
                     sender, flood_jobs, "flood", args.senders, progress, "flood"
                 )
@@ -712,7 +768,7 @@ def main(argv: list[str] | None = None) -> None:
             phases["flood"] = ph.info
             time.sleep(3.0)  # a doubled alert would come late: keep listening a moment
 
-            with Phase("direct", settings, own) as ph:
+            with Phase("direct", settings, own, models) as ph:
                 task = progress.add_task("direct baseline", total=None)
                 direct = direct_baseline(settings, bleeds + normals, args.direct_repeats)
                 progress.update(task, total=1, completed=1)
@@ -772,9 +828,15 @@ def build_result(
             "ratio_p50": ratio(f50, i50),
         }
     flood_studies = [s for s in studies.values() if s.phase == "flood"]
-    direct_total = summarize(d["total_ms"] for d in direct)
-    direct_pre = summarize(d["load_preprocess_ms"] for d in direct)
-    direct_tri = summarize(d["triton_ms"] for d in direct)
+    # The overhead compares like with like: the stat lane's head CTs, not a mix with chest films.
+    stat_direct = [d for d in direct if d.get("model", "ich_classifier") == "ich_classifier"]
+    direct_total = summarize(d["total_ms"] for d in stat_direct)
+    direct_pre = summarize(d["load_preprocess_ms"] for d in stat_direct)
+    direct_tri = summarize(d["triton_ms"] for d in stat_direct)
+    direct_by_model = {
+        model: summarize(d["total_ms"] for d in direct if d.get("model") == model)
+        for model in sorted({str(d.get("model")) for d in direct})
+    }
     e2e_idle = _stat(idle, "ready→finding", "p50")
     overhead = {
         "definition": (
@@ -800,7 +862,8 @@ def build_result(
         "at": now().isoformat(),
         "command": " ".join(["python -m bench.lanes", *sys.argv[1:]]),
         "mode": mode,
-        "note": ROUTINE_NOTE,
+        "routine_kind": args.routine,
+        "note": ROUTINE_NOTES[args.routine],
         "stat_studies_per_phase": n_stat,
         "percentiles": "nearest-rank; with n < 100, p99 is the maximum",
         "machine": {
@@ -824,7 +887,13 @@ def build_result(
             "flood_drained_within_timeout": phases["flood"].drained,
         },
         "groups": groups,
-        "direct_baseline_ms": {"total": direct_total, "load_preprocess": direct_pre, "triton": direct_tri},
+        "direct_baseline_ms": {
+            "scope": "the stat lane's model (ich_classifier) on the stat templates",
+            "total": direct_total,
+            "load_preprocess": direct_pre,
+            "triton": direct_tri,
+            "total_by_model": direct_by_model,
+        },
         "pipeline_overhead": overhead,
         "integrity": integrity([s for s in studies.values() if s.phase != "warmup"]),
         "send_errors": send_errors[:20],
@@ -988,12 +1057,16 @@ def print_report(result: dict[str, Any]) -> None:
     for name, info in result["phases"].items():
         if info.get("cpu_s") or info.get("triton"):
             cpu = ", ".join(f"{k} {v:.1f}" for k, v in (info.get("cpu_s") or {}).items() if v >= 0.5)
-            tri = info.get("triton") or {}
+            by_model = info.get("triton_by_model") or {"ich_classifier": info.get("triton") or {}}
+            tri = "; ".join(
+                f"Triton {model}: batch {_fmt(t.get('mean_batch_size'), 2)}, "
+                f"queue {_fmt(t.get('mean_queue_ms_per_request'), 1)} ms/req, "
+                f"compute {_fmt(t.get('mean_compute_ms_per_request'), 1)} ms/req"
+                for model, t in by_model.items()
+                if t
+            )
             console.print(
-                f"[dim]{name}: CPU s {cpu}; load generator {info['load_generator_cpu_s']:.1f}; Triton "
-                f"batch {_fmt(tri.get('mean_batch_size'), 2)}, "
-                f"queue {_fmt(tri.get('mean_queue_ms_per_request'), 1)} "
-                f"ms/req, compute {_fmt(tri.get('mean_compute_ms_per_request'), 1)} ms/req[/]"
+                f"[dim]{name}: CPU s {cpu}; load generator {info['load_generator_cpu_s']:.1f}; {tri}[/]"
             )
     rows = result.get("stat_preprocess_contention") or []
     if rows:
