@@ -269,15 +269,22 @@ def test_storescu_series_is_published_with_a_release_marker(
     for r in records:
         _assert_no_phi(json.dumps(r.value))
 
-    # One trace per study: every event carries the study span's traceparent.
-    traceparents = {r.headers["traceparent"].decode() for r in records}
-    assert len(traceparents) == 1
-    _, trace_id, study_span_id, _ = traceparents.pop().split("-")
+    # One trace per study: every event carries the study's trace, in the context of its own
+    # PRODUCER span ("send <topic>", OpenTelemetry messaging conventions) under the study span.
+    traceparents = [r.headers["traceparent"].decode().split("-") for r in records]
+    assert len({trace for _, trace, _, _ in traceparents}) == 1
+    trace_id = traceparents[0][1]
     finished: list[ReadableSpan] = list(spans.get_finished_spans())
     (study_span,) = [s for s in finished if s.name == "dicom.receive_study"]
     assert study_span.context is not None
-    assert format(study_span.context.span_id, "016x") == study_span_id
     assert format(study_span.context.trace_id, "032x") == trace_id
+    sends = {
+        format(s.context.span_id, "016x"): s.parent.span_id if s.parent else 0
+        for s in finished
+        if s.context is not None and s.name == f"send {listener.topic}"
+    }
+    assert {span_id for _, _, span_id, _ in traceparents} <= set(sends)
+    assert {sends[span_id] for _, _, span_id, _ in traceparents} == {study_span.context.span_id}
     assert study_span.attributes is not None and study_span.attributes["dicom.instances"] == len(files)
     stores = [s for s in finished if s.name == "dicom.c_store"]
     assert len(stores) == len(files)
