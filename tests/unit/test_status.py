@@ -27,6 +27,7 @@ from radtriage.status import (
     recent_alerts,
     render_status,
 )
+from schemas.routing_rules import RoutingRules
 from tests.conftest import free_port
 
 NOW = datetime(2026, 3, 4, 10, 0, 0, tzinfo=UTC)
@@ -191,6 +192,8 @@ def test_gather_against_nothing_listening_reports_down() -> None:
     assert not snap.kafka_up and snap.kafka_detail
     assert not snap.triton_up and snap.triton_detail
     assert all(ln.lag is None and ln.in_flight is None for ln in snap.lanes)
-    assert [m.name for m in snap.models] == ["ich_classifier"] and not snap.models[0].up
+    routed = list(dict.fromkeys(r.model for r in RoutingRules.load(settings.routing_rules).rules))
+    assert [m.name for m in snap.models] == routed and "ich_classifier" in routed
+    assert not any(m.up for m in snap.models)
     assert not any(c.reachable for c in snap.connectors)
     assert "DOWN" in screen(snap)
