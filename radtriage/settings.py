@@ -169,6 +169,9 @@ class OrderSettings(BaseModel):
 class TelemetrySettings(BaseModel):
     exporter: Literal["none", "console", "otlp", "jsonl"] = "jsonl"
     otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    # OTLP transport: HTTP/protobuf (port 4318, path /v1/traces) or gRPC (port 4317, no path);
+    # collectors accept both, some networks let only one through.
+    otlp_protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
     service_name: str = "radtriage"
 
 

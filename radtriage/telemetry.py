@@ -86,14 +86,25 @@ def setup_tracing(settings: Settings, component: str) -> None:
         case "console":
             exporter = ConsoleSpanExporter()
         case "otlp":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(endpoint=settings.telemetry.otlp_endpoint)
+            exporter = _otlp_exporter(settings)
         case "jsonl":
             exporter = JsonLinesSpanExporter(settings.trace_file)
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
+
+
+def _otlp_exporter(settings: Settings) -> SpanExporter:
+    endpoint = settings.telemetry.otlp_endpoint
+    if settings.telemetry.otlp_protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        # A plain-text collector address (http://) means no TLS; https:// or a bare host:port
+        # is left to the exporter's own defaults (TLS unless told otherwise).
+        return GrpcExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter(endpoint=endpoint)
 
 
 def shutdown_tracing() -> None:
