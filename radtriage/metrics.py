@@ -60,6 +60,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric  # noqa: E402
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
 
+from radtriage.kafka_lag import lag_by_lane  # noqa: E402  # re-exported: the lag gauge's arithmetic
 from radtriage.settings import Settings  # noqa: E402
 from schemas.alerts import Alert  # noqa: E402
 from schemas.findings import Finding  # noqa: E402
@@ -488,25 +489,6 @@ class BoundedProbe(Generic[T]):
             return None
         with self._lock:
             return self._value
-
-
-def lag_by_lane(
-    topic_lane: Mapping[str, str],
-    end: Mapping[tuple[str, int], int],
-    committed: Mapping[tuple[str, int], int | None],
-    beginning: Mapping[tuple[str, int], int],
-) -> dict[str, int]:
-    """Messages on each lane's topic that the group has not committed yet.
-
-    A partition the group never committed is read from its beginning (Faust's
-    auto_offset_reset is earliest), so all of it that is still retained is lag."""
-    lag = dict.fromkeys(topic_lane.values(), 0)
-    for (topic, partition), end_offset in end.items():
-        done = committed.get((topic, partition))
-        if done is None or done < 0:
-            done = beginning.get((topic, partition), 0)
-        lag[topic_lane[topic]] += max(end_offset - done, 0)
-    return lag
 
 
 class KafkaLagReader:

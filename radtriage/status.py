@@ -28,6 +28,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from radtriage.kafka_lag import lag_by_lane
 from radtriage.settings import Settings
 
 LANES = ("stat", "urgent", "routine")
@@ -110,13 +111,8 @@ def consumer_lag(
     committed: Mapping[tuple[str, int], int],
     beginning: Mapping[tuple[str, int], int],
 ) -> dict[str, int]:
-    """Records not yet consumed by the group, per topic."""
-    out: dict[str, int] = {}
-    for (topic, part), last in end.items():
-        done = committed.get((topic, part))
-        start = done if done is not None and done >= 0 else beginning.get((topic, part), 0)
-        out[topic] = out.get(topic, 0) + max(last - start, 0)
-    return out
+    """Records not yet consumed by the group, per topic (the same arithmetic as /metrics)."""
+    return lag_by_lane({topic: topic for topic, _ in end}, end, committed, beginning)
 
 
 def _at(value: Any) -> datetime | None:
