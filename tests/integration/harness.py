@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
+from schemas.findings import Finding
 from tests.conftest import free_port
 
 _workers: list[Worker] = []
@@ -117,3 +119,28 @@ class Tail:
 
     def of(self, topic: str, **match: Any) -> list[dict[str, Any]]:
         return [d for t, d, _ in self.seen if t == topic and all(d.get(k) == v for k, v in match.items())]
+
+
+def finding_bytes(
+    uid: str, p: float, ready_at: datetime | None = None, received_before_s: float = 0.0
+) -> bytes:
+    """A stat-lane ICH finding for `uid` with probability `p` (positive at >= 0.5), as a lane
+    agent would publish it: tests drive the report/escalate agents without a model."""
+    ready = ready_at or datetime.now(UTC)
+    return Finding(
+        study_uid=uid,
+        accession_number="ACC",
+        patient_id="MRN",
+        series_uid=uid + ".1",
+        finding="ICH",
+        probability=p,
+        threshold=0.5,
+        positive=p >= 0.5,
+        model_name="ich_classifier",
+        model_version="1",
+        lane="stat",
+        rule_id="ct-head-noncontrast-ich",
+        received_at=ready - timedelta(seconds=received_before_s),
+        ready_at=ready,
+        inference_ms=5.0,
+    ).to_bytes()

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -22,33 +22,12 @@ from kafka import KafkaProducer
 from radtriage import metrics
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.process import port_in_use
-from schemas.findings import Finding
 from schemas.instances import InstanceEvent
 from tests.conftest import free_port
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Tail, Worker, finding_bytes
 from tests.integration.test_metrics_http import Samples, names, scrape, value
 
 pytestmark = pytest.mark.integration
-
-
-def _finding(uid: str, p: float, ready_at: datetime) -> bytes:
-    return Finding(
-        study_uid=uid,
-        accession_number="ACC",
-        patient_id="MRN",
-        series_uid=uid + ".1",
-        finding="ICH",
-        probability=p,
-        threshold=0.5,
-        positive=p >= 0.5,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id="ct-head-noncontrast-ich",
-        received_at=ready_at - timedelta(seconds=1),
-        ready_at=ready_at,
-        inference_ms=5.0,
-    ).to_bytes()
 
 
 def _histogram_count(samples: Samples, name: str, **labels: str) -> float:
@@ -106,9 +85,11 @@ def _drive_and_check(settings: Settings, worker: Worker, worker_url: str, http_p
     positives = [f"1.2.826.0.5.{stamp}.{i}" for i in range(3)]
     negatives = [f"1.2.826.0.6.{stamp}.{i}" for i in range(2)]
     for uid in positives:
-        producer.send(t.findings, key=uid.encode(), value=_finding(uid, 0.9, ready_at))
+        payload = finding_bytes(uid, 0.9, ready_at, received_before_s=1)
+        producer.send(t.findings, key=uid.encode(), value=payload)
     for uid in negatives:
-        producer.send(t.findings, key=uid.encode(), value=_finding(uid, 0.1, ready_at))
+        payload = finding_bytes(uid, 0.1, ready_at, received_before_s=1)
+        producer.send(t.findings, key=uid.encode(), value=payload)
     # A head CT routed to the stat lane whose pixels are not there: preprocess dead-letters it.
     head = f"1.2.826.0.7.{stamp}"
     for i in range(10):

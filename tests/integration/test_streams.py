@@ -4,38 +4,15 @@ from __future__ import annotations
 
 import signal
 import time
-from datetime import UTC, datetime
 
 import pytest
 from kafka import KafkaProducer
 
 from radtriage.settings import Settings
-from schemas.findings import Finding
 from schemas.instances import InstanceEvent
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Tail, Worker, finding_bytes
 
 pytestmark = pytest.mark.integration
-
-
-def _finding(uid: str, p: float) -> bytes:
-    now = datetime.now(UTC)
-    return Finding(
-        study_uid=uid,
-        accession_number="ACC",
-        patient_id="MRN",
-        series_uid=uid + ".1",
-        finding="ICH",
-        probability=p,
-        threshold=0.5,
-        positive=p >= 0.5,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id="ct-head-noncontrast-ich",
-        received_at=now,
-        ready_at=now,
-        inference_ms=5.0,
-    ).to_bytes()
 
 
 def test_one_alert_per_study_even_across_a_killed_worker(worker_env: tuple[dict[str, str], Settings]) -> None:
@@ -46,8 +23,8 @@ def test_one_alert_per_study_even_across_a_killed_worker(worker_env: tuple[dict[
     tail = Tail(settings.kafka.bootstrap_servers, [t.alerts_ich, t.results_fhir, t.audit])
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     uid = f"1.2.826.0.1.{time.time_ns()}"
-    producer.send(t.findings, key=uid.encode(), value=_finding(uid, 0.91)).get(10)
-    producer.send(t.findings, key=uid.encode(), value=_finding(uid, 0.93)).get(10)
+    producer.send(t.findings, key=uid.encode(), value=finding_bytes(uid, 0.91)).get(10)
+    producer.send(t.findings, key=uid.encode(), value=finding_bytes(uid, 0.93)).get(10)
     tail.until(
         lambda: len(tail.of(t.results_fhir, study_uid=uid)) == 2 and len(tail.of(t.audit, study_uid=uid)) == 2
     )
@@ -59,7 +36,7 @@ def test_one_alert_per_study_even_across_a_killed_worker(worker_env: tuple[dict[
 
     worker.kill(signal.SIGKILL)
     worker.start()  # reads the alerts already sent back from the alert topic
-    producer.send(t.findings, key=uid.encode(), value=_finding(uid, 0.97)).get(10)
+    producer.send(t.findings, key=uid.encode(), value=finding_bytes(uid, 0.97)).get(10)
 
     def third_reported() -> bool:
         # Findings whose offsets were not committed before the kill are processed again
@@ -156,7 +133,7 @@ def test_no_second_alert_when_the_worker_dies_right_after_alerting(
     tail = Tail(settings.kafka.bootstrap_servers, [t.alerts_ich, t.audit])
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     uid = f"1.2.826.0.4.{time.time_ns()}"
-    producer.send(t.findings, key=uid.encode(), value=_finding(uid, 0.95)).get(10)
+    producer.send(t.findings, key=uid.encode(), value=finding_bytes(uid, 0.95)).get(10)
     tail.until(lambda: len(tail.of(t.alerts_ich, study_uid=uid)) == 1)
     assert crashing.proc is not None
     assert crashing.proc.wait(60) == 70  # died in the window, before the audit event
