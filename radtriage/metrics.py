@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -353,19 +352,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def counting_dead_letters(
-    send: Callable[P, Coroutine[Any, Any, R]],
-) -> Callable[P, Coroutine[Any, Any, R]]:
-    """`streams.app.dead_letter`, counting each letter Kafka took by its stage."""
-
-    @functools.wraps(send)
-    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
-        result = await send(*args, **kwargs)
-        stage = kwargs.get("stage", args[2] if len(args) > 2 else "")
-        DEAD_LETTERS.labels(dead_letter_stage_label(str(stage))).inc()
-        return result
-
-    return wrapped
+def count_dead_letter(stage: str) -> None:
+    """One letter Kafka took, by its stage (called by `streams.app.dead_letter` after the ack)."""
+    DEAD_LETTERS.labels(dead_letter_stage_label(stage)).inc()
 
 
 _STAGE = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+){0,3}$")

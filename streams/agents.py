@@ -57,8 +57,6 @@ from streams.routing import route_study
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("radtriage.streams")
-# Every dead letter sent from here is counted by stage (radtriage_dead_letters_total).
-dead_letter = metrics.counting_dead_letters(dead_letter)
 
 # Backoff between Triton attempts; the last value repeats until the deadline.
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)

@@ -15,6 +15,7 @@ from typing import Any
 import faust
 from faust.types import EventT, TopicT
 
+from radtriage import metrics
 from radtriage.settings import Settings
 from radtriage.telemetry import HeaderList, record_ack, send_span
 from schemas.base import Event
@@ -153,3 +154,4 @@ async def dead_letter(
         error,
     )
     await publish(topics.deadletter, letter.key or study_uid or "unknown", letter, headers)
+    metrics.count_dead_letter(stage)
