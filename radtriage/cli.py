@@ -168,9 +168,11 @@ def trace_cmd(study_uid: str, files: tuple[Path, ...], as_json: bool, unfold: bo
 
     from rich.console import Console
 
+    from radtriage.telemetry import trace_files
     from radtriage.trace_view import build_timeline, load_study_spans, render_timeline, timeline_json
 
-    paths = list(files) or [_settings().trace_file]
+    settings = _settings()
+    paths = list(files) or trace_files(settings.trace_file, settings.telemetry.jsonl_backups)
     missing = [p for p in paths if not p.exists()]
     if len(missing) == len(paths):
         click.echo(

@@ -109,8 +109,16 @@ class StreamSettings(BaseModel):
     preprocess_niceness: dict[str, int] = Field(
         default_factory=lambda: {"stat": 0, "urgent": 5, "routine": 10}
     )
-    # Fault tests only: "crash_after_alert" kills the worker right after an alert is acked.
-    fault_injection: Literal["", "crash_after_alert"] = ""
+    # Names one of several workers sharing a home (its ready marker and log): scale-out
+    # runs more workers in one consumer group, on one machine in the cluster test.
+    instance_name: str = ""
+    # How far back the findings and reports ledgers read their topics when a worker takes
+    # over a partition (streams/published_ledger.py): a crash replays what was produced
+    # moments before it, so hours are ample; the alert ledger always reads its topics whole.
+    ledger_lookback_s: float = 6 * 3600.0
+    # Fault tests only: kill the worker right after a finding, report or alert is acked by
+    # Kafka and before anything else (offset commit, audit) happened.
+    fault_injection: Literal["", "crash_after_finding", "crash_after_report", "crash_after_alert"] = ""
 
     @property
     def studies_by_patient_topic(self) -> str:
@@ -173,6 +181,9 @@ class TelemetrySettings(BaseModel):
     # collectors accept both, some networks let only one through.
     otlp_protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
     service_name: str = "radtriage"
+    # The jsonl file is rotated past this size (0 = never), keeping this many backups.
+    jsonl_max_bytes: int = 256 << 20
+    jsonl_backups: int = 3
 
 
 class StatusSettings(BaseModel):
