@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def ready_file(settings: Settings) -> Path:
-    return settings.home / "run" / "worker.ready"
+    name = settings.streams.instance_name
+    return settings.home / "run" / (f"worker-{name}.ready" if name else "worker.ready")
 
 
 def run_worker(settings: Settings) -> None:

@@ -27,3 +27,7 @@ class Finding(Event):
     ready_at: datetime
     inferred_at: datetime = Field(default_factory=utcnow)
     inference_ms: float = Field(ge=0.0)
+    # The request this answers (TriageRequest.request_id): the identity the findings and
+    # reports ledgers deduplicate on (streams/published_ledger.py). Optional: older
+    # findings have none.
+    request_id: str = ""

@@ -21,3 +21,5 @@ class FhirResult(Event):
     finding: FindingCode
     bundle: dict[str, Any]
     produced_at: datetime = Field(default_factory=utcnow)
+    # The finding's request id: one result per finding, whatever is replayed.
+    request_id: str = ""

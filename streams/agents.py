@@ -49,10 +49,10 @@ from schemas.results import FhirResult
 from schemas.routing_rules import RoutingRules
 from schemas.studies import StudyEvent
 from streams import assembly
-from streams.alert_ledger import AlertLedger
 from streams.app import TriageTopics, create_app, dead_letter, declare_topics, publish
 from streams.join import AccessionState, Dispatch, PatientState, on_order, on_study, route_with_context
 from streams.priority import LaneDecision
+from streams.published_ledger import PublishedLedger, alert_key, finding_key, report_key
 from streams.routing import route_study
 
 log = logging.getLogger(__name__)
@@ -126,31 +126,48 @@ def build_pipeline(settings: Settings) -> Pipeline:
     # Faust's consumer group is the app id.
     group = settings.streams.app_id
 
-    # Per-study assembly state and the alerts already sent; both changelogged in Kafka
-    # so a restarted worker recovers them.
+    def _crash_if(point: str, what: str) -> None:
+        if settings.streams.fault_injection == point:
+            # Fault tests only: die in the worst place, after the output is in Kafka and
+            # before anything else (ledger, audit, offset commit) happened.
+            log.critical("fault injection: %s (%s)", point, what)
+            os._exit(70)
+
+    # Per-study assembly state, changelogged in Kafka so a restarted worker recovers it.
     assembling = app.Table("assembly", default=None)
-    # The alerts already sent, read back from the alert topics themselves (see
-    # streams/alert_ledger.py for why not a table written after the alert).
-    ledger = AlertLedger(
-        settings.kafka.bootstrap_servers, [t.get_topic_name() for t in topics.alerts.values()]
+    # What is already published, read back from the output topics themselves (see
+    # streams/published_ledger.py for why not a table written after the output).
+    bootstrap = settings.kafka.bootstrap_servers
+    lookback = settings.streams.ledger_lookback_s
+    findings_ledger = PublishedLedger(
+        "findings", bootstrap, [topics.findings.get_topic_name()], finding_key, lookback_s=lookback
     )
+    reports_ledger = PublishedLedger(
+        "reports", bootstrap, [topics.results_fhir.get_topic_name()], report_key, lookback_s=lookback
+    )
+    ledger = PublishedLedger(
+        "alerts", bootstrap, [t.get_topic_name() for t in topics.alerts.values()], alert_key
+    )
+    ledgers = (findings_ledger, reports_ledger, ledger)
+    # The topics whose partition numbers say which output partitions this worker owns
+    # (all co-partitioned with the outputs by study UID).
+    ledger_inputs = {topics.findings.get_topic_name()} | {t.get_topic_name() for t in topics.lanes.values()}
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a sync signature
     async def _forget_ledger(sender: Any, *args: Any, **kwargs: Any) -> None:
-        ledger.forget_assignment()
+        for each in ledgers:
+            each.forget_assignment()
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _preload_ledger(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
-        findings = topics.findings.get_topic_name()
-        ledger.preload(sorted({tp.partition for tp in assigned if tp.topic == findings}))
+        partitions = sorted({tp.partition for tp in assigned if tp.topic in ledger_inputs})
+        for each in ledgers:
+            each.preload(partitions)
 
     # The order-study join: latest order + routed studies per accession number, and
     # each patient's location class from ADT (streams/join.py).
     orders = app.Table("orders-by-accession", default=None)
     patients = app.Table("patient-location", default=None)
-    # Requests whose finding was published, by request id: an upgraded copy of work on
-    # a faster lane and the original run the model once between them.
-    requests_done = app.Table("requests-done", default=None)
     stat_patterns = tuple(settings.orders.stat_indications)
     # Studies already nudged for the quiet period, with the last_instance_at they were nudged at.
     nudged: dict[str, str] = {}
@@ -465,8 +482,10 @@ def build_pipeline(settings: Settings) -> Pipeline:
     # partition of a study: the lane topics are co-partitioned by study UID).
     finishing: set[str] = set()
 
-    def _already_done(req: TriageRequest) -> bool:
-        return bool(req.request_id) and bool(requests_done.get(req.request_id))
+    async def _already_done(req: TriageRequest, partition: int) -> bool:
+        # An upgraded copy of work on a faster lane and the original, or a request replayed
+        # after a kill, run the model once between them: the findings topic says which ran.
+        return bool(req.request_id) and await findings_ledger.already_sent(req.request_id, partition)
 
     async def _audit_skip(req: TriageRequest, lane: str) -> None:
         await publish(
@@ -488,7 +507,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         except EventDecodeError as exc:
             await dead_letter(topics, event, f"infer.{lane}", str(exc))
             return
-        if _already_done(req):
+        if await _already_done(req, event.message.partition):
             await _audit_skip(req, lane)
             return
         priority = settings.triton.lane_priority[req.lane]
@@ -601,22 +620,27 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 received_at=req.received_at,
                 ready_at=req.ready_at,
                 inference_ms=result.elapsed_ms,
+                request_id=req.request_id,
             )
             span.set_attribute("radtriage.probability", finding.probability)
             span.set_attribute("radtriage.positive", finding.positive)
-            # The other lane's copy of this request may have finished while we inferred;
-            # check and claim with no await in between, so only one finding goes out.
-            if _already_done(req) or req.request_id in finishing:
+            # The other lane's copy of this request may have finished while we inferred:
+            # claim first (no await before it), then check, so only one finding goes out.
+            if req.request_id in finishing:
                 await _audit_skip(req, lane)
                 return
             if req.request_id:
                 finishing.add(req.request_id)
             headers = headers_for_current_span()
             try:
+                if await _already_done(req, event.message.partition):
+                    await _audit_skip(req, lane)
+                    return
                 await publish(topics.findings, req.study_uid, finding, headers)
+                _crash_if("crash_after_finding", req.request_id)
                 metrics.observe_finding(lane, req, finding)
                 if req.request_id:
-                    requests_done[req.request_id] = finding.inferred_at.isoformat()
+                    findings_ledger.record(req.request_id)
             finally:
                 finishing.discard(req.request_id)
             await publish(
@@ -676,14 +700,24 @@ def build_pipeline(settings: Settings) -> Pipeline:
                             "radtriage.model": finding.model_name,
                         },
                     ),
-                ):
+                ) as span:
+                    if finding.request_id and await reports_ledger.already_sent(
+                        finding.request_id, event.message.partition
+                    ):
+                        # Replayed after a kill: its report is already on the results topic.
+                        span.set_attribute("radtriage.duplicate", True)
+                        continue
                     result = FhirResult(
                         study_uid=finding.study_uid,
                         accession_number=finding.accession_number,
                         finding=finding.finding,
                         bundle=build_result_bundle(finding),
+                        request_id=finding.request_id,
                     )
                     await publish(topics.results_fhir, finding.study_uid, result, headers_for_current_span())
+                    _crash_if("crash_after_report", finding.request_id)
+                    if finding.request_id:
+                        reports_ledger.record(finding.request_id)
                     metrics.observe_report(finding, result)
             except Exception as exc:
                 log.exception("report failed")
@@ -741,11 +775,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     trace_id=current_trace_id(),
                 )
                 await publish(topics.alerts[channel], finding.study_uid, alert, headers_for_current_span())
-                if settings.streams.fault_injection == "crash_after_alert":
-                    # Fault tests only: die in the worst place, after the alert is in Kafka
-                    # and before anything else (ledger, audit, offset commit) happened.
-                    log.critical("fault injection: crashing right after alert %s", key)
-                    os._exit(70)
+                _crash_if("crash_after_alert", key)
                 ledger.record(key)
                 decision = "alert_sent"
                 metrics.observe_alert(alert)

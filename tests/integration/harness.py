@@ -15,26 +15,40 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+import numpy as np
+import pydicom
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from connectors.blobstore import LocalBlobStore
+from models.dicom_writer import write_ct_series
+from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from schemas.findings import Finding
+from schemas.requests import Lane, TriageRequest
+from schemas.routing_rules import RoutingRules
 from tests.conftest import free_port
 
 _workers: list[Worker] = []
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], home: Path) -> None:
-        self.env, self.home = env, home
+    def __init__(self, env: dict[str, str], home: Path, name: str = "") -> None:
+        """`name` tells apart several workers of one consumer group sharing a home."""
+        self.env, self.home, self.name = dict(env), home, name
+        if name:
+            self.env["RADTRIAGE_STREAMS__INSTANCE_NAME"] = name
         self.proc: subprocess.Popen[bytes] | None = None
         _workers.append(self)
 
+    @property
+    def log_file(self) -> Path:
+        return self.home / (f"worker-{self.name}.log" if self.name else "worker.log")
+
     def start(self) -> None:
-        ready = self.home / "run" / "worker.ready"
+        ready = self.home / "run" / (f"worker-{self.name}.ready" if self.name else "worker.ready")
         ready.unlink(missing_ok=True)
-        log = (self.home / "worker.log").open("ab")
+        log = self.log_file.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "radtriage.cli", "worker"],
             env=self.env,
@@ -45,7 +59,7 @@ class Worker:
         )
         deadline = time.monotonic() + 120
         while not ready.exists():
-            assert self.proc.poll() is None, (self.home / "worker.log").read_text()[-3000:]
+            assert self.proc.poll() is None, self.log_file.read_text()[-3000:]
             assert time.monotonic() < deadline, "worker never became ready"
             time.sleep(0.2)
 
@@ -122,7 +136,11 @@ class Tail:
 
 
 def finding_bytes(
-    uid: str, p: float, ready_at: datetime | None = None, received_before_s: float = 0.0
+    uid: str,
+    p: float,
+    ready_at: datetime | None = None,
+    received_before_s: float = 0.0,
+    request_id: str = "",
 ) -> bytes:
     """A stat-lane ICH finding for `uid` with probability `p` (positive at >= 0.5), as a lane
     agent would publish it: tests drive the report/escalate agents without a model."""
@@ -143,4 +161,59 @@ def finding_bytes(
         received_at=ready - timedelta(seconds=received_before_s),
         ready_at=ready,
         inference_ms=5.0,
+        request_id=request_id,
     ).to_bytes()
+
+
+RULE = "ct-head-noncontrast-ich"
+
+
+class Studies:
+    """Head CT phantoms written as DICOM into the worker's blob store, sent as lane requests."""
+
+    def __init__(self, settings: Settings, tmp_path: Path) -> None:
+        self.settings, self.tmp = settings, tmp_path
+        self.blobs = LocalBlobStore(settings.blob_dir)
+        self.rng = np.random.default_rng(20240917)
+        (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == RULE]
+        self.threshold = rule.threshold
+        self.producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+        self.bleeds: set[str] = set()
+        self.lane: dict[str, Lane] = {}
+
+    def send(self, lane: Lane, *, bleed: bool) -> str:
+        ph = head_ct_phantom(self.rng, bleed=bleed, min_bleed_ml=5.0)
+        study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        files = write_ct_series(
+            ph.hu, ph.spacing_zyx, self.tmp / "dicom" / study_uid, study_uid=study_uid, series_uid=series_uid
+        )
+        uris = tuple(
+            self.blobs.put_instance(
+                study_uid,
+                series_uid,
+                pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID,
+                f.read_bytes(),
+            )
+            for f in files
+        )
+        now = datetime.now(UTC)
+        req = TriageRequest(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance_uris=uris,
+            lane=lane,
+            rule_id=RULE,
+            model_name="ich_classifier",
+            finding="ICH",
+            threshold=self.threshold,
+            received_at=now,
+            ready_at=now,
+            request_id=f"{study_uid}/{RULE}",
+            lane_reason="fault test",
+        )
+        topic = self.settings.topics.lane_topic(lane)
+        self.producer.send(topic, key=study_uid.encode(), value=req.to_bytes()).get(10)
+        if bleed:
+            self.bleeds.add(study_uid)
+        self.lane[study_uid] = lane
+        return study_uid

@@ -11,30 +11,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pydicom
 import pytest
-from kafka import KafkaProducer
 
-from connectors.blobstore import LocalBlobStore
-from models.dicom_writer import write_ct_series
-from models.phantoms import head_ct_phantom
 from radtriage.replay import REPLAY_HEADER
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.triton import LocalTriton
-from schemas.requests import Lane, TriageRequest
-from schemas.routing_rules import RoutingRules
 from tests.conftest import free_port
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Studies, Tail, Worker
 
 pytestmark = pytest.mark.integration
-
-RULE = "ct-head-noncontrast-ich"
-
 
 @pytest.fixture
 def own_triton(tmp_path: Path) -> Iterator[LocalTriton]:
@@ -51,57 +40,6 @@ def own_triton(tmp_path: Path) -> Iterator[LocalTriton]:
         yield server
     finally:
         server.stop()
-
-
-class Studies:
-    """Head CT phantoms written as DICOM into the worker's blob store, sent as lane requests."""
-
-    def __init__(self, settings: Settings, tmp_path: Path) -> None:
-        self.settings, self.tmp = settings, tmp_path
-        self.blobs = LocalBlobStore(settings.blob_dir)
-        self.rng = np.random.default_rng(20240917)
-        (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == RULE]
-        self.threshold = rule.threshold
-        self.producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
-        self.bleeds: set[str] = set()
-        self.lane: dict[str, Lane] = {}
-
-    def send(self, lane: Lane, *, bleed: bool) -> str:
-        ph = head_ct_phantom(self.rng, bleed=bleed, min_bleed_ml=5.0)
-        study_uid, series_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-        files = write_ct_series(
-            ph.hu, ph.spacing_zyx, self.tmp / "dicom" / study_uid, study_uid=study_uid, series_uid=series_uid
-        )
-        uris = tuple(
-            self.blobs.put_instance(
-                study_uid,
-                series_uid,
-                pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID,
-                f.read_bytes(),
-            )
-            for f in files
-        )
-        now = datetime.now(UTC)
-        req = TriageRequest(
-            study_uid=study_uid,
-            series_uid=series_uid,
-            instance_uris=uris,
-            lane=lane,
-            rule_id=RULE,
-            model_name="ich_classifier",
-            finding="ICH",
-            threshold=self.threshold,
-            received_at=now,
-            ready_at=now,
-            request_id=f"{study_uid}/{RULE}",
-            lane_reason="fault test",
-        )
-        topic = self.settings.topics.lane_topic(lane)
-        self.producer.send(topic, key=study_uid.encode(), value=req.to_bytes()).get(10)
-        if bleed:
-            self.bleeds.add(study_uid)
-        self.lane[study_uid] = lane
-        return study_uid
 
 
 def _worker(env: dict[str, str], settings: Settings, triton: LocalTriton, timeout_s: float) -> Worker:

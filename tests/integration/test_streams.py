@@ -125,7 +125,7 @@ def test_no_second_alert_when_the_worker_dies_right_after_alerting(
 ) -> None:
     """The crash window of a dedup table written after the alert: the alert is in Kafka, the
     finding's offset is not committed, so the next worker reprocesses the finding. It must
-    find the alert on the alert topic (streams/alert_ledger.py) and not send it again."""
+    find the alert on the alert topic (streams/published_ledger.py) and not send it again."""
     env, settings = worker_env
     t = settings.topics
     crashing = Worker({**env, "RADTRIAGE_STREAMS__FAULT_INJECTION": "crash_after_alert"}, settings.home)
