@@ -31,7 +31,6 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -154,17 +153,22 @@ __all__ = ["MessageError", "SendError", "run_demo"]
 
 
 def send_series(paths: list[Path], settings: Settings, host: str = "127.0.0.1") -> None:
-    """C-STORE every file over one association, then release it (the 'study complete' signal)."""
+    """C-STORE every file over one association, then release it (the 'study complete' signal).
+
+    One presentation context per SOP class among the files (CT volumes, CR/DX films).
+    """
+    datasets = [dcmread(path) for path in paths]
     ae = AE(ae_title="RADTRIAGE_DEMO")
-    ae.add_requested_context(CTImageStorage)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class)
     assoc = ae.associate(host, settings.dicom.port, ae_title=settings.dicom.ae_title)
     if not assoc.is_established:
         raise SendError(
             f"DICOM association to {host}:{settings.dicom.port} ({settings.dicom.ae_title}) refused"
         )
     try:
-        for path in paths:
-            status = assoc.send_c_store(dcmread(path))
+        for path, ds in zip(paths, datasets, strict=True):
+            status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code != 0x0000:
                 raise SendError(f"C-STORE of {path.name} answered status {code!r}")
