@@ -25,10 +25,30 @@ FINDING_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-finding"
 FINDINGS: dict[str, tuple[str, str, str]] = {
     # code: (plain words, SNOMED CT code, SNOMED display)
     "ICH": ("intracranial haemorrhage", "1386000", "Intracranial hemorrhage"),
-    "LVO": ("large-vessel occlusion", "432504007", "Cerebral infarction"),
+    # The occlusion itself, not its consequence (432504007 |Cerebral infarction| is what a
+    # CTA cannot show and what thrombectomy aims to prevent).
+    "LVO": ("large-vessel occlusion", "20059004", "Occlusion of cerebral artery"),
     "NODULE": ("lung nodule", "786838002", "Pulmonary nodule"),
     "CXR_CRITICAL": ("critical chest radiograph finding", "36118008", "Pneumothorax"),
     "BIRADS": ("suspicious mammographic finding", "129748009", "Mass of breast"),
+}
+
+
+SNOMED = "http://snomed.info/sct"
+RADLEX = "http://radlex.org"
+# SNOMED CT 272741003 |Laterality (attribute)| with its qualifier values, and RadLex's
+# terms for the same (as RadElement's "Side" element codes them).
+LATERALITY_CODE: dict[str, Any] = {
+    "coding": [
+        {"system": SNOMED, "code": "272741003", "display": "Laterality"},
+        {"system": RADLEX, "code": "RID5821", "display": "laterality"},
+    ],
+    "text": "Laterality",
+}
+SIDES: dict[str, tuple[str, str]] = {
+    # side: (SNOMED CT qualifier value, RadLex)
+    "left": ("7771000", "RID5824"),
+    "right": ("24028007", "RID5825"),
 }
 
 
@@ -44,10 +64,20 @@ def resource_ids(finding: Finding) -> tuple[str, str]:
     )
 
 
+def _sided(finding: Finding) -> bool:
+    return finding.laterality in SIDES and finding.laterality_probability is not None
+
+
 def conclusion_text(finding: Finding) -> str:
     words = FINDINGS[finding.finding][0]
     model = f"{finding.model_name} v{finding.model_version}"
-    if finding.positive:
+    if finding.positive and _sided(finding):
+        head = (
+            f"Suspected {words}, {finding.laterality} side (probability {finding.probability:.2f}): "
+            f"at or above the alert threshold {finding.threshold:.2f}; the model puts it on the "
+            f"{finding.laterality} with probability {finding.laterality_probability:.2f} ({model})."
+        )
+    elif finding.positive:
         head = (
             f"Suspected {words}: AI probability {finding.probability:.2f} "
             f"at or above the alert threshold {finding.threshold:.2f} ({model})."
@@ -80,7 +110,7 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
         "code": {
             "coding": [
                 {"system": FINDING_SYSTEM, "code": finding.finding, "display": f"AI triage: {words}"},
-                {"system": "http://snomed.info/sct", "code": snomed, "display": snomed_display},
+                {"system": SNOMED, "code": snomed, "display": snomed_display},
             ],
             "text": f"Probability of {words} (AI triage)",
         },
@@ -118,9 +148,42 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
             {"code": {"text": "DICOM Series Instance UID"}, "valueString": finding.series_uid},
         ],
     }
+    body["component"] += laterality_components(finding)
     if finding.patient_id:
         body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
     return Observation.model_validate(body)
+
+
+def laterality_components(finding: Finding) -> list[dict[str, Any]]:
+    """The side of a sided finding as Observation components (R4 has no laterality element
+    on Observation.bodySite): SNOMED CT 272741003 |Laterality| = Left/Right, and the
+    model's probability of that side. Nothing for findings without a stated side."""
+    if not _sided(finding):
+        return []
+    assert finding.laterality is not None and finding.laterality_probability is not None
+    snomed, radlex = SIDES[finding.laterality]
+    display = finding.laterality.capitalize()
+    return [
+        {
+            "code": LATERALITY_CODE,
+            "valueCodeableConcept": {
+                "coding": [
+                    {"system": SNOMED, "code": snomed, "display": display},
+                    {"system": RADLEX, "code": radlex, "display": display},
+                ],
+                "text": display,
+            },
+        },
+        {
+            "code": {"text": f"Probability of the {finding.laterality} side (AI triage)"},
+            "valueQuantity": {
+                "value": round(finding.laterality_probability, 4),
+                "unit": "probability",
+                "system": "http://unitsofmeasure.org",
+                "code": "1",
+            },
+        },
+    ]
 
 
 def build_report(finding: Finding, report_id: str, observation_id: str) -> DiagnosticReport:
@@ -167,9 +230,7 @@ def build_report(finding: Finding, report_id: str, observation_id: str) -> Diagn
     if finding.patient_id:
         body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
     if finding.positive:
-        body["conclusionCode"] = [
-            {"coding": [{"system": "http://snomed.info/sct", "code": snomed, "display": snomed_display}]}
-        ]
+        body["conclusionCode"] = [{"coding": [{"system": SNOMED, "code": snomed, "display": snomed_display}]}]
     return DiagnosticReport.model_validate(body)
 
 

@@ -9,10 +9,11 @@ deadline, so a stuck server surfaces as an `InferenceError`, not a hung stream.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
-from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedOutput, KeepAliveOptions
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, KeepAliveOptions
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
@@ -52,6 +53,39 @@ class Inference:
     probability: float
     model_version: str
     elapsed_ms: float
+    # Every other single-value output the model declared, by its Triton name (the LVO
+    # detector's "side_left_probability"): a model gains outputs without a client change.
+    outputs: Mapping[str, float] = field(default_factory=dict)
+
+
+def read_outputs(model_name: str, arrays: Mapping[str, np.ndarray | None]) -> tuple[float, dict[str, float]]:
+    """The main `probability` and the other single-value numeric outputs of one response.
+
+    Pure (unit-tested on plain arrays). `probability`, and any output whose name says it is
+    a probability, must be one finite value in [0, 1]: a model returning anything else is
+    broken, and its result must not become a finding. Outputs of more than one value (a
+    segmentation map, say) or of non-numeric type are not findings' material and are left
+    out rather than failing the study.
+    """
+    probs = arrays.get(OUTPUT_NAME)
+    if probs is None or probs.size != 1:
+        raise InferenceError(f"model {model_name} returned no single '{OUTPUT_NAME}' value")
+    extras: dict[str, float] = {}
+    for name, values in arrays.items():
+        if name == OUTPUT_NAME or values is None or values.size != 1:
+            continue
+        if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
+            continue
+        extras[name] = _checked(model_name, name, float(values.reshape(-1)[0]))
+    return _checked(model_name, OUTPUT_NAME, float(probs.reshape(-1)[0])), extras
+
+
+def _checked(model_name: str, name: str, value: float) -> float:
+    if not np.isfinite(value):
+        raise InferenceError(f"model {model_name} returned {name} {value!r}, not a finite number")
+    if name.endswith("probability") and not 0.0 <= value <= 1.0:
+        raise InferenceError(f"model {model_name} returned {name} {value!r} outside [0, 1]")
+    return value
 
 
 class TritonModelClient:
@@ -74,6 +108,9 @@ class TritonModelClient:
     ) -> Inference:
         """Run one preprocessed volume (C, D, H, W) through a probability model.
 
+        No outputs are named in the request, so Triton returns every output the model
+        declares; `read_outputs` keeps `probability` and the model's other scalar outputs.
+
         `headers` go out as gRPC metadata: a W3C traceparent there lets a Triton started
         with `--trace-config mode=opentelemetry` put its own per-request spans (queue,
         compute) into the study's trace; its infer response carries no timings itself.
@@ -86,7 +123,6 @@ class TritonModelClient:
             result = await self._client.infer(
                 model_name,
                 [inp],
-                outputs=[InferRequestedOutput(OUTPUT_NAME)],
                 priority=priority,
                 # Server-side queue timeout in microseconds; the client deadline is the backstop.
                 timeout=int(self._timeout_s * 1_000_000),
@@ -96,14 +132,13 @@ class TritonModelClient:
         except InferenceServerException as exc:
             raise InferenceError(f"Triton {self._url} model {model_name}: {exc.message()}") from exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
-        probs = result.as_numpy(OUTPUT_NAME)
-        if probs is None or probs.size != 1:
-            raise InferenceError(f"model {model_name} returned no single '{OUTPUT_NAME}' value")
-        probability = float(probs.reshape(-1)[0])
-        if not 0.0 <= probability <= 1.0 or not np.isfinite(probability):
-            raise InferenceError(f"model {model_name} returned probability {probability!r} outside [0, 1]")
+        response = result.get_response()
+        probability, extras = read_outputs(
+            model_name, {o.name: result.as_numpy(o.name) for o in response.outputs}
+        )
         return Inference(
             probability=probability,
-            model_version=result.get_response().model_version or "1",
+            model_version=response.model_version or "1",
             elapsed_ms=elapsed_ms,
+            outputs=extras,
         )

@@ -1,6 +1,7 @@
 """`radtriage demo`: replay synthetic studies through a running stack and show what happened.
 
-Four studies per run, each with the hospital messages a real one would come with:
+Six studies per run, one or more per route, each with the hospital messages a real one
+would come with:
 - a head CT with a bleed whose STAT "code stroke" order (HL7 ORM^O01 over MLLP)
   arrives before the images: routed straight to the stat lane;
 - a head CT with a bleed of a patient registered as an outpatient (HL7 ADT^A04)
@@ -8,7 +9,14 @@ Four studies per run, each with the hospital messages a real one would come with
   queued work is moved up to the stat lane (or, if the routine lane already finished
   it, the audit says so);
 - a normal head CT with a routine outpatient FHIR ServiceRequest: routine lane;
+- a head/neck CTA with a left-sided large-vessel occlusion of a patient the ED registered
+  (HL7 ADT^A04, patient class E) whose order has not arrived: the CTA route is
+  time-critical, so stat; a stroke alert naming the side;
+- a chest film (DX) with a pneumothorax: routine lane, a positive report, no alert
+  (chest films have no alert channel);
 - a chest CT that no rule takes: unrouted.
+Each routed case must come out with its route's kind of finding (ICH, LVO, CXR_CRITICAL),
+positive or negative as the phantom is, and the LVO case with the phantom's side.
 Images go over a DICOM association (C-STORE, then release) to the running listener,
 and each study is followed on Kafka until its outcome. Latencies are measured from
 the timestamps the pipeline records (first instance received, study ready,
@@ -31,7 +39,6 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -47,6 +54,8 @@ from radtriage.demo_messages import (
 from radtriage.settings import Settings
 
 console = Console()
+# SNOMED CT 272741003 |Laterality|: the Observation component that names a finding's side.
+LATERALITY_SNOMED = "272741003"
 
 
 @dataclass
@@ -56,10 +65,15 @@ class DemoCase:
     make: Callable[[np.random.Generator, Path, str], list[Path]]
     # Hospital messages around the images: "stat_first" (HL7 STAT order, then images),
     # "stat_late" (ADT outpatient, images, then HL7 STAT order), "fhir_routine" (FHIR
-    # routine ServiceRequest, then images), "" (images only).
+    # routine ServiceRequest, then images), "ed_no_order" (ADT emergency patient, then
+    # images, no order), "" (images only).
     orders: str = ""
     # The lane the study's work must end in ("" for unrouted).
     expect_lane: str = ""
+    # The finding the route produces, whether it is positive, and its side ("" = not checked).
+    expect_finding: str = ""
+    expect_positive: bool | None = None
+    expect_side: str = ""
 
 
 @dataclass
@@ -74,6 +88,11 @@ class Outcome:
     inferred_on: str = ""
     finding: str = "-"
     probability: float | None = None
+    positive: bool | None = None
+    laterality: str = ""
+    expect_finding: str = ""
+    expect_positive: bool | None = None
+    expect_side: str = ""
     alert: bool = False
     report: bool = False
     unrouted: bool = False
@@ -93,6 +112,12 @@ class Outcome:
         if self.dead_letter:
             return False
         if self.expected != "unrouted" and self.final_lane != self.expect_lane:
+            return False
+        if self.expect_finding and self.finding != self.expect_finding:
+            return False
+        if self.expect_positive is not None and self.positive != self.expect_positive:
+            return False
+        if self.expect_side and self.laterality != self.expect_side:
             return False
         return {
             "alert": self.alert and self.report,
@@ -138,10 +163,56 @@ def _chest(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
     )
 
 
+# Fixed phantoms for the two newer routes, so the demo shows each model's typical answer
+# rather than whatever the shared generator draws: on these the served models say
+# P(LVO) 1.00 with P(left) 0.97, and P(pneumothorax) 1.00.
+CTA_SEED, FILM_SEED = 7101, 20261124
+
+
+def _cta(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
+    from models.cta_phantoms import cta_phantom
+    from models.dicom_writer import write_ct_series
+
+    ph = cta_phantom(np.random.default_rng(CTA_SEED), lvo=True, side="left")
+    return write_ct_series(
+        ph.hu,
+        ph.spacing_zyx,
+        out,
+        accession=accession,
+        patient_id=f"DEMO-{accession}",
+        patient_name="Demo^Phantom",
+        body_part="HEAD",
+        series_description="CTA HEAD NECK",
+    )
+
+
+def _film(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
+    from models.cxr_phantoms import chest_radiograph_phantom
+    from models.cxr_writer import write_radiograph
+
+    r = chest_radiograph_phantom(np.random.default_rng(FILM_SEED), pneumothorax=True, min_rim_fraction=0.1)
+    return [
+        write_radiograph(
+            r.pixels,
+            r.pixel_mm,
+            out,
+            accession=accession,
+            patient_id=f"DEMO-{accession}",
+            patient_name="Demo^Phantom",
+        )
+    ]
+
+
 CASES = (
-    DemoCase("head CT, bleed, STAT order first", "alert", _head(True), "stat_first", "stat"),
-    DemoCase("head CT, bleed, STAT order late", "alert", _head(True), "stat_late", "stat"),
-    DemoCase("head CT, normal, routine order", "report", _head(False), "fhir_routine", "routine"),
+    DemoCase("head CT, bleed, STAT order first", "alert", _head(True), "stat_first", "stat", "ICH", True),
+    DemoCase("head CT, bleed, STAT order late", "alert", _head(True), "stat_late", "stat", "ICH", True),
+    DemoCase(
+        "head CT, normal, routine order", "report", _head(False), "fhir_routine", "routine", "ICH", False
+    ),
+    DemoCase(
+        "CTA, left LVO, ED patient, no order", "alert", _cta, "ed_no_order", "stat", "LVO", True, "left"
+    ),
+    DemoCase("chest film, pneumothorax", "report", _film, "", "routine", "CXR_CRITICAL", True),
     DemoCase("chest CT", "unrouted", _chest),
 )
 
@@ -154,17 +225,22 @@ __all__ = ["MessageError", "SendError", "run_demo"]
 
 
 def send_series(paths: list[Path], settings: Settings, host: str = "127.0.0.1") -> None:
-    """C-STORE every file over one association, then release it (the 'study complete' signal)."""
+    """C-STORE every file over one association, then release it (the 'study complete' signal).
+
+    One presentation context per SOP class among the files (CT volumes, CR/DX films).
+    """
+    datasets = [dcmread(path) for path in paths]
     ae = AE(ae_title="RADTRIAGE_DEMO")
-    ae.add_requested_context(CTImageStorage)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class)
     assoc = ae.associate(host, settings.dicom.port, ae_title=settings.dicom.ae_title)
     if not assoc.is_established:
         raise SendError(
             f"DICOM association to {host}:{settings.dicom.port} ({settings.dicom.ae_title}) refused"
         )
     try:
-        for path in paths:
-            status = assoc.send_c_store(dcmread(path))
+        for path, ds in zip(paths, datasets, strict=True):
+            status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code != 0x0000:
                 raise SendError(f"C-STORE of {path.name} answered status {code!r}")
@@ -216,6 +292,7 @@ def _apply(outcome: Outcome, topic: str, data: dict[str, Any], settings: Setting
         outcome.alert = True
         outcome.finding = data["finding"]
         outcome.probability = data["probability"]
+        outcome.laterality = data.get("laterality") or outcome.laterality
         ready = datetime.fromisoformat(data["ready_at"])
         alerted = datetime.fromisoformat(data["alerted_at"])
         outcome.ready_to_alert_ms = _ms(ready, alerted)
@@ -226,6 +303,10 @@ def _apply(outcome: Outcome, topic: str, data: dict[str, Any], settings: Setting
         obs = data["bundle"]["entry"][1]["resource"]
         outcome.finding = data["finding"]
         outcome.probability = obs["valueQuantity"]["value"]
+        outcome.positive = obs["interpretation"][0]["coding"][0]["code"] == "POS"
+        for component in obs.get("component", []):
+            if any(c.get("code") == LATERALITY_SNOMED for c in component["code"].get("coding", [])):
+                outcome.laterality = str(component["valueCodeableConcept"]["text"]).lower()
         outcome.ready_to_report_ms = _ms(
             datetime.fromisoformat(report["effectiveDateTime"]), datetime.fromisoformat(data["produced_at"])
         )
@@ -266,7 +347,15 @@ def run_case(
     out = workdir / accession
     files = case.make(rng, out, accession)
     study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    outcome = Outcome(case=case.name, study_uid=study_uid, expected=case.expect, expect_lane=case.expect_lane)
+    outcome = Outcome(
+        case=case.name,
+        study_uid=study_uid,
+        expected=case.expect,
+        expect_lane=case.expect_lane,
+        expect_finding=case.expect_finding,
+        expect_positive=case.expect_positive,
+        expect_side=case.expect_side,
+    )
     patient_id = f"DEMO-{accession}"
     started = time.monotonic()
     if case.orders == "stat_first":
@@ -275,6 +364,8 @@ def run_case(
         post_fhir(settings, service_request(accession, patient_id, priority="routine"))
     elif case.orders == "stat_late":
         send_hl7(settings, hl7_adt(patient_id, patient_class="O"))
+    elif case.orders == "ed_no_order":
+        send_hl7(settings, hl7_adt(patient_id, patient_class="E"))
     send_series(files, settings)
     if case.orders == "stat_late":
         # The order the ED placed while the scan ran reaches radtriage after the images.
@@ -343,6 +434,7 @@ def run_demo(
         "inferred on",
         "finding",
         "probability",
+        "side",
         "alert",
         "report",
         "ready→alert",
@@ -358,6 +450,7 @@ def run_demo(
             o.inferred_on or "-",
             o.finding,
             "-" if o.probability is None else f"{o.probability:.3f}",
+            o.laterality or "-",
             "yes" if o.alert else "no",
             "yes" if o.report else ("unrouted" if o.unrouted else "no"),
             _fmt(o.ready_to_alert_ms),

@@ -7,7 +7,7 @@ from datetime import datetime
 from pydantic import Field
 
 from schemas.base import Event, utcnow
-from schemas.requests import FindingCode, Lane
+from schemas.requests import FindingCode, Lane, Laterality
 
 
 def alert_id(study_uid: str, finding: str) -> str:
@@ -30,3 +30,6 @@ class Alert(Event):
     ready_at: datetime
     alerted_at: datetime = Field(default_factory=utcnow)
     trace_id: str = ""
+    # The side, for findings that have one (LVO): where the stroke team looks first.
+    laterality: Laterality | None = None
+    laterality_probability: float | None = Field(default=None, ge=0.0, le=1.0)

@@ -11,6 +11,10 @@ from schemas.base import Event, utcnow
 
 Lane = Literal["stat", "urgent", "routine"]
 FindingCode = Literal["ICH", "LVO", "NODULE", "CXR_CRITICAL", "BIRADS"]
+# The patient's side of a finding (DICOM patient coordinates: +x is the patient's left).
+# "none": the model reports sides but states none, because it found nothing above its
+# threshold; a finding of a model without a side output has no laterality at all (None).
+Laterality = Literal["left", "right", "none"]
 
 
 class TriageRequest(Event):

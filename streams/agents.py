@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from connectors.blobstore import LocalBlobStore
 from processors.fhir_report import build_result_bundle
+from processors.laterality import side_of
 from processors.preprocess_pool import LanePools
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage import metrics
@@ -604,6 +605,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
             finally:
                 if attempt:
                     gate.retrying(lane, -1)
+            positive = result.probability >= req.threshold
+            side = side_of(result.outputs, positive)
             finding = Finding(
                 study_uid=req.study_uid,
                 accession_number=req.accession_number,
@@ -612,7 +615,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 finding=req.finding,
                 probability=result.probability,
                 threshold=req.threshold,
-                positive=result.probability >= req.threshold,
+                positive=positive,
                 model_name=req.model_name,
                 model_version=result.model_version,
                 lane=req.lane,
@@ -621,6 +624,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 ready_at=req.ready_at,
                 inference_ms=result.elapsed_ms,
                 request_id=req.request_id,
+                laterality=side.laterality,
+                laterality_probability=side.probability,
             )
             span.set_attribute("radtriage.probability", finding.probability)
             span.set_attribute("radtriage.positive", finding.positive)
@@ -773,6 +778,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     received_at=finding.received_at,
                     ready_at=finding.ready_at,
                     trace_id=current_trace_id(),
+                    laterality=finding.laterality,
+                    laterality_probability=finding.laterality_probability,
                 )
                 await publish(topics.alerts[channel], finding.study_uid, alert, headers_for_current_span())
                 _crash_if("crash_after_alert", key)

@@ -159,6 +159,27 @@ def test_demo_shows_stat_orders_changing_the_lane(stack: Stack, tmp_path: Path) 
     assert outcomes["head CT, normal, routine order"]["lanes"] == ["routine"]
     assert all(o["alert"] for o in outcomes.values() if o["expected"] == "alert")
     assert "lane" in ran.stdout and "stat" in ran.stdout
+    # Every route's kind of finding: ICH, LVO with its side (stat for an ED patient before
+    # any order: the CTA route is time-critical), a positive chest film reported, not alerted.
+    assert {o["finding"] for o in outcomes.values() if o["expected"] != "unrouted"} == {
+        "ICH",
+        "LVO",
+        "CXR_CRITICAL",
+    }
+    cta = outcomes["CTA, left LVO, ED patient, no order"]
+    assert (cta["route"], cta["lanes"], cta["laterality"], cta["alert"]) == (
+        "lvo_detector",
+        ["stat"],
+        "left",
+        True,
+    )
+    film = outcomes["chest film, pneumothorax"]
+    assert (film["route"], film["lanes"], film["positive"], film["alert"]) == (
+        "cxr_triage",
+        ["routine"],
+        True,
+        False,
+    )
 
 
 def test_no_phi_on_any_topic_log_or_trace(stack: Stack) -> None:

@@ -18,7 +18,7 @@ from models.dicom_writer import write_ct_series
 from models.train_ich import auc
 from processors.model_inputs import prepare_model_input
 from processors.preprocessing import CXR_INPUT_SHAPE, LVO_INPUT_SHAPE
-from processors.triton_client import TritonModelClient
+from processors.triton_client import Inference, TritonModelClient
 from radtriage.settings import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -77,14 +77,19 @@ def _cxr_cases(tmp_path: Path) -> list[tuple[int, np.ndarray]]:
 async def _through_the_lane_client(
     url: str, model: str, tensors: list[np.ndarray]
 ) -> list[tuple[float, str]]:
+    return [(r.probability, r.model_version) for r in await _lane_results(url, model, tensors)]
+
+
+async def _lane_results(url: str, model: str, tensors: list[np.ndarray]) -> list[Inference]:
     client = TritonModelClient(url, timeout_s=60)
     try:
-        results = await asyncio.gather(
-            *(client.infer_probability(model, t, priority=1 + i % 3) for i, t in enumerate(tensors))
+        return list(
+            await asyncio.gather(
+                *(client.infer_probability(model, t, priority=1 + i % 3) for i, t in enumerate(tensors))
+            )
         )
     finally:
         await client.close()
-    return [(r.probability, r.model_version) for r in results]
 
 
 def _batch(url: str, model: str, tensors: list[np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
@@ -116,6 +121,14 @@ def test_lvo_detector_loads_answers_a_batch_and_separates_lvo(triton_grpc_url: s
     assert all(t.shape == LVO_INPUT_SHAPE for t in tensors)
     served = _batch(triton_grpc_url, "lvo_detector", tensors[:8], ["probability", "side_left_probability"])
     assert served["probability"].shape == (8, 1) and served["side_left_probability"].shape == (8, 1)
+    # The lanes' client brings the model's second output back by name, unasked.
+    lane = asyncio.run(_lane_results(triton_grpc_url, "lvo_detector", tensors[:8]))
+    assert all(set(r.outputs) == {"side_left_probability"} for r in lane)
+    np.testing.assert_allclose(
+        [r.outputs["side_left_probability"] for r in lane],
+        served["side_left_probability"].reshape(-1),
+        atol=1e-4,
+    )
 
     results = asyncio.run(_through_the_lane_client(triton_grpc_url, "lvo_detector", tensors))
     probs = np.array([p for p, _ in results])
@@ -157,7 +170,9 @@ def test_cxr_triage_loads_answers_a_batch_and_separates_pneumothorax(
     assert all(t.shape == CXR_INPUT_SHAPE for t in tensors)
     served = _batch(triton_grpc_url, "cxr_triage", tensors[:8], ["probability"])
     assert served["probability"].shape == (8, 1)
-    results = asyncio.run(_through_the_lane_client(triton_grpc_url, "cxr_triage", tensors))
+    lane = asyncio.run(_lane_results(triton_grpc_url, "cxr_triage", tensors))
+    assert all(r.outputs == {} for r in lane)  # one output: nothing extra
+    results = [(r.probability, r.model_version) for r in lane]
     probs = np.array([p for p, _ in results])
     assert {v for _, v in results} == {"1"}
     np.testing.assert_allclose(served["probability"].reshape(-1), probs[:8], atol=1e-4)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def test_largest_matching_series_is_chosen() -> None:
     [
         ("CT", "CHEST", "CT CHEST WO CONTRAST", 60),  # another body part
         ("MR", "HEAD", "AX FLAIR BRAIN", 30),  # another modality
-        ("CT", "HEAD", "CTA HEAD NECK", 200),  # angiography belongs to the stroke model
-        ("CT", "HEAD", "Head perfusion", 200),
+        ("CT", "HEAD", "Head perfusion", 200),  # perfusion: neither ICH nor the LVO detector
+        ("CT", "HEAD", "CTA HEAD NECK", 10),  # a handful of CTA images: a MIP or reformat
+        ("CT", "CHEST", "CTA CHEST PE", 300),  # an angiogram of another body part
         ("CT", "HEAD", "CT HEAD WO CONTRAST", 3),  # too few slices: a scout, not a volume
         ("CT", "", "CT HEAD WO CONTRAST", 30),  # no BodyPartExamined: not guessed
     ],
@@ -107,3 +109,64 @@ def test_rules_file_errors_name_the_problem(tmp_path: Path) -> None:
     )
     with pytest.raises(ValidationError):
         RoutingRules.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("body", "desc"),
+    [
+        ("HEAD", "CTA HEAD NECK"),
+        ("NECK", "CTA NECK"),
+        ("HEADNECK", "CT Angio Head and Neck 0.6mm"),
+        ("BRAIN", "cta_circle_of_willis"),
+        ("head", "CT ANGIOGRAM HEAD"),
+    ],
+)
+def test_cta_of_head_and_neck_goes_to_the_lvo_detector_on_the_stat_lane(body: str, desc: str) -> None:
+    routes = route_study(study(series("1.1", "CT", body, desc, 200)), RULES)
+    assert [(r.rule.model, r.rule.finding, r.rule.alert, r.lane) for r in routes] == [
+        ("lvo_detector", "LVO", "stroke", "stat")
+    ]
+    # Time-critical like the plain head CT: an emergency patient's CTA is stat before its order.
+    assert routes[0].rule.time_critical
+
+
+@pytest.mark.parametrize(
+    "desc",
+    [
+        "CTA HEAD PERFUSION",
+        "CTP brain",
+        "CT Perf Head 4D",
+        "Angio perfusion maps",
+        "CT VENOGRAM HEAD",
+        "CTV head",
+    ],
+)
+def test_perfusion_and_venography_are_not_sent_to_the_lvo_detector(desc: str) -> None:
+    routes = route_study(study(series("1.1", "CT", "HEAD", desc, 200)), RULES)
+    assert [r.rule.model for r in routes] == []
+
+
+def test_stroke_workup_sends_plain_head_ct_to_ich_and_cta_to_lvo() -> None:
+    """A code-stroke study: non-contrast head CT, CTA source images, a perfusion series."""
+    routes = route_study(
+        study(
+            series("1.1", "CT", "HEAD", "CT HEAD WO CONTRAST", 32),
+            series("1.2", "CT", "HEAD", "CTA HEAD NECK 0.625", 400),
+            series("1.3", "CT", "HEAD", "CTA HEAD NECK MIP", 20),
+            series("1.4", "CT", "HEAD", "CT PERFUSION HEAD", 600),
+        ),
+        RULES,
+    )
+    assert sorted((r.rule.model, r.series.series_uid) for r in routes) == [
+        ("ich_classifier", "1.1"),
+        ("lvo_detector", "1.2"),  # the largest CTA series, not its MIP
+    ]
+
+
+def test_lvo_request_carries_the_models_operating_point() -> None:
+    st = study(series("1.2", "CT", "HEAD", "CTA HEAD NECK", 48))
+    (route,) = route_study(st, RULES)
+    req = build_request(st, route)
+    metrics = json.loads((REPO_ROOT / "models" / "lvo_detector.metrics.json").read_text())
+    assert (req.model_name, req.finding, req.rule_id) == ("lvo_detector", "LVO", "cta-head-neck-lvo")
+    assert req.threshold == metrics["threshold"]
