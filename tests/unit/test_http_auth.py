@@ -18,7 +18,8 @@ from connectors.http.auth import challenges, decide, is_public, presented_token,
 from connectors.http.tls import TlsConfigError, client_context, server_context
 from connectors.http.tokens import TokenError, TokenStore, digest, parse_tokens_file, read_tokens_file
 from radtriage import metrics
-from radtriage.settings import HttpAuthSettings, HttpSettings, Settings
+from radtriage.settings import SETTINGS_JSON_ENV, HttpAuthSettings, HttpSettings, Settings, load_settings
+from radtriage.up import child_env
 from tests.certs import make_certs
 
 GOOD = "tok-" + "a" * 28
@@ -230,12 +231,13 @@ def _rewrite(path: Path, text: str) -> None:
     os.utime(path, ns=(stamp, stamp))
 
 
-def test_settings_mask_tokens_except_for_up_children() -> None:
+def test_settings_mask_tokens_except_for_up_children(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
     s.http.auth.tokens = [SecretStr(GOOD)]
     assert GOOD not in s.model_dump_json() and GOOD not in repr(s)
-    inherited = Settings.model_validate_json(s.model_dump_json(context={"reveal_secrets": True}))
-    assert inherited.http.auth.tokens[0].get_secret_value() == GOOD
+    # What `radtriage up` hands a child, and what the child reads back.
+    monkeypatch.setenv(SETTINGS_JSON_ENV, child_env(s)[SETTINGS_JSON_ENV])
+    assert load_settings().http.auth.tokens[0].get_secret_value() == GOOD
 
 
 def test_tokens_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
