@@ -27,6 +27,8 @@ import pytest
 import requests
 
 from connectors.http.server import start_http
+from radtriage.demo_messages import post_fhir
+from radtriage.demo_messages import service_request as demo_service_request
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from tests.certs import Certs, make_certs
@@ -288,8 +290,13 @@ def test_https_with_the_test_ca_and_plain_http_is_refused(
         requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=TIMEOUT)
     # ...and the server is none the worse for it.
     assert s.get(f"{server.base}/healthz", timeout=TIMEOUT).status_code == 200
-    records = read_topic(kafka_bootstrap, server.settings.topics.orders, 1)
-    assert [r.key for r in records] == ["TLS-1"]
+    # `radtriage demo` reaches it from the same settings: the server's certificate, a token.
+    demo = server.settings.model_copy(deep=True)
+    demo.http.port = server.port
+    location = post_fhir(demo, demo_service_request("DEMO-1", "MRN-1", priority="stat"))
+    assert location.startswith(f"https://127.0.0.1:{server.port}/fhir/ServiceRequest/")
+    records = read_topic(kafka_bootstrap, server.settings.topics.orders, 2)
+    assert sorted(r.key for r in records) == ["DEMO-1", "TLS-1"]
 
 
 def test_tls_below_1_2_is_refused(kafka_bootstrap: str, tmp_path: Path, serve, certs: Certs) -> None:
