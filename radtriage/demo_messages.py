@@ -13,6 +13,8 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
+from connectors.http.tls import TlsConfigError, client_context
+from connectors.http.tokens import TokenError, client_token
 from radtriage.settings import Settings
 
 
@@ -97,15 +99,20 @@ def service_request(accession: str, patient_id: str, *, priority: str, reason: s
 
 def post_fhir(settings: Settings, resource: dict[str, Any], host: str = "127.0.0.1") -> str:
     """POST a resource to the FHIR intake; returns the Location of the created resource."""
-    url = f"http://{host}:{settings.http.port}/fhir/{resource['resourceType']}"
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(resource).encode(),
-        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
-        method="POST",
-    )
+    http = settings.http
+    url = f"{http.scheme}://{host}:{http.port}/fhir/{resource['resourceType']}"
+    headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        # The same settings as the server: its certificate and one of its tokens.
+        context = client_context(http) if http.tls.enabled else None
+        token = client_token(http.auth.tokens, http.auth.tokens_file) if http.auth.mode != "off" else None
+    except (TlsConfigError, TokenError) as exc:
+        raise MessageError(f"cannot reach the FHIR intake securely: {exc}") from exc
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=json.dumps(resource).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
             return str(response.headers.get("Location", ""))
     except urllib.error.HTTPError as exc:
         raise MessageError(f"FHIR intake answered {exc.code}: {exc.read()[:300]!r}") from exc

@@ -158,6 +158,15 @@ HL7_MESSAGES = Counter(
 FHIR_REQUESTS = Counter(
     "radtriage_fhir_requests_total", "FHIR REST requests answered", ["resource_type", "code"]
 )
+HTTP_AUTH_REFUSALS = Counter(
+    "radtriage_http_auth_refusals_total",
+    "HTTP requests refused 401 for want of valid credentials, by reason",
+    ["reason"],
+)
+# The reasons connectors/http/auth.py refuses for (its REFUSAL_REASONS); anything else is "other".
+HTTP_AUTH_REFUSAL_REASONS = frozenset(
+    {"missing_credentials", "malformed_authorization", "invalid_token", "client_cert_required"}
+)
 STOW_REQUESTS = Counter("radtriage_stow_requests_total", "DICOMweb STOW-RS requests answered", ["code"])
 STOW_INSTANCES = Counter(
     "radtriage_stow_instances_total",
@@ -264,6 +273,10 @@ def observe_http_request(path: str, resource_type: str | None, status: int) -> N
         FHIR_REQUESTS.labels(fhir_resource_label(path, resource_type), code).inc()
     elif path == "/dicomweb/studies" or path.startswith("/dicomweb/studies/"):
         STOW_REQUESTS.labels(code).inc()
+
+
+def count_http_auth_refusal(reason: str) -> None:
+    HTTP_AUTH_REFUSALS.labels(bounded(reason, HTTP_AUTH_REFUSAL_REASONS)).inc()
 
 
 def count_stow_instances(stored: int, failed_statuses: Iterable[int]) -> None:

@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, FieldSerializationInfo, SecretStr, field_serializer
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -143,6 +143,45 @@ class Hl7Settings(BaseModel):
     idle_timeout_s: float = 300.0
 
 
+def reveals_secrets(info: FieldSerializationInfo) -> bool:
+    """Secrets are masked in every dump except the one `up` hands its children
+    (``model_dump_json(context={"reveal_secrets": True})``): they need the real values."""
+    context = info.context
+    return isinstance(context, dict) and bool(context.get("reveal_secrets"))
+
+
+class HttpTlsSettings(BaseModel):
+    """HTTPS on the HTTP port (connectors/http/tls.py). TLS 1.2 is the minimum."""
+
+    enabled: bool = False
+    # PEM files: the server's certificate (chain: leaf first) and its unencrypted private key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # mTLS: clients must present a certificate signed by a CA in this PEM file. With
+    # auth.mode bearer_or_mtls a certificate is optional (a token will do); otherwise required.
+    client_ca_file: Path | None = None
+
+
+class HttpAuthSettings(BaseModel):
+    """Who may use the HTTP port (connectors/http/auth.py). Off by default: the local stack."""
+
+    # off: everyone; bearer: a token; mtls: a verified client certificate (needs tls.client_ca_file);
+    # bearer_or_mtls: either.
+    mode: Literal["off", "bearer", "mtls", "bearer_or_mtls"] = "off"
+    # Accepted bearer tokens (env: RADTRIAGE_HTTP__AUTH__TOKENS='["t1","t2"]')...
+    tokens: list[SecretStr] = Field(default_factory=list)
+    # ...and/or a file of tokens, one per line, '#' comments: rotated by editing the file
+    # (re-read when it changes; a broken edit keeps the previous tokens and is logged).
+    tokens_file: Path | None = None
+    # Paths served without credentials: exact, or a prefix when the entry ends with '/'.
+    # /healthz carries no PHI and Kubernetes probes cannot send a token.
+    public_paths: list[str] = Field(default_factory=lambda: ["/healthz"])
+
+    @field_serializer("tokens")
+    def _dump_tokens(self, tokens: list[SecretStr], info: FieldSerializationInfo) -> list[str]:
+        return [t.get_secret_value() if reveals_secrets(info) else str(t) for t in tokens]
+
+
 class HttpSettings(BaseModel):
     """FHIR intake (`/fhir`), DICOMweb STOW-RS (`/dicomweb/studies`), health (`/healthz`)."""
 
@@ -153,6 +192,12 @@ class HttpSettings(BaseModel):
     # A FHIR resource is small; a STOW-RS request may carry a whole series.
     max_fhir_bytes: int = 4 << 20
     max_stow_bytes: int = 2 << 30
+    tls: HttpTlsSettings = Field(default_factory=HttpTlsSettings)
+    auth: HttpAuthSettings = Field(default_factory=HttpAuthSettings)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls.enabled else "http"
 
 
 class OrderSettings(BaseModel):

@@ -31,18 +31,24 @@ from radtriage.worker import ready_file
 console = Console(stderr=True)
 
 
-def spawn(name: str, args: list[str], settings: Settings) -> ServiceProcess:
-    """A radtriage subcommand as a child service that sees exactly our resolved settings."""
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of a child: ours, plus exactly our resolved settings."""
     env = dict(os.environ)
-    env[SETTINGS_JSON_ENV] = settings.model_dump_json()
+    # The children need the real secrets (tokens), not the masked dump.
+    env[SETTINGS_JSON_ENV] = settings.model_dump_json(context={"reveal_secrets": True})
     # One prometheus_client multiprocess directory for all children: the HTTP process's
     # /metrics serves their aggregate. Set before the child imports prometheus_client.
     env[metrics.MULTIPROC_ENV] = str(metrics.multiproc_dir(settings))
+    return env
+
+
+def spawn(name: str, args: list[str], settings: Settings) -> ServiceProcess:
+    """A radtriage subcommand as a child service that sees exactly our resolved settings."""
     service = ServiceProcess(
         name,
         [sys.executable, "-m", "radtriage.cli", *args],
         settings.home / "logs" / f"{name}.log",
-        env=env,
+        env=child_env(settings),
         cwd=REPO_ROOT,
     )
     service.start()
@@ -128,7 +134,7 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         http = spawn("http", ["http"], settings)
         children.append(http)
         http.wait_until(lambda: port_in_use(settings.http.port), 30, "the HTTP port to open")
-        base = f"http://127.0.0.1:{settings.http.port}"
+        base = f"{settings.http.scheme}://127.0.0.1:{settings.http.port}"
         endpoints.append(("FHIR R4", f"{base}/fhir (ServiceRequest, ImagingStudy, Bundle)"))
         endpoints.append(("DICOMweb STOW-RS", f"{base}/dicomweb/studies"))
         endpoints.append(("Health", f"{base}/healthz"))

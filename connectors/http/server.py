@@ -19,11 +19,14 @@ from pydicom import config as pydicom_config
 from connectors.blobstore import LocalBlobStore
 from connectors.dicomweb import stow
 from connectors.fhir import routes as fhir
+from connectors.http.auth import make_auth_middleware, token_store
 from connectors.http.events import AsyncPublisher
 from connectors.http.health import healthz
 from connectors.http.middleware import Area, InFlight, make_middlewares, plain_json_error
 from connectors.http.operator import page as operator
 from connectors.http.state import BLOBS, IN_FLIGHT, PUBLISHER, SETTINGS
+from connectors.http.tls import TlsConfigError, server_context
+from connectors.http.tokens import TokenError, TokenStore
 from connectors.publisher import EventPublisher
 from radtriage import metrics
 from radtriage.settings import Settings
@@ -37,16 +40,28 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 def build_app(
-    settings: Settings, publisher: EventPublisher, blobs: LocalBlobStore, *, owns_publisher: bool = False
+    settings: Settings,
+    publisher: EventPublisher,
+    blobs: LocalBlobStore,
+    *,
+    owns_publisher: bool = False,
+    tokens: TokenStore | None = None,
 ) -> web.Application:
-    """The application; closes `publisher` on cleanup only if `owns_publisher`."""
+    """The application; closes `publisher` on cleanup only if `owns_publisher`.
+
+    `tokens`: the accepted bearer tokens (loaded from the settings when not given).
+    """
     areas = [
         Area("/fhir", settings.http.max_fhir_bytes, fhir.render_error),
         Area("/dicomweb", settings.http.max_stow_bytes, plain_json_error),
     ]
     in_flight = InFlight()
+    observe, standard_errors = make_middlewares(areas, Area("", OTHER_MAX_BODY, plain_json_error), in_flight)
+    # Authentication inside `observe` (a refusal is traced, access-logged and counted like
+    # any answer) and before everything else: no body is read, no handler runs for a refusal.
+    authenticate = make_auth_middleware(settings.http.auth, tokens or token_store(settings.http.auth))
     app = web.Application(
-        middlewares=make_middlewares(areas, Area("", OTHER_MAX_BODY, plain_json_error), in_flight),  # type: ignore[arg-type]
+        middlewares=[observe, authenticate, standard_errors],  # type: ignore[list-item]
         # Handlers read bodies themselves, with the limits above; this only bounds
         # aiohttp's own helpers should anything use them.
         client_max_size=max(settings.http.max_fhir_bytes, OTHER_MAX_BODY),
@@ -97,7 +112,10 @@ async def start_http(settings: Settings, publisher: EventPublisher | None = None
     """Serve on `settings.http.bind_address:port` (port 0: any free port, see `.port`).
 
     A publisher passed in stays the caller's; otherwise one is created and closed on stop.
+    Bad TLS or auth settings raise TlsConfigError / TokenError before anything starts.
     """
+    ssl_context = server_context(settings.http)
+    tokens = token_store(settings.http.auth)
     # As in the DICOM listener: pydicom must not log (possibly PHI-bearing) invalid
     # values while decoding; refusals carry our own reasons.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -107,7 +125,9 @@ async def start_http(settings: Settings, publisher: EventPublisher | None = None
         timeout_s=settings.kafka.produce_timeout_s,
         client_id="radtriage-http",
     )
-    app = build_app(settings, publisher, LocalBlobStore(settings.blob_dir), owns_publisher=owns)
+    app = build_app(
+        settings, publisher, LocalBlobStore(settings.blob_dir), owns_publisher=owns, tokens=tokens
+    )
     grace_s = settings.kafka.produce_timeout_s + SHUTDOWN_GRACE_S
     runner = web.AppRunner(
         app,
@@ -117,7 +137,7 @@ async def start_http(settings: Settings, publisher: EventPublisher | None = None
         shutdown_timeout=grace_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.http.bind_address, settings.http.port)
+    site = web.TCPSite(runner, settings.http.bind_address, settings.http.port, ssl_context=ssl_context)
     await site.start()
     server = getattr(site, "_server", None)
     sockets = getattr(server, "sockets", None) or []
@@ -132,9 +152,11 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     handle = await start_http(settings)
     log.info(
-        "HTTP intake listening on %s:%d (FHIR /fhir, STOW-RS /dicomweb/studies, /healthz)",
+        "HTTP intake listening on %s://%s:%d (FHIR /fhir, STOW-RS /dicomweb/studies, /healthz), auth %s",
+        settings.http.scheme,
         settings.http.bind_address,
         handle.port,
+        settings.http.auth.mode,
     )
     try:
         await stop.wait()
@@ -145,6 +167,10 @@ async def _serve(settings: Settings) -> None:
 
 
 def run_http(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM/SIGINT, then shut down gracefully. Exits 2 on unusable TLS/auth settings."""
     metrics.start_process_metrics(settings, serve=False)  # /metrics is on our own port
-    asyncio.run(_serve(settings))
+    try:
+        asyncio.run(_serve(settings))
+    except (TlsConfigError, TokenError) as exc:
+        log.error("HTTP intake not started: %s", exc)
+        raise SystemExit(2) from None
