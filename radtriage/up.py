@@ -34,7 +34,7 @@ console = Console(stderr=True)
 def spawn(name: str, args: list[str], settings: Settings) -> ServiceProcess:
     """A radtriage subcommand as a child service that sees exactly our resolved settings."""
     env = dict(os.environ)
-    env[SETTINGS_JSON_ENV] = settings.model_dump_json()
+    env[SETTINGS_JSON_ENV] = settings.inheritable_json()
     # One prometheus_client multiprocess directory for all children: the HTTP process's
     # /metrics serves their aggregate. Set before the child imports prometheus_client.
     env[metrics.MULTIPROC_ENV] = str(metrics.multiproc_dir(settings))
