@@ -205,6 +205,11 @@ class DicomSettings(BaseModel):
         return self
 
     @property
+    def main_port(self) -> int:
+        """The port a readiness or status probe connects to: the plain one unless it is off."""
+        return self.port if self.plain_enabled else self.tls_port
+
+    @property
     def called_ae_title_required(self) -> bool:
         if self.require_called_ae_title is None:
             return bool(self.allowed_callers)

@@ -115,10 +115,10 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
 
         scp = spawn("dicom-scp", ["dicom-scp"], settings)
         children.append(scp)
-        scp.wait_until(lambda: port_in_use(settings.dicom.port), 30, "the DICOM port to open")
-        endpoints.append(
-            ("DICOM C-STORE SCP", f"port {settings.dicom.port}, AE title {settings.dicom.ae_title}")
-        )
+        dicom = settings.dicom
+        scp.wait_until(lambda: port_in_use(dicom.main_port), 30, "the DICOM port to open")
+        ports = [str(dicom.port)] * dicom.plain_enabled + [f"{dicom.tls_port} (TLS)"] * dicom.tls.enabled
+        endpoints.append(("DICOM C-STORE SCP", f"port {', '.join(ports)}, AE title {dicom.ae_title}"))
 
         hl7 = spawn("hl7-listener", ["hl7-listener"], settings)
         children.append(hl7)

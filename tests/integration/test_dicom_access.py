@@ -141,9 +141,9 @@ def test_caller_allow_list(
     # storescu with an AE title nobody listed; with MR_1 from 127.0.0.1 (MR_1 may call from
     # 127.0.0.2 only); with CT_ED_1 to storescu's default called AE title.
     for args, files, reason in [
-        (["-aet", "UNKNOWN_AE", "-aec", "RADTRIAGE"], rejected_files[0], "Calling AE title not recognised"),
-        (["-aet", "MR_1", "-aec", "RADTRIAGE"], rejected_files[1], "Calling AE title not recognised"),
-        (["-aet", "CT_ED_1"], rejected_files[2], "Called AE title not recognised"),
+        (["-aet", "UNKNOWN_AE", "-aec", "RADTRIAGE"], rejected_files[0], "Calling AE Title Not Recognized"),
+        (["-aet", "MR_1", "-aec", "RADTRIAGE"], rejected_files[1], "Calling AE Title Not Recognized"),
+        (["-aet", "CT_ED_1"], rejected_files[2], "Called AE Title Not Recognized"),
     ]:
         out = _storescu(*args, "127.0.0.1", str(port), *map(str, files))
         text = out.stdout + out.stderr
