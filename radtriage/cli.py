@@ -12,7 +12,14 @@ from radtriage.settings import Settings, load_settings
 
 
 def _settings(bootstrap_servers: str | None = None, triton_url: str | None = None) -> Settings:
-    settings = load_settings()
+    from pydantic import ValidationError
+
+    try:
+        settings = load_settings()
+    except ValidationError as exc:
+        # Which key, which value, why (a bad CIDR in an allow-list, TLS without a key...).
+        click.echo(f"radtriage: invalid settings: {exc}", err=True)
+        sys.exit(2)
     if bootstrap_servers:
         settings.kafka.bootstrap_servers = bootstrap_servers
         settings.kafka.embedded = False
@@ -77,24 +84,34 @@ def worker() -> None:
 def dicom_scp() -> None:
     """Run the DICOM C-STORE listener (started for you by `radtriage up`)."""
     from connectors.dicom.scp import run_scp
+    from connectors.tls import TlsConfigError
     from radtriage.telemetry import setup_tracing
 
     setup_logging(component="dicom")
     settings = _settings()
     setup_tracing(settings, "dicom-scp")
-    run_scp(settings)
+    try:
+        run_scp(settings)
+    except TlsConfigError as exc:
+        click.echo(f"radtriage dicom-scp: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command("hl7-listener")
 def hl7_listener() -> None:
     """Run the HL7 v2 MLLP listener (started for you by `radtriage up`)."""
     from connectors.hl7.mllp import run_listener
+    from connectors.tls import TlsConfigError
     from radtriage.telemetry import setup_tracing
 
     setup_logging(component="hl7")
     settings = _settings()
     setup_tracing(settings, "hl7-listener")
-    run_listener(settings)
+    try:
+        run_listener(settings)
+    except TlsConfigError as exc:
+        click.echo(f"radtriage hl7-listener: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command("http")

@@ -179,6 +179,16 @@ DICOM_C_STORE = Counter(
 DICOM_ASSOCIATIONS = Counter(
     "radtriage_dicom_associations_total", "DICOM association requests, accepted or rejected", ["result"]
 )
+DICOM_ASSOCIATION_REFUSALS = Counter(
+    "radtriage_dicom_association_refusals_total",
+    "DICOM callers refused: by the caller allow-list (A-ASSOCIATE-RJ) or a failed TLS handshake",
+    ["reason"],  # connectors/dicom/callers.py REASONS
+)
+HL7_CONNECTIONS_REFUSED = Counter(
+    "radtriage_hl7_connections_refused_total",
+    "MLLP connections closed unread: source address not allowed, or TLS handshake failed",
+    ["reason"],  # source_not_allowed, tls_handshake_failed
+)
 
 # -- gauges (livesum: the sum over live processes; a dead one's share is removed) -------------
 

@@ -10,12 +10,22 @@ settings as ``RADTRIAGE_SETTINGS_JSON`` so that every component sees one picture
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, FieldSerializationInfo, SecretStr, field_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    field_serializer,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +35,16 @@ from pydantic_settings import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_JSON_ENV = "RADTRIAGE_SETTINGS_JSON"
+# Serialization context under which secrets are written out in clear (the settings that
+# `radtriage up` hands its children); every other dump masks them.
+REVEAL_SECRETS = "reveal_secrets"
+
+
+def reveals_secrets(info: SerializationInfo) -> bool:
+    """Secrets are masked in every dump except the one `up` hands its children
+    (`Settings.inheritable_json`): they need the real values."""
+    context = info.context
+    return isinstance(context, dict) and bool(context.get(REVEAL_SECRETS))
 
 
 def _default_home() -> Path:
@@ -85,12 +105,122 @@ class TritonSettings(BaseModel):
     lane_priority: dict[str, int] = Field(default_factory=lambda: {"stat": 1, "urgent": 2, "routine": 3})
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_network(value: object) -> IpNetwork:
+    """An allow-list entry: an IP address (one host) or a CIDR block, as the operator wrote it.
+
+    A block with host bits set (`10.1.2.5/24`) is refused rather than silently widened or
+    narrowed: in an allow-list either reading may be the typo."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    text = str(value).strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address or CIDR block ({exc})") from None
+        raise ValueError(f"{text!r} has host bits set: did you mean {loose}?") from None
+
+
+AllowedNetwork = Annotated[IpNetwork, BeforeValidator(parse_network)]
+
+
+class TlsSettings(BaseModel):
+    """Server-side TLS of one listener; connectors/tls.py builds the ssl.SSLContext (TLS 1.2+).
+
+    Off by default. With `client_ca_file` every client must present a certificate signed by
+    that CA (mutual TLS); without it any client may connect and only the server is proven."""
+
+    enabled: bool = False
+    cert_file: Path | None = None  # PEM: the server certificate, then any intermediates
+    key_file: Path | None = None  # PEM private key
+    # Only for an encrypted key file: the password itself, or a file holding it (a mounted
+    # secret). Never logged.
+    key_password: SecretStr | None = None
+    key_password_file: Path | None = None
+    client_ca_file: Path | None = None
+    # A connection that has not finished its handshake by then is closed.
+    handshake_timeout_s: float = 10.0
+
+    @field_serializer("key_password", when_used="json")
+    def _dump_secret(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        if value is None:
+            return None
+        return value.get_secret_value() if reveals_secrets(info) else str(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("TLS is enabled but cert_file and key_file are not both set")
+        if self.key_password is not None and self.key_password_file is not None:
+            raise ValueError("set key_password or key_password_file, not both")
+        return self
+
+
+def _check_ae_title(value: str) -> str:
+    """PS3.5 AE (VR AE): 1-16 characters, no backslash or control characters; spaces
+    at either end are not significant."""
+    title = value.strip()
+    if not 1 <= len(title) <= 16 or any(c == "\\" or not (" " <= c <= "~") for c in title):
+        raise ValueError(f"{value!r} is not a DICOM AE title (1-16 printable ASCII characters, no backslash)")
+    return title
+
+
+AeTitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class DicomCaller(BaseModel):
+    """One allowed caller: its calling AE title and the source addresses it may call from."""
+
+    ae_title: AeTitle
+    # IP addresses or CIDR blocks; at least one (a caller allowed from anywhere says
+    # 0.0.0.0/0 and ::/0 explicitly).
+    hosts: list[AllowedNetwork] = Field(min_length=1)
+
+
 class DicomSettings(BaseModel):
     port: int = 11112
-    ae_title: str = "RADTRIAGE"
+    ae_title: AeTitle = "RADTRIAGE"
     bind_address: str = "0.0.0.0"
     # Largest single object accepted; a CT slice is ~0.5 MB, an enhanced multiframe far more.
     max_pdu: int = 16382
+    # Who may associate (connectors/dicom/callers.py). Empty: anyone (the local default).
+    # Otherwise an association whose calling AE title is not listed, or comes from an
+    # address not listed for that title, is rejected (A-ASSOCIATE-RJ, rejected-permanent,
+    # service-user, "calling AE title not recognised").
+    allowed_callers: list[DicomCaller] = Field(default_factory=list)
+    # Reject an association whose called AE title is not `ae_title` ("called AE title not
+    # recognised"). None: on exactly when `allowed_callers` is set.
+    require_called_ae_title: bool | None = None
+    # The unencrypted listener on `port`; false once every sender uses TLS.
+    plain_enabled: bool = True
+    # DICOM over TLS (PS3.15 B.1) is a second listener on its own port (2762 is the
+    # well-known DICOM-TLS port), so senders move to it one at a time.
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    tls_port: int = 2762
+
+    @model_validator(mode="after")
+    def _some_listener(self) -> DicomSettings:
+        if not self.plain_enabled and not self.tls.enabled:
+            raise ValueError(
+                "dicom.plain_enabled is false and dicom.tls is not enabled: nothing would listen"
+            )
+        return self
+
+    @property
+    def main_port(self) -> int:
+        """The port a readiness or status probe connects to: the plain one unless it is off."""
+        return self.port if self.plain_enabled else self.tls_port
+
+    @property
+    def called_ae_title_required(self) -> bool:
+        if self.require_called_ae_title is None:
+            return bool(self.allowed_callers)
+        return self.require_called_ae_title
 
 
 class StreamSettings(BaseModel):
@@ -141,25 +271,12 @@ class Hl7Settings(BaseModel):
     max_message_bytes: int = 1 << 20
     # A connection silent this long is closed; senders reconnect per message or batch.
     idle_timeout_s: float = 300.0
-
-
-def reveals_secrets(info: FieldSerializationInfo) -> bool:
-    """Secrets are masked in every dump except the one `up` hands its children
-    (``model_dump_json(context={"reveal_secrets": True})``): they need the real values."""
-    context = info.context
-    return isinstance(context, dict) and bool(context.get("reveal_secrets"))
-
-
-class HttpTlsSettings(BaseModel):
-    """HTTPS on the HTTP port (connectors/http/tls.py). TLS 1.2 is the minimum."""
-
-    enabled: bool = False
-    # PEM files: the server's certificate (chain: leaf first) and its unencrypted private key.
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    # mTLS: clients must present a certificate signed by a CA in this PEM file. With
-    # auth.mode bearer_or_mtls a certificate is optional (a token will do); otherwise required.
-    client_ca_file: Path | None = None
+    # Source addresses allowed to connect (IP addresses or CIDR blocks). Empty: any (the
+    # local default). A connection from elsewhere is closed before a byte is read.
+    allowed_sources: list[AllowedNetwork] = Field(default_factory=list)
+    # MLLP over TLS on `port` itself (HL7 has no separate well-known TLS port): when
+    # enabled, the listener speaks TLS only.
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
 
 class HttpAuthSettings(BaseModel):
@@ -178,7 +295,7 @@ class HttpAuthSettings(BaseModel):
     public_paths: list[str] = Field(default_factory=lambda: ["/healthz"])
 
     @field_serializer("tokens")
-    def _dump_tokens(self, tokens: list[SecretStr], info: FieldSerializationInfo) -> list[str]:
+    def _dump_tokens(self, tokens: list[SecretStr], info: SerializationInfo) -> list[str]:
         return [t.get_secret_value() if reveals_secrets(info) else str(t) for t in tokens]
 
 
@@ -192,7 +309,9 @@ class HttpSettings(BaseModel):
     # A FHIR resource is small; a STOW-RS request may carry a whole series.
     max_fhir_bytes: int = 4 << 20
     max_stow_bytes: int = 2 << 30
-    tls: HttpTlsSettings = Field(default_factory=HttpTlsSettings)
+    # HTTPS (connectors/http/tls.py); with auth.mode bearer_or_mtls a client certificate is
+    # optional (a token will do), with mtls required.
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: HttpAuthSettings = Field(default_factory=HttpAuthSettings)
 
     @property
@@ -316,6 +435,10 @@ class Settings(BaseSettings):
             env_settings,
             YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),
         )
+
+    def inheritable_json(self) -> str:
+        """These settings, secrets included, for a child process (`SETTINGS_JSON_ENV`)."""
+        return self.model_dump_json(context={REVEAL_SECRETS: True})
 
     @cached_property
     def blob_dir(self) -> Path:

@@ -492,7 +492,7 @@ def gather(settings: Settings, now: datetime | None = None) -> Snapshot:
 
     def ports() -> None:
         checks = {
-            "DICOM C-STORE": (_local(settings.dicom.bind_address), settings.dicom.port),
+            "DICOM C-STORE": (_local(settings.dicom.bind_address), settings.dicom.main_port),
             "HL7 MLLP": (_local(settings.hl7.bind_address), settings.hl7.port),
             "HTTP (FHIR, STOW-RS)": (_local(settings.http.bind_address), settings.http.port),
         }
@@ -551,7 +551,7 @@ def gather(settings: Settings, now: datetime | None = None) -> Snapshot:
     connectors = (
         ConnectorStatus(
             "DICOM C-STORE",
-            f"{_local(settings.dicom.bind_address)}:{settings.dicom.port}",
+            f"{_local(settings.dicom.bind_address)}:{settings.dicom.main_port}",
             open_ports.get("DICOM C-STORE", False),
             t.instances,
             last.get(t.instances),

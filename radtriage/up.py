@@ -34,8 +34,8 @@ console = Console(stderr=True)
 def child_env(settings: Settings) -> dict[str, str]:
     """The environment of a child: ours, plus exactly our resolved settings."""
     env = dict(os.environ)
-    # The children need the real secrets (tokens), not the masked dump.
-    env[SETTINGS_JSON_ENV] = settings.model_dump_json(context={"reveal_secrets": True})
+    # The children need the real secrets (tokens, passwords), not the masked dump.
+    env[SETTINGS_JSON_ENV] = settings.inheritable_json()
     # One prometheus_client multiprocess directory for all children: the HTTP process's
     # /metrics serves their aggregate. Set before the child imports prometheus_client.
     env[metrics.MULTIPROC_ENV] = str(metrics.multiproc_dir(settings))
@@ -121,10 +121,10 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
 
         scp = spawn("dicom-scp", ["dicom-scp"], settings)
         children.append(scp)
-        scp.wait_until(lambda: port_in_use(settings.dicom.port), 30, "the DICOM port to open")
-        endpoints.append(
-            ("DICOM C-STORE SCP", f"port {settings.dicom.port}, AE title {settings.dicom.ae_title}")
-        )
+        dicom = settings.dicom
+        scp.wait_until(lambda: port_in_use(dicom.main_port), 30, "the DICOM port to open")
+        ports = [str(dicom.port)] * dicom.plain_enabled + [f"{dicom.tls_port} (TLS)"] * dicom.tls.enabled
+        endpoints.append(("DICOM C-STORE SCP", f"port {', '.join(ports)}, AE title {dicom.ae_title}"))
 
         hl7 = spawn("hl7-listener", ["hl7-listener"], settings)
         children.append(hl7)

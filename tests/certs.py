@@ -1,4 +1,10 @@
-"""Test certificates, made by the `openssl` CLI into a test's tmp_path (never in the repo)."""
+"""Test certificates made with the `openssl` CLI (the `cryptography` package is not in the venv).
+
+`make_pki(dir)` writes a CA, a server certificate for 127.0.0.1/localhost and a client
+certificate, all signed by that CA, plus a second, unrelated CA (for "a certificate the
+listener does not trust"). Keys are unencrypted except `server-enc.key` (password in
+`SERVER_KEY_PASSWORD`), for the key-password settings.
+"""
 
 from __future__ import annotations
 
@@ -7,60 +13,63 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(dir: Path, name: str) -> tuple[Path, Path]:
-    key, cert = dir / f"{name}.key", dir / f"{name}.pem"
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key), cwd=dir)
-    _openssl(
-        "req", "-x509", "-new", "-key", str(key), "-out", str(cert), "-days", "2",
-        "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=dir,
-    )  # fmt: skip
-    return cert, key
-
-
-def _leaf(dir: Path, name: str, ca: tuple[Path, Path], ext: str) -> tuple[Path, Path]:
-    key, csr, cert, extfile = (dir / f"{name}{s}" for s in (".key", ".csr", ".pem", ".ext"))
-    extfile.write_text(ext + "\nbasicConstraints=critical,CA:FALSE\n")
-    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key), cwd=dir)
-    _openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={name}", cwd=dir)
-    _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-        "-out", str(cert), "-days", "2", "-extfile", str(extfile),
-        cwd=dir,
-    )  # fmt: skip
-    return cert, key
+SERVER_KEY_PASSWORD = "test-key-password"
 
 
 @dataclass(frozen=True)
-class Certs:
-    ca: Path  # issued the server certificate: what a client trusts
+class Pki:
+    ca: Path
     server_cert: Path
     server_key: Path
-    client_ca: Path  # the server's http.tls.client_ca_file
+    server_key_encrypted: Path
     client_cert: Path
     client_key: Path
-    rogue_cert: Path  # a client certificate from another CA
-    rogue_key: Path
+    other_ca: Path
+    other_client_cert: Path
+    other_client_key: Path
 
 
-def make_certs(dir: Path) -> Certs:
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl CLI is needed to make test certificates")
-    dir.mkdir(parents=True, exist_ok=True)
-    ca = _ca(dir, "test-server-ca")
-    server = _leaf(
-        dir, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"
+def _openssl(*args: str, cwd: Path) -> None:
+    exe = shutil.which("openssl")
+    assert exe, "the openssl CLI is needed to make test certificates (apt-get install -y openssl)"
+    subprocess.run([exe, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+        cwd=d,
+    )  # fmt: skip
+
+
+def _leaf(d: Path, name: str, ca: str, ext: str) -> None:
+    (d / f"{name}.ext").write_text(ext)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
+             "-out", f"{name}.pem", cwd=d)  # fmt: skip
+
+
+def make_pki(d: Path) -> Pki:
+    d.mkdir(parents=True, exist_ok=True)
+    _ca(d, "ca")
+    _ca(d, "other-ca")
+    _leaf(d, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    _leaf(d, "other-client", "other-ca", "extendedKeyUsage=clientAuth\n")
+    _openssl("pkey", "-in", "server.key", "-aes256", "-passout", f"pass:{SERVER_KEY_PASSWORD}",
+             "-out", "server-enc.key", cwd=d)  # fmt: skip
+    return Pki(
+        ca=d / "ca.pem",
+        server_cert=d / "server.pem",
+        server_key=d / "server.key",
+        server_key_encrypted=d / "server-enc.key",
+        client_cert=d / "client.pem",
+        client_key=d / "client.key",
+        other_ca=d / "other-ca.pem",
+        other_client_cert=d / "other-client.pem",
+        other_client_key=d / "other-client.key",
     )
-    client_ca = _ca(dir, "test-client-ca")
-    client = _leaf(dir, "client", client_ca, "extendedKeyUsage=clientAuth")
-    rogue_ca = _ca(dir, "rogue-ca")
-    rogue = _leaf(dir, "rogue", rogue_ca, "extendedKeyUsage=clientAuth")
-    return Certs(ca[0], *server, client_ca[0], *client, *rogue)

@@ -7,6 +7,12 @@ When the sender releases the association, one `transfer_complete` marker per stu
 follows that study's instances on the same partition; an aborted (or dropped)
 association gets no marker and the stream's quiet period finishes its studies.
 
+Who may associate (connectors/dicom/callers.py): an A-ASSOCIATE-RQ from a calling AE
+title or source address `dicom.allowed_callers` does not list, or to another called AE
+title, is answered A-ASSOCIATE-RJ before any presentation context is negotiated, logged
+(AE titles, address, reason) and counted. TLS (`dicom.tls`) is a second listener on
+`dicom.tls_port`; its handshakes run on each connection's own thread, bounded in time.
+
 Threads: pynetdicom runs every association in its own thread, and the C-STOREs of one
 association one after another on it. Association state (the studies seen and their
 trace spans) lives in `_Association`; the registry of associations is guarded by a
@@ -18,12 +24,14 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -37,7 +45,15 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from connectors.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from connectors.dicom import validation as v
+from connectors.dicom.callers import (
+    NO_REASON_GIVEN,
+    REJECTED_PERMANENT,
+    SERVICE_USER,
+    Refusal,
+    check_association,
+)
 from connectors.publisher import EventPublisher, PublishError
+from connectors.tls import server_context
 from radtriage import metrics
 from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
@@ -81,6 +97,12 @@ def _safe_uid(value: object) -> str:
     """A UID fit for logs and spans: only if it is a DICOM UID (digits and dots)."""
     uid = str(value or "").strip()
     return uid if valid_uid(uid) else "<invalid UID>"
+
+
+def _printable(value: object, limit: int = 16) -> str:
+    """A peer-supplied AE title fit for a log line: printable ASCII only, at most `limit`."""
+    text = value.decode("ascii", errors="replace") if isinstance(value, bytes) else str(value or "")
+    return "".join(c if " " <= c <= "~" else "?" for c in text.strip()[:limit])
 
 
 def _traceparent(ctx: Context) -> dict[str, str]:
@@ -140,6 +162,55 @@ class StoreSCP:
                 study = _Study(span=span, context=trace.set_span_in_context(span))
                 assoc.studies[instance.study_uid] = study
             return study
+
+    # -- association request: who may call -------------------------------------------------
+
+    def handle_requested(self, event: Any) -> None:
+        """Reject an A-ASSOCIATE-RQ from a caller the allow-list does not admit.
+
+        pynetdicom's documented hook for this: a handler of EVT_REQUESTED may send the
+        A-ASSOCIATE-RJ itself (`assoc.acse.send_reject`); negotiation is then skipped
+        because the association `is_rejected` (pynetdicom issue #408, since 1.5). Its own
+        `require_calling_aet` knows AE titles but not addresses, so it is only the second
+        line (set in build_ae): a notification handler's exception is logged and
+        swallowed by pynetdicom, which would let the request through, so any error here
+        rejects too.
+        """
+        assoc = event.assoc
+        calling = called = address = "?"
+        try:
+            request = assoc.requestor.primitive
+            calling = _printable(request.calling_ae_title)
+            called = _printable(request.called_ae_title)
+            address = str(assoc.requestor.address)
+            refusal = check_association(
+                self.settings.dicom,
+                str(request.calling_ae_title or ""),
+                str(request.called_ae_title or ""),
+                address,
+            )
+        except Exception as exc:  # fail closed (see above)
+            log.error(
+                "DICOM association request from %s: internal error %s: rejected", address, type(exc).__name__
+            )
+            refusal = Refusal("internal_error", NO_REASON_GIVEN, f"internal error {type(exc).__name__}")
+        if refusal is None:
+            return
+        # No PHI exists yet at this point: AE titles, the address and our reason.
+        log.warning(
+            "DICOM association from %s at %s to %s rejected (%s): %s",
+            calling,
+            address,
+            called,
+            refusal.reason,
+            refusal.text,
+        )
+        metrics.DICOM_ASSOCIATIONS.labels("rejected").inc()
+        metrics.DICOM_ASSOCIATION_REFUSALS.labels(refusal.reason).inc()
+        assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, refusal.diagnostic)
+        # As pynetdicom does after its own rejections: stop the DUL; the reactor then
+        # closes the connection once the A-ASSOCIATE-RJ is out.
+        assoc.kill()
 
     # -- C-STORE -------------------------------------------------------------------------
 
@@ -317,6 +388,7 @@ class StoreSCP:
 
     def handlers(self) -> list[EventHandlerType]:
         return [
+            (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_RELEASED, self.handle_released),
             (evt.EVT_ABORTED, self.handle_aborted),
@@ -327,6 +399,49 @@ class StoreSCP:
             (evt.EVT_CONN_OPEN, lambda _event: metrics.DICOM_OPEN_ASSOCIATIONS.inc()),
             (evt.EVT_CONN_CLOSE, lambda _event: metrics.DICOM_OPEN_ASSOCIATIONS.dec()),
         ]
+
+
+class AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake on each connection's own thread.
+
+    pynetdicom wraps an accepted socket in `get_request`, on the single thread that accepts
+    every connection, with a blocking handshake: one peer that opens a TCP connection to the
+    TLS port and sends nothing would stop every other sender from connecting. Here
+    `get_request` only accepts; the handshake runs in `process_request_thread` (the
+    connection's thread) and gives up after `handshake_timeout_s`. Used through
+    `AE.make_server(server_class=...)`, pynetdicom's documented way to a custom server.
+    """
+
+    def __init__(self, *args: Any, handshake_timeout_s: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handshake_timeout_s = handshake_timeout_s
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        return self.socket.accept()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.ssl_context is not None:
+            request = self._handshake(self.ssl_context, request, client_address)
+            if request is None:
+                return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(
+        self, context: ssl.SSLContext, raw: socket.socket, client_address: Any
+    ) -> ssl.SSLSocket | None:
+        address = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        try:
+            raw.settimeout(self.handshake_timeout_s)
+            tls = context.wrap_socket(raw, server_side=True)
+            tls.settimeout(None)  # as pynetdicom has it: blocking; the ACSE/network timeouts apply
+            return tls
+        except OSError as exc:  # ssl.SSLError, a timeout, a reset
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            log.warning("DICOM TLS connection from %s refused: handshake failed (%s)", address, reason)
+            metrics.DICOM_ASSOCIATION_REFUSALS.labels("tls_handshake_failed").inc()
+            self.shutdown_request(raw)
+            return None
 
 
 def build_ae(settings: Settings) -> AE:
@@ -340,47 +455,87 @@ def build_ae(settings: Settings) -> AE:
         if cx.abstract_syntax is not None:
             ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
     ae.add_supported_context(Verification)  # C-ECHO, answered by pynetdicom's default handler
+    # The second line behind StoreSCP.handle_requested, which decides first (and logs why).
+    ae.require_calling_aet = sorted({caller.ae_title for caller in settings.dicom.allowed_callers})
+    ae.require_called_aet = settings.dicom.called_ae_title_required
     return ae
+
+
+def _serve(
+    ae: AE, address: tuple[str, int], scp: StoreSCP, context: ssl.SSLContext | None, settings: Settings
+) -> AssociationServer:
+    """One listening server on its own thread, as `AE.start_server(block=False)` starts it."""
+    server = cast(
+        AssociationServer,
+        ae.make_server(
+            address,
+            ssl_context=context,
+            evt_handlers=scp.handlers(),
+            server_class=AssociationServer,
+            handshake_timeout_s=settings.dicom.tls.handshake_timeout_s,
+        ),
+    )
+    # start_server registers its servers with the AE the same way; `shutdown()` removes it.
+    ae._servers.append(server)
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True).start()
+    return server
 
 
 def start_scp(
     settings: Settings, publisher: EventPublisher | None = None
-) -> tuple[ThreadedAssociationServer, Callable[[], None]]:
-    """Start listening without blocking; returns the server and a `stop()` function.
+) -> tuple[list[AssociationServer], Callable[[], None]]:
+    """Start listening without blocking; returns the servers (plain on `dicom.port`, TLS on
+    `dicom.tls_port`, each if enabled) and a `stop()` function.
 
     `stop()` stops accepting, lets open associations finish for a short grace (at most
     5 s), aborts the rest (their senders retry), ends their spans and closes the
     publisher if this listener created it (a publisher passed in is the caller's).
+    A TLS configuration that cannot be used raises `TlsConfigError` before anything listens.
     """
+    dicom = settings.dicom
+    context = server_context(dicom.tls, "dicom.tls") if dicom.tls.enabled else None
     # Left at its default (WARN), pydicom logs some invalid values verbatim while decoding
     # (a malformed UI, for one) — dataset bytes in our log. The listener's refusals carry
     # its own reasons instead. Process-wide, which is what `radtriage dicom-scp` is.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     scp = StoreSCP(settings, publisher)
-    server = build_ae(settings).start_server(
-        (settings.dicom.bind_address, settings.dicom.port), block=False, evt_handlers=scp.handlers()
-    )
-    assert server is not None  # block=False always returns the running server
+    ae = build_ae(settings)
+    servers: list[AssociationServer] = []
+    try:
+        if dicom.plain_enabled:
+            servers.append(_serve(ae, (dicom.bind_address, dicom.port), scp, None, settings))
+        if context is not None:
+            servers.append(_serve(ae, (dicom.bind_address, dicom.tls_port), scp, context, settings))
+    except BaseException:
+        for server in servers:
+            server.shutdown()
+        if scp.owns_publisher:
+            scp.publisher.close()
+        raise
     stopped = threading.Event()
+
+    def active() -> list[Any]:
+        return [assoc for server in servers for assoc in server.active_associations]
 
     def stop() -> None:
         if stopped.is_set():
             return
         stopped.set()
-        server.shutdown()
+        for server in servers:
+            server.shutdown()
         # A short grace for associations in flight (a small study finishes, a C-STORE gets
         # its answer); the rest are aborted and their senders retry. Bounded so that the
         # whole stop stays well inside a supervisor's SIGTERM-to-SIGKILL window.
         deadline = time.monotonic() + min(settings.kafka.produce_timeout_s, _STOP_GRACE_S)
-        while server.active_associations and time.monotonic() < deadline:
+        while active() and time.monotonic() < deadline:
             time.sleep(0.05)
-        for assoc in server.active_associations:
+        for assoc in active():
             assoc.abort()
         scp.finish_all()
         if scp.owns_publisher:
             scp.publisher.close()
 
-    return server, stop
+    return servers, stop
 
 
 def run_scp(settings: Settings) -> None:
@@ -389,12 +544,18 @@ def run_scp(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_requested.set())
     metrics.start_process_metrics(settings)
-    _server, stop = start_scp(settings)
+    servers, stop = start_scp(settings)
+    dicom = settings.dicom
     log.info(
-        "DICOM C-STORE SCP %s listening on %s:%d",
-        settings.dicom.ae_title,
-        settings.dicom.bind_address,
-        settings.dicom.port,
+        "DICOM C-STORE SCP %s listening on %s (%s)",
+        dicom.ae_title,
+        ", ".join(
+            f"{dicom.bind_address}:{server.server_address[1]}{' TLS' if server.ssl_context else ''}"
+            for server in servers
+        ),
+        f"{len({c.ae_title for c in dicom.allowed_callers})} allowed calling AE titles"
+        if dicom.allowed_callers
+        else "any caller",
     )
     try:
         stop_requested.wait()

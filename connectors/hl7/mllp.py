@@ -20,6 +20,12 @@ is refused (AR) and its connection closed; a connection silent for
 `hl7.idle_timeout_s` is closed. No input can stop the listener: whatever fails while
 handling one message becomes that message's AR, and the connection stays open.
 
+Access (issue 7): a connection from an address outside `hl7.allowed_sources` (when set)
+is closed before a byte is read; with `hl7.tls` enabled the port speaks TLS only (the
+handshake comes after the source check, bounded by `hl7.tls.handshake_timeout_s`, with
+client certificates required when `hl7.tls.client_ca_file` is set). Both refusals are
+logged with the peer address and counted (radtriage_hl7_connections_refused_total).
+
 Observability: one SERVER span "hl7.receive" per message (hl7.message_type,
 hl7.control_id, hl7.version, hl7.ack_code, hl7.error_code, messaging.*), one PRODUCER
 span per published event, whose W3C traceparent travels in the Kafka headers. Logs
@@ -35,6 +41,7 @@ import functools
 import json
 import logging
 import signal
+import ssl
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -45,12 +52,14 @@ from typing import Any
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from connectors.allowlist import source_allowed
 from connectors.hl7.ack import AckError, Kind, ack_code, build_ack, outcome_ack
 from connectors.hl7.framing import Abandoned, FrameDecoder, Junk, Oversized, frame
 from connectors.hl7.message import Header, token, version_token
 from connectors.hl7.parse import Accepted, Outcome, Rejected, oversized, parse_message
 from connectors.hl7.quarantine import Quarantine
 from connectors.publisher import EventPublisher, PublishError
+from connectors.tls import server_context
 from radtriage import metrics
 from radtriage.settings import Settings
 from schemas.deadletter import DeadLetter
@@ -245,6 +254,8 @@ class Hl7Listener:
 
     def __init__(self, settings: Settings, publisher: EventPublisher | None = None) -> None:
         self.settings = settings
+        # First: unusable TLS settings stop the start (TlsConfigError) before anything runs.
+        self._tls = server_context(settings.hl7.tls, "hl7.tls") if settings.hl7.tls.enabled else None
         self.owns_publisher = publisher is None
         self.publisher = publisher or EventPublisher(
             settings.kafka.bootstrap_servers,
@@ -255,6 +266,7 @@ class Hl7Listener:
         self._executor = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="hl7-intake")
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], _Connection] = {}
+        self._admitting: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
     @property
@@ -278,6 +290,8 @@ class Hl7Listener:
         self._stopping = True
         if self._server is not None:
             self._server.close()
+        for task in list(self._admitting):
+            task.cancel()
         for task, conn in list(self._connections.items()):
             if not conn.busy:
                 task.cancel()
@@ -298,11 +312,46 @@ class Hl7Listener:
         if self.owns_publisher:
             await asyncio.to_thread(self.publisher.close)
 
+    async def _admit(self, writer: asyncio.StreamWriter, address: str, peer: str) -> bool:
+        """The source check, then the TLS handshake if on; False: the connection was closed.
+
+        Nothing may be awaited before `start_tls`: bytes of the client's hello that the
+        stream had already buffered would be lost to the handshake."""
+        hl7 = self.settings.hl7
+        if not source_allowed(address, hl7.allowed_sources):
+            log.warning("HL7 connection from %s refused: source address not in hl7.allowed_sources", peer)
+            metrics.HL7_CONNECTIONS_REFUSED.labels("source_not_allowed").inc()
+            writer.transport.abort()  # at once: nothing read, nothing answered
+            return False
+        if self._tls is None:
+            return True
+        try:
+            await writer.start_tls(self._tls, ssl_handshake_timeout=hl7.tls.handshake_timeout_s)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+            log.warning("HL7 TLS connection from %s refused: handshake failed (%s)", peer, reason)
+            metrics.HL7_CONNECTIONS_REFUSED.labels("tls_handshake_failed").inc()
+            writer.transport.abort()
+            return False
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         peername = writer.get_extra_info("peername")
+        address = str(peername[0]) if isinstance(peername, tuple) else ""
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername or "")
+        # Tracked while admitting too, so that stop() does not wait out a handshake.
+        self._admitting.add(task)
+        try:
+            admitted = not self._stopping and await self._admit(writer, address, peer)
+        except asyncio.CancelledError:
+            admitted = False
+        finally:
+            self._admitting.discard(task)
+        if not admitted:
+            writer.transport.abort()
+            return
         conn = _Connection(peer)
         self._connections[task] = conn
         metrics.HL7_OPEN_CONNECTIONS.inc()
@@ -398,10 +447,13 @@ async def _serve_until_signalled(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     listener = await start_listener(settings)
+    hl7 = settings.hl7
     log.info(
-        "HL7 MLLP listener on %s:%d (Kafka %s)",
-        settings.hl7.bind_address,
+        "HL7 MLLP listener on %s:%d%s (%s; Kafka %s)",
+        hl7.bind_address,
         listener.port,
+        " TLS" + (" with client certificates" if hl7.tls.client_ca_file else "") if hl7.tls.enabled else "",
+        f"{len(hl7.allowed_sources)} allowed source networks" if hl7.allowed_sources else "any source",
         settings.kafka.bootstrap_servers,
     )
     try:

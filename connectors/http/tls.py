@@ -9,27 +9,22 @@ from __future__ import annotations
 
 import re
 import ssl
-from pathlib import Path
 
+from connectors.tls import TlsConfigError, readable_file
+from connectors.tls import server_context as listener_context
 from radtriage.settings import HttpSettings
+
+__all__ = ["TlsConfigError", "client_context", "server_context"]
 
 _PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
-class TlsConfigError(ValueError):
-    """TLS settings that cannot work (or that the auth mode needs); the message names the key."""
-
-
-def _file(path: Path | None, key: str) -> Path:
-    if path is None:
-        raise TlsConfigError(f"{key} is required")
-    if not path.is_file():
-        raise TlsConfigError(f"{key}: {path} is not a readable file")
-    return path
-
-
 def server_context(http: HttpSettings) -> ssl.SSLContext | None:
-    """The context for aiohttp's site, or None when TLS is off."""
+    """The context for aiohttp's site, or None when TLS is off.
+
+    The certificate, key and client CA are the listeners' common TlsSettings
+    (connectors/tls.py); what is HTTP's own is that the auth mode needs a client CA, and
+    that with bearer_or_mtls a client certificate is optional (a token will do)."""
     tls, mode = http.tls, http.auth.mode
     if not tls.enabled:
         if mode in ("mtls", "bearer_or_mtls") or tls.client_ca_file is not None:
@@ -38,29 +33,12 @@ def server_context(http: HttpSettings) -> ssl.SSLContext | None:
                 "need http.tls.enabled"
             )
         return None
-    cert = _file(tls.cert_file, "http.tls.cert_file")
-    key = _file(tls.key_file, "http.tls.key_file")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        raise TlsConfigError(
-            "http.tls.cert_file/key_file: not a PEM certificate and its matching unencrypted key "
-            f"({exc.reason})"
-        ) from None
-    if tls.client_ca_file is not None:
-        ca = _file(tls.client_ca_file, "http.tls.client_ca_file")
-        try:
-            context.load_verify_locations(cafile=ca)
-        except ssl.SSLError as exc:
-            raise TlsConfigError(
-                f"http.tls.client_ca_file: not a PEM CA certificate ({exc.reason})"
-            ) from None
-        # bearer_or_mtls: a client with a token but no certificate must still get through the handshake.
-        context.verify_mode = ssl.CERT_OPTIONAL if mode == "bearer_or_mtls" else ssl.CERT_REQUIRED
-    elif mode in ("mtls", "bearer_or_mtls"):
+    if tls.client_ca_file is None and mode in ("mtls", "bearer_or_mtls"):
         raise TlsConfigError(f"http.auth.mode {mode} needs http.tls.client_ca_file")
+    context = listener_context(tls, "http.tls")
+    if tls.client_ca_file is not None and mode == "bearer_or_mtls":
+        # A client with a token but no certificate must still get through the handshake.
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
@@ -68,7 +46,7 @@ def client_context(http: HttpSettings) -> ssl.SSLContext:
     """For radtriage's own clients of this server (the demo) on this host: trust exactly the
     server's own certificate (its first PEM block), whoever issued it and whatever names
     it carries; the pin is the certificate itself, so no hostname check is needed."""
-    cert = _file(http.tls.cert_file, "http.tls.cert_file")
+    cert = readable_file(http.tls.cert_file, "http.tls.cert_file")
     found = _PEM_CERT.search(cert.read_text(encoding="ascii", errors="replace"))
     if found is None:
         raise TlsConfigError(f"http.tls.cert_file: {cert} holds no PEM certificate")

@@ -31,7 +31,7 @@ from radtriage.demo_messages import post_fhir
 from radtriage.demo_messages import service_request as demo_service_request
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
-from tests.certs import Certs, make_certs
+from tests.certs import Pki, make_pki
 from tests.conftest import free_port
 from tests.integration.test_fhir_intake import (
     FHIR_JSON,
@@ -69,8 +69,8 @@ PROTECTED = [
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return make_certs(tmp_path_factory.mktemp("certs"))
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def secured(tmp_path: Path, bootstrap: str, certs: Certs | None, mode: str, **tls: Path) -> Settings:
+def secured(tmp_path: Path, bootstrap: str, certs: Pki | None, mode: str, **tls: Path) -> Settings:
     settings = _settings(tmp_path / "home", bootstrap)
     settings.http.auth.mode = mode  # type: ignore[assignment]
     if mode in ("bearer", "bearer_or_mtls"):
@@ -253,7 +253,7 @@ def test_rotating_the_tokens_file_takes_effect_without_a_restart(
 
 
 def test_https_with_the_test_ca_and_plain_http_is_refused(
-    kafka_bootstrap: str, tmp_path: Path, serve, certs: Certs
+    kafka_bootstrap: str, tmp_path: Path, serve, certs: Pki
 ) -> None:
     server = serve(secured(tmp_path, kafka_bootstrap, certs, "bearer"))
     s = requests.Session()
@@ -299,7 +299,7 @@ def test_https_with_the_test_ca_and_plain_http_is_refused(
     assert sorted(r.key for r in records) == ["DEMO-1", "TLS-1"]
 
 
-def test_tls_below_1_2_is_refused(kafka_bootstrap: str, tmp_path: Path, serve, certs: Certs) -> None:
+def test_tls_below_1_2_is_refused(kafka_bootstrap: str, tmp_path: Path, serve, certs: Pki) -> None:
     server = serve(secured(tmp_path, kafka_bootstrap, certs, "off"))
     # A client that offers only TLS 1.0/1.1 (it would connect to a server that allowed them).
     ctx = ssl.create_default_context(cafile=str(certs.ca))
@@ -320,9 +320,9 @@ def test_tls_below_1_2_is_refused(kafka_bootstrap: str, tmp_path: Path, serve, c
 
 
 def test_mtls_requires_a_certificate_from_the_client_ca(
-    kafka_bootstrap: str, tmp_path: Path, serve, certs: Certs
+    kafka_bootstrap: str, tmp_path: Path, serve, certs: Pki
 ) -> None:
-    server = serve(secured(tmp_path, kafka_bootstrap, certs, "mtls", client_ca_file=certs.client_ca))
+    server = serve(secured(tmp_path, kafka_bootstrap, certs, "mtls", client_ca_file=certs.ca))
     url = f"{server.base}/fhir/ServiceRequest"
     body = json.dumps(service_request("MTLS-1"))
     with pytest.raises(requests.ConnectionError):
@@ -330,7 +330,7 @@ def test_mtls_requires_a_certificate_from_the_client_ca(
     with pytest.raises(requests.ConnectionError):
         requests.post(
             url, data=body, headers=FHIR_JSON, verify=str(certs.ca), timeout=TIMEOUT,
-            cert=(str(certs.rogue_cert), str(certs.rogue_key)),
+            cert=(str(certs.other_client_cert), str(certs.other_client_key)),
         )  # fmt: skip
     good = requests.post(
         url, data=body, headers=FHIR_JSON, verify=str(certs.ca), timeout=TIMEOUT,
@@ -341,10 +341,8 @@ def test_mtls_requires_a_certificate_from_the_client_ca(
     assert [r.key for r in records] == ["MTLS-1"]
 
 
-def test_bearer_or_mtls_takes_either(kafka_bootstrap: str, tmp_path: Path, serve, certs: Certs) -> None:
-    server = serve(
-        secured(tmp_path, kafka_bootstrap, certs, "bearer_or_mtls", client_ca_file=certs.client_ca)
-    )
+def test_bearer_or_mtls_takes_either(kafka_bootstrap: str, tmp_path: Path, serve, certs: Pki) -> None:
+    server = serve(secured(tmp_path, kafka_bootstrap, certs, "bearer_or_mtls", client_ca_file=certs.ca))
     url = f"{server.base}/metrics"
     ca = str(certs.ca)
     assert_refused(requests.get(url, verify=ca, timeout=TIMEOUT), error=False)
@@ -354,7 +352,9 @@ def test_bearer_or_mtls_takes_either(kafka_bootstrap: str, tmp_path: Path, serve
     assert requests.get(url, verify=ca, headers=token, timeout=TIMEOUT).status_code == 200
     # A certificate from another CA fails the handshake even though one is optional.
     with pytest.raises(requests.ConnectionError):
-        requests.get(url, verify=ca, cert=(str(certs.rogue_cert), str(certs.rogue_key)), timeout=TIMEOUT)
+        requests.get(
+            url, verify=ca, cert=(str(certs.other_client_cert), str(certs.other_client_key)), timeout=TIMEOUT
+        )
 
 
 # -- the `radtriage http` process ----------------------------------------------------------
@@ -376,7 +376,7 @@ def _process_env(tmp_path: Path, kafka_bootstrap: str, port: int, **extra: str) 
 
 
 def test_the_token_never_reaches_the_process_log_or_its_traces(
-    kafka_bootstrap: str, tmp_path: Path, certs: Certs
+    kafka_bootstrap: str, tmp_path: Path, certs: Pki
 ) -> None:
     port = free_port()
     settings = secured(tmp_path, kafka_bootstrap, certs, "bearer")

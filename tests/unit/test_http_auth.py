@@ -20,7 +20,7 @@ from connectors.http.tokens import TokenError, TokenStore, digest, parse_tokens_
 from radtriage import metrics
 from radtriage.settings import SETTINGS_JSON_ENV, HttpAuthSettings, HttpSettings, Settings, load_settings
 from radtriage.up import child_env
-from tests.certs import make_certs
+from tests.certs import make_pki
 
 GOOD = "tok-" + "a" * 28
 OTHER = "tok-" + "b" * 28
@@ -257,14 +257,14 @@ def test_defaults_are_plain_http_and_no_auth() -> None:
 
 
 def test_tls_context(tmp_path: Path) -> None:
-    certs = make_certs(tmp_path)
+    certs = make_pki(tmp_path)
     http = HttpSettings()
     http.tls.enabled = True
     http.tls.cert_file, http.tls.key_file = certs.server_cert, certs.server_key
     ctx = server_context(http)
     assert ctx is not None and ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.verify_mode == ssl.CERT_NONE
-    http.tls.client_ca_file = certs.client_ca
+    http.tls.client_ca_file = certs.ca
     assert server_context(http).verify_mode == ssl.CERT_REQUIRED  # type: ignore[union-attr]
     http.auth.mode = "bearer_or_mtls"
     assert server_context(http).verify_mode == ssl.CERT_OPTIONAL  # type: ignore[union-attr]
@@ -274,21 +274,21 @@ def test_tls_context(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "says"),
     [
-        ({"cert_file": None}, "http.tls.cert_file is required"),
-        ({"key_file": "missing"}, "http.tls.key_file: .*missing is not a readable file"),
-        ({"key_file": "client_key"}, "not a PEM certificate and its matching unencrypted key"),
-        ({"cert_file": "garbage"}, "not a PEM certificate"),
-        ({"client_ca_file": "garbage"}, "http.tls.client_ca_file: not a PEM CA certificate"),
+        ({"cert_file": None}, "http.tls.cert_file is not set"),
+        ({"key_file": "missing"}, "http.tls.key_file .*missing: no such file"),
+        ({"key_file": "client_key"}, "http.tls: cannot use certificate .* with key .*client.key"),
+        ({"cert_file": "garbage"}, "http.tls: cannot use certificate .*garbage"),
+        ({"client_ca_file": "garbage"}, "http.tls.client_ca_file .*garbage: not a PEM CA certificate"),
         ({"enabled": False, "client_ca_file": "client_ca"}, "need http.tls.enabled"),
         ({"mode": "mtls"}, "mtls needs http.tls.client_ca_file"),
     ],
 )
 def test_bad_tls_settings_fail_at_start_up(tmp_path: Path, change: dict, says: str) -> None:
-    certs = make_certs(tmp_path)
+    certs = make_pki(tmp_path)
     (tmp_path / "garbage").write_text("not a certificate\n")
     files = {
         "client_key": certs.client_key,
-        "client_ca": certs.client_ca,
+        "client_ca": certs.ca,
         "garbage": tmp_path / "garbage",
         "missing": tmp_path / "missing",
     }

@@ -1,0 +1,230 @@
+"""The 3-broker fault test: a steady stream of head CTs through a replicated, secured Kafka
+cluster while a broker and then a worker are SIGKILLed.
+
+Everything is real: three KRaft brokers (SASL_SSL + SCRAM-SHA-512, ACLs per role; the
+`kafka_cluster` fixture), topics with replication factor 3 and min.insync.replicas=2,
+the DICOM SCP (`radtriage dicom-scp`, connector credentials), three `radtriage worker`s in
+one consumer group (worker credentials), the session's Triton, and dcmtk's `storescu` as
+the scanner. A study counts as accepted when storescu got success for every instance; a
+sender that got a failure resends, as a modality does.
+
+Asserted (counts, never timings): every accepted study gets exactly one finding and one
+report, every bleed exactly one alert (and no study a second one), nothing accepted is
+lost. The figures are also written to `$RADTRIAGE_HOME/fault-summary.json` and printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from models.dicom_writer import write_ct_series
+from models.phantoms import head_ct_phantom
+from radtriage.settings import REPO_ROOT, Settings
+from tests.conftest import free_port
+from tests.integration.harness import Tail, Worker
+
+pytestmark = pytest.mark.integration
+
+STUDIES = 18
+WORKERS = 3
+# The cluster fixture creates radtriage's own topic names (the ACLs name them) with the
+# default partition count: one partition per worker here.
+PARTITIONS = Settings().kafka.partitions
+
+
+@dataclass
+class Sent:
+    uid: str
+    bleed: bool
+    attempts: int = 0
+    accepted: bool = False
+    failures: list[str] = field(default_factory=list)
+
+
+def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    storescu = shutil.which("storescu")
+    assert storescu, "dcmtk's storescu is required (scripts/install.sh --test installs it)"
+    return subprocess.run(
+        [storescu, "-aec", "RADTRIAGE", "-aet", "CT_FAULT", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+class Scanner:
+    """Sends head CT phantoms one after another with storescu; resends a study that got a failure."""
+
+    def __init__(self, port: int, folder: Path) -> None:
+        self.port, self.folder = port, folder
+        self.rng = np.random.default_rng(20261201)
+        self.sent: list[Sent] = []
+        self.progress = threading.Event()
+
+    def run(self, count: int) -> None:
+        for i in range(count):
+            bleed = i % 2 == 0
+            ph = head_ct_phantom(self.rng, bleed=bleed, min_bleed_ml=5.0)
+            files = write_ct_series(ph.hu, ph.spacing_zyx, self.folder / f"study-{i:03d}", shuffle_files=True)
+            study = Sent(str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), bleed)
+            self.sent.append(study)
+            while not study.accepted and study.attempts < 5:
+                study.attempts += 1
+                done = _storescu(self.port, files)
+                study.accepted = done.returncode == 0 and "Failed" not in done.stderr
+                if not study.accepted:
+                    study.failures.append(f"rc={done.returncode}: {done.stderr[-300:]}")
+                    time.sleep(2.0)
+            self.progress.set()
+
+
+@pytest.fixture
+def scp(kafka_cluster, tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:  # type: ignore[no-untyped-def]
+    env = _env(kafka_cluster, "dicom", tmp_path)
+    port = free_port()
+    env["RADTRIAGE_DICOM__PORT"] = str(port)
+    log = (tmp_path / "scp.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radtriage.cli", "dicom-scp"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        ping = subprocess.run(["echoscu", "-aec", "RADTRIAGE", "127.0.0.1", str(port)], capture_output=True)
+        if ping.returncode == 0:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "scp.log").read_text()[-3000:]
+        time.sleep(0.5)
+    try:
+        yield env, port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _env(cluster, role: str, home: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    env = dict(os.environ)
+    env.pop("RADTRIAGE_SETTINGS_JSON", None)
+    env.update(cluster.env_for(role))
+    env.update(
+        {
+            "RADTRIAGE_HOME": str(home),
+            "RADTRIAGE_STREAMS__ASSEMBLY_QUIET_S": "3",
+            "RADTRIAGE_TELEMETRY__EXPORTER": "none",
+            "RADTRIAGE_METRICS__ENABLED": "false",
+        }
+    )
+    return env
+
+
+def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
+    kafka_cluster,
+    scp: tuple[dict[str, str], int],
+    triton_grpc_url: str,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    settings = Settings(home=tmp_path)
+    t = settings.topics
+    kafka_cluster.ensure_topics(settings.topics.all() + settings.streams.internal_topics(), PARTITIONS)
+    worker_env = {
+        **_env(kafka_cluster, "worker", tmp_path),
+        "RADTRIAGE_TRITON__GRPC_URL": triton_grpc_url,
+        "RADTRIAGE_TRITON__TIMEOUT_S": "30",
+    }
+    workers = [Worker(worker_env, tmp_path, name=f"w{i}") for i in range(WORKERS)]
+    for w in workers:
+        w.start()
+    tail = Tail(
+        kafka_cluster.kafka_settings("admin"), [t.findings, t.results_fhir, t.alerts_ich, t.deadletter]
+    )
+    _, port = scp
+    scanner = Scanner(port, tmp_path / "dicom")
+    sending = threading.Thread(target=scanner.run, args=(STUDIES,), daemon=True)
+    sending.start()
+
+    def wait_sent(n: int) -> None:
+        deadline = time.monotonic() + 600
+        while sum(s.accepted for s in scanner.sent) < n and sending.is_alive():
+            assert time.monotonic() < deadline, "the scanner stalled"
+            time.sleep(0.5)
+
+    wait_sent(STUDIES // 3)
+    killed_broker = 2
+    kafka_cluster.kill(killed_broker)
+    try:
+        wait_sent(2 * STUDIES // 3)
+        workers[0].kill(signal.SIGKILL)
+        sending.join(900)
+        assert not sending.is_alive(), "the scanner never finished"
+        _assert_outcome(kafka_cluster, scanner, tail, settings, killed_broker, workers[0].name, tmp_path)
+    finally:
+        for w in workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.kill(signal.SIGTERM)
+        kafka_cluster.restart(killed_broker)
+
+
+def _assert_outcome(  # type: ignore[no-untyped-def]
+    kafka_cluster,
+    scanner: Scanner,
+    tail: Tail,
+    settings: Settings,
+    killed_broker: int,
+    killed_worker: str,
+    tmp_path: Path,
+) -> None:
+    t = settings.topics
+
+    accepted = [s for s in scanner.sent if s.accepted]
+    tail.until(lambda: all(len(tail.of(t.results_fhir, study_uid=s.uid)) >= 1 for s in accepted), timeout=900)
+    tail.drain(10.0)  # a duplicate would arrive after the first copy
+
+    findings = Counter(d["study_uid"] for d in tail.of(t.findings))
+    reports = Counter(d["study_uid"] for d in tail.of(t.results_fhir))
+    alerts = Counter(d["study_uid"] for d in tail.of(t.alerts_ich))
+    positive = {d["study_uid"] for d in tail.of(t.findings) if d["positive"]}
+    bleeds = {s.uid for s in accepted if s.bleed}
+    summary = {
+        "studies": len(scanner.sent),
+        "accepted": len(accepted),
+        "resends": sum(s.attempts - 1 for s in scanner.sent),
+        "killed_broker": killed_broker,
+        "killed_worker": killed_worker,
+        "reports": sum(reports.values()),
+        "studies_reported": len(reports),
+        "duplicate_findings": sum(n - 1 for n in findings.values() if n > 1),
+        "duplicate_reports": sum(n - 1 for n in reports.values() if n > 1),
+        "bleeds": len(bleeds),
+        "alerts": sum(alerts.values()),
+        "duplicate_alerts": sum(n - 1 for n in alerts.values() if n > 1),
+        "bleeds_alerted": len(bleeds & set(alerts)),
+        "lost": len([s for s in accepted if s.uid not in reports]),
+        "dead_letters": len(tail.of(t.deadletter)),
+    }
+    (tmp_path / "fault-summary.json").write_text(json.dumps(summary, indent=2))
+    print("fault test:", json.dumps(summary))
+    assert len(accepted) == STUDIES, [s.failures for s in scanner.sent if not s.accepted]
+    assert summary["lost"] == 0
+    assert all(findings[s.uid] == 1 for s in accepted), findings
+    assert all(reports[s.uid] == 1 for s in accepted), reports
+    assert bleeds <= positive, "a >= 5 mL bleed the model missed"
+    assert all(alerts[uid] == (1 if uid in positive else 0) for uid in {s.uid for s in accepted}), alerts
