@@ -453,7 +453,9 @@ def direct_baseline(settings: Settings, templates: list[Template], repeats: int)
     from processors.triton_client import TritonModelClient
 
     async def run() -> list[dict[str, float]]:
-        client = TritonModelClient(settings.triton.grpc_url, settings.triton.timeout_s)
+        client = TritonModelClient(
+            settings.triton.grpc_url, settings.triton.timeout_s, settings.triton.grpc_auth_headers()
+        )
         out = []
         try:
             for _ in range(repeats):

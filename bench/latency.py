@@ -88,7 +88,9 @@ def model_work_ms(settings: Settings, n: int, workdir: Path) -> list[float]:
     files = write_ct_series(ph.hu, ph.spacing_zyx, workdir / "baseline")
 
     async def run() -> list[float]:
-        client = TritonModelClient(settings.triton.grpc_url, settings.triton.timeout_s)
+        client = TritonModelClient(
+            settings.triton.grpc_url, settings.triton.timeout_s, settings.triton.grpc_auth_headers()
+        )
         times = []
         try:
             for _ in range(n):

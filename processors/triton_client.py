@@ -89,9 +89,11 @@ def _checked(model_name: str, name: str, value: float) -> float:
 
 
 class TritonModelClient:
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(self, url: str, timeout_s: float, auth_headers: dict[str, str] | None = None) -> None:
+        """`auth_headers`: the key a restricted Triton wants (TritonSettings.grpc_auth_headers)."""
         self._url = url
         self._timeout_s = timeout_s
+        self._auth = dict(auth_headers or {})
         self._client = InferenceServerClient(url=url, channel_args=channel_args())
 
     async def close(self) -> None:
@@ -99,7 +101,7 @@ class TritonModelClient:
 
     async def is_ready(self, model_name: str) -> bool:
         try:
-            return bool(await self._client.is_model_ready(model_name))
+            return bool(await self._client.is_model_ready(model_name, headers=self._auth))
         except InferenceServerException:
             return False
 
@@ -127,7 +129,7 @@ class TritonModelClient:
                 # Server-side queue timeout in microseconds; the client deadline is the backstop.
                 timeout=int(self._timeout_s * 1_000_000),
                 client_timeout=self._timeout_s,
-                headers=headers,
+                headers={**(headers or {}), **self._auth},
             )
         except InferenceServerException as exc:
             raise InferenceError(f"Triton {self._url} model {model_name}: {exc.message()}") from exc

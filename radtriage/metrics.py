@@ -617,6 +617,7 @@ class ModelReadyCollector(Collector):
             sorted(set(models)),
             m.probe_timeout_s,
         )
+        self.headers = settings.triton.grpc_auth_headers()
         self.probe = BoundedProbe(self._read, m.scrape_cache_s, m.probe_timeout_s, "Triton model readiness")
         self._client: Any = None
 
@@ -629,7 +630,9 @@ class ModelReadyCollector(Collector):
         ready = {}
         for model in self.models:
             try:
-                ready[model] = bool(self._client.is_model_ready(model, client_timeout=self.timeout_s))
+                ready[model] = bool(
+                    self._client.is_model_ready(model, headers=self.headers, client_timeout=self.timeout_s)
+                )
             except InferenceServerException:
                 ready[model] = False
         return ready

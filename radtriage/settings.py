@@ -103,6 +103,44 @@ class TritonSettings(BaseModel):
     timeout_s: float = 20.0
     # Triton priority levels (1 is highest) per lane; the model config declares 3 levels.
     lane_priority: dict[str, int] = Field(default_factory=lambda: {"stat": 1, "urgent": 2, "routine": 3})
+    # Triton's own access control (--grpc-restricted-protocol / --http-restricted-api): when
+    # a key is set, every API but health (server and model liveness/readiness: probes)
+    # answers only requests carrying `api_key_header: <key>` (over gRPC Triton expects the
+    # metadata key `triton-grpc-protocol-<api_key_header>`). The embedded Triton is started that way and every
+    # radtriage client sends it. Triton's metrics port has no such control: keep it on
+    # loopback or behind a NetworkPolicy (deploy/k8s does).
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    api_key_header: str = "radtriage-triton-key"
+
+    @field_serializer("api_key", when_used="json")
+    def _dump_key(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        if value is None:
+            return None
+        return value.get_secret_value() if reveals_secrets(info) else str(value)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> TritonSettings:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set triton.api_key or triton.api_key_file, not both")
+        return self
+
+    def auth_headers(self) -> dict[str, str]:
+        """The header every Triton request carries (empty when no key is configured)."""
+        if self.api_key is not None:
+            key = self.api_key.get_secret_value()
+        elif self.api_key_file is not None:
+            # One line; the newline an editor or `echo` adds is not part of it.
+            key = self.api_key_file.read_text().strip()
+        else:
+            return {}
+        if not key:
+            raise ValueError("triton.api_key(_file) is empty")
+        return {self.api_key_header: key}
+
+    def grpc_auth_headers(self) -> dict[str, str]:
+        """`auth_headers` as the gRPC metadata Triton's restricted protocols look for."""
+        return {f"triton-grpc-protocol-{k}": v for k, v in self.auth_headers().items()}
 
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -440,7 +440,9 @@ def read_models(settings: Settings, timeout_s: float) -> list[ModelStatus]:
         wanted = []
     client = InferenceServerClient(settings.triton.grpc_url)
     try:
-        index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s)
+        index = client.get_model_repository_index(
+            headers=settings.triton.grpc_auth_headers(), as_json=True, client_timeout=timeout_s
+        )
         entries = {}
         for m in index.get("models", []):
             name = m.get("name", "")

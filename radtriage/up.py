@@ -103,6 +103,7 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
                     metrics_port=settings.triton.metrics_port,
                     log_file=settings.home / "logs" / "triton.log",
                     extra_pythonpath=[REPO_ROOT],
+                    restricted=settings.triton.auth_headers(),
                 )
                 triton.start()
             stoppers.append(("triton", triton))

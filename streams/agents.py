@@ -477,7 +477,9 @@ def build_pipeline(settings: Settings) -> Pipeline:
             headers_for_current_span(),
         )
 
-    triton = TritonModelClient(settings.triton.grpc_url, settings.triton.timeout_s)
+    triton = TritonModelClient(
+        settings.triton.grpc_url, settings.triton.timeout_s, settings.triton.grpc_auth_headers()
+    )
     gate = LaneRetryGate(settings.triton.lane_priority)
     # Request ids whose finding is being published right now (this worker owns every lane
     # partition of a study: the lane topics are co-partitioned by study UID).

@@ -67,6 +67,9 @@ def server_env(extra_pythonpath: list[Path]) -> dict[str, str]:
     return env
 
 
+RESTRICTED_APIS = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
+
+
 class LocalTriton:
     def __init__(
         self,
@@ -79,8 +82,11 @@ class LocalTriton:
         extra_pythonpath: list[Path] | None = None,
         cache_root: Path | None = None,
         host: str = "127.0.0.1",
+        restricted: dict[str, str] | None = None,
     ) -> None:
+        """`restricted`: {header: value} that every API but health must carry (TritonSettings.api_key)."""
         self.model_repository = model_repository
+        self.restricted = restricted or {}
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.host = host
         self.log_file = log_file
@@ -119,6 +125,10 @@ class LocalTriton:
             "--exit-on-error=true",
             "--log-verbose=0",
         ]
+        for header, value in self.restricted.items():
+            # Health stays open: liveness/readiness probes carry no key and reveal nothing.
+            argv.append(f"--grpc-restricted-protocol={RESTRICTED_APIS}:{header}={value}")
+            argv.append(f"--http-restricted-api={RESTRICTED_APIS}:{header}={value}")
         self._service = ServiceProcess(
             "tritonserver", argv, self.log_file, env=server_env(self.extra_pythonpath)
         )
