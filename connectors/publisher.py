@@ -21,7 +21,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from kafka.producer.future import RecordMetadata
 
-from radtriage.kafka_clients import kafka_python_producer_kwargs
+from radtriage.kafka_clients import as_kafka_settings, kafka_python_producer_kwargs
 from radtriage.settings import KafkaSettings
 from radtriage.telemetry import record_ack, send_span
 from schemas.base import Event
@@ -51,7 +51,7 @@ class EventPublisher:
         """`kafka`: the connection settings (security included), or a plaintext bootstrap list."""
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
-        self._kafka = KafkaSettings(bootstrap_servers=kafka) if isinstance(kafka, str) else kafka
+        self._kafka = as_kafka_settings(kafka)
         self._bootstrap = self._kafka.bootstrap_servers
         self._timeout_s = timeout_s
         self._client_id = client_id

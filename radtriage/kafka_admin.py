@@ -9,7 +9,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from radtriage.kafka_clients import kafka_python_kwargs
+from radtriage.kafka_clients import as_kafka_settings, kafka_python_kwargs
 from radtriage.settings import KafkaSettings
 
 
@@ -34,7 +34,7 @@ def ensure_topics(
     `kafka` is the connection settings (security included), or just a plaintext bootstrap
     list; the replication factor and min.insync.replicas default to the settings'.
     """
-    k = KafkaSettings(bootstrap_servers=kafka) if isinstance(kafka, str) else kafka
+    k = as_kafka_settings(kafka)
     replicas = k.replication_factor if replication_factor is None else replication_factor
     deadline = time.monotonic() + timeout_s
     while True:

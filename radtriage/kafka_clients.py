@@ -33,6 +33,11 @@ class KafkaConfigError(ValueError):
     """The Kafka settings cannot work (e.g. SASL without a username); said at start, not at first send."""
 
 
+def as_kafka_settings(kafka: KafkaSettings | str) -> KafkaSettings:
+    """Settings as given, or a plaintext connection to a bare bootstrap list (tests, benches)."""
+    return KafkaSettings(bootstrap_servers=kafka) if isinstance(kafka, str) else kafka
+
+
 def ssl_context(k: KafkaSettings) -> ssl.SSLContext | None:
     """A client TLS context verifying the brokers (CA file or system CAs, and hostname)."""
     if not k.uses_tls:

@@ -68,6 +68,9 @@ class KafkaSettings(BaseModel):
     embedded: bool = True
     embedded_version: str = "3.9.1"
     controller_port: int = 9093
+    # `radtriage up --cluster 3`: that many local brokers (node i on bootstrap port + 2i and
+    # controller_port + 2i), replication min(3, n), min.insync.replicas one less.
+    embedded_nodes: int = Field(default=1, ge=1, le=9)
     partitions: int = 3
     replication_factor: int = 1
     # Topic config min.insync.replicas of the topics radtriage creates: with acks=all a write

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from radtriage.kafka_clients import aiokafka_kwargs
+from radtriage.settings import KafkaSettings, load_settings
 from schemas.alerts import Alert
 from schemas.base import EventDecodeError
 
@@ -36,7 +38,14 @@ log = logging.getLogger(__name__)
 
 
 class AlertLedger:
-    def __init__(self, bootstrap_servers: str, alert_topics: Iterable[str]) -> None:
+    def __init__(
+        self, bootstrap_servers: str, alert_topics: Iterable[str], *, kafka: KafkaSettings | None = None
+    ) -> None:
+        # The connection (security included): `kafka`, or this process's settings on
+        # `bootstrap_servers` when the caller passes only the address.
+        if kafka is None:
+            kafka = load_settings().kafka.model_copy(update={"bootstrap_servers": bootstrap_servers})
+        self._kafka = kafka
         self._bootstrap = bootstrap_servers
         self._topics = tuple(alert_topics)
         self._sent: set[str] = set()
@@ -87,9 +96,7 @@ class AlertLedger:
 
     async def _load(self, partition: int) -> None:
         started = time.perf_counter()
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False
-        )
+        consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_kwargs(self._kafka))
         await consumer.start()
         try:
             # The alert topics are co-partitioned with the findings (radtriage creates them all

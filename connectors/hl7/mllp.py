@@ -247,7 +247,7 @@ class Hl7Listener:
         self.settings = settings
         self.owns_publisher = publisher is None
         self.publisher = publisher or EventPublisher(
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             timeout_s=settings.kafka.produce_timeout_s,
             client_id="radtriage-hl7",
         )
