@@ -44,7 +44,8 @@ from connectors.hl7.framing import frame
 from connectors.hl7.parse import Accepted, parse_message
 from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.kafka_clients import as_kafka_settings, kafka_python_kwargs
+from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
 from schemas.orders import OrderEvent
 from tests.data.hl7.samples import set_field, text
 
@@ -132,9 +133,9 @@ def concurrent(port: int, messages: list[tuple[str, bytes]], connections: int) -
 
 
 def baseline_publish(settings: Settings, event: OrderEvent, n: int) -> list[float]:
-    publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=10.0, client_id="bench-baseline")
+    publisher = EventPublisher(settings.kafka, timeout_s=10.0, client_id="bench-baseline")
     topic = settings.topics.orders + ".baseline"
-    ensure_topics(settings.kafka.bootstrap_servers, {topic: settings.kafka.partitions})
+    ensure_topics(settings.kafka, {topic: settings.kafka.partitions})
     out = []
     try:
         for i in range(n + 20):
@@ -158,8 +159,12 @@ def baseline_parse(message: bytes, n: int) -> list[float]:
     return out
 
 
-def count_on_topic(bootstrap: str, topic: str, expected: set[str], timeout: float = 60) -> Counter[str]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+def count_on_topic(
+    kafka: KafkaSettings | str, topic: str, expected: set[str], timeout: float = 60
+) -> Counter[str]:
+    consumer = KafkaConsumer(
+        group_id=None, enable_auto_commit=False, **kafka_python_kwargs(as_kafka_settings(kafka))
+    )
     parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
     consumer.assign(parts)
     consumer.seek_to_beginning(*parts)
@@ -257,7 +262,7 @@ def main() -> None:
             setattr(settings.topics, name, f"{getattr(settings.topics, name)}.{suffix}")
         settings.hl7.port = free_port()
         ensure_topics(
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             dict.fromkeys(
                 (settings.topics.orders, settings.topics.encounters, settings.topics.deadletter),
                 settings.kafka.partitions,
@@ -285,7 +290,7 @@ def main() -> None:
             parse = baseline_parse(single[0][1], args.messages)
         with console.status("counting accessions on the orders topic…"):
             sent = {a for a, _ in warmup + single + multi}
-            seen = count_on_topic(settings.kafka.bootstrap_servers, settings.topics.orders, sent)
+            seen = count_on_topic(settings.kafka, settings.topics.orders, sent)
     lost = len(sent - set(seen))
     duplicated = sum(1 for a in sent if seen[a] > 1)
 

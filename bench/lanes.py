@@ -86,6 +86,7 @@ from bench.lane_stats import (
     throughput_per_min,
 )
 from radtriage.demo_messages import hl7_order, post_fhir, send_hl7, service_request
+from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, Settings
 
 console = Console()
@@ -276,7 +277,7 @@ class Collector:
             t.audit: "audit",
         }
         self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False, group_id=None
+            enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
         )
         parts = [
             TopicPartition(topic, p)

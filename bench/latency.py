@@ -34,6 +34,7 @@ from models.phantoms import head_ct_phantom
 from processors.model_inputs import prepare_model_input
 from processors.triton_client import TritonModelClient
 from radtriage.demo import CASES, OutputWatcher, run_case
+from radtriage.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
 from radtriage.settings import REPO_ROOT, Settings
 
 console = Console()
@@ -60,8 +61,8 @@ def stats(xs: list[float]) -> dict[str, float]:
 
 def kafka_round_trip_ms(settings: Settings, n: int) -> list[float]:
     topic = settings.topics.audit
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=0)
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None)
+    producer = KafkaProducer(linger_ms=0, **kafka_python_producer_kwargs(settings.kafka))
+    consumer = KafkaConsumer(group_id=None, **kafka_python_kwargs(settings.kafka))
     parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
     consumer.assign(parts)
     consumer.seek_to_end(*parts)

@@ -18,8 +18,11 @@ import time
 from collections.abc import Mapping
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaTimeoutError
 from kafka.producer.future import RecordMetadata
 
+from radtriage.kafka_clients import as_kafka_settings, kafka_python_producer_kwargs
+from radtriage.settings import KafkaSettings
 from radtriage.telemetry import record_ack, send_span
 from schemas.base import Event
 
@@ -44,10 +47,12 @@ class EventPublisher:
     kafka-python's producer is thread-safe, and only its creation is serialised here.
     """
 
-    def __init__(self, bootstrap_servers: str, *, timeout_s: float, client_id: str) -> None:
+    def __init__(self, kafka: KafkaSettings | str, *, timeout_s: float, client_id: str) -> None:
+        """`kafka`: the connection settings (security included), or a plaintext bootstrap list."""
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
-        self._bootstrap = bootstrap_servers
+        self._kafka = as_kafka_settings(kafka)
+        self._bootstrap = self._kafka.bootstrap_servers
         self._timeout_s = timeout_s
         self._client_id = client_id
         self._producer: KafkaProducer | None = None
@@ -66,13 +71,11 @@ class EventPublisher:
         timeout_ms = int(self._timeout_s * 1000)
         linger_ms = 1
         return KafkaProducer(
-            bootstrap_servers=self._bootstrap,
+            # Durability: acks=all (the leader answers only once every in-sync replica has the
+            # record) and idempotence (a retried batch is never written twice), with the
+            # connection's security options.
+            **kafka_python_producer_kwargs(self._kafka),
             client_id=self._client_id,
-            # Durability: the leader answers only once every in-sync replica has the record.
-            acks="all",
-            # Explicit, so kafka-python raises on a conflicting option instead of silently
-            # dropping idempotence; a retried batch is then never written twice.
-            enable_idempotence=True,
             # `retries` stays at its idempotent default (unbounded); delivery_timeout_ms is
             # what bounds retrying. It is set to its minimum (request timeout + linger) so a
             # record we already reported as failed does not linger in the producer for the
@@ -160,4 +163,9 @@ class EventPublisher:
             self._closed = True
             producer, self._producer = self._producer, None
         if producer is not None:
-            producer.close(timeout=self._timeout_s)
+            try:
+                producer.close(timeout=self._timeout_s)
+            except KafkaTimeoutError:
+                # What was still in flight was already reported as failed to its sender;
+                # shutting down must not fail on it (e.g. a cluster below min.insync.replicas).
+                pass

@@ -37,7 +37,13 @@ def main() -> None:
 @main.command()
 @click.option("--bootstrap-servers", help="Use this Kafka instead of starting a local broker.")
 @click.option("--triton-url", help="Use this Triton (gRPC host:port) instead of starting a local server.")
-def up(bootstrap_servers: str | None, triton_url: str | None) -> None:
+@click.option(
+    "--cluster",
+    "cluster_nodes",
+    type=click.IntRange(1, 9),
+    help="Start this many local Kafka brokers (e.g. 3: replication 3, min.insync.replicas 2).",
+)
+def up(bootstrap_servers: str | None, triton_url: str | None, cluster_nodes: int | None) -> None:
     """Start the whole local stack (Kafka, Triton, workers, DICOM/HL7/HTTP listeners); Ctrl-C stops it."""
     from radtriage.kafka_admin import KafkaUnavailable
     from radtriage.stack.process import ServiceError
@@ -45,7 +51,12 @@ def up(bootstrap_servers: str | None, triton_url: str | None) -> None:
 
     setup_logging(component="up")
     try:
-        run_up(_settings(bootstrap_servers, triton_url))
+        settings = _settings(bootstrap_servers, triton_url)
+        if cluster_nodes is not None:
+            if bootstrap_servers:
+                raise click.UsageError("--cluster starts local brokers: not with --bootstrap-servers")
+            settings.kafka.embedded_nodes = cluster_nodes
+        run_up(settings)
     except (ServiceError, KafkaUnavailable) as exc:
         click.echo(f"radtriage up failed: {exc}", err=True)
         sys.exit(1)

@@ -51,6 +51,7 @@ from radtriage.demo_messages import (
     send_hl7,
     service_request,
 )
+from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import Settings
 
 console = Console()
@@ -259,7 +260,7 @@ class OutputWatcher:
         t = settings.topics
         self.topics = [t.alerts_ich, t.alerts_stroke, t.results_fhir, t.audit, t.deadletter]
         self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False, group_id=None
+            enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
         )
         parts = [
             TopicPartition(topic, p)

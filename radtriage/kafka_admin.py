@@ -9,39 +9,78 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from radtriage.kafka_clients import as_kafka_settings, kafka_python_kwargs
+from radtriage.settings import KafkaSettings
+
 
 class KafkaUnavailable(RuntimeError):
     pass
 
 
+def topic_config(kafka: KafkaSettings, config: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Per-topic configs: min.insync.replicas from the settings unless `config` says otherwise."""
+    return {"min.insync.replicas": str(kafka.min_insync_replicas), **dict(config or {})}
+
+
 def ensure_topics(
-    bootstrap_servers: str,
+    kafka: KafkaSettings | str,
     topics: Mapping[str, int],
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     config: Mapping[str, str] | None = None,
     timeout_s: float = 30.0,
 ) -> None:
-    """Create each missing topic with its partition count; existing topics are left as they are."""
+    """Create each missing topic with its partition count; existing topics are left as they are.
+
+    `kafka` is the connection settings (security included), or just a plaintext bootstrap
+    list; the replication factor and min.insync.replicas default to the settings'.
+    """
+    k = as_kafka_settings(kafka)
+    replicas = k.replication_factor if replication_factor is None else replication_factor
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=10000)
+            admin = KafkaAdminClient(request_timeout_ms=10000, **kafka_python_kwargs(k))
             break
         except KafkaError as exc:
             if time.monotonic() > deadline:
-                raise KafkaUnavailable(f"Kafka at {bootstrap_servers} unreachable: {exc}") from exc
+                raise KafkaUnavailable(f"Kafka at {k.bootstrap_servers} unreachable: {exc}") from exc
             time.sleep(1)
     try:
-        existing = set(admin.list_topics())
-        missing = [
-            NewTopic(name, partitions, replication_factor, topic_configs=dict(config or {}))
-            for name, partitions in topics.items()
-            if name not in existing
-        ]
-        if missing:
+        while True:
             try:
-                admin.create_topics(missing)
+                _create_missing(admin, k, topics, replicas, config)
+                return
             except TopicAlreadyExistsError:
-                pass  # another process created them meanwhile
+                return  # another process created them meanwhile
+            except KafkaError as exc:
+                # A cluster just started may not have every broker in its metadata yet
+                # (UnknownBrokerId, NotController...): retried until the deadline.
+                retriable = getattr(exc, "retriable", False) or type(exc).__name__ in _TRANSIENT
+                if not retriable or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         admin.close()
+
+
+_TRANSIENT = {"UnknownBrokerIdError", "NodeNotReadyError", "NotControllerError", "KafkaConnectionError"}
+
+
+def _create_missing(
+    admin: KafkaAdminClient,
+    k: KafkaSettings,
+    topics: Mapping[str, int],
+    replicas: int,
+    config: Mapping[str, str] | None,
+) -> None:
+    existing = set(admin.list_topics())
+    missing = [
+        NewTopic(name, partitions, replicas, topic_configs=topic_config(k, config))
+        for name, partitions in topics.items()
+        if name not in existing
+    ]
+    if missing:
+        admin.create_topics(missing)
+        # Accepted is not usable yet: wait until each has a leader for every partition, so
+        # the caller's first produce does not meet UnknownTopicOrPartition.
+        admin.wait_for_topics([t.name for t in missing], timeout_ms=30000)

@@ -60,7 +60,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector  # noqa: E402
 
 from radtriage.kafka_lag import lag_by_lane  # noqa: E402  # re-exported: the lag gauge's arithmetic
-from radtriage.settings import Settings  # noqa: E402
+from radtriage.settings import KafkaSettings, Settings  # noqa: E402
 from schemas.alerts import Alert  # noqa: E402
 from schemas.findings import Finding  # noqa: E402
 from schemas.requests import TriageRequest  # noqa: E402
@@ -509,8 +509,13 @@ class KafkaLagReader:
     The clients are kept between reads (a connection per scrape would cost more than the
     read) and rebuilt after a failure."""
 
-    def __init__(self, bootstrap: str, group: str, topic_lane: Mapping[str, str], timeout_s: float) -> None:
-        self.bootstrap, self.group, self.topic_lane = bootstrap, group, dict(topic_lane)
+    def __init__(
+        self, kafka: KafkaSettings | str, group: str, topic_lane: Mapping[str, str], timeout_s: float
+    ) -> None:
+        from radtriage.kafka_clients import as_kafka_settings
+
+        self.kafka = as_kafka_settings(kafka)
+        self.bootstrap, self.group, self.topic_lane = self.kafka.bootstrap_servers, group, dict(topic_lane)
         # kafka-python wants request_timeout_ms above its fetch_max_wait_ms (500).
         self._timeout_ms = max(int(timeout_s * 1000), 1000)
         self._admin: Any = None
@@ -519,17 +524,17 @@ class KafkaLagReader:
     def _clients(self) -> tuple[Any, Any]:
         from kafka import KafkaAdminClient, KafkaConsumer
 
-        bounded_ms = {"request_timeout_ms": self._timeout_ms}
+        from radtriage.kafka_clients import kafka_python_kwargs
+
+        bounded_ms = {"request_timeout_ms": self._timeout_ms, **kafka_python_kwargs(self.kafka)}
         if self._admin is None:
             self._admin = KafkaAdminClient(
-                bootstrap_servers=self.bootstrap,
                 client_id="radtriage-metrics",
                 bootstrap_timeout_ms=self._timeout_ms,
                 **bounded_ms,
             )
         if self._consumer is None:
             self._consumer = KafkaConsumer(
-                bootstrap_servers=self.bootstrap,
                 client_id="radtriage-metrics",
                 group_id=None,
                 enable_auto_commit=False,
@@ -578,9 +583,7 @@ class ConsumerLagCollector(Collector):
         m = settings.metrics
         self.group = settings.streams.app_id
         self.topic_lane = {settings.topics.lane_topic(lane): lane for lane in LANES}
-        self.reader = KafkaLagReader(
-            settings.kafka.bootstrap_servers, self.group, self.topic_lane, m.probe_timeout_s
-        )
+        self.reader = KafkaLagReader(settings.kafka, self.group, self.topic_lane, m.probe_timeout_s)
         self.probe = BoundedProbe(self.reader.read, m.scrape_cache_s, m.probe_timeout_s, "consumer lag")
 
     def describe(self) -> list[Metric]:

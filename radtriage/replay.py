@@ -35,7 +35,8 @@ from typing import IO, Literal
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from rich.table import Table
 
-from radtriage.settings import Settings
+from radtriage.kafka_clients import as_kafka_settings, kafka_python_kwargs, kafka_python_producer_kwargs
+from radtriage.settings import KafkaSettings, Settings
 from schemas.base import EventDecodeError
 from schemas.deadletter import DeadLetter
 from streams.app import DEADLETTER_PAYLOAD_LIMIT
@@ -237,9 +238,13 @@ def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> bytes | N
     return None
 
 
-def read_dead_letters(bootstrap: str, topic: str, timeout_s: float = 60.0) -> tuple[list[StoredLetter], int]:
+def read_dead_letters(
+    kafka: KafkaSettings | str, topic: str, timeout_s: float = 60.0
+) -> tuple[list[StoredLetter], int]:
     """Everything on the dead-letter topic up to its end as of now; and the unreadable count."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = KafkaConsumer(
+        group_id=None, enable_auto_commit=False, **kafka_python_kwargs(as_kafka_settings(kafka))
+    )
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         if not parts:
@@ -275,18 +280,14 @@ def run_replay(settings: Settings, criteria: Criteria, *, dry_run: bool) -> Repo
     with locked_record(path) as record:
         # Read the record under the lock, so a concurrent run's replays are seen.
         replayed = read_record(record)
-        letters, unreadable = read_dead_letters(settings.kafka.bootstrap_servers, settings.topics.deadletter)
+        letters, unreadable = read_dead_letters(settings.kafka, settings.topics.deadletter)
         decisions = plan(letters, criteria, consumed_topics(settings), replayed, settings)
         report = Report(decisions=decisions, unreadable=unreadable)
         todo = [d for d in decisions if d.action == "replay"]
         if dry_run or not todo:
             return report
-        producer = KafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            acks="all",  # replayed only once every in-sync replica has it
-            enable_idempotence=True,
-            linger_ms=1,
-        )
+        # acks=all + idempotence: replayed only once every in-sync replica has it.
+        producer = KafkaProducer(linger_ms=1, **kafka_python_producer_kwargs(settings.kafka))
         try:
             for decision in todo:
                 stored, letter = decision.stored, decision.stored.letter

@@ -88,10 +88,49 @@ class KafkaSettings(BaseModel):
     embedded: bool = True
     embedded_version: str = "3.9.1"
     controller_port: int = 9093
+    # `radtriage up --cluster 3`: that many local brokers (node i on bootstrap port + 2i and
+    # controller_port + 2i), replication min(3, n), min.insync.replicas one less.
+    embedded_nodes: int = Field(default=1, ge=1, le=9)
     partitions: int = 3
     replication_factor: int = 1
+    # Topic config min.insync.replicas of the topics radtriage creates: with acks=all a write
+    # succeeds while this many replicas have it (a 3-broker cluster: RF 3, 2 in sync).
+    min_insync_replicas: int = 1
     # How long a connector waits for acks=all before it answers the sender with a failure.
     produce_timeout_s: float = 15.0
+    # Security (README "Kafka security"); the defaults are the local plaintext broker.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    # The password itself, or a file holding it (a mounted Secret); the file wins when both are set.
+    sasl_password: SecretStr = SecretStr("")
+    sasl_password_file: Path | None = None
+    # PEM files: the CA that signed the brokers' certificates, and an optional client
+    # certificate + unencrypted key (mutual TLS).
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @field_serializer("sasl_password", when_used="json")
+    def _dump_password(self, value: SecretStr, info: SerializationInfo) -> str:
+        return value.get_secret_value() if reveals_secrets(info) else str(value)
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def password(self) -> str:
+        """The SASL password: from sasl_password_file if set, else sasl_password."""
+        if self.sasl_password_file is not None:
+            try:
+                return self.sasl_password_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"kafka.sasl_password_file {self.sasl_password_file}: {exc}") from exc
+        return self.sasl_password.get_secret_value()
 
 
 class TritonSettings(BaseModel):

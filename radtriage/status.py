@@ -327,9 +327,11 @@ def read_kafka(settings: Settings, since: datetime, timeout_s: float) -> KafkaVi
     """Everything `status` needs from Kafka, with every client call bounded by `timeout_s`."""
     from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
+    from radtriage.kafka_clients import kafka_python_kwargs
+
     ms = max(int(timeout_s * 1000), 200)
     common: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        **kafka_python_kwargs(settings.kafka),
         "request_timeout_ms": ms,
         "bootstrap_timeout_ms": ms,
         "reconnect_backoff_max_ms": 500,

@@ -18,15 +18,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from radtriage import metrics
 from radtriage.kafka_admin import ensure_topics
+from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, SETTINGS_JSON_ENV, Settings
 from radtriage.stack.process import ServiceProcess, port_in_use
 from radtriage.worker import ready_file
+
+if TYPE_CHECKING:
+    from radtriage.stack.kafka import LocalKafkaCluster
 
 console = Console(stderr=True)
 
@@ -64,7 +69,18 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
     # Metric files of a previous run would add up with this one's.
     metrics.reset_multiproc_dir(metrics.multiproc_dir(settings))
     try:
-        if settings.kafka.embedded:
+        if settings.kafka.embedded and settings.kafka.embedded_nodes > 1:
+            kafka_cluster = _start_cluster(settings)
+            stoppers.append(("kafka cluster", kafka_cluster))
+            endpoints.append(
+                (
+                    "Kafka",
+                    f"{settings.kafka.bootstrap_servers} (embedded {settings.kafka.embedded_version}, "
+                    f"{len(kafka_cluster.nodes)} brokers, RF {kafka_cluster.replication}, "
+                    f"min ISR {kafka_cluster.min_isr})",
+                )
+            )
+        elif settings.kafka.embedded:
             from radtriage.stack.kafka import LocalKafka
 
             port = settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1]
@@ -84,11 +100,10 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         else:
             endpoints.append(("Kafka", f"{settings.kafka.bootstrap_servers} (external)"))
         ensure_topics(
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             dict.fromkeys(
                 settings.topics.all() + settings.streams.internal_topics(), settings.kafka.partitions
             ),
-            replication_factor=settings.kafka.replication_factor,
         )
         if settings.triton.embedded:
             from radtriage.stack.triton import LocalTriton
@@ -153,6 +168,27 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
             service.stop()  # type: ignore[attr-defined]
 
 
+def _start_cluster(settings: Settings) -> LocalKafkaCluster:
+    """Start `kafka.embedded_nodes` local brokers and point `settings` (and so every child) at them."""
+    from radtriage.stack.kafka import LocalKafkaCluster, cluster_client_settings
+
+    k = settings.kafka
+    n = k.embedded_nodes
+    port = int(k.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+    cluster = LocalKafkaCluster(
+        data_dir=settings.home / f"kafka-cluster-{n}",
+        nodes=n,
+        ports=[port + 2 * i for i in range(n)],
+        controller_ports=[k.controller_port + 2 * i for i in range(n)],
+        version=k.embedded_version,
+        cache_root=settings.cache,
+    )
+    with console.status(f"starting Apache Kafka (KRaft, {n} brokers)…"):
+        cluster.start()
+    settings.kafka = cluster_client_settings(cluster, k).model_copy(update={"embedded": True})
+    return cluster
+
+
 def _print_event(topic: str, value: bytes) -> None:
     data = json.loads(value)
     uid = data.get("study_uid", "?")
@@ -189,7 +225,7 @@ def _tail_outputs(settings: Settings, stop: threading.Event) -> None:
         t.results_fhir,
         t.deadletter,
         t.audit,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **kafka_python_kwargs(settings.kafka),
         auto_offset_reset="latest",
         enable_auto_commit=False,
         group_id=None,

@@ -25,9 +25,8 @@ def run_worker(settings: Settings) -> None:
 
     setup_tracing(settings, "streams")
     ensure_topics(
-        settings.kafka.bootstrap_servers,
+        settings.kafka,
         dict.fromkeys(settings.topics.all() + settings.streams.internal_topics(), settings.kafka.partitions),
-        replication_factor=settings.kafka.replication_factor,
     )
     marker = ready_file(settings)
     marker.unlink(missing_ok=True)

@@ -138,17 +138,15 @@ def build_pipeline(settings: Settings) -> Pipeline:
     assembling = app.Table("assembly", default=None)
     # What is already published, read back from the output topics themselves (see
     # streams/published_ledger.py for why not a table written after the output).
-    bootstrap = settings.kafka.bootstrap_servers
+    kafka = settings.kafka
     lookback = settings.streams.ledger_lookback_s
     findings_ledger = PublishedLedger(
-        "findings", bootstrap, [topics.findings.get_topic_name()], finding_key, lookback_s=lookback
+        "findings", kafka, [topics.findings.get_topic_name()], finding_key, lookback_s=lookback
     )
     reports_ledger = PublishedLedger(
-        "reports", bootstrap, [topics.results_fhir.get_topic_name()], report_key, lookback_s=lookback
+        "reports", kafka, [topics.results_fhir.get_topic_name()], report_key, lookback_s=lookback
     )
-    ledger = PublishedLedger(
-        "alerts", bootstrap, [t.get_topic_name() for t in topics.alerts.values()], alert_key
-    )
+    ledger = PublishedLedger("alerts", kafka, [t.get_topic_name() for t in topics.alerts.values()], alert_key)
     ledgers = (findings_ledger, reports_ledger, ledger)
     # The topics whose partition numbers say which output partitions this worker owns
     # (all co-partitioned with the outputs by study UID).

@@ -15,7 +15,7 @@ from typing import Any
 import faust
 from faust.types import EventT, TopicT
 
-from radtriage import metrics
+from radtriage import kafka_clients, metrics
 from radtriage.settings import Settings
 from radtriage.telemetry import HeaderList, record_ack, send_span
 from schemas.base import Event
@@ -53,7 +53,9 @@ class TriageTopics:
 def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.streams.app_id,
-        broker=faust_broker_url(settings.kafka.bootstrap_servers),
+        # Broker URL, credentials (SASL/TLS) and producer_acks=-1 (acks=all, and idempotence
+        # through radtriage's transport): radtriage/kafka_clients.py.
+        **kafka_clients.faust_app_kwargs(settings.kafka),
         store="memory://",
         # Tables (assembly state, alerts sent) are JSON; topics override this with raw
         # bytes in `declare_topics`, since their values are our own schema-checked JSON.
@@ -61,8 +63,6 @@ def create_app(settings: Settings) -> faust.App:
         value_serializer="json",
         topic_partitions=settings.kafka.partitions,
         topic_replication_factor=settings.kafka.replication_factor,
-        # acks=all: an alert or report is only "sent" once every in-sync replica has it.
-        producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         # Our own HTTP surface lives in the connectors; the Faust web server would only
         # take another port.

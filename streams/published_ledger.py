@@ -37,10 +37,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from radtriage.kafka_clients import aiokafka_kwargs
+from radtriage.settings import KafkaSettings
 from schemas.alerts import Alert
 from schemas.base import EventDecodeError
 from schemas.findings import Finding
@@ -67,19 +68,18 @@ class PublishedLedger:
     def __init__(
         self,
         name: str,
-        bootstrap_servers: str,
+        kafka: KafkaSettings,
         topics: Iterable[str],
         id_of: IdOf,
         *,
         lookback_s: float | None = None,
-        client_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
-        self._bootstrap = bootstrap_servers
+        # The connection, security included (radtriage/kafka_clients.py).
+        self._client_kwargs = aiokafka_kwargs(kafka)
         self._topics = tuple(topics)
         self._id_of = id_of
         self._lookback_s = lookback_s
-        self._client_kwargs = client_kwargs or {}
         self._sent: set[str] = set()
         # Per partition, the read of the topics (started at assignment, awaited by the first
         # message that needs it, so a stat request does not pay for the consumer's start).
@@ -144,12 +144,7 @@ class PublishedLedger:
 
     async def _load(self, partition: int) -> None:
         started = time.perf_counter()
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            **self._client_kwargs,
-        )
+        consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **self._client_kwargs)
         await consumer.start()
         read = 0
         try:

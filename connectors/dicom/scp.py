@@ -119,7 +119,7 @@ class StoreSCP:
         self.blobs = LocalBlobStore(settings.blob_dir)
         self.owns_publisher = publisher is None
         self.publisher = publisher or EventPublisher(
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             timeout_s=settings.kafka.produce_timeout_s,
             client_id="radtriage-dicom",
         )

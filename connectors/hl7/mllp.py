@@ -258,7 +258,7 @@ class Hl7Listener:
         self._tls = server_context(settings.hl7.tls, "hl7.tls") if settings.hl7.tls.enabled else None
         self.owns_publisher = publisher is None
         self.publisher = publisher or EventPublisher(
-            settings.kafka.bootstrap_servers,
+            settings.kafka,
             timeout_s=settings.kafka.produce_timeout_s,
             client_id="radtriage-hl7",
         )

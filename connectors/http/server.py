@@ -121,7 +121,7 @@ async def start_http(settings: Settings, publisher: EventPublisher | None = None
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     owns = publisher is None
     publisher = publisher or EventPublisher(
-        settings.kafka.bootstrap_servers,
+        settings.kafka,
         timeout_s=settings.kafka.produce_timeout_s,
         client_id="radtriage-http",
     )

@@ -23,7 +23,8 @@ from connectors.blobstore import LocalBlobStore
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.kafka_clients import kafka_python_kwargs
+from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
 from schemas.findings import Finding
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
@@ -107,8 +108,11 @@ def make_worker_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict
 
 
 class Tail:
-    def __init__(self, bootstrap: str, topics: list[str]) -> None:
-        self.c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    def __init__(self, kafka: str | KafkaSettings, topics: list[str]) -> None:
+        """`kafka`: a bootstrap address, or the settings of a secured cluster."""
+        if isinstance(kafka, str):
+            kafka = KafkaSettings(bootstrap_servers=kafka)
+        self.c = KafkaConsumer(group_id=None, enable_auto_commit=False, **kafka_python_kwargs(kafka))
         parts = [TopicPartition(t, p) for t in topics for p in sorted(self.c.partitions_for_topic(t) or {0})]
         self.c.assign(parts)
         self.c.seek_to_end(*parts)

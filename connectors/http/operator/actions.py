@@ -18,6 +18,7 @@ from typing import Any
 from kafka import KafkaProducer
 
 from connectors.http.operator.view import ACK_DECISION, AlertRow, LetterRow
+from radtriage.kafka_clients import kafka_python_producer_kwargs
 from radtriage.replay import (
     REPLAY_HEADER,
     Coordinates,
@@ -126,10 +127,9 @@ def replay_letter(settings: Settings, row: LetterRow) -> tuple[Coordinates, froz
             headers.append(("traceparent", row.traceparent.encode()))
         try:
             producer = KafkaProducer(
-                bootstrap_servers=settings.kafka.bootstrap_servers,
+                # acks=all + idempotence: replayed only once every in-sync replica has it.
+                **kafka_python_producer_kwargs(settings.kafka),
                 client_id="radtriage-operator-replay",
-                acks="all",  # replayed only once every in-sync replica has it
-                enable_idempotence=True,
                 linger_ms=1,
                 request_timeout_ms=timeout_ms,
                 delivery_timeout_ms=timeout_ms + 1,

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from connectors.http.operator.decode import Kind, Observed, Record, Unreadable, decode, topic_kinds
 from connectors.http.operator.view import Fact, LogStatus
+from radtriage.kafka_clients import aiokafka_kwargs
 from radtriage.settings import Settings
 from schemas.base import utcnow
 
@@ -75,7 +76,7 @@ class Observer:
     async def _run(self) -> None:
         while not self._stop.is_set():
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._settings.kafka.bootstrap_servers,
+                **aiokafka_kwargs(self._settings.kafka),
                 client_id="radtriage-operator-page",
                 group_id=None,
                 enable_auto_commit=False,
