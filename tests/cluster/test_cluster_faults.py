@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.settings import REPO_ROOT, Settings
 from tests.conftest import free_port
+from tests.e2e.harness import _storescu as dcmtk_storescu
 from tests.integration.harness import Tail, Worker
 
 pytestmark = pytest.mark.integration
@@ -57,10 +57,8 @@ class Sent:
 
 
 def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    storescu = shutil.which("storescu")
-    assert storescu, "dcmtk's storescu is required (scripts/install.sh --test installs it)"
     return subprocess.run(
-        [storescu, "-aec", "RADTRIAGE", "-aet", "CT_FAULT", "127.0.0.1", str(port), *map(str, files)],
+        [dcmtk_storescu(), "-aec", "RADTRIAGE", "-aet", "CT_FAULT", "127.0.0.1", str(port), *map(str, files)],
         capture_output=True,
         text=True,
         timeout=180,

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,19 @@ class Stack:
 
 
 def _storescu() -> str:
-    path = shutil.which("storescu")
+    """dcmtk's storescu, not pynetdicom's app of the same name in the venv's bin (first on
+    PATH when the venv is activated)."""
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path_dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != venv_bin]
+    path = shutil.which("storescu", path=os.pathsep.join(path_dirs))
     assert path, "dcmtk's storescu is required (scripts/install.sh --test installs it: apt-get install dcmtk)"
     return path
 
 
-def start_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def start_stack(
+    tmp_path_factory: pytest.TempPathFactory, extra_env: Callable[[Path], dict[str, str]] | None = None
+) -> Iterator[Stack]:
+    """`radtriage up` on free ports; `extra_env(home)` adds settings (e.g. security) to its env."""
     home = tmp_path_factory.mktemp("radtriage-home")
     kafka_port, dicom_port, hl7_port, http_port = free_port(), free_port(), free_port(), free_port()
     env = dict(os.environ)
@@ -60,6 +67,8 @@ def start_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "RADTRIAGE_STREAMS__ASSEMBLY_QUIET_S": "4",
         }
     )
+    if extra_env is not None:
+        env.update(extra_env(home))
     env.pop("RADTRIAGE_SETTINGS_JSON", None)
     log = home / "up.log"
     with log.open("wb") as out:
