@@ -1,6 +1,137 @@
-"""Which Kafka resources each radtriage role may use (the secure cluster's ACLs)."""
+"""Which Kafka resources each radtriage role may use: the one definition of the ACLs.
+
+Applied by an admin to the local secure cluster (`apply_acls`) and checked against the
+Strimzi KafkaUsers of deploy/k8s/kafka/users.yaml (tests/unit/test_kafka_acls.py), so the
+two cannot drift apart. Least privilege:
+- connectors (dicom, hl7, http) only Write/Describe the intake topics they feed;
+- the worker reads intake + its own intermediate topics, writes its outputs, owns the
+  topics prefixed `<app_id>-` (join repartition topics, Faust changelogs and assignor) and
+  its consumer group `<app_id>`; the alert ledger reads the alert topics without a group;
+- operator = `radtriage replay`: reads dead letters, republishes to a consumed topic;
+- keda: Describe only (lag of the worker group on the lane topics).
+Idempotent producers need no cluster-level IdempotentWrite on Kafka >= 3.0 (KIP-679:
+Write on a topic implies it), so no role has a cluster ACL.
+"""
 
 from __future__ import annotations
 
-# The process kinds that connect to Kafka, each with its own SCRAM user on a secure cluster.
-ROLES = ("admin", "dicom", "hl7", "http", "worker", "operator")
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from radtriage.settings import KafkaSettings, Settings
+
+ResourceKind = Literal["topic", "group"]
+PatternKind = Literal["literal", "prefix"]
+# Strimzi's operation names (deploy/k8s/kafka/users.yaml).
+Operation = Literal["Read", "Write", "Create", "Describe", "DescribeConfigs"]
+
+# The process kinds with their own Kafka user; admin is the super user (topics, ACLs).
+ROLES = ("admin", "dicom", "hl7", "http", "worker", "operator", "keda")
+# Each role's SCRAM user name, as in deploy/k8s/kafka/users.yaml.
+ROLE_USERS = {
+    "admin": "admin",
+    "dicom": "radtriage-dicom",
+    "hl7": "radtriage-hl7",
+    "http": "radtriage-http",
+    "worker": "radtriage-worker",
+    "operator": "radtriage-replay",
+    "keda": "radtriage-keda",
+}
+
+PRODUCE: tuple[Operation, ...] = ("Write", "Describe")
+CONSUME: tuple[Operation, ...] = ("Read", "Describe")
+BOTH: tuple[Operation, ...] = ("Read", "Write", "Describe")
+
+
+@dataclass(frozen=True)
+class Grant:
+    resource: ResourceKind
+    name: str
+    pattern: PatternKind
+    operations: tuple[Operation, ...]
+
+
+def _topics(names: Iterable[str], ops: tuple[Operation, ...]) -> list[Grant]:
+    return [Grant("topic", n, "literal", ops) for n in names]
+
+
+def role_grants(settings: Settings) -> dict[str, list[Grant]]:
+    """role -> its grants (admin: none, it is a super user)."""
+    t, app = settings.topics, settings.streams.app_id
+    lanes = [t.requests_stat, t.requests_urgent, t.requests_routine]
+    return {
+        "admin": [],
+        "dicom": _topics([t.instances], PRODUCE),
+        # The HL7 listener dead-letters the PHI-free summary of a refused message itself.
+        "hl7": _topics([t.orders, t.encounters, t.deadletter], PRODUCE),
+        "http": _topics([t.instances, t.orders], PRODUCE),
+        "worker": [
+            *_topics([t.instances, t.orders, t.encounters], CONSUME),
+            *_topics([t.studies, *lanes, t.findings, t.alerts_ich, t.alerts_stroke], BOTH),
+            *_topics([t.results_fhir, t.audit, t.deadletter], PRODUCE),
+            Grant("topic", f"{app}-", "prefix", ("Read", "Write", "Create", "Describe", "DescribeConfigs")),
+            Grant("group", app, "literal", CONSUME),
+        ],
+        "keda": [*_topics(lanes, ("Describe",)), Grant("group", app, "literal", ("Describe",))],
+        "operator": [
+            *_topics([t.deadletter], CONSUME),
+            *_topics([t.instances, t.studies, t.orders, t.encounters, *lanes, t.findings], PRODUCE),
+            Grant("topic", f"{app}-studies-by-", "prefix", PRODUCE),
+        ],
+    }
+
+
+def kafka_python_acls(principal: str, grants: Iterable[Grant]) -> list[object]:
+    """kafka-python ACL objects (one per operation) allowing `principal` (e.g. User:radtriage-dicom)."""
+    from kafka.admin import (
+        ACL,
+        ACLOperation,
+        ACLPermissionType,
+        ACLResourcePatternType,
+        ResourcePattern,
+        ResourceType,
+    )
+
+    kinds = {"topic": ResourceType.TOPIC, "group": ResourceType.GROUP}
+    patterns = {"literal": ACLResourcePatternType.LITERAL, "prefix": ACLResourcePatternType.PREFIXED}
+    ops = {
+        "Read": ACLOperation.READ,
+        "Write": ACLOperation.WRITE,
+        "Create": ACLOperation.CREATE,
+        "Describe": ACLOperation.DESCRIBE,
+        "DescribeConfigs": ACLOperation.DESCRIBE_CONFIGS,
+    }
+    return [
+        ACL(
+            principal,
+            "*",
+            ops[op],
+            ACLPermissionType.ALLOW,
+            ResourcePattern(kinds[g.resource], g.name, patterns[g.pattern]),
+        )
+        for g in grants
+        for op in g.operations
+    ]
+
+
+def apply_acls(admin_kafka: KafkaSettings, settings: Settings) -> int:
+    """Create every role's ACLs (as the super user); returns how many. Idempotent on the broker."""
+    from kafka import KafkaAdminClient
+
+    from radtriage.kafka_clients import kafka_python_kwargs
+
+    acls = [
+        acl
+        for role, grants in role_grants(settings).items()
+        for acl in kafka_python_acls(f"User:{ROLE_USERS[role]}", grants)
+    ]
+    admin = KafkaAdminClient(request_timeout_ms=15000, **kafka_python_kwargs(admin_kafka))
+    try:
+        result = admin.create_acls(acls)
+    finally:
+        admin.close()
+    failed = result.get("failed", []) if isinstance(result, dict) else []
+    if failed:
+        raise RuntimeError(f"creating ACLs failed: {failed[:3]}")
+    return len(acls)

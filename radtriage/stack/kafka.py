@@ -196,6 +196,8 @@ class LocalKafka:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         props = self.data_dir / "server.properties"
+        # It may hold the inter-broker SCRAM password (secure cluster): owner only.
+        props.touch(mode=0o600)
         props.write_text(
             server_properties(
                 node_id=self.node_id,

@@ -13,10 +13,11 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from radtriage.kafka_acls import ROLES
+from radtriage.kafka_acls import ROLES, apply_acls
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import KafkaSettings, Settings
 from radtriage.stack.kafka import LocalKafka, LocalKafkaCluster, cluster_client_settings, wait_in_sync
+from radtriage.stack.kafka_secure import SecureLocalKafkaCluster
 from tests.conftest import free_port
 
 # Small heaps: the machine (2 cores, 24 GiB) also runs Triton and workers in the fault tests.
@@ -26,6 +27,7 @@ NODE_HEAP = "384m"
 class ClusterUnderTest:
     def __init__(self, cluster: LocalKafkaCluster) -> None:
         self.cluster = cluster
+        self._secure = isinstance(cluster, SecureLocalKafkaCluster)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -37,7 +39,7 @@ class ClusterUnderTest:
 
     @property
     def secure(self) -> bool:
-        return False
+        return self._secure
 
     def kill(self, node_id: int) -> None:
         """SIGKILL node `node_id` (1-based)."""
@@ -50,7 +52,13 @@ class ClusterUnderTest:
     def kafka_settings(self, role: str = "admin") -> KafkaSettings:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; one of {ROLES}")
+        if isinstance(self.cluster, SecureLocalKafkaCluster):
+            return self.cluster.client_settings(role)
         return cluster_client_settings(self.cluster)
+
+    def apply_acls(self, settings: Settings) -> None:
+        """The roles' ACLs for other topic names / app id (e.g. per-test suffixes); secure only."""
+        apply_acls(self.kafka_settings("admin"), settings)
 
     def settings_for(self, role: str = "admin", **overrides: object) -> Settings:
         """Settings of a radtriage process of `role` on this cluster (other fields: defaults/overrides)."""
@@ -91,10 +99,13 @@ class ClusterUnderTest:
 
 
 @contextlib.contextmanager
-def running_cluster(data_dir: Path, nodes: int = 3) -> Iterator[ClusterUnderTest]:
-    """A plaintext cluster on free ports with radtriage's topics (RF 3, min ISR 2); stopped after."""
+def running_cluster(data_dir: Path, nodes: int = 3, secure: bool = False) -> Iterator[ClusterUnderTest]:
+    """A cluster on free ports with radtriage's topics (RF 3, min ISR 2); stopped after.
+
+    secure: SASL_SSL + SCRAM-SHA-512 with test-made certificates and the roles' ACLs."""
     settings = Settings()
-    cluster = LocalKafkaCluster(
+    cls = SecureLocalKafkaCluster if secure else LocalKafkaCluster
+    cluster = cls(
         data_dir=data_dir,
         nodes=nodes,
         ports=[free_port() for _ in range(nodes)],
