@@ -21,7 +21,12 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from kafka.producer.future import RecordMetadata
 
-from radtriage.kafka_clients import as_kafka_settings, kafka_python_producer_kwargs
+from radtriage.kafka_clients import (
+    as_kafka_settings,
+    auth_reason,
+    authentication_failures,
+    kafka_python_producer_kwargs,
+)
 from radtriage.settings import KafkaSettings
 from radtriage.telemetry import record_ack, send_span
 from schemas.base import Event
@@ -107,12 +112,17 @@ class EventPublisher:
             if self._failed_at >= started:
                 # Another thread tried while we queued for the lock, and failed: same answer.
                 raise PublishError(self._failure)
-            try:
-                self._producer = self._new_producer()
-            except Exception as exc:  # NoBrokersAvailable, KafkaTimeoutError, socket errors...
-                self._failed_at = time.monotonic()
-                self._failure = f"Kafka at {self._bootstrap} unreachable: {_describe(exc)}"
-                raise PublishError(self._failure) from exc
+            with authentication_failures() as auth:
+                try:
+                    self._producer = self._new_producer()
+                except Exception as exc:  # NoBrokersAvailable, KafkaTimeoutError, socket errors...
+                    self._failed_at = time.monotonic()
+                    if auth.last:  # the brokers answered, and refused our credentials
+                        reason = auth_reason(auth.last)
+                        self._failure = f"Kafka at {self._bootstrap} refused the login: {reason}"
+                    else:
+                        self._failure = f"Kafka at {self._bootstrap} unreachable: {_describe(exc)}"
+                    raise PublishError(self._failure) from exc
             return self._producer
 
     def _discard_if_broken(self, producer: KafkaProducer) -> None:

@@ -20,8 +20,10 @@ Library facts these rest on (kafka-python 3.0.12, aiokafka 0.14.0, faust-streami
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from radtriage.settings import KafkaSettings
@@ -142,3 +144,36 @@ def _register_faust_transport() -> None:
 def describe(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The kwargs with the password masked: for logs and error messages."""
     return {key: ("***" if "password" in key else value) for key, value in kwargs.items()}
+
+
+class _AuthFailures(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "AuthenticationFailed" in text or "AuthorizationFailed" in text:
+            self.last = text
+
+
+@contextlib.contextmanager
+def authentication_failures() -> Iterator[_AuthFailures]:
+    """Collect kafka-python's authentication failures while connecting.
+
+    kafka-python retries a refused SASL login until its bootstrap timeout and then raises
+    only "Unable to bootstrap"; the reason (wrong password, unknown user) is only logged.
+    `watch.last` has it, so the caller's error can say so."""
+    handler = _AuthFailures()
+    logger = logging.getLogger("kafka")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def auth_reason(text: str) -> str:
+    """The readable part of a logged SASL failure (e.g. "Authentication failed ... invalid credentials")."""
+    marker = "Authentication failed"
+    return text[text.index(marker) :].split(" (backoff")[0] if marker in text else text

@@ -1,0 +1,174 @@
+"""The secure 3-node cluster: SASL_SSL + SCRAM-SHA-512, TLS made by the test, ACLs per role.
+
+Real brokers; one cluster for the module. Every refusal is a clear error within a bounded
+time, never a hang: the publishers' timeouts bound every call.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from pydantic import SecretStr
+
+from connectors.publisher import EventPublisher, PublishError
+from radtriage.kafka_clients import kafka_python_kwargs
+from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
+from schemas.deadletter import DeadLetter
+from tests.cluster.harness import ClusterUnderTest
+
+pytestmark = pytest.mark.integration
+TOPICS = Settings().topics
+
+
+def _event(text: str) -> DeadLetter:
+    return DeadLetter(source_topic="test", stage="test", error=text)
+
+
+def _publisher(k: KafkaSettings, timeout_s: float = 10.0) -> EventPublisher:
+    return EventPublisher(k, timeout_s=timeout_s, client_id=f"test-{uuid.uuid4().hex[:6]}")
+
+
+def _read(
+    cluster: ClusterUnderTest, topic: str, until: int | None = None, timeout_s: float = 60
+) -> list[bytes]:
+    """All values of `topic` (as admin), up to the end as of now, or until `until` values arrived."""
+    consumer = KafkaConsumer(
+        group_id=None, enable_auto_commit=False, **kafka_python_kwargs(cluster.kafka_settings("admin"))
+    )
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        values: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if until is None and all(consumer.position(tp) >= ends[tp] for tp in parts):
+                break
+            if until is not None and len(values) >= until:
+                break
+            for records in consumer.poll(timeout_ms=500).values():
+                values += [r.value for r in records]
+        return values
+    finally:
+        consumer.close()
+
+
+def test_a_connector_produces_to_its_intake_topic_only(secure_kafka_cluster: ClusterUnderTest) -> None:
+    publisher = _publisher(secure_kafka_cluster.kafka_settings("dicom"))
+    try:
+        meta = publisher.publish(TOPICS.instances, "study-1", _event("intake ok"))
+        with pytest.raises(PublishError, match="TopicAuthorizationFailed"):
+            publisher.publish(TOPICS.alerts_ich, "study-1", _event("a forged alert"))
+    finally:
+        publisher.close()
+    assert meta.offset >= 0
+    assert b"a forged alert" not in b"".join(_read(secure_kafka_cluster, TOPICS.alerts_ich))
+
+
+def test_a_wrong_password_is_an_authentication_error(
+    secure_kafka_cluster: ClusterUnderTest, tmp_path: os.PathLike[str]
+) -> None:
+    wrong = secure_kafka_cluster.kafka_settings("dicom").model_copy(
+        update={"sasl_password_file": None, "sasl_password": SecretStr("not-the-password")}
+    )
+    publisher = _publisher(wrong, timeout_s=5.0)
+    try:
+        with pytest.raises(PublishError, match=r"(?i)authentication"):
+            publisher.publish(TOPICS.instances, "k", _event("never"))
+    finally:
+        publisher.close()
+
+
+def test_no_credentials_is_refused_at_start(secure_kafka_cluster: ClusterUnderTest) -> None:
+    anonymous = secure_kafka_cluster.kafka_settings("dicom").model_copy(
+        update={"sasl_username": "", "sasl_password_file": None}
+    )
+    publisher = _publisher(anonymous, timeout_s=5.0)
+    try:
+        with pytest.raises(PublishError, match=r"needs kafka\.sasl_username"):
+            publisher.publish(TOPICS.instances, "k", _event("never"))
+    finally:
+        publisher.close()
+
+
+def test_a_plaintext_client_gets_nothing_from_the_sasl_ssl_port(
+    secure_kafka_cluster: ClusterUnderTest,
+) -> None:
+    publisher = _publisher(
+        KafkaSettings(bootstrap_servers=secure_kafka_cluster.bootstrap_servers), timeout_s=5.0
+    )
+    try:
+        with pytest.raises(PublishError):
+            publisher.publish(TOPICS.instances, "k", _event("plaintext"))
+    finally:
+        publisher.close()
+    assert b"plaintext" not in b"".join(_read(secure_kafka_cluster, TOPICS.instances))
+
+
+def test_a_worker_role_faust_app_consumes_intake_and_writes_findings(
+    secure_kafka_cluster: ClusterUnderTest, tmp_path: os.PathLike[str]
+) -> None:
+    env = {**os.environ, **secure_kafka_cluster.env_for("worker"), "RADTRIAGE_HOME": str(tmp_path)}
+    env.pop("RADTRIAGE_SETTINGS_JSON", None)
+    marker = f"faust-{uuid.uuid4().hex}".encode()
+    log = open(os.path.join(tmp_path, "faust.log"), "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster.faust_forwarder", "worker", "-l", "info", "--without-web"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        publisher = _publisher(secure_kafka_cluster.kafka_settings("http"))
+        try:
+            publisher.publish(TOPICS.instances, "study-faust", _event(marker.decode()))
+        finally:
+            publisher.close()
+        deadline = time.monotonic() + 120
+        found = False
+        while not found and time.monotonic() < deadline and proc.poll() is None:
+            found = any(marker in v for v in _read(secure_kafka_cluster, TOPICS.findings, timeout_s=5))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+    output = open(os.path.join(tmp_path, "faust.log"), errors="replace").read()
+    assert found, output[-4000:]
+    assert "TopicAuthorizationFailed" not in output and "GroupAuthorizationFailed" not in output
+
+
+def test_acks_all_with_a_broker_killed_loses_nothing(secure_kafka_cluster: ClusterUnderTest) -> None:
+    topic = TOPICS.orders
+    before = len(_read(secure_kafka_cluster, topic))
+    publisher = _publisher(secure_kafka_cluster.kafka_settings("hl7"), timeout_s=20.0)
+    acked = 0
+    try:
+        for i in range(30):
+            publisher.publish(topic, f"k{i}", _event(f"order {i}"))
+            acked += 1
+        secure_kafka_cluster.kill(1)
+        for i in range(30, 60):
+            publisher.publish(topic, f"k{i}", _event(f"order {i}"))
+            acked += 1
+    finally:
+        publisher.close()
+        secure_kafka_cluster.restart(1)
+    secure_kafka_cluster.wait_in_sync([topic])
+    values = _read(secure_kafka_cluster, topic)
+    errors = sorted(DeadLetter.model_validate_json(v).error for v in values[before:])
+    assert acked == 60
+    assert len(values) - before == 60
+    assert errors == sorted(f"order {i}" for i in range(60))
