@@ -4,7 +4,8 @@ Applied by an admin to the local secure cluster (`apply_acls`) and checked again
 Strimzi KafkaUsers of deploy/k8s/kafka/users.yaml (tests/unit/test_kafka_acls.py), so the
 two cannot drift apart. Least privilege:
 - connectors (dicom, hl7, http) only Write/Describe the intake topics they feed;
-- the worker reads intake + its own intermediate topics, writes its outputs, owns the
+- the worker reads intake (and writes imaging.instances: the quiet-period nudges of the
+  studies it assembles) + its own intermediate topics, writes its outputs, owns the
   topics prefixed `<app_id>-` (join repartition topics, Faust changelogs and assignor) and
   its consumer group `<app_id>`; the alert ledger reads the alert topics without a group;
 - operator = `radtriage replay`: reads dead letters, republishes to a consumed topic;
@@ -67,9 +68,15 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
         "hl7": _topics([t.orders, t.encounters, t.deadletter], PRODUCE),
         "http": _topics([t.instances, t.orders], PRODUCE),
         "worker": [
-            *_topics([t.instances, t.orders, t.encounters], CONSUME),
-            *_topics([t.studies, *lanes, t.findings, t.alerts_ich, t.alerts_stroke], BOTH),
-            *_topics([t.results_fhir, t.audit, t.deadletter], PRODUCE),
+            *_topics([t.orders, t.encounters], CONSUME),
+            # Writes to the intake topic too: the quiet-period nudge of an assembling study
+            # (streams/agents.py) goes through imaging.instances to reach its partition.
+            # Reads the results topic too: the reports ledger (streams/published_ledger.py).
+            *_topics(
+                [t.instances, t.studies, *lanes, t.findings, t.results_fhir, t.alerts_ich, t.alerts_stroke],
+                BOTH,
+            ),
+            *_topics([t.audit, t.deadletter], PRODUCE),
             Grant("topic", f"{app}-", "prefix", ("Read", "Write", "Create", "Describe", "DescribeConfigs")),
             Grant("group", app, "literal", CONSUME),
         ],

@@ -214,7 +214,13 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 },
             ),
         ):
-            study = assembly.complete_study(state, reason)  # type: ignore[arg-type]
+            # Ready at the completing event's own time (the sender's release, or the nudge),
+            # not at processing time: a worker killed after publishing the study but before its
+            # table update reached the changelog replays this event and emits the study again,
+            # and the same ready time gives the same request ids, which the published ledgers
+            # then recognise (a processing-time stamp made it new work: the cluster fault test
+            # saw a doubled finding and report that way).
+            study = assembly.complete_study(state, reason, now=inst.received_at)  # type: ignore[arg-type]
             await publish(topics.studies, study.study_uid, study, headers_for_current_span())
             metrics.observe_study_ready(study.ready_reason, study.received_at, study.ready_at)
         del assembling[inst.study_uid]

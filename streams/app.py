@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 DEADLETTER_PAYLOAD_LIMIT = 64 * 1024
 
 
-def faust_broker_url(bootstrap_servers: str) -> str:
-    return ";".join(f"kafka://{host.strip()}" for host in bootstrap_servers.split(",") if host.strip())
-
-
 @dataclass
 class TriageTopics:
     instances: TopicT

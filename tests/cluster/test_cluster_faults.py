@@ -2,7 +2,7 @@
 cluster while a broker and then a worker are SIGKILLed.
 
 Everything is real: three KRaft brokers (SASL_SSL + SCRAM-SHA-512, ACLs per role; the
-`kafka_cluster` fixture), topics with replication factor 3 and min.insync.replicas=2,
+`secure_kafka_cluster` fixture), topics with replication factor 3 and min.insync.replicas=2,
 the DICOM SCP (`radtriage dicom-scp`, connector credentials), three `radtriage worker`s in
 one consumer group (worker credentials), the session's Triton, and dcmtk's `storescu` as
 the scanner. A study counts as accepted when storescu got success for every instance; a
@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,10 +32,10 @@ from pydicom import dcmread
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.settings import Settings
 from tests.conftest import free_port
 from tests.e2e.harness import _storescu as dcmtk_storescu
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Tail, Worker, listener
 
 pytestmark = pytest.mark.integration
 
@@ -92,31 +91,12 @@ class Scanner:
 
 
 @pytest.fixture
-def scp(kafka_cluster, tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:  # type: ignore[no-untyped-def]
-    env = _env(kafka_cluster, "dicom", tmp_path)
+def scp(secure_kafka_cluster, tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:  # type: ignore[no-untyped-def]
+    env = _env(secure_kafka_cluster, "dicom", tmp_path)
     port = free_port()
     env["RADTRIAGE_DICOM__PORT"] = str(port)
-    log = (tmp_path / "scp.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "dicom-scp"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        ping = subprocess.run(["echoscu", "-aec", "RADTRIAGE", "127.0.0.1", str(port)], capture_output=True)
-        if ping.returncode == 0:
-            break
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "scp.log").read_text()[-3000:]
-        time.sleep(0.5)
-    try:
+    with listener("dicom-scp", env, port, tmp_path / "scp.log"):
         yield env, port
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 def _env(cluster, role: str, home: Path) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -135,16 +115,16 @@ def _env(cluster, role: str, home: Path) -> dict[str, str]:  # type: ignore[no-u
 
 
 def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
-    kafka_cluster,
+    secure_kafka_cluster,
     scp: tuple[dict[str, str], int],
     triton_grpc_url: str,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
     settings = Settings(home=tmp_path)
     t = settings.topics
-    kafka_cluster.ensure_topics(settings.topics.all() + settings.streams.internal_topics(), PARTITIONS)
+    secure_kafka_cluster.ensure_topics(settings.topics.all() + settings.streams.internal_topics(), PARTITIONS)
     worker_env = {
-        **_env(kafka_cluster, "worker", tmp_path),
+        **_env(secure_kafka_cluster, "worker", tmp_path),
         "RADTRIAGE_TRITON__GRPC_URL": triton_grpc_url,
         "RADTRIAGE_TRITON__TIMEOUT_S": "30",
     }
@@ -152,7 +132,7 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
     for w in workers:
         w.start()
     tail = Tail(
-        kafka_cluster.kafka_settings("admin"), [t.findings, t.results_fhir, t.alerts_ich, t.deadletter]
+        secure_kafka_cluster.kafka_settings("admin"), [t.findings, t.results_fhir, t.alerts_ich, t.deadletter]
     )
     _, port = scp
     scanner = Scanner(port, tmp_path / "dicom")
@@ -167,22 +147,24 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
 
     wait_sent(STUDIES // 3)
     killed_broker = 2
-    kafka_cluster.kill(killed_broker)
+    secure_kafka_cluster.kill(killed_broker)
     try:
         wait_sent(2 * STUDIES // 3)
         workers[0].kill(signal.SIGKILL)
         sending.join(900)
         assert not sending.is_alive(), "the scanner never finished"
-        _assert_outcome(kafka_cluster, scanner, tail, settings, killed_broker, workers[0].name, tmp_path)
+        _assert_outcome(
+            secure_kafka_cluster, scanner, tail, settings, killed_broker, workers[0].name, tmp_path
+        )
     finally:
         for w in workers:
             if w.proc is not None and w.proc.poll() is None:
                 w.kill(signal.SIGTERM)
-        kafka_cluster.restart(killed_broker)
+        secure_kafka_cluster.restart(killed_broker)
 
 
 def _assert_outcome(  # type: ignore[no-untyped-def]
-    kafka_cluster,
+    secure_kafka_cluster,
     scanner: Scanner,
     tail: Tail,
     settings: Settings,
@@ -217,6 +199,9 @@ def _assert_outcome(  # type: ignore[no-untyped-def]
         "bleeds_alerted": len(bleeds & set(alerts)),
         "lost": len([s for s in accepted if s.uid not in reports]),
         "dead_letters": len(tail.of(t.deadletter)),
+        "doubled": sorted(
+            uid for uid in set(findings) | set(reports) if findings[uid] > 1 or reports[uid] > 1
+        ),
     }
     (tmp_path / "fault-summary.json").write_text(json.dumps(summary, indent=2))
     print("fault test:", json.dumps(summary))

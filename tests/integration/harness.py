@@ -4,9 +4,11 @@ and a tail of Kafka topics to assert on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,6 +107,40 @@ def make_worker_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict
         if worker.proc is not None and worker.proc.poll() is None:
             worker.kill(signal.SIGKILL)
     _workers.clear()
+
+
+@contextlib.contextmanager
+def listener(command: str, env: dict[str, str], port: int, log: Path, timeout: float = 60) -> Iterator[None]:
+    """`radtriage <command>` (dicom-scp, hl7-listener, http) in its own session, until its
+    port accepts connections; SIGTERMed (and waited for) on exit."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "radtriage.cli", command],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not _port_open(port):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, f"radtriage {command} never opened port {port}"
+            time.sleep(0.2)
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 class Tail:

@@ -15,11 +15,7 @@ from the threshold (occlusions >= 0.99 with the side >= 0.96 sure, the normal 0.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,10 +30,9 @@ from models.cta_phantoms import cta_phantom
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.demo import send_series
-from radtriage.settings import REPO_ROOT, Settings
-from radtriage.status import port_open
+from radtriage.settings import Settings
 from tests.conftest import free_port
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Tail, Worker, listener
 
 pytestmark = pytest.mark.integration
 
@@ -62,25 +57,10 @@ def cta_stack(
     settings.dicom.port = port
     worker = Worker(env, settings.home)
     worker.start()
-    log = (settings.home / "dicom-scp.log").open("ab")
-    scp = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "dicom-scp"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     try:
-        deadline = time.monotonic() + 60
-        while not port_open("127.0.0.1", port, 0.5):
-            assert scp.poll() is None, (settings.home / "dicom-scp.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "dicom-scp never opened its port"
-            time.sleep(0.2)
-        yield env, settings
+        with listener("dicom-scp", env, port, settings.home / "dicom-scp.log"):
+            yield env, settings
     finally:
-        os.killpg(scp.pid, signal.SIGTERM)
-        scp.wait(30)
         worker.kill(signal.SIGTERM)
 
 

@@ -1,15 +1,13 @@
-"""No event is lost when workers join a consumer group that has a backlog.
+"""No study is lost when workers join a consumer group that has a backlog.
 
-faust-streaming skips the events it prefetched before a rebalance (their generation is
-stale, or flow control is suspended) and *acknowledges* them as it skips them; when the
-partition stays with the same worker and an offset commit lands before the stream seeks
-back to the committed offset (table recovery takes that long), nobody ever processes
-them: the scale-out benchmark lost 3 of 50 studies that way when two workers joined a
-third (radtriage/faust_transport.py refuses those acknowledgements). Here: a backlog of
-unroutable studies on `imaging.instances` (assembled through the `assembly` table, whose
-changelog the joining workers recover; the route agent answers each study with one
-`unrouted` audit event), one worker draining it, two more joining while it drains;
-every study must be audited.
+The scale-out benchmark once lost 3 of 50 studies on a partition the first worker kept
+while two more joined it (they reached `imaging.studies` and no further); the cause was
+not established (faust-streaming skips, and acknowledges, events prefetched before a
+rebalance: a suspect, not a proof). This asserts the property on the path that lost
+them: a backlog of unroutable studies on `imaging.instances` (assembled through the
+`assembly` table, whose changelog the joining workers recover; the route agent answers
+each study with one `unrouted` audit event), one worker draining it, two more joining
+while it drains; every study must be audited.
 """
 
 from __future__ import annotations

@@ -44,14 +44,7 @@ LANES = ("stat", "urgent", "routine")
 # Environment variables the manifests set ahead of the code (OPERATIONS.md, "Not covered
 # yet"): radtriage ignores them until these settings exist. Anything else RADTRIAGE_… must
 # name a real setting.
-PLANNED_ENV = {
-    "RADTRIAGE_STREAMS__LANES",
-    "RADTRIAGE_KAFKA__SECURITY_PROTOCOL",
-    "RADTRIAGE_KAFKA__SASL_MECHANISM",
-    "RADTRIAGE_KAFKA__SASL_USERNAME",
-    "RADTRIAGE_KAFKA__SASL_PASSWORD",
-    "RADTRIAGE_KAFKA__SSL_CAFILE",
-}
+PLANNED_ENV = {"RADTRIAGE_STREAMS__LANES"}
 # Secrets written by the operators, not by this repository.
 STRIMZI_CA_SECRET = f"{CLUSTER}-cluster-ca-cert"
 
@@ -533,11 +526,10 @@ def check_kafka_users(docs: list[Doc], settings: Settings) -> list[str]:
                 for a in acls
                 if a["resource"]["type"] == "topic" and {"Write", "All"} & set(a["operations"])
             }
-            forbidden = writes & {
-                settings.topics.instances,
-                settings.topics.orders,
-                settings.topics.encounters,
-            }
+            # imaging.instances is the one intake topic a worker writes: the quiet-period nudge
+            # of a study being assembled (streams/agents.py) must reach that study's partition
+            # of it. Orders and ADT only ever come from the connectors.
+            forbidden = writes & {settings.topics.orders, settings.topics.encounters}
             if forbidden:
                 problems.append(f"KafkaUser {user}: workers must not write the intake topics {forbidden}")
     return problems

@@ -48,12 +48,17 @@ def test_connectors_only_write_intake_topics() -> None:
             assert set(g.operations) <= {"Write", "Describe"}
 
 
-def test_the_worker_cannot_write_intake_and_owns_its_prefix_and_group() -> None:
+def test_the_worker_cannot_write_orders_or_adt_and_owns_its_prefix_and_group() -> None:
     s = Settings()
     worker = role_grants(s)["worker"]
     for g in worker:
-        if g.name in (s.topics.instances, s.topics.orders, s.topics.encounters):
+        if g.name in (s.topics.orders, s.topics.encounters):
             assert "Write" not in g.operations
+    # The two it needs beyond the obvious: imaging.instances carries its quiet-period nudges,
+    # and the reports ledger reads the results topic back (streams/published_ledger.py).
+    ops = {g.name: set(g.operations) for g in worker if g.resource == "topic"}
+    assert {"Read", "Write"} <= ops[s.topics.instances]
+    assert {"Read", "Write"} <= ops[s.topics.results_fhir]
     assert Grant("group", s.streams.app_id, "literal", ("Read", "Describe")) in worker
     assert any(
         g.pattern == "prefix" and g.name == f"{s.streams.app_id}-" and "Create" in g.operations
