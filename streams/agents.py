@@ -191,8 +191,13 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 mode="json"
             )
             return
-        if state is None:
+        if state is not None and state.emitted_at is not None:
+            if assembly.expired(state, datetime.now(UTC)):
+                del assembling[inst.study_uid]  # no late instance is expected any more
+                nudged.pop(inst.study_uid, None)
             # Already emitted (a duplicate marker, or a nudge that raced the release).
+            return
+        if state is None:
             return
         if inst.kind == "quiet_period" and not assembly.is_quiet(
             state, datetime.now(UTC), settings.streams.assembly_quiet_s
@@ -223,7 +228,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
             study = assembly.complete_study(state, reason, now=inst.received_at)  # type: ignore[arg-type]
             await publish(topics.studies, study.study_uid, study, headers_for_current_span())
             metrics.observe_study_ready(study.ready_reason, study.received_at, study.ready_at)
-        del assembling[inst.study_uid]
+        # Kept, marked emitted, to catch late instances (assembly.AssemblyState.emitted_at).
+        assembling[inst.study_uid] = assembly.mark_emitted(state, study.ready_at).model_dump(mode="json")
         nudged.pop(inst.study_uid, None)
 
     @app.timer(interval=settings.streams.assembly_scan_interval_s)
@@ -231,11 +237,22 @@ def build_pipeline(settings: Settings) -> Pipeline:
         """Nudge studies that went quiet; the nudge is handled in `assemble` (table writes
         must happen in the partition's own stream)."""
         now = datetime.now(UTC)
-        metrics.STUDIES_ASSEMBLING.set(sum(1 for raw in assembling.values() if raw))
+        metrics.STUDIES_ASSEMBLING.set(
+            sum(1 for raw in assembling.values() if raw and not raw.get("emitted_at"))
+        )
         for key, raw in list(assembling.items()):
             if not raw:
                 continue
             state = assembly.AssemblyState.model_validate(raw)
+            if assembly.expired(state, now):
+                # Table writes happen in the partition's stream: a nudge there drops it.
+                if nudged.get(state.study_uid) != "expired":
+                    nudged[state.study_uid] = "expired"
+                    nudge = InstanceEvent(kind="quiet_period", study_uid=state.study_uid)
+                    await publish(topics.instances, str(key), nudge)
+                continue
+            if state.emitted_at is not None:
+                continue
             stamp = state.last_instance_at.isoformat()
             if nudged.get(state.study_uid) == stamp:
                 continue

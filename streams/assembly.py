@@ -39,6 +39,16 @@ class AssemblyState(BaseModel):
     last_instance_at: datetime
     # W3C traceparent of the first instance: the study's trace continues from it.
     traceparent: str = ""
+    # Set when the study was emitted. The state is kept (instances and all) for
+    # `EMITTED_RETENTION_S`: an instance arriving after a quiet-period emission — a sender
+    # stalled longer than the quiet period, e.g. by a Kafka leader failover — re-opens the
+    # study, and the next completion emits all of it, not the late part alone (the
+    # 3-broker fault test lost a study whose first slice went out alone that way).
+    emitted_at: datetime | None = None
+
+
+# How long an emitted study's state is kept to catch late instances.
+EMITTED_RETENTION_S = 3600.0
 
 
 def add_instance(state: AssemblyState | None, event: InstanceEvent, traceparent: str) -> AssemblyState:
@@ -50,8 +60,11 @@ def add_instance(state: AssemblyState | None, event: InstanceEvent, traceparent:
             last_instance_at=event.received_at,
             traceparent=traceparent,
         )
+    elif state.emitted_at is not None and _already_has(state, event):
+        return state  # the same instance again (a sender's retry): nothing new to emit
     else:
-        state = state.model_copy(deep=True)
+        # A late instance re-opens an emitted study (see AssemblyState.emitted_at).
+        state = state.model_copy(deep=True, update={"emitted_at": None})
     state.accession_number = state.accession_number or event.accession_number
     state.patient_id = state.patient_id or event.patient_id
     state.study_description = state.study_description or event.study_description
@@ -69,8 +82,22 @@ def add_instance(state: AssemblyState | None, event: InstanceEvent, traceparent:
     return state
 
 
+def _already_has(state: AssemblyState, event: InstanceEvent) -> bool:
+    series = state.series.get(event.series_uid)
+    return series is not None and series.instances.get(event.sop_instance_uid) == event.blob_uri
+
+
 def is_quiet(state: AssemblyState, now: datetime, quiet_s: float) -> bool:
-    return now - state.last_instance_at >= timedelta(seconds=quiet_s)
+    return state.emitted_at is None and now - state.last_instance_at >= timedelta(seconds=quiet_s)
+
+
+def mark_emitted(state: AssemblyState, at: datetime) -> AssemblyState:
+    return state.model_copy(deep=True, update={"emitted_at": at})
+
+
+def expired(state: AssemblyState, now: datetime, retention_s: float = EMITTED_RETENTION_S) -> bool:
+    """An emitted study's state past its retention: nothing late is expected any more."""
+    return state.emitted_at is not None and now - state.emitted_at >= timedelta(seconds=retention_s)
 
 
 def complete_study(

@@ -106,7 +106,9 @@ def _env(cluster, role: str, home: Path) -> dict[str, str]:  # type: ignore[no-u
     env.update(
         {
             "RADTRIAGE_HOME": str(home),
-            "RADTRIAGE_STREAMS__ASSEMBLY_QUIET_S": "3",
+            # The product's quiet period (10 s): studies complete on the sender's release
+            # here, and a shorter one would split a study stalled by the broker failover
+            # (see streams/assembly.py, AssemblyState.emitted_at).
             "RADTRIAGE_TELEMETRY__EXPORTER": "none",
             "RADTRIAGE_METRICS__ENABLED": "false",
         }

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from schemas.instances import InstanceEvent
-from streams.assembly import add_instance, complete_study, is_quiet
+from streams.assembly import add_instance, complete_study, expired, is_quiet, mark_emitted
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -60,3 +60,36 @@ def test_complete_study_lists_every_series_and_instance() -> None:
     assert len(study.series[1].instance_uris) == 2
     assert study.accession_number == "A1" and study.patient_id == "MRN1"
     assert study.ready_reason == "transfer_complete" and study.received_at == T0
+
+
+def test_a_late_instance_reopens_an_emitted_study_and_the_next_emission_has_all_of_it() -> None:
+    # The sender stalled longer than the quiet period (a Kafka failover): the first slice
+    # went out alone; the rest must not become a study of its own missing that slice.
+    first = add_instance(None, inst("1"), "")
+    early = complete_study(first, "quiet_period", now=T0 + timedelta(seconds=10))
+    assert sum(len(s.instance_uris) for s in early.series) == 1
+    emitted = mark_emitted(first, early.ready_at)
+    assert not is_quiet(emitted, T0 + timedelta(hours=1), 10)  # no second nudge of its own
+    state = emitted
+    for sop in ("2", "3"):
+        state = add_instance(state, inst(sop, at=T0 + timedelta(seconds=12)), "")
+    assert state.emitted_at is None
+    full = complete_study(state, "transfer_complete", now=T0 + timedelta(seconds=13))
+    assert sorted(u.rsplit("/", 1)[1] for s in full.series for u in s.instance_uris) == [
+        "1.dcm",
+        "2.dcm",
+        "3.dcm",
+    ]
+    assert full.ready_at != early.ready_at  # new work: new request ids
+
+
+def test_the_same_instance_again_does_not_reopen_an_emitted_study() -> None:
+    state = mark_emitted(add_instance(None, inst("1"), ""), T0)
+    assert add_instance(state, inst("1"), "").emitted_at == T0
+
+
+def test_emitted_state_expires_after_its_retention() -> None:
+    state = mark_emitted(add_instance(None, inst("1"), ""), T0)
+    assert not expired(state, T0 + timedelta(minutes=59))
+    assert expired(state, T0 + timedelta(hours=1))
+    assert not expired(add_instance(None, inst("1"), ""), T0 + timedelta(days=1))  # never emitted
