@@ -91,7 +91,10 @@ class ClusterUnderTest:
 
     def ensure_topics(self, topics: Sequence[str], partitions: int = 3) -> None:
         """Create topics (as admin) with the cluster's replication and min.insync.replicas."""
-        ensure_topics(self.kafka_settings("admin"), dict.fromkeys(topics, partitions))
+        # A cluster that has just formed settles its metadata slowly on a loaded 2-core
+        # machine (CI: Triton and the previous module's cluster still stopping); 30 s was
+        # not always enough.
+        ensure_topics(self.kafka_settings("admin"), dict.fromkeys(topics, partitions), timeout_s=120.0)
 
     def wait_in_sync(self, topics: Sequence[str], timeout: float = 60.0) -> None:
         """Every partition of `topics` back to a full ISR (e.g. after restart)."""
