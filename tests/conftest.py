@@ -8,13 +8,25 @@ RADTRIAGE_TEST_TRITON point at running instances.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from radtriage.settings import REPO_ROOT
+
+
+def dcmtk_tool(name: str) -> str:
+    """A dcmtk program (storescu, echoscu) from PATH, skipping the venv's bin: pynetdicom
+    installs apps of the same names there, first on PATH when the venv is activated."""
+    venv_bin = str(Path(sys.prefix) / "bin")
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != venv_bin]
+    path = shutil.which(name, path=os.pathsep.join(dirs))
+    assert path, f"dcmtk's {name} is required (scripts/install.sh --test installs it: apt-get install dcmtk)"
+    return path
 
 
 def free_port() -> int:

@@ -33,8 +33,7 @@ from pydicom import dcmread
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.settings import Settings
-from tests.conftest import free_port
-from tests.e2e.harness import _storescu as dcmtk_storescu
+from tests.conftest import dcmtk_tool, free_port
 from tests.integration.harness import Tail, Worker, listener
 
 pytestmark = pytest.mark.integration
@@ -57,7 +56,16 @@ class Sent:
 
 def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [dcmtk_storescu(), "-aec", "RADTRIAGE", "-aet", "CT_FAULT", "127.0.0.1", str(port), *map(str, files)],
+        [
+            dcmtk_tool("storescu"),
+            "-aec",
+            "RADTRIAGE",
+            "-aet",
+            "CT_FAULT",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         timeout=180,

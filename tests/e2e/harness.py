@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from radtriage.settings import REPO_ROOT
-from tests.conftest import free_port
+from tests.conftest import dcmtk_tool, free_port
 
 OUTCOME_TIMEOUT_S = 120.0
 
@@ -37,13 +36,7 @@ class Stack:
 
 
 def _storescu() -> str:
-    """dcmtk's storescu, not pynetdicom's app of the same name in the venv's bin (first on
-    PATH when the venv is activated)."""
-    venv_bin = str(Path(sys.prefix) / "bin")
-    path_dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != venv_bin]
-    path = shutil.which("storescu", path=os.pathsep.join(path_dirs))
-    assert path, "dcmtk's storescu is required (scripts/install.sh --test installs it: apt-get install dcmtk)"
-    return path
+    return dcmtk_tool("storescu")
 
 
 def start_stack(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import socket
 import subprocess
 import threading
@@ -50,7 +49,7 @@ from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
-from tests.conftest import free_port
+from tests.conftest import dcmtk_tool, free_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -144,11 +143,7 @@ def _read_topic(
 
 
 def _storescu(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("storescu")
-    assert exe, (
-        "dcmtk's storescu is required for the DICOM integration tests: "
-        "apt-get update && apt-get install -y dcmtk (scripts/install.sh --test does it)"
-    )
+    exe = dcmtk_tool("storescu")
     # errors="replace": dcmtk echoes bytes of a corrupt file in its messages.
     return subprocess.run(
         [exe, "-v", *args], capture_output=True, text=True, errors="replace", timeout=timeout
