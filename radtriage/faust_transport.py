@@ -1,19 +1,49 @@
-"""Faust's aiokafka transport with an idempotent producer (acks=all, enable_idempotence).
+"""Faust's aiokafka transport with an idempotent producer and a consumer that never commits
+past a request it has not finished.
 
-faust-streaming sets `enable_idempotence` only for transactional producers (exactly_once,
-which radtriage does not use: see streams/published_ledger.py). An idempotent producer keeps a
-retried batch from being written twice after a leader change, which the 3-broker cluster
-makes routine. Registered under the URL scheme `radtriage-kafka://` by
-radtriage.kafka_clients.faust_broker_url.
+Producer: faust-streaming sets `enable_idempotence` only for transactional producers
+(exactly_once, which radtriage does not use: see streams/published_ledger.py). An idempotent
+producer keeps a retried batch from being written twice after a leader change, which the
+3-broker cluster makes routine.
+
+Consumer: Faust commits the first run of consecutive acknowledged offsets of a partition,
+counting offsets it skipped over while reading as done. Three of its rules let a commit pass
+a message no stream finished, and a worker killed after such a commit loses that message for
+good (the next owner starts after it):
+- the head-gap check (`min(acked) - committed > 1`) is off by one: the committed offset is
+  the next offset to read, so an acked `committed + 1` with `committed` still in flight
+  passes, and with no committed offset yet (a new group, or a committed 0, which Faust
+  reads as none) there is no check at all. A lane agent with concurrency 2 acks out of
+  order all the time;
+- a message fetched before a rebalance and skipped after it (old generation, or flow
+  stopped) is acked as if processed, so its offset can be committed over the unprocessed
+  ones the partition is re-read from;
+- a fetched batch dropped because a rebalance stopped the flow is to be re-read by a seek
+  back to the committed offsets, which fails as a whole when one partition was revoked
+  meanwhile; reading goes on past the dropped records and Faust counts the jump as a gap,
+  done. tests/integration/test_rebalance_no_loss.py saw 54 routed studies vanish that way.
+`SafeCommitConsumer` commits only a run that starts at the committed offset and ends below
+the lowest message still in flight, does not count skipped messages as processed (the
+partition is re-read from its committed offset, so they come again), and reads a partition
+again from the offset it expected whenever the next record lies past it, unless retention
+deleted those offsets. Redelivery after a crash is the ledger's business; losing a request
+is not recoverable.
+
+Registered under the URL scheme `radtriage-kafka://` by radtriage.kafka_clients.faust_broker_url.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import ProducerT
+from faust.types import TP, ConsumerT, Message, ProducerT
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 
 
 class IdempotentProducer(faust_aiokafka.Producer):
@@ -21,5 +51,182 @@ class IdempotentProducer(faust_aiokafka.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+def committable_offset(
+    acked: list[int], committed: int | None, in_flight_min: int | None
+) -> tuple[int, int] | None:
+    """The offset to commit for one partition, and how many leading entries of the sorted
+    `acked` it consumes; None when nothing can be committed yet.
+
+    `committed` is the partition's committed offset (the next one to read; None when
+    unknown); `in_flight_min` the lowest offset delivered to a stream and not yet
+    acknowledged. Acked offsets below `committed` are stale and consumed without effect.
+    """
+    stale = bisect_left(acked, committed) if committed is not None else 0
+    rest = acked[stale:]
+    if not rest or (committed is not None and rest[0] != committed):
+        return (committed, stale) if stale and committed is not None else None
+    run = 1
+    while run < len(rest) and rest[run] == rest[run - 1] + 1:
+        run += 1
+    if in_flight_min is not None:
+        # Out-of-order acks (agent concurrency): only what lies below the oldest message
+        # still being processed is done.
+        run = min(run, bisect_left(rest, in_flight_min, hi=run))
+    if run == 0:
+        return (committed, stale) if stale and committed is not None else None
+    return rest[run - 1] + 1, stale + run
+
+
+@dataclass(frozen=True)
+class AfterAJump:
+    """What to do when a partition's next message lies past the offset expected next."""
+
+    lost: tuple[int, int] | None  # [begin, end) the log no longer holds: nothing to wait for
+    reread_from: int | None  # seek here and read again; None: deliver the message
+
+
+def after_a_jump(expected: int, offset: int, log_start: int | None) -> AfterAJump:
+    """radtriage's topics are neither compacted nor transactional, so offsets between the one
+    expected and the one read exist unless retention deleted them (`log_start`, None when the
+    broker did not say): records dropped while reading (Faust drops a fetched batch when a
+    rebalance stops the flow, and its seek back can fail on a partition revoked meanwhile)
+    are read again, never counted as done.
+    """
+    if log_start is None or log_start <= expected:
+        return AfterAJump(lost=None, reread_from=expected)
+    if log_start < offset:
+        return AfterAJump(lost=(expected, log_start), reread_from=log_start)
+    return AfterAJump(lost=(expected, offset), reread_from=None)
+
+
+class SafeCommitConsumer(faust_aiokafka.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Per partition, the offset the next message read must have (the committed offset
+        # after a seek there, else the last one read + 1); absent: not known.
+        self._next_offset: dict[TP, int] = {}
+
+    async def perform_seek(self) -> None:
+        # Faust's perform_seek, also noting where each partition now reads from.
+        committed = {ensure_TP(tp): offset for tp, offset in (await self.seek_to_committed()).items()}
+        for tp, offset in committed.items():
+            self._read_offset[tp] = offset if offset is not None and offset >= 0 else None
+            if offset is not None and offset >= 0:
+                self._next_offset[tp] = offset
+        self._committed_offset.update(
+            {tp: offset if offset else None for tp, offset in committed.items() if offset is not None}
+        )
+        never = [
+            tp
+            for tp, offset in committed.items()
+            if (offset is None or offset < 0) and self.app.topics.acks_enabled_for(tp.topic)
+        ]
+        if never:
+            # Never committed: read from the log start (auto_offset_reset=earliest).
+            try:
+                starts = await self.earliest_offsets(*never)
+            except Exception as exc:
+                self.log.warning("no log start offsets for %r: %r", never, exc)
+                starts = {}
+            for tp in never:
+                if starts.get(tp) is not None:
+                    self._next_offset[tp] = starts[tp]
+                else:
+                    self._next_offset.pop(tp, None)
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        await super().seek(partition, offset)
+        self._next_offset[ensure_TP(partition)] = offset
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109 (Faust's signature)
+        reread: set[TP] = set()  # sought back in this batch: the rest of it comes again
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        async for tp, message in super().getmany(timeout):
+            if tp in reread:
+                continue
+            # Only streams' topics: table changelogs are read by Faust's recovery, which
+            # seeks them itself, and are compacted (holes are normal there).
+            expected = self._next_offset.get(tp) if acks_enabled_for(tp.topic) else None
+            if expected is not None and message.offset > expected:
+                decision = after_a_jump(expected, message.offset, await self._log_start(tp))
+                if decision.lost is not None:
+                    self.log.warning("%r: offsets %d-%d are gone from the log", tp, *decision.lost)
+                    self._gap[tp].addi(*decision.lost)
+                if decision.reread_from is not None:
+                    self.log.warning(
+                        "%r: read %d, expected %d; reading from %d again",
+                        tp,
+                        message.offset,
+                        expected,
+                        decision.reread_from,
+                    )
+                    reread.add(tp)
+                    try:
+                        await self.seek(tp, decision.reread_from)
+                    except Exception as exc:  # revoked meanwhile: its next owner reads it
+                        self.log.warning("%r: seek back failed: %r", tp, exc)
+                    continue
+            if expected is None or message.offset >= expected:
+                self._next_offset[tp] = message.offset + 1
+            yield tp, message
+
+    async def _log_start(self, tp: TP) -> int | None:
+        try:
+            return (await self.earliest_offsets(tp)).get(tp)
+        except Exception as exc:  # read again from where expected: never lose
+            self.log.warning("no log start offset for %r: %r", tp, exc)
+            return None
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        # Faust's gap runs up to and including `offset_to`, the offset of the message just
+        # read, which would count it as done before any stream has seen it.
+        await super()._add_gap(tp, offset_from, offset_to - 1)
+
+    def ack(self, message: Message) -> bool:
+        app = self.app
+        if message.generation_id != app.consumer_generation_id or not app.flow_control.is_active():
+            # Skipped by the stream during or after a rebalance, not processed: the
+            # partition is re-read from its committed offset, so this offset must not count.
+            with ack_lock:
+                message.acked = True
+                self._unacked_messages.discard(message)
+                notify(self._waiting_for_ack)
+            return False
+        return bool(super().ack(message))
+
+    def _new_offset(self, tp: TP) -> int | None:
+        acked = self._acked[tp]
+        if not acked:
+            return None
+        self._fold_gaps(tp, acked)
+        acked.sort()
+        with ack_lock:  # acks may come from other threads while the set is read
+            in_flight = [m.offset for m in list(self._unacked_messages) if m.tp == tp and not m.acked]
+        decided = committable_offset(acked, self._committed_offset[tp], min(in_flight, default=None))
+        if decided is None:
+            return None
+        offset, consumed = decided
+        self._acked_index[tp].difference_update(acked[:consumed])
+        del acked[:consumed]
+        return offset
+
+    def _fold_gaps(self, tp: TP, acked: list[int]) -> None:
+        # Offsets that hold no message for a stream (Faust records them as gaps while
+        # fetching) count as acknowledged, as in Faust's own _new_offset.
+        gap_for_tp = self._gap[tp]
+        if not gap_for_tp:
+            return
+        max_offset = max(acked)
+        candidates = sorted(gap_for_tp.overlap(0, max_offset), key=lambda x: x.begin)
+        if candidates:
+            filled: list[int] = []
+            for entry in candidates:
+                filled.extend(range(entry.begin, entry.end))
+            acked.extend(o for o in filled if o not in self._acked_index[tp])
+            self._acked_index[tp].update(filled)
+            gap_for_tp.chop(0, max(filled[-1], max_offset + 1))
+
+
 class Transport(faust_aiokafka.Transport):
     Producer: ClassVar[type[ProducerT]] = IdempotentProducer
+    Consumer: ClassVar[type[ConsumerT]] = SafeCommitConsumer

@@ -31,7 +31,7 @@ INSTANCES = 4
 def test_workers_joining_during_a_backlog_lose_no_study(worker_env: tuple[dict[str, str], Settings]) -> None:
     env, settings = worker_env
     t = settings.topics
-    tail = Tail(settings.kafka.bootstrap_servers, [t.audit])
+    tail = Tail(settings.kafka.bootstrap_servers, [t.audit, t.studies])
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=20)
     uids = [f"1.2.826.0.9.{time.time_ns()}.{i}" for i in range(STUDIES)]
     for uid in uids:
@@ -53,7 +53,15 @@ def test_workers_joining_during_a_backlog_lose_no_study(worker_env: tuple[dict[s
     for w in joiners:
         w.start()
     backlog_when_joined = STUDIES - len(audited())
-    tail.until(lambda: len(audited()) == STUDIES, timeout=300)
+    try:
+        tail.until(lambda: len(audited()) == STUDIES, timeout=300)
+    except AssertionError:
+        missing = sorted(set(uids) - audited(), key=uids.index)
+        assembled = {d["study_uid"] for d in tail.of(t.studies)} & set(missing)
+        pytest.fail(
+            f"{len(missing)} of {STUDIES} studies never audited ({backlog_when_joined} were queued when "
+            f"the workers joined; {len(assembled)} of them were assembled, the rest not), e.g. {missing[:5]}"
+        )
     tail.drain(2.0)
     # The rebalances happened with work still queued, or the test proved nothing.
     assert backlog_when_joined > 0
