@@ -43,6 +43,11 @@ WORKERS = 3
 # The cluster fixture creates radtriage's own topic names (the ACLs name them) with the
 # default partition count: one partition per worker here.
 PARTITIONS = Settings().kafka.partitions
+# Each wait below is bounded and fails with what it was waiting for; the test's own
+# budget is their sum plus the cluster's set-up, so pytest-timeout (600 s by default, which
+# a slow CI machine once hit here with no word on which study was missing) never fires first.
+SEND_WAIT_S = 300.0
+OUTPUTS_WAIT_S = 600.0
 
 
 @dataclass
@@ -124,6 +129,7 @@ def _env(cluster, role: str, home: Path) -> dict[str, str]:  # type: ignore[no-u
     return env
 
 
+@pytest.mark.timeout(int(3 * SEND_WAIT_S + OUTPUTS_WAIT_S + 600))
 def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
     secure_kafka_cluster,
     scp: tuple[dict[str, str], int],
@@ -142,7 +148,8 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
     for w in workers:
         w.start()
     tail = Tail(
-        secure_kafka_cluster.kafka_settings("admin"), [t.findings, t.results_fhir, t.alerts_ich, t.deadletter]
+        secure_kafka_cluster.kafka_settings("admin"),
+        [t.studies, t.requests_stat, t.findings, t.results_fhir, t.alerts_ich, t.deadletter],
     )
     _, port = scp
     scanner = Scanner(port, tmp_path / "dicom")
@@ -150,7 +157,7 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
     sending.start()
 
     def wait_sent(n: int) -> None:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + SEND_WAIT_S
         while sum(s.accepted for s in scanner.sent) < n and sending.is_alive():
             assert time.monotonic() < deadline, "the scanner stalled"
             time.sleep(0.5)
@@ -161,7 +168,7 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
     try:
         wait_sent(2 * STUDIES // 3)
         workers[0].kill(signal.SIGKILL)
-        sending.join(900)
+        sending.join(SEND_WAIT_S)
         assert not sending.is_alive(), "the scanner never finished"
         _assert_outcome(
             secure_kafka_cluster, scanner, tail, settings, killed_broker, workers[0].name, tmp_path
@@ -171,6 +178,28 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
             if w.proc is not None and w.proc.poll() is None:
                 w.kill(signal.SIGTERM)
         secure_kafka_cluster.restart(killed_broker)
+
+
+def _where_they_stopped(tail: Tail, settings: Settings, accepted: list[Sent], home: Path) -> str:
+    """Which stage each unreported study last reached, and the workers' last words: the
+    difference between a slow machine and a lost study."""
+    t = settings.topics
+    stages = [
+        ("assembled", t.studies),
+        ("routed", t.requests_stat),
+        ("found", t.findings),
+        ("dead-lettered", t.deadletter),
+    ]
+    lines = [f"{OUTPUTS_WAIT_S:.0f} s after the last send, studies without a report:"]
+    for s in accepted:
+        if tail.of(t.results_fhir, study_uid=s.uid):
+            continue
+        reached = [name for name, topic in stages if tail.of(topic, study_uid=s.uid)]
+        lines.append(f"  {s.uid} (bleed={s.bleed}): {', '.join(reached) or 'not even assembled'}")
+    for log in sorted(home.glob("worker-*.log")):
+        lines.append(f"--- {log.name} (last 40 lines)")
+        lines += log.read_text(errors="replace").splitlines()[-40:]
+    return "\n".join(lines)
 
 
 def _assert_outcome(  # type: ignore[no-untyped-def]
@@ -185,7 +214,13 @@ def _assert_outcome(  # type: ignore[no-untyped-def]
     t = settings.topics
 
     accepted = [s for s in scanner.sent if s.accepted]
-    tail.until(lambda: all(len(tail.of(t.results_fhir, study_uid=s.uid)) >= 1 for s in accepted), timeout=900)
+    try:
+        tail.until(
+            lambda: all(len(tail.of(t.results_fhir, study_uid=s.uid)) >= 1 for s in accepted),
+            timeout=OUTPUTS_WAIT_S,
+        )
+    except AssertionError:
+        pytest.fail(_where_they_stopped(tail, settings, accepted, tmp_path))
     tail.drain(10.0)  # a duplicate would arrive after the first copy
 
     findings = Counter(d["study_uid"] for d in tail.of(t.findings))
