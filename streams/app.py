@@ -53,6 +53,9 @@ def create_app(settings: Settings) -> faust.App:
         # through radtriage's transport): radtriage/kafka_clients.py.
         **kafka_clients.faust_app_kwargs(settings.kafka),
         store="memory://",
+        # Faust keeps per-app files even with in-memory tables; by default in the working
+        # directory, which for a worker started from a checkout is the checkout.
+        datadir=str(settings.home / "faust"),
         # Tables (assembly state, alerts sent) are JSON; topics override this with raw
         # bytes in `declare_topics`, since their values are our own schema-checked JSON.
         key_serializer="json",
