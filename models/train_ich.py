@@ -11,7 +11,7 @@ runs — so what the network learns is what it is served. Three disjoint phantom
 * test (>= 200 studies): the reported metrics, at that threshold, never used to
   choose anything — so they are an honest estimate on unseen phantoms.
 
-Writes `model.pt` (TorchScript of network + sigmoid: probability out) into the Triton
+Writes `model.pt` (TorchScript of network + sigmoids: probability and blood map out) into the Triton
 model version directory, the model's `config.pbtxt` (KIND_CPU, the local stack) and
 `configs/gpu.pbtxt` (KIND_GPU, production; both with the input shape and recommended
 threshold, from one template via models/serving.py) and
@@ -20,7 +20,10 @@ threshold, from one template via models/serving.py) and
     python -m models.train_ich --configs-only
 
 rewrites only the two config files of the committed model (threshold and version from
-its metrics file), without training: what to run after editing TRITON_CONFIG.
+its metrics file), without training: what to run after editing TRITON_CONFIG;
+`--reexport` also re-traces the committed weights with the current served outputs
+(IchWithSigmoid: probability and the blood map as `localisation_map`), checking the
+probabilities are unchanged.
 
 Training signal: the study label (bleed or not) and, as an auxiliary dense target, the
 phantom's blood mask at the network's stage-1 resolution (see models/ich_net.py).
@@ -32,6 +35,7 @@ import argparse
 import json
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from models import serving
-from models.ich_net import MODEL_CHANNELS, IchWithSigmoid, build_ich_net
+from models.ich_net import MODEL_CHANNELS, IchNet, IchWithSigmoid, build_ich_net
 from models.phantoms import head_ct_phantom
 from processors.preprocessing import ICH_INPUT_SHAPE, preprocess_head_ct, preprocess_head_ct_with_mask
 
@@ -63,6 +67,7 @@ MAP_POOL = (2, 4, 4)
 MAP_SHAPE = tuple(n // p for n, p in zip(ICH_INPUT_SHAPE[1:], MAP_POOL, strict=True))
 # Blood fills a few per mille of the map: up-weight it so the map does not learn "never".
 MAP_POS_WEIGHT = 10.0
+SERVED_OUTPUTS = ("probability (P(ICH))", "localisation_map (P(blood) per map cell, 16 x 24 x 24)")
 SIZE_BINS = (("<1 mL", 0.0, 1.0), ("1-5 mL", 1.0, 5.0), (">=5 mL", 5.0, float("inf")))
 
 
@@ -208,6 +213,14 @@ output [
     data_type: TYPE_FP32
     # Sigmoid applied in the model: probability of intracranial haemorrhage.
     dims: [ 1 ]
+  }},
+  {{
+    name: "localisation_map"
+    data_type: TYPE_FP32
+    # The network's blood map, sigmoid applied: P(blood) per cell of 2 model slices x 4 x 4
+    # voxels of the input (processors/localisation.py maps it back to the series' slices
+    # for the finding's slice range). Clients that read only "probability" ignore it.
+    dims: [ {map_dims} ]
   }}
 ]
 
@@ -275,7 +288,7 @@ def write_triton_configs(
     chosen threshold (models/serving.py: one template, both parsed as ModelConfig)."""
     return serving.write_triton_configs(
         model_dir,
-        template=TRITON_CONFIG,
+        template=TRITON_CONFIG.replace("{map_dims}", ", ".join(map(str, MAP_SHAPE))),
         input_shape=ICH_INPUT_SHAPE,
         threshold=threshold,
         version=version,
@@ -284,9 +297,37 @@ def write_triton_configs(
     )
 
 
-def export(model: torch.nn.Module, out_dir: Path) -> Path:
+def export(model: IchNet, out_dir: Path) -> Path:
     """TorchScript of what is served (IchWithSigmoid), traced in eval mode; self-contained for Triton."""
     return serving.export_torchscript(IchWithSigmoid(model), ICH_INPUT_SHAPE, out_dir)
+
+
+def reexport_committed(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> Path:
+    """Re-trace the committed weights with the current served wrapper (IchWithSigmoid), no
+    training: the TorchScript file's parameters are loaded into a fresh IchNet, exported
+    again, and the new file must give the old one's probabilities. Updates weights_bytes in
+    the metrics (the file's size is what changes)."""
+    path = out / MODEL_FILE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch 2.15
+        old = torch.jit.load(str(path), map_location="cpu").eval()
+    wrapper = IchWithSigmoid(build_ich_net())
+    wrapper.load_state_dict(old.state_dict())  # strict: every parameter, nothing else
+    probe = torch.rand((2, *ICH_INPUT_SHAPE), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = old(probe)
+        before = before[0] if isinstance(before, tuple) else before
+    export(wrapper.net, out)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        after = torch.jit.load(str(path), map_location="cpu").eval()(probe)[0]
+    if not torch.allclose(before, after, atol=1e-6):
+        raise RuntimeError("re-exported weights give other probabilities than the committed ones")
+    metrics = json.loads(metrics_path.read_text())
+    metrics["weights_bytes"] = path.stat().st_size
+    metrics["outputs"] = list(SERVED_OUTPUTS)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
 
 
 def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
@@ -315,13 +356,21 @@ def main(argv: list[str] | None = None) -> None:
         "--map-weight", type=float, default=1.0, help="weight of the auxiliary blood-map loss (0 = off)"
     )
     ap.add_argument(
+        "--reexport",
+        action="store_true",
+        help="no training: re-trace the committed weights with the current served outputs, "
+        "then rewrite the configs",
+    )
+    ap.add_argument(
         "--configs-only",
         action="store_true",
         help="no training: rewrite config.pbtxt and configs/gpu.pbtxt of the committed model "
         "(threshold and version from --metrics)",
     )
     args = ap.parse_args(argv)
-    if args.configs_only:
+    if args.reexport:
+        console.print(f"wrote {reexport_committed(args.out, args.metrics)}")
+    if args.configs_only or args.reexport:
         for path in write_configs_only(args.out, args.metrics):
             console.print(f"wrote {path}")
         return
@@ -432,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         "input_shape": list(ICH_INPUT_SHAPE),
         "channels": list(MODEL_CHANNELS),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "outputs": list(SERVED_OUTPUTS),
         "weights_file": MODEL_FILE,
         "weights_bytes": path.stat().st_size,
         "torch": torch.__version__,
