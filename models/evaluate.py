@@ -44,7 +44,7 @@ TIMING = MODELS_DIR / "inference_timing.json"
 MODELS: dict[str, dict[str, str]] = {
     "ich_classifier": {
         "route": "CT head without contrast",
-        "output": "P(intracranial haemorrhage)",
+        "output": "P(intracranial haemorrhage), slice range (blood map)",
         "phantoms": "models/phantoms.py (head CT)",
         "critical": "yes",
     },
@@ -149,6 +149,17 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
                 f"- Side (left/right) on LVO studies: AUC of P(left) {_f(m['side_auc'], 4)}, "
                 f"accuracy at 0.5 {_f(m['side_accuracy'], 4)} (all LVOs), "
                 f"{_f(m['side_accuracy_detected'], 4)} (LVOs detected at the threshold)."
+            )
+        loc = m.get("localisation")
+        if loc:
+            lines.append(
+                f"- Slice range (`{loc['output']}`, cell threshold {loc['cell_threshold']} chosen on "
+                f"{loc['val_bleeds']} validation bleeds, `python -m models.localisation_eval`): on "
+                f"{loc['test_bleeds']} held-out bleed phantoms the reported range overlaps the slices "
+                f"with blood for {_f(loc['overlap_fraction'], 4)} of them "
+                f"({_f(loc['overlap_fraction_detected'], 4)} of the {loc['test_detected']} detected); "
+                f"mean slice IoU {_f(loc['mean_iou'], 4)}; median {loc['median_range_slices']:g} "
+                f"slices reported for a median bleed of {loc['median_bleed_slices']:g}."
             )
         for section, label in (
             ("by_bleed_volume", "bleed volume"),

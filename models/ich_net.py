@@ -4,7 +4,7 @@
     stage 1   MONAI ResidualUnit (2 subunits), stride 2 c0 -> c1 16 x 24 x 24
     stage 2   MONAI ResidualUnit (2 subunits), stride 2 c1 -> c2  8 x 12 x 12
     blood map 1x1x1 conv on stage 1 -> (N, 1, 16, 24, 24) logits, supervised in training by
-              the phantoms' blood masks
+              the phantoms' blood masks; served (sigmoid) as the localisation map
     head      dropout(global max and mean of stage 2) + max of the blood map -> linear -> 1 logit
 
 Why this shape: "is there hyperdense blood anywhere" is a detection question, so the
@@ -78,11 +78,18 @@ def build_ich_net() -> IchNet:
 
 
 class IchWithSigmoid(torch.nn.Module):
-    """What Triton serves: probability, not logit, so every client reads the same scale."""
+    """What Triton serves, in its config's output order: probabilities, not logits, so every
+    client reads the same scale.
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    * `probability`      (N, 1): P(ICH) for the study;
+    * `localisation_map` (N, D/2, H/4, W/4) = (N, 16, 24, 24): the blood map, P(blood in
+      this cell), what processors/localisation.py turns into the finding's slice range.
+    """
+
+    def __init__(self, net: IchNet) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(volume))
+    def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, blood_map = self.net.forward_with_map(volume)
+        return torch.sigmoid(logits), torch.sigmoid(blood_map[:, 0])

@@ -37,12 +37,27 @@ class Volume:
     study_uid: str
     series_uid: str
     n_instances: int
+    # Per slice of `hu`, in its order: the position along the slice normal (mm; for an axial
+    # series the patient z) and the instance's InstanceNumber (None where the sender left
+    # it empty) — what turns a slice index back into something a viewer shows.
+    positions_mm: tuple[float, ...] = ()
+    instance_numbers: tuple[int | None, ...] = ()
 
 
 @dataclass(frozen=True)
 class _Slice:
     position: float  # mm along the slice normal
     hu: np.ndarray
+    instance_number: int | None = None
+
+
+def _instance_number(ds: Dataset) -> int | None:
+    """InstanceNumber (type 2: may be empty or, from a careless sender, not a number)."""
+    try:
+        value = ds.get("InstanceNumber")
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _read(path: Path) -> Dataset:
@@ -135,7 +150,8 @@ def load_series(paths: Sequence[Path]) -> Volume:
         if pixels.shape != shape:
             raise VolumeError(f"{name}: multi-frame or malformed pixel data {pixels.shape}, expected {shape}")
         slope, intercept = _rescale(ds, name)
-        slices.append(_Slice(position, pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)))
+        hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        slices.append(_Slice(position, hu, _instance_number(ds)))
 
     slices.sort(key=lambda s: s.position)
     positions = np.array([s.position for s in slices])
@@ -161,4 +177,6 @@ def load_series(paths: Sequence[Path]) -> Volume:
         study_uid=str(first.get("StudyInstanceUID", "")),
         series_uid=next(iter(series)),
         n_instances=len(slices),
+        positions_mm=tuple(float(p) for p in positions),
+        instance_numbers=tuple(s.instance_number for s in slices),
     )

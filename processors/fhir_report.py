@@ -15,7 +15,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
-from schemas.findings import Finding
+from schemas.findings import Finding, SliceRange
 
 # Namespace for deterministic resource ids (uuid5).
 _ID_NAMESPACE = uuid.UUID("5b0c4a57-65c4-4c1e-9b1f-1c9f3f0d7a11")
@@ -50,6 +50,12 @@ SIDES: dict[str, tuple[str, str]] = {
     "left": ("7771000", "RID5824"),
     "right": ("24028007", "RID5825"),
 }
+
+
+# No LOINC, SNOMED CT, RadLex or DICOM (DCM) code names "the slices a finding is on", so
+# the slice range components carry radtriage's own codes plus plain text.
+LOCALISATION_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-localisation"
+UCUM = "http://unitsofmeasure.org"
 
 
 def _uid_identifier(study_uid: str) -> dict[str, str]:
@@ -87,6 +93,8 @@ def conclusion_text(finding: Finding) -> str:
             f"No {words} suspected: AI probability {finding.probability:.2f} "
             f"below the alert threshold {finding.threshold:.2f} ({model})."
         )
+    if finding.positive and finding.slice_range is not None:
+        head += f" {slice_range_text(finding.slice_range).capitalize()}."
     return head + " Preliminary machine triage for prioritisation only; a radiologist must review the study."
 
 
@@ -149,9 +157,71 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
         ],
     }
     body["component"] += laterality_components(finding)
+    body["component"] += slice_range_components(finding)
+    if finding.positive and finding.slice_range is not None:
+        body["note"] = [{"text": f"AI localisation: {slice_range_text(finding.slice_range)}."}]
     if finding.patient_id:
         body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
     return Observation.model_validate(body)
+
+
+def slice_range_text(r: SliceRange) -> str:
+    """The range in words, the way a radiologist scrolls to it: instance numbers first."""
+    where = f"z {r.first_position_mm:.1f} to {r.last_position_mm:.1f} mm"
+    count = f"{r.slices} slice{'s' if r.slices != 1 else ''}"
+    if r.first_instance_number is None or r.last_instance_number is None:
+        return f"most likely on the slices at {where} ({count})"
+    if r.first_instance_number == r.last_instance_number:
+        return f"most likely on image {r.first_instance_number} ({where}, {count})"
+    return f"most likely on images {r.first_instance_number} to {r.last_instance_number} ({where}, {count})"
+
+
+def slice_range_components(finding: Finding) -> list[dict[str, Any]]:
+    """A positive finding's slice range (schemas.findings.SliceRange) as Observation
+    components with a Range value each: the DICOM InstanceNumbers of its first and last
+    slices, and their positions along the slice normal in mm (UCUM). A Range needs low <=
+    high, so instance numbers counted down the series are given as min and max; which is
+    the inferior end says the position range. Nothing when there is no range."""
+    r = finding.slice_range
+    if not finding.positive or r is None:
+        return []
+    out: list[dict[str, Any]] = []
+    if r.first_instance_number is not None and r.last_instance_number is not None:
+        low, high = sorted((r.first_instance_number, r.last_instance_number))
+        out.append(
+            {
+                "code": {
+                    "coding": [
+                        {
+                            "system": LOCALISATION_SYSTEM,
+                            "code": "slice-range-instance-number",
+                            "display": "Affected slice range, DICOM Instance Number",
+                        }
+                    ],
+                    "text": "Affected slices: DICOM Instance Numbers, first to last (AI localisation)",
+                },
+                "valueRange": {"low": {"value": low}, "high": {"value": high}},
+            }
+        )
+    out.append(
+        {
+            "code": {
+                "coding": [
+                    {
+                        "system": LOCALISATION_SYSTEM,
+                        "code": "slice-range-position",
+                        "display": "Affected slice range, position along the slice normal",
+                    }
+                ],
+                "text": "Affected slices: position along the slice normal (patient z for axial), mm",
+            },
+            "valueRange": {
+                "low": {"value": r.first_position_mm, "unit": "mm", "system": UCUM, "code": "mm"},
+                "high": {"value": r.last_position_mm, "unit": "mm", "system": UCUM, "code": "mm"},
+            },
+        }
+    )
+    return out
 
 
 def laterality_components(finding: Finding) -> list[dict[str, Any]]:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from processors.localisation import SeriesGeometry
+
 log = logging.getLogger(__name__)
 
 
@@ -88,17 +90,25 @@ class LanePools:
         log.info("preprocessing pool for the %s lane is ready", lane)
 
     async def prepare(self, lane: str, model_name: str, paths: Sequence[Path]) -> np.ndarray:
-        from processors.model_inputs import prepare_tensor
+        tensor, _geometry = await self.prepare_located(lane, model_name, paths)
+        return tensor
+
+    async def prepare_located(
+        self, lane: str, model_name: str, paths: Sequence[Path]
+    ) -> tuple[np.ndarray, SeriesGeometry | None]:
+        """The model input and, for a model that localises, the series geometry that maps its
+        slices back (processors/localisation.py)."""
+        from processors.model_inputs import prepare_tensor_and_geometry
 
         loop = asyncio.get_running_loop()
         args = (model_name, [str(p) for p in paths])
         try:
-            return await loop.run_in_executor(self._pool(lane), prepare_tensor, *args)
+            return await loop.run_in_executor(self._pool(lane), prepare_tensor_and_geometry, *args)
         except BrokenProcessPool:
             # A pool process died (OOM, a kill): a fresh pool, and this study tried once more.
             log.warning("preprocessing pool for the %s lane broke; starting a new one", lane)
             self._pools.pop(lane, None)
-            return await loop.run_in_executor(self._pool(lane), prepare_tensor, *args)
+            return await loop.run_in_executor(self._pool(lane), prepare_tensor_and_geometry, *args)
 
     def shutdown(self) -> None:
         for pool in self._pools.values():

@@ -40,6 +40,8 @@ import torch
 from monai.transforms import CropForeground, Resize, ScaleIntensityRange, SpatialPad
 from scipy import ndimage
 
+from processors.localisation import SliceCrop
+
 if TYPE_CHECKING:
     from processors.dicom_volume import Volume
 
@@ -93,8 +95,17 @@ def preprocess_head_ct(volume: Volume | np.ndarray, spacing_zyx: Sequence[float]
     `load_series` returns them); spacing is validated and used to keep the in-plane
     aspect, the rest of the geometry is normalised away by crop and resize.
     """
-    x, _ = _head_ct(volume, spacing_zyx, None)
+    x, _, _ = _head_ct(volume, spacing_zyx, None)
     return x
+
+
+def preprocess_head_ct_with_crop(
+    volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None = None
+) -> tuple[np.ndarray, SliceCrop]:
+    """`preprocess_head_ct`'s input (the same array) and the slices of `volume` it covers:
+    what maps the ICH model's localisation back to the series' slices."""
+    x, _, crop = _head_ct(volume, spacing_zyx, None)
+    return x, crop
 
 
 def preprocess_head_ct_with_mask(
@@ -106,14 +117,14 @@ def preprocess_head_ct_with_mask(
     dropped: the model cannot see them."""
     if mask.shape != hu.shape:
         raise ValueError(f"mask shape {mask.shape} differs from volume shape {hu.shape}")
-    x, m = _head_ct(hu, spacing_zyx, mask)
+    x, m, _ = _head_ct(hu, spacing_zyx, mask)
     assert m is not None
     return x, m
 
 
 def _head_ct(
     volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None, mask: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, SliceCrop]:
     if isinstance(volume, np.ndarray):
         hu = volume
         if spacing_zyx is None:
@@ -142,7 +153,11 @@ def _head_ct(
         channels.append((mask.astype(bool) & ~bone).astype(np.float32))
     x = torch.from_numpy(np.stack(channels).astype(np.float32))
     with torch.no_grad():
-        x = _crop(x)
+        # _crop(x), with the box kept: its z extent maps model slices back to the series.
+        box_start, box_end = _crop.compute_bounding_box(x)
+        x = _crop.crop_pad(x, box_start, box_end)
+        # allow_smaller: the box never leaves the volume, so [start, end) are its slices.
+        crop = SliceCrop(int(box_start[0]), int(box_end[0]), ICH_INPUT_SHAPE[1])
         # Square in-plane field (in mm) so a round haematoma stays round whatever the head's shape.
         rows_mm, cols_mm = x.shape[2] * spacing[1], x.shape[3] * spacing[2]
         side_mm = max(rows_mm, cols_mm)
@@ -153,7 +168,7 @@ def _head_ct(
     # Interpolation can overshoot [0, 1] by rounding error only; clip so the contract holds exactly.
     out = np.clip(np.asarray(torch.as_tensor(x), dtype=np.float32), 0.0, 1.0)
     n = ICH_INPUT_SHAPE[0]
-    return np.ascontiguousarray(out[:n]), (out[n] if mask is not None else None)
+    return np.ascontiguousarray(out[:n]), (out[n] if mask is not None else None), crop
 
 
 # --- CT angiography of the head and neck, for LVO ---------------------------------------

@@ -56,6 +56,9 @@ class Inference:
     # Every other single-value output the model declared, by its Triton name (the LVO
     # detector's "side_left_probability"): a model gains outputs without a client change.
     outputs: Mapping[str, float] = field(default_factory=dict)
+    # Multi-value outputs (the ICH classifier's "localisation_map"), batch axis removed:
+    # what processors/localisation.py turns into a slice range.
+    maps: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def read_outputs(model_name: str, arrays: Mapping[str, np.ndarray | None]) -> tuple[float, dict[str, float]]:
@@ -78,6 +81,25 @@ def read_outputs(model_name: str, arrays: Mapping[str, np.ndarray | None]) -> tu
             continue
         extras[name] = _checked(model_name, name, float(values.reshape(-1)[0]))
     return _checked(model_name, OUTPUT_NAME, float(probs.reshape(-1)[0])), extras
+
+
+def read_maps(arrays: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    """The multi-value numeric outputs of one single-study response (maps, profiles), as
+    float32 with the batch axis of 1 removed. Pure. A map with a NaN or infinity is left
+    out: localisation is a by-product, and a broken map must cost the finding its range,
+    not the study its probability."""
+    maps: dict[str, np.ndarray] = {}
+    for name, values in arrays.items():
+        if name == OUTPUT_NAME or values is None or values.size <= 1:
+            continue
+        if not np.issubdtype(values.dtype, np.number):
+            continue
+        m = np.asarray(values, dtype=np.float32)
+        if m.ndim > 1 and m.shape[0] == 1:
+            m = m[0]
+        if np.isfinite(m).all():
+            maps[name] = m
+    return maps
 
 
 def _checked(model_name: str, name: str, value: float) -> float:
@@ -111,7 +133,8 @@ class TritonModelClient:
         """Run one preprocessed volume (C, D, H, W) through a probability model.
 
         No outputs are named in the request, so Triton returns every output the model
-        declares; `read_outputs` keeps `probability` and the model's other scalar outputs.
+        declares; `read_outputs` keeps `probability` and the model's other scalar outputs,
+        `read_maps` its multi-value ones (a localisation map).
 
         `headers` go out as gRPC metadata: a W3C traceparent there lets a Triton started
         with `--trace-config mode=opentelemetry` put its own per-request spans (queue,
@@ -135,12 +158,12 @@ class TritonModelClient:
             raise InferenceError(f"Triton {self._url} model {model_name}: {exc.message()}") from exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         response = result.get_response()
-        probability, extras = read_outputs(
-            model_name, {o.name: result.as_numpy(o.name) for o in response.outputs}
-        )
+        arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
+        probability, extras = read_outputs(model_name, arrays)
         return Inference(
             probability=probability,
             model_version=response.model_version or "1",
             elapsed_ms=elapsed_ms,
             outputs=extras,
+            maps=read_maps(arrays),
         )

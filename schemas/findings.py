@@ -5,10 +5,43 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.base import Event, utcnow
 from schemas.requests import FindingCode, Lane, Laterality
+
+
+class SliceRange(BaseModel):
+    """Where in the series a model places its finding, coarsely: the first and last slice
+    of the original series that its localisation map marks (processors/localisation.py).
+
+    "First" is the slice lowest along the slice normal (for an axial head CT of a patient
+    lying head first: the most inferior), "last" the highest; every slice between them is
+    inside the range, whatever their InstanceNumbers (senders number slices in any order).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # InstanceNumber of the first and last slice; None when the series does not carry them.
+    first_instance_number: int | None
+    last_instance_number: int | None
+    # Their positions along the slice normal in mm (for an axial series: the patient z in
+    # DICOM patient coordinates, the ImagePositionPatient z a viewer shows).
+    first_position_mm: float
+    last_position_mm: float
+    # Slices of the series from first to last, both included.
+    slices: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered_and_complete(self) -> Self:
+        if self.first_position_mm > self.last_position_mm:
+            raise ValueError(
+                f"first_position_mm {self.first_position_mm} is above "
+                f"last_position_mm {self.last_position_mm}"
+            )
+        if (self.first_instance_number is None) != (self.last_instance_number is None):
+            raise ValueError("first and last instance numbers are given together or not at all")
+        return self
 
 
 class Finding(Event):
@@ -38,6 +71,10 @@ class Finding(Event):
     laterality: Laterality | None = None
     # P(the stated side is the affected one); set exactly when laterality is left/right.
     laterality_probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Optional too: models with a localisation map (the ICH classifier's blood map) say
+    # which slices of the series a positive finding is on; None for negative findings and
+    # for models or series without one.
+    slice_range: SliceRange | None = None
 
     @model_validator(mode="after")
     def _side_and_its_probability_together(self) -> Self:

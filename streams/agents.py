@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from connectors.blobstore import LocalBlobStore
 from processors.fhir_report import build_result_bundle
 from processors.laterality import side_of
+from processors.localisation import localise
 from processors.preprocess_pool import LanePools
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage import metrics
@@ -561,7 +562,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 ):
                     prep_started = time.monotonic()
                     paths = [blobs.path_of(uri) for uri in req.instance_uris]
-                    tensor = await preprocess.prepare(lane, req.model_name, paths)
+                    tensor, geometry = await preprocess.prepare_located(lane, req.model_name, paths)
                     metrics.observe_preprocess(lane, req.model_name, time.monotonic() - prep_started)
             except Exception as exc:  # unreadable series: retrying will not help
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -630,6 +631,11 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     gate.retrying(lane, -1)
             positive = result.probability >= req.threshold
             side = side_of(result.outputs, positive)
+            try:
+                slices = localise(result.maps, geometry, positive)
+            except ValueError as exc:  # a malformed map costs the finding its range, not the study
+                log.warning("no slice range for %s: %s", req.study_uid, exc)
+                slices = None
             finding = Finding(
                 study_uid=req.study_uid,
                 accession_number=req.accession_number,
@@ -649,6 +655,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 request_id=req.request_id,
                 laterality=side.laterality,
                 laterality_probability=side.probability,
+                slice_range=slices,
             )
             span.set_attribute("radtriage.probability", finding.probability)
             span.set_attribute("radtriage.positive", finding.positive)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,3 +73,53 @@ def test_wrong_input_is_an_error_not_a_crash(triton_grpc_url: str) -> None:
             await client.close()
 
     asyncio.run(run())
+
+
+def test_served_model_localises_the_bleed_to_its_slices(triton_grpc_url: str, tmp_path: Path) -> None:
+    """The second output, `localisation_map`, reaches the client beside `probability`, and
+    processors/localisation.py turns it into a slice range on the series' own instance
+    numbers that covers slices with blood."""
+    from pydicom import dcmread
+
+    from processors.localisation import LOCALISATION_OUTPUT, localise
+    from processors.model_inputs import prepare_located_input
+
+    rng = np.random.default_rng(434343)  # not a training, validation or test seed
+    cases = []
+    for i in range(6):
+        ph = head_ct_phantom(rng, bleed=True, min_bleed_ml=1.0)
+        assert ph.blood_mask is not None
+        files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path / str(i), shuffle_files=True, rng=rng)
+        tensor, _volume, geometry = prepare_located_input("ich_classifier", files)
+        z_by_number = {
+            int(ds.InstanceNumber): float(ds.ImagePositionPatient[2]) for ds in map(dcmread, files)
+        }
+        ordered = sorted(z_by_number.values())
+        blood_z = {ordered[k] for k in np.flatnonzero(ph.blood_mask.any(axis=(1, 2)))}
+        cases.append((tensor, geometry, z_by_number, blood_z))
+
+    async def run() -> list[Any]:
+        client = TritonModelClient(triton_grpc_url, timeout_s=30)
+        try:
+            return list(
+                await asyncio.gather(
+                    *(client.infer_probability("ich_classifier", t, priority=1) for t, *_ in cases)
+                )
+            )
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    hits = 0
+    for result, (_t, geometry, z_by_number, blood_z) in zip(results, cases, strict=True):
+        assert result.maps[LOCALISATION_OUTPUT].shape == (16, 24, 24)
+        assert "localisation_map" not in result.outputs  # not mistaken for a scalar output
+        r = localise(result.maps, geometry, positive=True)
+        assert r is not None and r.first_instance_number is not None and r.last_instance_number is not None
+        assert z_by_number[r.first_instance_number] == pytest.approx(r.first_position_mm, abs=1e-3)
+        assert z_by_number[r.last_instance_number] == pytest.approx(r.last_position_mm, abs=1e-3)
+        covered = {
+            z for z in z_by_number.values() if r.first_position_mm - 1e-3 <= z <= r.last_position_mm + 1e-3
+        }
+        hits += bool(covered & blood_z)
+    assert hits >= 5, hits

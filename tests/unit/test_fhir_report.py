@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from fhir.resources.R4B.bundle import Bundle
@@ -74,3 +75,67 @@ def test_ids_are_stable_so_a_retry_updates_instead_of_duplicating() -> None:
 def test_no_patient_id_means_no_subject_rather_than_an_empty_reference() -> None:
     report, obs = parse(build_result_bundle(finding(0.7, patient_id="")))
     assert report.subject is None and obs.subject is None
+
+
+# --- the ICH slice range ---------------------------------------------------------------------
+
+
+def ranged(p: float, first: int | None = 14, last: int | None = 19) -> Finding:
+    from schemas.findings import SliceRange
+
+    r = SliceRange(
+        first_instance_number=first,
+        last_instance_number=last,
+        first_position_mm=-12.5,
+        last_position_mm=12.5,
+        slices=6,
+    )
+    return finding(p).model_copy(update={"slice_range": r})
+
+
+def _components(obs: Observation) -> dict[str, Any]:
+    return {str(c.code.coding[0].code): c for c in obs.component or [] if c.code.coding}
+
+
+def _conclusion(report: DiagnosticReport) -> str:
+    assert report.conclusion is not None
+    return str(report.conclusion)
+
+
+def test_a_positive_finding_states_its_slice_range_in_the_observation_and_conclusion() -> None:
+    from processors.fhir_report import LOCALISATION_SYSTEM
+
+    report, obs = parse(build_result_bundle(ranged(0.93)))
+    comps = _components(obs)
+    numbers, position = comps["slice-range-instance-number"], comps["slice-range-position"]
+    assert numbers.code.coding[0].system == LOCALISATION_SYSTEM
+    assert (float(numbers.valueRange.low.value), float(numbers.valueRange.high.value)) == (14, 19)
+    assert float(position.valueRange.low.value) == -12.5 and float(position.valueRange.high.value) == 12.5
+    assert (
+        position.valueRange.low.code == "mm" and position.valueRange.low.system == "http://unitsofmeasure.org"
+    )
+    assert "images 14 to 19" in _conclusion(report) and "z -12.5 to 12.5 mm" in _conclusion(report)
+    assert obs.note and "images 14 to 19" in str(obs.note[0].text)
+    # The other components are still there.
+    texts = [c.code.text for c in obs.component or []]
+    assert "Alert threshold" in texts and "DICOM Series Instance UID" in texts
+
+
+def test_instance_numbers_counted_down_still_make_a_valid_range() -> None:
+    report, obs = parse(build_result_bundle(ranged(0.93, first=19, last=14)))
+    numbers = _components(obs)["slice-range-instance-number"]
+    assert (float(numbers.valueRange.low.value), float(numbers.valueRange.high.value)) == (14, 19)
+    assert "images 19 to 14" in _conclusion(report)  # first (lowest slice) to last, as numbered
+
+
+def test_a_series_without_instance_numbers_gets_the_positions_only() -> None:
+    report, obs = parse(build_result_bundle(ranged(0.93, first=None, last=None)))
+    assert set(_components(obs)) == {"slice-range-position"}
+    assert "slices at z -12.5 to 12.5 mm" in _conclusion(report)
+
+
+def test_negative_findings_and_findings_without_a_range_state_none() -> None:
+    for f in (ranged(0.1), finding(0.93)):
+        report, obs = parse(build_result_bundle(f))
+        assert not {"slice-range-instance-number", "slice-range-position"} & set(_components(obs))
+        assert "images" not in _conclusion(report) and not obs.note

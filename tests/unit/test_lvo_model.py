@@ -40,11 +40,6 @@ def test_configs_parse_and_differ_only_in_the_instance_kind() -> None:
     assert params["input_shape"] == ", ".join(map(str, LVO_INPUT_SHAPE)) and params["finding"] == "LVO"
 
 
-def test_every_served_model_py_after_ich_is_the_same_file() -> None:
-    ours = [(REPOSITORY / m / "1" / "model.py").read_text() for m in ("lvo_detector", "cxr_triage")]
-    assert ours[0] == ours[1]
-
-
 def test_metrics_meet_the_critical_route_targets() -> None:
     assert METRICS["input_shape"] == list(LVO_INPUT_SHAPE) and METRICS["test_size"] >= 200
     assert METRICS["auc"] >= 0.9 and METRICS["val_operating_point"]["sensitivity"] >= 0.95

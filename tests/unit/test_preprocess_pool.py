@@ -94,9 +94,7 @@ def test_sigkilled_owner_leaves_no_pool_process() -> None:
         asyncio.run(main())
         """
     )
-    owner = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
-    )
+    owner = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout is not None
         pids = [int(p) for p in owner.stdout.readline().split()]
@@ -117,3 +115,18 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "gone"
+
+
+def test_the_pool_hands_back_the_series_geometry_with_the_tensor(series: list[Path]) -> None:
+    """What maps the ICH model's localisation back to the series crosses the process boundary."""
+    from processors.model_inputs import prepare_located_input
+
+    pools = LanePools({"stat": 1}, {"stat": 0})
+    try:
+        tensor, geometry = asyncio.run(pools.prepare_located("stat", "ich_classifier", series))
+    finally:
+        pools.shutdown()
+    expected, volume, want = prepare_located_input("ich_classifier", series)
+    np.testing.assert_array_equal(tensor, expected)
+    assert geometry is not None and geometry == want
+    assert len(geometry.positions_mm) == volume.hu.shape[0]

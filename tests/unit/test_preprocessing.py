@@ -114,7 +114,7 @@ def test_committed_weights_classify_fresh_phantoms() -> None:
         ph = head_ct_phantom(rng, bleed=i % 2 == 0, min_bleed_ml=1.0)
         x = torch.from_numpy(preprocess_head_ct(ph.hu, ph.spacing_zyx))[None]
         with torch.no_grad():
-            probs.append(float(model(x).reshape(-1)[0]))
+            probs.append(float(model(x)[0].reshape(-1)[0]))
         labels.append(ph.has_bleed)
     assert all(0.0 <= p <= 1.0 for p in probs)
     correct = sum((p >= threshold) == y for p, y in zip(probs, labels, strict=True))
@@ -127,6 +127,10 @@ def test_committed_weights_classify_fresh_phantoms() -> None:
         np.stack([preprocess_head_ct(p.hu, p.spacing_zyx) for p in (ph, head_ct_phantom(rng, bleed=True))])
     )
     with torch.no_grad():
-        both = model(x).reshape(-1)
-        one = model(x[:1]).reshape(-1)
-    assert float(both[0]) == pytest.approx(float(one[0]), abs=1e-5)
+        both, both_maps = model(x)
+        one, one_map = model(x[:1])
+    assert float(both.reshape(-1)[0]) == pytest.approx(float(one.reshape(-1)[0]), abs=1e-5)
+    # The second output is the localisation map (processors/localisation.py), per study.
+    assert tuple(both_maps.shape) == (2, 16, 24, 24) and tuple(one_map.shape) == (1, 16, 24, 24)
+    assert float(both_maps.min()) >= 0.0 and float(both_maps.max()) <= 1.0
+    torch.testing.assert_close(both_maps[:1], one_map, atol=1e-5, rtol=0)

@@ -27,3 +27,68 @@ def test_unreadable_messages_raise_one_error_type_with_the_reason(
 ) -> None:
     with pytest.raises(EventDecodeError, match=fragment):
         InstanceEvent.from_bytes(payload)
+
+
+def _finding_json(**extra: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "study_uid": "1.2",
+        "series_uid": "1.2.3",
+        "finding": "ICH",
+        "probability": 0.9,
+        "threshold": 0.05,
+        "positive": True,
+        "model_name": "ich_classifier",
+        "model_version": "1",
+        "lane": "stat",
+        "rule_id": "r",
+        "received_at": "2026-12-02T12:00:00Z",
+        "ready_at": "2026-12-02T12:00:01Z",
+        "inference_ms": 10.0,
+    }
+    return {**base, **extra}
+
+
+def test_findings_carry_an_optional_slice_range_compatibly() -> None:
+    import json
+
+    from schemas.findings import Finding, SliceRange
+
+    # A finding written before the field existed still reads, with no range.
+    old = Finding.from_bytes(json.dumps(_finding_json()).encode())
+    assert old.slice_range is None and old.schema_version == 1
+    r = {
+        "first_instance_number": 12,
+        "last_instance_number": 15,
+        "first_position_mm": -10.0,
+        "last_position_mm": 5.0,
+        "slices": 4,
+    }
+    new = Finding.from_bytes(json.dumps(_finding_json(slice_range=r)).encode())
+    assert new.slice_range == SliceRange(**r)  # type: ignore[arg-type]
+    assert Finding.from_bytes(new.to_bytes()) == new
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"first_position_mm": 6.0}, "above"),
+        ({"last_instance_number": None}, "together"),
+        ({"slices": 0}, "slices"),
+        ({"extra": 1}, "extra"),
+    ],
+)
+def test_a_malformed_slice_range_is_refused(changes: dict[str, object], fragment: str) -> None:
+    import json
+
+    from schemas.findings import Finding
+
+    r = {
+        "first_instance_number": 12,
+        "last_instance_number": 15,
+        "first_position_mm": -10.0,
+        "last_position_mm": 5.0,
+        "slices": 4,
+        **changes,
+    }
+    with pytest.raises(EventDecodeError, match=fragment):
+        Finding.from_bytes(json.dumps(_finding_json(slice_range=r)).encode())

@@ -1,13 +1,15 @@
 """Triton Python-backend model: the TorchScript network next to this file, any number of outputs.
 
-The same file serves every radtriage reference model after ich_classifier (lvo_detector,
+The same file serves every radtriage reference model (ich_classifier, lvo_detector,
 cxr_triage; tests/unit/test_serving_configs.py keeps the copies identical). It reads the
 input name and shape and the output names from the model's config; the TorchScript
-module returns one (N, k) tensor per configured output, in the configured order.
+module returns one (N, ...) tensor per configured output, in the configured order, and
+each request gets its rows with the shape the module gave them.
 
-    lvo_detector  volume FP32 [batch, 2, 32, 96, 96] -> probability [batch, 1],
-                                                        side_left_probability [batch, 1]
-    cxr_triage    volume FP32 [batch, 1, 256, 256]   -> probability [batch, 1]
+    ich_classifier volume FP32 [batch, 3, 32, 96, 96] -> probability [batch, 1]
+    lvo_detector   volume FP32 [batch, 3, 32, 96, 96] -> probability [batch, 1],
+                                                         side_left_probability [batch, 1]
+    cxr_triage     volume FP32 [batch, 1, 256, 256]   -> probability [batch, 1]
 
 All requests of a dynamic batch run as one forward pass and the outputs are split back
 per request. A request with a wrong shape or non-finite values gets its own error
@@ -29,6 +31,13 @@ import torch
 import triton_python_backend_utils as pb_utils  # provided by the Python backend at run time
 
 WEIGHTS_FILE = "model.pt"
+
+
+def _rows(out: np.ndarray, start: int, rows: int) -> np.ndarray:
+    """One request's rows of a batch output: (rows, k) for a per-study vector or scalar
+    (a (N,) output becomes (rows, 1)), (rows, ...) as the module shaped it otherwise."""
+    part = out[start : start + rows]
+    return np.ascontiguousarray(part.reshape(rows, 1) if part.ndim == 1 else part)
 
 
 class TritonPythonModel:
@@ -112,7 +121,7 @@ class TritonPythonModel:
         start = 0
         for i, rows in owners:
             tensors = [
-                pb_utils.Tensor(name, out[start : start + rows].reshape(rows, -1))
+                pb_utils.Tensor(name, _rows(out, start, rows))
                 for name, out in zip(self.output_names, outs, strict=True)
             ]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)

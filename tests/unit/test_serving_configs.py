@@ -1,0 +1,61 @@
+"""Every served model's two Triton configs and its model.py.
+
+config.pbtxt (KIND_CPU, the local stack) and configs/gpu.pbtxt (KIND_GPU, a production
+server started with `--model-config-name=gpu`) are generated from one template per model
+by models/serving.py; here they are parsed as Triton's own ModelConfig protobuf (the
+model_config_pb2 tritonclient ships) and must be the same config but for the instance
+kind. The Python-backend model.py is one file copied into every model's version directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2
+
+from models.serving import parse_config
+from radtriage.settings import REPO_ROOT
+
+REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
+MODELS = sorted(p.name for p in REPOSITORY.iterdir() if (p / "config.pbtxt").is_file())
+KIND = model_config_pb2.ModelInstanceGroup
+
+
+def test_the_repository_holds_every_reference_model() -> None:
+    assert {"ich_classifier", "lvo_detector", "cxr_triage"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_cpu_and_gpu_configs_parse_and_differ_only_in_the_instance_kind(model: str) -> None:
+    cpu = parse_config((REPOSITORY / model / "config.pbtxt").read_text())
+    gpu_path = REPOSITORY / model / "configs" / "gpu.pbtxt"
+    assert gpu_path.is_file(), f"{model} has no production configs/gpu.pbtxt"
+    gpu = parse_config(gpu_path.read_text())
+    assert cpu.name == gpu.name == model
+    assert [g.kind for g in cpu.instance_group] == [KIND.KIND_CPU]
+    assert [g.kind for g in gpu.instance_group] == [KIND.KIND_GPU]
+    assert [g.count for g in cpu.instance_group] == [g.count for g in gpu.instance_group]
+    cpu.ClearField("instance_group")
+    gpu.ClearField("instance_group")
+    assert cpu == gpu
+    # What every radtriage client relies on: the "probability" output, 3 priority levels.
+    assert "probability" in [o.name for o in cpu.output]
+    assert cpu.dynamic_batching.priority_levels == 3
+
+
+def test_every_model_py_is_the_same_file() -> None:
+    copies = {m: (REPOSITORY / m / "1" / "model.py").read_text() for m in MODELS}
+    assert len(set(copies.values())) == 1, f"model.py copies differ: {sorted(copies)}"
+
+
+def test_ich_configs_are_what_train_ich_generates(tmp_path: Path) -> None:
+    """The committed files are the template's output (`python -m models.train_ich --configs-only`)."""
+    from models.train_ich import write_configs_only
+
+    out = tmp_path / "ich_classifier" / "1"
+    written = write_configs_only(out)
+    assert [p.relative_to(out.parent) for p in written] == [Path("config.pbtxt"), Path("configs/gpu.pbtxt")]
+    for path in written:
+        committed = REPOSITORY / "ich_classifier" / path.relative_to(out.parent)
+        assert path.read_text() == committed.read_text(), committed
