@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -424,7 +426,7 @@ def check_settings(docs: list[Doc], settings: Settings) -> list[str]:
                 var = env["name"]
                 if var in {"RADTRIAGE_CONFIG", "RADTRIAGE_HOME"} or not var.startswith("RADTRIAGE_"):
                     continue
-                if var not in PLANNED_ENV and not _env_path_exists(var):
+                if var not in PLANNED_ENV | MODEL_ENV and not _env_path_exists(var):
                     problems.append(f"{d['metadata']['name']}: {var} names no setting")
     # Kafka: the bootstrap address is the Strimzi bootstrap Service on the TLS listener.
     listener_ports = {li["port"] for li in by_name(docs, "Kafka")[CLUSTER]["spec"]["kafka"]["listeners"]}
@@ -663,26 +665,191 @@ def check_network_policies(docs: list[Doc]) -> list[str]:
     return problems
 
 
+def triton_container(docs: list[Doc]) -> Doc | None:
+    d = by_name(docs, "Deployment").get("radtriage-triton")
+    return None if d is None else pod_spec(d)["containers"][0]
+
+
+def server_flags(args: list[str]) -> dict[str, str]:
+    """tritonserver's options as {name: value}, from `--name=value` or `--name value`."""
+    flags: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+        flags[name] = value
+    return flags
+
+
+def gpu_request(container: Doc) -> tuple[str | None, str | None]:
+    """(requests, limits) of nvidia.com/gpu; an extended resource's request defaults to its limit."""
+    res = container.get("resources", {})
+    limit = res.get("limits", {}).get("nvidia.com/gpu")
+    request = res.get("requests", {}).get("nvidia.com/gpu", limit)
+    return (None if request is None else str(request), None if limit is None else str(limit))
+
+
+def _probe_on(c: Doc, probe: str, path: str, port: int) -> bool:
+    get = c.get(probe, {}).get("httpGet", {})
+    ports = {p["name"]: p["containerPort"] for p in c["ports"] if "name" in p}
+    return bool(get.get("path") == path and ports.get(get.get("port"), get.get("port")) == port)
+
+
 def check_triton(docs: list[Doc]) -> list[str]:
     problems = []
     d = by_name(docs, "Deployment").get("radtriage-triton")
     if d is None:
         return ["no radtriage-triton Deployment"]
-    c = pod_spec(d)["containers"][0]
+    spec = pod_spec(d)
+    c = spec["containers"][0]
     # Triton 2.51 (what radtriage is verified with) is NGC's 24.10 release.
     if not re.fullmatch(r"nvcr\.io/nvidia/tritonserver:24\.10-py3", c["image"]):
         problems.append(f"Triton image {c['image']}: expected nvcr.io/nvidia/tritonserver:24.10-py3")
-    if str(c["resources"].get("limits", {}).get("nvidia.com/gpu")) != "1":
-        problems.append("Triton must request nvidia.com/gpu: 1")
-    ready = c.get("readinessProbe", {}).get("httpGet", {})
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    if ready.get("path") != "/v2/health/ready" or ports.get(ready.get("port"), ready.get("port")) != 8000:
+    if gpu_request(c) != ("1", "1"):
+        problems.append(f"Triton must request and limit nvidia.com/gpu: 1, has {gpu_request(c)}")
+    flags = server_flags(c.get("command", [])[1:] + c.get("args", []))
+    if flags.get("model-repository") != "/models":
+        problems.append("Triton must run with --model-repository=/models")
+    # Without it every model loads config.pbtxt (KIND_CPU) and the GPU idles:
+    # check_model_repository makes sure each model has the file the name selects.
+    if flags.get("model-config-name") != GPU_CONFIG_NAME:
+        problems.append(f"Triton must run with --model-config-name={GPU_CONFIG_NAME} (the KIND_GPU configs)")
+    if not spec.get("nodeSelector"):
+        problems.append("Triton needs a nodeSelector for GPU nodes (OPERATIONS.md, Install)")
+    if not any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])):
+        problems.append("Triton must tolerate the nvidia.com/gpu taint of GPU nodes")
+    if not _probe_on(c, "readinessProbe", "/v2/health/ready", 8000):
         problems.append("Triton readiness must be /v2/health/ready on 8000")
-    if not any(m["mountPath"] == "/models" for m in c.get("volumeMounts", [])):
+    if not _probe_on(c, "livenessProbe", "/v2/health/live", 8000):
+        problems.append("Triton liveness must be /v2/health/live on 8000")
+    mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/models"]
+    if not mounts:
         problems.append("Triton must mount the model repository at /models")
+    for m in mounts:
+        volume: Doc = next((v for v in spec.get("volumes", []) if v["name"] == m["name"]), {})
+        claim = volume.get("persistentVolumeClaim")
+        if m.get("readOnly") is not True or (claim is not None and claim.get("readOnly") is not True):
+            problems.append("Triton must mount the model repository read-only (mount and claim)")
+        if claim is not None and claim["claimName"] not in by_name(docs, "PersistentVolumeClaim"):
+            problems.append(f"Triton's model repository claim {claim['claimName']} does not exist")
     svc = by_name(docs, "Service").get("radtriage-triton")
     if svc is None or {p["port"] for p in svc["spec"]["ports"]} != {8000, 8001, 8002}:
         problems.append("the Triton Service must expose 8000, 8001 and 8002")
+    return problems
+
+
+# ---------------------------------------------------------------- the model repository
+
+MODEL_REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
+# models/serving.py's GPU_CONFIG_NAME (not imported: that module imports torch).
+GPU_CONFIG_NAME = "gpu"
+
+
+def model_dirs(repository: Path) -> list[Path]:
+    return sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_model_repository(docs: list[Doc], repository: Path = MODEL_REPOSITORY) -> list[str]:
+    """Every model has the custom config --model-config-name selects, and it is KIND_GPU.
+
+    Triton falls back to config.pbtxt, without a word in its log, for a model without
+    configs/<name>.pbtxt: that model would run KIND_CPU on the GPU pod."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    c = triton_container(docs)
+    flags = server_flags([] if c is None else c.get("command", [])[1:] + c.get("args", []))
+    name = flags.get("model-config-name", GPU_CONFIG_NAME)
+    problems = []
+    models = model_dirs(repository)
+    if not models:
+        problems.append(f"no models in {repository}")
+    for model in models:
+        path = model / "configs" / f"{name}.pbtxt"
+        where = path.relative_to(repository)
+        if not (model / "config.pbtxt").is_file():
+            problems.append(f"{model.name}: no config.pbtxt (the default, KIND_CPU variant)")
+        if not path.is_file():
+            problems.append(
+                f"{model.name}: no {where}: with --model-config-name={name} Triton would silently "
+                "load config.pbtxt (KIND_CPU) on the GPU pod; write it with the model's training "
+                "script (models/serving.py)"
+            )
+            continue
+        try:
+            config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        except text_format.ParseError as exc:
+            problems.append(f"{where}: not a Triton ModelConfig: {exc}")
+            continue
+        if config.name and config.name != model.name:
+            problems.append(f"{where}: names the model {config.name!r}, its directory is {model.name!r}")
+        kinds = [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group]
+        if not kinds or set(kinds) != {"KIND_GPU"}:
+            problems.append(f"{where}: instance_group kinds {kinds}, the GPU variant must be KIND_GPU")
+    return problems
+
+
+# ---------------------------------------------------------------- the CPU-only component
+
+CPU_ONLY = K8S / "components" / "cpu-only"
+# Read by the models' model.py (torch threads), not a radtriage setting.
+MODEL_ENV = {"RADTRIAGE_TORCH_THREADS"}
+
+
+def _pointer(path: str) -> list[str]:
+    return [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]]
+
+
+def json_patch(doc: Doc, ops: list[Doc]) -> None:
+    """RFC 6902 add/remove/replace/test, in place: what kustomize does with these patches."""
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node: Any = doc
+        for token in parents:
+            node = node[int(token)] if isinstance(node, list) else node[token]
+        key: Any = last if isinstance(node, dict) else (len(node) if last == "-" else int(last))
+        kind = op["op"]
+        if kind == "test":
+            if node[key] != op["value"]:
+                raise ValueError(f"test {op['path']}: {node[key]!r} is not {op['value']!r}")
+        elif kind == "remove":
+            del node[key]
+        elif kind == "replace":
+            node[key] = op["value"]
+        elif kind == "add" and isinstance(node, list):
+            node.insert(key, op["value"])
+        elif kind == "add":
+            node[key] = op["value"]
+        else:
+            raise ValueError(f"unsupported patch op {kind}")
+
+
+def with_component(docs: list[Doc], component: Path) -> list[Doc]:
+    k = yaml.safe_load((component / "kustomization.yaml").read_text())
+    assert k["kind"] == "Component" and set(k) <= {"apiVersion", "kind", "patches"}, "only JSON patches"
+    for patch in k["patches"]:
+        t = patch["target"]
+        targets = [d for d in docs if d["kind"] == t["kind"] and d["metadata"]["name"] == t["name"]]
+        assert len(targets) == 1, f"patch target {t} matches {len(targets)} documents"
+        json_patch(targets[0], yaml.safe_load(patch["patch"]))
+    return docs
+
+
+def check_triton_cpu_only(docs: list[Doc]) -> list[str]:
+    """The CPU-only variant: no GPU asked for anywhere, and the CPU configs served."""
+    c = triton_container(docs)
+    if c is None:
+        return ["no radtriage-triton Deployment"]
+    spec = pod_spec(by_name(docs, "Deployment")["radtriage-triton"])
+    problems = []
+    if gpu_request(c) != (None, None):
+        problems.append("CPU-only Triton still requests nvidia.com/gpu")
+    if "model-config-name" in server_flags(c.get("args", [])):
+        problems.append("CPU-only Triton must load config.pbtxt: KIND_GPU configs fail without a GPU")
+    if spec.get("nodeSelector") or spec.get("tolerations"):
+        problems.append("CPU-only Triton still selects GPU nodes")
     return problems
 
 
@@ -698,6 +865,7 @@ ALL_CHECKS = (
     "check_no_secret_values",
     "check_network_policies",
     "check_triton",
+    "check_model_repository",
 )
 CHECKS_WITH_SETTINGS = ("check_topics", "check_settings", "check_kafka_users", "check_scaling")
 
@@ -727,7 +895,7 @@ def test_every_manifest_file_is_in_the_kustomization() -> None:
     on_disk = {
         p.resolve()
         for p in K8S.rglob("*.yaml")
-        if p.name != "kustomization.yaml" and "schemas" not in p.relative_to(K8S).parts
+        if p.name != "kustomization.yaml" and not {"schemas", "components"} & set(p.relative_to(K8S).parts)
     }
     assert on_disk - listed == set(), "manifests not in kustomization.yaml"
     assert listed - on_disk == set(), "kustomization.yaml lists missing files"
@@ -873,3 +1041,163 @@ def test_worker_egress_beyond_kafka_and_triton_is_caught(docs: list[Doc]) -> Non
 def test_more_workers_than_partitions_is_caught(docs: list[Doc], settings: Settings) -> None:
     _one(docs, "ScaledObject", "radtriage-worker-routine")["spec"]["maxReplicaCount"] = 10
     assert any("idle" in p for p in check_scaling(docs, settings))
+
+
+# -- Triton on the GPU, and the CPU-only component
+
+
+def _triton(docs: list[Doc]) -> Doc:
+    c = triton_container(docs)
+    assert c is not None
+    return c
+
+
+def _drop_arg(docs: list[Doc], prefix: str) -> None:
+    c = _triton(docs)
+    c["args"] = [a for a in c["args"] if not a.startswith(prefix)]
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda docs: _drop_arg(docs, "--model-config-name"), "--model-config-name=gpu"),
+        (lambda docs: _triton(docs)["args"].append("--model-config-name=h100"), "--model-config-name=gpu"),
+        (lambda docs: _drop_arg(docs, "--model-repository"), "--model-repository=/models"),
+        (lambda docs: _triton(docs)["resources"]["limits"].pop("nvidia.com/gpu"), "nvidia.com/gpu"),
+        (lambda docs: _triton(docs)["resources"]["requests"].update({"nvidia.com/gpu": 2}), "nvidia.com/gpu"),
+        (
+            lambda docs: pod_spec(_one(docs, "Deployment", "radtriage-triton")).pop("nodeSelector"),
+            "nodeSelector",
+        ),
+        (lambda docs: pod_spec(_one(docs, "Deployment", "radtriage-triton")).pop("tolerations"), "taint"),
+        (lambda docs: _triton(docs)["livenessProbe"]["httpGet"].update(path="/v2/health/ready"), "liveness"),
+        (lambda docs: _triton(docs)["readinessProbe"]["httpGet"].update(port="metrics"), "readiness"),
+        (lambda docs: _triton(docs)["volumeMounts"][0].update(readOnly=False), "read-only"),
+        (
+            lambda docs: pod_spec(_one(docs, "Deployment", "radtriage-triton"))["volumes"][0][
+                "persistentVolumeClaim"
+            ].pop("readOnly"),
+            "read-only",
+        ),
+    ],
+)
+def test_a_triton_deployment_off_the_gpu_is_caught(docs: list[Doc], breakage: Any, expected: str) -> None:
+    assert check_triton(docs) == []
+    breakage(docs)
+    assert any(expected in p for p in check_triton(docs)), check_triton(docs)
+
+
+def test_the_config_name_flag_is_read_in_both_spellings() -> None:
+    assert server_flags(["--model-config-name", "gpu", "--strict-readiness=true"]) == {
+        "model-config-name": "gpu",
+        "strict-readiness": "true",
+    }
+    assert server_flags(["--model-config-name=gpu"]) == {"model-config-name": "gpu"}
+
+
+@pytest.fixture
+def repository_copy(tmp_path: Path) -> Path:
+    """The model repository's config files (not the weights), to break."""
+    out = tmp_path / "model_repository"
+    for model in model_dirs(MODEL_REPOSITORY):
+        for config in [model / "config.pbtxt", *sorted((model / "configs").glob("*.pbtxt"))]:
+            if config.is_file():
+                target = out / config.relative_to(MODEL_REPOSITORY)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(config, target)
+    return out
+
+
+def _gpu_configs(repository: Path) -> list[Path]:
+    return sorted(repository.glob(f"*/configs/{GPU_CONFIG_NAME}.pbtxt"))
+
+
+def test_a_model_without_its_gpu_config_is_caught(docs: list[Doc], repository_copy: Path) -> None:
+    victim = _gpu_configs(repository_copy)[0]
+    victim.unlink()
+    assert any(
+        f"{victim.parent.parent.name}: no" in p and "silently" in p
+        for p in check_model_repository(docs, repository_copy)
+    )
+
+
+def test_a_gpu_config_that_is_not_on_the_gpu_is_caught(docs: list[Doc], repository_copy: Path) -> None:
+    victim = _gpu_configs(repository_copy)[0]
+    victim.write_text(victim.read_text().replace("KIND_GPU", "KIND_CPU"))
+    assert any("must be KIND_GPU" in p for p in check_model_repository(docs, repository_copy))
+
+
+def test_a_gpu_config_triton_cannot_parse_is_caught(docs: list[Doc], repository_copy: Path) -> None:
+    victim = _gpu_configs(repository_copy)[0]
+    victim.write_text(victim.read_text().replace("instance_group", "instance_groups"))
+    assert any("not a Triton ModelConfig" in p for p in check_model_repository(docs, repository_copy))
+
+
+def test_the_config_name_checked_is_the_one_triton_is_given(docs: list[Doc], repository_copy: Path) -> None:
+    c = _triton(docs)
+    c["args"] = [a.replace("--model-config-name=gpu", "--model-config-name=h100") for a in c["args"]]
+    problems = check_model_repository(docs, repository_copy)
+    assert len(problems) == len(model_dirs(repository_copy))
+    assert all("configs/h100.pbtxt" in p for p in problems)
+
+
+@pytest.fixture
+def cpu_docs() -> list[Doc]:
+    return with_component(all_docs(), CPU_ONLY)
+
+
+def test_the_cpu_only_component_takes_the_gpu_away_and_nothing_else(cpu_docs: list[Doc]) -> None:
+    base = all_docs()
+    assert [p for d in cpu_docs for p in schema_problems(d)] == []
+    assert check_triton_cpu_only(cpu_docs) == []
+    assert check_triton_cpu_only(base) != []  # the check sees the GPU settings of the base
+    changed = [b["metadata"]["name"] for b, c in zip(base, cpu_docs, strict=True) if b != c]
+    assert changed == ["radtriage-triton"]
+    args = [a for a in _triton(base)["args"] if not a.startswith("--model-config-name")]
+    assert _triton(cpu_docs)["args"] == args
+
+
+@pytest.mark.parametrize(
+    "check", [c for c in ALL_CHECKS if c not in {"check_triton", "check_model_repository"}]
+)
+def test_the_cpu_only_component_passes_the_other_checks(check: str, cpu_docs: list[Doc]) -> None:
+    assert globals()[check](cpu_docs) == []
+
+
+@pytest.mark.parametrize("check", CHECKS_WITH_SETTINGS)
+def test_the_cpu_only_component_passes_the_checks_with_settings(
+    check: str, cpu_docs: list[Doc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert globals()[check](cpu_docs, settings_from(cpu_docs, tmp_path, monkeypatch)) == []
+
+
+def test_the_cpu_only_component_refuses_a_reordered_base() -> None:
+    docs = all_docs()
+    c = _triton(docs)
+    c["args"].insert(1, c["args"].pop(c["args"].index("--model-config-name=gpu")) + "x")
+    with pytest.raises(ValueError, match="test /spec/template/spec/containers/0/args/1"):
+        with_component(docs, CPU_ONLY)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_renders_the_cpu_only_component_as_this_test_does(
+    cpu_docs: list[Doc], tmp_path: Path
+) -> None:
+    """kubectl's own kustomize on a site overlay, as OPERATIONS.md tells an operator to write it."""
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S, tmp_path)],
+                "components": [os.path.relpath(CPU_ONLY, tmp_path)],
+            }
+        )
+    )
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    ours = {(d["kind"], d["metadata"]["name"]): d for d in cpu_docs}
+    assert rendered.keys() == ours.keys()
+    assert rendered[("Deployment", "radtriage-triton")] == ours[("Deployment", "radtriage-triton")]
