@@ -48,6 +48,15 @@ def _finding_json(**extra: object) -> dict[str, object]:
     return {**base, **extra}
 
 
+_SLICE_RANGE: dict[str, object] = {
+    "first_instance_number": 12,
+    "last_instance_number": 15,
+    "first_position_mm": -10.0,
+    "last_position_mm": 5.0,
+    "slices": 4,
+}
+
+
 def test_findings_carry_an_optional_slice_range_compatibly() -> None:
     import json
 
@@ -56,13 +65,7 @@ def test_findings_carry_an_optional_slice_range_compatibly() -> None:
     # A finding written before the field existed still reads, with no range.
     old = Finding.from_bytes(json.dumps(_finding_json()).encode())
     assert old.slice_range is None and old.schema_version == 1
-    r = {
-        "first_instance_number": 12,
-        "last_instance_number": 15,
-        "first_position_mm": -10.0,
-        "last_position_mm": 5.0,
-        "slices": 4,
-    }
+    r = dict(_SLICE_RANGE)
     new = Finding.from_bytes(json.dumps(_finding_json(slice_range=r)).encode())
     assert new.slice_range == SliceRange(**r)  # type: ignore[arg-type]
     assert Finding.from_bytes(new.to_bytes()) == new
@@ -82,13 +85,6 @@ def test_a_malformed_slice_range_is_refused(changes: dict[str, object], fragment
 
     from schemas.findings import Finding
 
-    r = {
-        "first_instance_number": 12,
-        "last_instance_number": 15,
-        "first_position_mm": -10.0,
-        "last_position_mm": 5.0,
-        "slices": 4,
-        **changes,
-    }
+    r = {**_SLICE_RANGE, **changes}
     with pytest.raises(EventDecodeError, match=fragment):
         Finding.from_bytes(json.dumps(_finding_json(slice_range=r)).encode())
