@@ -126,7 +126,7 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
         "valueQuantity": {
             "value": round(finding.probability, 4),
             "unit": "probability",
-            "system": "http://unitsofmeasure.org",
+            "system": UCUM,
             "code": "1",
         },
         "interpretation": [
@@ -149,7 +149,7 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
                 "valueQuantity": {
                     "value": finding.threshold,
                     "unit": "probability",
-                    "system": "http://unitsofmeasure.org",
+                    "system": UCUM,
                     "code": "1",
                 },
             },
@@ -249,7 +249,7 @@ def laterality_components(finding: Finding) -> list[dict[str, Any]]:
             "valueQuantity": {
                 "value": round(finding.laterality_probability, 4),
                 "unit": "probability",
-                "system": "http://unitsofmeasure.org",
+                "system": UCUM,
                 "code": "1",
             },
         },
