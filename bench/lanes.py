@@ -450,7 +450,7 @@ def triton_phase(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 def direct_baseline(settings: Settings, templates: list[Template], repeats: int) -> list[dict[str, float]]:
     """The same series through the same model in this process: load + preprocess, one Triton call."""
-    from processors.model_inputs import prepare_model_input
+    from processors.model_inputs import prepare_input
     from processors.triton_client import TritonModelClient
 
     async def run() -> list[dict[str, float]]:
@@ -462,7 +462,7 @@ def direct_baseline(settings: Settings, templates: list[Template], repeats: int)
             for _ in range(repeats):
                 for template in templates:
                     t0 = time.perf_counter()
-                    tensor, _volume = prepare_model_input(template.model, list(template.files))
+                    tensor = prepare_input(template.model, list(template.files)).tensor
                     t1 = time.perf_counter()
                     # Priority 1 (stat) like the stat lane: an idle server, so no queue either way.
                     await client.infer_probability(template.model, tensor, priority=1)

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from processors.model_inputs import prepare_model_input
+from processors.model_inputs import prepare_input
 from processors.triton_client import TritonModelClient
 from radtriage.demo import CASES, OutputWatcher, run_case
 from radtriage.kafka_clients import kafka_python_kwargs, kafka_python_producer_kwargs
@@ -96,7 +96,7 @@ def model_work_ms(settings: Settings, n: int, workdir: Path) -> list[float]:
         try:
             for _ in range(n):
                 start = time.perf_counter()
-                tensor, _ = prepare_model_input("ich_classifier", files)
+                tensor = prepare_input("ich_classifier", files).tensor
                 await client.infer_probability("ich_classifier", tensor, priority=1)
                 times.append((time.perf_counter() - start) * 1000)
         finally:

@@ -231,7 +231,7 @@ def _cases(name: str, n: int, out: Path) -> list[tuple[list[Path], Callable[...,
 def measure(models: list[str], studies: int = MEASURE_STUDIES, threads: int = 1) -> dict[str, Any]:
     import torch
 
-    from processors.model_inputs import PREPROCESSORS
+    from processors.model_inputs import MODEL_INPUTS
 
     torch.set_num_threads(threads)
     result: dict[str, Any] = {
@@ -252,7 +252,7 @@ def measure(models: list[str], studies: int = MEASURE_STUDIES, threads: int = 1)
                 t0 = time.perf_counter()
                 volume = loader(files)
                 t1 = time.perf_counter()
-                x = torch.from_numpy(PREPROCESSORS[name](volume))[None]
+                x = torch.from_numpy(MODEL_INPUTS[name].preprocess(volume)[0])[None]
                 t2 = time.perf_counter()
                 with torch.no_grad():
                     model(x)

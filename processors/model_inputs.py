@@ -3,59 +3,65 @@
 Each served model names the preprocessing it was trained with; keeping the mapping
 here (and the transforms in `processors/preprocessing.py`, shared with training)
 is what prevents train/serve skew.
+
+Every preprocessor returns the tensor and the model's geometry: what maps the model's
+localising outputs back to the series (the ICH classifier's slice crop and the series'
+slice positions), or None for a model whose outputs do not localise. The geometry is
+small and picklable: it travels back from the preprocessing process with the tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from processors.dicom_volume import Volume, load_series
-from processors.localisation import SeriesGeometry, SliceCrop, series_geometry
-from processors.preprocessing import (
-    preprocess_cta,
-    preprocess_head_ct,
-    preprocess_head_ct_with_crop,
-    preprocess_radiograph,
-)
+from processors.localisation import SeriesGeometry, series_geometry
+from processors.preprocessing import preprocess_cta, preprocess_head_ct_with_crop, preprocess_radiograph
 from processors.radiograph import load_radiograph
 
-Preprocessor = Callable[[Volume], np.ndarray]
-CroppingPreprocessor = Callable[[Volume], tuple[np.ndarray, SliceCrop]]
+# What a model's outputs are mapped back to the series with (one type per kind of
+# localisation; None: the model does not localise, or this series cannot be localised).
+ModelGeometry = SeriesGeometry | None
+Preprocessor = Callable[[Volume], tuple[np.ndarray, ModelGeometry]]
 Loader = Callable[[Sequence[Path]], Volume]
 
 
-def _head_ct(volume: Volume) -> np.ndarray:
-    return preprocess_head_ct(volume.hu, volume.spacing_zyx)
+@dataclass(frozen=True)
+class ModelInput:
+    """How a model's series is read (`load_series` for CT/MR volumes) and preprocessed."""
+
+    preprocess: Preprocessor
+    load: Loader = load_series
 
 
-def _head_ct_cropped(volume: Volume) -> tuple[np.ndarray, SliceCrop]:
-    return preprocess_head_ct_with_crop(volume.hu, volume.spacing_zyx)
+class PreparedInput(NamedTuple):
+    tensor: np.ndarray
+    volume: Volume
+    geometry: ModelGeometry
 
 
-def _cta(volume: Volume) -> np.ndarray:
-    return preprocess_cta(volume.hu, volume.spacing_zyx)
+def _head_ct(volume: Volume) -> tuple[np.ndarray, ModelGeometry]:
+    tensor, crop = preprocess_head_ct_with_crop(volume.hu, volume.spacing_zyx)
+    return tensor, series_geometry(volume, crop)
 
 
-def _radiograph(volume: Volume) -> np.ndarray:
-    return preprocess_radiograph(volume)
+def _cta(volume: Volume) -> tuple[np.ndarray, ModelGeometry]:
+    return preprocess_cta(volume.hu, volume.spacing_zyx), None
 
 
-PREPROCESSORS: dict[str, Preprocessor] = {
-    "ich_classifier": _head_ct,
-    "lvo_detector": _cta,
-    "cxr_triage": _radiograph,
-}
-# Models whose outputs localise (processors/localisation.py): the same tensor as their
-# PREPROCESSORS entry, plus the slices of the series it covers.
-CROPPING_PREPROCESSORS: dict[str, CroppingPreprocessor] = {
-    "ich_classifier": _head_ct_cropped,
-}
-# How a model's series is read, where it is not a CT/MR volume (`load_series`).
-LOADERS: dict[str, Loader] = {
-    "cxr_triage": load_radiograph,
+def _radiograph(volume: Volume) -> tuple[np.ndarray, ModelGeometry]:
+    return preprocess_radiograph(volume), None
+
+
+MODEL_INPUTS: dict[str, ModelInput] = {
+    "ich_classifier": ModelInput(_head_ct),
+    "lvo_detector": ModelInput(_cta),
+    "cxr_triage": ModelInput(_radiograph, load_radiograph),
 }
 
 
@@ -63,42 +69,26 @@ class UnsupportedModelError(ValueError):
     """A routing rule names a model this processor has no preprocessing for."""
 
 
-def prepare_model_input(model_name: str, paths: Sequence[Path]) -> tuple[np.ndarray, Volume]:
-    """Load the series and preprocess it for `model_name` (CPU-bound: run in a thread)."""
-    tensor, volume, _ = prepare_located_input(model_name, paths)
-    return tensor, volume
-
-
-def prepare_located_input(
-    model_name: str, paths: Sequence[Path]
-) -> tuple[np.ndarray, Volume, SeriesGeometry | None]:
-    """`prepare_model_input` plus, for a model that localises, what maps its model slices
-    back to the series' slices (None for other models)."""
+def model_input(model_name: str) -> ModelInput:
     try:
-        preprocess = PREPROCESSORS[model_name]
+        return MODEL_INPUTS[model_name]
     except KeyError:
         raise UnsupportedModelError(
             f"no preprocessing registered for model '{model_name}' "
-            f"(known: {', '.join(sorted(PREPROCESSORS))})"
+            f"(known: {', '.join(sorted(MODEL_INPUTS))})"
         ) from None
-    volume = LOADERS.get(model_name, load_series)(paths)
-    cropping = CROPPING_PREPROCESSORS.get(model_name)
-    if cropping is None:
-        return preprocess(volume), volume, None
-    tensor, crop = cropping(volume)
-    return tensor, volume, series_geometry(volume, crop)
 
 
-def prepare_tensor(model_name: str, paths: Sequence[str]) -> np.ndarray:
-    """`prepare_model_input` for another process: plain-string paths in, only the tensor back
-    (the HU volume is several times larger and the caller does not need it)."""
-    tensor, _geometry = prepare_tensor_and_geometry(model_name, paths)
-    return tensor
+def prepare_input(model_name: str, paths: Sequence[Path]) -> PreparedInput:
+    """Load the series and preprocess it for `model_name` (CPU-bound: run it off the event loop)."""
+    spec = model_input(model_name)
+    volume = spec.load(paths)
+    tensor, geometry = spec.preprocess(volume)
+    return PreparedInput(tensor, volume, geometry)
 
 
-def prepare_tensor_and_geometry(
-    model_name: str, paths: Sequence[str]
-) -> tuple[np.ndarray, SeriesGeometry | None]:
-    """`prepare_located_input` for another process: the tensor and the (small) geometry."""
-    tensor, _volume, geometry = prepare_located_input(model_name, [Path(p) for p in paths])
+def prepare_for_pool(model_name: str, paths: Sequence[str]) -> tuple[np.ndarray, ModelGeometry]:
+    """`prepare_input` for another process: plain-string paths in, the tensor and the (small)
+    geometry back — not the HU volume, several times larger and not needed by the caller."""
+    tensor, _volume, geometry = prepare_input(model_name, [Path(p) for p in paths])
     return tensor, geometry

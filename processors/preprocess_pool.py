@@ -22,10 +22,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from processors.localisation import SeriesGeometry
+if TYPE_CHECKING:  # the stream worker must not import torch/MONAI: model_inputs does
+    from processors.model_inputs import ModelGeometry
 
 log = logging.getLogger(__name__)
 
@@ -89,26 +91,22 @@ class LanePools:
         )
         log.info("preprocessing pool for the %s lane is ready", lane)
 
-    async def prepare(self, lane: str, model_name: str, paths: Sequence[Path]) -> np.ndarray:
-        tensor, _geometry = await self.prepare_located(lane, model_name, paths)
-        return tensor
-
-    async def prepare_located(
+    async def prepare(
         self, lane: str, model_name: str, paths: Sequence[Path]
-    ) -> tuple[np.ndarray, SeriesGeometry | None]:
-        """The model input and, for a model that localises, the series geometry that maps its
-        slices back (processors/localisation.py)."""
-        from processors.model_inputs import prepare_tensor_and_geometry
+    ) -> tuple[np.ndarray, ModelGeometry]:
+        """The model input and the model's geometry (None for a model that does not localise;
+        processors/model_inputs.py)."""
+        from processors.model_inputs import prepare_for_pool
 
         loop = asyncio.get_running_loop()
         args = (model_name, [str(p) for p in paths])
         try:
-            return await loop.run_in_executor(self._pool(lane), prepare_tensor_and_geometry, *args)
+            return await loop.run_in_executor(self._pool(lane), prepare_for_pool, *args)
         except BrokenProcessPool:
             # A pool process died (OOM, a kill): a fresh pool, and this study tried once more.
             log.warning("preprocessing pool for the %s lane broke; starting a new one", lane)
             self._pools.pop(lane, None)
-            return await loop.run_in_executor(self._pool(lane), prepare_tensor_and_geometry, *args)
+            return await loop.run_in_executor(self._pool(lane), prepare_for_pool, *args)
 
     def shutdown(self) -> None:
         for pool in self._pools.values():

@@ -562,7 +562,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 ):
                     prep_started = time.monotonic()
                     paths = [blobs.path_of(uri) for uri in req.instance_uris]
-                    tensor, geometry = await preprocess.prepare_located(lane, req.model_name, paths)
+                    tensor, geometry = await preprocess.prepare(lane, req.model_name, paths)
                     metrics.observe_preprocess(lane, req.model_name, time.monotonic() - prep_started)
             except Exception as exc:  # unreadable series: retrying will not help
                 span.set_status(Status(StatusCode.ERROR, str(exc)))

@@ -12,7 +12,7 @@ import pytest
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from processors.model_inputs import prepare_model_input
+from processors.model_inputs import prepare_input
 from processors.preprocessing import ICH_INPUT_SHAPE
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage.settings import REPO_ROOT
@@ -29,7 +29,7 @@ def test_served_model_separates_bleeds_from_normals(triton_grpc_url: str, tmp_pa
     for i in range(12):
         ph = head_ct_phantom(rng, bleed=i % 2 == 0, min_bleed_ml=2.0)
         files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path / str(i), shuffle_files=True, rng=rng)
-        tensor, _ = prepare_model_input("ich_classifier", files)
+        tensor = prepare_input("ich_classifier", files).tensor
         cases.append((ph.has_bleed, tensor))
 
     async def run() -> list[tuple[bool, float, str]]:
@@ -82,7 +82,6 @@ def test_served_model_localises_the_bleed_to_its_slices(triton_grpc_url: str, tm
     from pydicom import dcmread
 
     from processors.localisation import LOCALISATION_OUTPUT, localise
-    from processors.model_inputs import prepare_located_input
 
     rng = np.random.default_rng(434343)  # not a training, validation or test seed
     cases = []
@@ -90,7 +89,7 @@ def test_served_model_localises_the_bleed_to_its_slices(triton_grpc_url: str, tm
         ph = head_ct_phantom(rng, bleed=True, min_bleed_ml=1.0)
         assert ph.blood_mask is not None
         files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path / str(i), shuffle_files=True, rng=rng)
-        tensor, _volume, geometry = prepare_located_input("ich_classifier", files)
+        tensor, _volume, geometry = prepare_input("ich_classifier", files)
         z_by_number = {
             int(ds.InstanceNumber): float(ds.ImagePositionPatient[2]) for ds in map(dcmread, files)
         }

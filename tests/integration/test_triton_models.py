@@ -16,7 +16,7 @@ from models.cxr_phantoms import chest_radiograph_phantom
 from models.cxr_writer import write_radiograph
 from models.dicom_writer import write_ct_series
 from models.train_ich import auc
-from processors.model_inputs import prepare_model_input
+from processors.model_inputs import prepare_input
 from processors.preprocessing import CXR_INPUT_SHAPE, LVO_INPUT_SHAPE
 from processors.triton_client import Inference, TritonModelClient
 from radtriage.settings import REPO_ROOT
@@ -50,7 +50,7 @@ def _lvo_cases(tmp_path: Path) -> list[tuple[int, str | None, np.ndarray]]:
             shuffle_files=True,
             rng=rng,
         )
-        tensor, _ = prepare_model_input("lvo_detector", files)
+        tensor = prepare_input("lvo_detector", files).tensor
         out.append((int(ph.has_lvo), ph.side, tensor))
     return out
 
@@ -69,7 +69,7 @@ def _cxr_cases(tmp_path: Path) -> list[tuple[int, np.ndarray]]:
             modality="CR" if cr else "DX",
             photometric="MONOCHROME1" if cr else "MONOCHROME2",
         )
-        tensor, _ = prepare_model_input("cxr_triage", [path])
+        tensor = prepare_input("cxr_triage", [path]).tensor
         out.append((int(r.has_pneumothorax), tensor))
     return out
 

@@ -13,7 +13,7 @@ from connectors.dicom import validation
 from models.cxr_phantoms import chest_radiograph_phantom
 from models.cxr_writer import write_radiograph
 from processors.dicom_volume import VolumeError
-from processors.model_inputs import prepare_model_input
+from processors.model_inputs import prepare_input
 from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph
 from processors.radiograph import load_radiograph
 
@@ -82,7 +82,7 @@ def test_served_input_from_dicom_equals_the_training_input(tmp_path: Path, radio
     path = write_radiograph(
         radiograph.pixels, radiograph.pixel_mm, tmp_path, photometric="MONOCHROME1", mirrored=True
     )
-    served, volume = prepare_model_input("cxr_triage", [path])
+    served, volume, _ = prepare_input("cxr_triage", [path])
     trained = preprocess_radiograph(radiograph.pixels, radiograph.pixel_mm)
     assert served.shape == CXR_INPUT_SHAPE and served.dtype == np.float32
     np.testing.assert_allclose(served, trained, atol=1e-6)

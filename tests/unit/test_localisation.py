@@ -25,7 +25,7 @@ from processors.localisation import (
     slice_profile,
     slice_range,
 )
-from processors.model_inputs import prepare_located_input, prepare_model_input
+from processors.model_inputs import prepare_input
 from processors.preprocessing import preprocess_head_ct, preprocess_head_ct_with_crop
 from processors.triton_client import read_maps
 from radtriage.settings import REPO_ROOT
@@ -142,8 +142,8 @@ def test_the_cropping_preprocessing_is_the_same_tensor_and_names_the_head_slices
 def test_a_shuffled_dicom_series_maps_back_to_its_own_instance_numbers(tmp_path: Path) -> None:
     ph = head_ct_phantom(np.random.default_rng(32), bleed=True)
     files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path, shuffle_files=True, rng=np.random.default_rng(1))
-    tensor, volume, g = prepare_located_input("ich_classifier", files)
-    np.testing.assert_array_equal(tensor, prepare_model_input("ich_classifier", files)[0])
+    tensor, volume, g = prepare_input("ich_classifier", files)
+    np.testing.assert_array_equal(tensor, preprocess_head_ct(volume))
     assert g is not None and volume.positions_mm == g.positions_mm
     by_number = {int(ds.InstanceNumber): float(ds.ImagePositionPatient[2]) for ds in map(dcmread, files)}
     assert sorted(g.positions_mm) == list(g.positions_mm)
@@ -164,7 +164,7 @@ def test_the_committed_weights_put_the_range_on_the_bleed(tmp_path: Path) -> Non
         ph = head_ct_phantom(rng, bleed=True, min_bleed_ml=1.0)
         assert ph.blood_mask is not None
         files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path / str(i), shuffle_files=True, rng=rng)
-        tensor, _volume, g = prepare_located_input("ich_classifier", files)
+        tensor, _volume, g = prepare_input("ich_classifier", files)
         with torch.no_grad():
             _prob, cell_map = model(torch.from_numpy(tensor)[None])
         r = localise({LOCALISATION_OUTPUT: cell_map.numpy()}, g, positive=True)

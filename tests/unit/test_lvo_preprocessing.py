@@ -11,7 +11,7 @@ import torch
 from models.cta_phantoms import cta_phantom
 from models.dicom_writer import write_ct_series
 from processors.dicom_volume import load_series
-from processors.model_inputs import prepare_model_input
+from processors.model_inputs import prepare_input
 from processors.preprocessing import (
     LVO_INPUT_SHAPE,
     _slab_mip,
@@ -68,7 +68,7 @@ def test_slab_mip_is_adaptive_max_pooling() -> None:
 def test_served_input_from_dicom_equals_the_training_input(tmp_path: Path) -> None:
     ph = cta_phantom(np.random.default_rng(44), lvo=True)
     files = write_ct_series(ph.hu, ph.spacing_zyx, tmp_path, series_description="CTA HEAD NECK")
-    served, volume = prepare_model_input("lvo_detector", files)
+    served, volume, _ = prepare_input("lvo_detector", files)
     np.testing.assert_allclose(served, preprocess_cta(ph.hu, ph.spacing_zyx), atol=1e-5)
     np.testing.assert_allclose(preprocess_cta(load_series(files)), served, atol=1e-6)
     assert volume.n_instances == ph.hu.shape[0]

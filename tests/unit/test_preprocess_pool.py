@@ -17,7 +17,7 @@ import pytest
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from processors.model_inputs import UnsupportedModelError, prepare_model_input
+from processors.model_inputs import UnsupportedModelError, prepare_input
 from processors.preprocess_pool import LanePools
 from radtriage.settings import REPO_ROOT
 
@@ -39,8 +39,8 @@ def test_pool_tensor_equals_in_process_and_lanes_run_at_their_niceness(series: l
     pools = LanePools({"stat": 1, "routine": 1}, {"stat": 0, "routine": 7})
 
     async def run() -> tuple[np.ndarray, np.ndarray, int, int]:
-        stat = await pools.prepare("stat", "ich_classifier", series)
-        routine = await pools.prepare("routine", "ich_classifier", series)
+        stat, _ = await pools.prepare("stat", "ich_classifier", series)
+        routine, _ = await pools.prepare("routine", "ich_classifier", series)
         loop = asyncio.get_running_loop()
         stat_pid = await loop.run_in_executor(pools._pool("stat"), os.getpid)
         routine_pid = await loop.run_in_executor(pools._pool("routine"), os.getpid)
@@ -50,7 +50,7 @@ def test_pool_tensor_equals_in_process_and_lanes_run_at_their_niceness(series: l
         stat, routine, stat_nice, routine_nice = asyncio.run(run())
     finally:
         pools.shutdown()
-    expected, _volume = prepare_model_input("ich_classifier", series)
+    expected = prepare_input("ich_classifier", series).tensor
     np.testing.assert_array_equal(stat, expected)
     np.testing.assert_array_equal(routine, expected)
     assert routine_nice - stat_nice == 7
@@ -70,13 +70,14 @@ def test_errors_come_back_and_a_killed_pool_process_is_replaced(series: list[Pat
         pid = await loop.run_in_executor(pools._pool("stat"), os.getpid)
         os.kill(pid, signal.SIGKILL)
         # The broken pool is noticed on the next call, which still returns a tensor.
-        return await pools.prepare("stat", "ich_classifier", series)
+        tensor, _ = await pools.prepare("stat", "ich_classifier", series)
+        return tensor
 
     try:
         tensor = asyncio.run(run())
     finally:
         pools.shutdown()
-    assert tensor.shape == prepare_model_input("ich_classifier", series)[0].shape
+    assert tensor.shape == prepare_input("ich_classifier", series).tensor.shape
 
 
 def test_sigkilled_owner_leaves_no_pool_process() -> None:
@@ -119,14 +120,12 @@ def _state(pid: int) -> str:
 
 def test_the_pool_hands_back_the_series_geometry_with_the_tensor(series: list[Path]) -> None:
     """What maps the ICH model's localisation back to the series crosses the process boundary."""
-    from processors.model_inputs import prepare_located_input
-
     pools = LanePools({"stat": 1}, {"stat": 0})
     try:
-        tensor, geometry = asyncio.run(pools.prepare_located("stat", "ich_classifier", series))
+        tensor, geometry = asyncio.run(pools.prepare("stat", "ich_classifier", series))
     finally:
         pools.shutdown()
-    expected, volume, want = prepare_located_input("ich_classifier", series)
+    expected, volume, want = prepare_input("ich_classifier", series)
     np.testing.assert_array_equal(tensor, expected)
     assert geometry is not None and geometry == want
     assert len(geometry.positions_mm) == volume.hu.shape[0]
