@@ -201,7 +201,7 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
 # --- measurement (not deterministic; writes models/inference_timing.json) -----------------
 
 
-def _cases(name: str, n: int, out: Path) -> list[tuple[list[Path], Callable[..., Any]]]:
+def phantom_cases(name: str, n: int, out: Path) -> list[tuple[list[Path], Callable[..., Any]]]:
     """Fresh phantoms (a seed no training set uses) written as DICOM, with their loader."""
     from models.cta_phantoms import cta_phantom
     from models.cxr_phantoms import chest_radiograph_phantom
@@ -248,7 +248,7 @@ def measure(models: list[str], studies: int = MEASURE_STUDIES, threads: int = 1)
                 warnings.simplefilter("ignore", FutureWarning)
                 model = torch.jit.load(str(weights), map_location="cpu").eval()
             loads, preps, fwds = [], [], []
-            for i, (files, loader) in enumerate(_cases(name, studies + 1, Path(tmp))):
+            for i, (files, loader) in enumerate(phantom_cases(name, studies + 1, Path(tmp))):
                 t0 = time.perf_counter()
                 volume = loader(files)
                 t1 = time.perf_counter()

@@ -45,6 +45,7 @@ from models.cxr_net import (
     build_cxr_net,
 )
 from models.cxr_phantoms import chest_radiograph_phantom
+from models.onnx_export import export_onnx
 from models.serving import export_torchscript, write_triton_configs
 from models.train_ich import (
     TARGET_SENSITIVITY,
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         rule=THRESHOLD_RULE,
         display=DISPLAY_NAME,
     )
+    configs += export_onnx(args.out.parent, version=args.out.name)[:2]
     training_seconds = time.time() - started
     metrics: dict[str, Any] = {
         "model": args.out.parent.name,

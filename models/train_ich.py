@@ -49,6 +49,7 @@ from rich.table import Table
 
 from models import serving
 from models.ich_net import MODEL_CHANNELS, IchNet, IchWithSigmoid, build_ich_net
+from models.onnx_export import export_onnx
 from models.phantoms import head_ct_phantom
 from processors.preprocessing import ICH_INPUT_SHAPE, preprocess_head_ct, preprocess_head_ct_with_mask
 
@@ -327,6 +328,7 @@ def reexport_committed(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_MET
     metrics["weights_bytes"] = path.stat().st_size
     metrics["outputs"] = list(SERVED_OUTPUTS)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    export_onnx(out.parent, version=out.name)  # the ONNX variant follows the re-traced weights
     return path
 
 
@@ -447,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     path = export(model, args.out)
     rule = THRESHOLD_RULE
     configs = write_triton_configs(args.out.parent, threshold, version=args.out.name, rule=rule)
+    configs += export_onnx(args.out.parent, version=args.out.name)[:2]
     training_seconds = time.time() - started
 
     metrics: dict[str, Any] = {

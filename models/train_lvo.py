@@ -37,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from models.cta_phantoms import OCCLUSION_SITES, cta_phantom
 from models.lvo_net import MODEL_CHANNELS, LvoWithSigmoid, build_lvo_net
+from models.onnx_export import export_onnx
 from models.serving import export_torchscript, write_triton_configs
 from models.train_ich import (
     TARGET_SENSITIVITY,
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         rule=THRESHOLD_RULE,
         display=DISPLAY_NAME,
     )
+    configs += export_onnx(args.out.parent, version=args.out.name)[:2]
     training_seconds = time.time() - started
 
     metrics: dict[str, Any] = {
