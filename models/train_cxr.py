@@ -46,15 +46,16 @@ from models.cxr_net import (
 )
 from models.cxr_phantoms import chest_radiograph_phantom
 from models.onnx_export import export_onnx
-from models.serving import export_torchscript, write_triton_configs
-from models.train_ich import (
+from models.operating_point import (
     TARGET_SENSITIVITY,
     TEST_SEED_OFFSET,
+    THRESHOLD_RULE,
     VAL_SEED_OFFSET,
     auc,
     choose_threshold,
     operating_point,
 )
+from models.serving import export_torchscript, write_triton_configs
 from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph, preprocess_radiograph_with_mask
 
 console = Console()
@@ -63,10 +64,6 @@ MODEL_NAME = "cxr_triage"
 DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / MODEL_NAME / "1"
 DEFAULT_METRICS = REPO / "models" / f"{MODEL_NAME}.metrics.json"
 DISPLAY_NAME = "radtriage reference chest X-ray triage (synthetic phantoms, not for clinical use)"
-THRESHOLD_RULE = (
-    f"max validation sensitivity+specificity with sensitivity >= {TARGET_SENSITIVITY}, "
-    "middle of the optimal score gap (logit space)"
-)
 MAP_SHAPE = tuple(n // MAP_STRIDE for n in CXR_INPUT_SHAPE[1:])
 MAP_POS_WEIGHT = 5.0  # pleural air fills a few per cent of the map
 SIZE_BINS = (("<10 % rim", 0.0, 0.10), ("10-20 % rim", 0.10, 0.20), (">=20 % rim", 0.20, 1.0))

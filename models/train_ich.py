@@ -50,6 +50,15 @@ from rich.table import Table
 from models import serving
 from models.ich_net import MODEL_CHANNELS, IchNet, IchWithSigmoid, build_ich_net
 from models.onnx_export import export_onnx
+from models.operating_point import (
+    TARGET_SENSITIVITY,
+    TEST_SEED_OFFSET,
+    THRESHOLD_RULE,
+    VAL_SEED_OFFSET,
+    auc,
+    choose_threshold,
+    operating_point,
+)
 from models.phantoms import head_ct_phantom
 from processors.preprocessing import ICH_INPUT_SHAPE, preprocess_head_ct, preprocess_head_ct_with_mask
 
@@ -58,11 +67,6 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / "ich_classifier" / "1"
 DEFAULT_METRICS = REPO / "models" / "ich_classifier.metrics.json"
 MODEL_FILE = serving.MODEL_FILE
-# Operating point: never below this sensitivity on validation (see choose_threshold). A triage
-# alert that misses blood is the costly error; a false alert costs a radiologist a look.
-TARGET_SENSITIVITY = 0.95
-# Seed offsets keep the three sets disjoint for any --seed (phantoms are a function of the seed).
-VAL_SEED_OFFSET, TEST_SEED_OFFSET = 1_000_003, 2_000_029
 # The auxiliary blood map is at stage-1 resolution of the network: input / (2, 4, 4).
 MAP_POOL = (2, 4, 4)
 MAP_SHAPE = tuple(n // p for n, p in zip(ICH_INPUT_SHAPE[1:], MAP_POOL, strict=True))
@@ -105,15 +109,6 @@ def make_set(n: int, seed: int, progress: Progress, label: str) -> PhantomSet:
     return PhantomSet(xs, ys, maps, volumes, kinds)
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U), ties counted half."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
-
-
 def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
     """Probabilities for a whole set, in eval mode (batch-norm running statistics, no dropout)."""
     model.eval()
@@ -122,49 +117,6 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndar
         for i in range(0, len(x), batch):
             out.append(torch.sigmoid(model(x[i : i + batch].float())).reshape(-1))
     return torch.cat(out).numpy()
-
-
-def choose_threshold(scores: np.ndarray, labels: np.ndarray, min_sensitivity: float) -> float:
-    """The validation operating point: best sensitivity + specificity (Youden's J) among the
-    thresholds that keep sensitivity >= `min_sensitivity`, placed in the middle (in logit
-    space) of the score gap that achieves it.
-
-    Why not simply "the highest threshold with sensitivity >= target": when the classes
-    separate well, that sits right under the weakest detected bleeds and throws away
-    sensitivity that costs no specificity; the middle of the gap has the most margin both
-    ways for studies unlike the validation set.
-    """
-    order = np.sort(np.unique(scores))
-    if len(order) == 0 or not (labels == 1).any() or not (labels == 0).any():
-        return 0.5
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    # Threshold t predicts bleed for score >= t; candidates are the distinct scores.
-    sens = np.array([(pos >= t).mean() for t in order])
-    spec = np.array([(neg < t).mean() for t in order])
-    youden = np.where(sens >= min_sensitivity - 1e-9, sens + spec - 1.0, -np.inf)
-    best = np.flatnonzero(youden == youden.max())
-    # Widest run of consecutive optimal candidates; any t in (order[a - 1], order[b]] is optimal.
-    runs = np.split(best, np.flatnonzero(np.diff(best) != 1) + 1)
-    run = max(runs, key=len)
-    a, b = int(run[0]), int(run[-1])
-    lo = order[a - 1] if a > 0 else max(order[a] - 1e-3, 1e-6)
-    hi = order[b]
-
-    def logit(p: float) -> float:
-        p = min(max(p, 1e-6), 1 - 1e-6)
-        return float(np.log(p / (1 - p)))
-
-    mid = 0.5 * (logit(float(lo)) + logit(float(hi)))
-    return float(1.0 / (1.0 + np.exp(-mid)))
-
-
-def operating_point(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
-    pred = scores >= threshold
-    return {
-        "sensitivity": float(pred[labels == 1].mean()),
-        "specificity": float((~pred[labels == 0]).mean()),
-        "accuracy": float((pred == (labels == 1)).mean()),
-    }
 
 
 def breakdown(
@@ -274,12 +226,6 @@ parameters: {{
 }}
 """
 DISPLAY_NAME = "radtriage reference ICH classifier (synthetic phantoms, not for clinical use)"
-
-
-THRESHOLD_RULE = (
-    f"max validation sensitivity+specificity with sensitivity >= {TARGET_SENSITIVITY}, "
-    "middle of the optimal score gap (logit space)"
-)
 
 
 def write_triton_configs(

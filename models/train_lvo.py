@@ -38,15 +38,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from models.cta_phantoms import OCCLUSION_SITES, cta_phantom
 from models.lvo_net import MODEL_CHANNELS, LvoWithSigmoid, build_lvo_net
 from models.onnx_export import export_onnx
-from models.serving import export_torchscript, write_triton_configs
-from models.train_ich import (
+from models.operating_point import (
     TARGET_SENSITIVITY,
     TEST_SEED_OFFSET,
+    THRESHOLD_RULE,
     VAL_SEED_OFFSET,
     auc,
     choose_threshold,
     operating_point,
 )
+from models.serving import export_torchscript, write_triton_configs
 from processors.preprocessing import LVO_INPUT_SHAPE, preprocess_cta, preprocess_cta_with_mask
 
 console = Console()
@@ -59,10 +60,6 @@ MAP_SHAPE = tuple(n // p for n, p in zip(LVO_INPUT_SHAPE[1:], MAP_POOL, strict=T
 MAP_POS_WEIGHT = 20.0
 ASYMMETRY_CHANNEL = 2  # processors/preprocessing.py, CTA step 5  # clot fills well under 1 % of the map
 DISPLAY_NAME = "radtriage reference LVO detector (synthetic phantoms, not for clinical use)"
-THRESHOLD_RULE = (
-    f"max validation sensitivity+specificity with sensitivity >= {TARGET_SENSITIVITY}, "
-    "middle of the optimal score gap (logit space)"
-)
 
 
 @dataclass

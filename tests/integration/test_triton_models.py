@@ -15,7 +15,7 @@ from models.cta_phantoms import cta_phantom
 from models.cxr_phantoms import chest_radiograph_phantom
 from models.cxr_writer import write_radiograph
 from models.dicom_writer import write_ct_series
-from models.train_ich import auc
+from models.operating_point import auc
 from processors.model_inputs import prepare_input
 from processors.preprocessing import CXR_INPUT_SHAPE, LVO_INPUT_SHAPE
 from processors.triton_client import Inference, TritonModelClient
