@@ -2,7 +2,9 @@
 
 * `export_torchscript`: trace the served module (network + sigmoids) in eval mode and check
   the saved file against the eager module at another batch size — the Triton model
-  directory holds only model.py and the weights, no model source.
+  directory holds only model.py and the weights, no model source. The version directory
+  also gets its copy of the one Python-backend `model.py` (deploy/triton/python_backend/),
+  so a retrained version directory loads as it is.
 * `write_triton_configs`: from one template per model, `config.pbtxt` (what any
   tritonserver loads by default: KIND_CPU, the local stack) and `configs/gpu.pbtxt`
   (KIND_GPU; a production server picks it with `--model-config-name=gpu`, Triton's
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +25,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 MODEL_FILE = "model.pt"
+BACKEND_FILE = "model.py"
+REPO = Path(__file__).resolve().parent.parent
+BACKEND_SOURCE = REPO / "deploy" / "triton" / "python_backend" / BACKEND_FILE
 GPU_CONFIG_NAME = "gpu"
 GPU_NOTE = (
     "\n# Production variant: KIND_GPU. Load it with `tritonserver --model-config-name=gpu`"
@@ -56,7 +62,15 @@ def export_torchscript(served: torch.nn.Module, input_shape: Sequence[int], out_
             torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want, strict=True)
         ):
             raise RuntimeError("exported TorchScript disagrees with the eager model")
+    install_backend(out_dir)
     return path
+
+
+def install_backend(version_dir: Path) -> Path:
+    """The Python-backend model.py next to a version's weights."""
+    target = version_dir / BACKEND_FILE
+    shutil.copyfile(BACKEND_SOURCE, target)
+    return target
 
 
 def write_triton_configs(

@@ -4,7 +4,8 @@ config.pbtxt (KIND_CPU, the local stack) and configs/gpu.pbtxt (KIND_GPU, a prod
 server started with `--model-config-name=gpu`) are generated from one template per model
 by models/serving.py; here they are parsed as Triton's own ModelConfig protobuf (the
 model_config_pb2 tritonclient ships) and must be the same config but for the instance
-kind. The Python-backend model.py is one file copied into every model's version directory.
+kind. The Python-backend model.py is one file (deploy/triton/python_backend/model.py) copied
+into every model's version directory.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from models.serving import parse_config
+from models.serving import BACKEND_SOURCE, install_backend, parse_config
 from radtriage.settings import REPO_ROOT
 
 REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
@@ -44,9 +45,18 @@ def test_cpu_and_gpu_configs_parse_and_differ_only_in_the_instance_kind(model: s
     assert cpu.dynamic_batching.priority_levels == 3
 
 
-def test_every_model_py_is_the_same_file() -> None:
-    copies = {m: (REPOSITORY / m / "1" / "model.py").read_text() for m in MODELS}
-    assert len(set(copies.values())) == 1, f"model.py copies differ: {sorted(copies)}"
+def test_every_version_directory_has_the_one_python_backend() -> None:
+    source = BACKEND_SOURCE.read_text()
+    versions = [v for m in MODELS for v in (REPOSITORY / m).iterdir() if v.name.isdigit()]
+    assert versions
+    stale = [str(v.relative_to(REPOSITORY)) for v in versions if (v / "model.py").read_text() != source]
+    assert not stale, f"model.py differs from {BACKEND_SOURCE.relative_to(REPO_ROOT)} in {stale}"
+
+
+def test_an_export_installs_the_backend_next_to_the_weights(tmp_path: Path) -> None:
+    out = tmp_path / "some_model" / "2"
+    out.mkdir(parents=True)
+    assert install_backend(out).read_text() == BACKEND_SOURCE.read_text()
 
 
 def test_ich_configs_are_what_train_ich_generates(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """Triton Python-backend model: the TorchScript network next to this file, any number of outputs.
 
 The same file serves every radtriage reference model (ich_classifier, lvo_detector,
-cxr_triage; tests/unit/test_serving_configs.py keeps the copies identical). It reads the
+cxr_triage): this is deploy/triton/python_backend/model.py, copied into each version
+directory by models/serving.py with the weights (a stock tritonserver needs it there);
+tests/unit/test_serving_configs.py holds every copy to this source. It reads the
 input name and shape and the output names from the model's config; the TorchScript
 module returns one (N, ...) tensor per configured output, in the configured order, and
 each request gets its rows with the shape the module gave them.
