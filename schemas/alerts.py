@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import Field
 
 from schemas.base import Event, utcnow
+from schemas.findings import SliceRange
 from schemas.requests import FindingCode, Lane, Laterality
 
 
@@ -33,3 +34,6 @@ class Alert(Event):
     # The side, for findings that have one (LVO): where the stroke team looks first.
     laterality: Laterality | None = None
     laterality_probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    # The slices the finding is on, for models that localise (ICH): which images the
+    # radiologist opens first. Optional like the side: older alerts and other findings have none.
+    slice_range: SliceRange | None = None

@@ -810,6 +810,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                     trace_id=current_trace_id(),
                     laterality=finding.laterality,
                     laterality_probability=finding.laterality_probability,
+                    slice_range=finding.slice_range,
                 )
                 await publish(topics.alerts[channel], finding.study_uid, alert, headers_for_current_span())
                 _crash_if("crash_after_alert", key)

@@ -73,6 +73,9 @@ def _assert_one_report_and_alert_per_bleed(tail: Tail, settings: Settings, studi
         if uid in studies.bleeds:
             assert finding["positive"], finding  # a >= 5 mL bleed: the model sees it
         assert len(alerts) == (1 if finding["positive"] else 0), (uid, finding["probability"])
+        if alerts:  # the emergency team is told which slices to open, as the report says
+            assert finding["slice_range"] is not None, finding
+            assert alerts[0]["slice_range"] == finding["slice_range"], alerts[0]
         assert finding["lane"] == studies.lane[uid]
 
 

@@ -88,3 +88,25 @@ def test_a_malformed_slice_range_is_refused(changes: dict[str, object], fragment
     r = {**_SLICE_RANGE, **changes}
     with pytest.raises(EventDecodeError, match=fragment):
         Finding.from_bytes(json.dumps(_finding_json(slice_range=r)).encode())
+
+
+def test_alerts_carry_the_findings_slice_range_compatibly() -> None:
+    import json
+    from datetime import UTC, datetime
+
+    from schemas.alerts import Alert
+    from schemas.findings import SliceRange
+
+    now = datetime(2026, 12, 2, 20, 0, tzinfo=UTC).isoformat()
+    old = {
+        "alert_id": "1.2.3/ICH", "study_uid": "1.2.3", "finding": "ICH", "probability": 0.9,
+        "threshold": 0.05, "model_name": "ich_classifier", "model_version": "1", "lane": "stat",
+        "received_at": now, "ready_at": now,
+    }  # fmt: skip
+    assert Alert.from_bytes(json.dumps(old).encode()).slice_range is None
+    new = Alert.from_bytes(json.dumps({**old, "slice_range": _SLICE_RANGE}).encode())
+    assert new.slice_range == SliceRange(**_SLICE_RANGE)  # type: ignore[arg-type]
+    assert Alert.from_bytes(new.to_bytes()) == new
+    with pytest.raises(EventDecodeError, match="above"):
+        bad = {**_SLICE_RANGE, "first_position_mm": 6.0}
+        Alert.from_bytes(json.dumps({**old, "slice_range": bad}).encode())
