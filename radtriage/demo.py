@@ -53,6 +53,7 @@ from radtriage.demo_messages import (
 )
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import Settings
+from schemas.findings import Finding
 
 console = Console()
 # SNOMED CT 272741003 |Laterality|: the Observation component that names a finding's side.
@@ -91,6 +92,8 @@ class Outcome:
     probability: float | None = None
     positive: bool | None = None
     laterality: str = ""
+    # Where the model puts a positive finding, in a few words (`finding_detail`).
+    detail: str = ""
     expect_finding: str = ""
     expect_positive: bool | None = None
     expect_side: str = ""
@@ -258,7 +261,7 @@ class OutputWatcher:
 
     def __init__(self, settings: Settings) -> None:
         t = settings.topics
-        self.topics = [t.alerts_ich, t.alerts_stroke, t.results_fhir, t.audit, t.deadletter]
+        self.topics = [t.alerts_ich, t.alerts_stroke, t.results_fhir, t.findings, t.audit, t.deadletter]
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
         )
@@ -287,9 +290,31 @@ class OutputWatcher:
         self.consumer.close()
 
 
+def finding_detail(finding: Finding) -> str:
+    """Where a positive finding is, as the demo's table shows it: the side, the slices."""
+    if not finding.positive:
+        return ""
+    parts = []
+    if finding.laterality in ("left", "right") and finding.laterality_probability is not None:
+        parts.append(f"{finding.laterality} side (p {finding.laterality_probability:.2f})")
+    r = finding.slice_range
+    if r is not None:
+        if r.first_instance_number is not None and r.last_instance_number is not None:
+            lo, hi = sorted((r.first_instance_number, r.last_instance_number))
+            parts.append(f"images {lo}-{hi}" if lo != hi else f"image {lo}")
+        else:
+            parts.append(f"z {r.first_position_mm:.0f} to {r.last_position_mm:.0f} mm")
+    return "; ".join(parts)
+
+
 def _apply(outcome: Outcome, topic: str, data: dict[str, Any], settings: Settings) -> None:
     t = settings.topics
-    if topic in (t.alerts_ich, t.alerts_stroke):
+    if topic == t.findings:
+        try:
+            outcome.detail = finding_detail(Finding.model_validate(data))
+        except ValueError as exc:  # the pipeline's own event, but the demo must not crash on it
+            outcome.detail = f"unreadable finding: {exc}"
+    elif topic in (t.alerts_ich, t.alerts_stroke):
         outcome.alert = True
         outcome.finding = data["finding"]
         outcome.probability = data["probability"]
@@ -435,7 +460,7 @@ def run_demo(
         "inferred on",
         "finding",
         "probability",
-        "side",
+        "where",
         "alert",
         "report",
         "ready→alert",
@@ -451,7 +476,7 @@ def run_demo(
             o.inferred_on or "-",
             o.finding,
             "-" if o.probability is None else f"{o.probability:.3f}",
-            o.laterality or "-",
+            o.detail or "-",
             "yes" if o.alert else "no",
             "yes" if o.report else ("unrouted" if o.unrouted else "no"),
             _fmt(o.ready_to_alert_ms),

@@ -166,7 +166,13 @@ def test_demo_shows_stat_orders_changing_the_lane(stack: Stack, tmp_path: Path) 
         "LVO",
         "CXR_CRITICAL",
     }
+    # Where each positive finding is: the bleed's slices (its alert and report carry them),
+    # the occlusion's side.
+    for case in ("head CT, bleed, STAT order first", "head CT, bleed, STAT order late"):
+        assert outcomes[case]["detail"].startswith("image"), outcomes[case]
+    assert outcomes["head CT, normal, routine order"]["detail"] == ""
     cta = outcomes["CTA, left LVO, ED patient, no order"]
+    assert cta["detail"].startswith("left side"), cta
     assert (cta["route"], cta["lanes"], cta["laterality"], cta["alert"]) == (
         "lvo_detector",
         ["stat"],
