@@ -16,8 +16,10 @@ How cells become a range: the slice profile is each map slice's strongest cell; 
 runs from the first to the last map slice at or above CELL_THRESHOLD; a positive finding
 whose map stays below it everywhere still gets the single strongest map slice (the model
 alerted, so the best guess of where is worth more than nothing). Negative findings get no
-range. CELL_THRESHOLD was chosen on validation phantoms and checked on held-out ones by
-`python -m models.localisation_eval` (models/ich_classifier.metrics.json, "localisation").
+range. CELL_THRESHOLD was chosen for the reference ICH weights on validation phantoms and
+checked on held-out ones by `python -m models.localisation_eval`
+(models/ich_classifier.metrics.json, "localisation"); a routing rule's
+`localisation_threshold` replaces it for weights of its own.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
     from processors.dicom_volume import Volume
 
 LOCALISATION_OUTPUT = "localisation_map"
-# Chosen on validation phantoms by models/localisation_eval.py (best mean slice IoU).
+# The reference ICH weights' value, chosen on validation phantoms by
+# models/localisation_eval.py (best mean slice IoU); the default of a rule without its own.
 CELL_THRESHOLD = 0.75
 
 
@@ -135,13 +138,14 @@ def localise(
     maps: Mapping[str, np.ndarray],
     geometry: SeriesGeometry | None,
     positive: bool,
-    threshold: float = CELL_THRESHOLD,
+    threshold: float | None = None,
 ) -> SliceRange | None:
     """The slice range of a finding, from the model's multi-value outputs; None for a
-    negative finding, a model without `localisation_map` or a series without geometry."""
+    negative finding, a model without `localisation_map` or a series without geometry.
+    `threshold`: the rule's localisation_threshold, CELL_THRESHOLD when it has none."""
     cell_map = maps.get(LOCALISATION_OUTPUT)
     if not positive or cell_map is None or geometry is None:
         return None
     profile = slice_profile(cell_map)
-    first, last = affected_cells(profile, threshold)
+    first, last = affected_cells(profile, CELL_THRESHOLD if threshold is None else threshold)
     return slice_range(*cells_to_slices(first, last, len(profile), geometry.crop), geometry)

@@ -28,6 +28,8 @@ class TriageRequest(Event):
     model_name: str
     finding: FindingCode
     threshold: float = Field(ge=0.0, le=1.0)
+    # The rule's localisation_threshold (schemas/routing_rules.py); None: the reference value.
+    localisation_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     received_at: datetime
     ready_at: datetime
     routed_at: datetime = Field(default_factory=utcnow)

@@ -47,6 +47,12 @@ class Rule(BaseModel):
     model: str
     finding: FindingCode
     threshold: float = Field(ge=0.0, le=1.0)
+    # For a model with a localisation map (the ICH blood map): the map value from which a
+    # map cell counts as part of the finding (processors/localisation.py). Chosen with the
+    # weights on their validation data, so it sits beside `threshold`: validated weights
+    # dropped in with a map of their own bring their own value here, not a code change.
+    # None: the reference value, processors.localisation.CELL_THRESHOLD.
+    localisation_threshold: float | None = Field(default=None, gt=0.0, lt=1.0)
     # The lane while nothing is known of the study's order or the patient's location
     # (orders and ADT refine it; see streams/priority.py).
     lane: Lane = "routine"

@@ -632,7 +632,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
             positive = result.probability >= req.threshold
             side = side_of(result.outputs, positive)
             try:
-                slices = localise(result.maps, geometry, positive)
+                slices = localise(result.maps, geometry, positive, req.localisation_threshold)
             except ValueError as exc:  # a malformed map costs the finding its range, not the study
                 log.warning("no slice range for %s: %s", req.study_uid, exc)
                 slices = None

@@ -63,6 +63,7 @@ def build_request(study: StudyEvent, route: Route) -> TriageRequest:
         model_name=route.rule.model,
         finding=route.rule.finding,
         threshold=route.rule.threshold,
+        localisation_threshold=route.rule.localisation_threshold,
         received_at=study.received_at,
         ready_at=study.ready_at,
     )

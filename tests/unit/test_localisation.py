@@ -108,6 +108,16 @@ def test_localise_only_positive_findings_with_a_map_and_a_geometry() -> None:
     assert r is not None and (r.first_instance_number, r.last_instance_number, r.slices) == (9, 10, 2)
 
 
+def test_a_rules_own_cell_threshold_replaces_the_reference_one() -> None:
+    m = np.zeros((16, 24, 24), np.float32)
+    m[4, 3, 3], m[5, 3, 3], m[6, 3, 3] = 0.5, 0.9, 0.5  # cells 4-6; only 5 reaches 0.75
+    g = geometry(40, SliceCrop(4, 36, 32))
+    default = localise({LOCALISATION_OUTPUT: m}, g, positive=True)
+    lower = localise({LOCALISATION_OUTPUT: m}, g, positive=True, threshold=0.4)
+    assert default is not None and lower is not None
+    assert default.slices == 2 and lower.slices == 6
+
+
 def test_read_maps_keeps_finite_multi_value_outputs_without_the_batch_axis() -> None:
     good = np.random.default_rng(0).random((1, 16, 24, 24)).astype(np.float32)
     bad = good.copy()

@@ -82,8 +82,21 @@ def test_request_carries_rule_threshold_and_clock_starts() -> None:
         "ct-head-noncontrast-ich",
     )
     assert req.threshold == route.rule.threshold
+    assert req.localisation_threshold == route.rule.localisation_threshold is None  # the reference value
     assert req.received_at == st.received_at and req.ready_at == st.ready_at
     assert len(req.instance_uris) == 30
+
+
+def test_a_rules_localisation_threshold_reaches_the_request_and_must_be_inside_0_1() -> None:
+    from pydantic import ValidationError
+
+    rule = RULES.rules[0].model_copy(update={"localisation_threshold": 0.6})
+    st = study(series("1.1", "CT", "HEAD", "CT HEAD", 30))
+    (route,) = route_study(st, RoutingRules(version=1, rules=[rule]))
+    assert build_request(st, route).localisation_threshold == 0.6
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValidationError, match="localisation_threshold"):
+            type(rule).model_validate({**rule.model_dump(), "localisation_threshold": bad})
 
 
 def test_rules_file_errors_name_the_problem(tmp_path: Path) -> None:
