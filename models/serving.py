@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -37,6 +38,25 @@ CPU_NOTE = (
     "\n# Local variant: KIND_CPU. configs/gpu.pbtxt is the same with KIND_GPU, for a GPU server"
     "\n# started with `--model-config-name=gpu`."
 )
+
+
+# Every version directory is loaded, not only the latest (Triton's default policy): the
+# routing rules name the version their studies go to (schemas/routing_rules.py), so weights
+# dropped in as version 2 are loaded beside 1 and take studies only once a rule says "2".
+VERSION_POLICY = """
+# Load every version directory: each routing rule names the version it sends studies to
+# (model_version in deploy/routing/rules.yaml), so a new version loads beside the old one.
+version_policy: { all { } }
+"""
+
+
+def committed_operating_point(metrics_path: Path, model_name: str) -> tuple[float, str, str]:
+    """Threshold, version and threshold rule of the committed weights, from the metrics file
+    their training run wrote: what rewriting the configs without training needs."""
+    metrics = json.loads(metrics_path.read_text())
+    if metrics.get("model") != model_name:
+        raise ValueError(f"{metrics_path} describes {metrics.get('model')!r}, not {model_name!r}")
+    return float(metrics["threshold"]), str(metrics["version"]), str(metrics["threshold_rule"])
 
 
 def parse_config(text: str) -> model_config_pb2.ModelConfig:
@@ -102,7 +122,7 @@ def write_triton_configs(
             kind=kind,
             count=1,
             variant_note=note,
-        )
+        ) + VERSION_POLICY
         parse_config(text)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -281,10 +281,7 @@ def reexport_committed(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_MET
 def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
     """The Triton configs of the committed model, without training: threshold, rule and
     version from its metrics file (what the training run that made the weights chose)."""
-    metrics = json.loads(metrics_path.read_text())
-    if metrics.get("model") != out.parent.name:
-        raise ValueError(f"{metrics_path} describes {metrics.get('model')!r}, not {out.parent.name!r}")
-    threshold, version, rule = float(metrics["threshold"]), str(metrics["version"]), metrics["threshold_rule"]
+    threshold, version, rule = serving.committed_operating_point(metrics_path, out.parent.name)
     return write_triton_configs(out.parent, threshold, version=version, rule=rule)
 
 

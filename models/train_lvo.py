@@ -47,7 +47,7 @@ from models.operating_point import (
     choose_threshold,
     operating_point,
 )
-from models.serving import export_torchscript, write_triton_configs
+from models.serving import committed_operating_point, export_torchscript, write_triton_configs
 from processors.preprocessing import LVO_INPUT_SHAPE, preprocess_cta, preprocess_cta_with_mask
 
 console = Console()
@@ -151,6 +151,25 @@ def by_site(p_lvo: np.ndarray, data: CtaSet, threshold: float) -> dict[str, dict
     return out
 
 
+def write_configs(model_dir: Path, threshold: float, version: str, rule: str) -> list[Path]:
+    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from TRITON_CONFIG."""
+    return write_triton_configs(
+        model_dir,
+        template=TRITON_CONFIG,
+        input_shape=LVO_INPUT_SHAPE,
+        threshold=threshold,
+        version=version,
+        rule=rule,
+        display=DISPLAY_NAME,
+    )
+
+
+def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
+    """The Triton configs of the committed model, without training (`--configs-only`)."""
+    threshold, version, rule = committed_operating_point(metrics_path, out.parent.name)
+    return write_configs(out.parent, threshold, version=version, rule=rule)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Triton model version directory")
@@ -166,7 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the clot-map loss (0 = off)")
     ap.add_argument("--side-weight", type=float, default=0.5, help="weight of the side loss")
+    ap.add_argument(
+        "--configs-only",
+        action="store_true",
+        help="no training: rewrite config.pbtxt and configs/gpu.pbtxt of the committed model "
+        "(threshold and version from --metrics)",
+    )
     args = ap.parse_args(argv)
+    if args.configs_only:
+        for path in write_configs_only(args.out, args.metrics):
+            console.print(f"wrote {path}")
+        return
     if args.test < 200:
         ap.error("--test must be at least 200 phantoms for the reported metrics to mean much")
 
@@ -248,15 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     test_lvo, test_left = predict(model, test.x)
     test_point = operating_point(test_lvo, test.y.numpy(), threshold)
     path = export_torchscript(LvoWithSigmoid(model), LVO_INPUT_SHAPE, args.out)
-    configs = write_triton_configs(
-        args.out.parent,
-        template=TRITON_CONFIG,
-        input_shape=LVO_INPUT_SHAPE,
-        threshold=threshold,
-        version=args.out.name,
-        rule=THRESHOLD_RULE,
-        display=DISPLAY_NAME,
-    )
+    configs = write_configs(args.out.parent, threshold, version=args.out.name, rule=THRESHOLD_RULE)
     configs += export_onnx(args.out.parent, version=args.out.name)[:2]
     training_seconds = time.time() - started
 

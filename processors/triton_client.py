@@ -121,20 +121,27 @@ class TritonModelClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def is_ready(self, model_name: str) -> bool:
+    async def is_ready(self, model_name: str, model_version: str = "") -> bool:
         try:
-            return bool(await self._client.is_model_ready(model_name, headers=self._auth))
+            return bool(await self._client.is_model_ready(model_name, model_version, headers=self._auth))
         except InferenceServerException:
             return False
 
     async def infer_probability(
-        self, model_name: str, volume: np.ndarray, priority: int, headers: dict[str, str] | None = None
+        self,
+        model_name: str,
+        volume: np.ndarray,
+        priority: int,
+        headers: dict[str, str] | None = None,
+        model_version: str = "",
     ) -> Inference:
         """Run one preprocessed volume (C, D, H, W) through a probability model.
 
         No outputs are named in the request, so Triton returns every output the model
         declares; `read_outputs` keeps `probability` and the model's other scalar outputs,
         `read_maps` its multi-value ones (a localisation map).
+
+        `model_version` "" lets Triton's version policy choose (the latest version).
 
         `headers` go out as gRPC metadata: a W3C traceparent there lets a Triton started
         with `--trace-config mode=opentelemetry` put its own per-request spans (queue,
@@ -148,6 +155,7 @@ class TritonModelClient:
             result = await self._client.infer(
                 model_name,
                 [inp],
+                model_version=model_version,
                 priority=priority,
                 # Server-side queue timeout in microseconds; the client deadline is the backstop.
                 timeout=int(self._timeout_s * 1_000_000),
@@ -155,7 +163,8 @@ class TritonModelClient:
                 headers={**(headers or {}), **self._auth},
             )
         except InferenceServerException as exc:
-            raise InferenceError(f"Triton {self._url} model {model_name}: {exc.message()}") from exc
+            which = f"{model_name} version {model_version}" if model_version else model_name
+            raise InferenceError(f"Triton {self._url} model {which}: {exc.message()}") from exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         response = result.get_response()
         arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}

@@ -611,15 +611,18 @@ class ConsumerLagCollector(Collector):
 
 
 class ModelReadyCollector(Collector):
-    """`radtriage_model_ready{model}`: Triton's readiness of each model the routing rules name."""
+    """`radtriage_model_ready{model}`: Triton's readiness of each model the routing rules name,
+    in the version they name (a model is ready when every version its rules ask for is)."""
 
-    def __init__(self, settings: Settings, models: Iterable[str]) -> None:
+    def __init__(self, settings: Settings, models: Iterable[tuple[str, str]]) -> None:
+        """`models`: (name, version) pairs; version "" is the one Triton's policy serves."""
         m = settings.metrics
-        self.url, self.models, self.timeout_s = (
+        self.url, self.wanted, self.timeout_s = (
             settings.triton.grpc_url,
             sorted(set(models)),
             m.probe_timeout_s,
         )
+        self.models = sorted({name for name, _ in self.wanted})
         self.headers = settings.triton.grpc_auth_headers()
         self.probe = BoundedProbe(self._read, m.scrape_cache_s, m.probe_timeout_s, "Triton model readiness")
         self._client: Any = None
@@ -630,14 +633,17 @@ class ModelReadyCollector(Collector):
 
         if self._client is None:
             self._client = InferenceServerClient(url=self.url)
-        ready = {}
-        for model in self.models:
+        ready = dict.fromkeys(self.models, True)
+        for model, version in self.wanted:
             try:
-                ready[model] = bool(
-                    self._client.is_model_ready(model, headers=self.headers, client_timeout=self.timeout_s)
+                up = bool(
+                    self._client.is_model_ready(
+                        model, version, headers=self.headers, client_timeout=self.timeout_s
+                    )
                 )
             except InferenceServerException:
-                ready[model] = False
+                up = False
+            ready[model] = ready[model] and up
         return ready
 
     def describe(self) -> list[Metric]:
@@ -663,7 +669,7 @@ class _ThisProcess(Collector):
         yield from REGISTRY.collect()
 
 
-def exposition_registry(settings: Settings, models: Iterable[str]) -> CollectorRegistry:
+def exposition_registry(settings: Settings, models: Iterable[tuple[str, str]]) -> CollectorRegistry:
     """What the HTTP process's /metrics serves: every local process's metrics (multiprocess
     mode) or this one's, plus the scrape-time lag and model collectors."""
     registry = CollectorRegistry()
@@ -683,11 +689,11 @@ def metrics_handler(settings: Settings) -> Callable[[web.Request], Awaitable[web
     from schemas.routing_rules import RoutingRules
 
     try:
-        models = [r.model for r in RoutingRules.load(settings.routing_rules).rules]
+        models = [(r.model, r.model_version) for r in RoutingRules.load(settings.routing_rules).rules]
     except Exception as exc:  # no readable rules: serve the rest, say why once
         log.warning("routing rules unreadable, no model readiness in /metrics: %s", exc)
         models = []
-    set_known_models(models)
+    set_known_models(name for name, _ in models)
     registry = exposition_registry(settings, models)
 
     async def handler(request: web.Request) -> web.Response:

@@ -431,15 +431,19 @@ def _read_ranges(
 
 
 def read_models(settings: Settings, timeout_s: float) -> list[ModelStatus]:
-    """The routing rules' models and whatever else Triton's repository holds, with state."""
+    """The routing rules' models (in the version they name) and whatever else Triton's
+    repository holds, with state."""
     from tritonclient.grpc import InferenceServerClient
 
     from schemas.routing_rules import RoutingRules
 
     try:
-        wanted = list(dict.fromkeys(r.model for r in RoutingRules.load(settings.routing_rules).rules))
+        rules = RoutingRules.load(settings.routing_rules).rules
     except Exception:  # an unreadable rules file must not hide Triton's own view
-        wanted = []
+        rules = []
+    wanted = list(dict.fromkeys(r.model for r in rules))
+    # The version a rule pins ("" = whatever Triton serves); the last rule naming one wins.
+    pinned = {r.model: r.model_version for r in rules if r.model_version}
     client = InferenceServerClient(settings.triton.grpc_url)
     try:
         index = client.get_model_repository_index(
@@ -448,14 +452,19 @@ def read_models(settings: Settings, timeout_s: float) -> list[ModelStatus]:
         entries = {}
         for m in index.get("models", []):
             name = m.get("name", "")
+            if name in pinned:
+                if str(m.get("version", "")) == pinned[name]:
+                    entries[name] = m
             # Several versions: keep the ready one, else the last listed.
-            if name not in entries or m.get("state") == "READY":
+            elif name not in entries or m.get("state") == "READY":
                 entries[name] = m
         out = []
         for name in list(dict.fromkeys([*wanted, *entries])):
             m = entries.get(name)
             if m is None:
-                out.append(ModelStatus(name, False, "", "not in Triton's model repository"))
+                where = f"version {pinned[name]} " if name in pinned else ""
+                detail = f"{where}not in Triton's model repository"
+                out.append(ModelStatus(name, False, pinned.get(name, ""), detail))
                 continue
             ready = m.get("state") == "READY"
             detail = "" if ready else f"{m.get('state', 'UNKNOWN')} {m.get('reason', '')}".strip()

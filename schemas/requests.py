@@ -26,6 +26,8 @@ class TriageRequest(Event):
     lane: Lane
     rule_id: str
     model_name: str
+    # The rule's model_version (schemas/routing_rules.py); "": the version Triton serves.
+    model_version: str = Field(default="", pattern=r"^([1-9][0-9]*)?$")
     finding: FindingCode
     threshold: float = Field(ge=0.0, le=1.0)
     # The rule's localisation_threshold (schemas/routing_rules.py); None: the reference value.

@@ -45,6 +45,11 @@ class Rule(BaseModel):
     description: str = ""
     match: RuleMatch
     model: str
+    # The Triton model version (its version directory) the rule's studies go to: dropping in
+    # validated weights as version 2 serves them only once the rules say "2", and a version
+    # Triton does not serve dead-letters the study with Triton's reason. "": whatever version
+    # Triton's version policy serves (the latest).
+    model_version: str = Field(default="", pattern=r"^([1-9][0-9]*)?$")
     finding: FindingCode
     threshold: float = Field(ge=0.0, le=1.0)
     # For a model with a localisation map (the ICH blood map): the map value from which a

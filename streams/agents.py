@@ -597,7 +597,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                             },
                         ) as triton_span:
                             result = await triton.infer_probability(
-                                req.model_name, tensor, priority, trace_carrier()
+                                req.model_name, tensor, priority, trace_carrier(), req.model_version
                             )
                             # Triton returns no per-request queue/compute time (only cumulative
                             # statistics); the client-side round trip is what we have.

@@ -61,6 +61,7 @@ def build_request(study: StudyEvent, route: Route) -> TriageRequest:
         lane=route.lane,
         rule_id=route.rule.id,
         model_name=route.rule.model,
+        model_version=route.rule.model_version,
         finding=route.rule.finding,
         threshold=route.rule.threshold,
         localisation_threshold=route.rule.localisation_threshold,

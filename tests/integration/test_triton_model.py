@@ -122,3 +122,46 @@ def test_served_model_localises_the_bleed_to_its_slices(triton_grpc_url: str, tm
         }
         hits += bool(covered & blood_z)
     assert hits >= 5, hits
+
+
+def test_a_rule_pinned_version_is_served_and_an_absent_one_is_refused_and_shown_down(
+    triton_grpc_url: str, tmp_path: Path
+) -> None:
+    """The routing rules name model and version: the named version answers; a version Triton
+    does not serve is an InferenceError naming it (the lane dead-letters with it), and
+    `radtriage status` and /metrics show that model down."""
+    import yaml
+
+    from radtriage.metrics import ModelReadyCollector
+    from radtriage.settings import Settings
+    from radtriage.status import read_models
+
+    async def run() -> None:
+        client = TritonModelClient(triton_grpc_url, timeout_s=10)
+        try:
+            volume = np.zeros(ICH_INPUT_SHAPE, np.float32)
+            pinned = await client.infer_probability("ich_classifier", volume, 1, model_version="1")
+            assert pinned.model_version == "1"
+            with pytest.raises(InferenceError, match="ich_classifier version 7"):
+                await client.infer_probability("ich_classifier", volume, 1, model_version="7")
+            assert await client.is_ready("ich_classifier", "1")
+            assert not await client.is_ready("ich_classifier", "7")
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+    rules = yaml.safe_load((REPO_ROOT / "deploy" / "routing" / "rules.yaml").read_text())
+    for rule in rules["rules"]:
+        if rule["model"] == "ich_classifier":
+            rule["model_version"] = "7"
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rules))
+    settings = Settings()
+    settings.triton.grpc_url = triton_grpc_url
+    settings.routing_rules = rules_file
+    status = {m.name: m for m in read_models(settings, timeout_s=10)}
+    assert not status["ich_classifier"].up and "version 7" in status["ich_classifier"].detail
+    assert status["lvo_detector"].up
+    ready = ModelReadyCollector(settings, [("ich_classifier", "7"), ("lvo_detector", "1")])._read()
+    assert ready == {"ich_classifier": False, "lvo_detector": True}

@@ -43,6 +43,8 @@ def test_cpu_and_gpu_configs_parse_and_differ_only_in_the_instance_kind(model: s
     # What every radtriage client relies on: the "probability" output, 3 priority levels.
     assert "probability" in [o.name for o in cpu.output]
     assert cpu.dynamic_batching.priority_levels == 3
+    # Every version directory loads: the routing rules pick the version (model_version).
+    assert cpu.version_policy.WhichOneof("policy_choice") == "all"
 
 
 def test_every_version_directory_has_the_one_python_backend() -> None:
@@ -59,13 +61,16 @@ def test_an_export_installs_the_backend_next_to_the_weights(tmp_path: Path) -> N
     assert install_backend(out).read_text() == BACKEND_SOURCE.read_text()
 
 
-def test_ich_configs_are_what_train_ich_generates(tmp_path: Path) -> None:
-    """The committed files are the template's output (`python -m models.train_ich --configs-only`)."""
-    from models.train_ich import write_configs_only
+@pytest.mark.parametrize("script", ["train_ich", "train_lvo", "train_cxr"])
+def test_the_committed_configs_are_what_their_training_script_generates(script: str, tmp_path: Path) -> None:
+    """The committed files are the template's output (`python -m models.<script> --configs-only`)."""
+    import importlib
 
-    out = tmp_path / "ich_classifier" / "1"
-    written = write_configs_only(out)
+    module = importlib.import_module(f"models.{script}")
+    model = module.DEFAULT_OUT.parent.name
+    out = tmp_path / model / "1"
+    written = module.write_configs_only(out)
     assert [p.relative_to(out.parent) for p in written] == [Path("config.pbtxt"), Path("configs/gpu.pbtxt")]
     for path in written:
-        committed = REPOSITORY / "ich_classifier" / path.relative_to(out.parent)
+        committed = REPOSITORY / model / path.relative_to(out.parent)
         assert path.read_text() == committed.read_text(), committed
