@@ -15,23 +15,64 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
-from schemas.findings import Finding, SliceRange
+from schemas.findings import BiradsAssessment, Finding, SliceRange
 
 # Namespace for deterministic resource ids (uuid5).
 _ID_NAMESPACE = uuid.UUID("5b0c4a57-65c4-4c1e-9b1f-1c9f3f0d7a11")
 FINDING_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-finding"
 
 # What each finding code means, for humans and for coded consumers (SNOMED CT disorder).
-FINDINGS: dict[str, tuple[str, str, str]] = {
-    # code: (plain words, SNOMED CT code, SNOMED display)
+FINDINGS: dict[str, tuple[str, str | None, str | None]] = {
+    # code: (plain words, SNOMED CT code, SNOMED display); None where no SNOMED CT concept
+    # means what the probability is of
     "ICH": ("intracranial haemorrhage", "1386000", "Intracranial hemorrhage"),
     # The occlusion itself, not its consequence (432504007 |Cerebral infarction| is what a
     # CTA cannot show and what thrombectomy aims to prevent).
     "LVO": ("large-vessel occlusion", "20059004", "Occlusion of cerebral artery"),
     "NODULE": ("lung nodule", "786838002", "Pulmonary nodule"),
     "CXR_CRITICAL": ("critical chest radiograph finding", "36118008", "Pneumothorax"),
-    "BIRADS": ("suspicious mammographic finding", "129748009", "Mass of breast"),
+    # P(BI-RADS 4 or 5) covers masses, calcifications and distortions alike: no SNOMED CT
+    # concept names that union (129748009 |Mass of breast| leaves the calcifications out).
+    # The suggested category itself is coded (BIRADS_CATEGORIES) in a component and as
+    # the report's conclusion code.
+    "BIRADS": ("suspicious mammographic finding (BI-RADS 4 or 5)", None, None),
 }
+
+# SNOMED CT's mammography assessment findings, one per BI-RADS category (the codes of
+# the HL7 Lithuania breast IG's BI-RADS value set; 6111000179101 is from the US edition).
+BIRADS_CATEGORIES: dict[int, tuple[str, str, str]] = {
+    # category: (plain words, SNOMED CT code, SNOMED display)
+    0: (
+        "incomplete: needs additional imaging evaluation",
+        "397138000",
+        "Mammography assessment (Category 0) - Need additional imaging evaluation",
+    ),
+    1: ("negative", "397140005", "Mammography assessment (Category 1) - Negative"),
+    2: ("benign", "397141009", "Mammography assessment (Category 2) - Benign finding"),
+    3: (
+        "probably benign",
+        "397143007",
+        "Mammography assessment (Category 3) - Probably benign finding, short interval follow-up",
+    ),
+    4: (
+        "suspicious",
+        "397144001",
+        "Mammography assessment (Category 4) - Suspicious abnormality, biopsy should be considered",
+    ),
+    5: (
+        "highly suggestive of malignancy",
+        "397145000",
+        "Mammography assessment (Category 5) - Highly suggestive of malignancy",
+    ),
+    6: (
+        "known biopsy-proven malignancy",
+        "6111000179101",
+        "Mammography assessment (Category 6) - Known biopsy proven malignancy",
+    ),
+}
+# No LOINC or SNOMED CT code names "BI-RADS assessment category" as a question (LOINC
+# 36625-2 is a mammography study, not its assessment): radtriage's own codes plus text.
+BIRADS_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-birads"
 
 
 SNOMED = "http://snomed.info/sct"
@@ -95,11 +136,18 @@ def conclusion_text(finding: Finding) -> str:
         )
     if finding.positive and finding.slice_range is not None:
         head += f" {slice_range_text(finding.slice_range).capitalize()}."
+    if finding.birads is not None:
+        head += f" {birads_text(finding.birads)}."
     return head + " Preliminary machine triage for prioritisation only; a radiologist must review the study."
 
 
 def build_observation(finding: Finding, observation_id: str) -> Observation:
     words, snomed, snomed_display = FINDINGS[finding.finding]
+    coding: list[dict[str, str]] = [
+        {"system": FINDING_SYSTEM, "code": finding.finding, "display": f"AI triage: {words}"}
+    ]
+    if snomed is not None and snomed_display is not None:
+        coding.append({"system": SNOMED, "code": snomed, "display": snomed_display})
     body: dict[str, Any] = {
         "resourceType": "Observation",
         "id": observation_id,
@@ -115,13 +163,7 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
                 ]
             }
         ],
-        "code": {
-            "coding": [
-                {"system": FINDING_SYSTEM, "code": finding.finding, "display": f"AI triage: {words}"},
-                {"system": SNOMED, "code": snomed, "display": snomed_display},
-            ],
-            "text": f"Probability of {words} (AI triage)",
-        },
+        "code": {"coding": coding, "text": f"Probability of {words} (AI triage)"},
         "effectiveDateTime": finding.inferred_at.isoformat(),
         "valueQuantity": {
             "value": round(finding.probability, 4),
@@ -158,6 +200,7 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
     }
     body["component"] += laterality_components(finding)
     body["component"] += slice_range_components(finding)
+    body["component"] += birads_components(finding)
     if finding.positive and finding.slice_range is not None:
         body["note"] = [{"text": f"AI localisation: {slice_range_text(finding.slice_range)}."}]
     if finding.patient_id:
@@ -256,6 +299,78 @@ def laterality_components(finding: Finding) -> list[dict[str, Any]]:
     ]
 
 
+def birads_text(b: BiradsAssessment) -> str:
+    """The suggested category in words: "Suggested BI-RADS 4 (suspicious), left breast (...)"."""
+    words = BIRADS_CATEGORIES[b.category][0]
+    where = f", {b.side} breast" if b.side else ""
+    views = f" on {', '.join(b.views)}" if b.views else ""
+    breasts = ", ".join(
+        f"{side} {cat}"
+        for side, cat in (("right", b.right_category), ("left", b.left_category))
+        if cat is not None
+    )
+    return (
+        f"Suggested BI-RADS {b.category} ({words}){where}{views}, model probability "
+        f"{b.probability:.2f} (per breast: {breasts})"
+    )
+
+
+def _birads_concept(category: int) -> dict[str, Any]:
+    words, code, display = BIRADS_CATEGORIES[category]
+    return {
+        "coding": [{"system": SNOMED, "code": code, "display": display}],
+        "text": f"BI-RADS {category}: {words}",
+    }
+
+
+def birads_components(finding: Finding) -> list[dict[str, Any]]:
+    """A mammography finding's suggested BI-RADS category as Observation components: the
+    overall category (SNOMED CT mammography assessment), the model's probability of it,
+    and each breast's category with its laterality. Nothing for other findings."""
+    b = finding.birads
+    if b is None:
+        return []
+
+    def code(key: str, display: str) -> dict[str, Any]:
+        return {"coding": [{"system": BIRADS_SYSTEM, "code": key, "display": display}], "text": display}
+
+    out: list[dict[str, Any]] = [
+        {
+            "code": code("birads-category", "BI-RADS assessment category (AI suggestion)"),
+            "valueCodeableConcept": _birads_concept(b.category),
+        },
+        {
+            "code": code("birads-category-probability", "Probability of the suggested BI-RADS category"),
+            "valueQuantity": {"value": b.probability, "unit": "probability", "system": UCUM, "code": "1"},
+        },
+    ]
+    for side, category in (("right", b.right_category), ("left", b.left_category)):
+        if category is None:
+            continue
+        out.append(
+            {
+                "code": code(f"birads-category-{side}", f"BI-RADS assessment category, {side} breast"),
+                "valueCodeableConcept": _birads_concept(category),
+            }
+        )
+    if b.side is not None:
+        snomed, radlex = SIDES[b.side]
+        display = b.side.capitalize()
+        out.append(
+            {
+                "code": LATERALITY_CODE,
+                "valueCodeableConcept": {
+                    "coding": [
+                        {"system": SNOMED, "code": snomed, "display": display},
+                        {"system": RADLEX, "code": radlex, "display": display},
+                    ],
+                    "text": display,
+                },
+            }
+        )
+    return out
+
+
 def build_report(finding: Finding, report_id: str, observation_id: str) -> DiagnosticReport:
     words, snomed, snomed_display = FINDINGS[finding.finding]
     body: dict[str, Any] = {
@@ -299,7 +414,10 @@ def build_report(finding: Finding, report_id: str, observation_id: str) -> Diagn
         )
     if finding.patient_id:
         body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
-    if finding.positive:
+    if finding.birads is not None:
+        # A BI-RADS category is the conclusion whatever it is (1 and 2 are results too).
+        body["conclusionCode"] = [_birads_concept(finding.birads.category)]
+    elif finding.positive and snomed is not None and snomed_display is not None:
         body["conclusionCode"] = [{"coding": [{"system": SNOMED, "code": snomed, "display": snomed_display}]}]
     return DiagnosticReport.model_validate(body)
 

@@ -21,14 +21,23 @@ import numpy as np
 
 from processors.dicom_volume import Volume, load_series
 from processors.localisation import SeriesGeometry, series_geometry
-from processors.preprocessing import preprocess_cta, preprocess_head_ct_with_crop, preprocess_radiograph
+from processors.mammogram import Mammogram, load_mammogram
+from processors.preprocessing import (
+    preprocess_cta,
+    preprocess_head_ct_with_crop,
+    preprocess_mammogram,
+    preprocess_radiograph,
+)
 from processors.radiograph import load_radiograph
 
 # What a model's outputs are mapped back to the series with (one type per kind of
 # localisation; None: the model does not localise, or this series cannot be localised).
 ModelGeometry = SeriesGeometry | None
-Preprocessor = Callable[[Volume], tuple[np.ndarray, ModelGeometry]]
-Loader = Callable[[Sequence[Path]], Volume]
+# What a loader reads a series into: a volume (CT/MR, or one radiograph as a single
+# slice), or the views of a mammogram (each its own size and spacing).
+Images = Volume | Mammogram
+Preprocessor = Callable[[Images], tuple[np.ndarray, ModelGeometry]]
+Loader = Callable[[Sequence[Path]], Images]
 
 
 @dataclass(frozen=True)
@@ -41,27 +50,42 @@ class ModelInput:
 
 class PreparedInput(NamedTuple):
     tensor: np.ndarray
-    volume: Volume
+    volume: Images
     geometry: ModelGeometry
 
 
-def _head_ct(volume: Volume) -> tuple[np.ndarray, ModelGeometry]:
+def _volume(images: Images) -> Volume:
+    if not isinstance(images, Volume):
+        raise TypeError(f"expected a Volume, got {type(images).__name__}")
+    return images
+
+
+def _head_ct(images: Images) -> tuple[np.ndarray, ModelGeometry]:
+    volume = _volume(images)
     tensor, crop = preprocess_head_ct_with_crop(volume.hu, volume.spacing_zyx)
     return tensor, series_geometry(volume, crop)
 
 
-def _cta(volume: Volume) -> tuple[np.ndarray, ModelGeometry]:
+def _cta(images: Images) -> tuple[np.ndarray, ModelGeometry]:
+    volume = _volume(images)
     return preprocess_cta(volume.hu, volume.spacing_zyx), None
 
 
-def _radiograph(volume: Volume) -> tuple[np.ndarray, ModelGeometry]:
-    return preprocess_radiograph(volume), None
+def _radiograph(images: Images) -> tuple[np.ndarray, ModelGeometry]:
+    return preprocess_radiograph(_volume(images)), None
+
+
+def _mammogram(images: Images) -> tuple[np.ndarray, ModelGeometry]:
+    if not isinstance(images, Mammogram):
+        raise TypeError(f"expected a Mammogram, got {type(images).__name__}")
+    return preprocess_mammogram(images), None
 
 
 MODEL_INPUTS: dict[str, ModelInput] = {
     "ich_classifier": ModelInput(_head_ct),
     "lvo_detector": ModelInput(_cta),
     "cxr_triage": ModelInput(_radiograph, load_radiograph),
+    "mammo_birads": ModelInput(_mammogram, load_mammogram),
 }
 
 

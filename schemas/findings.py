@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,6 +44,34 @@ class SliceRange(BaseModel):
         return self
 
 
+# BI-RADS assessment categories (ACR BI-RADS Atlas, 5th edition): 0 incomplete (needs
+# additional imaging), 1 negative, 2 benign, 3 probably benign, 4 suspicious, 5 highly
+# suggestive of malignancy, 6 known biopsy-proven malignancy (clinical knowledge: never
+# suggested by an image model, but a valid category for a consumer to receive).
+BiradsCategory = Literal[0, 1, 2, 3, 4, 5, 6]
+SUSPICIOUS_CATEGORIES: tuple[int, ...] = (4, 5)
+
+
+class BiradsAssessment(BaseModel):
+    """A mammography model's suggested BI-RADS category (processors/birads.py): the
+    study's overall category, the most concerning of its views by the ACR hierarchy, and
+    each breast's own. A suggestion for a radiologist, never a final assessment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    category: BiradsCategory
+    # The model's probability of that category, on the view that sets it.
+    probability: float = Field(ge=0.0, le=1.0)
+    # The breast whose finding sets the overall category; None when no breast has one
+    # (category 1) or the category is not a finding of one breast.
+    side: Literal["left", "right"] | None = None
+    # Each breast's category; None when the series holds no CC or MLO view of that breast.
+    left_category: BiradsCategory | None = None
+    right_category: BiradsCategory | None = None
+    # The views (RCC, RMLO, LCC, LMLO) the overall category was read on.
+    views: tuple[str, ...] = ()
+
+
 class Finding(Event):
     study_uid: str
     accession_number: str = ""
@@ -75,6 +103,18 @@ class Finding(Event):
     # which slices of the series a positive finding is on; None for negative findings and
     # for models or series without one.
     slice_range: SliceRange | None = None
+    # Optional too: a mammography model's suggested BI-RADS category. A suspicious
+    # category (4, 5) is exactly a positive finding.
+    birads: BiradsAssessment | None = None
+
+    @model_validator(mode="after")
+    def _birads_agrees_with_positive(self) -> Self:
+        if self.birads is not None and (self.birads.category in SUSPICIOUS_CATEGORIES) != self.positive:
+            raise ValueError(
+                f"BI-RADS category {self.birads.category} contradicts positive={self.positive} "
+                f"(categories {SUSPICIOUS_CATEGORIES} are exactly the positive findings)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _side_and_its_probability_together(self) -> Self:

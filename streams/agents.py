@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from connectors.blobstore import LocalBlobStore
 from processors.fhir_report import build_result_bundle
+from processors.birads import birads_of
 from processors.laterality import side_of
 from processors.localisation import localise
 from processors.preprocess_pool import LanePools
@@ -636,6 +637,11 @@ def build_pipeline(settings: Settings) -> Pipeline:
             except ValueError as exc:  # a malformed map costs the finding its range, not the study
                 log.warning("no slice range for %s: %s", req.study_uid, exc)
                 slices = None
+            try:
+                birads = birads_of(result.maps, req.threshold, positive)
+            except ValueError as exc:  # likewise: the probability stands without a category
+                log.warning("no BI-RADS category for %s: %s", req.study_uid, exc)
+                birads = None
             finding = Finding(
                 study_uid=req.study_uid,
                 accession_number=req.accession_number,
@@ -656,6 +662,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 laterality=side.laterality,
                 laterality_probability=side.probability,
                 slice_range=slices,
+                birads=birads,
             )
             span.set_attribute("radtriage.probability", finding.probability)
             span.set_attribute("radtriage.positive", finding.positive)
