@@ -207,8 +207,11 @@ def phantom_cases(name: str, n: int, out: Path) -> list[tuple[list[Path], Callab
     from models.cxr_phantoms import chest_radiograph_phantom
     from models.cxr_writer import write_radiograph
     from models.dicom_writer import write_ct_series
+    from models.mammo_phantoms import mammo_study_phantom
+    from models.mammo_writer import write_mammogram_study
     from models.phantoms import head_ct_phantom
     from processors.dicom_volume import load_series
+    from processors.mammogram import load_mammogram
     from processors.radiograph import load_radiograph
 
     rng = np.random.default_rng(777_001)
@@ -222,6 +225,9 @@ def phantom_cases(name: str, n: int, out: Path) -> list[tuple[list[Path], Callab
             cta = cta_phantom(rng, lvo=bool(i % 2))
             files = write_ct_series(cta.hu, cta.spacing_zyx, d, series_description="CTA HEAD NECK")
             cases.append((files, load_series))
+        elif name == "mammo_birads":
+            study = mammo_study_phantom(rng, category=(1, 4, 2, 5, 0, 3)[i % 6])
+            cases.append((write_mammogram_study(study, d), load_mammogram))
         else:
             r = chest_radiograph_phantom(rng, pneumothorax=bool(i % 2))
             cases.append(([write_radiograph(r.pixels, r.pixel_mm, d)], load_radiograph))

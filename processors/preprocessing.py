@@ -452,8 +452,9 @@ def _radiograph(
 # Each view arrives with the chest wall at column 0 and the nipple towards the last
 # column, whatever the breast or the sender (processors/mammogram.py), so one network
 # reads every view the same way. Intensities are normalised per view (no physical unit
-# is shared between vendors): the 1st-99.5th percentile range to [0, 1], so dense tissue
-# is near the top and calcifications, brighter still, clip to 1 rather than set the scale.
+# is shared between vendors): the 1st-99.9th percentile range to [0, 1]: dense tissue
+# stays below the top (a mass over it must still be brighter) and calcifications, brighter
+# still, clip to 1 rather than set the scale.
 # Then to MAMMO_PIXEL_MM pixels by area averaging (a 0.07 mm detector image is averaged
 # down, not aliased) and onto a fixed grid in mm: MAMMO_VIEW_SHAPE rows centred on the
 # image, columns from the chest wall (a breast is at most ~190 mm deep under compression).
@@ -464,7 +465,7 @@ def _radiograph(
 MAMMO_PIXEL_MM = 1.0
 MAMMO_VIEW_SHAPE: tuple[int, int] = (256, 192)  # (rows, cols) at MAMMO_PIXEL_MM
 MAMMO_INPUT_SHAPE: tuple[int, int, int] = (len(MAMMO_VIEWS), *MAMMO_VIEW_SHAPE)
-MAMMO_PERCENTILES = (1.0, 99.5)
+MAMMO_PERCENTILES = (1.0, 99.9)
 
 
 def preprocess_mammo_view(

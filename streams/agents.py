@@ -24,8 +24,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from connectors.blobstore import LocalBlobStore
-from processors.fhir_report import build_result_bundle
 from processors.birads import birads_of
+from processors.fhir_report import build_result_bundle
 from processors.laterality import side_of
 from processors.localisation import localise
 from processors.preprocess_pool import LanePools
