@@ -326,6 +326,11 @@ class StreamSettings(BaseModel):
     # Fault tests only: kill the worker right after a finding, report or alert is acked by
     # Kafka and before anything else (offset commit, audit) happened.
     fault_injection: Literal["", "crash_after_finding", "crash_after_report", "crash_after_alert"] = ""
+    # A SIGTERMed worker that has not finished stopping after this long exits hard: a stop
+    # stuck in a rebalance or a process pool must not outlive the pod's grace period
+    # (60 s in deploy/k8s). Nothing is lost by it: offsets of unfinished work are not
+    # committed, and the published ledgers keep the replay from publishing twice.
+    shutdown_timeout_s: float = 20.0
 
     @property
     def studies_by_patient_topic(self) -> str:

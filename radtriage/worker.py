@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,32 @@ def ready_file(settings: Settings) -> Path:
     return settings.home / "run" / (f"worker-{name}.ready" if name else "worker.ready")
 
 
+# Exit status of a stop that overran streams.shutdown_timeout_s (EX_TEMPFAIL: try again).
+EXIT_SHUTDOWN_OVERRUN = 75
+
+
+def arm_shutdown_deadline(timeout_s: float) -> threading.Timer:
+    """Exit the process hard if it is still alive `timeout_s` from now (a daemon timer)."""
+
+    def overrun() -> None:
+        log.error("worker still stopping after %.0f s; exiting without a clean stop", timeout_s)
+        logging.shutdown()
+        os._exit(EXIT_SHUTDOWN_OVERRUN)
+
+    timer = threading.Timer(timeout_s, overrun)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def run_worker(settings: Settings) -> None:
-    from faust.worker import Worker
+    from faust.worker import Worker as FaustWorker
+
+    class Worker(FaustWorker):
+        def _schedule_shutdown(self, signum: signal.Signals) -> None:
+            if not self._signal_stop_time:
+                arm_shutdown_deadline(settings.streams.shutdown_timeout_s)
+            super()._schedule_shutdown(signum)
 
     from streams.agents import build_pipeline
 
