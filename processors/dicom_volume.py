@@ -10,7 +10,7 @@ whatever the sender chose and must not be trusted for geometry.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,55 @@ class Volume:
     # it empty) — what turns a slice index back into something a viewer shows.
     positions_mm: tuple[float, ...] = ()
     instance_numbers: tuple[int | None, ...] = ()
+    # Voxel index (z, y, x, 1) of `hu` -> DICOM patient coordinates (x, y, z, 1) in mm (LPS),
+    # 4 x 4 float64: what places a finding in the patient (a nodule's centre), not only on a
+    # slice. Columns: slice step (normal x slice spacing), row step (column direction cosines
+    # x row spacing), column step (row direction cosines x column spacing), first slice's
+    # ImagePositionPatient. None for a volume not made by `load_series`.
+    affine: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def to_patient(self, index_zyx: np.ndarray | Sequence[float]) -> np.ndarray:
+        """Patient (x, y, z) mm of voxel indices (..., 3 as z, y, x; fractional is fine)."""
+        if self.affine is None:
+            raise ValueError("this volume carries no patient geometry (not loaded by load_series)")
+        return voxel_to_patient(self.affine, index_zyx)
+
+
+def voxel_to_patient(affine: np.ndarray, index_zyx: np.ndarray | Sequence[float]) -> np.ndarray:
+    """Apply a (z, y, x) index -> patient (x, y, z) mm affine to (..., 3) indices."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise ValueError(f"affine must be 4 x 4, got {a.shape}")
+    idx = np.asarray(index_zyx, dtype=np.float64)
+    if idx.shape[-1:] != (3,):
+        raise ValueError(f"indices must end in (z, y, x), got shape {idx.shape}")
+    return idx @ a[:3, :3].T + a[:3, 3]
+
+
+def series_affine(
+    first_position: Sequence[float] | np.ndarray,
+    orientation: Sequence[float] | np.ndarray,
+    spacing_zyx: Sequence[float] | np.ndarray,
+) -> np.ndarray:
+    """The (z, y, x) index -> patient (x, y, z) affine of an image stack: slice 0 at
+    `first_position` (its ImagePositionPatient), ImageOrientationPatient `orientation`
+    (row direction, then column direction), slices along row x column."""
+    row_dir, col_dir = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
+    normal = np.cross(row_dir, col_dir)
+    dz, dy, dx = (float(s) for s in spacing_zyx)
+    a = np.eye(4)
+    # Index z steps along the normal, y down the rows (column direction), x along a row.
+    a[:3, 0], a[:3, 1], a[:3, 2] = normal * dz, col_dir * dy, row_dir * dx
+    a[:3, 3] = np.asarray(first_position, float)
+    return a
+
+
+def centred_affine(shape_zyx: Sequence[int], spacing_zyx: Sequence[float]) -> np.ndarray:
+    """The affine of an array as `models.dicom_writer.write_ct_series` writes it (axial, HFS
+    identity orientation, the volume's centre at the patient origin): the geometry a plain
+    HU array is given when it never went through DICOM (training phantoms)."""
+    half = (np.asarray(shape_zyx[:3], float) - 1) / 2 * np.asarray(spacing_zyx, float)
+    return series_affine((-half[2], -half[1], -half[0]), (1, 0, 0, 0, 1, 0), spacing_zyx)
 
 
 @dataclass(frozen=True)
@@ -49,6 +98,7 @@ class _Slice:
     position: float  # mm along the slice normal
     hu: np.ndarray
     instance_number: int | None = None
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)  # ImagePositionPatient
 
 
 def _instance_number(ds: Dataset) -> int | None:
@@ -132,7 +182,8 @@ def load_series(paths: Sequence[Path]) -> Volume:
             raise VolumeError(f"{name}: orientation differs from the rest of the series")
         if not np.allclose(_floats(ds, "PixelSpacing", 2, name), pixel_spacing, rtol=1e-4):
             raise VolumeError(f"{name}: PixelSpacing differs from the rest of the series")
-        position = float(np.dot(normal, _floats(ds, "ImagePositionPatient", 3, name)))
+        ipp = _floats(ds, "ImagePositionPatient", 3, name)
+        position = float(np.dot(normal, ipp))
         try:
             size = (int(ds.Rows), int(ds.Columns))
         except (AttributeError, TypeError, ValueError):
@@ -151,7 +202,8 @@ def load_series(paths: Sequence[Path]) -> Volume:
             raise VolumeError(f"{name}: multi-frame or malformed pixel data {pixels.shape}, expected {shape}")
         slope, intercept = _rescale(ds, name)
         hu = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-        slices.append(_Slice(position, hu, _instance_number(ds)))
+        origin = (float(ipp[0]), float(ipp[1]), float(ipp[2]))
+        slices.append(_Slice(position, hu, _instance_number(ds), origin))
 
     slices.sort(key=lambda s: s.position)
     positions = np.array([s.position for s in slices])
@@ -171,12 +223,14 @@ def load_series(paths: Sequence[Path]) -> Volume:
     else:
         # One slice: no positions to measure; the nominal thickness is the best available.
         dz = float(first.get("SliceThickness", 1.0) or 1.0)
+    spacing_zyx = (dz, float(pixel_spacing[0]), float(pixel_spacing[1]))
     return Volume(
         hu=np.stack([s.hu for s in slices]).astype(np.float32, copy=False),
-        spacing_zyx=(dz, float(pixel_spacing[0]), float(pixel_spacing[1])),
+        spacing_zyx=spacing_zyx,
         study_uid=str(first.get("StudyInstanceUID", "")),
         series_uid=next(iter(series)),
         n_instances=len(slices),
         positions_mm=tuple(float(p) for p in positions),
         instance_numbers=tuple(s.instance_number for s in slices),
+        affine=series_affine(slices[0].origin, iop, spacing_zyx),
     )

@@ -1,0 +1,568 @@
+"""Train the reference lung-nodule detector on synthetic chest CT phantoms and export it for Triton.
+
+    python -m models.train_nodule --out deploy/triton/model_repository/nodule_detector/1 --seed 0
+
+The shape of models/train_lvo.py: phantoms (half with 1-3 nodules, half with none) are
+generated from the seed and go through `processors.preprocessing.preprocess_chest_ct`,
+the code the inference path runs. Three disjoint phantom sets — train, validation (picks
+the study-level operating threshold: sensitivity >= 0.95), test (>= 200 studies, the
+reported metrics, never used to choose anything).
+
+Training signal: the nodule masks resampled onto the model grid (partial-volume
+fractions), on 48^3 patches: half centred on a nodule, a quarter on a vessel voxel (the
+mimic: a hard negative), a quarter anywhere in the lung; left-right flips. Loss: binary
+cross-entropy (keeps the map calibrated, so its sum is a volume) + soft Dice over the
+batch (a 5 mm nodule is 8 voxels of a 110 k-voxel patch; Dice keeps it from being
+drowned).
+
+Evaluation on the whole grid, as served: study AUC, sensitivity and specificity at the
+validation threshold; per nodule, `processors.nodules.find_nodules` at that threshold, a
+detection within max(5 mm, radius) of a true centre counting as found: sensitivity
+overall, by size and kind, false positives per study, centre and diameter errors.
+
+Writes `model.pt` (TorchScript: P(nodule) and the nodule map) and `model.onnx` into the
+Triton model version directory, `config.pbtxt`, `configs/gpu.pbtxt`, `configs/onnx.pbtxt`
+and `models/nodule_detector.metrics.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import monai
+import numpy as np
+import torch
+from monai.losses import DiceLoss
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from models import onnx_export
+from models.chest_ct_phantoms import chest_ct_phantom
+from models.nodule_net import MODEL_CHANNELS, NoduleWithSigmoid, build_nodule_net
+from models.operating_point import (
+    TARGET_SENSITIVITY,
+    TEST_SEED_OFFSET,
+    THRESHOLD_RULE,
+    VAL_SEED_OFFSET,
+    auc,
+    choose_threshold,
+    operating_point,
+)
+from models.serving import committed_operating_point, export_torchscript, write_triton_configs
+from processors.nodules import DetectedNodule, NoduleGeometry, find_nodules
+from processors.preprocessing import NODULE_GRID_MM, NODULE_INPUT_SHAPE, preprocess_chest_ct_with_mask
+
+console = Console()
+REPO = Path(__file__).resolve().parent.parent
+MODEL_NAME = "nodule_detector"
+DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / MODEL_NAME / "1"
+DEFAULT_METRICS = REPO / "models" / f"{MODEL_NAME}.metrics.json"
+DISPLAY_NAME = "radtriage reference lung nodule detector (synthetic phantoms, not for clinical use)"
+PATCH = 48
+# Hard-negative candidates: lung voxels at least this bright in the lung window (vessels,
+# ~-250 HU and up, partial volume included) and no nodule.
+VESSEL_LEVEL = 0.62
+CANDIDATES = 48  # per study and kind (vessel, lung)
+MATCH_MIN_MM = 5.0
+SIZE_BINS: tuple[tuple[str, float, float], ...] = (
+    ("<6", 0.0, 6.0),
+    ("6-10", 6.0, 10.0),
+    ("10-20", 10.0, 20.0),
+    (">=20", 20.0, math.inf),
+)
+ONNX_PROBE_SEED = 777_001
+
+
+@dataclass(frozen=True)
+class TrueNodule:
+    kind: str
+    site: str
+    diameter_mm: float
+    centre_lps_mm: tuple[float, float, float]
+
+
+@dataclass
+class ChestSet:
+    x: torch.Tensor  # (n, *NODULE_INPUT_SHAPE) float16
+    target: torch.Tensor  # (n, 1, D, H, W) float16: nodule fraction per voxel
+    y: np.ndarray  # (n,) 1 = at least one nodule
+    geometry: list[NoduleGeometry]
+    nodules: list[list[TrueNodule]]
+    # Patch centres (k, 3) per study: nodule centres, vessel voxels, lung voxels.
+    at_nodules: list[np.ndarray]
+    at_vessels: list[np.ndarray]
+    at_lung: list[np.ndarray]
+
+
+Study = tuple[np.ndarray, np.ndarray, NoduleGeometry, list[TrueNodule], np.ndarray, np.ndarray, np.ndarray]
+
+
+def _study(args: tuple[int, int]) -> Study:
+    """One study of a set: phantom `index` of the set seeded `seed` (its own generator, so
+    the sets are the same however the work is split between processes). Odd indices have
+    1-3 nodules, even ones none."""
+    seed, index = args
+    torch.set_num_threads(1)
+    rng = np.random.default_rng([seed, index])
+    count = int(rng.integers(1, 4)) if index % 2 else 0
+    ph = chest_ct_phantom(rng, nodules=count)
+    x, target, geometry = preprocess_chest_ct_with_mask(ph.hu, ph.spacing_zyx, ph.mask())
+    truths = [TrueNodule(n.kind, n.site, n.diameter_mm, n.centre_lps_mm) for n in ph.nodules]
+    centres = np.array([geometry.to_index(n.centre_lps_mm) for n in ph.nodules]).reshape(-1, 3)
+    lung = x[1] > 0.5
+    vessel = np.argwhere(lung & (x[0] > VESSEL_LEVEL) & (target < 0.01))
+    inside = np.argwhere(lung)
+    pick = np.random.default_rng([seed, index, 1])
+
+    def sample(points: np.ndarray) -> np.ndarray:
+        if len(points) == 0:
+            return np.zeros((0, 3), dtype=np.int16)
+        return points[pick.choice(len(points), size=min(CANDIDATES, len(points)), replace=False)].astype(
+            np.int16
+        )
+
+    return (
+        x.astype(np.float16),
+        target.astype(np.float16),
+        geometry,
+        truths,
+        np.round(centres).astype(np.int16),
+        sample(vessel),
+        sample(inside),
+    )
+
+
+def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) -> ChestSet:
+    xs = torch.empty((n, *NODULE_INPUT_SHAPE), dtype=torch.float16)
+    targets = torch.empty((n, 1, *NODULE_INPUT_SHAPE[1:]), dtype=torch.float16)
+    data = ChestSet(xs, targets, np.zeros(n), [], [], [], [], [])
+    task = progress.add_task(f"phantoms: {label}", total=n)
+    jobs = [(seed, i) for i in range(n)]
+    # Phantoms are numpy work on one core each: a process per core halves the wait.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(_study, jobs, chunksize=2) if pool is not None else map(_study, jobs)
+        for i, (x, target, geometry, truths, at_n, at_v, at_l) in enumerate(results):
+            xs[i] = torch.from_numpy(x)
+            targets[i, 0] = torch.from_numpy(target)
+            data.y[i] = float(bool(truths))
+            data.geometry.append(geometry)
+            data.nodules.append(truths)
+            data.at_nodules.append(at_n)
+            data.at_vessels.append(at_v)
+            data.at_lung.append(at_l)
+            progress.advance(task)
+    return data
+
+
+def _patch_start(centre: np.ndarray, rng: np.random.Generator, jitter: int) -> tuple[int, int, int]:
+    dims = NODULE_INPUT_SHAPE[1:]
+    start = np.asarray(centre) - PATCH // 2 + rng.integers(-jitter, jitter + 1, 3)
+    start = np.clip(start, 0, np.asarray(dims) - PATCH)
+    return int(start[0]), int(start[1]), int(start[2])
+
+
+def sample_batch(data: ChestSet, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half the patches on a nodule (jittered, so it is not always in the middle), a
+    quarter on a vessel voxel, a quarter anywhere in the lung; random left-right flips."""
+    n = len(data.y)
+    positives = [i for i in range(n) if len(data.at_nodules[i])]
+    xs, ts = [], []
+    for b in range(batch):
+        kind = "nodule" if b < batch // 2 else ("vessel" if b < 3 * batch // 4 else "lung")
+        i = int(rng.choice(positives)) if kind == "nodule" else int(rng.integers(n))
+        points = {"nodule": data.at_nodules, "vessel": data.at_vessels, "lung": data.at_lung}[kind][i]
+        if len(points) == 0:
+            points = data.at_lung[i]
+        centre = (
+            points[int(rng.integers(len(points)))] if len(points) else np.asarray(NODULE_INPUT_SHAPE[1:]) // 2
+        )
+        z, y, x = _patch_start(centre, rng, 12 if kind == "nodule" else 4)
+        window = (slice(z, z + PATCH), slice(y, y + PATCH), slice(x, x + PATCH))
+        xp, tp = data.x[i][(slice(None), *window)], data.target[i][(slice(None), *window)]
+        if rng.random() < 0.5:
+            xp, tp = torch.flip(xp, dims=(-1,)), torch.flip(tp, dims=(-1,))
+        xs.append(xp)
+        ts.append(tp)
+    return torch.stack(xs).float(), torch.stack(ts).float()
+
+
+def predict_maps(served: torch.nn.Module, x: torch.Tensor, batch: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(P(nodule) per study, float16 maps (n, D, H, W)) on whole grids, as served."""
+    served.eval()
+    probs, maps = [], []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            p, m = served(x[i : i + batch].float())
+            probs.append(p.reshape(-1))
+            maps.append(m[:, 0].half())
+    return torch.cat(probs).numpy(), torch.cat(maps).numpy()
+
+
+def match(
+    found: list[DetectedNodule], truths: list[TrueNodule]
+) -> tuple[list[DetectedNodule | None], int, int]:
+    """Each true nodule's detection (or None), false positives and duplicates. A detection
+    hits a nodule within max(5 mm, its radius) of the true centre; detections are taken
+    likeliest first, each nodule once; a second hit on a found nodule is a duplicate, not a
+    false positive (it points at a real nodule)."""
+    hit: list[DetectedNodule | None] = [None] * len(truths)
+    fp = duplicates = 0
+    for det in found:
+        p = np.asarray(det.centre_lps_mm)
+        dist = [float(np.linalg.norm(p - np.asarray(t.centre_lps_mm))) for t in truths]
+        within = [j for j, t in enumerate(truths) if dist[j] <= max(MATCH_MIN_MM, t.diameter_mm / 2)]
+        free = [j for j in within if hit[j] is None]
+        if free:
+            hit[min(free, key=lambda j: dist[j])] = det
+        elif within:
+            duplicates += 1
+        else:
+            fp += 1
+    return hit, fp, duplicates
+
+
+def nodule_metrics(maps: np.ndarray, data: ChestSet, threshold: float) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    fps, dups = [], 0
+    for i in range(len(maps)):
+        found = find_nodules(maps[i].astype(np.float32), data.geometry[i], threshold)
+        hit, fp, dup = match(found, data.nodules[i])
+        fps.append(fp)
+        dups += dup
+        for t, det in zip(data.nodules[i], hit, strict=True):
+            row: dict[str, Any] = {
+                "kind": t.kind,
+                "site": t.site,
+                "diameter": t.diameter_mm,
+                "found": det is not None,
+            }
+            if det is not None:
+                row["centre_error"] = float(np.linalg.norm(np.subtract(det.centre_lps_mm, t.centre_lps_mm)))
+                row["diameter_error"] = abs(det.diameter_mm - t.diameter_mm)
+            rows.append(row)
+
+    def sens(sel: list[dict[str, Any]]) -> dict[str, float]:
+        return {
+            "n": len(sel),
+            "sensitivity": round(float(np.mean([r["found"] for r in sel])), 4) if sel else math.nan,
+        }
+
+    found_rows = [r for r in rows if r["found"]]
+    negatives = [fps[i] for i in range(len(fps)) if data.y[i] == 0]
+    return {
+        "nodules": len(rows),
+        "sensitivity": round(float(np.mean([r["found"] for r in rows])), 4) if rows else math.nan,
+        "sensitivity_ge_6mm": sens([r for r in rows if r["diameter"] >= 6.0])["sensitivity"],
+        "by_size_mm": {
+            name: sens([r for r in rows if lo <= r["diameter"] < hi]) for name, lo, hi in SIZE_BINS
+        },
+        "by_kind": {k: sens([r for r in rows if r["kind"] == k]) for k in ("solid", "ground_glass")},
+        "by_site": {
+            s: sens([r for r in rows if r["site"] == s])
+            for s in ("parenchymal", "juxta_pleural", "juxta_vascular")
+        },
+        "false_positives_per_study": round(float(np.mean(fps)), 4),
+        "false_positives_per_normal_study": round(float(np.mean(negatives)), 4) if negatives else math.nan,
+        "duplicate_detections": dups,
+        "median_centre_error_mm": round(float(np.median([r["centre_error"] for r in found_rows])), 3)
+        if found_rows
+        else math.nan,
+        "median_abs_diameter_error_mm": round(float(np.median([r["diameter_error"] for r in found_rows])), 3)
+        if found_rows
+        else math.nan,
+    }
+
+
+def write_configs(model_dir: Path, threshold: float, version: str, rule: str) -> list[Path]:
+    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from TRITON_CONFIG."""
+    return write_triton_configs(
+        model_dir,
+        template=TRITON_CONFIG.replace("{map_dims}", ", ".join(map(str, (1, *NODULE_INPUT_SHAPE[1:])))),
+        input_shape=NODULE_INPUT_SHAPE,
+        threshold=threshold,
+        version=version,
+        rule=rule,
+        display=DISPLAY_NAME,
+        max_batch=4,
+    )
+
+
+def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
+    """The Triton configs of the committed model, without training (`--configs-only`)."""
+    threshold, version, rule = committed_operating_point(metrics_path, out.parent.name)
+    return write_configs(out.parent, threshold, version=version, rule=rule)
+
+
+@contextlib.contextmanager
+def _chest_probe() -> Any:
+    """models.onnx_export compares ONNX Runtime with TorchScript on preprocessed phantoms
+    from models.evaluate.phantom_cases, which does not make chest CTs yet (that is the
+    stream integration's change); until it does, this model's probe is made here the same
+    way: fresh phantoms (a seed no set uses, one with nodules) then uniform noise."""
+
+    def probe(model_name: str, dims: tuple[int, ...], rows: int) -> np.ndarray:
+        batch = np.random.default_rng(7).random((rows, *dims), dtype=np.float32)
+        rng = np.random.default_rng(ONNX_PROBE_SEED)
+        for i in range(min(rows, 2)):
+            ph = chest_ct_phantom(rng, nodules=i * 2)
+            batch[i] = preprocess_chest_ct_with_mask(ph.hu, ph.spacing_zyx, ph.mask())[0]
+        return batch
+
+    with mock.patch.object(onnx_export, "_probe", probe):
+        yield
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Triton model version directory")
+    ap.add_argument("--metrics", type=Path, default=DEFAULT_METRICS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", type=int, default=320, help="training phantoms (half with nodules)")
+    ap.add_argument("--val", type=int, default=200, help="validation phantoms (threshold choice)")
+    ap.add_argument("--test", type=int, default=200, help="held-out test phantoms (reported metrics)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=120, help="optimiser steps per epoch")
+    ap.add_argument("--batch", type=int, default=8, help="patches per step")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    ap.add_argument(
+        "--configs-only",
+        action="store_true",
+        help="no training: rewrite config.pbtxt and configs/gpu.pbtxt of the committed model "
+        "(threshold and version from --metrics)",
+    )
+    args = ap.parse_args(argv)
+    if args.configs_only:
+        for path in write_configs_only(args.out, args.metrics):
+            console.print(f"wrote {path}")
+        return
+    if args.test < 200:
+        ap.error("--test must be at least 200 phantoms for the reported metrics to mean much")
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        train = make_set(args.train, args.seed, progress, "train", args.workers)
+        val = make_set(args.val, args.seed + VAL_SEED_OFFSET, progress, "validation", args.workers)
+        test = make_set(args.test, args.seed + TEST_SEED_OFFSET, progress, "test", args.workers)
+        data_seconds = time.time() - started
+
+        model = build_nodule_net()
+        served = NoduleWithSigmoid(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=args.lr, total_steps=args.epochs * args.steps, pct_start=0.1
+        )
+        bce = torch.nn.BCEWithLogitsLoss()
+        dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)
+        rng = np.random.default_rng([args.seed, 42])
+        history: list[dict[str, float]] = []
+        train_started = time.time()
+        for epoch in range(args.epochs):
+            model.train()
+            total = 0.0
+            task = progress.add_task(f"  epoch {epoch + 1}", total=args.steps)
+            for _ in range(args.steps):
+                xb, tb = sample_batch(train, args.batch, rng)
+                opt.zero_grad(set_to_none=True)
+                logits = model(xb)
+                loss = bce(logits, tb) + dice(logits, tb)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach())
+                progress.advance(task)
+            progress.remove_task(task)
+            # A quick look on a slice of validation (whole grids are the expensive part).
+            probe = slice(0, min(32, args.val))
+            p_val, _ = predict_maps(served, val.x[probe])
+            val_auc = auc(p_val, val.y[probe])
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": round(total / args.steps, 5),
+                    "val_auc_32": round(val_auc, 4),
+                }
+            )
+            console.log(
+                f"epoch {epoch + 1}: train loss {total / args.steps:.4f}, validation AUC (32 studies) "
+                f"{val_auc:.4f} ({time.time() - train_started:.0f} s)"
+            )
+        fit_seconds = time.time() - train_started
+
+    val_p, val_maps = predict_maps(served, val.x)
+    threshold = choose_threshold(val_p, val.y, TARGET_SENSITIVITY)
+    val_nodules = nodule_metrics(val_maps, val, threshold)
+    del val_maps
+    test_p, test_maps = predict_maps(served, test.x)
+    test_point = operating_point(test_p, test.y, threshold)
+    test_nodules = nodule_metrics(test_maps, test, threshold)
+    path = export_torchscript(served, NODULE_INPUT_SHAPE, args.out)
+    configs = write_configs(args.out.parent, threshold, version=args.out.name, rule=THRESHOLD_RULE)
+    with _chest_probe():
+        configs += onnx_export.export_onnx(args.out.parent, version=args.out.name)[:2]
+    training_seconds = time.time() - started
+
+    metrics: dict[str, Any] = {
+        "model": args.out.parent.name,
+        "version": args.out.name,
+        "finding": "NODULE",
+        "threshold": round(threshold, 4),
+        "threshold_rule": THRESHOLD_RULE,
+        "target_sensitivity": TARGET_SENSITIVITY,
+        "auc": round(auc(test_p, test.y), 4),
+        "sensitivity": round(test_point["sensitivity"], 4),
+        "specificity": round(test_point["specificity"], 4),
+        "accuracy": round(test_point["accuracy"], 4),
+        "nodule_detection": test_nodules,
+        "match_rule": f"a detection within max({MATCH_MIN_MM:g} mm, true radius) of a true centre",
+        "val_auc": round(auc(val_p, val.y), 4),
+        "val_operating_point": {k: round(v, 4) for k, v in operating_point(val_p, val.y, threshold).items()},
+        "val_nodule_detection": val_nodules,
+        "train_size": args.train,
+        "val_size": args.val,
+        "test_size": args.test,
+        "test_studies_with_nodules": int(test.y.sum()),
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps,
+        "batch": args.batch,
+        "patch": [PATCH] * 3,
+        "lr": args.lr,
+        "loss": "BCE + soft Dice (batch), on nodule partial-volume fractions",
+        "seed": args.seed,
+        "history": history,
+        "data_generation_seconds": round(data_seconds, 1),
+        "fit_seconds": round(fit_seconds, 1),
+        "training_seconds": round(training_seconds, 1),
+        "threads": args.threads,
+        "input_shape": list(NODULE_INPUT_SHAPE),
+        "grid_mm": NODULE_GRID_MM,
+        "outputs": ["probability (P(nodule in study) = max of the map)", "nodule_map (P(nodule) per voxel)"],
+        "channels": list(MODEL_CHANNELS),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_file": path.name,
+        "weights_bytes": path.stat().st_size,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "note": "Trained and evaluated on synthetic phantoms (models/chest_ct_phantoms.py). "
+        "Not for clinical use.",
+    }
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    nd = test_nodules
+    console.print(
+        f"nodule_detector on {args.test} test phantoms: AUC {metrics['auc']}, "
+        f"threshold {metrics['threshold']}, sensitivity {metrics['sensitivity']}, "
+        f"specificity {metrics['specificity']}; nodules found {nd['sensitivity']} "
+        f"(>= 6 mm {nd['sensitivity_ge_6mm']}), {nd['false_positives_per_study']} FP/study, "
+        f"centre error {nd['median_centre_error_mm']} mm, "
+        f"|diameter error| {nd['median_abs_diameter_error_mm']} mm ({training_seconds:.0f} s)"
+    )
+    console.print(f"wrote {path}, {', '.join(map(str, configs))} and {args.metrics}")
+
+
+TRITON_CONFIG = """\
+# GENERATED by models/train_nodule.py (it also writes the weights in 1/); edit the template there.
+# Reference lung nodule detector, trained on synthetic phantoms: NOT for clinical use.
+# Served by the Python backend (1/model.py + TorchScript 1/{weights}).{variant_note}
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch}
+
+input [
+  {{
+    name: "volume"
+    data_type: TYPE_FP32
+    # Channels (lung window, lung region), then z, y, x of a fixed 2.5 mm grid in patient
+    # space: processors.preprocessing.NODULE_INPUT_SHAPE. Triton rejects any other shape.
+    dims: [ {dims} ]
+  }}
+]
+output [
+  {{
+    name: "probability"
+    data_type: TYPE_FP32
+    # P(the study has a lung nodule) = the nodule map's maximum. Same name as every
+    # radtriage model's main output, so a client that reads only "probability" works unchanged.
+    dims: [ 1 ]
+  }},
+  {{
+    name: "nodule_map"
+    data_type: TYPE_FP32
+    # P(nodule) per voxel of the input grid; processors.nodules.find_nodules turns it into
+    # nodules (centre in patient mm, diameter, probability) with the preprocessing's geometry.
+    dims: [ {map_dims} ]
+  }}
+]
+
+dynamic_batching {{
+  # Wait at most 2 ms to fill a batch: a stat study must not sit behind batching.
+  max_queue_delay_microseconds: 2000
+  # 1 = stat, 2 = urgent, 3 = routine (radtriage lanes); requests without a priority are routine.
+  priority_levels: 3
+  default_priority_level: 3
+  default_queue_policy {{
+    # Requests may carry their own (shorter) queue timeout; none waits more than 30 s.
+    timeout_action: REJECT
+    default_timeout_microseconds: 30000000
+    allow_timeout_override: true
+  }}
+}}
+
+instance_group [
+  {{
+    count: {count}
+    kind: {kind}
+  }}
+]
+
+parameters: {{
+  key: "input_shape"
+  value: {{ string_value: "{dims}" }}
+}}
+parameters: {{
+  key: "display_name"
+  value: {{ string_value: "{display}" }}
+}}
+parameters: {{
+  key: "model_version"
+  value: {{ string_value: "{version}" }}
+}}
+parameters: {{
+  key: "finding"
+  value: {{ string_value: "NODULE" }}
+}}
+parameters: {{
+  key: "recommended_threshold"
+  value: {{ string_value: "{threshold}" }}
+}}
+parameters: {{
+  key: "threshold_rule"
+  value: {{ string_value: "{rule}" }}
+}}
+"""
+
+
+if __name__ == "__main__":
+    main()
