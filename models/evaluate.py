@@ -60,7 +60,15 @@ MODELS: dict[str, dict[str, str]] = {
         "phantoms": "models/cxr_phantoms.py",
         "critical": "yes (pneumothorax)",
     },
+    "mammo_birads": {
+        "route": "MG breast",
+        "output": "P(BI-RADS 4 or 5), suggested BI-RADS category and side",
+        "phantoms": "models/mammo_phantoms.py (4-view screening studies)",
+        "critical": "no",
+    },
 }
+# The suggested category's rows and columns (the phantoms draw 0-5; 6 is a clinical fact).
+BIRADS_DRAWN = tuple(range(6))
 MEASURE_STUDIES = 7
 
 
@@ -126,12 +134,14 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
         m = metrics.get(name)
         if m is None:
             continue
+        train_unit = f" {m['train_unit']}" if "train_unit" in m else ""
         lines += [
             f"### `{name}` (version {m['version']})",
             "",
             f"- Route: {info['route']}; finding `{m['finding']}`; output: {info['output']}.",
-            f"- Phantoms: {info['phantoms']}; train {m['train_size']}, validation {m['val_size']}, "
-            f"test {m['test_size']} studies (half positive), seed {m['seed']}.",
+            f"- Phantoms: {info['phantoms']}; train {m['train_size']}{train_unit}, "
+            f"validation {m['val_size']}, "
+            f"test {m['test_size']} studies ({m.get('positives', 'half positive')}), seed {m['seed']}.",
             f"- Test: AUC {_f(m['auc'], 4)}; at threshold {m['threshold']:.4f}: sensitivity "
             f"{_f(m['sensitivity'], 4)}, specificity {_f(m['specificity'], 4)}, "
             f"accuracy {_f(m['accuracy'], 4)}.",
@@ -150,6 +160,14 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
                 f"accuracy at 0.5 {_f(m['side_accuracy'], 4)} (all LVOs), "
                 f"{_f(m['side_accuracy_detected'], 4)} (LVOs detected at the threshold)."
             )
+        if "category_accuracy" in m:
+            recall = ", ".join(f"{k}: {_f(v)}" for k, v in m["category_recall"].items())
+            lines.append(
+                f"- Suggested BI-RADS category (ACR hierarchy over views and breasts, never below 4 when "
+                f"the flag is over the threshold): accuracy {_f(m['category_accuracy'], 4)} on the test "
+                f"studies ({_f(m['val_category_accuracy'], 4)} validation); recall per true category "
+                f"{recall}; side right for {_f(m['side_accuracy_detected'], 4)} of the detected 4/5 studies."
+            )
         loc = m.get("localisation")
         if loc:
             lines.append(
@@ -166,6 +184,7 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
             ("by_bleed_kind", "bleed kind"),
             ("by_site", "occlusion site"),
             ("by_rim_size", "pneumothorax size"),
+            ("by_lesion_kind", "lesion kind (BI-RADS 4/5)"),
         ):
             rows = m.get(section)
             if rows:
@@ -174,6 +193,17 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
                     f"| {k} | {v['n']} | {_f(v['sensitivity'])} | {_f(v['auc_vs_normals'])} |"
                     for k, v in rows.items()
                 ]
+        confusion = m.get("confusion")
+        if confusion:
+            lines += [
+                "",
+                "| true \\ suggested | " + " | ".join(map(str, BIRADS_DRAWN)) + " |",
+                "|---|" + "---:|" * len(BIRADS_DRAWN),
+            ]
+            lines += [
+                f"| {t} | " + " | ".join(map(str, row)) + " |"
+                for t, row in zip(BIRADS_DRAWN, confusion, strict=True)
+            ]
         t = timing.get("models", {}).get(name)
         if t:
             lines += [
@@ -190,7 +220,8 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
             f"`python -m models.evaluate --measure` on {timing['measured_on']}: {timing['machine']}, "
             f"{timing['threads']} intra-op thread(s), batch 1, committed TorchScript weights, "
             f"torch {timing['torch']}. Per study: DICOM files written by the repository's writers are "
-            "read back (`processors.dicom_volume.load_series` / `processors.radiograph.load_radiograph`), "
+            "read back (`processors.dicom_volume.load_series`, `processors.radiograph.load_radiograph`, "
+            "`processors.mammogram.load_mammogram`), "
             "preprocessed (`processors.preprocessing`) and run through the network. Measured on a shared "
             "machine; treat as an order of magnitude, not a benchmark.",
             "",
@@ -284,11 +315,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare with the committed report, write nothing")
     ap.add_argument("--measure", action="store_true", help="re-measure CPU inference time first")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(MODELS),
+        help="with --measure: re-measure these, keep the rest",
+    )
     ap.add_argument("--out", type=Path, default=REPORT)
     args = ap.parse_args(argv)
     metrics = load_metrics()
     if args.measure:
-        TIMING.write_text(json.dumps(measure([n for n in MODELS if n in metrics]), indent=2) + "\n")
+        names = [n for n in MODELS if n in metrics and (not args.only or n in args.only)]
+        timing = measure(names)
+        if args.only:
+            # A new model's time beside the others' from an earlier run: the header then names
+            # this run's date and machine, so only merge measurements taken on the same machine.
+            timing["models"] = {**load_timing().get("models", {}), **timing["models"]}
+            timing["models"] = {n: timing["models"][n] for n in MODELS if n in timing["models"]}
+        TIMING.write_text(json.dumps(timing, indent=2) + "\n")
     text = render(metrics, load_timing())
     if args.check:
         current = args.out.read_text() if args.out.exists() else ""

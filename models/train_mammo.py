@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_unit": "views",
         "val_size": args.val,
         "test_size": args.test,
-        "positives": "categories 4 and 5 (a third of the studies)",
+        "positives": "a third positive: BI-RADS 4 or 5",
         "epochs": args.epochs,
         "batch": args.batch,
         "lr": args.lr,

@@ -1,6 +1,6 @@
 """`radtriage demo`: replay synthetic studies through a running stack and show what happened.
 
-Six studies per run, one or more per route, each with the hospital messages a real one
+Seven studies per run, one or more per route, each with the hospital messages a real one
 would come with:
 - a head CT with a bleed whose STAT "code stroke" order (HL7 ORM^O01 over MLLP)
   arrives before the images: routed straight to the stat lane;
@@ -14,9 +14,12 @@ would come with:
   time-critical, so stat; a stroke alert naming the side;
 - a chest film (DX) with a pneumothorax: routine lane, a positive report, no alert
   (chest films have no alert channel);
+- a four-view screening mammogram (MG) with a spiculated mass in the right breast:
+  routine lane, a positive report suggesting BI-RADS 5 in the right breast, no alert;
 - a chest CT that no rule takes: unrouted.
-Each routed case must come out with its route's kind of finding (ICH, LVO, CXR_CRITICAL),
-positive or negative as the phantom is, and the LVO case with the phantom's side.
+Each routed case must come out with its route's kind of finding (ICH, LVO, CXR_CRITICAL,
+BIRADS), positive or negative as the phantom is, the LVO case with the phantom's side and
+the mammogram with its category.
 Images go over a DICOM association (C-STORE, then release) to the running listener,
 and each study is followed on Kafka until its outcome. Latencies are measured from
 the timestamps the pipeline records (first instance received, study ready,
@@ -76,6 +79,8 @@ class DemoCase:
     expect_finding: str = ""
     expect_positive: bool | None = None
     expect_side: str = ""
+    # Words the finding's detail must hold (a BI-RADS category, a nodule count; "" = not checked).
+    expect_detail: str = ""
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Outcome:
     expect_finding: str = ""
     expect_positive: bool | None = None
     expect_side: str = ""
+    expect_detail: str = ""
     alert: bool = False
     report: bool = False
     unrouted: bool = False
@@ -122,6 +128,8 @@ class Outcome:
         if self.expect_positive is not None and self.positive != self.expect_positive:
             return False
         if self.expect_side and self.laterality != self.expect_side:
+            return False
+        if self.expect_detail and self.expect_detail not in self.detail:
             return False
         return {
             "alert": self.alert and self.report,
@@ -167,10 +175,11 @@ def _chest(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
     )
 
 
-# Fixed phantoms for the two newer routes, so the demo shows each model's typical answer
+# Fixed phantoms for the newer routes, so the demo shows each model's typical answer
 # rather than whatever the shared generator draws: on these the served models say
-# P(LVO) 1.00 with P(left) 0.97, and P(pneumothorax) 1.00.
-CTA_SEED, FILM_SEED = 7101, 20261124
+# P(LVO) 1.00 with P(left) 0.97, P(pneumothorax) 1.00, and for the right breast's
+# spiculated mass P(BI-RADS 4/5) 1.00, category 5 (P 0.98).
+CTA_SEED, FILM_SEED, MAMMO_SEED = 7101, 20261124, 5007
 
 
 def _cta(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
@@ -207,6 +216,16 @@ def _film(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
     ]
 
 
+def _mammogram(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
+    from models.mammo_phantoms import mammo_study_phantom
+    from models.mammo_writer import write_mammogram_study
+
+    study = mammo_study_phantom(np.random.default_rng(MAMMO_SEED), category=5, side="right")
+    return write_mammogram_study(
+        study, out, accession=accession, patient_id=f"DEMO-{accession}", patient_name="Demo^Phantom"
+    )
+
+
 CASES = (
     DemoCase("head CT, bleed, STAT order first", "alert", _head(True), "stat_first", "stat", "ICH", True),
     DemoCase("head CT, bleed, STAT order late", "alert", _head(True), "stat_late", "stat", "ICH", True),
@@ -217,6 +236,16 @@ CASES = (
         "CTA, left LVO, ED patient, no order", "alert", _cta, "ed_no_order", "stat", "LVO", True, "left"
     ),
     DemoCase("chest film, pneumothorax", "report", _film, "", "routine", "CXR_CRITICAL", True),
+    DemoCase(
+        "mammogram, suspicious",
+        "report",
+        _mammogram,
+        "",
+        "routine",
+        "BIRADS",
+        True,
+        expect_detail="BI-RADS 5",
+    ),
     DemoCase("chest CT", "unrouted", _chest),
 )
 
@@ -297,6 +326,9 @@ def finding_detail(finding: Finding) -> str:
     parts = []
     if finding.laterality in ("left", "right") and finding.laterality_probability is not None:
         parts.append(f"{finding.laterality} side (p {finding.laterality_probability:.2f})")
+    b = finding.birads
+    if b is not None:
+        parts.append(f"BI-RADS {b.category}" + (f", {b.side} breast" if b.side else ""))
     r = finding.slice_range
     if r is not None:
         if r.first_instance_number is not None and r.last_instance_number is not None:
@@ -381,6 +413,7 @@ def run_case(
         expect_finding=case.expect_finding,
         expect_positive=case.expect_positive,
         expect_side=case.expect_side,
+        expect_detail=case.expect_detail,
     )
     patient_id = f"DEMO-{accession}"
     started = time.monotonic()

@@ -165,12 +165,23 @@ def test_demo_shows_stat_orders_changing_the_lane(stack: Stack, tmp_path: Path) 
         "ICH",
         "LVO",
         "CXR_CRITICAL",
+        "BIRADS",
     }
     # Where each positive finding is: the bleed's slices (its alert and report carry them),
     # the occlusion's side.
     for case in ("head CT, bleed, STAT order first", "head CT, bleed, STAT order late"):
         assert outcomes[case]["detail"].startswith("image"), outcomes[case]
     assert outcomes["head CT, normal, routine order"]["detail"] == ""
+    # The suspicious mammogram: reported (routine, no alert) with its suggested category and
+    # the breast it is in.
+    mammo = outcomes["mammogram, suspicious"]
+    assert (mammo["route"], mammo["lanes"], mammo["alert"], mammo["report"]) == (
+        "mammo_birads",
+        ["routine"],
+        False,
+        True,
+    ), mammo
+    assert mammo["detail"].startswith("BI-RADS 5, right breast"), mammo
     cta = outcomes["CTA, left LVO, ED patient, no order"]
     assert cta["detail"].startswith("left side"), cta
     assert (cta["route"], cta["lanes"], cta["laterality"], cta["alert"]) == (
