@@ -286,10 +286,16 @@ def _nodule(
 
 
 def chest_ct_phantom(
-    rng: np.random.Generator, *, nodules: int | None = None, kinds: tuple[str, ...] | None = None
+    rng: np.random.Generator,
+    *,
+    nodules: int | None = None,
+    kinds: tuple[str, ...] | None = None,
+    min_diameter_mm: float | None = None,
 ) -> ChestCtPhantom:
     """One chest CT. `nodules`: how many (0-3; None draws 0-3 with a quarter each);
-    `kinds`: their kinds in order (default: ~70 % solid)."""
+    `kinds`: their kinds in order (default: ~70 % solid); `min_diameter_mm`: raise the
+    lower end of the size range (a demo or test case the size the model is meant to
+    find; the draws are the same, so None changes nothing the training sets saw)."""
     n_nodules = int(rng.integers(0, 4)) if nodules is None else nodules
     if not 0 <= n_nodules <= 3:
         raise ValueError(f"0-3 nodules per study, got {n_nodules}")
@@ -418,6 +424,8 @@ def chest_ct_phantom(
     for i in range(n_nodules):
         kind = kinds[i] if kinds is not None else ("solid" if rng.random() < 0.7 else "ground_glass")
         lo, hi = SOLID_DIAMETER_MM if kind == "solid" else GROUND_GLASS_DIAMETER_MM
+        if min_diameter_mm is not None:
+            lo = min(max(lo, min_diameter_mm), hi)
         diameter = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         radius = diameter / 2
         value = float(rng.uniform(*(SOLID_HU if kind == "solid" else GROUND_GLASS_HU)))

@@ -15,7 +15,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
-from schemas.findings import BiradsAssessment, Finding, SliceRange
+from schemas.findings import BiradsAssessment, Finding, LungNodule, SliceRange
 
 # Namespace for deterministic resource ids (uuid5).
 _ID_NAMESPACE = uuid.UUID("5b0c4a57-65c4-4c1e-9b1f-1c9f3f0d7a11")
@@ -98,6 +98,28 @@ SIDES: dict[str, tuple[str, str]] = {
 LOCALISATION_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-localisation"
 UCUM = "http://unitsofmeasure.org"
 
+# A nodule's own Observation: SNOMED CT 786838002 |Pulmonary nodule| and RadLex RID50149
+# (as RadElement's pulmonary nodule set codes it); its size as SNOMED CT 81827009
+# |Diameter| (DICOM CID 7470's linear measurement), in the lung it is in (SNOMED CT body
+# structures). No standard code names a point's patient coordinates, so the centre
+# components carry radtriage's own codes plus text, as the slice range does.
+NODULE_CODE: dict[str, Any] = {
+    "coding": [
+        {"system": SNOMED, "code": "786838002", "display": "Pulmonary nodule"},
+        {"system": RADLEX, "code": "RID50149", "display": "pulmonary nodule"},
+    ],
+    "text": "Lung nodule (AI candidate)",
+}
+DIAMETER_CODE: dict[str, Any] = {
+    "coding": [{"system": SNOMED, "code": "81827009", "display": "Diameter"}],
+    "text": "Diameter (sphere of the nodule's volume)",
+}
+AXIS_MEANINGS = ("+ is the patient's left", "+ is posterior", "+ is towards the head")
+LUNGS: dict[str, tuple[str, str]] = {
+    "left": ("44029006", "Left lung structure"),
+    "right": ("3341006", "Right lung structure"),
+}
+
 
 def _uid_identifier(study_uid: str) -> dict[str, str]:
     return {"system": "urn:dicom:uid", "value": f"urn:oid:{study_uid}"}
@@ -138,7 +160,44 @@ def conclusion_text(finding: Finding) -> str:
         head += f" {slice_range_text(finding.slice_range).capitalize()}."
     if finding.birads is not None:
         head += f" {birads_text(finding.birads)}."
+    if finding.nodules:
+        head += f" {nodules_text(finding.nodules)}."
     return head + " Preliminary machine triage for prioritisation only; a radiologist must review the study."
+
+
+IMAGING_CATEGORY: list[dict[str, Any]] = [
+    {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                "code": "imaging",
+                "display": "Imaging",
+            }
+        ]
+    }
+]
+
+
+def _observation_base(finding: Finding, observation_id: str) -> dict[str, Any]:
+    """What every Observation of a finding says the same way: status, category, time, the
+    model (name and version) that made it, the study it is derived from, the patient."""
+    body: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": observation_id,
+        "status": "preliminary",
+        "category": IMAGING_CATEGORY,
+        "effectiveDateTime": finding.inferred_at.isoformat(),
+        "method": {"text": f"{finding.model_name} version {finding.model_version} (Triton)"},
+        "device": {"display": f"{finding.model_name} version {finding.model_version}"},
+        "derivedFrom": [{"type": "ImagingStudy", "identifier": _uid_identifier(finding.study_uid)}],
+    }
+    if finding.patient_id:
+        body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
+    return body
+
+
+def _probability(value: float) -> dict[str, Any]:
+    return {"value": round(value, 4), "unit": "probability", "system": UCUM, "code": "1"}
 
 
 def build_observation(finding: Finding, observation_id: str) -> Observation:
@@ -148,29 +207,10 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
     ]
     if snomed is not None and snomed_display is not None:
         coding.append({"system": SNOMED, "code": snomed, "display": snomed_display})
-    body: dict[str, Any] = {
-        "resourceType": "Observation",
-        "id": observation_id,
-        "status": "preliminary",
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                        "code": "imaging",
-                        "display": "Imaging",
-                    }
-                ]
-            }
-        ],
+    body = _observation_base(finding, observation_id)
+    body |= {
         "code": {"coding": coding, "text": f"Probability of {words} (AI triage)"},
-        "effectiveDateTime": finding.inferred_at.isoformat(),
-        "valueQuantity": {
-            "value": round(finding.probability, 4),
-            "unit": "probability",
-            "system": UCUM,
-            "code": "1",
-        },
+        "valueQuantity": _probability(finding.probability),
         "interpretation": [
             {
                 "coding": [
@@ -182,19 +222,8 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
                 ]
             }
         ],
-        "method": {"text": f"{finding.model_name} version {finding.model_version} (Triton)"},
-        "device": {"display": f"{finding.model_name} version {finding.model_version}"},
-        "derivedFrom": [{"type": "ImagingStudy", "identifier": _uid_identifier(finding.study_uid)}],
         "component": [
-            {
-                "code": {"text": "Alert threshold"},
-                "valueQuantity": {
-                    "value": finding.threshold,
-                    "unit": "probability",
-                    "system": UCUM,
-                    "code": "1",
-                },
-            },
+            {"code": {"text": "Alert threshold"}, "valueQuantity": _probability(finding.threshold)},
             {"code": {"text": "DICOM Series Instance UID"}, "valueString": finding.series_uid},
         ],
     }
@@ -203,8 +232,8 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
     body["component"] += birads_components(finding)
     if finding.positive and finding.slice_range is not None:
         body["note"] = [{"text": f"AI localisation: {slice_range_text(finding.slice_range)}."}]
-    if finding.patient_id:
-        body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
+    if finding.nodules:
+        body["hasMember"] = [{"reference": f"urn:uuid:{i}"} for i in nodule_observation_ids(finding)]
     return Observation.model_validate(body)
 
 
@@ -297,6 +326,70 @@ def laterality_components(finding: Finding) -> list[dict[str, Any]]:
             },
         },
     ]
+
+
+def nodules_text(nodules: tuple[LungNodule, ...]) -> str:
+    """ "2 nodules: 14 mm in the right lung (probability 0.93); 7 mm in the left lung (0.41)"."""
+    parts = [
+        f"{n.diameter_mm:.0f} mm in the {n.lung} lung ({'probability ' if i == 0 else ''}{n.probability:.2f})"
+        for i, n in enumerate(nodules)
+    ]
+    count = f"{len(nodules)} nodule" + ("s" if len(nodules) != 1 else "")
+    return f"{count}: {'; '.join(parts)}"
+
+
+def nodule_observation_ids(finding: Finding) -> list[str]:
+    base = f"{finding.study_uid}/{finding.finding}/nodule"
+    return [str(uuid.uuid5(_ID_NAMESPACE, f"{base}/{i}")) for i in range(len(finding.nodules or ()))]
+
+
+def _mm(value: float) -> dict[str, Any]:
+    return {"value": value, "unit": "mm", "system": UCUM, "code": "mm"}
+
+
+def build_nodule_observations(finding: Finding) -> list[Observation]:
+    """One Observation per nodule (likeliest first): the nodule (coded), its diameter as
+    the value, its lung as bodySite, its centre in DICOM patient coordinates and the
+    model's probability as components. Members of the finding's Observation."""
+    out: list[Observation] = []
+    for rank, (n, observation_id) in enumerate(
+        zip(finding.nodules or (), nodule_observation_ids(finding), strict=True), start=1
+    ):
+        snomed, display = LUNGS[n.lung]
+        body = _observation_base(finding, observation_id)
+        centre = [
+            {
+                "code": {
+                    "coding": [
+                        {
+                            "system": LOCALISATION_SYSTEM,
+                            "code": f"centre-{axis}",
+                            "display": f"Centre, DICOM patient {axis} (LPS)",
+                        }
+                    ],
+                    "text": f"Centre, DICOM patient {axis} in mm ({meaning})",
+                },
+                "valueQuantity": _mm(value),
+            }
+            for axis, meaning, value in zip("xyz", AXIS_MEANINGS, n.centre_lps_mm, strict=True)
+        ]
+        body |= {
+            "code": NODULE_CODE,
+            "valueQuantity": _mm(n.diameter_mm),
+            "bodySite": {"coding": [{"system": SNOMED, "code": snomed, "display": display}], "text": display},
+            "component": [
+                {"code": DIAMETER_CODE, "valueQuantity": _mm(n.diameter_mm)},
+                *centre,
+                {
+                    "code": {"text": "Probability of this nodule (AI triage)"},
+                    "valueQuantity": _probability(n.probability),
+                },
+                {"code": {"text": "Rank among the study's nodules (1: likeliest)"}, "valueInteger": rank},
+            ],
+            "note": [{"text": f"AI nodule candidate {rank}: {n.diameter_mm:.1f} mm, {n.lung} lung."}],
+        }
+        out.append(Observation.model_validate(body))
+    return out
 
 
 def birads_text(b: BiradsAssessment) -> str:
@@ -400,7 +493,9 @@ def build_report(finding: Finding, report_id: str, observation_id: str) -> Diagn
         "effectiveDateTime": finding.ready_at.isoformat(),
         "issued": finding.inferred_at.isoformat(),
         "imagingStudy": [{"type": "ImagingStudy", "identifier": _uid_identifier(finding.study_uid)}],
-        "result": [{"reference": f"urn:uuid:{observation_id}"}],
+        "result": [
+            {"reference": f"urn:uuid:{i}"} for i in (observation_id, *nodule_observation_ids(finding))
+        ],
         "conclusion": conclusion_text(finding),
     }
     if finding.accession_number:
@@ -423,10 +518,15 @@ def build_report(finding: Finding, report_id: str, observation_id: str) -> Diagn
 
 
 def build_result_bundle(finding: Finding) -> dict[str, Any]:
-    """A `collection` Bundle: the DiagnosticReport first, then its Observation (FHIR JSON)."""
+    """A `collection` Bundle: the DiagnosticReport first, then its Observation, then one
+    Observation per nodule of a nodule finding (FHIR JSON)."""
     report_id, observation_id = resource_ids(finding)
     observation = build_observation(finding, observation_id)
     report = build_report(finding, report_id, observation_id)
+    nodules = [
+        {"fullUrl": f"urn:uuid:{o.id}", "resource": o.model_dump(mode="json", exclude_none=True)}
+        for o in build_nodule_observations(finding)
+    ]
     bundle = Bundle.model_validate(
         {
             "resourceType": "Bundle",
@@ -442,6 +542,7 @@ def build_result_bundle(finding: Finding) -> dict[str, Any]:
                     "fullUrl": f"urn:uuid:{observation_id}",
                     "resource": observation.model_dump(mode="json", exclude_none=True),
                 },
+                *nodules,
             ],
         }
     )

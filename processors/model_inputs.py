@@ -6,8 +6,9 @@ is what prevents train/serve skew.
 
 Every preprocessor returns the tensor and the model's geometry: what maps the model's
 localising outputs back to the series (the ICH classifier's slice crop and the series'
-slice positions), or None for a model whose outputs do not localise. The geometry is
-small and picklable: it travels back from the preprocessing process with the tensor.
+slice positions; the nodule detector's grid-to-patient affine), or None for a model
+whose outputs do not localise. The geometry is small and picklable: it travels back
+from the preprocessing process with the tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import numpy as np
 from processors.dicom_volume import Volume, load_series
 from processors.localisation import SeriesGeometry, series_geometry
 from processors.mammogram import Mammogram, load_mammogram
+from processors.nodules import NoduleGeometry
 from processors.preprocessing import (
+    preprocess_chest_ct,
     preprocess_cta,
     preprocess_head_ct_with_crop,
     preprocess_mammogram,
@@ -32,7 +35,7 @@ from processors.radiograph import load_radiograph
 
 # What a model's outputs are mapped back to the series with (one type per kind of
 # localisation; None: the model does not localise, or this series cannot be localised).
-ModelGeometry = SeriesGeometry | None
+ModelGeometry = SeriesGeometry | NoduleGeometry | None
 # What a loader reads a series into: a volume (CT/MR, or one radiograph as a single
 # slice), or the views of a mammogram (each its own size and spacing).
 Images = Volume | Mammogram
@@ -71,6 +74,11 @@ def _cta(images: Images) -> tuple[np.ndarray, ModelGeometry]:
     return preprocess_cta(volume.hu, volume.spacing_zyx), None
 
 
+def _chest_ct(images: Images) -> tuple[np.ndarray, ModelGeometry]:
+    # The series' own affine: the nodule map's voxels go back to patient mm through it.
+    return preprocess_chest_ct(_volume(images))
+
+
 def _radiograph(images: Images) -> tuple[np.ndarray, ModelGeometry]:
     return preprocess_radiograph(_volume(images)), None
 
@@ -86,6 +94,7 @@ MODEL_INPUTS: dict[str, ModelInput] = {
     "lvo_detector": ModelInput(_cta),
     "cxr_triage": ModelInput(_radiograph, load_radiograph),
     "mammo_birads": ModelInput(_mammogram, load_mammogram),
+    "nodule_detector": ModelInput(_chest_ct),
 }
 
 

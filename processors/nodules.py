@@ -25,11 +25,13 @@ Sorted by probability, at most MAX_NODULES (a triage report lists the likeliest 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from schemas.findings import LungNodule
 
 NODULE_OUTPUT = "nodule_map"
 MAX_NODULES = 10
@@ -164,3 +166,36 @@ def find_nodules(
         )
     found.sort(key=lambda d: (-d.probability, -d.diameter_mm))
     return found[:max_nodules]
+
+
+def lung_of(centre_lps_mm: Sequence[float]) -> str:
+    """The lung a centre is in: DICOM patient +x is the patient's left."""
+    return "left" if float(centre_lps_mm[0]) > 0.0 else "right"
+
+
+def nodules_of(
+    maps: Mapping[str, np.ndarray], geometry: object, threshold: float, positive: bool
+) -> tuple[LungNodule, ...] | None:
+    """A finding's nodules from a response's multi-value outputs: None for models without
+    `nodule_map`; () for a negative study. Raises ValueError for a map or geometry that
+    cannot be read, and for a positive study whose map has no nodule at the threshold
+    (the probability is the map's peak, so that is a malformed response)."""
+    nodule_map = maps.get(NODULE_OUTPUT)
+    if nodule_map is None:
+        return None
+    if not isinstance(geometry, NoduleGeometry):
+        raise ValueError(f"a nodule map needs the series' NoduleGeometry, got {type(geometry).__name__}")
+    if not positive:
+        return ()
+    found = find_nodules(nodule_map, geometry, threshold)
+    if not found:
+        raise ValueError(f"positive at threshold {threshold} but the nodule map has no voxel at or above it")
+    return tuple(
+        LungNodule(
+            centre_lps_mm=n.centre_lps_mm,
+            diameter_mm=max(n.diameter_mm, 0.1),
+            probability=min(max(n.probability, 0.0), 1.0),
+            lung=lung_of(n.centre_lps_mm),  # type: ignore[arg-type]
+        )
+        for n in found
+    )

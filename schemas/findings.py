@@ -72,6 +72,24 @@ class BiradsAssessment(BaseModel):
     views: tuple[str, ...] = ()
 
 
+class LungNodule(BaseModel):
+    """One nodule a lung-nodule model found (processors/nodules.py): where it is in the
+    patient, how big, how sure. A candidate for a radiologist, never a diagnosis."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The probability-weighted centre in DICOM patient coordinates (LPS: +x the patient's
+    # left, +y posterior, +z head), mm: what a viewer's crosshair shows.
+    centre_lps_mm: tuple[float, float, float]
+    # The diameter of the sphere with the nodule's volume on the map, mm (the Lung-RADS
+    # and Fleischner size categories are read on it).
+    diameter_mm: float = Field(gt=0.0, le=300.0)
+    # The map's peak probability on the nodule.
+    probability: float = Field(ge=0.0, le=1.0)
+    # Which lung: the side of the patient's midline (x = 0 mm) the centre is on.
+    lung: Literal["left", "right"]
+
+
 class Finding(Event):
     study_uid: str
     accession_number: str = ""
@@ -106,6 +124,19 @@ class Finding(Event):
     # Optional too: a mammography model's suggested BI-RADS category. A suspicious
     # category (4, 5) is exactly a positive finding.
     birads: BiradsAssessment | None = None
+    # Optional too: a lung-nodule model's nodules, likeliest first (at most
+    # processors.nodules.MAX_NODULES). Non-empty exactly for a positive finding: the
+    # study's probability is the map's peak, so a positive study has a nodule.
+    nodules: tuple[LungNodule, ...] | None = None
+
+    @model_validator(mode="after")
+    def _nodules_agree_with_positive(self) -> Self:
+        if self.nodules is not None and bool(self.nodules) != self.positive:
+            raise ValueError(
+                f"{len(self.nodules)} nodule(s) contradict positive={self.positive} "
+                "(a positive nodule finding lists its nodules, a negative one none)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _birads_agrees_with_positive(self) -> Self:

@@ -27,7 +27,8 @@ from connectors.blobstore import LocalBlobStore
 from processors.birads import birads_of
 from processors.fhir_report import build_result_bundle
 from processors.laterality import side_of
-from processors.localisation import localise
+from processors.localisation import SeriesGeometry, localise
+from processors.nodules import nodules_of
 from processors.preprocess_pool import LanePools
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage import metrics
@@ -633,7 +634,8 @@ def build_pipeline(settings: Settings) -> Pipeline:
             positive = result.probability >= req.threshold
             side = side_of(result.outputs, positive)
             try:
-                slices = localise(result.maps, geometry, positive, req.localisation_threshold)
+                series_geometry = geometry if isinstance(geometry, SeriesGeometry) else None
+                slices = localise(result.maps, series_geometry, positive, req.localisation_threshold)
             except ValueError as exc:  # a malformed map costs the finding its range, not the study
                 log.warning("no slice range for %s: %s", req.study_uid, exc)
                 slices = None
@@ -642,6 +644,11 @@ def build_pipeline(settings: Settings) -> Pipeline:
             except ValueError as exc:  # likewise: the probability stands without a category
                 log.warning("no BI-RADS category for %s: %s", req.study_uid, exc)
                 birads = None
+            try:
+                nodules = nodules_of(result.maps, geometry, req.threshold, positive)
+            except ValueError as exc:  # likewise: the probability stands without the list
+                log.warning("no nodule list for %s: %s", req.study_uid, exc)
+                nodules = None
             finding = Finding(
                 study_uid=req.study_uid,
                 accession_number=req.accession_number,
@@ -663,6 +670,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 laterality_probability=side.probability,
                 slice_range=slices,
                 birads=birads,
+                nodules=nodules,
             )
             span.set_attribute("radtriage.probability", finding.probability)
             span.set_attribute("radtriage.positive", finding.positive)

@@ -9,7 +9,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
 from processors.fhir_report import build_result_bundle, resource_ids
-from schemas.findings import Finding
+from schemas.findings import Finding, LungNodule
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -139,3 +139,60 @@ def test_negative_findings_and_findings_without_a_range_state_none() -> None:
         report, obs = parse(build_result_bundle(f))
         assert not {"slice-range-instance-number", "slice-range-position"} & set(_components(obs))
         assert "images" not in _conclusion(report) and not obs.note
+
+
+def nodule_finding(nodules: tuple[LungNodule, ...]) -> Finding:
+    base = finding(0.9 if nodules else 0.02, threshold=0.1)
+    return base.model_copy(
+        update={"finding": "NODULE", "model_name": "nodule_detector", "lane": "routine", "nodules": nodules}
+    )
+
+
+NODULES = (
+    LungNodule(centre_lps_mm=(-62.5, 10.0, -20.25), diameter_mm=14.2, probability=0.93, lung="right"),
+    LungNodule(centre_lps_mm=(71.0, -5.5, 30.0), diameter_mm=7.4, probability=0.41, lung="left"),
+)
+
+
+def test_each_nodule_is_its_own_coded_observation_member_of_the_finding() -> None:
+    bundle = build_result_bundle(nodule_finding(NODULES))
+    Bundle.model_validate(bundle)
+    report, obs = parse(bundle)
+    members = [Observation.model_validate(e["resource"]) for e in bundle["entry"][2:]]
+    assert len(members) == 2
+    urls = [e["fullUrl"] for e in bundle["entry"][1:]]
+    assert [r.reference for r in report.result] == urls
+    assert [m.reference for m in obs.hasMember] == urls[1:]
+    big, small = members
+    assert {(c.system, c.code) for c in big.code.coding} == {
+        ("http://snomed.info/sct", "786838002"),
+        ("http://radlex.org", "RID50149"),
+    }
+    assert (float(big.valueQuantity.value), big.valueQuantity.code) == (14.2, "mm")
+    assert big.bodySite.coding[0].code == "3341006" and small.bodySite.coding[0].code == "44029006"
+    values = {
+        c.code.text: c.valueQuantity.value if c.valueQuantity else c.valueInteger for c in big.component
+    }
+    assert _components(big)["81827009"].valueQuantity.unit == "mm"
+    assert float(values["Diameter (sphere of the nodule's volume)"]) == 14.2
+    centre = [float(v) for k, v in values.items() if k.startswith("Centre, DICOM patient")]
+    assert centre == [-62.5, 10.0, -20.25]
+    assert float(values["Probability of this nodule (AI triage)"]) == pytest.approx(0.93)
+    assert values["Rank among the study's nodules (1: likeliest)"] == 1
+    assert big.device.display == "nodule_detector version 1" and big.status == "preliminary"
+    conclusion = _conclusion(report)
+    assert "2 nodules: 14 mm in the right lung (probability 0.93); 7 mm in the left lung (0.41)" in conclusion
+    # A retry rebuilds the same resources (ids from the study), so the EHR updates them.
+    assert build_result_bundle(nodule_finding(NODULES))["entry"][2]["fullUrl"] == urls[1]
+
+
+def test_a_negative_nodule_finding_has_no_members_and_a_positive_one_needs_its_nodules() -> None:
+    bundle = build_result_bundle(nodule_finding(()))
+    report, obs = parse(bundle)
+    assert len(bundle["entry"]) == 2 and not obs.hasMember and len(report.result) == 1
+    assert "No lung nodule suspected" in report.conclusion
+    with pytest.raises(ValueError, match="contradict"):
+        negative = {"positive": False, "probability": 0.05}
+        Finding.model_validate(nodule_finding(NODULES).model_dump() | negative)
+    with pytest.raises(ValueError, match="contradict"):
+        Finding.model_validate(nodule_finding(()).model_dump() | {"positive": True})

@@ -10,7 +10,7 @@ import pytest
 
 from models.chest_ct_phantoms import ChestCtPhantom, chest_ct_phantom
 from processors.dicom_volume import Volume, centred_affine, series_affine
-from processors.nodules import NoduleGeometry, find_nodules
+from processors.nodules import NODULE_OUTPUT, NoduleGeometry, find_nodules, nodules_of
 from processors.preprocessing import (
     NODULE_GRID_MM,
     NODULE_INPUT_SHAPE,
@@ -177,3 +177,26 @@ def test_empty_volume_is_refused() -> None:
         preprocess_chest_ct(np.full((20, 64, 64), -1000.0, np.float32), (2.5, 1.0, 1.0))
     with pytest.raises(ValueError, match="spacing"):
         preprocess_chest_ct(np.zeros((20, 64, 64), np.float32))
+
+
+def test_nodules_of_a_response_names_each_lung_and_agrees_with_the_flag() -> None:
+    geometry = _geometry()
+    # Map x index 30 -> patient x -110 + 75 = -35 mm (the right lung); 100 -> +140 mm (left).
+    m = np.maximum(
+        _sphere(np.array([30.0, 30.0, 30.0]), 10.0, 2.5, p=0.7),
+        _sphere(np.array([60.0, 50.0, 100.0]), 8.0, 2.5, p=0.95),
+    )
+    nodules = nodules_of({NODULE_OUTPUT: m[None]}, geometry, 0.3, positive=True)
+    assert nodules is not None and [n.lung for n in nodules] == ["left", "right"]
+    assert [round(n.probability, 2) for n in nodules] == [0.95, 0.7]
+    # The map's summed probability is the volume: the 0.7 sphere reads as 0.7 of its volume.
+    assert abs(nodules[0].diameter_mm - 8.0 * 0.95 ** (1 / 3)) < 0.5
+    assert abs(nodules[1].diameter_mm - 10.0 * 0.7 ** (1 / 3)) < 0.5
+    assert nodules_of({NODULE_OUTPUT: m}, geometry, 0.99, positive=False) == ()
+    assert nodules_of({"localisation_map": m}, geometry, 0.3, positive=True) is None  # another model
+    with pytest.raises(ValueError, match="NoduleGeometry"):
+        nodules_of({NODULE_OUTPUT: m}, None, 0.3, positive=True)
+    with pytest.raises(ValueError, match="no voxel"):  # a flag the map does not back
+        nodules_of({NODULE_OUTPUT: m}, geometry, 0.99, positive=True)
+    with pytest.raises(ValueError, match="logits"):
+        nodules_of({NODULE_OUTPUT: m * 5}, geometry, 0.3, positive=True)
