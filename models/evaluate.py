@@ -66,6 +66,12 @@ MODELS: dict[str, dict[str, str]] = {
         "phantoms": "models/mammo_phantoms.py (4-view screening studies)",
         "critical": "no",
     },
+    "nodule_detector": {
+        "route": "CT chest",
+        "output": "P(a nodule in the study), nodules with centre (patient mm) and diameter",
+        "phantoms": "models/chest_ct_phantoms.py (solid and ground-glass nodules)",
+        "critical": "no",
+    },
 }
 # The suggested category's rows and columns (the phantoms draw 0-5; 6 is a clinical fact).
 BIRADS_DRAWN = tuple(range(6))
@@ -168,6 +174,21 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
                 f"studies ({_f(m['val_category_accuracy'], 4)} validation); recall per true category "
                 f"{recall}; side right for {_f(m['side_accuracy_detected'], 4)} of the detected 4/5 studies."
             )
+        det = m.get("nodule_detection")
+        if det:
+            lines.append(
+                f"- Per nodule (`processors.nodules.find_nodules` on the map at the threshold; found: "
+                f"{m['match_rule']}): {det['nodules']} test nodules, sensitivity "
+                f"{_f(det['sensitivity'], 4)} ({_f(det['sensitivity_ge_6mm'], 4)} of those >= 6 mm; "
+                f"validation {_f(m['val_nodule_detection']['sensitivity'], 4)}); "
+                f"{_f(det['false_positives_per_study'], 2)} false positives per study "
+                f"({_f(det['false_positives_per_normal_study'], 2)} per study without a nodule); "
+                f"median centre error {_f(det['median_centre_error_mm'], 2)} mm, median diameter error "
+                f"{_f(det['median_abs_diameter_error_mm'], 2)} mm on the found ones."
+            )
+            for section, label in (("by_size_mm", "diameter (mm)"), ("by_kind", "kind"), ("by_site", "site")):
+                lines += ["", f"| {label} | nodules | found (sensitivity) |", "|---|---:|---:|"]
+                lines += [f"| {k} | {v['n']} | {_f(v['sensitivity'])} |" for k, v in det[section].items()]
         loc = m.get("localisation")
         if loc:
             lines.append(
@@ -234,6 +255,7 @@ def render(metrics: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
 
 def phantom_cases(name: str, n: int, out: Path) -> list[tuple[list[Path], Callable[..., Any]]]:
     """Fresh phantoms (a seed no training set uses) written as DICOM, with their loader."""
+    from models.chest_ct_phantoms import chest_ct_phantom
     from models.cta_phantoms import cta_phantom
     from models.cxr_phantoms import chest_radiograph_phantom
     from models.cxr_writer import write_radiograph
@@ -255,6 +277,10 @@ def phantom_cases(name: str, n: int, out: Path) -> list[tuple[list[Path], Callab
         elif name == "lvo_detector":
             cta = cta_phantom(rng, lvo=bool(i % 2))
             files = write_ct_series(cta.hu, cta.spacing_zyx, d, series_description="CTA HEAD NECK")
+            cases.append((files, load_series))
+        elif name == "nodule_detector":
+            chest = chest_ct_phantom(rng, nodules=i % 3)
+            files = write_ct_series(chest.hu, chest.spacing_zyx, d, series_description="CT CHEST WO CONTRAST")
             cases.append((files, load_series))
         elif name == "mammo_birads":
             study = mammo_study_phantom(rng, category=(1, 4, 2, 5, 0, 3)[i % 6])

@@ -1,6 +1,6 @@
 """`radtriage demo`: replay synthetic studies through a running stack and show what happened.
 
-Seven studies per run, one or more per route, each with the hospital messages a real one
+Eight studies per run, one or more per route, each with the hospital messages a real one
 would come with:
 - a head CT with a bleed whose STAT "code stroke" order (HL7 ORM^O01 over MLLP)
   arrives before the images: routed straight to the stat lane;
@@ -16,10 +16,12 @@ would come with:
   (chest films have no alert channel);
 - a four-view screening mammogram (MG) with a spiculated mass in the right breast:
   routine lane, a positive report suggesting BI-RADS 5 in the right breast, no alert;
-- a chest CT that no rule takes: unrouted.
+- a chest CT with one solid lung nodule: routine lane, a positive report listing the
+  nodule (size, lung, position), no alert;
+- an abdominal CT that no rule takes: unrouted.
 Each routed case must come out with its route's kind of finding (ICH, LVO, CXR_CRITICAL,
-BIRADS), positive or negative as the phantom is, the LVO case with the phantom's side and
-the mammogram with its category.
+BIRADS, NODULE), positive or negative as the phantom is, the LVO case with the phantom's
+side, the mammogram with its category and the chest CT with its nodule's size and lung.
 Images go over a DICOM association (C-STORE, then release) to the running listener,
 and each study is followed on Kafka until its outcome. Latencies are measured from
 the timestamps the pipeline records (first instance received, study ready,
@@ -138,65 +140,66 @@ class Outcome:
         }[self.expected]
 
 
+def _write_ct(
+    hu: np.ndarray, spacing_zyx: tuple[float, float, float], out: Path, accession: str, body: str, desc: str
+) -> list[Path]:
+    from models.dicom_writer import write_ct_series
+
+    return write_ct_series(
+        hu,
+        spacing_zyx,
+        out,
+        accession=accession,
+        patient_id=f"DEMO-{accession}",
+        patient_name="Demo^Phantom",
+        body_part=body,
+        series_description=desc,
+    )
+
+
 def _head(bleed: bool) -> Callable[[np.random.Generator, Path, str], list[Path]]:
     def make(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
-        from models.dicom_writer import write_ct_series
         from models.phantoms import head_ct_phantom
 
         ph = head_ct_phantom(rng, bleed=bleed, min_bleed_ml=5.0)
-        return write_ct_series(
-            ph.hu,
-            ph.spacing_zyx,
-            out,
-            accession=accession,
-            patient_id=f"DEMO-{accession}",
-            patient_name="Demo^Phantom",
-            body_part="HEAD",
-            series_description="CT HEAD WO CONTRAST",
-        )
+        return _write_ct(ph.hu, ph.spacing_zyx, out, accession, "HEAD", "CT HEAD WO CONTRAST")
 
     return make
 
 
-def _chest(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
-    from models.dicom_writer import write_ct_series
+def _abdomen(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
     from models.phantoms import chest_ct_phantom
 
+    # No rule reads an abdominal CT: routing goes by the headers, never the pixels.
     ph = chest_ct_phantom(rng)
-    return write_ct_series(
-        ph.hu,
-        ph.spacing_zyx,
-        out,
-        accession=accession,
-        patient_id=f"DEMO-{accession}",
-        patient_name="Demo^Phantom",
-        body_part="CHEST",
-        series_description="CT CHEST WO CONTRAST",
-    )
+    return _write_ct(ph.hu, ph.spacing_zyx, out, accession, "ABDOMEN", "CT ABDOMEN PELVIS WO CONTRAST")
 
 
 # Fixed phantoms for the newer routes, so the demo shows each model's typical answer
 # rather than whatever the shared generator draws: on these the served models say
-# P(LVO) 1.00 with P(left) 0.97, P(pneumothorax) 1.00, and for the right breast's
-# spiculated mass P(BI-RADS 4/5) 1.00, category 5 (P 0.98).
-CTA_SEED, FILM_SEED, MAMMO_SEED = 7101, 20261124, 5007
+# P(LVO) 1.00 with P(left) 0.97, P(pneumothorax) 1.00, for the right breast's
+# spiculated mass P(BI-RADS 4/5) 1.00, category 5 (P 0.98), and for the chest CT's
+# 16.8 mm solid nodule in the right lung one nodule, 17.3 mm in the right lung (P 1.00),
+# within 1.2 mm of its centre.
+CTA_SEED, FILM_SEED, MAMMO_SEED, NODULE_SEED = 7101, 20261124, 5007, 9008
+NODULE_MIN_MM = 14.0
+NODULE_DEMO_MM, NODULE_DEMO_LUNG = 17, "right"
+
+
+def _chest_nodule(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
+    from models.chest_ct_phantoms import chest_ct_phantom
+
+    ph = chest_ct_phantom(
+        np.random.default_rng(NODULE_SEED), nodules=1, kinds=("solid",), min_diameter_mm=NODULE_MIN_MM
+    )
+    return _write_ct(ph.hu, ph.spacing_zyx, out, accession, "CHEST", "CT CHEST WO CONTRAST")
 
 
 def _cta(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
     from models.cta_phantoms import cta_phantom
-    from models.dicom_writer import write_ct_series
 
     ph = cta_phantom(np.random.default_rng(CTA_SEED), lvo=True, side="left")
-    return write_ct_series(
-        ph.hu,
-        ph.spacing_zyx,
-        out,
-        accession=accession,
-        patient_id=f"DEMO-{accession}",
-        patient_name="Demo^Phantom",
-        body_part="HEAD",
-        series_description="CTA HEAD NECK",
-    )
+    return _write_ct(ph.hu, ph.spacing_zyx, out, accession, "HEAD", "CTA HEAD NECK")
 
 
 def _film(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
@@ -246,7 +249,17 @@ CASES = (
         True,
         expect_detail="BI-RADS 5",
     ),
-    DemoCase("chest CT", "unrouted", _chest),
+    DemoCase(
+        "chest CT, lung nodule",
+        "report",
+        _chest_nodule,
+        "",
+        "routine",
+        "NODULE",
+        True,
+        expect_detail=f"{NODULE_DEMO_MM} mm, {NODULE_DEMO_LUNG} lung",
+    ),
+    DemoCase("CT abdomen (no rule)", "unrouted", _abdomen),
 )
 
 
@@ -326,6 +339,13 @@ def finding_detail(finding: Finding) -> str:
     parts = []
     if finding.laterality in ("left", "right") and finding.laterality_probability is not None:
         parts.append(f"{finding.laterality} side (p {finding.laterality_probability:.2f})")
+    if finding.nodules:
+        parts.append(
+            ", ".join(
+                f"{n.diameter_mm:.0f} mm, {n.lung} lung (p {n.probability:.2f})" for n in finding.nodules[:3]
+            )
+            + (f" and {len(finding.nodules) - 3} more" if len(finding.nodules) > 3 else "")
+        )
     b = finding.birads
     if b is not None:
         parts.append(f"BI-RADS {b.category}" + (f", {b.side} breast" if b.side else ""))

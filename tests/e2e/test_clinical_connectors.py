@@ -166,6 +166,7 @@ def test_demo_shows_stat_orders_changing_the_lane(stack: Stack, tmp_path: Path) 
         "LVO",
         "CXR_CRITICAL",
         "BIRADS",
+        "NODULE",
     }
     # Where each positive finding is: the bleed's slices (its alert and report carry them),
     # the occlusion's side.
@@ -182,6 +183,17 @@ def test_demo_shows_stat_orders_changing_the_lane(stack: Stack, tmp_path: Path) 
         True,
     ), mammo
     assert mammo["detail"].startswith("BI-RADS 5, right breast"), mammo
+    # The chest CT's nodule: reported (routine, no alert) with its size and lung, as the
+    # phantom has it (the demo case states the size and lung it expects).
+    nodule = outcomes["chest CT, lung nodule"]
+    assert (nodule["route"], nodule["lanes"], nodule["alert"], nodule["report"]) == (
+        "nodule_detector",
+        ["routine"],
+        False,
+        True,
+    ), nodule
+    assert nodule["detail"].startswith(nodule["expect_detail"]) and " lung (p " in nodule["detail"], nodule
+    assert outcomes["CT abdomen (no rule)"]["route"] == "unrouted"
     cta = outcomes["CTA, left LVO, ED patient, no order"]
     assert cta["detail"].startswith("left side"), cta
     assert (cta["route"], cta["lanes"], cta["laterality"], cta["alert"]) == (

@@ -100,18 +100,19 @@ def test_bleed_raises_one_alert_and_normal_gets_a_report_only(stack: Stack, tmp_
     assert study_headers[0]["traceparent"].decode().split("-")[1] == alerts[0]["trace_id"]
 
 
-def test_chest_ct_is_reported_unrouted(stack: Stack, tmp_path: Path) -> None:
+def test_a_study_no_rule_takes_is_reported_unrouted(stack: Stack, tmp_path: Path) -> None:
     out = Outputs(stack.bootstrap)
+    # No rule reads an abdominal CT (routing looks at the headers, never the pixels).
     ph = chest_ct_phantom(np.random.default_rng(7))
     files = write_ct_series(
         ph.hu,
         ph.spacing_zyx,
         tmp_path,
-        accession="E2ECHEST",
+        accession="E2EABDO",
         patient_id="MRN7",
-        patient_name="Test^Chest",
-        body_part="CHEST",
-        series_description="CT CHEST WO CONTRAST",
+        patient_name="Test^Abdomen",
+        body_part="ABDOMEN",
+        series_description="CT ABDOMEN PELVIS WO CONTRAST",
     )
     uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert _storescu_send(stack, files).returncode == 0

@@ -54,7 +54,9 @@ def test_largest_matching_series_is_chosen() -> None:
 @pytest.mark.parametrize(
     ("modality", "body", "desc", "n"),
     [
-        ("CT", "CHEST", "CT CHEST WO CONTRAST", 60),  # another body part
+        ("CT", "ABDOMEN", "CT ABDOMEN PELVIS WO CONTRAST", 60),  # a body part no model reads
+        ("CT", "CHEST", "CT CHEST WO CONTRAST", 20),  # too few slices for a chest volume
+        ("CT", "CHEST", "CT CHEST MIP", 120),  # a reformat, not the volume
         ("MR", "HEAD", "AX FLAIR BRAIN", 30),  # another modality
         ("CT", "HEAD", "Head perfusion", 200),  # perfusion: neither ICH nor the LVO detector
         ("CT", "HEAD", "CTA HEAD NECK", 10),  # a handful of CTA images: a MIP or reformat
@@ -65,6 +67,14 @@ def test_largest_matching_series_is_chosen() -> None:
 )
 def test_studies_no_rule_takes_are_unrouted(modality: str, body: str, desc: str, n: int) -> None:
     assert route_study(study(series("1.1", modality, body, desc, n)), RULES) == []
+
+
+@pytest.mark.parametrize("body", ["CHEST", "LUNG", "THORAX"])
+def test_a_chest_ct_goes_to_the_nodule_detector_on_the_routine_lane(body: str) -> None:
+    routes = route_study(study(series("1.1", "CT", body, "CT CHEST WO CONTRAST", 120)), RULES)
+    assert [(r.rule.model, r.rule.finding, r.lane, r.rule.alert) for r in routes] == [
+        ("nodule_detector", "NODULE", "routine", "none")
+    ]
 
 
 def test_body_part_and_modality_match_case_insensitively() -> None:

@@ -1,9 +1,9 @@
 """Triton Python-backend model: the TorchScript network next to this file, any number of outputs.
 
 The same file serves every radtriage reference model (ich_classifier, lvo_detector,
-cxr_triage, mammo_birads): this is deploy/triton/python_backend/model.py, copied into each
-version directory by models/serving.py with the weights (a stock tritonserver needs it
-there); tests/unit/test_serving_configs.py holds every copy to this source. It reads the
+cxr_triage, mammo_birads, nodule_detector): this is deploy/triton/python_backend/model.py,
+copied into each version directory by models/serving.py with the weights (a stock
+tritonserver needs it there); tests/unit/test_serving_configs.py holds every copy to this source. It reads the
 input name and shape and the output names from the model's config; the TorchScript
 module returns one (N, ...) tensor per configured output, in the configured order, and
 each request gets its rows with the shape the module gave them.
@@ -15,6 +15,8 @@ each request gets its rows with the shape the module gave them.
     cxr_triage     volume FP32 [batch, 1, 256, 256]   -> probability [batch, 1]
     mammo_birads   volume FP32 [batch, 4, 256, 192]   -> probability [batch, 1],
                                                          birads_probabilities [batch, 4, 6]
+    nodule_detector volume FP32 [batch, 2, 96, 80, 128] -> probability [batch, 1],
+                                                         nodule_map [batch, 1, 96, 80, 128]
 
 All requests of a dynamic batch run as one forward pass and the outputs are split back
 per request. A request with a wrong shape or non-finite values gets its own error
