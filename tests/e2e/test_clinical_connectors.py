@@ -141,8 +141,46 @@ def test_stow_rs_series_flows_to_a_report_and_an_alert(stack: Stack, tmp_path: P
     assert len(study["series"][0]["instance_uris"]) == len(files)
 
 
+SNOMED = "http://snomed.info/sct"
+# What each route's positive report must be coded with (processors/fhir_report.py): the
+# finding's SNOMED CT concept in the report's conclusionCode, the model in every Observation.
+CONCLUSION_CODES = {
+    "ICH": "1386000",  # Intracranial hemorrhage
+    "LVO": "20059004",  # Occlusion of cerebral artery
+    "CXR_CRITICAL": "36118008",  # Pneumothorax
+    "BIRADS": "397145000",  # Mammography assessment (Category 5)
+    "NODULE": "786838002",  # Pulmonary nodule
+}
+
+
+def _codes(concept: dict) -> set[tuple[str, str]]:  # type: ignore[type-arg]
+    return {(c.get("system", ""), c.get("code", "")) for c in concept.get("coding", [])}
+
+
+def _check_report_codes(outcome: dict, bundle: dict) -> None:  # type: ignore[type-arg]
+    report, *observations = [e["resource"] for e in bundle["entry"]]
+    assert report["resourceType"] == "DiagnosticReport" and report["status"] == "preliminary"
+    assert (SNOMED, CONCLUSION_CODES[outcome["finding"]]) in _codes(report["conclusionCode"][0]), report
+    assert [r["reference"] for r in report["result"]] == [e["fullUrl"] for e in bundle["entry"][1:]]
+    for obs in observations:
+        assert obs["device"]["display"] == f"{outcome['route']} version 1", obs
+    if outcome["finding"] == "NODULE":
+        # One Observation per nodule, members of the finding's: coded, sized, in its lung.
+        finding_obs, *nodules = observations
+        members = [m["reference"] for m in finding_obs["hasMember"]]
+        assert members == [e["fullUrl"] for e in bundle["entry"][2:]]
+        assert nodules and all((SNOMED, "786838002") in _codes(n["code"]) for n in nodules)
+        top = nodules[0]
+        assert (SNOMED, "3341006") in _codes(top["bodySite"]) and top["valueQuantity"]["code"] == "mm"
+        diameter = [c for c in top["component"] if (SNOMED, "81827009") in _codes(c["code"])]
+        assert len(diameter) == 1 and 14.0 <= diameter[0]["valueQuantity"]["value"] <= 22.0, top
+    elif outcome["finding"] != "BIRADS":
+        assert (SNOMED, CONCLUSION_CODES[outcome["finding"]]) in _codes(observations[0]["code"])
+
+
 def test_demo_shows_stat_orders_changing_the_lane(stack: Stack, tmp_path: Path) -> None:
     result = tmp_path / "demo.json"
+    out = Outputs(stack.bootstrap)
     ran = subprocess.run(
         [sys.executable, "-m", "radtriage.cli", "demo", "--json", str(result)],
         env=stack.env,
@@ -209,6 +247,14 @@ def test_demo_shows_stat_orders_changing_the_lane(stack: Stack, tmp_path: Path) 
         True,
         False,
     )
+    # A study of each kind reached its model and its report carries the right codes.
+    positives = [o for o in outcomes.values() if o["expected"] != "unrouted" and o["positive"]]
+    assert {o["finding"] for o in positives} == set(CONCLUSION_CODES)
+    out.poll_until(lambda: all(out.of("triage.results.fhir", o["study_uid"]) for o in positives))
+    for o in positives:
+        results = out.of("triage.results.fhir", o["study_uid"])
+        assert results and {r["finding"] for r in results} == {o["finding"]}, (o["case"], results)
+        _check_report_codes(o, results[-1]["bundle"])
 
 
 def test_no_phi_on_any_topic_log_or_trace(stack: Stack) -> None:
