@@ -200,6 +200,10 @@ def _probability(value: float) -> dict[str, Any]:
     return {"value": round(value, 4), "unit": "probability", "system": UCUM, "code": "1"}
 
 
+def _mm(value: float) -> dict[str, Any]:
+    return {"value": value, "unit": "mm", "system": UCUM, "code": "mm"}
+
+
 def build_observation(finding: Finding, observation_id: str) -> Observation:
     words, snomed, snomed_display = FINDINGS[finding.finding]
     coding: list[dict[str, str]] = [
@@ -288,12 +292,24 @@ def slice_range_components(finding: Finding) -> list[dict[str, Any]]:
                 "text": "Affected slices: position along the slice normal (patient z for axial), mm",
             },
             "valueRange": {
-                "low": {"value": r.first_position_mm, "unit": "mm", "system": UCUM, "code": "mm"},
-                "high": {"value": r.last_position_mm, "unit": "mm", "system": UCUM, "code": "mm"},
+                "low": _mm(r.first_position_mm),
+                "high": _mm(r.last_position_mm),
             },
         }
     )
     return out
+
+
+def _side_concept(side: str) -> dict[str, Any]:
+    snomed, radlex = SIDES[side]
+    display = side.capitalize()
+    return {
+        "coding": [
+            {"system": SNOMED, "code": snomed, "display": display},
+            {"system": RADLEX, "code": radlex, "display": display},
+        ],
+        "text": display,
+    }
 
 
 def laterality_components(finding: Finding) -> list[dict[str, Any]]:
@@ -303,27 +319,11 @@ def laterality_components(finding: Finding) -> list[dict[str, Any]]:
     if not _sided(finding):
         return []
     assert finding.laterality is not None and finding.laterality_probability is not None
-    snomed, radlex = SIDES[finding.laterality]
-    display = finding.laterality.capitalize()
     return [
-        {
-            "code": LATERALITY_CODE,
-            "valueCodeableConcept": {
-                "coding": [
-                    {"system": SNOMED, "code": snomed, "display": display},
-                    {"system": RADLEX, "code": radlex, "display": display},
-                ],
-                "text": display,
-            },
-        },
+        {"code": LATERALITY_CODE, "valueCodeableConcept": _side_concept(finding.laterality)},
         {
             "code": {"text": f"Probability of the {finding.laterality} side (AI triage)"},
-            "valueQuantity": {
-                "value": round(finding.laterality_probability, 4),
-                "unit": "probability",
-                "system": UCUM,
-                "code": "1",
-            },
+            "valueQuantity": _probability(finding.laterality_probability),
         },
     ]
 
@@ -341,10 +341,6 @@ def nodules_text(nodules: tuple[LungNodule, ...]) -> str:
 def nodule_observation_ids(finding: Finding) -> list[str]:
     base = f"{finding.study_uid}/{finding.finding}/nodule"
     return [str(uuid.uuid5(_ID_NAMESPACE, f"{base}/{i}")) for i in range(len(finding.nodules or ()))]
-
-
-def _mm(value: float) -> dict[str, Any]:
-    return {"value": value, "unit": "mm", "system": UCUM, "code": "mm"}
 
 
 def build_nodule_observations(finding: Finding) -> list[Observation]:
@@ -434,7 +430,7 @@ def birads_components(finding: Finding) -> list[dict[str, Any]]:
         },
         {
             "code": code("birads-category-probability", "Probability of the suggested BI-RADS category"),
-            "valueQuantity": {"value": b.probability, "unit": "probability", "system": UCUM, "code": "1"},
+            "valueQuantity": _probability(b.probability),
         },
     ]
     for side, category in (("right", b.right_category), ("left", b.left_category)):
@@ -447,20 +443,7 @@ def birads_components(finding: Finding) -> list[dict[str, Any]]:
             }
         )
     if b.side is not None:
-        snomed, radlex = SIDES[b.side]
-        display = b.side.capitalize()
-        out.append(
-            {
-                "code": LATERALITY_CODE,
-                "valueCodeableConcept": {
-                    "coding": [
-                        {"system": SNOMED, "code": snomed, "display": display},
-                        {"system": RADLEX, "code": radlex, "display": display},
-                    ],
-                    "text": display,
-                },
-            }
-        )
+        out.append({"code": LATERALITY_CODE, "valueCodeableConcept": _side_concept(b.side)})
     return out
 
 

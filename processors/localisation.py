@@ -136,15 +136,16 @@ def slice_range(first: int, last: int, geometry: SeriesGeometry) -> SliceRange:
 
 def localise(
     maps: Mapping[str, np.ndarray],
-    geometry: SeriesGeometry | None,
+    geometry: object,
     positive: bool,
     threshold: float | None = None,
 ) -> SliceRange | None:
     """The slice range of a finding, from the model's multi-value outputs; None for a
-    negative finding, a model without `localisation_map` or a series without geometry.
+    negative finding, a model without `localisation_map` or a series without slice
+    geometry (None, or another model's kind: processors.model_inputs.ModelGeometry).
     `threshold`: the rule's localisation_threshold, CELL_THRESHOLD when it has none."""
     cell_map = maps.get(LOCALISATION_OUTPUT)
-    if not positive or cell_map is None or geometry is None:
+    if not positive or cell_map is None or not isinstance(geometry, SeriesGeometry):
         return None
     profile = slice_profile(cell_map)
     first, last = affected_cells(profile, CELL_THRESHOLD if threshold is None else threshold)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
@@ -168,7 +169,7 @@ def find_nodules(
     return found[:max_nodules]
 
 
-def lung_of(centre_lps_mm: Sequence[float]) -> str:
+def lung_of(centre_lps_mm: Sequence[float]) -> Literal["left", "right"]:
     """The lung a centre is in: DICOM patient +x is the patient's left."""
     return "left" if float(centre_lps_mm[0]) > 0.0 else "right"
 
@@ -191,11 +192,13 @@ def nodules_of(
     if not found:
         raise ValueError(f"positive at threshold {threshold} but the nodule map has no voxel at or above it")
     return tuple(
+        # find_nodules' map is clipped to [0, 1] and a component's voxels are >= the
+        # threshold (> 0), so the probability and diameter are in the schema's ranges.
         LungNodule(
             centre_lps_mm=n.centre_lps_mm,
-            diameter_mm=max(n.diameter_mm, 0.1),
-            probability=min(max(n.probability, 0.0), 1.0),
-            lung=lung_of(n.centre_lps_mm),  # type: ignore[arg-type]
+            diameter_mm=n.diameter_mm,
+            probability=n.probability,
+            lung=lung_of(n.centre_lps_mm),
         )
         for n in found
     )

@@ -27,7 +27,7 @@ from connectors.blobstore import LocalBlobStore
 from processors.birads import birads_of
 from processors.fhir_report import build_result_bundle
 from processors.laterality import side_of
-from processors.localisation import SeriesGeometry, localise
+from processors.localisation import localise
 from processors.nodules import nodules_of
 from processors.preprocess_pool import LanePools
 from processors.triton_client import InferenceError, TritonModelClient
@@ -634,8 +634,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
             positive = result.probability >= req.threshold
             side = side_of(result.outputs, positive)
             try:
-                series_geometry = geometry if isinstance(geometry, SeriesGeometry) else None
-                slices = localise(result.maps, series_geometry, positive, req.localisation_threshold)
+                slices = localise(result.maps, geometry, positive, req.localisation_threshold)
             except ValueError as exc:  # a malformed map costs the finding its range, not the study
                 log.warning("no slice range for %s: %s", req.study_uid, exc)
                 slices = None

@@ -90,6 +90,14 @@ async def _through_the_lane_client(
     return [(r.probability, r.model_version) for r in await _lane_results(url, model, tensors)]
 
 
+def _assert_ready(url: str, model: str) -> None:
+    client = InferenceServerClient(url)
+    try:
+        assert client.is_model_ready(model)
+    finally:
+        client.close()
+
+
 async def _lane_results(url: str, model: str, tensors: list[np.ndarray]) -> list[Inference]:
     client = TritonModelClient(url, timeout_s=60)
     try:
@@ -169,11 +177,7 @@ def test_lvo_detector_loads_answers_a_batch_and_separates_lvo(triton_grpc_url: s
 def test_cxr_triage_loads_answers_a_batch_and_separates_pneumothorax(
     triton_grpc_url: str, tmp_path: Path
 ) -> None:
-    client = InferenceServerClient(triton_grpc_url)
-    try:
-        assert client.is_model_ready("cxr_triage")
-    finally:
-        client.close()
+    _assert_ready(triton_grpc_url, "cxr_triage")
     cases = _cxr_cases(tmp_path)
     labels = np.array([y for y, _ in cases])
     tensors = [t for _, t in cases]
@@ -205,11 +209,7 @@ def _mammo_cases(tmp_path: Path) -> list[tuple[int, str | None, np.ndarray]]:
 def test_mammo_birads_loads_answers_a_batch_and_separates_suspicious_studies(
     triton_grpc_url: str, tmp_path: Path
 ) -> None:
-    client = InferenceServerClient(triton_grpc_url)
-    try:
-        assert client.is_model_ready("mammo_birads")
-    finally:
-        client.close()
+    _assert_ready(triton_grpc_url, "mammo_birads")
     cases = _mammo_cases(tmp_path)
     labels = np.array([int(c >= 4) for c, _, _ in cases])
     tensors = [t for _, _, t in cases]
@@ -250,11 +250,7 @@ def _chest_cases(tmp_path: Path) -> list[tuple[list, np.ndarray, NoduleGeometry]
 def test_nodule_detector_loads_answers_a_batch_and_finds_nodules_where_they_are(
     triton_grpc_url: str, tmp_path: Path
 ) -> None:
-    client = InferenceServerClient(triton_grpc_url)
-    try:
-        assert client.is_model_ready("nodule_detector")
-    finally:
-        client.close()
+    _assert_ready(triton_grpc_url, "nodule_detector")
     cases = _chest_cases(tmp_path)
     labels = np.array([int(bool(truths)) for truths, _, _ in cases])
     tensors = [t for _, t, _ in cases]
