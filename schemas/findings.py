@@ -128,6 +128,13 @@ class Finding(Event):
     # processors.nodules.MAX_NODULES). Non-empty exactly for a positive finding: the
     # study's probability is the map's peak, so a positive study has a nodule.
     nodules: tuple[LungNodule, ...] | None = None
+    # Optional too: the series the model read, as a viewer names it (the report says so).
+    series_number: int | None = None
+    series_description: str = ""
+    # Optional too: the request whose finding this one replaces (a better series arrived
+    # after the study was first read; TriageRequest.amends_request_id). The report goes out
+    # again under the same id with status "amended"; an alert already sent is not repeated.
+    amends_request_id: str = ""
 
     @model_validator(mode="after")
     def _nodules_agree_with_positive(self) -> Self:

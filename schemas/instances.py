@@ -30,6 +30,26 @@ class InstanceEvent(Event):
     # The MRN is needed for the report's subject; names and birth dates never leave the connector.
     patient_id: str = ""
     blob_uri: str = ""
+    # What series selection (streams/routing.py) and memory admission need to know of the
+    # object, read from its header at intake (never pixel values). Defaults describe an
+    # event from before these fields: an image of unknown shape.
+    # False for an object without pixel data (a dose SR, a KOS, a PDF, a presentation
+    # state): stored and kept with its study, never routed to a model.
+    has_pixels: bool = True
+    # ImageType values, upper case (e.g. ORIGINAL, PRIMARY, AXIAL; LOCALIZER for a scout).
+    image_type: tuple[str, ...] = ()
+    # ConvolutionKernel (CT reconstruction kernel, e.g. "STANDARD", "BONE", "Hr40f"),
+    # multiple values joined with "\\".
+    convolution_kernel: str = ""
+    slice_thickness_mm: float | None = Field(default=None, ge=0.0)
+    series_number: int | None = None
+    instance_number: int | None = None
+    rows: int = Field(default=0, ge=0)
+    columns: int = Field(default=0, ge=0)
+    # NumberOfFrames (1 for a single-frame image, 0 for an object without pixels).
+    frames: int = Field(default=1, ge=0)
+    bits_allocated: int = Field(default=0, ge=0)
+    transfer_syntax_uid: str = ""
     source: Literal["dicom", "dicomweb"] = "dicom"
     calling_ae: str = ""
     association_id: str = ""

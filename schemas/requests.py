@@ -22,7 +22,13 @@ class TriageRequest(Event):
     accession_number: str = ""
     patient_id: str = ""
     series_uid: str
+    # The chosen series as a viewer names it (the report says which series was read).
+    series_number: int | None = None
+    series_description: str = ""
     instance_uris: tuple[str, ...]
+    # Decoded pixel bytes of the series (schemas/studies.SeriesRef.pixel_bytes): what the
+    # preprocessing pool admits work by (0: unknown, admitted as one series' worth).
+    pixel_bytes: int = Field(default=0, ge=0)
     lane: Lane
     rule_id: str
     model_name: str
@@ -41,3 +47,7 @@ class TriageRequest(Event):
     # Why this lane (streams/priority.py), and the lane it was upgraded from, if it was.
     lane_reason: str = ""
     upgraded_from: Lane | None = None
+    # A later series the rule prefers replaced the one an earlier request of this study
+    # and rule used (streams/routing.py): that request's id. Its finding is amended (the
+    # same report id, status "amended"), never alerted twice.
+    amends_request_id: str = ""

@@ -18,6 +18,25 @@ class SeriesRef(BaseModel):
     body_part: str = ""
     series_description: str = ""
     instance_uris: tuple[str, ...]
+    # Series-level header facts for series selection (streams/routing.py) and memory
+    # admission (processors/preprocess_pool.py), from the series' instances
+    # (schemas/instances.py); the defaults describe an event from before they existed.
+    series_number: int | None = None
+    has_pixels: bool = True
+    image_type: tuple[str, ...] = ()
+    convolution_kernel: str = ""
+    slice_thickness_mm: float | None = None
+    rows: int = 0
+    columns: int = 0
+    # Frames in the whole series (the sum over its instances; enhanced CT/MR: many per instance).
+    frames: int = 0
+    bits_allocated: int = 0
+
+    @property
+    def pixel_bytes(self) -> int:
+        """The series' decoded pixel data (what loading it costs before any reduction)."""
+        frames = self.frames or len(self.instance_uris)
+        return frames * self.rows * self.columns * max(self.bits_allocated, 16) // 8
 
 
 class StudyEvent(Event):
