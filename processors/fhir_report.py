@@ -162,7 +162,29 @@ def conclusion_text(finding: Finding) -> str:
         head += f" {birads_text(finding.birads)}."
     if finding.nodules:
         head += f" {nodules_text(finding.nodules)}."
+    head += f" {series_text(finding)}."
+    if finding.amends_request_id:
+        head += (
+            " Amended: the study was read again on a series the routing rule prefers, which"
+            " arrived after the first read; this replaces the earlier result."
+        )
     return head + " Preliminary machine triage for prioritisation only; a radiologist must review the study."
+
+
+def series_text(finding: Finding) -> str:
+    """Which series the model read, the way a viewer lists it (number, then description)."""
+    if finding.series_number is None and not finding.series_description:
+        return "Read on series " + finding.series_uid
+    number = f"series {finding.series_number}" if finding.series_number is not None else "the series"
+    described = f' "{finding.series_description}"' if finding.series_description else ""
+    return f"Read on {number}{described}"
+
+
+def report_status(finding: Finding) -> str:
+    """"amended" when the finding replaces an earlier one of the same study and model (the
+    same report id, a better series read), else "preliminary": never "final", no human
+    has read it."""
+    return "amended" if finding.amends_request_id else "preliminary"
 
 
 IMAGING_CATEGORY: list[dict[str, Any]] = [
@@ -184,7 +206,7 @@ def _observation_base(finding: Finding, observation_id: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "resourceType": "Observation",
         "id": observation_id,
-        "status": "preliminary",
+        "status": report_status(finding),
         "category": IMAGING_CATEGORY,
         "effectiveDateTime": finding.inferred_at.isoformat(),
         "method": {"text": f"{finding.model_name} version {finding.model_version} (Triton)"},
@@ -231,6 +253,14 @@ def build_observation(finding: Finding, observation_id: str) -> Observation:
             {"code": {"text": "DICOM Series Instance UID"}, "valueString": finding.series_uid},
         ],
     }
+    if finding.series_number is not None:
+        body["component"].append(
+            {"code": {"text": "DICOM Series Number"}, "valueInteger": finding.series_number}
+        )
+    if finding.series_description:
+        body["component"].append(
+            {"code": {"text": "DICOM Series Description"}, "valueString": finding.series_description}
+        )
     body["component"] += laterality_components(finding)
     body["component"] += slice_range_components(finding)
     body["component"] += birads_components(finding)
@@ -455,7 +485,7 @@ def build_report(finding: Finding, report_id: str, observation_id: str) -> Diagn
         "identifier": [
             {"system": "urn:dicom:uid", "value": f"urn:oid:{finding.study_uid}"},
         ],
-        "status": "preliminary",
+        "status": report_status(finding),
         "category": [
             {
                 "coding": [

@@ -20,3 +20,7 @@ class StudyContext(Event):
     patient_class_source: str = ""
     # Set once the patient-location stage has looked (found or not), so it is not asked twice.
     patient_checked: bool = False
+    # The route stage's decision (streams/routing.decide): the rules to run for this
+    # arrival of the study, each with the request id its finding amends ("" for a first
+    # read). None: every rule that matches (a context from before the field).
+    run_rules: dict[str, str] | None = None

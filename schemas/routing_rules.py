@@ -16,6 +16,58 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from schemas.requests import FindingCode, Lane
 
 
+class SeriesSelection(BaseModel):
+    """Which of a study's matching series a model reads, and which it prefers.
+
+    A study from a scanner holds a scout, thin and thick reconstructions, other kernels and
+    objects without pixels; the model was trained on one kind of them. A series is
+    *eligible* when it passes every filter below; among the eligible the one nearest
+    `prefer_slice_thickness_mm` is read, then the one with more images, then the lower
+    series number (a stated order, never "the largest": the largest is the thin recon or
+    the bone kernel, which the ICH model has never seen). A header the sender left empty
+    does not exclude a series (an old event, a minimal sender); it ranks after known ones.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # ImageType values a series must carry, all of them (e.g. ORIGINAL, PRIMARY, AXIAL).
+    image_type: list[str] = Field(default_factory=list)
+    # ImageType values that exclude a series: a scout (LOCALIZER) is never read.
+    exclude_image_type: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
+    # Regex (case-insensitive, searched) on ConvolutionKernel that excludes a series: a
+    # bone or lung kernel's edge enhancement looks like blood to a soft-tissue model.
+    exclude_kernel: str | None = None
+    # Reconstructed slice thickness the model was trained on, mm, both ends included.
+    slice_thickness_mm: tuple[float, float] | None = None
+    prefer_slice_thickness_mm: float | None = Field(default=None, gt=0.0)
+
+    @field_validator("exclude_kernel")
+    @classmethod
+    def _kernel_compiles(cls, value: str | None) -> str | None:
+        return _compiled(value)
+
+    @field_validator("image_type", "exclude_image_type")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [v.strip().upper() for v in values]
+
+    @field_validator("slice_thickness_mm")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError(f"slice_thickness_mm must be [min, max] with 0 <= min <= max, got {list(value)}")
+        return value
+
+
+def _compiled(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from exc
+    return value
+
+
 class RuleMatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -26,16 +78,12 @@ class RuleMatch(BaseModel):
     series_description: str | None = None
     exclude_series_description: str | None = None
     min_instances: int = Field(default=1, ge=1)
+    series: SeriesSelection = Field(default_factory=SeriesSelection)
 
     @field_validator("series_description", "exclude_series_description")
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from exc
-        return value
+        return _compiled(value)
 
 
 class Rule(BaseModel):

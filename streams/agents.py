@@ -57,7 +57,7 @@ from streams.app import TriageTopics, create_app, dead_letter, declare_topics, p
 from streams.join import AccessionState, Dispatch, PatientState, on_order, on_study, route_with_context
 from streams.priority import LaneDecision
 from streams.published_ledger import PublishedLedger, alert_key, finding_key, report_key
-from streams.routing import route_study
+from streams.routing import RoutedSeries, decide, request_id, route_study
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("radtriage.streams")
@@ -169,6 +169,9 @@ def build_pipeline(settings: Settings) -> Pipeline:
     # The order-study join: latest order + routed studies per accession number, and
     # each patient's location class from ADT (streams/join.py).
     orders = app.Table("orders-by-accession", default=None)
+    # Per study: what each rule last read (streams/routing.RoutedSeries), so a study that
+    # arrives again (one association per series) is read once per rule, or amended.
+    routed_series = app.Table("routed-series", default=None)
     patients = app.Table("patient-location", default=None)
     stat_patterns = tuple(settings.orders.stat_indications)
     # Studies already nudged for the quiet period, with the last_instance_at they were nudged at.
@@ -292,12 +295,52 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 },
             ),
         ) as span:
-            if not route_study(study, rules):
+            routes = route_study(study, rules)
+            if not routes:
                 metrics.STUDIES_UNROUTED.inc()
                 span.set_attribute("radtriage.route", "unrouted")
                 await _publish_unrouted(study)
                 return
-            await _forward_study(StudyContext(study=study), span)
+            raw = routed_series.get(study.study_uid) or {}
+            previous = {rule_id: RoutedSeries.model_validate(v) for rule_id, v in raw.items()}
+            decision = decide(routes, previous)
+            for rule_id in decision.unchanged:
+                await _audit_series_unchanged(study, rule_id, previous[rule_id])
+            if not decision.run:
+                span.set_attribute("radtriage.route", "unchanged")
+                return
+            await _forward_study(StudyContext(study=study, run_rules=decision.run), span)
+            # Recorded after the forward: a worker killed in between routes the study again
+            # on restart, and the request ids (from the ready time) let the ledgers drop the copy.
+            for route in routes:
+                if route.rule.id in decision.run:
+                    raw[route.rule.id] = RoutedSeries(
+                        series_uid=route.series.series_uid,
+                        instances=len(route.series.instance_uris),
+                        request_id=request_id(study.study_uid, route.rule.id, study.ready_at),
+                        at=study.ready_at,
+                    ).model_dump(mode="json")
+            routed_series[study.study_uid] = raw
+
+    async def _audit_series_unchanged(study: StudyEvent, rule_id: str, before: RoutedSeries) -> None:
+        await publish(
+            topics.audit,
+            study.study_uid,
+            AuditEvent(
+                study_uid=study.study_uid,
+                accession_number=study.accession_number,
+                stage="route",
+                decision="series_unchanged",
+                detail={
+                    "rule": rule_id,
+                    "series_uid": before.series_uid,
+                    "instances": before.instances,
+                    "request_id": before.request_id,
+                    "reason": "the series the rule prefers was already read; nothing to re-run",
+                },
+            ),
+            headers_for_current_span(),
+        )
 
     async def _forward_study(ctx: StudyContext, span: trace.Span) -> None:
         """Send a routable study on to the next join stage its ids allow, or route it now.
@@ -514,7 +557,25 @@ def build_pipeline(settings: Settings) -> Pipeline:
         # after a kill, run the model once between them: the findings topic says which ran.
         return bool(req.request_id) and await findings_ledger.already_sent(req.request_id, partition)
 
-    async def _audit_skip(req: TriageRequest, lane: str) -> None:
+    # Per (study, rule): the ready time of the newest request this worker has taken. A study
+    # read again on a better series (streams/routing.decide) must not have its amended
+    # finding overtaken by the older read finishing later. In memory: after a restart the
+    # worst case is one extra, older report, which the amended one follows.
+    latest_read: dict[tuple[str, str], datetime] = {}
+
+    def _note_latest(req: TriageRequest) -> None:
+        key = (req.study_uid, req.rule_id)
+        if key not in latest_read or latest_read[key] < req.ready_at:
+            latest_read[key] = req.ready_at
+        if len(latest_read) > 10_000:  # bounded: the oldest studies are long finished
+            for old in sorted(latest_read, key=latest_read.__getitem__)[:1_000]:
+                del latest_read[old]
+
+    def _superseded(req: TriageRequest) -> bool:
+        newest = latest_read.get((req.study_uid, req.rule_id))
+        return newest is not None and newest > req.ready_at
+
+    async def _audit_skip(req: TriageRequest, lane: str, decision: str = "skipped_already_done") -> None:
         await publish(
             topics.audit,
             req.study_uid,
@@ -522,7 +583,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 study_uid=req.study_uid,
                 accession_number=req.accession_number,
                 stage="infer",
-                decision="skipped_already_done",
+                decision=decision,
                 detail={"request_id": req.request_id, "lane": lane, "rule": req.rule_id},
             ),
             headers_for_current_span(),
@@ -536,6 +597,10 @@ def build_pipeline(settings: Settings) -> Pipeline:
             return
         if await _already_done(req, event.message.partition):
             await _audit_skip(req, lane)
+            return
+        _note_latest(req)
+        if _superseded(req):
+            await _audit_skip(req, lane, "skipped_superseded")
             return
         priority = settings.triton.lane_priority[req.lane]
         with tracer.start_as_current_span(
@@ -670,6 +735,9 @@ def build_pipeline(settings: Settings) -> Pipeline:
                 slice_range=slices,
                 birads=birads,
                 nodules=nodules,
+                series_number=req.series_number,
+                series_description=req.series_description,
+                amends_request_id=req.amends_request_id,
             )
             span.set_attribute("radtriage.probability", finding.probability)
             span.set_attribute("radtriage.positive", finding.positive)
@@ -677,6 +745,10 @@ def build_pipeline(settings: Settings) -> Pipeline:
             # claim first (no await before it), then check, so only one finding goes out.
             if req.request_id in finishing:
                 await _audit_skip(req, lane)
+                return
+            if _superseded(req):
+                # A better series of this study was taken while this one ran.
+                await _audit_skip(req, lane, "skipped_superseded")
                 return
             if req.request_id:
                 finishing.add(req.request_id)

@@ -25,6 +25,17 @@ class SeriesState(BaseModel):
     series_description: str = ""
     # SOP Instance UID -> blob URI; a re-sent instance replaces itself instead of doubling.
     instances: dict[str, str] = Field(default_factory=dict)
+    # Header facts for series selection, from the series' first instance (schemas/instances.py).
+    series_number: int | None = None
+    has_pixels: bool = True
+    image_type: tuple[str, ...] = ()
+    convolution_kernel: str = ""
+    slice_thickness_mm: float | None = None
+    rows: int = 0
+    columns: int = 0
+    bits_allocated: int = 0
+    # Frames over the series' distinct instances (an enhanced CT is one instance, many frames).
+    frames: int = 0
 
 
 class AssemblyState(BaseModel):
@@ -76,8 +87,18 @@ def add_instance(state: AssemblyState | None, event: InstanceEvent, traceparent:
             modality=event.modality,
             body_part=event.body_part,
             series_description=event.series_description,
+            series_number=event.series_number,
+            has_pixels=event.has_pixels,
+            image_type=event.image_type,
+            convolution_kernel=event.convolution_kernel,
+            slice_thickness_mm=event.slice_thickness_mm,
+            rows=event.rows,
+            columns=event.columns,
+            bits_allocated=event.bits_allocated,
         ),
     )
+    if event.sop_instance_uid not in series.instances:
+        series.frames += event.frames
     series.instances[event.sop_instance_uid] = event.blob_uri
     return state
 
@@ -116,6 +137,15 @@ def complete_study(
                 modality=s.modality,
                 body_part=s.body_part,
                 series_description=s.series_description,
+                series_number=s.series_number,
+                has_pixels=s.has_pixels,
+                image_type=s.image_type,
+                convolution_kernel=s.convolution_kernel,
+                slice_thickness_mm=s.slice_thickness_mm,
+                rows=s.rows,
+                columns=s.columns,
+                frames=s.frames,
+                bits_allocated=s.bits_allocated,
                 # Sorted for a stable event; geometry order is the loader's job (by position).
                 instance_uris=tuple(sorted(s.instances.values())),
             )

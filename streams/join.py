@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +24,7 @@ from schemas.orders import OrderEvent, PatientClass
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
 from streams.priority import LaneDecision, decide_lane, higher, merge_order
-from streams.routing import Route, build_request, route_study
+from streams.routing import Route, build_request, request_id, route_study
 
 
 class JoinedStudy(BaseModel):
@@ -66,7 +66,8 @@ class Dispatch:
 
     request: TriageRequest
     decision: LaneDecision
-    # "routed" for a study's first routing, "lane_upgraded" when a late order moved it.
+    # "routed" for a study's first routing, "reread_better_series" when a series the rule
+    # prefers arrived after it was read, "lane_upgraded" when a late order moved it.
     action: str
 
 
@@ -76,12 +77,6 @@ class JoinResult:
     dispatches: list[Dispatch] = field(default_factory=list)
     # Studies whose lane a late order confirmed but did not change (for the audit trail).
     unchanged: list[tuple[str, str, LaneDecision]] = field(default_factory=list)
-
-
-def request_id(study_uid: str, rule_id: str, ready_at: datetime) -> str:
-    """A routing decision's identity: a re-sent study (new ready time) is new work, an
-    upgraded copy of the same decision is not."""
-    return f"{study_uid}/{rule_id}/{ready_at.astimezone(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}"
 
 
 def _prune(state: AccessionState, now: datetime, retention_s: float) -> None:
@@ -116,15 +111,19 @@ def route_with_context(
     """Route a study and set each route's lane from its order and the patient's location."""
     dispatches = []
     for route in route_study(ctx.study, rules):
+        if ctx.run_rules is not None and route.rule.id not in ctx.run_rules:
+            continue  # this series was already read for the rule (streams/routing.decide)
+        amends = ctx.run_rules.get(route.rule.id, "") if ctx.run_rules is not None else ""
         decision = decide_for_route(route, order, ctx.patient_class, ctx.patient_class_source, stat_patterns)
         request = build_request(ctx.study, Route(rule=route.rule, series=route.series, lane=decision.lane))
         request = request.model_copy(
             update={
                 "request_id": request_id(ctx.study.study_uid, route.rule.id, ctx.study.ready_at),
                 "lane_reason": decision.reason,
+                "amends_request_id": amends,
             }
         )
-        dispatches.append(Dispatch(request, decision, "routed"))
+        dispatches.append(Dispatch(request, decision, "reread_better_series" if amends else "routed"))
     return dispatches
 
 
@@ -145,11 +144,14 @@ def on_study(
     _prune(state, now, retention_s)
     dispatches = route_with_context(ctx, rules, state.order, stat_patterns)
     if dispatches:
+        # A study read again on a better series keeps the other rules' requests: a late
+        # order must still be able to move those up.
+        before = state.studies.get(ctx.study.study_uid)
         state.studies[ctx.study.study_uid] = JoinedStudy(
             study_uid=ctx.study.study_uid,
             patient_class=ctx.patient_class,
             patient_class_source=ctx.patient_class_source,
-            requests={d.request.rule_id: d.request for d in dispatches},
+            requests=(before.requests if before else {}) | {d.request.rule_id: d.request for d in dispatches},
             joined_at=now,
         )
     return JoinResult(state, dispatches)

@@ -43,7 +43,9 @@ def test_noncontrast_head_ct_goes_to_ich_model_on_stat_lane() -> None:
     ]
 
 
-def test_largest_matching_series_is_chosen() -> None:
+def test_without_thickness_headers_the_series_with_more_images_is_chosen() -> None:
+    # An event from a sender that leaves SliceThickness empty: the stated preference cannot
+    # apply, so coverage decides (tests/unit/test_series_selection.py has the real shapes).
     routes = route_study(
         study(series("1.1", "CT", "HEAD", "Head 5mm", 24), series("1.2", "CT", "HEAD", "Head 1mm", 120)),
         RULES,
