@@ -127,6 +127,25 @@ class TritonModelClient:
         except InferenceServerException:
             return False
 
+    async def warm(self, model_name: str, model_version: str = "", priority: int = 0) -> float:
+        """One inference on zeros of the model's declared input shape, so the first study
+        does not pay for the model's first run (lazy allocation, backend start-up). Returns
+        the call's milliseconds; raises InferenceError when Triton cannot serve the model."""
+        try:
+            meta = await self._client.get_model_metadata(model_name, model_version, headers=self._auth)
+        except InferenceServerException as exc:
+            raise InferenceError(f"Triton {self._url} model {model_name}: {exc.message()}") from exc
+        (tensor,) = [t for t in meta.inputs if t.name == INPUT_NAME] or [meta.inputs[0]]
+        # The served models batch (max_batch_size > 0): the first axis is the batch, which
+        # infer_probability adds itself.
+        shape = [int(d) for d in tensor.shape][1:]
+        if any(d < 1 for d in shape):
+            raise InferenceError(f"model {model_name}: input shape {list(tensor.shape)} has a free axis")
+        started = time.perf_counter()
+        zeros = np.zeros(shape, dtype=np.float32)
+        await self.infer_probability(model_name, zeros, priority, None, model_version)
+        return (time.perf_counter() - started) * 1000.0
+
     async def infer_probability(
         self,
         model_name: str,

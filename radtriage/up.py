@@ -132,7 +132,7 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         worker = spawn("worker", ["worker"], settings)
         children.append(worker)
         with console.status("starting Faust workers (waiting for partition assignment)…"):
-            worker.wait_until(ready_file(settings).exists, 120, "partition assignment")
+            worker.wait_until(ready_file(settings).exists, 120, "partition assignment and warm-up")
         endpoints.append(("Faust worker", f"app '{settings.streams.app_id}', log {worker.log_file}"))
 
         scp = spawn("dicom-scp", ["dicom-scp"], settings)

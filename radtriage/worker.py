@@ -59,11 +59,28 @@ def run_worker(settings: Settings) -> None:
     marker.unlink(missing_ok=True)
     pipeline = build_pipeline(settings)
 
+    # Ready = partitions assigned AND every lane warm (streams/agents.py `warm`): `radtriage
+    # up` and the tests wait for the marker, and the first study must be as fast as the tenth.
+    progress = {"assigned": False, "warm": False}
+
+    def _mark_if_ready() -> None:
+        if all(progress.values()) and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("ready\n")
+            log.info("partitions assigned and lanes warm; worker ready")
+
     @pipeline.app.on_rebalance_complete.connect  # type: ignore[arg-type]  # mode's stub wants a sync signature
     async def _ready(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
-        # `radtriage up` and the tests wait for this before they report the stack ready.
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("ready\n")
-        log.info("partitions assigned; worker ready")
+        progress["assigned"] = True
+        _mark_if_ready()
+
+    @pipeline.app.task
+    async def _warm() -> None:
+        try:
+            await pipeline.warm()
+        except Exception:  # a cold lane is slower, not broken: serve anyway
+            log.exception("warm-up failed; the first studies pay for it")
+        progress["warm"] = True
+        _mark_if_ready()
 
     Worker(pipeline.app, loglevel="INFO", quiet=True).execute_from_commandline()

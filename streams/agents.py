@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -107,6 +108,8 @@ class Pipeline:
     app: faust.App
     topics: TriageTopics
     settings: Settings
+    # Start every lane's preprocessing processes and run every routed model once.
+    warm: Callable[[], Awaitable[None]]
 
 
 def _span_attrs(**attrs: Any) -> dict[str, Any]:
@@ -918,9 +921,20 @@ def build_pipeline(settings: Settings) -> Pipeline:
 
     preprocess = LanePools(settings.streams.lane_concurrency, settings.streams.preprocess_niceness)
 
-    @app.task
-    async def _warm_stat_pool() -> None:
-        await preprocess.warm("stat")
+    async def warm() -> None:
+        """Every lane able to serve at once: its preprocessing processes started (torch and
+        MONAI imported) and every routed model run once in Triton. The worker reports
+        ready only after this (radtriage/worker.py), so the first study is as fast as the
+        tenth. A model Triton cannot serve yet is logged, not fatal: the lanes retry it."""
+        started = time.monotonic()
+        await asyncio.gather(*(preprocess.warm(lane) for lane in settings.streams.lane_concurrency))
+        for rule in {(r.model, r.model_version): r for r in rules.rules}.values():
+            try:
+                ms = await triton.warm(rule.model, rule.model_version, settings.triton.lane_priority["stat"])
+                log.info("model %s v%s warmed in %.0f ms", rule.model, rule.model_version or "latest", ms)
+            except InferenceError as exc:
+                log.warning("model %s not warmed: %s", rule.model, exc)
+        log.info("lanes warm in %.1f s", time.monotonic() - started)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     def _stop_pools(sender: Any, **kwargs: Any) -> None:
@@ -933,7 +947,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         )
 
     _ = (assemble, route, patient_context, join, report, escalate, quiet_period_scan)
-    return Pipeline(app=app, topics=topics, settings=settings)
+    return Pipeline(app=app, topics=topics, settings=settings, warm=warm)
 
 
 def _order_detail(order: OrderEvent) -> dict[str, str | float | int | bool]:
