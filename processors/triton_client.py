@@ -142,8 +142,10 @@ class TritonModelClient:
         if any(d < 1 for d in shape):
             raise InferenceError(f"model {model_name}: input shape {list(tensor.shape)} has a free axis")
         started = time.perf_counter()
-        zeros = np.zeros(shape, dtype=np.float32)
-        await self.infer_probability(model_name, zeros, priority, None, model_version)
+        # Noise in [0, 1), not zeros: an all-zero input is not an image to every model (the
+        # mammography model reads all-zero views as absent and has nothing to answer).
+        noise = np.random.default_rng(0).random(shape, dtype=np.float32)
+        await self.infer_probability(model_name, noise, priority, None, model_version)
         return (time.perf_counter() - started) * 1000.0
 
     async def infer_probability(
@@ -186,7 +188,10 @@ class TritonModelClient:
             raise InferenceError(f"Triton {self._url} model {which}: {exc.message()}") from exc
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         response = result.get_response()
-        arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
+        try:
+            arrays = {o.name: result.as_numpy(o.name) for o in response.outputs}
+        except ValueError as exc:  # a response whose data does not fill its declared shape
+            raise InferenceError(f"model {model_name} returned a malformed output: {exc}") from exc
         probability, extras = read_outputs(model_name, arrays)
         return Inference(
             probability=probability,

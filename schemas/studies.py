@@ -10,17 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas.base import Event, utcnow
 
 
-class SeriesRef(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class SeriesHeaders(BaseModel):
+    """Series-level header facts for series selection (streams/routing.py) and memory
+    admission (processors/preprocess_pool.py), from the series' instances
+    (schemas/instances.py); the defaults describe an event from before they existed."""
 
-    series_uid: str
+    model_config = ConfigDict(extra="forbid")
+
     modality: str
     body_part: str = ""
     series_description: str = ""
-    instance_uris: tuple[str, ...]
-    # Series-level header facts for series selection (streams/routing.py) and memory
-    # admission (processors/preprocess_pool.py), from the series' instances
-    # (schemas/instances.py); the defaults describe an event from before they existed.
     series_number: int | None = None
     has_pixels: bool = True
     image_type: tuple[str, ...] = ()
@@ -31,6 +30,13 @@ class SeriesRef(BaseModel):
     # Frames in the whole series (the sum over its instances; enhanced CT/MR: many per instance).
     frames: int = 0
     bits_allocated: int = 0
+
+
+class SeriesRef(SeriesHeaders):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    series_uid: str
+    instance_uris: tuple[str, ...]
 
     @property
     def pixel_bytes(self) -> int:

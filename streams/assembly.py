@@ -14,28 +14,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.instances import InstanceEvent
-from schemas.studies import SeriesRef, StudyEvent
+from schemas.studies import SeriesHeaders, SeriesRef, StudyEvent
 
 
-class SeriesState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SeriesState(SeriesHeaders):
+    """A series being assembled: its headers (from its first instance; `frames` summed
+    over its distinct instances) and its instances so far."""
 
-    modality: str
-    body_part: str = ""
-    series_description: str = ""
     # SOP Instance UID -> blob URI; a re-sent instance replaces itself instead of doubling.
     instances: dict[str, str] = Field(default_factory=dict)
-    # Header facts for series selection, from the series' first instance (schemas/instances.py).
-    series_number: int | None = None
-    has_pixels: bool = True
-    image_type: tuple[str, ...] = ()
-    convolution_kernel: str = ""
-    slice_thickness_mm: float | None = None
-    rows: int = 0
-    columns: int = 0
-    bits_allocated: int = 0
-    # Frames over the series' distinct instances (an enhanced CT is one instance, many frames).
-    frames: int = 0
 
 
 class AssemblyState(BaseModel):
@@ -81,22 +68,10 @@ def add_instance(state: AssemblyState | None, event: InstanceEvent, traceparent:
     state.study_description = state.study_description or event.study_description
     state.received_at = min(state.received_at, event.received_at)
     state.last_instance_at = max(state.last_instance_at, event.received_at)
-    series = state.series.setdefault(
-        event.series_uid,
-        SeriesState(
-            modality=event.modality,
-            body_part=event.body_part,
-            series_description=event.series_description,
-            series_number=event.series_number,
-            has_pixels=event.has_pixels,
-            image_type=event.image_type,
-            convolution_kernel=event.convolution_kernel,
-            slice_thickness_mm=event.slice_thickness_mm,
-            rows=event.rows,
-            columns=event.columns,
-            bits_allocated=event.bits_allocated,
-        ),
-    )
+    # The series' headers from its first instance (InstanceEvent names them alike); frames
+    # are counted per distinct instance below.
+    headers = event.model_dump(include=set(SeriesHeaders.model_fields)) | {"frames": 0}
+    series = state.series.setdefault(event.series_uid, SeriesState(**headers))
     if event.sop_instance_uid not in series.instances:
         series.frames += event.frames
     series.instances[event.sop_instance_uid] = event.blob_uri
@@ -134,20 +109,9 @@ def complete_study(
         series=tuple(
             SeriesRef(
                 series_uid=uid,
-                modality=s.modality,
-                body_part=s.body_part,
-                series_description=s.series_description,
-                series_number=s.series_number,
-                has_pixels=s.has_pixels,
-                image_type=s.image_type,
-                convolution_kernel=s.convolution_kernel,
-                slice_thickness_mm=s.slice_thickness_mm,
-                rows=s.rows,
-                columns=s.columns,
-                frames=s.frames,
-                bits_allocated=s.bits_allocated,
                 # Sorted for a stable event; geometry order is the loader's job (by position).
                 instance_uris=tuple(sorted(s.instances.values())),
+                **s.model_dump(exclude={"instances"}),
             )
             for uid, s in sorted(state.series.items())
         ),

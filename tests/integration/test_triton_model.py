@@ -165,3 +165,25 @@ def test_a_rule_pinned_version_is_served_and_an_absent_one_is_refused_and_shown_
     assert status["lvo_detector"].up
     ready = ModelReadyCollector(settings, [("ich_classifier", "7"), ("lvo_detector", "1")])._read()
     assert ready == {"ich_classifier": False, "lvo_detector": True}
+
+
+def test_every_routed_model_warms_and_an_unknown_one_is_an_error(triton_grpc_url: str) -> None:
+    """What a worker does before it says ready (streams/agents.py `warm`): one inference per
+    routed model on zeros of the shape Triton declares for it."""
+    from schemas.routing_rules import RoutingRules
+
+    rules = RoutingRules.load(REPO_ROOT / "deploy" / "routing" / "rules.yaml")
+
+    async def run() -> dict[str, float]:
+        client = TritonModelClient(triton_grpc_url, timeout_s=30)
+        try:
+            warmed = {r.model: await client.warm(r.model, r.model_version) for r in rules.rules}
+            with pytest.raises(InferenceError, match="no_such_model"):
+                await client.warm("no_such_model")
+            return warmed
+        finally:
+            await client.close()
+
+    warmed = asyncio.run(run())
+    assert set(warmed) == {r.model for r in rules.rules}
+    assert all(ms > 0 for ms in warmed.values()), warmed
