@@ -9,11 +9,13 @@ from pydantic import Field
 
 from schemas.base import Event, utcnow
 
+AuditStage = Literal["route", "infer", "report", "alert"]
+
 
 class AuditEvent(Event):
     study_uid: str
     accession_number: str = ""
-    stage: Literal["route", "infer", "report", "alert"]
+    stage: AuditStage
     # e.g. "routed", "unrouted", "positive", "negative", "alert_sent", "alert_suppressed_duplicate"
     decision: str
     detail: dict[str, str | float | int | bool] = Field(default_factory=dict)

@@ -52,8 +52,10 @@ def eligible(sel: SeriesSelection, series: SeriesRef) -> bool:
         return False
     if image_type and not set(sel.image_type) <= image_type:
         return False
-    if sel.exclude_kernel and series.convolution_kernel and re.search(
-        sel.exclude_kernel, series.convolution_kernel, re.I
+    if (
+        sel.exclude_kernel
+        and series.convolution_kernel
+        and re.search(sel.exclude_kernel, series.convolution_kernel, re.I)
     ):
         return False
     thickness = series.slice_thickness_mm

@@ -1,0 +1,72 @@
+"""A model's answer for one request, as the finding the report and the alert are built from.
+
+Pure: the request, Triton's outputs and the series geometry in, a `Finding` out. The
+extras (side, slice range, BI-RADS category, nodules) are each read from the model's
+outputs by their own processor; a malformed extra costs the finding that extra (logged),
+never the study its probability or its report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from processors.birads import birads_of
+from processors.laterality import side_of
+from processors.localisation import localise
+from processors.nodules import nodules_of
+from processors.triton_client import Inference
+from schemas.findings import Finding
+from schemas.requests import TriageRequest
+
+if TYPE_CHECKING:  # the stream worker must not import torch/MONAI: model_inputs does
+    from processors.model_inputs import ModelGeometry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _extra(what: str, study_uid: str, read: Callable[[], T]) -> T | None:
+    try:
+        return read()
+    except ValueError as exc:
+        log.warning("no %s for %s: %s", what, study_uid, exc)
+        return None
+
+
+def build_finding(req: TriageRequest, result: Inference, geometry: ModelGeometry) -> Finding:
+    positive = result.probability >= req.threshold
+    side = side_of(result.outputs, positive)
+    uid = req.study_uid
+    slices = _extra(
+        "slice range", uid, lambda: localise(result.maps, geometry, positive, req.localisation_threshold)
+    )
+    birads = _extra("BI-RADS category", uid, lambda: birads_of(result.maps, req.threshold, positive))
+    nodules = _extra("nodule list", uid, lambda: nodules_of(result.maps, geometry, req.threshold, positive))
+    return Finding(
+        study_uid=req.study_uid,
+        accession_number=req.accession_number,
+        patient_id=req.patient_id,
+        series_uid=req.series_uid,
+        finding=req.finding,
+        probability=result.probability,
+        threshold=req.threshold,
+        positive=positive,
+        model_name=req.model_name,
+        model_version=result.model_version,
+        lane=req.lane,
+        rule_id=req.rule_id,
+        received_at=req.received_at,
+        ready_at=req.ready_at,
+        inference_ms=result.elapsed_ms,
+        request_id=req.request_id,
+        laterality=side.laterality,
+        laterality_probability=side.probability,
+        slice_range=slices,
+        birads=birads,
+        nodules=nodules,
+        series_number=req.series_number,
+        series_description=req.series_description,
+        amends_request_id=req.amends_request_id,
+    )

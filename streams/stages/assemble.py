@@ -1,0 +1,128 @@
+"""Assemble: `imaging.instances` -> `imaging.studies`.
+
+Instances fold into a per-study table (`assembly`, changelogged) with the pure functions
+of `streams/assembly.py`; a study is emitted when its sender releases the association
+(the connector's `transfer_complete` marker) or when it has been quiet for
+`streams.assembly_quiet_s` (a timer nudges it through its own partition, since table
+writes must happen in the partition's stream). An emitted study's state is kept for an
+hour: a late instance re-opens it and the next completion emits all of it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from faust.types import EventT
+
+from radtriage import metrics
+from radtriage.telemetry import context_from_headers, headers_for_current_span
+from schemas.base import EventDecodeError
+from schemas.instances import InstanceEvent
+from streams import assembly
+from streams.app import dead_letter, publish
+from streams.stages.common import consumer_span, each
+from streams.stages.context import PipelineContext
+
+
+def traceparent_of(headers: Any) -> str:
+    if not headers:
+        return ""
+    items = headers.items() if hasattr(headers, "items") else headers
+    for k, v in items:
+        if str(k).lower() == "traceparent":
+            return v.decode() if isinstance(v, bytes | bytearray) else str(v)
+    return ""
+
+
+def register(ctx: PipelineContext) -> None:
+    settings, topics = ctx.settings, ctx.topics
+    table = ctx.tables["assembly"] = ctx.app.Table("assembly", default=None)
+    # Studies already nudged for the quiet period, with the last_instance_at they were nudged at.
+    nudged: dict[str, str] = {}
+
+    async def assemble_one(event: EventT) -> None:
+        try:
+            inst = InstanceEvent.from_bytes(event.value)
+        except EventDecodeError as exc:
+            await dead_letter(topics, event, "assemble", str(exc))
+            return
+        raw = table.get(inst.study_uid)
+        state = assembly.AssemblyState.model_validate(raw) if raw else None
+        if inst.kind == "instance":
+            new = assembly.add_instance(state, inst, traceparent_of(event.headers))
+            table[inst.study_uid] = new.model_dump(mode="json")
+            return
+        if state is not None and state.emitted_at is not None:
+            if assembly.expired(state, datetime.now(UTC)):
+                del table[inst.study_uid]  # no late instance is expected any more
+                nudged.pop(inst.study_uid, None)
+            # Already emitted (a duplicate marker, or a nudge that raced the release).
+            return
+        if state is None:
+            return
+        if inst.kind == "quiet_period" and not assembly.is_quiet(
+            state, datetime.now(UTC), settings.streams.assembly_quiet_s
+        ):
+            return  # more instances arrived after the nudge was sent
+        reason = "transfer_complete" if inst.kind == "transfer_complete" else "quiet_period"
+        study_ctx = context_from_headers({"traceparent": state.traceparent}) if state.traceparent else None
+        with consumer_span(
+            ctx,
+            "assemble",
+            event,
+            context=study_ctx,
+            attrs={
+                "radtriage.study_uid": inst.study_uid,
+                "radtriage.ready_reason": reason,
+                "radtriage.series_count": len(state.series),
+            },
+        ):
+            # Ready at the completing event's own time (the sender's release, or the nudge),
+            # not at processing time: a worker killed after publishing the study but before its
+            # table update reached the changelog replays this event and emits the study again,
+            # and the same ready time gives the same request ids, which the published ledgers
+            # then recognise (a processing-time stamp made it new work: the cluster fault test
+            # saw a doubled finding and report that way).
+            study = assembly.complete_study(state, reason, now=inst.received_at)  # type: ignore[arg-type]
+            await publish(topics.studies, study.study_uid, study, headers_for_current_span())
+            metrics.observe_study_ready(study.ready_reason, study.received_at, study.ready_at)
+        # Kept, marked emitted, to catch late instances (assembly.AssemblyState.emitted_at).
+        table[inst.study_uid] = assembly.mark_emitted(state, study.ready_at).model_dump(mode="json")
+        nudged.pop(inst.study_uid, None)
+
+    @ctx.app.agent(topics.instances, name="assemble")
+    async def assemble(stream: faust.StreamT) -> None:
+        await each(ctx, stream, "assemble", assemble_one)
+
+    @ctx.app.timer(interval=settings.streams.assembly_scan_interval_s)
+    async def quiet_period_scan() -> None:
+        """Nudge studies that went quiet, and emitted ones past their retention."""
+        now = datetime.now(UTC)
+        metrics.STUDIES_ASSEMBLING.set(sum(1 for raw in table.values() if raw and not raw.get("emitted_at")))
+        for key, raw in list(table.items()):
+            if not raw:
+                continue
+            state = assembly.AssemblyState.model_validate(raw)
+            if assembly.expired(state, now):
+                if nudged.get(state.study_uid) != "expired":
+                    nudged[state.study_uid] = "expired"
+                    await publish(
+                        topics.instances,
+                        str(key),
+                        InstanceEvent(kind="quiet_period", study_uid=state.study_uid),
+                    )
+                continue
+            if state.emitted_at is not None:
+                continue
+            stamp = state.last_instance_at.isoformat()
+            if nudged.get(state.study_uid) != stamp and assembly.is_quiet(
+                state, now, settings.streams.assembly_quiet_s
+            ):
+                nudged[state.study_uid] = stamp
+                await publish(
+                    topics.instances, str(key), InstanceEvent(kind="quiet_period", study_uid=state.study_uid)
+                )
+
+    _ = (assemble, quiet_period_scan)

@@ -1,0 +1,80 @@
+"""Escalate: `triage.findings` -> `triage.alerts.ich` | `triage.alerts.stroke`.
+
+A positive finding of a rule with an alert channel becomes one alert per study and
+finding, whatever fails and restarts, and whatever series is read again: the alert id is
+(study, finding), and the alert ledger reads the alert topics back before sending
+(streams/published_ledger.py). Every decision, sent or suppressed, is on `triage.audit`.
+"""
+
+from __future__ import annotations
+
+import faust
+from faust.types import EventT
+
+from radtriage import metrics
+from radtriage.telemetry import current_trace_id, headers_for_current_span
+from schemas.alerts import Alert, alert_id
+from schemas.findings import Finding
+from streams.app import publish
+from streams.stages.common import audit, consumer_span, each
+from streams.stages.context import PipelineContext
+
+
+def alert_of(finding: Finding, key: str, trace_id: str) -> Alert:
+    return Alert(
+        alert_id=key,
+        study_uid=finding.study_uid,
+        accession_number=finding.accession_number,
+        finding=finding.finding,
+        probability=finding.probability,
+        threshold=finding.threshold,
+        model_name=finding.model_name,
+        model_version=finding.model_version,
+        lane=finding.lane,
+        received_at=finding.received_at,
+        ready_at=finding.ready_at,
+        trace_id=trace_id,
+        laterality=finding.laterality,
+        laterality_probability=finding.laterality_probability,
+        slice_range=finding.slice_range,
+    )
+
+
+def register(ctx: PipelineContext) -> None:
+    alert_for_model = {r.model: r.alert for r in ctx.rules.rules}
+
+    async def escalate_one(event: EventT) -> None:
+        finding = Finding.from_bytes(event.value)
+        channel = alert_for_model.get(finding.model_name, "none")
+        if not finding.positive or channel == "none":
+            return
+        key = alert_id(finding.study_uid, finding.finding)
+        topic = ctx.topics.alerts[channel]
+        attrs = {
+            "radtriage.study_uid": finding.study_uid,
+            "radtriage.finding": finding.finding,
+            "radtriage.lane": finding.lane,
+            "radtriage.model": finding.model_name,
+            "radtriage.probability": finding.probability,
+        }
+        # Processing a finding record; the alert's own PRODUCER span is its child.
+        with consumer_span(ctx, "alert", event, attrs=attrs) as span:
+            if await ctx.alerts_ledger.already_sent(key, event.message.partition):
+                span.set_attribute("radtriage.duplicate", True)
+                decision = "alert_suppressed_duplicate"
+                metrics.ALERTS_SUPPRESSED.labels(finding.finding).inc()
+            else:
+                alert = alert_of(finding, key, current_trace_id())
+                await publish(topic, finding.study_uid, alert, headers_for_current_span())
+                ctx.crash_if("crash_after_alert", key)
+                ctx.alerts_ledger.record(key)
+                decision = "alert_sent"
+                metrics.observe_alert(alert)
+            detail = {"alert_id": key, "topic": topic.get_topic_name()}
+            await audit(ctx, finding.study_uid, finding.accession_number, "alert", decision, detail)
+
+    @ctx.app.agent(ctx.topics.findings, name="escalate")
+    async def escalate(stream: faust.StreamT) -> None:
+        await each(ctx, stream, "escalate", escalate_one)
+
+    _ = escalate

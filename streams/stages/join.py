@@ -1,0 +1,120 @@
+"""Join: what the hospital says about a study's patient and order decides its lane.
+
+- `patient-context`: `imaging.encounters` (ADT) + `<app>-studies-by-patient` -> the
+  patient's location class (table `patient-location`), then on to the order join;
+- `join`: `imaging.orders` + `<app>-studies-by-accession` -> `triage.requests.<lane>`,
+  with the order known so far (table `orders-by-accession`); an order arriving after its
+  study moves that work up (`lane_upgraded`), never down.
+
+The pure decisions are in streams/join.py and streams/priority.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import faust
+from faust.types import EventT
+
+from schemas.base import EventDecodeError
+from schemas.encounters import EncounterEvent
+from schemas.join import StudyContext
+from schemas.orders import OrderEvent
+from streams.app import dead_letter
+from streams.join import AccessionState, PatientState, on_order, on_study
+from streams.priority import LaneDecision
+from streams.stages.common import Detail, audit, consumer_span, each
+from streams.stages.context import PipelineContext
+from streams.stages.dispatch import dispatch, order_detail
+from streams.stages.route import forward_study
+
+
+def register(ctx: PipelineContext) -> None:
+    settings, topics, rules = ctx.settings, ctx.topics, ctx.rules
+    orders = ctx.tables["orders-by-accession"] = ctx.app.Table("orders-by-accession", default=None)
+    patients = ctx.tables["patient-location"] = ctx.app.Table("patient-location", default=None)
+
+    async def patient_context_one(event: EventT) -> None:
+        if event.message.topic == settings.topics.encounters:
+            try:
+                enc = EncounterEvent.from_bytes(event.value)
+            except EventDecodeError as exc:
+                await dead_letter(topics, event, "join.patient", str(exc))
+                return
+            patients[enc.patient_id] = PatientState(
+                patient_class=enc.patient_class, source=f"{enc.source} {enc.message_type}", at=enc.received_at
+            ).model_dump(mode="json")
+            return
+        try:
+            study_ctx = StudyContext.from_bytes(event.value)
+        except EventDecodeError as exc:
+            await dead_letter(topics, event, "join.patient", str(exc))
+            return
+        with consumer_span(
+            ctx, "join.patient", event, attrs={"radtriage.study_uid": study_ctx.study.study_uid}
+        ) as span:
+            raw = patients.get(study_ctx.study.patient_id)
+            update: dict[str, object] = {"patient_checked": True}
+            if raw:
+                known = PatientState.model_validate(raw)
+                update |= {"patient_class": known.patient_class, "patient_class_source": known.source}
+                span.set_attribute("radtriage.patient_class", known.patient_class)
+            await forward_study(ctx, study_ctx.model_copy(update=update), span)
+
+    async def join_one(event: EventT) -> None:
+        is_order = event.message.topic == settings.topics.orders
+        try:
+            incoming: OrderEvent | StudyContext = (
+                OrderEvent.from_bytes(event.value) if is_order else StudyContext.from_bytes(event.value)
+            )
+        except EventDecodeError as exc:
+            await dead_letter(topics, event, "join.order", str(exc))
+            return
+        key = (
+            incoming.accession_number if isinstance(incoming, OrderEvent) else incoming.study.accession_number
+        )
+        raw = orders.get(key)
+        state = AccessionState.model_validate(raw) if raw else None
+        now, retention = datetime.now(UTC), settings.orders.join_retention_s
+        side = {"radtriage.side": "order" if is_order else "study", "radtriage.accession_number": key}
+        with consumer_span(ctx, "join.order", event, attrs=side) as span:
+            if isinstance(incoming, OrderEvent):
+                result = on_order(state, incoming, rules, ctx.stat_patterns, now, retention)
+                span.set_attribute("radtriage.upgrades", len(result.dispatches))
+                for decided in result.dispatches:
+                    joined = result.state.studies[decided.request.study_uid]
+                    await dispatch(
+                        ctx, decided, joined.patient_class, joined.patient_class_source, result.state.order
+                    )
+                for study_uid, lane, decision in result.unchanged:
+                    await audit_unchanged(study_uid, key, lane, decision, result.state.order)
+            else:
+                span.set_attribute("radtriage.study_uid", incoming.study.study_uid)
+                result = on_study(state, incoming, rules, ctx.stat_patterns, now, retention)
+                for decided in result.dispatches:
+                    await dispatch(
+                        ctx,
+                        decided,
+                        incoming.patient_class,
+                        incoming.patient_class_source,
+                        result.state.order,
+                    )
+            orders[key] = result.state.model_dump(mode="json")
+
+    async def audit_unchanged(
+        study_uid: str, accession: str, lane: str, decision: LaneDecision, order: OrderEvent | None
+    ) -> None:
+        detail: Detail = {"lane": lane, "order_would_set": decision.lane, "lane_reason": decision.reason}
+        if order is not None:
+            detail.update(order_detail(order))
+        await audit(ctx, study_uid, accession, "route", "lane_unchanged", detail)
+
+    @ctx.app.agent(topics.patient_side, name="patient-context")
+    async def patient_context(stream: faust.StreamT) -> None:
+        await each(ctx, stream, "join.patient", patient_context_one)
+
+    @ctx.app.agent(topics.accession_side, name="join")
+    async def join(stream: faust.StreamT) -> None:
+        await each(ctx, stream, "join.order", join_one)
+
+    _ = (patient_context, join)

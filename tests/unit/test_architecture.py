@@ -1,0 +1,42 @@
+"""docs/ARCHITECTURE.md's stage table is the pipeline the app registers (no Kafka needed:
+building the Faust app only declares agents, topics and tables)."""
+
+from __future__ import annotations
+
+import re
+
+from radtriage.settings import REPO_ROOT, Settings
+from streams.agents import build_pipeline
+
+LANES = ("stat", "urgent", "routine")
+
+
+def _table() -> dict[str, tuple[str, set[str]]]:
+    """agent -> (stage module, its input topics) from the doc's 'Stages and their topics'."""
+    text = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    section = text.split("## Stages and their topics", 1)[1].split("\n## ", 1)[0]
+    rows: dict[str, tuple[str, set[str]]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not cells[0].startswith("`"):
+            continue
+        module, agents, inputs = cells[0], re.findall(r"`([^`]+)`", cells[1]), re.findall(r"`([^`]+)`", cells[2])
+        for agent in agents:
+            lane = agent.removeprefix("infer-") if agent.startswith("infer-") else ""
+            rows[agent] = (module.strip("`"), {t.replace("<lane>", lane) for t in inputs})
+    return rows
+
+
+def test_the_documented_stages_are_the_registered_agents_with_their_topics() -> None:
+    settings = Settings()
+    app = build_pipeline(settings).app
+    documented = _table()
+    registered = {}
+    for name, agent in app.agents.items():
+        short = name.rsplit(".", 1)[-1] if name not in documented else name
+        topics = set(agent.channel.topics) if hasattr(agent.channel, "topics") else set()
+        registered[short] = {t.replace(settings.streams.app_id + "-", "<app>-") for t in topics}
+    assert set(registered) == set(documented), (sorted(registered), sorted(documented))
+    for agent, (module, inputs) in documented.items():
+        assert registered[agent] == inputs, (agent, module, registered[agent], inputs)
+        assert (REPO_ROOT / "streams" / "stages" / module).exists(), module
