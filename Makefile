@@ -3,7 +3,7 @@
 VENV ?= $(or $(RADTRIAGE_VENV),$(HOME)/.cache/radtriage/venv)
 PY := $(VENV)/bin/python
 
-.PHONY: install up demo test lint
+.PHONY: install up demo test lint lint-only
 
 install:
 	@scripts/install.sh
@@ -14,12 +14,15 @@ up: install
 demo: install
 	@$(VENV)/bin/radtriage demo
 
-# Unit, integration and end-to-end tests; the session fixtures start (and stop) a
-# real Kafka broker and a real Triton server.
+# Lint, then unit, integration and end-to-end tests; the session fixtures start (and
+# stop) a real Kafka broker and a real Triton server.
 test:
 	@scripts/install.sh --test
+	@$(MAKE) --no-print-directory lint-only
 	@$(PY) -m pytest
 
-lint: install
+lint: install lint-only
+
+lint-only:
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy radtriage connectors streams processors models schemas

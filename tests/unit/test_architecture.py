@@ -20,7 +20,11 @@ def _table() -> dict[str, tuple[str, set[str]]]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 5 or not cells[0].startswith("`"):
             continue
-        module, agents, inputs = cells[0], re.findall(r"`([^`]+)`", cells[1]), re.findall(r"`([^`]+)`", cells[2])
+        module, agents, inputs = (
+            cells[0],
+            re.findall(r"`([^`]+)`", cells[1]),
+            re.findall(r"`([^`]+)`", cells[2]),
+        )
         for agent in agents:
             lane = agent.removeprefix("infer-") if agent.startswith("infer-") else ""
             rows[agent] = (module.strip("`"), {t.replace("<lane>", lane) for t in inputs})
