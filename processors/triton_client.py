@@ -132,7 +132,9 @@ class TritonModelClient:
         does not pay for the model's first run (lazy allocation, backend start-up). Returns
         the call's milliseconds; raises InferenceError when Triton cannot serve the model."""
         try:
-            meta = await self._client.get_model_metadata(model_name, model_version, headers=self._auth)
+            meta = await self._client.get_model_metadata(
+                model_name, model_version, headers=self._auth, client_timeout=self._timeout_s
+            )
         except InferenceServerException as exc:
             raise InferenceError(f"Triton {self._url} model {model_name}: {exc.message()}") from exc
         (tensor,) = [t for t in meta.inputs if t.name == INPUT_NAME] or [meta.inputs[0]]
