@@ -88,6 +88,45 @@ _BONE_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _BONE_STRUCTURE[1] = True
 _BONE_STRUCTURE[:, 1, 1] = True
 
+# --- Working grids: how coarse a volume each model's preprocessing can start from ------------
+#
+# A scanner's 0.6 mm, 512 x 512 series is ~10x finer per axis than the models' grids; reading
+# it at full resolution cost 17.9 GB for a 240-slice head (issue 16). So each CT model
+# declares the pooling the loader may apply (processors.dicom_volume.load_series(pool=...)):
+# integer area-averaging factors, k = n // working grid per axis (>= 1). A series at or
+# below the working grid (every training phantom) is read at full resolution: exactly the
+# path the models were trained on.
+#
+# ICH: twice the model grid per axis. The final resize still shrinks by ~1.5-2.5x (anti-aliased,
+# now at the working grid: cheap), so the model sees averaged noise, as before.
+ICH_WORKING_GRID: tuple[int, int, int] = (64, 192, 192)
+# LVO: twice in-plane, four times along z. The slab MIP keeps a 2-4 mm vessel at full
+# brightness only if it is not averaged away first: M1 runs in the axial plane, so z
+# averaging stops at ~2 mm (a 0.6 mm CTA of 400 slices: 3 slices), not at ~4 mm.
+LVO_WORKING_GRID: tuple[int, int, int] = (128, 192, 192)
+# Chest CT: the nodule preprocessing box-averages to its 2.5 mm grid anyway; on axes longer
+# than this the loader does that averaging (by the same integer kernel) instead of it.
+NODULE_FULL_RESOLUTION_MAX = 256
+
+
+def _pool_to(grid: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
+    k = [max(1, int(n) // int(g)) for n, g in zip(shape, grid, strict=True)]
+    return (k[0], k[1], k[2])
+
+
+def ich_pooling(
+    shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The ICH model's loader pooling (see ICH_WORKING_GRID); spacing does not matter to it."""
+    return _pool_to(ICH_WORKING_GRID, shape_zyx)
+
+
+def lvo_pooling(
+    shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The LVO model's loader pooling (see LVO_WORKING_GRID)."""
+    return _pool_to(LVO_WORKING_GRID, shape_zyx)
+
 
 def preprocess_head_ct(volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None = None) -> np.ndarray:
     """A head CT in HU, (z, y, x) → float32 array of ICH_INPUT_SHAPE with values in [0, 1].
@@ -428,7 +467,9 @@ def _radiograph(
     if not np.isfinite(pixels).all():
         raise ValueError("image contains NaN or infinity")
     lo, hi = np.percentile(pixels, CXR_PERCENTILES)
-    x = torch.from_numpy(np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0))[None]
+    # np.float32(lo): percentile returns float64 scalars, which numpy 2 (unlike the pinned
+    # 1.26) promotes the whole image with: a float64 copy of a 3000 x 2400 detector image.
+    x = torch.from_numpy(np.clip((pixels - np.float32(lo)) / max(float(hi - lo), 1e-6), 0.0, 1.0))[None]
     if mask is not None:
         x = torch.cat([x, torch.from_numpy(mask.astype(np.float32))[None]])
     with torch.no_grad():
@@ -487,7 +528,8 @@ def preprocess_mammo_view(
     lo, hi = np.percentile(image, MAMMO_PERCENTILES)
     if float(hi - lo) <= 1e-6 * max(abs(float(hi)), 1.0):
         raise ValueError("image has no contrast (its pixels are all but constant): nothing to read")
-    x = torch.from_numpy(np.clip((image - lo) / float(hi - lo), 0.0, 1.0))[None]
+    # float32 throughout (see _radiograph: numpy 2 would promote the image to float64).
+    x = torch.from_numpy(np.clip((image - np.float32(lo)) / float(hi - lo), 0.0, 1.0))[None]
     if mask is not None:
         x = torch.cat([x, torch.from_numpy(mask.astype(np.float32))[None]])
     size = tuple(max(1, round(n * s / MAMMO_PIXEL_MM)) for n, s in zip(x.shape[1:], spacing, strict=True))
@@ -614,7 +656,7 @@ def _chest_ct(
 
     stack = [hu + 1000.0] + ([mask.astype(np.float32)] if mask is not None else [])
     x = torch.from_numpy(np.stack(stack).astype(np.float32, copy=False))[None]
-    kernel = tuple(int(g // s) if g / s >= ANTI_ALIAS_FROM else 1 for s in spacing)
+    kernel = tuple(_nodule_kernel(s) for s in spacing)
     with torch.no_grad():
         if max(kernel) > 1:
             x = torch.nn.functional.avg_pool3d(x, kernel_size=kernel, stride=kernel)
@@ -650,6 +692,27 @@ def _chest_ct(
     tensor = np.stack([image, region.astype(np.float32)]).astype(np.float32)
     target = np.clip(out[1], 0.0, 1.0).astype(np.float32) if mask is not None else None
     return np.ascontiguousarray(tensor), target, NoduleGeometry.from_matrix(grid_affine, (d, h, w))
+
+
+def _nodule_kernel(spacing_mm: float) -> int:
+    """Box-averaging factor towards NODULE_GRID_MM along an axis of this spacing (1: the
+    interpolation alone is fine, the shrink is below ANTI_ALIAS_FROM)."""
+    g = NODULE_GRID_MM
+    return int(g // spacing_mm) if g / spacing_mm >= ANTI_ALIAS_FROM else 1
+
+
+def nodule_pooling(
+    shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The nodule model's loader pooling: the preprocessing's own box average, done by the
+    loader on axes longer than NODULE_FULL_RESOLUTION_MAX voxels. On the pooled volume the
+    preprocessing's kernel is then 1 (a spacing of at least 2.5 / 1.5 mm remains), so the
+    average is the same one, taken before the float volume exists instead of after."""
+    k = [
+        _nodule_kernel(float(s)) if int(n) > NODULE_FULL_RESOLUTION_MAX else 1
+        for n, s in zip(shape_zyx, spacing_zyx, strict=True)
+    ]
+    return (k[0], k[1], k[2])
 
 
 def _fill_slices(mask: np.ndarray) -> np.ndarray:
