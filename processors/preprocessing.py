@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import CropForeground, Resize, ScaleIntensityRange, SpatialPad
 from scipy import ndimage
 
@@ -75,10 +77,49 @@ _crop = CropForeground(
     margin=2,
     allow_smaller=True,
 )
+# The same box as `_crop`'s, computed on the any-channel foreground map.
+_crop_box = CropForeground(select_fn=lambda x: x > 0, margin=2, allow_smaller=True)
 _resize = Resize(spatial_size=ICH_INPUT_SHAPE[1:], mode="trilinear", align_corners=False)
 _resize_smoothed = Resize(
     spatial_size=ICH_INPUT_SHAPE[1:], mode="trilinear", align_corners=False, anti_aliasing=True
 )
+
+
+def _resize_anti_aliased(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """MONAI's `Resize(size, "trilinear", anti_aliasing=True)`: the same Gaussian kernels
+    (sigma (factor - 1) / 2 per shrunk axis, erf-sampled, truncated at 4 sigma, zero outside
+    the volume), then the same interpolation, one channel and one axis at a time. MONAI pads
+    every axis of every channel before its first convolution and convolves by im2col (kernel
+    width x the volume): on a working-grid head CT that was 10x the input (~440 MB); here it
+    is about two channel-sized buffers. Equal to `_resize_smoothed` to float rounding (scipy
+    accumulates in float64, torch's convolution in float32); tested."""
+    shape = torch.Tensor(list(x.shape[1:]))
+    factors = torch.div(shape, torch.Tensor(list(size)))
+    sigmas = torch.maximum(torch.zeros(factors.shape), (factors - 1) / 2).tolist()
+    smooth = GaussianFilter(spatial_dims=len(size), sigma=sigmas)
+    kernels = [
+        gaussian_1d(s, truncated=smooth.truncated, approx=smooth.approx).numpy().astype(np.float64)
+        for s in smooth.sigma
+    ]
+    out = []
+    for c in range(x.shape[0]):
+        y = np.array(torch.as_tensor(x[c]).numpy(), dtype=np.float32)  # a copy: filtered in place below
+        for axis, kernel in enumerate(kernels):
+            if kernel.size == 1 and kernel[0] == 1:
+                continue  # MONAI skips unity kernels too
+            ndimage.correlate1d(y, kernel, axis=axis, output=y, mode="constant", cval=0.0)
+        out.append(
+            torch.nn.functional.interpolate(
+                torch.from_numpy(y)[None, None], size=tuple(size), mode="trilinear", align_corners=False
+            )[0]
+        )
+        del y
+    return torch.cat(out)
+
+
+# Slices per slab when windowing: large enough that the per-call overhead does not show,
+# small enough that the temporaries are a few MB.
+WINDOW_SLAB = 8
 # Below this shrink factor the anti-aliasing sigma ((factor - 1) / 2 voxels) is too small to
 # matter but the Gaussian still costs as much as the rest of the preprocessing together.
 ANTI_ALIAS_FROM = 1.5
@@ -183,19 +224,30 @@ def _head_ct(
         raise ValueError("volume contains NaN or infinity")
 
     bone = ndimage.binary_dilation(hu > BONE_HU, structure=_BONE_STRUCTURE)
-    blood = np.where(bone, ICH_WINDOW_HU[0], hu)
-    channels = [
-        np.asarray(_blood_window(blood)),
-        np.asarray(_narrow_window(blood)),
-        np.asarray(_bone_window(hu)),
-    ]
-    if mask is not None:
-        # Only what the model can see: blood lost in the bone strip is no target for it.
-        channels.append((mask.astype(bool) & ~bone).astype(np.float32))
-    x = torch.from_numpy(np.stack(channels).astype(np.float32))
+    # The windows are per voxel: computed a slab of slices at a time straight into the one
+    # (C, z, y, x) array, they are the same values without MONAI's full-size temporaries
+    # (~6 volumes per window) or a stacked copy (issue 16).
+    x_np = np.empty((ICH_INPUT_SHAPE[0] + (mask is not None), *hu.shape), dtype=np.float32)
+    for z0 in range(0, hu.shape[0], WINDOW_SLAB):
+        z = slice(z0, z0 + WINDOW_SLAB)
+        blood = np.where(bone[z], ICH_WINDOW_HU[0], hu[z])
+        x_np[0, z] = np.asarray(_blood_window(blood))
+        x_np[1, z] = np.asarray(_narrow_window(blood))
+        x_np[2, z] = np.asarray(_bone_window(hu[z]))
+        if mask is not None:
+            # Only what the model can see: blood lost in the bone strip is no target for it.
+            x_np[3, z] = mask[z].astype(bool) & ~bone[z]
+    del bone
+    x = torch.from_numpy(x_np)
     with torch.no_grad():
         # _crop(x), with the box kept: its z extent maps model slices back to the series.
-        box_start, box_end = _crop.compute_bounding_box(x)
+        # The box of the voxels foreground in any channel, found on that one boolean map
+        # (MONAI would first copy the channels: a transient volume per channel).
+        foreground = np.zeros(hu.shape, dtype=bool)
+        for c in range(ICH_INPUT_SHAPE[0]):
+            foreground |= x_np[c] > FOREGROUND_LEVEL
+        box_start, box_end = _crop_box.compute_bounding_box(torch.from_numpy(foreground)[None])
+        del foreground
         x = _crop.crop_pad(x, box_start, box_end)
         # allow_smaller: the box never leaves the volume, so [start, end) are its slices.
         crop = SliceCrop(int(box_start[0]), int(box_end[0]), ICH_INPUT_SHAPE[1])
@@ -205,7 +257,7 @@ def _head_ct(
         target = (-1, round(side_mm / spacing[1]), round(side_mm / spacing[2]))
         x = SpatialPad(spatial_size=target, mode="constant")(x)
         shrink = max(n / m for n, m in zip(x.shape[1:], ICH_INPUT_SHAPE[1:], strict=True))
-        x = (_resize_smoothed if shrink >= ANTI_ALIAS_FROM else _resize)(x)
+        x = _resize_anti_aliased(x, ICH_INPUT_SHAPE[1:]) if shrink >= ANTI_ALIAS_FROM else _resize(x)
     # Interpolation can overshoot [0, 1] by rounding error only; clip so the contract holds exactly.
     out = np.clip(np.asarray(torch.as_tensor(x), dtype=np.float32), 0.0, 1.0)
     n = ICH_INPUT_SHAPE[0]

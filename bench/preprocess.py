@@ -1,0 +1,304 @@
+"""Load + preprocess cost of one series, old loader vs the working-grid loader (issue 16).
+
+    flock /tmp/radtriage-heavy.lock ~/.cache/radtriage/venv/bin/python -m bench.preprocess
+    ... -m bench.preprocess --sizes 32 120 --old             # also the pre-issue-16 loader (needs RAM!)
+    ... -m bench.preprocess --decode                         # decode cost per 512 x 512 slice per syntax
+    ... -m bench.preprocess --json bench/results/preprocess.json
+
+Every case runs in a fresh child process (`--child`), so its peak RSS (VmHWM) is its own:
+what one preprocessing process of a lane's pool needs for that series. Series are head CTs
+rendered from a phantom (models/phantoms.py, 24-40 slices of 128 x 128) at a scanner's
+matrix and slice count (trilinear upsampling, integer HU, written by
+models/dicom_writer.py), plus one phantom-sized series (the training path, read at full
+resolution). The model forward is the committed TorchScript ICH weights on the tensor, one
+thread, for scale.
+
+"old" is the loader as it was before issue 16 (`git show <merge-base>:processors/dicom_volume.py`,
+imported from a temporary file) followed by the same ICH preprocessing at full resolution:
+a 240-slice series needs ~18 GB that way (issue 16: 51 s, 17.9 GB), so it runs only when
+asked for (`--old`) and for the sizes given.
+
+Never run in tests: timings on shared machines are noise. The memory test
+(tests/unit/test_series_memory.py) uses `thin_head_series` and `run_child` from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results" / "preprocess.json"
+ICH_WEIGHTS = REPO / "deploy" / "triton" / "model_repository" / "ich_classifier" / "1" / "model.pt"
+# A scanner's head CT: 0.625 mm recon at 512 x 512 (issue 16), a thicker one, a short one.
+SIZES = (32, 120, 240)
+
+
+def thin_head_series(
+    out: Path, slices: int, matrix: int, *, seed: int = 16, bleed: bool = True, noise_hu: float = 0.0
+) -> tuple[list[Path], Any]:
+    """A head phantom rendered at `slices` x `matrix` x `matrix` over the phantom's own extent
+    and written as a CT series (int16). Returns the files and the phantom (native resolution)."""
+    import torch
+
+    from models.dicom_writer import write_ct_series
+    from models.phantoms import head_ct_phantom
+
+    rng = np.random.default_rng(seed)
+    ph = head_ct_phantom(rng, bleed=bleed, min_bleed_ml=2.0 if bleed else 0.0)
+    n, rows, cols = ph.hu.shape
+    dz, dy, dx = ph.spacing_zyx
+    # Same extent: n slices of dz cover n dz mm whatever the new count.
+    spacing = (n * dz / slices, rows * dy / matrix, cols * dx / matrix)
+    src = torch.from_numpy(ph.hu.astype(np.float32))[None, None]
+    out_hu = np.empty((slices, matrix, matrix), dtype=np.int16)
+    with torch.no_grad():
+        # Along z on the small matrix first, then in-plane in slabs of output slices: a
+        # 240 x 512 x 512 float volume at once would be 250 MB more.
+        up = torch.nn.functional.interpolate(
+            src, size=(slices, rows, cols), mode="trilinear", align_corners=False
+        )[0]
+        for z0 in range(0, slices, 16):
+            slab = torch.nn.functional.interpolate(
+                up[:, z0 : z0 + 16], size=(matrix, matrix), mode="bilinear", align_corners=False
+            )[0]
+            out_hu[z0 : z0 + slab.shape[0]] = _round_hu(slab.numpy(), rng, noise_hu)
+    files = write_ct_series(out_hu, spacing, out)
+    return files, ph
+
+
+def _round_hu(values: np.ndarray, rng: np.random.Generator, noise_hu: float) -> np.ndarray:
+    if noise_hu:
+        values = values + rng.normal(0.0, noise_hu, values.shape).astype(np.float32)
+    return np.clip(np.round(values), -1024, 3071).astype(np.int16)
+
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _old_loader() -> Any:
+    """processors/dicom_volume.py as it was before issue 16, as a module of its own."""
+    base = subprocess.run(
+        ["git", "-C", str(REPO), "merge-base", "HEAD", "main"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{base}:processors/dicom_volume.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="old-loader-")) / "old_dicom_volume.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("old_dicom_volume", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def child(model: str, directory: Path, impl: str, forward: bool) -> dict[str, Any]:
+    """One load + preprocess in this (fresh) process: times and memory."""
+    import torch
+
+    torch.set_num_threads(1)
+    from processors.model_inputs import MODEL_INPUTS
+
+    spec = MODEL_INPUTS[model]
+    load = _old_loader().load_series if impl == "old" else spec.load
+    files = sorted(directory.glob("*.dcm"))
+    baseline = _vm("VmRSS")
+    t0 = time.perf_counter()
+    volume = load(files)
+    t1 = time.perf_counter()
+    tensor, _geometry = spec.preprocess(volume)
+    t2 = time.perf_counter()
+    peak = _vm("VmHWM")
+    result: dict[str, Any] = {
+        "load_s": round(t1 - t0, 3),
+        "preprocess_s": round(t2 - t1, 3),
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "working_grid": list(volume.hu.shape),
+        "pool_zyx": list(getattr(volume, "pool_zyx", (1, 1, 1))),
+        "tensor_shape": list(tensor.shape),
+    }
+    if forward and model == "ich_classifier":
+        net = torch.jit.load(str(ICH_WEIGHTS)).eval()
+        x = torch.from_numpy(tensor)[None]
+        with torch.no_grad():
+            net(x)  # first call: TorchScript's profiling run
+            t3 = time.perf_counter()
+            probability, _ = net(x)
+            result["forward_s"] = round(time.perf_counter() - t3, 3)
+        result["probability"] = float(probability.reshape(-1)[0])
+    return result
+
+
+def run_child(model: str, directory: Path, impl: str = "new", forward: bool = False) -> dict[str, Any]:
+    """`child` in a fresh interpreter (cwd: the repository, so this checkout's code runs)."""
+    args = [sys.executable, "-m", "bench.preprocess", "--child", model, str(directory), impl]
+    if forward:
+        args.append("--forward")
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"child failed ({done.returncode}): {done.stderr[-2000:]}")
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+# --- decode cost per transfer syntax ---------------------------------------------------------
+
+# (name, command line turning uncompressed IN into OUT; None: pydicom writes it itself)
+ENCODERS: list[tuple[str, list[str] | None]] = [
+    ("explicit little endian (native)", []),
+    ("deflated", None),
+    ("big endian", None),
+    ("JPEG lossless SV1 (dcmcjpeg)", ["dcmcjpeg", "+e1"]),
+    ("JPEG lossless P14 (dcmcjpeg)", ["dcmcjpeg", "+el"]),
+    ("JPEG extended 12-bit lossy (dcmcjpeg)", ["dcmcjpeg", "+ee"]),
+    ("JPEG-LS lossless (dcmcjpls)", ["dcmcjpls", "+cl"]),
+    ("JPEG-LS near-lossless (dcmcjpls)", ["dcmcjpls", "+cn"]),
+    ("RLE lossless (dcmcrle)", ["dcmcrle"]),
+    ("JPEG 2000 lossless (gdcmconv)", ["gdcmconv", "--j2k"]),
+    ("JPEG 2000 lossy (gdcmconv)", ["gdcmconv", "--j2k", "--lossy", "-q", "40"]),
+]
+
+
+def encode(src: Path, dst: Path, how: str) -> bool:
+    """Write `src` (uncompressed) to `dst` in transfer syntax `how` (ENCODERS); False when the
+    encoder is not installed. Independent encoders (dcmtk, GDCM) where one exists: a decoder
+    tested only on its own library's output proves little."""
+    command = dict(ENCODERS)[how]
+    if command == []:
+        shutil.copyfile(src, dst)
+        return True
+    if command is None:
+        from pydicom import dcmread
+        from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+
+        ds = dcmread(src)
+        if how == "deflated":
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+            ds.save_as(dst, enforce_file_format=True)
+        else:
+            ds.save_as(dst, implicit_vr=False, little_endian=False, enforce_file_format=True)
+            fixed = dcmread(dst)
+            fixed.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+            fixed.save_as(dst, implicit_vr=False, little_endian=False, enforce_file_format=True)
+        return True
+    if shutil.which(command[0]) is None:
+        return False
+    subprocess.run([*command, str(src), str(dst)], check=True, capture_output=True)
+    return True
+
+
+def decode_costs(repeats: int = 20) -> dict[str, Any]:
+    """ms per 512 x 512 slice to decode, per transfer syntax, pylibjpeg plug-ins (and python-gdcm
+    where installed, for comparison)."""
+    from pydicom import dcmread
+    from pydicom.pixels import pixel_array
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files, _ = thin_head_series(Path(tmp) / "s", 8, 512, noise_hu=6.0)
+        src = files[4]
+        reference = dcmread(src).pixel_array
+        for how, _ in ENCODERS:
+            dst = Path(tmp) / f"{len(out)}.dcm"
+            if not encode(src, dst, how):
+                out[how] = {"skipped": "encoder not installed"}
+                continue
+            syntax = str(dcmread(dst, stop_before_pixels=True).file_meta.TransferSyntaxUID.name)
+            row: dict[str, Any] = {"transfer_syntax": syntax, "bytes": dst.stat().st_size}
+            for plugin in ("", "gdcm"):
+                try:
+                    pixel_array(dst, decoding_plugin=plugin)  # warm: plug-in import
+                except Exception as exc:  # no such plug-in for this syntax
+                    row[f"{plugin or 'default'}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                    continue
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    pixels = pixel_array(dst, decoding_plugin=plugin)
+                row[f"{plugin or 'default'}_ms_per_slice"] = round(
+                    (time.perf_counter() - t0) / repeats * 1e3, 2
+                )
+                row[f"{plugin or 'default'}_max_abs_error"] = int(
+                    np.abs(pixels.astype(np.int32) - reference.astype(np.int32)).max()
+                )
+            out[how] = row
+            print(f"{how}: {row}", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", nargs=3, metavar=("MODEL", "DIR", "IMPL"), help=argparse.SUPPRESS)
+    ap.add_argument("--forward", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--sizes", type=int, nargs="*", default=list(SIZES), help="slices of the 512 x 512 series"
+    )
+    ap.add_argument("--old", action="store_true", help="also the pre-issue-16 loader, for --sizes")
+    ap.add_argument("--decode", action="store_true", help="decode cost per slice per transfer syntax")
+    ap.add_argument("--json", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.child:
+        model, directory, impl = args.child
+        print(json.dumps(child(model, Path(directory), impl, args.forward)))
+        return 0
+
+    result: dict[str, Any] = {
+        "measured_on": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
+        "cases": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = [("phantom 128x128", 0, 0)] + [(f"{n} x 512 x 512", n, 512) for n in args.sizes]
+        for label, slices, matrix in cases:
+            d = Path(tmp) / label.replace(" ", "")
+            if slices:
+                thin_head_series(d, slices, matrix, noise_hu=6.0)
+            else:
+                from models.dicom_writer import write_ct_series
+                from models.phantoms import head_ct_phantom
+
+                ph = head_ct_phantom(np.random.default_rng(16), bleed=True, min_bleed_ml=2.0)
+                write_ct_series(ph.hu, ph.spacing_zyx, d)
+            pixel_bytes = sum(f.stat().st_size for f in d.glob("*.dcm"))
+            for impl in ("new", "old") if args.old and slices in args.sizes else ("new",):
+                row = {
+                    "series": label,
+                    "impl": impl,
+                    "file_bytes": pixel_bytes,
+                    **run_child("ich_classifier", d, impl, forward=True),
+                }
+                row["working_rss_bytes"] = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
+                result["cases"].append(row)
+                print(json.dumps(row), file=sys.stderr)
+            shutil.rmtree(d)
+    if args.decode:
+        result["decode"] = decode_costs()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
