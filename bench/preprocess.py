@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -165,48 +166,117 @@ def run_child(model: str, directory: Path, impl: str = "new", forward: bool = Fa
 
 # --- decode cost per transfer syntax ---------------------------------------------------------
 
-# (name, command line turning uncompressed IN into OUT; None: pydicom writes it itself)
-ENCODERS: list[tuple[str, list[str] | None]] = [
-    ("explicit little endian (native)", []),
-    ("deflated", None),
-    ("big endian", None),
-    ("JPEG lossless SV1 (dcmcjpeg)", ["dcmcjpeg", "+e1"]),
-    ("JPEG lossless P14 (dcmcjpeg)", ["dcmcjpeg", "+el"]),
-    ("JPEG extended 12-bit lossy (dcmcjpeg)", ["dcmcjpeg", "+ee"]),
-    ("JPEG-LS lossless (dcmcjpls)", ["dcmcjpls", "+cl"]),
-    ("JPEG-LS near-lossless (dcmcjpls)", ["dcmcjpls", "+cn"]),
-    ("RLE lossless (dcmcrle)", ["dcmcrle"]),
-    ("JPEG 2000 lossless (gdcmconv)", ["gdcmconv", "--j2k"]),
-    ("JPEG 2000 lossy (gdcmconv)", ["gdcmconv", "--j2k", "--lossy", "-q", "40"]),
-]
+
+@dataclass(frozen=True)
+class Syntax:
+    """A transfer syntax as an independent encoder (dcmtk, GDCM, OpenJPH) writes it from an
+    uncompressed file: a decoder tested only on its own library's output proves little."""
+
+    name: str
+    uid: str  # what the encoded file must say it is
+    encode: tuple[str, ...]  # command line; IN and OUT appended ("ojph" is wrapped here)
+    # Largest |HU| difference from the uncompressed original (0: lossless).
+    tolerance_hu: float = 0.0
+    # Another decoder's command turning OUT back into uncompressed (lossy only): the loader's
+    # values must match its to within `decoder_tolerance_hu` (JPEG's IDCT is not bit-exact
+    # between libraries: libjpeg and dcmtk's IJG differ by 1-2 steps on a few pixels in 10^5).
+    decompress: tuple[str, ...] = ()
+    decoder_tolerance_hu: float = 0.0
 
 
-def encode(src: Path, dst: Path, how: str) -> bool:
-    """Write `src` (uncompressed) to `dst` in transfer syntax `how` (ENCODERS); False when the
-    encoder is not installed. Independent encoders (dcmtk, GDCM) where one exists: a decoder
-    tested only on its own library's output proves little."""
-    command = dict(ENCODERS)[how]
-    if command == []:
+SYNTAXES: tuple[Syntax, ...] = (
+    Syntax("explicit VR little endian", "1.2.840.10008.1.2.1", ("cp",)),
+    Syntax("deflated", "1.2.840.10008.1.2.1.99", ("dcmconv", "+td")),
+    Syntax("explicit VR big endian", "1.2.840.10008.1.2.2", ("dcmconv", "+tb")),
+    Syntax("JPEG lossless SV1", "1.2.840.10008.1.2.4.70", ("dcmcjpeg", "+e1")),
+    Syntax("JPEG lossless P14", "1.2.840.10008.1.2.4.57", ("dcmcjpeg", "+el")),
+    # 8 bits: dcmtk rescales the stored values (slope ~16 HU per step) before compressing.
+    Syntax(
+        "JPEG baseline (8-bit, lossy)",
+        "1.2.840.10008.1.2.4.50",
+        ("dcmcjpeg", "+eb"),
+        400.0,
+        ("dcmdjpeg",),
+        17.0,
+    ),
+    Syntax(
+        "JPEG extended (12-bit, lossy)",
+        "1.2.840.10008.1.2.4.51",
+        ("dcmcjpeg", "+ee"),
+        40.0,
+        ("dcmdjpeg",),
+        2.0,
+    ),
+    Syntax("JPEG-LS lossless", "1.2.840.10008.1.2.4.80", ("dcmcjpls", "+el")),
+    Syntax(
+        "JPEG-LS near-lossless (NEAR 2)",
+        "1.2.840.10008.1.2.4.81",
+        ("dcmcjpls", "+en"),
+        2.0,
+        ("dcmdjpls",),
+        0.0,
+    ),
+    Syntax("RLE lossless", "1.2.840.10008.1.2.5", ("dcmcrle",)),
+    Syntax("JPEG 2000 lossless", "1.2.840.10008.1.2.4.90", ("gdcmconv", "--j2k")),
+    Syntax(
+        "JPEG 2000 (lossy)",
+        "1.2.840.10008.1.2.4.91",
+        ("gdcmconv", "--j2k", "--lossy", "-r", "5"),
+        40.0,
+        ("gdcmconv", "--raw"),
+        1.0,
+    ),
+    Syntax("HTJ2K lossless", "1.2.840.10008.1.2.4.201", ("ojph",)),
+)
+
+
+def encode(src: Path, dst: Path, syntax: Syntax) -> bool:
+    """Write `src` (uncompressed) to `dst` in `syntax`; False when its encoder is not installed."""
+    tool = syntax.encode[0]
+    if tool == "cp":
         shutil.copyfile(src, dst)
         return True
-    if command is None:
-        from pydicom import dcmread
-        from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
-
-        ds = dcmread(src)
-        if how == "deflated":
-            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-            ds.save_as(dst, enforce_file_format=True)
-        else:
-            ds.save_as(dst, implicit_vr=False, little_endian=False, enforce_file_format=True)
-            fixed = dcmread(dst)
-            fixed.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
-            fixed.save_as(dst, implicit_vr=False, little_endian=False, enforce_file_format=True)
-        return True
-    if shutil.which(command[0]) is None:
+    if shutil.which("ojph_compress" if tool == "ojph" else tool) is None:
         return False
-    subprocess.run([*command, str(src), str(dst)], check=True, capture_output=True)
+    if tool == "ojph":
+        _ojph_encode(src, dst, syntax.uid)
+    else:
+        subprocess.run([*syntax.encode, str(src), str(dst)], check=True, capture_output=True)
     return True
+
+
+def _ojph_encode(src: Path, dst: Path, uid: str) -> None:
+    """HTJ2K by OpenJPH's command-line encoder (Debian openjph-tools), wrapped as DICOM."""
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    ds = dcmread(src)
+    pixels = ds.pixel_array
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, stream = Path(tmp) / "in.yuv", Path(tmp) / "out.j2c"
+        signed = pixels.dtype.kind == "i"
+        pixels.astype("<i2" if signed else "<u2").tofile(raw)
+        subprocess.run(
+            [
+                *("ojph_compress", "-i", str(raw), "-o", str(stream), "-num_comps", "1"),
+                *("-dims", f"{{{pixels.shape[1]},{pixels.shape[0]}}}", "-downsamp", "{1,1}"),
+                *(
+                    "-bit_depth",
+                    str(int(ds.BitsStored)),
+                    "-signed",
+                    str(signed).lower(),
+                    "-reversible",
+                    "true",
+                ),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        ds.PixelData = encapsulate([stream.read_bytes()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = UID(uid)
+    ds.save_as(dst, enforce_file_format=True)
 
 
 def decode_costs(repeats: int = 20) -> dict[str, Any]:
@@ -220,10 +290,11 @@ def decode_costs(repeats: int = 20) -> dict[str, Any]:
         files, _ = thin_head_series(Path(tmp) / "s", 8, 512, noise_hu=6.0)
         src = files[4]
         reference = dcmread(src).pixel_array
-        for how, _ in ENCODERS:
+        for syntax in SYNTAXES:
+            how = syntax.name
             dst = Path(tmp) / f"{len(out)}.dcm"
-            if not encode(src, dst, how):
-                out[how] = {"skipped": "encoder not installed"}
+            if not encode(src, dst, syntax):
+                out[how] = {"skipped": f"{syntax.encode[0]} not installed"}
                 continue
             syntax = str(dcmread(dst, stop_before_pixels=True).file_meta.TransferSyntaxUID.name)
             row: dict[str, Any] = {"transfer_syntax": syntax, "bytes": dst.stat().st_size}

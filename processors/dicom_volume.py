@@ -143,6 +143,11 @@ def centred_affine(shape_zyx: Sequence[int], spacing_zyx: Sequence[float]) -> np
 # (pydicom's deferred read). Pixel data of one CT slice is 512 KB; headers are a few KB.
 DEFER_BYTES = 16 * 1024
 PixelTags = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# HTJ2K (lossless, lossless RPCL, lossy). Signed HTJ2K from OpenJPH decodes to values clipped
+# to [0, 2^(bits-1)) with pylibjpeg-openjpeg 2.6 (OpenJPEG; the codestream itself round-trips
+# in OpenJPH, and JPEG 2000 of the same pixels decodes right): wrong HU, silently. Such a
+# series is refused (tests/unit/test_compressed_loading.py holds this to the decoder).
+HTJ2K_SYNTAXES = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
 # (series shape, spacing) -> integer (z, y, x) pooling factors: how coarse a working grid a
 # model's preprocessing can take (processors.preprocessing declares one per model).
 Pooling = Callable[[tuple[int, int, int], tuple[float, float, float]], tuple[int, int, int]]
@@ -386,6 +391,12 @@ def load_series(paths: Sequence[Path], pool: Pooling | None = None) -> Volume:
             )
         slope, intercept = _rescale(view, name)
         syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if syntax in HTJ2K_SYNTAXES and int(ds.get("PixelRepresentation", 0) or 0) == 1:
+            raise VolumeError(
+                f"{name}: signed pixel data in HTJ2K ({syntax}) does not decode correctly with the "
+                "installed decoder (pylibjpeg-openjpeg); have the sender use JPEG 2000, JPEG-LS or "
+                "JPEG lossless, or uncompressed"
+            )
         images.append(
             _Image(
                 position=float(np.dot(normal, ipp)),
