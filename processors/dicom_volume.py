@@ -228,10 +228,9 @@ def _group(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
     else shared (PS3.3 C.7.6.16: a macro is in one or the other)."""
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         items = ds.get(groups)
-        if items is not None and len(items) > index and sequence in items[index]:
-            inner = items[index][sequence]
-            if len(inner):
-                return inner[0]
+        inner = items[index].get(sequence) if items is not None and len(items) > index else None
+        if inner:
+            return inner[0]
     return None
 
 
