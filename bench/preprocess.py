@@ -1,9 +1,9 @@
 """Load + preprocess cost of one series, old loader vs the working-grid loader (issue 16).
 
     flock /tmp/radtriage-heavy.lock ~/.cache/radtriage/venv/bin/python -m bench.preprocess
-    ... -m bench.preprocess --sizes 32 120 --old             # also the pre-issue-16 loader (needs RAM!)
-    ... -m bench.preprocess --decode                         # decode cost per 512 x 512 slice per syntax
-    ... -m bench.preprocess --json bench/results/preprocess.json
+    ... -m bench.preprocess --old-sizes 32 120 --decode --agreement 6   # what bench/RESULTS.md shows
+    ... -m bench.preprocess --no-cases --decode              # decode cost per 512 x 512 slice per syntax
+    ... -m bench.preprocess --json other.json                # default bench/results/preprocess.json
 
 Every case runs in a fresh child process (`--child`), so its peak RSS (VmHWM) is its own:
 what one preprocessing process of a lane's pool needs for that series. Series are head CTs
@@ -15,8 +15,8 @@ thread, for scale.
 
 "old" is the loader as it was before issue 16 (`git show <merge-base>:processors/dicom_volume.py`,
 imported from a temporary file) followed by the same ICH preprocessing at full resolution:
-a 240-slice series needs ~18 GB that way (issue 16: 51 s, 17.9 GB), so it runs only when
-asked for (`--old`) and for the sizes given.
+a 240-slice series needs ~18 GB that way (issue 16: 51 s, 17.9 GB), so it runs only for
+the phantom and `--old-sizes` (default 32 and 120 slices).
 
 Never run in tests: timings on shared machines are noise. The memory test
 (tests/unit/test_series_memory.py) uses `thin_head_series` and `run_child` from here.
@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from processors.preprocess_pool import pixel_bytes_from_header
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "preprocess.json"
@@ -318,6 +320,61 @@ def decode_costs(repeats: int = 20) -> dict[str, Any]:
     return out
 
 
+def agreement(n: int, slices: int = 240, matrix: int = 512, noise_hu: float = 5.0) -> dict[str, Any]:
+    """The ICH model's probability, per phantom: at the phantom's native resolution (what it
+    was validated on), on the reduced path of its scanner-sized rendering (`slices` x
+    `matrix`^2, thin-slice noise added), and that rendering preprocessed at full resolution
+    (no pooling). Same positive/negative call at the validation threshold, and how far apart.
+    With 15 HU of added noise a negative phantom read 0.32 on both the reduced and the
+    full-resolution path (0.005 native): the reference model's own noise sensitivity, not
+    the pooling's, so the default is 5 HU."""
+    import torch
+
+    from models.dicom_writer import write_ct_series
+    from processors.dicom_volume import load_series
+    from processors.model_inputs import MODEL_INPUTS
+
+    torch.set_num_threads(1)
+    threshold = float(json.loads((REPO / "models" / "ich_classifier.metrics.json").read_text())["threshold"])
+    net = torch.jit.load(str(ICH_WEIGHTS)).eval()
+    spec = MODEL_INPUTS["ich_classifier"]
+
+    def probability(tensor: np.ndarray) -> float:
+        with torch.no_grad():
+            return float(net(torch.from_numpy(tensor)[None])[0].reshape(-1)[0])
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            files, ph = thin_head_series(
+                Path(tmp) / f"thin{i}", slices, matrix, seed=100 + i, bleed=bool(i % 2), noise_hu=noise_hu
+            )
+            native_files = write_ct_series(ph.hu, ph.spacing_zyx, Path(tmp) / f"native{i}")
+            native = probability(spec.preprocess(spec.load(native_files))[0])
+            reduced = probability(spec.preprocess(spec.load(files))[0])
+            full = probability(spec.preprocess(load_series(files))[0])
+            row = {
+                "seed": 100 + i,
+                "bleed": bool(i % 2),
+                "bleed_ml": round(ph.bleed_volume_ml, 2),
+                "native": round(native, 4),
+                "reduced": round(reduced, 4),
+                "full_resolution": round(full, 4),
+                "same_call": (native >= threshold) == (reduced >= threshold) == (full >= threshold),
+            }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            shutil.rmtree(Path(tmp) / f"thin{i}")
+    return {
+        "threshold": threshold,
+        "series": f"{slices} x {matrix} x {matrix}, +{noise_hu:g} HU noise",
+        "phantoms": rows,
+        "max_abs_reduced_vs_native": max(abs(r["reduced"] - r["native"]) for r in rows),
+        "max_abs_reduced_vs_full_resolution": max(abs(r["reduced"] - r["full_resolution"]) for r in rows),
+        "all_same_call": all(r["same_call"] for r in rows),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "DIR", "IMPL"), help=argparse.SUPPRESS)
@@ -325,8 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sizes", type=int, nargs="*", default=list(SIZES), help="slices of the 512 x 512 series"
     )
-    ap.add_argument("--old", action="store_true", help="also the pre-issue-16 loader, for --sizes")
+    ap.add_argument(
+        "--old-sizes",
+        type=int,
+        nargs="*",
+        default=[32, 120],
+        help="also the pre-issue-16 path for these sizes (and the phantom); 240 needs ~18 GB",
+    )
     ap.add_argument("--decode", action="store_true", help="decode cost per slice per transfer syntax")
+    ap.add_argument("--agreement", type=int, default=0, metavar="N", help="ICH probability, N phantoms")
+    ap.add_argument("--no-cases", action="store_true", help="skip the load + preprocess cases")
     ap.add_argument("--json", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.child:
@@ -341,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         cases = [("phantom 128x128", 0, 0)] + [(f"{n} x 512 x 512", n, 512) for n in args.sizes]
+        if args.no_cases:
+            cases = []
         for label, slices, matrix in cases:
             d = Path(tmp) / label.replace(" ", "")
             if slices:
@@ -351,20 +418,23 @@ def main(argv: list[str] | None = None) -> int:
 
                 ph = head_ct_phantom(np.random.default_rng(16), bleed=True, min_bleed_ml=2.0)
                 write_ct_series(ph.hu, ph.spacing_zyx, d)
-            pixel_bytes = sum(f.stat().st_size for f in d.glob("*.dcm"))
-            for impl in ("new", "old") if args.old and slices in args.sizes else ("new",):
+            pixel_bytes = pixel_bytes_from_header(sorted(d.glob("*.dcm")))
+            for impl in ("new", "old") if slices == 0 or slices in args.old_sizes else ("new",):
                 row = {
                     "series": label,
                     "impl": impl,
-                    "file_bytes": pixel_bytes,
+                    "pixel_bytes": pixel_bytes,
                     **run_child("ich_classifier", d, impl, forward=True),
                 }
                 row["working_rss_bytes"] = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
+                row["working_bytes_per_pixel_byte"] = round(row["working_rss_bytes"] / pixel_bytes, 2)
                 result["cases"].append(row)
                 print(json.dumps(row), file=sys.stderr)
             shutil.rmtree(d)
     if args.decode:
         result["decode"] = decode_costs()
+    if args.agreement:
+        result["agreement"] = agreement(args.agreement)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
