@@ -96,24 +96,27 @@ def _vm(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _old_loader() -> Any:
-    """processors/dicom_volume.py as it was before issue 16, as a module of its own."""
+def _before_issue_16(module: str) -> Any:
+    """processors/<module>.py as it was before issue 16 (the merge-base with main), imported
+    as a module of its own."""
     base = subprocess.run(
         ["git", "-C", str(REPO), "merge-base", "HEAD", "main"], capture_output=True, text=True, check=True
     ).stdout.strip()
     source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{base}:processors/dicom_volume.py"],
+        ["git", "-C", str(REPO), "show", f"{base}:processors/{module}.py"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    path = Path(tempfile.mkdtemp(prefix="old-loader-")) / "old_dicom_volume.py"
+    name = f"old_{module}"
+    path = Path(tempfile.mkdtemp(prefix="before-issue-16-")) / f"{name}.py"
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("old_dicom_volume", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 def child(model: str, directory: Path, impl: str, forward: bool) -> dict[str, Any]:
@@ -124,13 +127,22 @@ def child(model: str, directory: Path, impl: str, forward: bool) -> dict[str, An
     from processors.model_inputs import MODEL_INPUTS
 
     spec = MODEL_INPUTS[model]
-    load = _old_loader().load_series if impl == "old" else spec.load
+    load, preprocess = spec.load, spec.preprocess
+    if impl == "old":
+        if model != "ich_classifier":
+            raise ValueError("the old path is measured for the ICH model only")
+        old_loader, old_preprocessing = _before_issue_16("dicom_volume"), _before_issue_16("preprocessing")
+        load = old_loader.load_series
+
+        def preprocess(volume: Any) -> tuple[np.ndarray, Any]:
+            return old_preprocessing.preprocess_head_ct_with_crop(volume.hu, volume.spacing_zyx)  # type: ignore[no-any-return]
+
     files = sorted(directory.glob("*.dcm"))
     baseline = _vm("VmRSS")
     t0 = time.perf_counter()
     volume = load(files)
     t1 = time.perf_counter()
-    tensor, _geometry = spec.preprocess(volume)
+    tensor, _geometry = preprocess(volume)
     t2 = time.perf_counter()
     peak = _vm("VmHWM")
     result: dict[str, Any] = {

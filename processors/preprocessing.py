@@ -134,24 +134,29 @@ _BONE_STRUCTURE[:, 1, 1] = True
 # A scanner's 0.6 mm, 512 x 512 series is ~10x finer per axis than the models' grids; reading
 # it at full resolution cost 17.9 GB for a 240-slice head (issue 16). So each CT model
 # declares the pooling the loader may apply (processors.dicom_volume.load_series(pool=...)):
-# integer area-averaging factors, k = n // working grid per axis (>= 1). A series at or
-# below the working grid (every training phantom) is read at full resolution: exactly the
-# path the models were trained on.
+# integer area-averaging factors, k = ceil(n / working grid) per axis, so the volume it
+# starts from is at most the working grid and (for n >= the working grid) at least half of
+# it. A series at or below the working grid (every training phantom) is read at full
+# resolution: exactly the path the models were trained on.
 #
-# ICH: twice the model grid per axis. The final resize still shrinks by ~1.5-2.5x (anti-aliased,
-# now at the working grid: cheap), so the model sees averaged noise, as before.
+# Why ceil and not floor: floor(n / (2 x grid)) leaves anything from 2x to 4x the grid (a
+# 120-slice head kept all 120 slices: 1.10 GB peak, 0.28 GB above the imports, more than
+# the 240-slice series); ceil keeps 1-2x, and so time and memory follow the model's grid.
+#
+# ICH: twice the model grid per axis. The final resize still shrinks by up to 2x (anti-aliased,
+# at the working grid: cheap), so the model sees averaged noise, as before.
 ICH_WORKING_GRID: tuple[int, int, int] = (64, 192, 192)
-# LVO: twice in-plane, four times along z. The slab MIP keeps a 2-4 mm vessel at full
+# LVO: twice in-plane, six times along z. The slab MIP keeps a 2-4 mm vessel at full
 # brightness only if it is not averaged away first: M1 runs in the axial plane, so z
-# averaging stops at ~2 mm (a 0.6 mm CTA of 400 slices: 3 slices), not at ~4 mm.
-LVO_WORKING_GRID: tuple[int, int, int] = (128, 192, 192)
+# averaging stops at ~2 mm (a 0.6 mm CTA of 400 slices: 3 slices), not at ~5 mm.
+LVO_WORKING_GRID: tuple[int, int, int] = (192, 192, 192)
 # Chest CT: the nodule preprocessing box-averages to its 2.5 mm grid anyway; on axes longer
 # than this the loader does that averaging (by the same integer kernel) instead of it.
 NODULE_FULL_RESOLUTION_MAX = 256
 
 
 def _pool_to(grid: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
-    k = [max(1, int(n) // int(g)) for n, g in zip(shape, grid, strict=True)]
+    k = [max(1, -(-int(n) // int(g))) for n, g in zip(shape, grid, strict=True)]
     return (k[0], k[1], k[2])
 
 

@@ -355,9 +355,12 @@ def test_the_working_grids_leave_phantoms_alone_and_pool_a_scanner_series() -> N
     from processors.preprocessing import ich_pooling, lvo_pooling, nodule_pooling
 
     assert ich_pooling((40, 128, 128), (4.0, 1.7, 1.7)) == (1, 1, 1)
-    assert ich_pooling((240, 512, 512), (0.625, 0.45, 0.45)) == (3, 2, 2)
+    # 240 x 512 x 512 -> 60 x 170 x 170: at most twice the model grid (32, 96, 96), at least it.
+    assert ich_pooling((240, 512, 512), (0.625, 0.45, 0.45)) == (4, 3, 3)
+    assert ich_pooling((120, 512, 512), (1.25, 0.45, 0.45)) == (2, 3, 3)
+    assert ich_pooling((64, 192, 192), (2.5, 1.2, 1.2)) == (1, 1, 1)
     assert lvo_pooling((52, 128, 128), (3.0, 1.8, 1.8)) == (1, 1, 1)
-    assert lvo_pooling((400, 512, 512), (0.625, 0.45, 0.45)) == (3, 2, 2)
+    assert lvo_pooling((400, 512, 512), (0.625, 0.45, 0.45)) == (3, 3, 3)
     # Chest: the nodule preprocessing's own 2.5 mm box average, only on long axes.
     assert nodule_pooling((204, 256, 256), (1.25, 1.2, 1.2)) == (1, 1, 1)
     assert nodule_pooling((480, 512, 512), (0.625, 0.7, 0.7)) == (4, 3, 3)
