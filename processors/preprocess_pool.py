@@ -46,17 +46,27 @@ log = logging.getLogger(__name__)
 # Admission order when several lanes wait for memory; a lane not named here comes last.
 LANE_ORDER = ("stat", "urgent", "routine")
 # Peak RSS of a preprocessing process above its import baseline, per byte of the series'
-# decoded pixel data, measured by bench/preprocess.py (bench/RESULTS.md, issue 16): 1.45 for a
-# 240 x 512 x 512 head CT on the ICH working grid, less for larger series (the working grid
-# does not grow with them); rounded up for the models whose inputs were not measured there.
-WORKING_BYTES_PER_PIXEL_BYTE = 2.0
+# decoded pixel data, measured per model at scanner size by bench/preprocess.py
+# (bench/RESULTS.md, issue 16) and rounded up. CT volumes are read onto a working grid, so
+# their factor falls as the series grows; a radiograph or mammogram is preprocessed at its
+# full matrix (float32 copies of a 2D image), so theirs does not.
+WORKING_BYTES_PER_PIXEL_BYTE: dict[str, float] = {
+    "ich_classifier": 2.0,
+    "lvo_detector": 2.0,
+    "nodule_detector": 2.0,
+    "cxr_triage": 12.0,
+    "mammo_birads": 5.0,
+}
+# A model not measured: the largest factor.
+DEFAULT_WORKING_BYTES_PER_PIXEL_BYTE = max(WORKING_BYTES_PER_PIXEL_BYTE.values())
 # What a series of a few MB still costs: the model's grid, its channels and the resize.
 MIN_WORKING_BYTES = 96 * 1024 * 1024
 
 
-def estimated_working_bytes(pixel_bytes: int) -> int:
+def estimated_working_bytes(pixel_bytes: int, model_name: str = "") -> int:
     """The working memory one load + preprocessing of a series of `pixel_bytes` is admitted for."""
-    return max(MIN_WORKING_BYTES, math.ceil(WORKING_BYTES_PER_PIXEL_BYTE * max(pixel_bytes, 0)))
+    factor = WORKING_BYTES_PER_PIXEL_BYTE.get(model_name, DEFAULT_WORKING_BYTES_PER_PIXEL_BYTE)
+    return max(MIN_WORKING_BYTES, math.ceil(factor * max(pixel_bytes, 0)))
 
 
 def pixel_bytes_from_header(paths: Sequence[Path]) -> int:
@@ -233,7 +243,7 @@ class LanePools:
         if pixel_bytes <= 0:
             pixel_bytes = await loop.run_in_executor(None, pixel_bytes_from_header, list(paths))
         args = (model_name, [str(p) for p in paths])
-        async with self.memory.reserve(lane, estimated_working_bytes(pixel_bytes)):
+        async with self.memory.reserve(lane, estimated_working_bytes(pixel_bytes, model_name)):
             try:
                 return await loop.run_in_executor(self._pool(lane), prepare_for_pool, *args)
             except BrokenProcessPool:

@@ -229,7 +229,17 @@ def test_the_working_memory_estimate_and_the_header_fallback(series: list[Path])
     assert pixel_bytes_from_header(series) == len(series) * ds.Rows * ds.Columns * 2
     assert pixel_bytes_from_header([]) == 0
     scanner_head = 240 * 512 * 512 * 2
-    assert estimated_working_bytes(scanner_head) == int(WORKING_BYTES_PER_PIXEL_BYTE * scanner_head)
+    factor = WORKING_BYTES_PER_PIXEL_BYTE["ich_classifier"]
+    assert estimated_working_bytes(scanner_head, "ich_classifier") == int(factor * scanner_head)
+    # A 2D image is preprocessed at its full matrix: more per pixel byte than a CT volume.
+    detector = 3000 * 2400 * 2
+    assert estimated_working_bytes(detector, "cxr_triage") > estimated_working_bytes(
+        detector, "ich_classifier"
+    )
+    # Unknown model: the largest factor; nothing known: the minimum.
+    assert estimated_working_bytes(scanner_head, "new_model") == int(
+        max(WORKING_BYTES_PER_PIXEL_BYTE.values()) * scanner_head
+    )
     assert estimated_working_bytes(0) == MIN_WORKING_BYTES
 
 
