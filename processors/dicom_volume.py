@@ -144,7 +144,7 @@ def centred_affine(shape_zyx: Sequence[int], spacing_zyx: Sequence[float]) -> np
 DEFER_BYTES = 16 * 1024
 PixelTags = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # HTJ2K (lossless, lossless RPCL, lossy). Signed HTJ2K from OpenJPH decodes to values clipped
-# to [0, 2^(bits-1)) with pylibjpeg-openjpeg 2.6 (OpenJPEG; the codestream itself round-trips
+# to [0, 2^(bits-1)) with pylibjpeg-openjpeg 2.2.1 and 2.6 (OpenJPEG; the codestream itself round-trips
 # in OpenJPH, and JPEG 2000 of the same pixels decodes right): wrong HU, silently. Such a
 # series is refused (tests/unit/test_compressed_loading.py holds this to the decoder).
 HTJ2K_SYNTAXES = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
