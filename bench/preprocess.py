@@ -466,7 +466,9 @@ def agreement(n: int, slices: int = 240, matrix: int = 512, noise_hu: float = 5.
                 "native": round(native, 4),
                 "reduced": round(reduced, 4),
                 "full_resolution": round(full, 4),
-                "same_call": (native >= threshold) == (reduced >= threshold) == (full >= threshold),
+                # What the issue asks: the reduced path calls it as the native resolution does.
+                "same_call": (native >= threshold) == (reduced >= threshold),
+                "full_resolution_same_call": (native >= threshold) == (full >= threshold),
             }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
