@@ -27,7 +27,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from processors.dicom_volume import VolumeError
+from processors.dicom_volume import DEFER_BYTES, VolumeError
 
 MAMMO_VIEWS: tuple[str, ...] = ("RCC", "RMLO", "LCC", "LMLO")  # the model's channel order
 TAKEN_POSITIONS: tuple[str, ...] = ("CC", "MLO")
@@ -53,7 +53,9 @@ class Mammogram:
 
 def _read(path: Path) -> Dataset:
     try:
-        return dcmread(path)
+        # Pixel data deferred: read from the file only for the views the model takes (a series
+        # also holds spot, magnification and repeat views; issue 16).
+        return dcmread(path, defer_size=DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types for a truncated or foreign file
         raise VolumeError(f"{path.name}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
 

@@ -13,6 +13,7 @@ from the preprocessing process with the tensor.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,13 @@ from typing import NamedTuple
 import numpy as np
 
 from processors.dicom_volume import Volume, load_series
-from processors.localisation import SeriesGeometry, series_geometry
+from processors.localisation import SeriesGeometry, SliceCrop, series_geometry
 from processors.mammogram import Mammogram, load_mammogram
 from processors.nodules import NoduleGeometry
 from processors.preprocessing import (
+    ich_pooling,
+    lvo_pooling,
+    nodule_pooling,
     preprocess_chest_ct,
     preprocess_cta,
     preprocess_head_ct_with_crop,
@@ -63,10 +67,26 @@ def _volume(images: Images) -> Volume:
     return images
 
 
+def ich_geometry(volume: Volume, crop: SliceCrop) -> SeriesGeometry | None:
+    """The crop of a (possibly z-pooled) volume as slices of the series itself: a finding's
+    slice range must name the instances a viewer shows, not slices of the working grid.
+    Pooled slice i averages series slices [i kz, (i + 1) kz), so the crop's pooled slices
+    [start, stop) are series slices [start kz, stop kz) — the same extent, still resampled
+    linearly onto the model's slices."""
+    if volume.pool_zyx[0] == 1:
+        return series_geometry(volume, crop)
+    start, stop = volume.series_slices(crop.start, crop.stop)
+    if len(volume.hu) != len(volume.positions_mm) or stop <= start:
+        return None
+    return SeriesGeometry(
+        SliceCrop(start, stop, crop.depth), volume.series_positions_mm, volume.series_instance_numbers
+    )
+
+
 def _head_ct(images: Images) -> tuple[np.ndarray, ModelGeometry]:
     volume = _volume(images)
     tensor, crop = preprocess_head_ct_with_crop(volume.hu, volume.spacing_zyx)
-    return tensor, series_geometry(volume, crop)
+    return tensor, ich_geometry(volume, crop)
 
 
 def _cta(images: Images) -> tuple[np.ndarray, ModelGeometry]:
@@ -89,12 +109,15 @@ def _mammogram(images: Images) -> tuple[np.ndarray, ModelGeometry]:
     return preprocess_mammogram(images), None
 
 
+# CT models read their series onto the working grid their preprocessing declares
+# (processors/preprocessing.py, "Working grids"): memory and time follow the model's grid,
+# not the scanner's matrix.
 MODEL_INPUTS: dict[str, ModelInput] = {
-    "ich_classifier": ModelInput(_head_ct),
-    "lvo_detector": ModelInput(_cta),
+    "ich_classifier": ModelInput(_head_ct, functools.partial(load_series, pool=ich_pooling)),
+    "lvo_detector": ModelInput(_cta, functools.partial(load_series, pool=lvo_pooling)),
     "cxr_triage": ModelInput(_radiograph, load_radiograph),
     "mammo_birads": ModelInput(_mammogram, load_mammogram),
-    "nodule_detector": ModelInput(_chest_ct),
+    "nodule_detector": ModelInput(_chest_ct, functools.partial(load_series, pool=nodule_pooling)),
 }
 
 
@@ -107,8 +130,7 @@ def model_input(model_name: str) -> ModelInput:
         return MODEL_INPUTS[model_name]
     except KeyError:
         raise UnsupportedModelError(
-            f"no preprocessing registered for model '{model_name}' "
-            f"(known: {', '.join(sorted(MODEL_INPUTS))})"
+            f"no preprocessing registered for model '{model_name}' (known: {', '.join(sorted(MODEL_INPUTS))})"
         ) from None
 
 

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import CropForeground, Resize, ScaleIntensityRange, SpatialPad
 from scipy import ndimage
 
@@ -75,10 +77,49 @@ _crop = CropForeground(
     margin=2,
     allow_smaller=True,
 )
+# The same box as `_crop`'s, computed on the any-channel foreground map.
+_crop_box = CropForeground(select_fn=lambda x: x > 0, margin=2, allow_smaller=True)
 _resize = Resize(spatial_size=ICH_INPUT_SHAPE[1:], mode="trilinear", align_corners=False)
 _resize_smoothed = Resize(
     spatial_size=ICH_INPUT_SHAPE[1:], mode="trilinear", align_corners=False, anti_aliasing=True
 )
+
+
+def _resize_anti_aliased(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """MONAI's `Resize(size, "trilinear", anti_aliasing=True)`: the same Gaussian kernels
+    (sigma (factor - 1) / 2 per shrunk axis, erf-sampled, truncated at 4 sigma, zero outside
+    the volume), then the same interpolation, one channel and one axis at a time. MONAI pads
+    every axis of every channel before its first convolution and convolves by im2col (kernel
+    width x the volume): on a working-grid head CT that was 10x the input (~440 MB); here it
+    is about two channel-sized buffers. Equal to `_resize_smoothed` to float rounding (scipy
+    accumulates in float64, torch's convolution in float32); tested."""
+    shape = torch.Tensor(list(x.shape[1:]))
+    factors = torch.div(shape, torch.Tensor(list(size)))
+    sigmas = torch.maximum(torch.zeros(factors.shape), (factors - 1) / 2).tolist()
+    smooth = GaussianFilter(spatial_dims=len(size), sigma=sigmas)
+    kernels = [
+        gaussian_1d(s, truncated=smooth.truncated, approx=smooth.approx).numpy().astype(np.float64)
+        for s in smooth.sigma
+    ]
+    out = []
+    for c in range(x.shape[0]):
+        y = np.array(torch.as_tensor(x[c]).numpy(), dtype=np.float32)  # a copy: filtered in place below
+        for axis, kernel in enumerate(kernels):
+            if kernel.size == 1 and kernel[0] == 1:
+                continue  # MONAI skips unity kernels too
+            ndimage.correlate1d(y, kernel, axis=axis, output=y, mode="constant", cval=0.0)
+        out.append(
+            torch.nn.functional.interpolate(
+                torch.from_numpy(y)[None, None], size=tuple(size), mode="trilinear", align_corners=False
+            )[0]
+        )
+        del y
+    return torch.cat(out)
+
+
+# Slices per slab when windowing: large enough that the per-call overhead does not show,
+# small enough that the temporaries are a few MB.
+WINDOW_SLAB = 8
 # Below this shrink factor the anti-aliasing sigma ((factor - 1) / 2 voxels) is too small to
 # matter but the Gaussian still costs as much as the rest of the preprocessing together.
 ANTI_ALIAS_FROM = 1.5
@@ -87,6 +128,50 @@ ANTI_ALIAS_FROM = 1.5
 _BONE_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _BONE_STRUCTURE[1] = True
 _BONE_STRUCTURE[:, 1, 1] = True
+
+# --- Working grids: how coarse a volume each model's preprocessing can start from ------------
+#
+# A scanner's 0.6 mm, 512 x 512 series is ~10x finer per axis than the models' grids; reading
+# it at full resolution cost 17.9 GB for a 240-slice head (issue 16). So each CT model
+# declares the pooling the loader may apply (processors.dicom_volume.load_series(pool=...)):
+# integer area-averaging factors, k = ceil(n / working grid) per axis, so the volume it
+# starts from is at most the working grid and (for n >= the working grid) at least half of
+# it. A series at or below the working grid (every training phantom) is read at full
+# resolution: exactly the path the models were trained on.
+#
+# Why ceil and not floor: floor(n / (2 x grid)) leaves anything from 2x to 4x the grid (a
+# 120-slice head kept all 120 slices: 1.10 GB peak, 0.28 GB above the imports, more than
+# the 240-slice series); ceil keeps 1-2x, and so time and memory follow the model's grid.
+#
+# ICH: twice the model grid per axis. The final resize still shrinks by up to 2x (anti-aliased,
+# at the working grid: cheap), so the model sees averaged noise, as before.
+ICH_WORKING_GRID: tuple[int, int, int] = (64, 192, 192)
+# LVO: twice in-plane, six times along z. The slab MIP keeps a 2-4 mm vessel at full
+# brightness only if it is not averaged away first: M1 runs in the axial plane, so z
+# averaging stops at ~2 mm (a 0.6 mm CTA of 400 slices: 3 slices), not at ~5 mm.
+LVO_WORKING_GRID: tuple[int, int, int] = (192, 192, 192)
+# Chest CT: the nodule preprocessing box-averages to its 2.5 mm grid anyway; on axes longer
+# than this the loader does that averaging (by the same integer kernel) instead of it.
+NODULE_FULL_RESOLUTION_MAX = 256
+
+
+def _pool_to(grid: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
+    k = [max(1, -(-int(n) // int(g))) for n, g in zip(shape, grid, strict=True)]
+    return (k[0], k[1], k[2])
+
+
+def ich_pooling(
+    shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The ICH model's loader pooling (see ICH_WORKING_GRID); spacing does not matter to it."""
+    return _pool_to(ICH_WORKING_GRID, shape_zyx)
+
+
+def lvo_pooling(
+    shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The LVO model's loader pooling (see LVO_WORKING_GRID)."""
+    return _pool_to(LVO_WORKING_GRID, shape_zyx)
 
 
 def preprocess_head_ct(volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None = None) -> np.ndarray:
@@ -144,19 +229,30 @@ def _head_ct(
         raise ValueError("volume contains NaN or infinity")
 
     bone = ndimage.binary_dilation(hu > BONE_HU, structure=_BONE_STRUCTURE)
-    blood = np.where(bone, ICH_WINDOW_HU[0], hu)
-    channels = [
-        np.asarray(_blood_window(blood)),
-        np.asarray(_narrow_window(blood)),
-        np.asarray(_bone_window(hu)),
-    ]
-    if mask is not None:
-        # Only what the model can see: blood lost in the bone strip is no target for it.
-        channels.append((mask.astype(bool) & ~bone).astype(np.float32))
-    x = torch.from_numpy(np.stack(channels).astype(np.float32))
+    # The windows are per voxel: computed a slab of slices at a time straight into the one
+    # (C, z, y, x) array, they are the same values without MONAI's full-size temporaries
+    # (~6 volumes per window) or a stacked copy (issue 16).
+    x_np = np.empty((ICH_INPUT_SHAPE[0] + (mask is not None), *hu.shape), dtype=np.float32)
+    for z0 in range(0, hu.shape[0], WINDOW_SLAB):
+        z = slice(z0, z0 + WINDOW_SLAB)
+        blood = np.where(bone[z], ICH_WINDOW_HU[0], hu[z])
+        x_np[0, z] = np.asarray(_blood_window(blood))
+        x_np[1, z] = np.asarray(_narrow_window(blood))
+        x_np[2, z] = np.asarray(_bone_window(hu[z]))
+        if mask is not None:
+            # Only what the model can see: blood lost in the bone strip is no target for it.
+            x_np[3, z] = mask[z].astype(bool) & ~bone[z]
+    del bone
+    x = torch.from_numpy(x_np)
     with torch.no_grad():
         # _crop(x), with the box kept: its z extent maps model slices back to the series.
-        box_start, box_end = _crop.compute_bounding_box(x)
+        # The box of the voxels foreground in any channel, found on that one boolean map
+        # (MONAI would first copy the channels: a transient volume per channel).
+        foreground = np.zeros(hu.shape, dtype=bool)
+        for c in range(ICH_INPUT_SHAPE[0]):
+            foreground |= x_np[c] > FOREGROUND_LEVEL
+        box_start, box_end = _crop_box.compute_bounding_box(torch.from_numpy(foreground)[None])
+        del foreground
         x = _crop.crop_pad(x, box_start, box_end)
         # allow_smaller: the box never leaves the volume, so [start, end) are its slices.
         crop = SliceCrop(int(box_start[0]), int(box_end[0]), ICH_INPUT_SHAPE[1])
@@ -166,7 +262,7 @@ def _head_ct(
         target = (-1, round(side_mm / spacing[1]), round(side_mm / spacing[2]))
         x = SpatialPad(spatial_size=target, mode="constant")(x)
         shrink = max(n / m for n, m in zip(x.shape[1:], ICH_INPUT_SHAPE[1:], strict=True))
-        x = (_resize_smoothed if shrink >= ANTI_ALIAS_FROM else _resize)(x)
+        x = _resize_anti_aliased(x, ICH_INPUT_SHAPE[1:]) if shrink >= ANTI_ALIAS_FROM else _resize(x)
     # Interpolation can overshoot [0, 1] by rounding error only; clip so the contract holds exactly.
     out = np.clip(np.asarray(torch.as_tensor(x), dtype=np.float32), 0.0, 1.0)
     n = ICH_INPUT_SHAPE[0]
@@ -428,7 +524,9 @@ def _radiograph(
     if not np.isfinite(pixels).all():
         raise ValueError("image contains NaN or infinity")
     lo, hi = np.percentile(pixels, CXR_PERCENTILES)
-    x = torch.from_numpy(np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0))[None]
+    # np.float32(lo): percentile returns float64 scalars, which numpy 2 (unlike the pinned
+    # 1.26) promotes the whole image with: a float64 copy of a 3000 x 2400 detector image.
+    x = torch.from_numpy(np.clip((pixels - np.float32(lo)) / max(float(hi - lo), 1e-6), 0.0, 1.0))[None]
     if mask is not None:
         x = torch.cat([x, torch.from_numpy(mask.astype(np.float32))[None]])
     with torch.no_grad():
@@ -487,7 +585,8 @@ def preprocess_mammo_view(
     lo, hi = np.percentile(image, MAMMO_PERCENTILES)
     if float(hi - lo) <= 1e-6 * max(abs(float(hi)), 1.0):
         raise ValueError("image has no contrast (its pixels are all but constant): nothing to read")
-    x = torch.from_numpy(np.clip((image - lo) / float(hi - lo), 0.0, 1.0))[None]
+    # float32 throughout (see _radiograph: numpy 2 would promote the image to float64).
+    x = torch.from_numpy(np.clip((image - np.float32(lo)) / float(hi - lo), 0.0, 1.0))[None]
     if mask is not None:
         x = torch.cat([x, torch.from_numpy(mask.astype(np.float32))[None]])
     size = tuple(max(1, round(n * s / MAMMO_PIXEL_MM)) for n, s in zip(x.shape[1:], spacing, strict=True))
@@ -614,7 +713,7 @@ def _chest_ct(
 
     stack = [hu + 1000.0] + ([mask.astype(np.float32)] if mask is not None else [])
     x = torch.from_numpy(np.stack(stack).astype(np.float32, copy=False))[None]
-    kernel = tuple(int(g // s) if g / s >= ANTI_ALIAS_FROM else 1 for s in spacing)
+    kernel = tuple(_nodule_kernel(s) for s in spacing)
     with torch.no_grad():
         if max(kernel) > 1:
             x = torch.nn.functional.avg_pool3d(x, kernel_size=kernel, stride=kernel)
@@ -650,6 +749,27 @@ def _chest_ct(
     tensor = np.stack([image, region.astype(np.float32)]).astype(np.float32)
     target = np.clip(out[1], 0.0, 1.0).astype(np.float32) if mask is not None else None
     return np.ascontiguousarray(tensor), target, NoduleGeometry.from_matrix(grid_affine, (d, h, w))
+
+
+def _nodule_kernel(spacing_mm: float) -> int:
+    """Box-averaging factor towards NODULE_GRID_MM along an axis of this spacing (1: the
+    interpolation alone is fine, the shrink is below ANTI_ALIAS_FROM)."""
+    g = NODULE_GRID_MM
+    return int(g // spacing_mm) if g / spacing_mm >= ANTI_ALIAS_FROM else 1
+
+
+def nodule_pooling(
+    shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The nodule model's loader pooling: the preprocessing's own box average, done by the
+    loader on axes longer than NODULE_FULL_RESOLUTION_MAX voxels. On the pooled volume the
+    preprocessing's kernel is then 1 (a spacing of at least 2.5 / 1.5 mm remains), so the
+    average is the same one, taken before the float volume exists instead of after."""
+    k = [
+        _nodule_kernel(float(s)) if int(n) > NODULE_FULL_RESOLUTION_MAX else 1
+        for n, s in zip(shape_zyx, spacing_zyx, strict=True)
+    ]
+    return (k[0], k[1], k[2])
 
 
 def _fill_slices(mask: np.ndarray) -> np.ndarray:

@@ -26,14 +26,15 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from processors.dicom_volume import Volume, VolumeError
+from processors.dicom_volume import DEFER_BYTES, Volume, VolumeError
 
 FRONTAL_VIEWS = ("PA", "AP")
 
 
 def _read(path: Path) -> Dataset:
     try:
-        return dcmread(path)
+        # Pixel data deferred: only the frontal image of the series is ever decoded (issue 16).
+        return dcmread(path, defer_size=DEFER_BYTES)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
         raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
 

@@ -316,6 +316,11 @@ class StreamSettings(BaseModel):
     preprocess_niceness: dict[str, int] = Field(
         default_factory=lambda: {"stat": 0, "urgent": 5, "routine": 10}
     )
+    # Working memory all lanes' preprocessing may hold at once (processors/preprocess_pool.py:
+    # a request waits until its series' estimate fits; stat first). 4 GiB: a 2-core 24 GB box
+    # runs ~10 scanner-sized head CTs in it beside Kafka and Triton; one larger than all of
+    # it runs alone.
+    preprocess_memory_budget_bytes: int = Field(default=4 * 1024**3, gt=0)
     # Names one of several workers sharing a home (its ready marker and log): scale-out
     # runs more workers in one consumer group, on one machine in the cluster test.
     instance_name: str = ""

@@ -224,3 +224,143 @@ def test_duplicate_positions_and_missing_slices(series: list[Path], tmp_path: Pa
     middle = len(by_z) // 2
     with pytest.raises(VolumeError, match="slices are missing"):
         load_series(by_z[:middle] + by_z[middle + 1 :])
+
+
+# --- reading onto a model's working grid (issue 16) ------------------------------------------
+
+
+def _reference_hu(files: list[Path]) -> np.ndarray:
+    """The loader before issue 16, independently: every file read whole, each slice to float32
+    with its own rescale, stacked in position order. What the models were trained through."""
+    datasets = sorted((dcmread(f) for f in files), key=lambda ds: float(ds.ImagePositionPatient[2]))
+    return np.stack(
+        [
+            ds.pixel_array.astype(np.float32) * np.float32(float(ds.RescaleSlope))
+            + np.float32(float(ds.RescaleIntercept))
+            for ds in datasets
+        ]
+    )
+
+
+def test_phantom_sized_series_load_bit_identical_on_every_ct_models_path(
+    bleed_phantom: Phantom, series: list[Path], tmp_path: Path
+) -> None:
+    """Training phantoms are at or below every working grid: the models' loaders read them at
+    full resolution, bit for bit what the old loader gave, so trained weights and
+    models/EVALUATION.md are unaffected by the pooling."""
+    from models.chest_ct_phantoms import chest_ct_phantom as nodule_phantom
+    from models.cta_phantoms import cta_phantom
+    from processors.model_inputs import MODEL_INPUTS
+
+    cta = cta_phantom(np.random.default_rng(21), lvo=True)
+    chest = nodule_phantom(np.random.default_rng(22), nodules=1)
+    cases = {
+        "ich_classifier": series,
+        "lvo_detector": write_ct_series(cta.hu, cta.spacing_zyx, tmp_path / "cta"),
+        "nodule_detector": write_ct_series(chest.hu, chest.spacing_zyx, tmp_path / "chest"),
+    }
+    for model, files in cases.items():
+        volume = MODEL_INPUTS[model].load(files)
+        assert volume.pool_zyx == (1, 1, 1), model
+        np.testing.assert_array_equal(volume.hu, _reference_hu(files), err_msg=model)
+        assert volume.hu.dtype == np.float32 and volume.hu.flags.c_contiguous
+        assert volume.source_positions_mm == () and len(volume.positions_mm) == len(files)
+
+
+def _thin_series(tmp_path: Path, n: int = 13) -> tuple[list[Path], np.ndarray]:
+    """A small series whose slices carry different RescaleSlope/Intercept (scanners may vary
+    them per slice), shuffled instance numbers, and a size no pooling factor divides."""
+    rng = np.random.default_rng(31)
+    hu = rng.integers(-1000, 1500, size=(n, 11, 14)).astype(np.int16)
+    files = write_ct_series(hu, (0.625, 0.5, 0.45), tmp_path / "thin", shuffle_files=True, rng=rng)
+    for i, f in enumerate(files):
+        ds = dcmread(f)
+        slope, intercept = (1.0, -1024.0) if i % 3 else (0.5, -1000.0)
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+        ds.save_as(f)
+    return files, _reference_hu(files)
+
+
+def test_pooled_load_is_the_block_average_with_its_geometry(tmp_path: Path) -> None:
+    files, full = _thin_series(tmp_path)
+    reference = load_series(files)
+    np.testing.assert_array_equal(reference.hu, full)
+    vol = load_series(files, pool=lambda shape, spacing: (3, 2, 3))
+
+    # Blocks of 3 slices x 2 rows x 3 columns; the rows and columns past the last whole block
+    # are dropped, the last z group (13 = 4 x 3 + 1) averages what it has.
+    f64 = full.astype(np.float64)[:, :10, :12]
+    expected = np.stack(
+        [f64[z : z + 3].reshape(-1, 5, 2, 4, 3).mean(axis=(0, 2, 4)) for z in range(0, 13, 3)]
+    )
+    assert vol.hu.shape == (5, 5, 4) and vol.hu.dtype == np.float32
+    np.testing.assert_allclose(vol.hu, expected, rtol=0, atol=1e-3)
+    assert vol.pool_zyx == (3, 2, 3)
+    assert vol.spacing_zyx == pytest.approx((0.625 * 3, 0.5 * 2, 0.45 * 3), abs=1e-6)
+
+    # The affine puts pooled voxel (0, 0, 0) at the centre of the series voxels it averages.
+    assert reference.affine is not None and vol.affine is not None
+    corners = reference.to_patient(np.array([[0, 0, 0], [2, 1, 2]], dtype=float))
+    np.testing.assert_allclose(vol.to_patient([0, 0, 0]), corners.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(vol.to_patient([1, 2, 1]), reference.to_patient([4, 4.5, 4]), atol=1e-6)
+
+    # Per pooled slice: its mean position; no instance number of its own; the series' own
+    # tables are kept whole, and each pooled slice knows which series slices it holds.
+    np.testing.assert_allclose(vol.positions_mm[0], np.mean(reference.positions_mm[:3]), atol=1e-6)
+    assert vol.positions_mm[-1] == pytest.approx(reference.positions_mm[12])
+    assert vol.instance_numbers == (None,) * 5
+    assert vol.series_positions_mm == reference.positions_mm
+    assert vol.series_instance_numbers == reference.instance_numbers
+    assert vol.series_slices(1, 3) == (3, 9) and vol.series_slices(4, 5) == (12, 13)
+
+
+def test_in_plane_pooling_only_keeps_the_series_slices(tmp_path: Path) -> None:
+    files, full = _thin_series(tmp_path)
+    vol = load_series(files, pool=lambda shape, spacing: (1, 1, 2))
+    np.testing.assert_allclose(
+        vol.hu, full[:, :, :14].reshape(13, 11, 7, 2).astype(np.float64).mean(axis=3), atol=1e-3
+    )
+    reference = load_series(files)
+    assert vol.positions_mm == reference.positions_mm and vol.instance_numbers == reference.instance_numbers
+    assert vol.source_positions_mm == ()
+
+
+def test_a_finding_on_a_pooled_series_names_the_series_own_instances(tmp_path: Path) -> None:
+    """Localisation through a z-pooled volume: the slice range is in the series' instance numbers
+    and positions (ascending along the normal), covering the series slices the crop averaged."""
+    from processors.localisation import SliceCrop, cells_to_slices, slice_range
+    from processors.model_inputs import ich_geometry
+
+    files, _ = _thin_series(tmp_path)
+    reference = load_series(files)
+    vol = load_series(files, pool=lambda shape, spacing: (3, 1, 1))
+    geometry = ich_geometry(vol, SliceCrop(1, 4, 32))
+    assert geometry is not None
+    assert geometry.crop == SliceCrop(3, 12, 32)
+    assert geometry.positions_mm == reference.positions_mm
+    assert list(geometry.positions_mm) == sorted(geometry.positions_mm)
+    assert geometry.instance_numbers == reference.instance_numbers
+    # The whole map → the crop's series slices, by the instance numbers a viewer shows.
+    found = slice_range(*cells_to_slices(0, 15, 16, geometry.crop), geometry)
+    by_position = sorted(
+        (float(dcmread(f).ImagePositionPatient[2]), int(dcmread(f).InstanceNumber)) for f in files
+    )
+    assert found.first_instance_number == by_position[3][1]
+    assert found.last_instance_number == by_position[11][1]
+    assert found.first_position_mm == pytest.approx(by_position[3][0], abs=1e-3)
+    assert found.slices == 9
+
+
+def test_the_working_grids_leave_phantoms_alone_and_pool_a_scanner_series() -> None:
+    from processors.preprocessing import ich_pooling, lvo_pooling, nodule_pooling
+
+    assert ich_pooling((40, 128, 128), (4.0, 1.7, 1.7)) == (1, 1, 1)
+    # 240 x 512 x 512 -> 60 x 170 x 170: at most twice the model grid (32, 96, 96), at least it.
+    assert ich_pooling((240, 512, 512), (0.625, 0.45, 0.45)) == (4, 3, 3)
+    assert ich_pooling((120, 512, 512), (1.25, 0.45, 0.45)) == (2, 3, 3)
+    assert ich_pooling((64, 192, 192), (2.5, 1.2, 1.2)) == (1, 1, 1)
+    assert lvo_pooling((52, 128, 128), (3.0, 1.8, 1.8)) == (1, 1, 1)
+    assert lvo_pooling((400, 512, 512), (0.625, 0.45, 0.45)) == (3, 3, 3)
+    # Chest: the nodule preprocessing's own 2.5 mm box average, only on long axes.
+    assert nodule_pooling((204, 256, 256), (1.25, 1.2, 1.2)) == (1, 1, 1)
+    assert nodule_pooling((480, 512, 512), (0.625, 0.7, 0.7)) == (4, 3, 3)

@@ -129,3 +129,133 @@ def test_the_pool_hands_back_the_series_geometry_with_the_tensor(series: list[Pa
     np.testing.assert_array_equal(tensor, expected)
     assert geometry is not None and geometry == want
     assert len(geometry.positions_mm) == volume.hu.shape[0]
+
+
+# --- admission by estimated memory (issue 16) --------------------------------------------------
+
+
+async def _started(task: asyncio.Task[int]) -> bool:
+    """Whether `task` got its bytes after the loop ran everything ready."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return task.done()
+
+
+def test_a_request_waits_until_its_bytes_fit_and_stat_goes_first() -> None:
+    from processors.preprocess_pool import MemoryAdmission
+
+    async def run() -> list[str]:
+        budget = MemoryAdmission(100)
+        order: list[str] = []
+        first = await budget.acquire("routine", 60)
+        assert budget.in_use == 60
+
+        async def job(lane: str, size: int) -> int:
+            cost = await budget.acquire(lane, size)
+            order.append(f"{lane}:{size}")
+            return cost
+
+        routine = asyncio.create_task(job("routine", 50))
+        urgent = asyncio.create_task(job("urgent", 50))
+        stat = asyncio.create_task(job("stat", 50))
+        assert not await _started(routine) and not await _started(stat) and budget.waiting == 3
+        budget.release(first)  # 100 free: stat (50) and then urgent (50), routine still waits
+        assert await _started(stat) and await _started(urgent) and not await _started(routine)
+        assert budget.in_use == 100
+        budget.release(stat.result())
+        assert await _started(routine)
+        budget.release(urgent.result())
+        budget.release(routine.result())
+        assert budget.in_use == 0 and budget.waiting == 0
+        return order
+
+    assert asyncio.run(run()) == ["stat:50", "urgent:50", "routine:50"]
+
+
+def test_a_request_larger_than_the_budget_runs_alone_and_never_deadlocks() -> None:
+    from processors.preprocess_pool import MemoryAdmission
+
+    async def run() -> None:
+        budget = MemoryAdmission(100)
+        small = await budget.acquire("routine", 10)
+        huge = asyncio.create_task(budget.acquire("stat", 10_000))
+        assert not await _started(huge)
+        budget.release(small)
+        assert await _started(huge) and huge.result() == 100 and budget.in_use == 100
+        # While it runs nothing else fits; after it, everything does.
+        other = asyncio.create_task(budget.acquire("stat", 1))
+        assert not await _started(other)
+        budget.release(huge.result())
+        assert await _started(other)
+        budget.release(other.result())
+        assert budget.in_use == 0
+
+    asyncio.run(run())
+
+
+def test_the_first_waiter_holds_later_smaller_ones_of_its_lane_and_lower_lanes() -> None:
+    """No slipping past: a big stat series waiting for memory is not starved by small routine
+    ones that would fit; a cancelled waiter lets the queue move on."""
+    from processors.preprocess_pool import MemoryAdmission
+
+    async def run() -> None:
+        budget = MemoryAdmission(100)
+        running = await budget.acquire("routine", 70)
+        big_stat = asyncio.create_task(budget.acquire("stat", 80))
+        small_routine = asyncio.create_task(budget.acquire("routine", 10))
+        assert not await _started(big_stat) and not await _started(small_routine)
+        big_stat.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await big_stat
+        assert await _started(small_routine) and budget.in_use == 80
+        budget.release(small_routine.result())
+        budget.release(running)
+        assert budget.in_use == 0 and budget.waiting == 0
+
+    asyncio.run(run())
+
+
+def test_the_working_memory_estimate_and_the_header_fallback(series: list[Path]) -> None:
+    from pydicom import dcmread
+
+    from processors.preprocess_pool import (
+        MIN_WORKING_BYTES,
+        WORKING_BYTES_PER_PIXEL_BYTE,
+        estimated_working_bytes,
+        pixel_bytes_from_header,
+    )
+
+    ds = dcmread(series[0], stop_before_pixels=True)
+    assert pixel_bytes_from_header(series) == len(series) * ds.Rows * ds.Columns * 2
+    assert pixel_bytes_from_header([]) == 0
+    scanner_head = 240 * 512 * 512 * 2
+    factor = WORKING_BYTES_PER_PIXEL_BYTE["ich_classifier"]
+    assert estimated_working_bytes(scanner_head, "ich_classifier") == int(factor * scanner_head)
+    # A 2D image is preprocessed at its full matrix: more per pixel byte than a CT volume.
+    detector = 3000 * 2400 * 2
+    assert estimated_working_bytes(detector, "cxr_triage") > estimated_working_bytes(
+        detector, "ich_classifier"
+    )
+    # Unknown model: the largest factor; nothing known: the minimum.
+    assert estimated_working_bytes(scanner_head, "new_model") == int(
+        max(WORKING_BYTES_PER_PIXEL_BYTE.values()) * scanner_head
+    )
+    assert estimated_working_bytes(0) == MIN_WORKING_BYTES
+
+
+def test_prepare_admits_by_memory_and_the_old_call_still_works(series: list[Path]) -> None:
+    """`prepare(lane, model, paths)` as the agent calls it today, and with the series' pixel
+    bytes: both return the tensor and hand their bytes back to the budget."""
+    pools = LanePools({"stat": 1}, {"stat": 0}, memory_budget_bytes=512 * 1024 * 1024)
+
+    async def run() -> tuple[np.ndarray, np.ndarray]:
+        old_call, _ = await pools.prepare("stat", "ich_classifier", series)
+        new_call, _ = await pools.prepare("stat", "ich_classifier", series, 1 << 40)  # over budget: alone
+        assert pools.memory.in_use == 0
+        return old_call, new_call
+
+    try:
+        old_call, new_call = asyncio.run(run())
+    finally:
+        pools.shutdown()
+    np.testing.assert_array_equal(old_call, new_call)

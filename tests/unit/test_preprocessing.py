@@ -17,6 +17,7 @@ from processors.preprocessing import (
     ICH_INPUT_SHAPE,
     ICH_WINDOW_HU,
     preprocess_head_ct,
+    preprocess_head_ct_with_crop,
     preprocess_head_ct_with_mask,
 )
 from radtriage.settings import REPO_ROOT
@@ -134,3 +135,81 @@ def test_committed_weights_classify_fresh_phantoms() -> None:
     assert tuple(both_maps.shape) == (2, 16, 24, 24) and tuple(one_map.shape) == (1, 16, 24, 24)
     assert float(both_maps.min()) >= 0.0 and float(both_maps.max()) <= 1.0
     torch.testing.assert_close(both_maps[:1], one_map, atol=1e-5, rtol=0)
+
+
+# --- issue 16: leaner preprocessing, the same numbers on the training path ---------------------
+
+
+def _preprocessing_before_issue_16() -> object:
+    """processors/preprocessing.py as this branch found it (git merge-base with main), imported
+    as a module of its own: the arithmetic the committed weights were trained through."""
+    import importlib.util
+    import subprocess
+
+    try:
+        base = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "merge-base", "HEAD", "main"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        source = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "show", f"{base}:processors/preprocessing.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no git history to compare with ({exc})")
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "preprocessing_before_issue_16.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("preprocessing_before_issue_16", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_phantom_inputs_are_bit_identical_to_the_preprocessing_before_issue_16() -> None:
+    """The memory work (slab-wise windows, the crop box on one boolean map, freed intermediates)
+    changes no value on what the models were trained on: ICH inputs and training masks, and
+    the other CT models' inputs, are equal bit for bit."""
+    from models.chest_ct_phantoms import chest_ct_phantom
+    from models.cta_phantoms import cta_phantom
+    from processors.preprocessing import preprocess_chest_ct, preprocess_cta
+
+    old = _preprocessing_before_issue_16()
+    for seed in (31, 32):
+        ph = head_ct_phantom(np.random.default_rng(seed), bleed=True)
+        assert ph.blood_mask is not None
+        new_x, new_m = preprocess_head_ct_with_mask(ph.hu, ph.spacing_zyx, ph.blood_mask)
+        old_x, old_m = old.preprocess_head_ct_with_mask(ph.hu, ph.spacing_zyx, ph.blood_mask)  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(new_x, old_x)
+        np.testing.assert_array_equal(new_m, old_m)
+        _, new_crop = preprocess_head_ct_with_crop(ph.hu, ph.spacing_zyx)
+        assert new_crop == old.preprocess_head_ct_with_crop(ph.hu, ph.spacing_zyx)[1]  # type: ignore[attr-defined]
+    cta = cta_phantom(np.random.default_rng(33), lvo=True)
+    np.testing.assert_array_equal(
+        preprocess_cta(cta.hu, cta.spacing_zyx), old.preprocess_cta(cta.hu, cta.spacing_zyx)
+    )  # type: ignore[attr-defined]
+    chest = chest_ct_phantom(np.random.default_rng(34), nodules=1)
+    np.testing.assert_array_equal(
+        preprocess_chest_ct(chest.hu, chest.spacing_zyx)[0],
+        old.preprocess_chest_ct(chest.hu, chest.spacing_zyx)[0],  # type: ignore[attr-defined]
+    )
+
+
+def test_the_lean_anti_aliased_resize_is_monais() -> None:
+    """Shrinking by 1.5x or more (a scanner series on its working grid; never a training
+    phantom) is MONAI's anti-aliased Resize, computed one channel and axis at a time."""
+    from processors.preprocessing import _resize_anti_aliased, _resize_smoothed
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(3, 75, 225, 225), (4, 50, 150, 140), (3, 32, 200, 120)]:
+        x = torch.rand(shape, generator=generator)
+        lean = _resize_anti_aliased(x, ICH_INPUT_SHAPE[1:])
+        monai = torch.as_tensor(_resize_smoothed(x))
+        assert lean.shape == monai.shape == (shape[0], *ICH_INPUT_SHAPE[1:])
+        np.testing.assert_allclose(lean.numpy(), monai.numpy(), rtol=0, atol=1e-6)
