@@ -82,7 +82,10 @@ class Infer:
             settings.triton.grpc_url, settings.triton.timeout_s, settings.triton.grpc_auth_headers()
         )
         self.gate = LaneRetryGate(settings.triton.lane_priority)
-        self.preprocess = LanePools(settings.streams.lane_concurrency, settings.streams.preprocess_niceness)
+        streams = settings.streams
+        self.preprocess = LanePools(
+            streams.lane_concurrency, streams.preprocess_niceness, streams.preprocess_memory_budget_bytes
+        )
         self.latest = LatestReads()
         # Request ids whose finding is being published right now (this worker owns every lane
         # partition of a study: the lane topics are co-partitioned by study UID).
@@ -146,7 +149,9 @@ class Infer:
             with tracer.start_as_current_span("preprocess", attributes=prep_attrs):
                 started = time.monotonic()
                 paths = [self.ctx.blobs.path_of(uri) for uri in req.instance_uris]
-                tensor, geometry = await self.preprocess.prepare(lane, req.model_name, paths)
+                # Admitted by the series' decoded size (processors/preprocess_pool.py): two
+                # thin-slice studies at once must wait for memory, not exhaust it.
+                tensor, geometry = await self.preprocess.prepare(lane, req.model_name, paths, req.pixel_bytes)
                 metrics.observe_preprocess(lane, req.model_name, time.monotonic() - started)
         except Exception as exc:  # unreadable series: retrying will not help
             span.set_status(Status(StatusCode.ERROR, str(exc)))
