@@ -13,8 +13,8 @@ models/dicom_writer.py), plus one phantom-sized series (the training path, read 
 resolution). The model forward is the committed TorchScript ICH weights on the tensor, one
 thread, for scale.
 
-"old" is the loader as it was before issue 16 (`git show <merge-base>:processors/dicom_volume.py`,
-imported from a temporary file) followed by the same ICH preprocessing at full resolution:
+"old" is the loader as it was before issue 16 (`git show BEFORE_ISSUE_16:processors/dicom_volume.py`,
+imported from a temporary file) followed by that commit's ICH preprocessing at full resolution:
 a 240-slice series needs ~18 GB that way (issue 16: 51 s, 17.9 GB), so it runs only for
 the phantom and `--old-sizes` (default 32 and 120 slices).
 
@@ -176,14 +176,15 @@ def _vm(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+# The last commit before issue 16's loader work (pinned: the merge-base with main moves once
+# this work is merged).
+BEFORE_ISSUE_16 = "89bf3b5b2fc68ee7f171c0077c1d536bc5ce9795"
+
+
 def _before_issue_16(module: str) -> Any:
-    """processors/<module>.py as it was before issue 16 (the merge-base with main), imported
-    as a module of its own."""
-    base = subprocess.run(
-        ["git", "-C", str(REPO), "merge-base", "HEAD", "main"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    """processors/<module>.py at BEFORE_ISSUE_16, imported as a module of its own."""
     source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{base}:processors/{module}.py"],
+        ["git", "-C", str(REPO), "show", f"{BEFORE_ISSUE_16}:processors/{module}.py"],
         capture_output=True,
         text=True,
         check=True,

@@ -140,21 +140,19 @@ def test_committed_weights_classify_fresh_phantoms() -> None:
 # --- issue 16: leaner preprocessing, the same numbers on the training path ---------------------
 
 
+# The last commit before issue 16's loader work: the arithmetic the committed weights were
+# trained through (the merge-base with main moves once this work is merged, so it is pinned).
+BEFORE_ISSUE_16 = "89bf3b5b2fc68ee7f171c0077c1d536bc5ce9795"
+
+
 def _preprocessing_before_issue_16() -> object:
-    """processors/preprocessing.py as this branch found it (git merge-base with main), imported
-    as a module of its own: the arithmetic the committed weights were trained through."""
+    """processors/preprocessing.py at BEFORE_ISSUE_16, imported as a module of its own."""
     import importlib.util
     import subprocess
 
     try:
-        base = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "merge-base", "HEAD", "main"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
         source = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "show", f"{base}:processors/preprocessing.py"],
+            ["git", "-C", str(REPO_ROOT), "show", f"{BEFORE_ISSUE_16}:processors/preprocessing.py"],
             capture_output=True,
             text=True,
             check=True,

@@ -4,8 +4,9 @@ Measured, in a fresh child process (bench/preprocess.py `--child`): its peak RSS
 its RSS once torch, MONAI and pydicom are imported (the baseline every preprocessing process
 pays, ~0.8 GB with the CUDA build of torch, ~0.43 GB of it shared library pages). For the
 240 x 512 x 512 int16 series (126 MB of pixels) the loader pooled onto the ICH working grid
-(3, 2, 2 -> 80 x 256 x 256) measured on the 2-core development box: peak 0.96 GB total,
-~0.18 GB above the baseline; before issue 16 the same series took 17.9 GB (and 51 s).
+(4, 3, 3 -> 60 x 170 x 170) measured on the 2-core development box (bench/RESULTS.md): peak
+0.91 GB total, 85 MB above the baseline; before issue 16 the same series took 17.9 GB (and
+51 s).
 A memory figure, not a timing: it does not depend on how busy the machine is.
 """
 
