@@ -40,21 +40,24 @@ def original(
     return files, load_series(files)
 
 
-def _encoded(files: list[Path], syntax: Syntax, out: Path) -> list[Path]:
+def _encoded(files: list[Path], syntax: Syntax, out: Path) -> list[Path] | None:
+    """The files re-encoded in `syntax`; None when the encoder refuses this input as a known
+    limit of its own (then no independent encoder can make the case, and the test says so)."""
     out.mkdir()
     result = []
     for f in files:
         dst = out / f.name
         try:
-            if not encode(f, dst, syntax):
-                pytest.skip(
-                    f"{syntax.encode[0]} is not installed (Debian: dcmtk, libgdcm-tools, openjph-tools)"
-                )
-        except subprocess.CalledProcessError as exc:
-            # dcmcjpls refuses signed pixels for near-lossless: an encoder's limit, not the loader's.
-            pytest.skip(
-                f"{syntax.encode[0]} cannot write this: {exc.stderr.decode(errors='replace').strip()}"
+            # scripts/install.sh --test installs every encoder: a missing one is a failure.
+            assert encode(f, dst, syntax), (
+                f"{syntax.encode[0]} is not installed (Debian: dcmtk, libgdcm-tools, openjph-tools)"
             )
+        except subprocess.CalledProcessError as exc:
+            message = exc.stderr.decode(errors="replace").strip()
+            # dcmtk 3.6.7's dcmcjpls refuses signed pixels for near-lossless JPEG-LS. When it
+            # stops refusing, this assertion fails and the case is tested like the others.
+            assert "Unsupported pixel representation for near-lossless" in message, message
+            return None
         result.append(dst)
     return result
 
@@ -65,6 +68,10 @@ def test_each_transfer_syntax_loads(
 ) -> None:
     files, reference = original
     encoded = _encoded(files, syntax, tmp_path / "encoded")
+    if encoded is None:
+        signed = dcmread(files[0], stop_before_pixels=True).PixelRepresentation == 1
+        assert syntax.uid == "1.2.840.10008.1.2.4.81" and signed, "only signed near-lossless JPEG-LS"
+        return
     assert str(dcmread(encoded[0], stop_before_pixels=True).file_meta.TransferSyntaxUID) == syntax.uid
     if syntax.uid in HTJ2K_SYNTAXES and dcmread(encoded[0], stop_before_pixels=True).PixelRepresentation == 1:
         # Refused, not misread (processors/dicom_volume.py HTJ2K_SYNTAXES) — while the decoder
@@ -104,6 +111,7 @@ def test_a_compressed_series_is_pooled_like_an_uncompressed_one(
     files, _ = original
     syntax = next(s for s in SYNTAXES if s.name == "JPEG 2000 lossless")
     encoded = _encoded(files, syntax, tmp_path / "j2k")
+    assert encoded is not None
 
     def pool(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> tuple[int, int, int]:
         return (2, 2, 2)
