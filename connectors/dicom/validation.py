@@ -80,8 +80,9 @@ TRIAGED_SOP_CLASSES: frozenset[str] = frozenset(
 # never asked to compress it lossily. A sender proposing only its file's own syntax (as
 # dcmtk's storescu does for a compressed file) gets exactly that.
 TRANSFER_SYNTAXES: tuple[str, ...] = (
-    uids.ImplicitVRLittleEndian,
+    # Explicit before implicit: what senders' files usually are, and it keeps every VR.
     uids.ExplicitVRLittleEndian,
+    uids.ImplicitVRLittleEndian,
     uids.DeflatedExplicitVRLittleEndian,
     uids.ExplicitVRBigEndian,
     uids.RLELossless,  # 1.2.840.10008.1.2.5
