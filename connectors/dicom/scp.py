@@ -353,27 +353,39 @@ class StoreSCP:
             },
         ) as span:
             try:
-                # The bytes as received, behind a file meta header: a valid Part 10 file
-                # without re-encoding the dataset.
-                uri = self.blobs.put_instance(
-                    instance.study_uid,
-                    instance.series_uid,
-                    instance.sop_instance_uid,
-                    event.encoded_dataset(),
-                )
-            except (OSError, BlobStoreError) as exc:
-                # The exception's type and errno only: its message holds a path of UIDs at
-                # most, but nothing is gained by risking more.
-                cause = f"blob store: {type(exc).__name__} {getattr(exc, 'errno', '') or ''}".strip()
-                refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
-                return self._refuse(assoc, span, sop_uid, refusal, cause)
-            try:
-                self.publisher.publish(
+                uri = self.blobs.uri_of(instance.study_uid, instance.series_uid, instance.sop_instance_uid)
+                # The event goes out first and the instance is written while it travels:
+                # Kafka's round trip (acks=all) and the two fsyncs overlap instead of
+                # adding up. Success is still answered only once both are done. If the
+                # write fails, the event may be acknowledged all the same, naming a blob
+                # that is not there: the sender is told to retry (0xA701), and its retry
+                # writes the blob and publishes again (consumers take instances
+                # at-least-once, keyed by SOP Instance UID).
+                with self.publisher.publishing(
                     self.settings.topics.instances,
                     instance.study_uid,
                     instance.model_copy(update={"blob_uri": uri}),
                     _traceparent(study.context),
-                )
+                ) as pending:
+                    try:
+                        # The bytes as received, behind a file meta header: a valid Part 10
+                        # file in the negotiated transfer syntax, never re-encoded.
+                        self.blobs.put_instance(
+                            instance.study_uid,
+                            instance.series_uid,
+                            instance.sop_instance_uid,
+                            event.encoded_dataset(),
+                        )
+                    except (OSError, BlobStoreError) as exc:
+                        # The exception's type and errno only: its message holds a path of
+                        # UIDs at most, but nothing is gained by risking more.
+                        cause = f"blob store: {type(exc).__name__} {getattr(exc, 'errno', '') or ''}".strip()
+                        refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
+                        return self._refuse(assoc, span, sop_uid, refusal, cause)
+                    pending.wait()
+            except BlobStoreError as exc:  # uri_of: the UIDs were validated already; belt and braces
+                refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
+                return self._refuse(assoc, span, sop_uid, refusal, f"blob store: {type(exc).__name__}")
             except PublishError as exc:
                 # Out of Resources, never success: the sender keeps the object and retries.
                 refusal = v.Refusal(v.OUT_OF_RESOURCES_KAFKA, "event log unavailable, retry later")

@@ -473,21 +473,22 @@ def test_kafka_down_means_out_of_resources_never_success_and_recovery_needs_no_r
         forwarder.close()
 
 
-def test_a_storage_failure_is_out_of_resources_too(tmp_path: Path) -> None:
-    settings = _settings(tmp_path / "home", f"127.0.0.1:{free_port()}")
+def test_a_storage_failure_is_out_of_resources_too(kafka_bootstrap: str, tmp_path: Path) -> None:
+    # Kafka is up (the event goes out while the instance is written), the disk is not.
+    settings = _settings(tmp_path / "home", kafka_bootstrap)
+    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
     settings.home.mkdir(parents=True)
     settings.blob_dir.write_bytes(b"")  # a file where the store's directory should be
-    publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=1.0, client_id="test-disk")
-    _server, stop = start_scp(settings, publisher=publisher)
+    _server, stop = start_scp(settings)
     try:
         (first,) = _series(tmp_path / "s", 11, shape=(1, 32, 32))
         assoc = _scu().associate("127.0.0.1", settings.dicom.port, ae_title=settings.dicom.ae_title)
         status = assoc.send_c_store(dcmread(first))
         assoc.release()
         assert int(status.Status) == v.OUT_OF_RESOURCES_STORAGE == 0xA701
+        assert "retry" in str(status.ErrorComment)
     finally:
         stop()
-        publisher.close()
 
 
 def test_publishers_queued_behind_a_failed_connect_fail_fast() -> None:
