@@ -64,6 +64,17 @@ settings.dicom.port = cfg["port"]
 settings.dicom.bind_address = "127.0.0.1"
 settings.topics.instances = cfg["topic"]
 settings.telemetry.exporter = "none"
+if cfg.get("dul_delay"):
+    # Experiment: pynetdicom's DUL reactor sleeps _run_loop_delay (1 ms) whenever it finds
+    # nothing to do; set per association as it opens.
+    from pynetdicom import evt
+    from connectors.dicom import scp as scp_module
+    handlers = scp_module.StoreSCP.handlers
+    def with_delay(self):
+        def conn_open(event):
+            event.assoc.dul._run_loop_delay = cfg["dul_delay"]
+        return [*handlers(self), (evt.EVT_CONN_OPEN, conn_open)]
+    scp_module.StoreSCP.handlers = with_delay
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
 _servers, stop = start_scp(settings)
@@ -157,7 +168,7 @@ def vm_hwm_mb(pid: int) -> float:
 
 @contextmanager
 def radtriage_scp(
-    bootstrap: str, work: Path, repo: Path, profile: Path | None
+    bootstrap: str, work: Path, repo: Path, profile: Path | None, dul_delay: float = 0.0
 ) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = free_port()
     topic = f"imaging.instances.bench-{os.getpid()}-{port}"
@@ -168,6 +179,7 @@ def radtriage_scp(
         "port": port,
         "topic": topic,
         "profile": str(profile) if profile else "",
+        "dul_delay": dul_delay,
     }
     env = {**os.environ, "PYTHONPATH": str(repo)}
     code = SCP_CHILD_PROFILED if profile else SCP_CHILD
@@ -275,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--scp-repo", type=Path, default=REPO_ROOT, help="checkout whose SCP is measured")
     ap.add_argument("--profile", type=Path, default=None, help="cProfile the SCP's C-STORE handler")
+    ap.add_argument(
+        "--dul-delay",
+        type=float,
+        default=0.0,
+        help="experiment: pynetdicom DUL idle sleep (s) per association",
+    )
     ap.add_argument("--json", action="store_true", help="print the JSON instead of writing it")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -297,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         orthanc.start()
         stack.callback(orthanc.stop)
         rt_port, rt_proc = stack.enter_context(
-            radtriage_scp(kafka.bootstrap_servers, work, args.scp_repo.resolve(), args.profile)
+            radtriage_scp(
+                kafka.bootstrap_servers, work, args.scp_repo.resolve(), args.profile, args.dul_delay
+            )
         )
         # Warm-up (not counted): the producer's first connection and metadata, Orthanc's
         # first database writes, the page cache for the files.
@@ -355,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             "mb": round(series_mb, 1),
         },
         "sender": "dcmtk storescu, TCP_NODELAY=1",
+        "dul_delay_s": args.dul_delay or None,
         "single_association": runs,
         "median_ratio": statistics.median(r["ratio"] for r in runs),
         "median_radtriage_per_s": statistics.median(r["radtriage_per_s"] for r in runs),
