@@ -64,6 +64,8 @@ settings.dicom.port = cfg["port"]
 settings.dicom.bind_address = "127.0.0.1"
 settings.topics.instances = cfg["topic"]
 settings.telemetry.exporter = "none"
+if cfg.get("max_pdu"):
+    settings.dicom.max_pdu = cfg["max_pdu"]
 if cfg.get("dul_delay"):
     # Experiment: pynetdicom's DUL reactor sleeps _run_loop_delay (1 ms) whenever it finds
     # nothing to do; set per association as it opens.
@@ -168,7 +170,12 @@ def vm_hwm_mb(pid: int) -> float:
 
 @contextmanager
 def radtriage_scp(
-    bootstrap: str, work: Path, repo: Path, profile: Path | None, dul_delay: float = 0.0
+    bootstrap: str,
+    work: Path,
+    repo: Path,
+    profile: Path | None,
+    dul_delay: float = 0.0,
+    max_pdu: int = 0,
 ) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = free_port()
     topic = f"imaging.instances.bench-{os.getpid()}-{port}"
@@ -180,6 +187,7 @@ def radtriage_scp(
         "topic": topic,
         "profile": str(profile) if profile else "",
         "dul_delay": dul_delay,
+        "max_pdu": max_pdu,
     }
     env = {**os.environ, "PYTHONPATH": str(repo)}
     code = SCP_CHILD_PROFILED if profile else SCP_CHILD
@@ -200,7 +208,7 @@ def radtriage_scp(
 
 
 class Orthanc:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, max_pdu: int = 0) -> None:
         self.dicom_port, self.http_port = free_port(), free_port()
         storage = work / "orthanc-storage"
         storage.mkdir(parents=True)
@@ -221,6 +229,7 @@ class Orthanc:
                     "StorageCompression": False,
                     "ConcurrentJobs": 2,
                     "LogLevel": "default",
+                    **({"MaximumPduLength": max_pdu} if max_pdu else {}),
                 }
             )
         )
@@ -229,7 +238,12 @@ class Orthanc:
 
     def start(self) -> None:
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-        self.proc = subprocess.Popen([binary, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT)
+        # Orthanc's DICOM stack is dcmtk: without TCP_NODELAY=1 each C-STORE response waits
+        # for the sender's delayed ACK (~40 ms), as storescu's requests would.
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        self.proc = subprocess.Popen(
+            [binary, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env
+        )
         wait_port(self.http_port)
         wait_port(self.dicom_port)
 
@@ -288,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scp-repo", type=Path, default=REPO_ROOT, help="checkout whose SCP is measured")
     ap.add_argument("--profile", type=Path, default=None, help="cProfile the SCP's C-STORE handler")
     ap.add_argument(
+        "--max-pdu",
+        type=int,
+        default=0,
+        help="maximum PDU both SCPs announce (bytes; default: each one's own, 16 KB for both)",
+    )
+    ap.add_argument(
         "--dul-delay",
         type=float,
         default=0.0,
@@ -311,12 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         kafka.start()
         stack.callback(kafka.stop)
-        orthanc = Orthanc(work)
+        orthanc = Orthanc(work, args.max_pdu)
         orthanc.start()
         stack.callback(orthanc.stop)
         rt_port, rt_proc = stack.enter_context(
             radtriage_scp(
-                kafka.bootstrap_servers, work, args.scp_repo.resolve(), args.profile, args.dul_delay
+                kafka.bootstrap_servers,
+                work,
+                args.scp_repo.resolve(),
+                args.profile,
+                args.dul_delay,
+                args.max_pdu,
             )
         )
         # Warm-up (not counted): the producer's first connection and metadata, Orthanc's
@@ -376,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "sender": "dcmtk storescu, TCP_NODELAY=1",
         "dul_delay_s": args.dul_delay or None,
+        "max_pdu": args.max_pdu or "defaults (radtriage 16382, Orthanc 16384)",
         "single_association": runs,
         "median_ratio": statistics.median(r["ratio"] for r in runs),
         "median_radtriage_per_s": statistics.median(r["radtriage_per_s"] for r in runs),
