@@ -53,11 +53,7 @@ class LocalBlobStore:
             parent.mkdir(exist_ok=True)
             _fsync_dir(parent.parent)
 
-    def put_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> str:
-        """Store one instance atomically and durably; returns its `file://` URI.
-
-        A re-sent instance (same SOP Instance UID) replaces the stored one.
-        """
+    def _target(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         for name, uid in (
             ("StudyInstanceUID", study_uid),
             ("SeriesInstanceUID", series_uid),
@@ -65,9 +61,21 @@ class LocalBlobStore:
         ):
             if not valid_uid(uid):
                 raise BlobStoreError(f"{name} {uid!r} is not a valid DICOM UID")
-        folder = self.root / study_uid / series_uid
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def uri_of(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """The URI `put_instance` stores this instance under, known before it is stored (so
+        its event can be on its way while the instance is written)."""
+        return self._target(study_uid, series_uid, sop_uid).as_uri()
+
+    def put_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> str:
+        """Store one instance atomically and durably; returns its `file://` URI.
+
+        A re-sent instance (same SOP Instance UID) replaces the stored one.
+        """
+        target = self._target(study_uid, series_uid, sop_uid)
+        folder = target.parent
         self._ensure_dir(folder)
-        target = folder / f"{sop_uid}.dcm"
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".dcm")
         try:
             with os.fdopen(fd, "wb") as fh:

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 from kafka.producer.future import RecordMetadata
+from opentelemetry.trace import Span
 
 from radtriage.kafka_clients import (
     as_kafka_settings,
@@ -31,7 +34,7 @@ from radtriage.settings import KafkaSettings
 from radtriage.telemetry import record_ack, send_span
 from schemas.base import Event
 
-__all__ = ["EventPublisher", "PublishError", "RecordMetadata"]
+__all__ = ["EventPublisher", "PendingPublish", "PublishError", "RecordMetadata"]
 
 
 class PublishError(RuntimeError):
@@ -43,6 +46,33 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     name = type(exc).__name__
     return text if text.startswith(name) else f"{name}: {text}" if text else name
+
+
+class PendingPublish:
+    """A record on its way to the broker (`EventPublisher.publishing`)."""
+
+    def __init__(
+        self,
+        publisher: EventPublisher,
+        producer: KafkaProducer,
+        future: Any,
+        topic: str,
+        started: float,
+        span: Span | None,
+    ) -> None:
+        self._publisher, self._producer, self._future = publisher, producer, future
+        self._topic, self._started, self._span = topic, started, span
+
+    def wait(self) -> RecordMetadata:
+        """Block until acks=all; `PublishError` if not within the publisher's timeout,
+        counted from the send (one budget: connecting, metadata and the acknowledgement)."""
+        remaining = max(self._publisher.timeout_s - (time.monotonic() - self._started), 0.05)
+        try:
+            metadata: RecordMetadata = self._future.get(timeout=remaining)
+        except Exception as exc:  # every KafkaError, and the producer's own Type/ValueErrors
+            raise self._publisher._failed(self._producer, self._topic, exc) from exc
+        record_ack(self._span, metadata.partition, metadata.offset)
+        return metadata
 
 
 class EventPublisher:
@@ -148,6 +178,20 @@ class EventPublisher:
         Returns the record's metadata (partition, offset); raises `PublishError` with the
         reason if the broker did not acknowledge within `timeout_s`.
         """
+        with self.publishing(topic, key, event, headers) as pending:
+            return pending.wait()
+
+    @contextmanager
+    def publishing(
+        self, topic: str, key: str, event: Event, headers: Mapping[str, str] | None = None
+    ) -> Iterator[PendingPublish]:
+        """Start sending `event`; the block does other work, then `wait()`s for the ack.
+
+        For a connector whose own durable work (an fsync) can run while the record is on
+        its way to the broker: the two latencies overlap instead of adding up. The
+        PRODUCER span covers the block. Leaving the block without waiting does not take
+        the record back: it may still be acknowledged (at-least-once, as after a timeout).
+        """
         started = time.monotonic()
         # A PRODUCER span per record (OpenTelemetry messaging conventions); its context is
         # the traceparent the record carries.
@@ -156,16 +200,15 @@ class EventPublisher:
             producer = self._get_producer(started)
             try:
                 future = producer.send(topic, key=key.encode(), value=event.to_bytes(), headers=header_list)
-                # One budget for the whole call: connecting, metadata and the acknowledgement.
-                remaining = max(self._timeout_s - (time.monotonic() - started), 0.05)
-                metadata: RecordMetadata = future.get(timeout=remaining)
             except Exception as exc:  # every KafkaError, and the producer's own Type/ValueErrors
-                self._discard_if_broken(producer)
-                raise PublishError(
-                    f"Kafka did not acknowledge {topic} within {self._timeout_s:g}s: {_describe(exc)}"
-                ) from exc
-            record_ack(span, metadata.partition, metadata.offset)
-        return metadata
+                raise self._failed(producer, topic, exc) from exc
+            yield PendingPublish(self, producer, future, topic, started, span)
+
+    def _failed(self, producer: KafkaProducer, topic: str, exc: BaseException) -> PublishError:
+        self._discard_if_broken(producer)
+        return PublishError(
+            f"Kafka did not acknowledge {topic} within {self._timeout_s:g}s: {_describe(exc)}"
+        )
 
     def close(self) -> None:
         """Flush what is in flight (bounded by the timeout) and release the connection."""

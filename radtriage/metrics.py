@@ -184,6 +184,11 @@ DICOM_ASSOCIATION_REFUSALS = Counter(
     "DICOM callers refused: by the caller allow-list (A-ASSOCIATE-RJ) or a failed TLS handshake",
     ["reason"],  # connectors/dicom/callers.py REASONS
 )
+DICOM_REJECTED_CONTEXTS = Counter(
+    "radtriage_dicom_rejected_presentation_contexts_total",
+    "DICOM presentation contexts the SCP rejected at association, by reason",
+    ["reason"],  # connectors/dicom/scp.py CONTEXT_REJECTION_REASONS
+)
 HL7_CONNECTIONS_REFUSED = Counter(
     "radtriage_hl7_connections_refused_total",
     "MLLP connections closed unread: source address not allowed, or TLS handshake failed",

@@ -5,7 +5,8 @@
 # outside the clone) by the broker launcher the first time a broker starts.
 #
 #   scripts/install.sh          runtime needs (Java, Maven, Python deps)
-#   scripts/install.sh --test   also the test peers (dcmtk's storescu)
+#   scripts/install.sh --test   also the test peers (dcmtk's storescu and codecs, gdcmconv,
+#                               ojph_compress, Orthanc for the intake bench, dciodvfy)
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,6 +33,12 @@ need_pkg java openjdk-17-jre-headless
 need_pkg mvn maven
 if [ "${1:-}" = "--test" ]; then
   need_pkg storescu dcmtk
+  # Independent encoders for the transfer-syntax tests (gdcmconv: JPEG 2000), a real PACS
+  # to measure intake against (bench/intake.py), and an IOD checker for built objects.
+  need_pkg gdcmconv libgdcm-tools
+  need_pkg ojph_compress openjph-tools  # HTJ2K: neither dcmtk 3.6.7 nor GDCM 3.0 encode it
+  need_pkg Orthanc orthanc
+  need_pkg dciodvfy dicom3tools
   need_pkg chromium chromium  # the operator page's browser test (Playwright drives it)
 fi
 

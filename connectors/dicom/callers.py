@@ -19,9 +19,17 @@ from radtriage.settings import DicomSettings
 
 # "internal_error": the check itself failed, and the request is rejected all the same.
 Reason = Literal["calling_ae_unknown", "address_not_allowed", "called_ae_mismatch", "internal_error"]
-# Every value the refusal metric's `reason` label can take: these, and the listener's own
-# "tls_handshake_failed".
-REASONS: tuple[str, ...] = (*Reason.__args__, "tls_handshake_failed")  # type: ignore[attr-defined]
+# Every value the refusal metric's `reason` label can take: these, the listener's own
+# "tls_handshake_failed", and pynetdicom's own rejections after ours passed (scp.py
+# handle_rejected): more associations than `maximum_associations`, a failed user
+# identity, or anything else.
+REASONS: tuple[str, ...] = (
+    *Reason.__args__,  # type: ignore[attr-defined]
+    "tls_handshake_failed",
+    "too_many_associations",
+    "user_identity_failed",
+    "other",
+)
 NO_REASON_GIVEN = 0x01
 
 REJECTED_PERMANENT = 0x01

@@ -38,6 +38,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -103,6 +104,21 @@ def _printable(value: object, limit: int = 16) -> str:
     """A peer-supplied AE title fit for a log line: printable ASCII only, at most `limit`."""
     text = value.decode("ascii", errors="replace") if isinstance(value, bytes) else str(value or "")
     return "".join(c if " " <= c <= "~" else "?" for c in text.strip()[:limit])
+
+
+# PS3.8 9.3.3.2 presentation context results, as the rejection metric's reason label.
+CONTEXT_REJECTION_REASONS: dict[int, str] = {
+    0x01: "user_rejection",
+    0x02: "no_reason",
+    0x03: "abstract_syntax_not_supported",
+    0x04: "transfer_syntaxes_not_supported",
+}
+
+
+def _syntax_name(uid: object) -> str:
+    text = str(uid or "")
+    name = UID(text).name if valid_uid(text) else ""
+    return f"{name} ({text})" if name and name != text else text or "?"
 
 
 def _traceparent(ctx: Context) -> dict[str, str]:
@@ -212,6 +228,62 @@ class StoreSCP:
         # closes the connection once the A-ASSOCIATE-RJ is out.
         assoc.kill()
 
+    def handle_rejected(self, event: Any) -> None:
+        """pynetdicom's own A-ASSOCIATE-RJ, after ours (handle_requested) let it through:
+        too many associations, a user identity it could not verify."""
+        assoc = event.assoc
+        calling = _printable(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
+        acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
+        if len(acceptors) > assoc.ae.maximum_associations:
+            reason, text = (
+                "too_many_associations",
+                f"more than {assoc.ae.maximum_associations} associations open",
+            )
+        elif assoc.requestor.user_identity is not None:
+            reason, text = "user_identity_failed", "user identity not verified"
+        else:
+            reason, text = "other", "rejected during negotiation"
+        log.warning(
+            "DICOM association from %s at %s rejected (%s): %s",
+            calling,
+            assoc.requestor.address,
+            reason,
+            text,
+        )
+        metrics.DICOM_ASSOCIATIONS.labels("rejected").inc()
+        metrics.DICOM_ASSOCIATION_REFUSALS.labels(reason).inc()
+
+    def handle_accepted(self, event: Any) -> None:
+        """Count the association, and log and count every presentation context rejected in it.
+
+        A rejected context is the sender's object never reaching us: dcmtk's storescu
+        skips the file ("no presentation context") or ends in failure, and only our log
+        says why (an abstract syntax we do not know, or none of its transfer syntaxes).
+        """
+        metrics.DICOM_ASSOCIATIONS.labels("accepted").inc()
+        assoc = event.assoc
+        rejected = list(assoc.rejected_contexts)
+        if not rejected:
+            return
+        calling = _printable(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "")
+        # The rejected context keeps only the first proposed syntax; the request has them all.
+        proposed = {
+            cx.context_id: cx.transfer_syntax
+            for cx in (assoc.requestor.primitive.presentation_context_definition_list or [])
+        }
+        for cx in rejected:
+            reason = CONTEXT_REJECTION_REASONS.get(int(cx.result or 0), "other")
+            syntaxes = proposed.get(cx.context_id) or cx.transfer_syntax
+            log.warning(
+                "DICOM presentation context %s from %s rejected (%s): %s proposed in %s",
+                cx.context_id,
+                calling,
+                reason,
+                v.sop_class_name(str(cx.abstract_syntax or "")),
+                ", ".join(_syntax_name(ts) for ts in syntaxes) or "no transfer syntax",
+            )
+            metrics.DICOM_REJECTED_CONTEXTS.labels(reason).inc()
+
     # -- C-STORE -------------------------------------------------------------------------
 
     def _refuse(
@@ -262,7 +334,13 @@ class StoreSCP:
             with tracer.start_as_current_span("dicom.c_store", attributes=base_attrs) as span:
                 return self._refuse(assoc, span, sop_uid, refusal)
 
-        instance = v.instance_event(ds, blob_uri="", calling_ae=assoc.calling_ae, association_id=assoc.id)
+        instance = v.instance_event(
+            ds,
+            blob_uri="",
+            calling_ae=assoc.calling_ae,
+            association_id=assoc.id,
+            transfer_syntax=str(event.context.transfer_syntax),
+        )
         study = self._study(assoc, instance)
         with tracer.start_as_current_span(
             "dicom.c_store",
@@ -275,27 +353,39 @@ class StoreSCP:
             },
         ) as span:
             try:
-                # The bytes as received, behind a file meta header: a valid Part 10 file
-                # without re-encoding the dataset.
-                uri = self.blobs.put_instance(
-                    instance.study_uid,
-                    instance.series_uid,
-                    instance.sop_instance_uid,
-                    event.encoded_dataset(),
-                )
-            except (OSError, BlobStoreError) as exc:
-                # The exception's type and errno only: its message holds a path of UIDs at
-                # most, but nothing is gained by risking more.
-                cause = f"blob store: {type(exc).__name__} {getattr(exc, 'errno', '') or ''}".strip()
-                refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
-                return self._refuse(assoc, span, sop_uid, refusal, cause)
-            try:
-                self.publisher.publish(
+                uri = self.blobs.uri_of(instance.study_uid, instance.series_uid, instance.sop_instance_uid)
+                # The event goes out first and the instance is written while it travels:
+                # Kafka's round trip (acks=all) and the two fsyncs overlap instead of
+                # adding up. Success is still answered only once both are done. If the
+                # write fails, the event may be acknowledged all the same, naming a blob
+                # that is not there: the sender is told to retry (0xA701), and its retry
+                # writes the blob and publishes again (consumers take instances
+                # at-least-once, keyed by SOP Instance UID).
+                with self.publisher.publishing(
                     self.settings.topics.instances,
                     instance.study_uid,
                     instance.model_copy(update={"blob_uri": uri}),
                     _traceparent(study.context),
-                )
+                ) as pending:
+                    try:
+                        # The bytes as received, behind a file meta header: a valid Part 10
+                        # file in the negotiated transfer syntax, never re-encoded.
+                        self.blobs.put_instance(
+                            instance.study_uid,
+                            instance.series_uid,
+                            instance.sop_instance_uid,
+                            event.encoded_dataset(),
+                        )
+                    except (OSError, BlobStoreError) as exc:
+                        # The exception's type and errno only: its message holds a path of
+                        # UIDs at most, but nothing is gained by risking more.
+                        cause = f"blob store: {type(exc).__name__} {getattr(exc, 'errno', '') or ''}".strip()
+                        refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
+                        return self._refuse(assoc, span, sop_uid, refusal, cause)
+                    pending.wait()
+            except BlobStoreError as exc:  # uri_of: the UIDs were validated already; belt and braces
+                refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
+                return self._refuse(assoc, span, sop_uid, refusal, f"blob store: {type(exc).__name__}")
             except PublishError as exc:
                 # Out of Resources, never success: the sender keeps the object and retries.
                 refusal = v.Refusal(v.OUT_OF_RESOURCES_KAFKA, "event log unavailable, retry later")
@@ -394,8 +484,8 @@ class StoreSCP:
             (evt.EVT_ABORTED, self.handle_aborted),
             (evt.EVT_CONN_CLOSE, self.handle_conn_close),
             # Metrics only (radtriage/metrics.py); notification events take several handlers.
-            (evt.EVT_ACCEPTED, lambda _event: metrics.DICOM_ASSOCIATIONS.labels("accepted").inc()),
-            (evt.EVT_REJECTED, lambda _event: metrics.DICOM_ASSOCIATIONS.labels("rejected").inc()),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_CONN_OPEN, lambda _event: metrics.DICOM_OPEN_ASSOCIATIONS.inc()),
             (evt.EVT_CONN_CLOSE, lambda _event: metrics.DICOM_OPEN_ASSOCIATIONS.dec()),
         ]
@@ -418,7 +508,13 @@ class AssociationServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
-        return self.socket.accept()
+        sock, address = self.socket.accept()
+        # A C-STORE response is one small PDU: with Nagle on, it waits for the sender's
+        # delayed ACK (~40 ms on Linux) whenever the previous segment is unacknowledged,
+        # which caps one association at a few dozen instances a second.
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         if self.ssl_context is not None:
@@ -447,13 +543,13 @@ class AssociationServer(ThreadedAssociationServer):
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.dicom.ae_title)
     ae.maximum_pdu_size = settings.dicom.max_pdu
-    # Every storage SOP class is accepted at association time, so a non-image object gets
-    # a C-STORE failure status with a reason (validation.py) rather than an unexplained
-    # rejected presentation context. Transfer syntaxes: pynetdicom's uncompressed
-    # defaults, which every sender can fall back to and the pixel loader reads.
+    # Every storage SOP class, in every transfer syntax radtriage stores and decodes
+    # (validation.TRANSFER_SYNTAXES, in order of preference): the instance is stored as
+    # received. pynetdicom's 128-context limit is the requestor's; as acceptor any number
+    # of supported contexts is fine.
     for cx in AllStoragePresentationContexts:
         if cx.abstract_syntax is not None:
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+            ae.add_supported_context(cx.abstract_syntax, list(v.TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification)  # C-ECHO, answered by pynetdicom's default handler
     # The second line behind StoreSCP.handle_requested, which decides first (and logs why).
     ae.require_calling_aet = sorted({caller.ae_title for caller in settings.dicom.allowed_callers})

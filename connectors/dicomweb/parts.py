@@ -5,8 +5,9 @@ same refusal codes and reasons); this module only adds what differs between a
 C-STORE and a part of a STOW-RS request:
 - a part is a DICOM file (PS3.10), so its File Meta Information plays the role of the
   C-STORE request's Affected SOP Class/Instance UIDs and must agree with the dataset;
-- the transfer syntaxes taken are those the SCP negotiates (uncompressed), which the
-  pixel loader reads; anything else is refused with 0xC122;
+- the transfer syntaxes taken are the uncompressed ones; anything else is refused with
+  0xC122 (the C-STORE listener negotiates compressed syntaxes too, validation.TRANSFER_
+  SYNTAXES; STOW-RS keeps the narrower list tests/unit/test_stow_response.py pins);
 - a file whose 128-byte preamble and "DICM" prefix were left out (some writers do) is
   taken and stored with them restored, so every blob is a complete Part 10 file.
 """

@@ -183,18 +183,16 @@ TRUNCATED_SEQUENCE = (
 )
 
 
-def _non_image(path: Path, sop_class: str) -> Path:
+def _pixelless_ct(path: Path) -> Path:
+    """A CT image header without its pixel data: an image SOP class that is not one."""
     ds = Dataset()
-    ds.SOPClassUID = sop_class
+    ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "SR" if sop_class == BasicTextSRStorage else "DOC"
+    ds.Modality = "CT"
     ds.PatientName = SECRET_NAME
     ds.PatientBirthDate = SECRET_BIRTH_DATE
-    if sop_class == EncapsulatedPDFStorage:
-        ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-        ds.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
     _with_meta(ds).save_as(path, enforce_file_format=True)
     return path
 
@@ -306,18 +304,18 @@ def test_bad_objects_get_exact_failure_statuses_and_the_listener_goes_on(
     caplog.set_level(logging.WARNING, logger="connectors.dicom.scp")
     truncated = _header_only(tmp_path / "truncated.dcm", TRUNCATED_SEQUENCE)
     garbage = _header_only(tmp_path / "garbage.dcm", random.Random(1234).randbytes(512))
-    sr = _non_image(tmp_path / "sr.dcm", BasicTextSRStorage)
-    pdf = _non_image(tmp_path / "pdf.dcm", EncapsulatedPDFStorage)
+    # An image SOP class without its pixel data is still refused (0xA900); non-image
+    # objects are stored (tests/integration/test_non_image_objects.py).
+    pixelless = _pixelless_ct(tmp_path / "pixelless.dcm")
 
     # dcmtk refuses to send an object it cannot parse itself, and says so.
     for corrupt in (truncated, garbage):
         out = _send_files(listener, [corrupt])
         assert out.returncode != 0 and "Bad DICOM file" in out.stdout + out.stderr, out
-    # It sends a non-image object and reports our refusal.
-    for non_image in (sr, pdf):
-        out = _send_files(listener, [non_image])
-        assert out.returncode != 0, out
-        assert "Refused: SOPClassNotSupported" in out.stdout + out.stderr, out
+    # It sends a CT without pixel data and reports our refusal.
+    out = _send_files(listener, [pixelless])
+    assert out.returncode != 0, out
+    assert "Error: DataSetDoesNotMatchSOPClass" in out.stdout + out.stderr, out
 
     # For the exact statuses, pynetdicom in chunked mode sends each file's bytes as they
     # are, without parsing them, so the corrupt ones do reach the listener.
@@ -326,9 +324,11 @@ def test_bad_objects_get_exact_failure_statuses_and_the_listener_goes_on(
     assoc = ae.associate("127.0.0.1", listener.port, ae_title=listener.settings.dicom.ae_title)
     assert assoc.is_established
     try:
-        statuses = {name: assoc.send_c_store(path) for name, path in [("truncated", truncated), ("sr", sr)]}
+        statuses = {
+            name: assoc.send_c_store(path)
+            for name, path in [("truncated", truncated), ("pixelless", pixelless)]
+        }
         garbage_status = assoc.send_c_store(garbage)
-        pdf_status = assoc.send_c_store(pdf)
         echo = assoc.send_c_echo()
     finally:
         assoc.release()
@@ -338,16 +338,16 @@ def test_bad_objects_get_exact_failure_statuses_and_the_listener_goes_on(
     # way "Cannot Understand".
     assert int(garbage_status.Status) in (v.CANNOT_DECODE, v.MISSING_IDENTITY)
     assert str(garbage_status.ErrorComment)
-    for status in (statuses["sr"], pdf_status):
-        assert int(status.Status) == v.SOP_CLASS_NOT_SUPPORTED == 0x0122
-        assert "not supported" in str(status.ErrorComment)
+    assert int(statuses["pixelless"].Status) == v.NOT_AN_IMAGE == 0xA900
+    assert "no pixel data" in str(statuses["pixelless"].ErrorComment)
     assert int(echo.Status) == 0x0000  # the listener is alive and well
 
     # Every refusal was logged at WARNING with its status, and without PHI.
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert all(r.levelno == logging.WARNING for r in caplog.records if "refused" in r.getMessage())
     assert sum("refused 0xC210" in m for m in refusals) >= 1
-    assert sum("refused 0x0122" in m for m in refusals) == 4  # storescu twice, pynetdicom twice
+    assert sum("refused 0xA900" in m for m in refusals) == 2  # storescu once, pynetdicom once
+    assert all("from STORESCU" in m or "from TEST_SCU" in m for m in refusals)
     _assert_no_phi(caplog.text)
 
     # ...and the next good study is taken; the bad objects left no event behind.
@@ -473,21 +473,22 @@ def test_kafka_down_means_out_of_resources_never_success_and_recovery_needs_no_r
         forwarder.close()
 
 
-def test_a_storage_failure_is_out_of_resources_too(tmp_path: Path) -> None:
-    settings = _settings(tmp_path / "home", f"127.0.0.1:{free_port()}")
+def test_a_storage_failure_is_out_of_resources_too(kafka_bootstrap: str, tmp_path: Path) -> None:
+    # Kafka is up (the event goes out while the instance is written), the disk is not.
+    settings = _settings(tmp_path / "home", kafka_bootstrap)
+    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
     settings.home.mkdir(parents=True)
     settings.blob_dir.write_bytes(b"")  # a file where the store's directory should be
-    publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=1.0, client_id="test-disk")
-    _server, stop = start_scp(settings, publisher=publisher)
+    _server, stop = start_scp(settings)
     try:
         (first,) = _series(tmp_path / "s", 11, shape=(1, 32, 32))
         assoc = _scu().associate("127.0.0.1", settings.dicom.port, ae_title=settings.dicom.ae_title)
         status = assoc.send_c_store(dcmread(first))
         assoc.release()
         assert int(status.Status) == v.OUT_OF_RESOURCES_STORAGE == 0xA701
+        assert "retry" in str(status.ErrorComment)
     finally:
         stop()
-        publisher.close()
 
 
 def test_publishers_queued_behind_a_failed_connect_fail_fast() -> None:

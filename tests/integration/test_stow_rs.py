@@ -208,6 +208,14 @@ def structured_report() -> Dataset:
     return ds
 
 
+def pixelless_ct() -> Dataset:
+    """A CT image header without pixel data: the image SOP class is not kept."""
+    ds = structured_report()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.Modality = "CT"
+    return ds
+
+
 def multipart(parts: list[bytes]) -> bytes:
     body = b""
     for data in parts:
@@ -287,9 +295,17 @@ def test_dicomweb_client_stores_a_series_published_with_one_marker(intake: Intak
 def test_good_and_bad_parts_get_202_with_failure_reasons(intake: Intake, tmp_path: Path) -> None:
     datasets = series(tmp_path / "series", 6, slices=3)
     sr = structured_report()
+    pixelless = pixelless_ct()
     garbage = part10(datasets[0])[:200] + random.Random(7).randbytes(300)
     body = multipart(
-        [part10(datasets[0]), truncated_ct(), part10(datasets[1]), part10(sr), part10(datasets[2])]
+        [
+            part10(datasets[0]),
+            truncated_ct(),
+            part10(datasets[1]),
+            part10(sr),
+            part10(pixelless),
+            part10(datasets[2]),
+        ]
     )
     r = requests.post(
         f"{intake.base}/dicomweb/studies", data=body, headers={"Content-Type": STOW_TYPE}, timeout=TIMEOUT
@@ -297,23 +313,25 @@ def test_good_and_bad_parts_get_202_with_failure_reasons(intake: Intake, tmp_pat
     assert r.status_code == 202, r.text
     assert r.headers["Content-Type"] == "application/dicom+json"
     answer = r.json()
-    assert len(referenced_items(answer)) == 3
+    # A non-image object (the SR) is stored like an image: only broken objects fail.
+    assert len(referenced_items(answer)) == 4
+    assert str(sr.SOPInstanceUID) in {item["00081155"]["Value"][0] for item in referenced_items(answer)}
     failures = {
         item["00081155"].get("Value", [""])[0]: (item["00081197"]["Value"][0], item["00000902"]["Value"][0])
         for item in failed_items(answer)
     }
-    assert failures[str(sr.SOPInstanceUID)][0] == v.SOP_CLASS_NOT_SUPPORTED == 0x0122
-    assert "not supported" in failures[str(sr.SOPInstanceUID)][1]
-    assert sorted(code for code, _ in failures.values()) == [v.SOP_CLASS_NOT_SUPPORTED, v.CANNOT_DECODE]
+    assert failures[str(pixelless.SOPInstanceUID)][0] == v.NOT_AN_IMAGE == 0xA900
+    assert "no pixel data" in failures[str(pixelless.SOPInstanceUID)][1]
+    assert sorted(code for code, _ in failures.values()) == [v.NOT_AN_IMAGE, v.CANNOT_DECODE]
     assert any("cannot be decoded" in reason for _, reason in failures.values())
 
     # The real client sees the same 202 as a dataset with both sequences.
     client = DICOMwebClient(url=f"{intake.base}/dicomweb")
     more = series(tmp_path / "more", 7, slices=2)
-    response = client.store_instances([*more, structured_report()])
-    assert len(response.ReferencedSOPSequence) == 2
+    response = client.store_instances([*more, pixelless_ct(), structured_report()])
+    assert len(response.ReferencedSOPSequence) == 3
     (failed,) = response.FailedSOPSequence
-    assert failed.FailureReason == 0x0122
+    assert failed.FailureReason == 0xA900
 
     # A part that is not DICOM at all, alone: 409, nothing stored.
     r = requests.post(
@@ -324,13 +342,19 @@ def test_good_and_bad_parts_get_202_with_failure_reasons(intake: Intake, tmp_pat
     )
     assert r.status_code == 409 and not referenced_items(r.json())
 
-    records = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, 3 + 1 + 2 + 1)
+    # Instances: 3 CT + SR, then 2 CT + SR; one marker per study per request (CT, SR, CT, SR).
+    records = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, 4 + 2 + 3 + 2)
     kinds = sorted(r.value["kind"] for r in records)
-    assert kinds == ["instance"] * 5 + ["transfer_complete"] * 2
-    assert {r.value["instance_count"] for r in records if r.value["kind"] == "transfer_complete"} == {3, 2}
+    assert kinds == ["instance"] * 7 + ["transfer_complete"] * 4
+    counts = sorted(r.value["instance_count"] for r in records if r.value["kind"] == "transfer_complete")
+    assert counts == [1, 1, 2, 3]
+    srs = [r.value for r in records if r.value["kind"] == "instance" and r.value["modality"] == "SR"]
+    assert len(srs) == 2
+    assert all((e["has_pixels"], e["frames"], e["rows"]) == (False, 0, 0) for e in srs)
+    assert all(e["transfer_syntax_uid"] == ExplicitVRLittleEndian for e in srs)
     for r in records:
         _no_phi(r.raw)
-    assert len(list(intake.settings.blob_dir.rglob("*.dcm"))) == 5
+    assert len(list(intake.settings.blob_dir.rglob("*.dcm"))) == 7  # 5 CT + 2 SR
 
 
 def test_instances_of_another_study_fail_under_a_study_url(intake: Intake, tmp_path: Path) -> None:

@@ -17,7 +17,12 @@ from pydicom.uid import (
     EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
     GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
     MRImageStorage,
+    RawDataStorage,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
     generate_uid,
 )
 
@@ -101,20 +106,85 @@ def test_other_triaged_image_classes_are_accepted(sop_class: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sop_class", "name"),
+    "sop_class",
     [
-        (BasicTextSRStorage, "Basic Text SR Storage"),
-        (EncapsulatedPDFStorage, "Encapsulated PDF Storage"),
-        (GrayscaleSoftcopyPresentationStateStorage, "Grayscale Softcopy Presentation State"),
+        BasicTextSRStorage,
+        XRayRadiationDoseSRStorage,
+        KeyObjectSelectionDocumentStorage,
+        EncapsulatedPDFStorage,
+        GrayscaleSoftcopyPresentationStateStorage,
+        RawDataStorage,
     ],
-    ids=["SR", "PDF", "GSPS"],
+    ids=["SR", "dose-SR", "KOS", "PDF", "GSPS", "raw"],
 )
-def test_non_image_sop_classes_are_refused_as_not_supported(sop_class: str, name: str) -> None:
-    refusal = v.check_instance(non_image(sop_class))
-    assert refusal is not None
-    assert refusal.status == v.SOP_CLASS_NOT_SUPPORTED == 0x0122
-    assert name in refusal.reason and "not supported" in refusal.reason
-    assert len(refusal.comment) <= v.MAX_COMMENT
+def test_non_image_storage_objects_are_accepted_without_pixels(sop_class: str) -> None:
+    # A study comes with its SRs, KOS, PDFs and presentation states; refusing one makes the
+    # sender stop the rest of the study. Stored and published, flagged as pixel-less.
+    ds = non_image(sop_class)
+    assert v.check_instance(ds, request_sop_class=sop_class, request_sop_instance=ds.SOPInstanceUID) is None
+    event = v.instance_event(ds, blob_uri="", calling_ae="CT1", association_id="a")
+    assert (event.has_pixels, event.rows, event.columns, event.frames, event.bits_allocated) == (
+        False,
+        0,
+        0,
+        0,
+        0,
+    )
+    assert event.sop_class_uid == sop_class
+
+
+def test_a_non_image_object_still_needs_its_identity() -> None:
+    ds = non_image(KeyObjectSelectionDocumentStorage)
+    del ds.SeriesInstanceUID
+    refusal = v.check_instance(ds)
+    assert refusal is not None and refusal.status == v.MISSING_IDENTITY
+
+
+def test_an_image_class_other_than_the_triaged_ones_needs_pixels() -> None:
+    # Secondary capture is an image IOD: stored when whole, refused without pixel data.
+    ds = ct()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.Modality = "OT"
+    assert v.check_instance(ds) is None
+    del ds.PixelData
+    refusal = v.check_instance(ds)
+    assert refusal is not None and refusal.status == v.NOT_AN_IMAGE
+
+
+def test_header_facts_of_an_image_reach_the_event() -> None:
+    ds = ct()
+    ds.ImageType = ["original", "PRIMARY", "AXIAL"]
+    ds.ConvolutionKernel = ["Hr40f", "3"]
+    ds.SliceThickness = "2.5"
+    ds.SeriesNumber = "3"
+    ds.InstanceNumber = 17
+    ds.Rows, ds.Columns, ds.BitsAllocated = 512, 256, 16
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    event = v.instance_event(ds, blob_uri="", calling_ae="", association_id="")
+    assert event.image_type == ("ORIGINAL", "PRIMARY", "AXIAL")
+    assert event.convolution_kernel == "Hr40f\\3"
+    assert (event.slice_thickness_mm, event.series_number, event.instance_number) == (2.5, 3, 17)
+    assert (event.rows, event.columns, event.frames, event.bits_allocated) == (512, 256, 1, 16)
+    assert event.has_pixels and event.transfer_syntax_uid == ExplicitVRLittleEndian
+    # The negotiated syntax, when given, is what the event says.
+    given = v.instance_event(ds, blob_uri="", calling_ae="", association_id="", transfer_syntax=RLELossless)
+    assert given.transfer_syntax_uid == RLELossless
+    ds.NumberOfFrames = 40
+    assert v.instance_event(ds, blob_uri="", calling_ae="", association_id="").frames == 40
+
+
+def test_empty_or_odd_optional_numbers_do_not_refuse_the_instance() -> None:
+    # (A value that does not convert at all, "thick" in a DS, fails fully_decode first.)
+    ds = ct()
+    ds.SliceThickness = ""
+    ds.SeriesNumber = None
+    ds.InstanceNumber = ""
+    assert v.check_instance(ds) is None
+    event = v.instance_event(ds, blob_uri="", calling_ae="", association_id="")
+    assert (event.slice_thickness_mm, event.series_number, event.instance_number) == (None, None, None)
+    ds.SliceThickness = "-1"
+    assert v.instance_event(ds, blob_uri="", calling_ae="", association_id="").slice_thickness_mm is None
 
 
 Mutation = Callable[[Dataset], object]
