@@ -159,6 +159,10 @@ def test_refusal_reasons_are_a_fixed_list() -> None:
         "called_ae_mismatch",
         "internal_error",
         "tls_handshake_failed",
+        # pynetdicom's own rejections (issue 16: rejected associations are counted too).
+        "too_many_associations",
+        "user_identity_failed",
+        "other",
     )
 
 

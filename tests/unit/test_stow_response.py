@@ -136,7 +136,9 @@ def test_bad_images_get_the_c_store_refusals(
     assert part.dataset is None
 
 
-def test_non_images_and_garbage_are_refused(ct_file: bytes) -> None:
+def test_non_images_are_taken_and_garbage_is_refused(ct_file: bytes) -> None:
+    """A structured report is stored like any object (issue 16: every storage SOP class is
+    accepted, the router ignores what has no pixels); what does not decode is refused."""
     sr = Dataset()
     sr.SOPClassUID = BasicTextSRStorage
     sr.SOPInstanceUID = generate_uid()
@@ -145,9 +147,9 @@ def test_non_images_and_garbage_are_refused(ct_file: bytes) -> None:
     sr.file_meta.MediaStorageSOPClassUID = sr.SOPClassUID
     sr.file_meta.MediaStorageSOPInstanceUID = sr.SOPInstanceUID
     sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    refused = read_part(_encode(sr))
-    assert refused.refusal is not None and refused.refusal.status == v.SOP_CLASS_NOT_SUPPORTED
-    assert refused.identity.sop_instance_uid == sr.SOPInstanceUID
+    taken = read_part(_encode(sr))
+    assert taken.refusal is None and taken.dataset is not None, taken.refusal
+    assert taken.identity.sop_instance_uid == sr.SOPInstanceUID
     for garbage in (b"", b"hello", b"\0" * 128 + b"DICM" + b"\xff" * 50, ct_file[:400]):
         part = read_part(garbage)
         assert part.refusal is not None and part.refusal.status in (v.CANNOT_DECODE, v.MISSING_IDENTITY), (
