@@ -40,11 +40,9 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    RLELossless,
     generate_uid,
 )
 from scipy import ndimage
@@ -58,11 +56,11 @@ InstanceOrder = Literal["ascending", "descending"]
 TransferSyntax = Literal["explicit", "jpeg-ls", "jpeg-lossless", "rle"]
 
 XRAY_RADIATION_DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
-# dcmtk's encoder for each compressed syntax, its options and the UID it writes.
-_ENCODERS: dict[TransferSyntax, tuple[str, tuple[str, ...], str]] = {
-    "jpeg-ls": ("dcmcjpls", (), JPEGLSLossless),
-    "jpeg-lossless": ("dcmcjpeg", ("--encode-lossless-sv1",), JPEGLosslessSV1),
-    "rle": ("dcmcrle", (), RLELossless),
+# dcmtk's encoder for each compressed syntax and its options (every one lossless).
+_ENCODERS: dict[TransferSyntax, tuple[str, tuple[str, ...]]] = {
+    "jpeg-ls": ("dcmcjpls", ()),  # JPEG-LS Lossless, 1.2.840.10008.1.2.4.80
+    "jpeg-lossless": ("dcmcjpeg", ("--encode-lossless-sv1",)),  # JPEG Lossless SV1, .4.70
+    "rle": ("dcmcrle", ()),  # RLE Lossless, .5
 }
 
 # The native grid the phantom is drawn on. head_ct_phantom clips its slice spacing to
@@ -185,7 +183,11 @@ def write_realistic_head_study(
     unknown = [k for k in include if k not in ALL_KINDS]
     if unknown or not include:
         raise ValueError(f"include must name some of {ALL_KINDS}, got {list(include)}")
-    for name, n in (("axial_slices", axial_slices), ("thin_slices", thin_slices), ("bone_slices", bone_slices)):
+    for name, n in (
+        ("axial_slices", axial_slices),
+        ("thin_slices", thin_slices),
+        ("bone_slices", bone_slices),
+    ):
         if n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}")
     if matrix < 64:
@@ -197,7 +199,9 @@ def write_realistic_head_study(
         pad = (-2000 if signed else 0) if padding_value is None else int(padding_value)
         lo, hi = (np.iinfo(np.int16).min, np.iinfo(np.int16).max) if signed else (0, 4095)
         if not lo <= pad <= hi:
-            raise ValueError(f"padding value {pad} cannot be stored in {'signed' if signed else 'unsigned 12-bit'} pixels")
+            raise ValueError(
+                f"padding value {pad} cannot be stored in {'signed' if signed else 'unsigned 12-bit'} pixels"
+            )
     rng = rng or np.random.default_rng()
 
     pixel_native = RECON_FOV_MM / NATIVE_MATRIX
@@ -349,7 +353,7 @@ def _instance_numbers(count: int, order: InstanceOrder) -> list[int]:
 def _base_dataset(path: Path, sop_class: str, ctx: _StudyContext) -> FileDataset:
     meta = FileMetaDataset()
     sop_uid = generate_uid()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -467,7 +471,15 @@ def _write_axial(
         number = numbers[k]
         path = series_dir / f"IM{number:05d}.dcm"
         ds = _ct_image_dataset(
-            path, ctx, recon, series_uid, series_time, ["ORIGINAL", "PRIMARY", "AXIAL"], matrix, matrix, number
+            path,
+            ctx,
+            recon,
+            series_uid,
+            series_time,
+            ["ORIGINAL", "PRIMARY", "AXIAL"],
+            matrix,
+            matrix,
+            number,
         )
         z_patient = table_z + z
         ds.ImagePositionPatient = [f"{origin_xy:.4f}", f"{origin_xy:.4f}", f"{z_patient:.4f}"]
@@ -485,6 +497,8 @@ def _write_axial(
         ds.ExposureTime = 1000
         ds.SpiralPitchFactor = 0.55
         ds.CTDIvol = 52.3
+        # CTDIvol means nothing without the phantom it refers to (a head phantom for a head).
+        ds.CTDIPhantomTypeCodeSequence = DicomSequence([_code("113690", "DCM", "IEC Head Dosimetry Phantom")])
         ds.RescaleType = "HU"
         if ctx.padding is not None:
             ds.PixelPaddingValue = ctx.padding
@@ -504,7 +518,9 @@ def _write_axial(
     )
 
 
-def _write_scout(ph: Phantom, table_z: float, ctx: _StudyContext, recon: _Recon, series_dir: Path) -> SeriesInfo:
+def _write_scout(
+    ph: Phantom, table_z: float, ctx: _StudyContext, recon: _Recon, series_dir: Path
+) -> SeriesInfo:
     """Two localizer projections of the phantom, AP (frontal) and lateral, 512 x 512.
 
     The value is the water-equivalent path length through the head (bone counts more),
@@ -527,7 +543,11 @@ def _write_scout(ph: Phantom, table_z: float, ctx: _StudyContext, recon: _Recon,
     for number, (name, proj, row_cos, across_mm) in enumerate(views, start=1):
         # Image rows run down the patient (top = head): flip z, resample to the scout's pixels.
         img = ndimage.zoom(
-            proj[::-1], (dz / SCOUT_PIXEL_MM, across_mm / SCOUT_PIXEL_MM), order=1, grid_mode=True, mode="nearest"
+            proj[::-1],
+            (dz / SCOUT_PIXEL_MM, across_mm / SCOUT_PIXEL_MM),
+            order=1,
+            grid_mode=True,
+            mode="nearest",
         )
         canvas = np.zeros((size, size), dtype=np.float32)
         h, w = min(img.shape[0], size), min(img.shape[1], size)
@@ -539,7 +559,15 @@ def _write_scout(ph: Phantom, table_z: float, ctx: _StudyContext, recon: _Recon,
         stored = _to_stored(value, ctx)
         path = series_dir / f"IM{number:05d}.dcm"
         ds = _ct_image_dataset(
-            path, ctx, recon, series_uid, series_time, ["ORIGINAL", "PRIMARY", "LOCALIZER"], size, size, number
+            path,
+            ctx,
+            recon,
+            series_uid,
+            series_time,
+            ["ORIGINAL", "PRIMARY", "LOCALIZER"],
+            size,
+            size,
+            number,
         )
         top_left = [-extent, -extent]  # x for AP, y for the lateral view
         pos = [f"{top_left[0]:.4f}", "0.0000", f"{table_z + extent:.4f}"]
@@ -550,6 +578,8 @@ def _write_scout(ph: Phantom, table_z: float, ctx: _StudyContext, recon: _Recon,
         ds.PixelSpacing = [f"{SCOUT_PIXEL_MM:g}", f"{SCOUT_PIXEL_MM:g}"]
         ds.SliceThickness = f"{recon.thickness_mm:g}"  # the detector row width, as topograms say
         ds.XRayTubeCurrent = 35
+        # Not HU: "US" (unspecified, PS3.3 C.11.1.1.2). dciodvfy warns that the CT module does
+        # not list the term; claiming HU for a projection would be wrong.
         ds.RescaleType = "US"
         ds.WindowCenter, ds.WindowWidth = "1000", "3000"
         ds.ImageComments = f"{name} topogram"
@@ -572,7 +602,7 @@ def _compress(files: Sequence[Path], syntax: TransferSyntax) -> None:
     """Re-encode `files` in place with dcmtk (lossless): what a sender that compresses does."""
     if syntax == "explicit":
         return
-    tool, options, _uid = _ENCODERS[syntax]
+    tool, options = _ENCODERS[syntax]
     exe = shutil.which(tool)
     if exe is None:
         raise RuntimeError(f"dcmtk's {tool} is needed for {syntax} (apt-get install dcmtk)")
@@ -680,9 +710,15 @@ def _acquisition(
         _num_item(_code("113827", "DCM", "Nominal Total Collimation Width"), total_mm, _MM),
     ]
     if pitch is not None:
-        params.append(_num_item(_code("113828", "DCM", "Pitch Factor"), pitch, _code("{ratio}", "UCUM", "ratio")))
+        params.append(
+            _num_item(_code("113828", "DCM", "Pitch Factor"), pitch, _code("{ratio}", "UCUM", "ratio"))
+        )
     params += [
-        _num_item(_code("113823", "DCM", "Number of X-Ray Sources"), 1, _code("{X-Ray sources}", "UCUM", "X-Ray sources")),
+        _num_item(
+            _code("113823", "DCM", "Number of X-Ray Sources"),
+            1,
+            _code("{X-Ray sources}", "UCUM", "X-Ray sources"),
+        ),
         _container("CONTAINS", _code("113831", "DCM", "CT X-Ray Source Parameters"), source),
     ]
     dose = [
@@ -750,7 +786,9 @@ def _write_dose_sr(
     procedure.ContentSequence = DicomSequence(
         [
             _code_item(
-                "HAS CONCEPT MOD", _code("363703001", "SCT", "Has Intent"), _code("261004008", "SCT", "Diagnostic Intent")
+                "HAS CONCEPT MOD",
+                _code("363703001", "SCT", "Has Intent"),
+                _code("261004008", "SCT", "Diagnostic Intent"),
             )
         ]
     )
@@ -798,12 +836,18 @@ def _write_dose_sr(
     ds.ContentSequence = DicomSequence(
         [
             procedure,
-            _code_item("HAS OBS CONTEXT", _code("121005", "DCM", "Observer Type"), _code("121007", "DCM", "Device")),
+            _code_item(
+                "HAS OBS CONTEXT", _code("121005", "DCM", "Observer Type"), _code("121007", "DCM", "Device")
+            ),
             _uid_item("HAS OBS CONTEXT", _code("121012", "DCM", "Device Observer UID"), ctx.device_uid),
             _text_item("HAS OBS CONTEXT", _code("121013", "DCM", "Device Observer Name"), "CTSIM1"),
-            _text_item("HAS OBS CONTEXT", _code("121014", "DCM", "Device Observer Manufacturer"), "radtriage"),
             _text_item(
-                "HAS OBS CONTEXT", _code("121015", "DCM", "Device Observer Model Name"), f"synthetic {ctx.vendor}-style scanner"
+                "HAS OBS CONTEXT", _code("121014", "DCM", "Device Observer Manufacturer"), "radtriage"
+            ),
+            _text_item(
+                "HAS OBS CONTEXT",
+                _code("121015", "DCM", "Device Observer Model Name"),
+                f"synthetic {ctx.vendor}-style scanner",
             ),
             _text_item("HAS OBS CONTEXT", _code("121016", "DCM", "Device Observer Serial Number"), "RT0001"),
             _datetime_item(_code("113809", "DCM", "Start of X-Ray Irradiation"), ctx.started),
@@ -846,5 +890,6 @@ __all__: list[str] = [
     "SeriesInfo",
     "SeriesKind",
     "StudyManifest",
+    "TransferSyntax",
     "write_realistic_head_study",
 ]
