@@ -19,6 +19,7 @@ reports, requests, dead letters, storescu's answers.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Sequence
@@ -101,11 +102,19 @@ def _write(tmp: Path, scenario: str, bleed: bool, seed: int) -> Sent:
     return Sent(label, bleed, manifest)
 
 
-def _storescu_send(stack: Stack, files: Sequence[Path]) -> subprocess.CompletedProcess[str]:
+def _storescu_send(stack: Stack, files: Sequence[Path]) -> tuple[int, str]:
+    """storescu's exit status and what it said about anything that failed. -v: at its default
+    log level storescu says nothing about a C-STORE the peer refused, it only exits 1."""
     # TCP_NODELAY: without it dcmtk waits for a delayed ACK (~45 ms) on every C-STORE.
     env = {**os.environ, "TCP_NODELAY": "1"}
-    cmd = [_storescu(), "-aec", "RADTRIAGE", "-aet", "E2E_REAL", "127.0.0.1", str(stack.dicom_port)]
-    return subprocess.run([*cmd, *map(str, files)], capture_output=True, text=True, timeout=300, env=env)
+    cmd = [_storescu(), "-v", "-aec", "RADTRIAGE", "-aet", "E2E_REAL", "127.0.0.1", str(stack.dicom_port)]
+    done = subprocess.run([*cmd, *map(str, files)], capture_output=True, text=True, timeout=300, env=env)
+    said = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if re.search(r"^[EFW]: |Failed|Refused|Reject|Abort|Status: (?!Success)", line)
+    ]
+    return done.returncode, "\n".join(said[:12])
 
 
 def _series_name(sent: Sent, series_uid: str) -> str:
@@ -285,8 +294,7 @@ def test_a_realistic_study_gets_one_decision_on_its_5mm_series(
     out = AllOutputs(stack.bootstrap)
     for sent in studies:
         for kinds in SENDS[scenario]:
-            done = _storescu_send(stack, sent.manifest.files(kinds))
-            sent.sends.append((kinds, done.returncode, done.stdout + done.stderr))
+            sent.sends.append((kinds, *_storescu_send(stack, sent.manifest.files(kinds))))
 
     deadline = time.monotonic() + OUTCOME_TIMEOUT_S
     while time.monotonic() < deadline and not all(_settled(s, out) for s in studies):
