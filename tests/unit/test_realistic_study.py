@@ -120,9 +120,13 @@ def test_image_type_kernel_and_thickness_per_series(
                 assert (ds.Rows, ds.Columns) == (512, 512)
 
 
-def test_the_ich_rule_takes_the_reconstructions_and_not_the_scout_or_the_sr(
+def test_the_ich_rule_takes_the_5mm_series_and_never_the_scout_or_the_sr(
     signed_bleed: StudyManifest, unsigned_normal: StudyManifest
 ) -> None:
+    """The study's headers are the ones routing reads (deploy/routing/rules.yaml): the ICH
+    rule must match the 5 mm soft-tissue series of either vendor's naming, and never the
+    scout or the dose SR. Which of the other reconstructions it may also match is the
+    rule's business (series selection), not the generator's."""
     rules = RoutingRules.load(REPO_ROOT / "deploy" / "routing" / "rules.yaml")
     (ich,) = [r for r in rules.rules if r.id == "ct-head-noncontrast-ich"]
     for m in (signed_bleed, unsigned_normal):
@@ -133,11 +137,22 @@ def test_the_ich_rule_takes_the_reconstructions_and_not_the_scout_or_the_sr(
                 modality=s.modality,
                 body_part="HEAD" if s.modality == "CT" else "",
                 series_description=s.description,
-                instance_uris=tuple(f"file://{f}" for f in s.files) * 8,  # counts above min_instances
+                # A full-size series' instance count (the fixtures' are cut down for speed).
+                instance_uris=tuple(
+                    f"file://{m.root}/{s.kind}/{i}" for i in range(32 if s.kind != "dose_sr" else 1)
+                ),
+                series_number=s.series_number,
+                has_pixels=s.kind != "dose_sr",
+                image_type=s.image_type,
+                convolution_kernel=s.convolution_kernel,
+                slice_thickness_mm=s.slice_thickness_mm,
+                rows=512 if s.kind != "dose_sr" else 0,
+                columns=512 if s.kind != "dose_sr" else 0,
+                bits_allocated=16 if s.kind != "dose_sr" else 0,
             )
             if series_matches(ich, ref):
                 matched.add(s.kind)
-        assert matched == {"axial", "thin", "bone"}, m.of("scout").description
+        assert "axial" in matched and not matched & {"scout", "dose_sr"}, (m.of("axial").description, matched)
 
 
 @pytest.mark.parametrize("which", ["signed_bleed", "unsigned_normal"])
