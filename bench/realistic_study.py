@@ -434,6 +434,12 @@ def main() -> None:
     ap.add_argument(
         "--workdir", type=Path, default=None, help="where to write the studies (default: a temp dir)"
     )
+    ap.add_argument(
+        "--lock",
+        type=Path,
+        default=None,
+        help="take this flock (/tmp/radtriage-heavy.lock) after writing the studies, before the stack starts",
+    )
     args = ap.parse_args()
     if args.runs < 1:
         raise SystemExit("--runs must be >= 1")
