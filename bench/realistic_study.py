@@ -8,7 +8,11 @@ costs, against its 5 mm series alone, measured in the same run.
 
 Cases, alternating within each run (each run a fresh bleed phantom, new UIDs per case):
   full_one_association  scout + 5 mm x 32 + 0.625 mm x 240 + bone 1.25 mm x 120 + dose SR
-                        (512 x 512), every file in one storescu call (SR first);
+                        (512 x 512), every file in one storescu call, in the order a
+                        scanner makes them (SR last: storescu stops at the first refused
+                        C-STORE, so an SR sent first and refused would stop the images
+                        too; tests/e2e/test_realistic_study.py sends it first to check
+                        that it is accepted);
   full_per_series       the same study, one storescu call per series (scout, 5 mm, thin,
                         bone, SR: the order a scanner reconstructs and sends them);
   axial_5mm_alone       the same bleed as its 5 mm series alone: the baseline.
@@ -59,9 +63,11 @@ from radtriage.settings import REPO_ROOT, Settings
 console = Console()
 
 CASES = ("full_one_association", "full_per_series", "axial_5mm_alone")
-ONE_ASSOCIATION: list[list[SeriesKind]] = [["dose_sr", "scout", "axial", "thin", "bone"]]
+ONE_ASSOCIATION: list[list[SeriesKind]] = [["scout", "axial", "thin", "bone", "dose_sr"]]
 PER_SERIES: list[list[SeriesKind]] = [["scout"], ["axial"], ["thin"], ["bone"], ["dose_sr"]]
 AXIAL_ONLY: list[list[SeriesKind]] = [["axial"]]
+# The assembly quiet period (streams.assembly_quiet_s, 10 s) plus ample margin.
+NO_STUDY_GIVE_UP_S = 60.0
 
 
 def _free_port() -> int:
@@ -333,8 +339,16 @@ def run_case(
         sample.send_ms = (time.monotonic() - t0) * 1000
         sent_end = datetime.now(UTC)
         deadline = time.monotonic() + timeout_s
+        # No study-ready event this long after the last send: nothing was assembled (every
+        # C-STORE refused), so no outcome will come; waiting out the timeout measures nothing.
+        no_study_by = time.monotonic() + NO_STUDY_GIVE_UP_S
         uid = m.study_uid
         while time.monotonic() < deadline and not (w.of(w.t.alerts_ich, uid) or w.dead(uid)):
+            if time.monotonic() > no_study_by and not w.of(w.t.studies, uid):
+                console.print(
+                    f"[red]{case} run {run}: no study ready {NO_STUDY_GIVE_UP_S:.0f} s after the send[/]"
+                )
+                break
             w.poll()
         end = time.monotonic() + grace_s  # a second alert or a late dead letter shows up now
         while time.monotonic() < end:
@@ -351,12 +365,21 @@ def run_concurrent(
     with RssSampler(worker) as rss:
         scan_start = datetime.now(UTC)
         procs = [storescu(port, m.files(ONE_ASSOCIATION[0])) for m in studies]
-        rcs = [p.wait(timeout=900) for p in procs]
+        rcs = []
+        for p in procs:
+            p.communicate(timeout=900)  # reads its stderr: a full pipe would stall the sender
+            rcs.append(p.returncode)
         sent_end = datetime.now(UTC)
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not all(
-            w.of(w.t.alerts_ich, m.study_uid) or w.dead(m.study_uid) for m in studies
-        ):
+        no_study_by = time.monotonic() + NO_STUDY_GIVE_UP_S
+
+        def settled(m: StudyManifest) -> bool:
+            uid = m.study_uid
+            if w.of(w.t.alerts_ich, uid) or w.dead(uid):
+                return True
+            return time.monotonic() > no_study_by and not w.of(w.t.studies, uid)
+
+        while time.monotonic() < deadline and not all(settled(m) for m in studies):
             w.poll()
         end = time.monotonic() + grace_s
         while time.monotonic() < end:
@@ -509,12 +532,18 @@ def main() -> None:
         port = settings.dicom.port
 
         # Warm-up (model load, pool start, first-call costs), not counted.
-        run_case("warmup", -1, warm, ONE_ASSOCIATION, port, w, worker, args.timeout, args.grace)
+        run_case("warmup", -1, warm, PER_SERIES, port, w, worker, args.timeout, args.grace)
         samples: list[Sample] = []
+        partial = out_path.with_suffix(".partial.jsonl")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)
         for case, run, m, sends in plan:
             console.print(f"{case} run {run + 1}/{args.runs}…")
             s = run_case(case, run, m, sends, port, w, worker, args.timeout, args.grace)
             samples.append(s)
+            # One line per case as it finishes: a run that dies later still leaves its data.
+            with partial.open("a") as fh:
+                fh.write(json.dumps(asdict(s), default=str) + "\n")
             console.print(
                 f"  alerts {s.alerts}, ready→alert {s.ready_to_alert_ms}, "
                 f"scan→alert {s.scan_start_to_alert_ms}, dead {len(s.dead_letters)}, "
