@@ -39,7 +39,13 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -369,12 +375,20 @@ class StoreSCP:
                 ) as pending:
                     try:
                         # The bytes as received, behind a file meta header: a valid Part 10
-                        # file in the negotiated transfer syntax, never re-encoded.
+                        # file in the negotiated transfer syntax, never re-encoded. The
+                        # header is pynetdicom's `encoded_dataset()` one, written directly.
+                        header = v.part10_header(
+                            request_class,
+                            request_sop,
+                            str(event.context.transfer_syntax),
+                            PYNETDICOM_IMPLEMENTATION_UID,
+                            PYNETDICOM_IMPLEMENTATION_VERSION,
+                        )
                         self.blobs.put_instance(
                             instance.study_uid,
                             instance.series_uid,
                             instance.sop_instance_uid,
-                            event.encoded_dataset(),
+                            header + event.encoded_dataset(include_meta=False),
                         )
                     except (OSError, BlobStoreError) as exc:
                         # The exception's type and errno only: its message holds a path of

@@ -320,3 +320,27 @@ def test_a_stored_part10_file_reads_back(tmp_path: Path) -> None:
     store = LocalBlobStore(tmp_path)
     uri = store.put_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, buf.getvalue())
     assert dcmread(store.path_of(uri)).SOPInstanceUID == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, "1.2.840.10008.1.2.4.201"])
+def test_the_part10_header_is_what_pynetdicom_would_write(syntax: str) -> None:
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.dsutils import encode_file_meta
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"  # odd length: padded
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    expected = b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+    header = v.part10_header(
+        CTImageStorage,
+        "1.2.826.0.1.3680043.8.498.123",
+        syntax,
+        PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+    )
+    assert header == expected
+    ds = dcmread(BytesIO(header + b"\x08\x00\x18\x00UI\x04\x001.2\0"))
+    assert ds.file_meta.TransferSyntaxUID == syntax and ds.SOPInstanceUID == "1.2"
