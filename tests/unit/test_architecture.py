@@ -3,6 +3,7 @@ building the Faust app only declares agents, topics and tables)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from radtriage.settings import REPO_ROOT, Settings
@@ -33,7 +34,15 @@ def _table() -> dict[str, tuple[str, set[str]]]:
 
 def test_the_documented_stages_are_the_registered_agents_with_their_topics() -> None:
     settings = Settings()
-    app = build_pipeline(settings).app
+    # Building the pipeline makes the lanes' gRPC aio client, which wants the thread's event
+    # loop: a loop of its own, whatever earlier tests of the session left set or closed.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        app = build_pipeline(settings).app
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
     documented = _table()
     registered = {}
     for name, agent in app.agents.items():
