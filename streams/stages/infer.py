@@ -98,6 +98,8 @@ class Infer:
         return bool(req.request_id) and await ledger.already_sent(req.request_id, partition)
 
     async def skip(self, req: TriageRequest, lane: str, decision: str = "skipped_already_done") -> None:
+        # Logged as well as audited: this request publishes no finding.
+        log.info("request %s on the %s lane: %s", req.request_id, lane, decision)
         detail: Detail = {"request_id": req.request_id, "lane": lane, "rule": req.rule_id}
         await audit(self.ctx, req.study_uid, req.accession_number, "infer", decision, detail)
 

@@ -11,6 +11,8 @@ straight to its lane.
 
 from __future__ import annotations
 
+import logging
+
 import faust
 from faust.types import EventT
 from opentelemetry import trace
@@ -26,6 +28,8 @@ from streams.routing import RoutedSeries, decide, request_id, route_study
 from streams.stages.common import Detail, audit, consumer_span, each
 from streams.stages.context import PipelineContext
 from streams.stages.dispatch import dispatch
+
+log = logging.getLogger("streams.agents")
 
 
 async def forward_study(ctx: PipelineContext, study_ctx: StudyContext, span: trace.Span) -> None:
@@ -96,6 +100,15 @@ def register(ctx: PipelineContext) -> None:
         await audit(ctx, study.study_uid, study.accession_number, "route", "unrouted", detail)
 
     async def audit_unchanged(study: StudyEvent, rule_id: str, before: RoutedSeries) -> None:
+        # Logged as well as audited: nothing runs for this arrival of the study.
+        log.info(
+            "study %s: rule %s already read series %s (%d images, %s); nothing to re-run",
+            study.study_uid,
+            rule_id,
+            before.series_uid,
+            before.instances,
+            before.request_id,
+        )
         detail: Detail = {
             "rule": rule_id,
             "series_uid": before.series_uid,
