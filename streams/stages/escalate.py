@@ -19,25 +19,12 @@ from streams.app import publish
 from streams.stages.common import audit, consumer_span, each
 from streams.stages.context import PipelineContext
 
+# What an alert repeats of its finding: every Alert field the Finding has, by name.
+_FROM_FINDING = (set(Alert.model_fields) & set(Finding.model_fields)) - {"schema_version"}
+
 
 def alert_of(finding: Finding, key: str, trace_id: str) -> Alert:
-    return Alert(
-        alert_id=key,
-        study_uid=finding.study_uid,
-        accession_number=finding.accession_number,
-        finding=finding.finding,
-        probability=finding.probability,
-        threshold=finding.threshold,
-        model_name=finding.model_name,
-        model_version=finding.model_version,
-        lane=finding.lane,
-        received_at=finding.received_at,
-        ready_at=finding.ready_at,
-        trace_id=trace_id,
-        laterality=finding.laterality,
-        laterality_probability=finding.laterality_probability,
-        slice_range=finding.slice_range,
-    )
+    return Alert(alert_id=key, trace_id=trace_id, **{k: getattr(finding, k) for k in _FROM_FINDING})
 
 
 def register(ctx: PipelineContext) -> None:
