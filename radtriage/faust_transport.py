@@ -1,5 +1,5 @@
 """Faust's aiokafka transport with an idempotent producer and a consumer that never commits
-past a request it has not finished.
+past a request it has not finished, nor past a table write Kafka has not acknowledged.
 
 Producer: faust-streaming sets `enable_idempotence` only for transactional producers
 (exactly_once, which radtriage does not use: see streams/published_ledger.py). An idempotent
@@ -29,26 +29,75 @@ again from the offset it expected whenever the next record lies past it, unless 
 deleted those offsets. Redelivery after a crash is the ledger's business; losing a request
 is not recoverable.
 
+Tables: a commit waits until every table write (changelog record) made so far is
+acknowledged by Kafka. Faust's own flush before a commit stops waiting after 0.1 s without
+a send, so after a broker failure a commit could pass instances whose assembly state was
+still in memory; the worker killed next lost that study for good (the 3-broker fault test,
+one run in three).
+
 Registered under the URL scheme `radtriage-kafka://` by radtriage.kafka_clients.faust_broker_url.
 """
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from faust.exceptions import ProducerSendError
 from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, ConsumerT, Message, ProducerT
-from faust.types.tuples import ack_lock
+from faust.types.tuples import FutureMessage, ack_lock
 from mode.utils.futures import notify
+
+
+async def all_acked(pending: Iterable[asyncio.Future[Any]]) -> None:
+    """Wait for every one of these sends; the first that failed is raised as ProducerSendError."""
+    waiting = [fut for fut in pending if not fut.done()]
+    if waiting:
+        await asyncio.wait(waiting)
+    for fut in pending:
+        if fut.done() and not fut.cancelled() and fut.exception() is not None:
+            raise ProducerSendError(f"a table changelog write failed: {fut.exception()!r}")
 
 
 class IdempotentProducer(faust_aiokafka.Producer):
     def _settings_extra(self) -> Mapping[str, Any]:
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+    def send_soon(self, fut: FutureMessage) -> None:
+        # Table writes (changelogs) come this way, buffered. Each is remembered until Kafka
+        # acknowledges it, so a commit can wait for them (SafeCommitConsumer._handle_attached).
+        unacked = self._unacked()
+        unacked.add(fut)
+        fut.add_done_callback(self._forget)
+        super().send_soon(fut)
+
+    def _forget(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is None:
+            self._unacked().discard(fut)  # type: ignore[arg-type]
+        # A failed one stays: the next commit must see it and not pass it.
+
+    def _unacked(self) -> set[FutureMessage]:
+        # Created on first use: Producer.__init__ is Faust's (a mode Service) and takes no extras.
+        unacked: set[FutureMessage] | None = self.__dict__.get("_radtriage_unacked")
+        if unacked is None:
+            unacked = self.__dict__["_radtriage_unacked"] = set()
+        return unacked
+
+    async def wait_table_writes(self) -> None:
+        """Every table write buffered so far acknowledged by Kafka (acks=all), or ProducerSendError.
+
+        Faust flushes its producer before a commit, but its buffer flush gives up after
+        0.1 s without a send (`ProducerBuffer.flush_atmost`), which a leader change after
+        a broker failure easily exceeds; a commit then passes source offsets whose table
+        writes are still in memory, and a worker killed next loses them: the assembly of
+        a study whose instances were all committed is gone, and the study is never emitted.
+        """
+        await all_acked(list(self._unacked()))
 
 
 def committable_offset(
@@ -181,6 +230,16 @@ class SafeCommitConsumer(faust_aiokafka.Consumer):
         # Faust's gap runs up to and including `offset_to`, the offset of the message just
         # read, which would count it as done before any stream has seen it.
         await super()._add_gap(tp, offset_from, offset_to - 1)
+
+    async def _handle_attached(self, commit_offsets: Mapping[TP, int]) -> None:
+        # Faust sends the messages attached to these offsets; the table writes made while
+        # processing them must be in Kafka before the offsets are (see wait_table_writes).
+        # A failed write raises ProducerSendError, on which Faust's commit crashes the
+        # worker instead of committing: the messages are processed again by the next owner.
+        await super()._handle_attached(commit_offsets)
+        producer = self.app.producer
+        if isinstance(producer, IdempotentProducer):
+            await producer.wait_table_writes()
 
     def ack(self, message: Message) -> bool:
         app = self.app

@@ -190,15 +190,17 @@ def _where_they_stopped(tail: Tail, settings: Settings, accepted: list[Sent], ho
         ("found", t.findings),
         ("dead-lettered", t.deadletter),
     ]
-    lines = [f"{OUTPUTS_WAIT_S:.0f} s after the last send, studies without a report:"]
+    lines: list[str] = []
+    for log in sorted(home.glob("worker-*.log")):
+        lines.append(f"--- {log.name} (last 40 lines)")
+        lines += log.read_text(errors="replace").splitlines()[-40:]
+    # Last, so a CI log that keeps only the tail of the output still says which study.
+    lines.append(f"{OUTPUTS_WAIT_S:.0f} s after the last send, studies without a report:")
     for s in accepted:
         if tail.of(t.results_fhir, study_uid=s.uid):
             continue
         reached = [name for name, topic in stages if tail.of(topic, study_uid=s.uid)]
         lines.append(f"  {s.uid} (bleed={s.bleed}): {', '.join(reached) or 'not even assembled'}")
-    for log in sorted(home.glob("worker-*.log")):
-        lines.append(f"--- {log.name} (last 40 lines)")
-        lines += log.read_text(errors="replace").splitlines()[-40:]
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """The commit rule of radtriage's Faust consumer (radtriage/faust_transport.py): never past a
-request still in flight, never over a message a stream skipped.
+request still in flight, never over a message a stream skipped, never before the table
+writes made so far are in Kafka.
 
 Faust's own rule commits `committed + 1`'s run with `committed` still being processed, and
 any run at all when no offset is committed yet; a worker SIGKILLed after such a commit
@@ -13,8 +14,11 @@ from collections.abc import AsyncIterator
 
 import faust
 import pytest
+from aiokafka.errors import KafkaTimeoutError
+from faust.exceptions import ProducerSendError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
+from faust.types.tuples import FutureMessage
 
 from radtriage.faust_transport import AfterAJump, SafeCommitConsumer, after_a_jump, committable_offset
 from radtriage.kafka_clients import faust_app_kwargs
@@ -206,3 +210,40 @@ def test_a_table_changelog_is_left_to_faust(
     broker = _Batches(consumer, [[2034, 2035]], log_start=0, tp=changelog)
     assert _read(consumer, broker, monkeypatch) == [2034, 2035]
     assert broker.sought == []
+
+
+def _table_write(app: faust.App) -> FutureMessage:
+    # What a Table's __setitem__ hands the producer: a buffered changelog record.
+    fut = app.topic("radtriage-assembly-changelog").as_future_message(key=b"study", value=b"state")
+    app.producer.send_soon(fut)
+    return fut
+
+
+def test_a_commit_waits_for_the_table_writes_before_it(consumer: SafeCommitConsumer) -> None:
+    """Faust's flush stops waiting for its buffer after 0.1 s without a send; the commit
+    then went out with the assembly's table write still in memory, and a worker killed next
+    lost the study (the 3-broker fault test, one run in three)."""
+
+    async def go() -> None:
+        app = consumer.app
+        write = _table_write(app)
+        committing = asyncio.ensure_future(consumer._handle_attached({}))
+        await asyncio.sleep(0.3)  # longer than Faust's 0.1 s
+        assert not committing.done()
+        write.set_result(None)  # Kafka acknowledged it
+        await asyncio.wait_for(committing, 5.0)
+        # Acknowledged writes are forgotten: the next commit does not wait for them.
+        await asyncio.wait_for(consumer._handle_attached({}), 1.0)
+
+    asyncio.run(go())
+
+
+def test_a_failed_table_write_stops_every_later_commit(consumer: SafeCommitConsumer) -> None:
+    async def go() -> None:
+        write = _table_write(consumer.app)
+        write.set_exception(KafkaTimeoutError())
+        for _ in range(2):  # Faust crashes the worker on the first; never a commit past it
+            with pytest.raises(ProducerSendError, match="table changelog write failed"):
+                await consumer._handle_attached({})
+
+    asyncio.run(go())
