@@ -499,6 +499,11 @@ def main() -> None:
     ap.add_argument("--running", action="store_true", help="use an already running stack")
     ap.add_argument("--json", type=Path, default=None, help="where to write the result")
     ap.add_argument(
+        "--traces",
+        action="store_true",
+        help="keep the stack's span file (jsonl) for `radtriage trace`; printed at the end",
+    )
+    ap.add_argument(
         "--workdir", type=Path, default=None, help="where to write the studies (default: a temp dir)"
     )
     ap.add_argument(
@@ -566,7 +571,8 @@ def main() -> None:
             settings.dicom.port = _free_port()
             settings.hl7.port = _free_port()
             settings.http.port = _free_port()
-            settings.telemetry.exporter = "none"
+            # Spans cost a little CPU per stage: off unless asked for (to see where time goes).
+            settings.telemetry.exporter = "jsonl" if args.traces else "none"
             stack.enter_context(running_stack(settings))
         worker = worker_pid(os.getpid())
         if worker is None:
@@ -601,6 +607,13 @@ def main() -> None:
             console.print(f"{len(crowd)} full studies at once…")
             concurrent = run_concurrent(crowd, port, w, worker, args.timeout * 2, args.grace)
         worker_alive = worker is not None and Path(f"/proc/{worker}").exists()
+        if args.traces and settings.trace_file.exists():
+            spans = out_path.with_suffix(".spans.jsonl")
+            spans.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(settings.trace_file, spans)
+            console.print(
+                f"spans in {spans}: radtriage trace {warm.study_uid} --file {spans}  (the first study)"
+            )
         worker_log = settings.home / "logs" / "worker.log"
         log_text = worker_log.read_text(errors="replace") if worker_log.exists() else ""
         trouble = [
