@@ -7,8 +7,9 @@ stopped at the queue. Here each lane has its own process pool, and the urgent an
 routine pools run at a higher `nice` value, so when the cores are busy the kernel
 gives them to stat work first; the event loop only waits on a future.
 
-The stat pool is started (torch and MONAI imported) when the worker starts, so the
-first stat study does not pay for it; the other lanes' pools start on first use.
+Every lane's pool is started (torch and MONAI imported there) before the worker says
+ready, so the first study does not pay for it. The worker process itself never imports
+them: only the pool processes do (`_prepare`).
 
 Memory (issue 16): two 240-slice head CTs preprocessed at once OOM-killed the stat pool.
 Every request is admitted against one byte budget shared by all lanes
@@ -194,6 +195,16 @@ def _ready() -> bool:
     return True
 
 
+def _prepare(model_name: str, paths: Sequence[str]) -> tuple[np.ndarray, ModelGeometry]:
+    # Runs in the pool process, which imported model_inputs at start. Sending
+    # `model_inputs.prepare_for_pool` itself made the *worker* import it (torch, MONAI)
+    # on the first study, on its event loop: 4-10 s in which no stage ran, so the first
+    # study after ready alerted in 9 s against 1 s for the next (bench/realistic_study.py).
+    from processors.model_inputs import prepare_for_pool
+
+    return prepare_for_pool(model_name, paths)
+
+
 class LanePools:
     def __init__(
         self,
@@ -237,20 +248,18 @@ class LanePools:
         processors/model_inputs.py), once the series' estimated working memory fits the
         shared budget. `pixel_bytes`: the series' decoded pixel bytes
         (TriageRequest.pixel_bytes); 0 = unknown, read from the first file's header."""
-        from processors.model_inputs import prepare_for_pool
-
         loop = asyncio.get_running_loop()
         if pixel_bytes <= 0:
             pixel_bytes = await loop.run_in_executor(None, pixel_bytes_from_header, list(paths))
         args = (model_name, [str(p) for p in paths])
         async with self.memory.reserve(lane, estimated_working_bytes(pixel_bytes, model_name)):
             try:
-                return await loop.run_in_executor(self._pool(lane), prepare_for_pool, *args)
+                return await loop.run_in_executor(self._pool(lane), _prepare, *args)
             except BrokenProcessPool:
                 # A pool process died (OOM, a kill): a fresh pool, and this study tried once more.
                 log.warning("preprocessing pool for the %s lane broke; starting a new one", lane)
                 self._pools.pop(lane, None)
-                return await loop.run_in_executor(self._pool(lane), prepare_for_pool, *args)
+                return await loop.run_in_executor(self._pool(lane), _prepare, *args)
 
     def shutdown(self) -> None:
         for pool in self._pools.values():

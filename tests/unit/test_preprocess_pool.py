@@ -259,3 +259,34 @@ def test_prepare_admits_by_memory_and_the_old_call_still_works(series: list[Path
     finally:
         pools.shutdown()
     np.testing.assert_array_equal(old_call, new_call)
+
+
+def test_the_stream_worker_never_imports_torch_or_monai(series: list[Path]) -> None:
+    """The first study's preprocessing once imported processors.model_inputs (torch, MONAI)
+    in the worker itself, on its event loop: 4-10 s in which no stage ran, and the first
+    study after ready alerted 9x slower than the next (bench/realistic_study.py)."""
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from pathlib import Path
+        from processors.preprocess_pool import LanePools
+        pools = LanePools({"stat": 1}, {"stat": 0})
+        async def main():
+            await pools.warm("stat")
+            tensor, _ = await pools.prepare("stat", "ich_classifier", [Path(p) for p in sys.argv[1:]])
+            heavy = ("torch", "monai", "processors.model_inputs")
+            print(tensor.shape, sorted(m for m in heavy if m in sys.modules))
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, series)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shape, imported = done.stdout.strip().split(") ", 1)
+    assert shape.startswith("(") and shape.count(",") == 3, done.stdout  # a C x D x H x W input came back
+    assert imported == "[]", f"the worker process imported {imported}"
