@@ -29,13 +29,11 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
@@ -48,6 +46,7 @@ from models.dicom_writer import write_ct_series
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.kafka import LocalKafka
+from tests.orthanc import Orthanc, free_port
 
 RESULTS = REPO_ROOT / "bench" / "results" / "intake.json"
 
@@ -124,22 +123,6 @@ stats.dump_stats(cfg["profile"])
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {port} after {timeout_s}s")
-
-
 def dcmtk(name: str) -> str:
     # dcmtk's, not the venv's pynetdicom app of the same name.
     venv_bin = str(Path(sys.prefix) / "bin")
@@ -205,70 +188,6 @@ def radtriage_scp(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-class Orthanc:
-    def __init__(self, work: Path, max_pdu: int = 0) -> None:
-        self.dicom_port, self.http_port = free_port(), free_port()
-        storage = work / "orthanc-storage"
-        storage.mkdir(parents=True)
-        self.config = work / "orthanc.json"
-        self.config.write_text(
-            json.dumps(
-                {
-                    "Name": "bench",
-                    "StorageDirectory": str(storage),
-                    "IndexDirectory": str(storage),
-                    "DicomAet": "ORTHANC",
-                    "DicomPort": self.dicom_port,
-                    "HttpPort": self.http_port,
-                    "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
-                    "DicomCheckCalledAet": False,
-                    "Plugins": [],
-                    "StorageCompression": False,
-                    "ConcurrentJobs": 2,
-                    "LogLevel": "default",
-                    **({"MaximumPduLength": max_pdu} if max_pdu else {}),
-                }
-            )
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = (work / "orthanc.log").open("wb")
-
-    def start(self) -> None:
-        binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-        # Orthanc's DICOM stack is dcmtk: without TCP_NODELAY=1 each C-STORE response waits
-        # for the sender's delayed ACK (~40 ms), as storescu's requests would.
-        env = {**os.environ, "TCP_NODELAY": "1"}
-        self.proc = subprocess.Popen(
-            [binary, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env
-        )
-        wait_port(self.http_port)
-        wait_port(self.dicom_port)
-
-    def _rest(self, method: str, path: str) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", method=method)
-        with urllib.request.urlopen(request, timeout=60) as response:
-            body = response.read()
-        return json.loads(body) if body else None
-
-    def clear(self) -> None:
-        """Delete every study, so the next run stores every instance again."""
-        for study in self._rest("GET", "/studies"):
-            self._rest("DELETE", f"/studies/{study}")
-
-    def instance_count(self) -> int:
-        return int(self._rest("GET", "/statistics")["CountInstances"])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def send(port: int, aet: str, files: list[Path], senders: int) -> float:

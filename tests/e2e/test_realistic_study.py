@@ -1,7 +1,8 @@
 """End to end with real-shaped studies (issue 16): a head CT as a scanner sends it — scout,
 5 mm soft tissue, thin soft tissue, bone kernel, dose SR (models/realistic_study.py) —
 through `radtriage up`, sent with dcmtk's storescu in one association (SR first) or one
-association per series in either order of reconstructions.
+association per series in either order of reconstructions, or archived compressed in a
+real Orthanc and forwarded by it, as a PACS does.
 
 What must come out, per study: every C-STORE accepted (the SR too), no dead letter,
 exactly one ICH alert for a bleed and none for a normal head, and the finding and the FHIR
@@ -18,11 +19,13 @@ reports, requests, dead letters, storescu's answers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import time
-from collections.abc import Sequence
+import urllib.error
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.realistic_study import SeriesKind, StudyManifest, write_realistic_head_study
+from models.realistic_study import SeriesKind, StudyManifest, TransferSyntax, write_realistic_head_study
 from tests.e2e.harness import OUTCOME_TIMEOUT_S, Outputs, Stack, _storescu
+from tests.orthanc import Orthanc
 
 pytestmark = pytest.mark.e2e
 
@@ -67,10 +71,17 @@ VARIANTS: dict[str, dict[bool, dict[str, Any]]] = {
 
 
 class AllOutputs(Outputs):
-    """The harness's reader plus the findings topic (which series a model read)."""
+    """The harness's reader plus the findings (which series a model read) and the instances
+    (in which transfer syntax each arrived)."""
 
-    # The harness types its tuple by its length; one more topic is still a tuple of topics.
-    TOPICS = (*Outputs.TOPICS, "triage.findings")  # type: ignore[assignment]
+    # The harness types its tuple by its length; more topics are still a tuple of topics.
+    TOPICS = (*Outputs.TOPICS, "triage.findings", "imaging.instances")  # type: ignore[assignment]
+
+
+COMPRESSED_UIDS: dict[str, str] = {
+    "jpeg-ls": "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "jpeg-lossless": "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (SV1)
+}
 
 
 @dataclass
@@ -304,3 +315,69 @@ def test_a_realistic_study_gets_one_decision_on_its_5mm_series(
     seen = "\n".join(_describe(s, out) for s in studies)
     problems = [p for s in studies for p in _problems(s, out)]
     assert not problems, "\n".join(["", *problems, "", "what came out:", seen])
+
+
+@pytest.fixture
+def orthanc(stack: Stack, tmp_path: Path) -> Iterator[Orthanc]:
+    """A real Orthanc with radtriage as a DICOM modality: the PACS that forwards to it."""
+    pacs = Orthanc(
+        tmp_path / "orthanc", modalities={"radtriage": ("RADTRIAGE", "127.0.0.1", stack.dicom_port)}
+    )
+    pacs.start()
+    yield pacs
+    pacs.stop()
+
+
+@pytest.mark.parametrize(
+    ("bleed", "syntax"), [(True, "jpeg-ls"), (False, "jpeg-lossless")], ids=["bleed-jpegls", "normal-jpeg"]
+)
+def test_a_compressed_study_a_pacs_forwards_gets_one_decision_on_its_5mm_series(
+    stack: Stack, orthanc: Orthanc, tmp_path: Path, bleed: bool, syntax: TransferSyntax
+) -> None:
+    """What a PACS does: the finished study, compressed as it was archived, forwarded by
+    Orthanc's own C-STORE SCU in one association (its choice of contexts and order, not
+    storescu's)."""
+    seed = 1700 + int(bleed)
+    manifest = write_realistic_head_study(
+        tmp_path / "study",
+        bleed=bleed,
+        rng=np.random.default_rng(seed),
+        axial_slices=AXIAL,
+        thin_slices=THIN,
+        bone_slices=BONE,
+        accession=f"OF{seed}",
+        patient_id=f"MRN-OF{seed}",
+        transfer_syntax=syntax,
+        instance_order="descending" if bleed else "ascending",
+    )
+    sent = Sent(f"orthanc-forward/{'bleed' if bleed else 'normal'}/{syntax}", bleed, manifest)
+    orthanc.upload(manifest.files())
+    assert orthanc.instance_count() == len(manifest.files())
+    out = AllOutputs(stack.bootstrap)
+    try:
+        answer = orthanc.forward("radtriage", sent.uid)
+        failed = int(answer.get("FailedInstancesCount", 0))
+        sent.sends.append((["dose_sr", "scout", "axial", "thin", "bone"], failed, json.dumps(answer)[:300]))
+    except urllib.error.HTTPError as exc:  # Orthanc says why in its body
+        sent.sends.append(
+            (
+                ["dose_sr", "scout", "axial", "thin", "bone"],
+                exc.code,
+                exc.read().decode(errors="replace")[-300:],
+            )
+        )
+    assert sent.sends[0][1] == 0, f"Orthanc could not forward the study: {sent.sends[0][2]}"
+    assert int(answer["InstancesCount"]) == len(manifest.files())
+
+    deadline = time.monotonic() + OUTCOME_TIMEOUT_S
+    while time.monotonic() < deadline and not _settled(sent, out):
+        out.drain(1.0)
+    out.drain(GRACE_S)
+    problems = _problems(sent, out)
+    # As archived, not transcoded on the way: Orthanc falls back to uncompressed when a
+    # peer refuses the compressed syntax, which would hide a refusal here.
+    images = [d for d in out.of("imaging.instances", sent.uid) if d["kind"] == "instance" and d["has_pixels"]]
+    syntaxes = {d["transfer_syntax_uid"] for d in images}
+    if syntaxes != {COMPRESSED_UIDS[syntax]}:
+        problems.append(f"the images arrived in {sorted(syntaxes)}, not {COMPRESSED_UIDS[syntax]} ({syntax})")
+    assert not problems, "\n".join(["", *problems, "", "what came out:", _describe(sent, out)])

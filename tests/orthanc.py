@@ -1,0 +1,147 @@
+"""A real Orthanc (Debian's `Orthanc`, installed by scripts/install.sh --test) as a peer: the
+PACS that forwards studies to radtriage in the tests, and the PACS radtriage's intake is
+measured against in bench/intake.py.
+
+Its own JSON config: its own ports on 127.0.0.1, storage in a given directory, no auth, no
+plugins; optionally radtriage (or any SCP) as a DICOM modality it can C-STORE to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {port} after {timeout_s}s")
+
+
+def orthanc_binary() -> str | None:
+    return shutil.which("Orthanc") or next(
+        (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if Path(p).exists()), None
+    )
+
+
+class Orthanc:
+    """One Orthanc process. `modalities`: name -> (AE title, host, port) it may send to."""
+
+    def __init__(
+        self,
+        work: Path,
+        max_pdu: int = 0,
+        modalities: dict[str, tuple[str, str, int]] | None = None,
+        aet: str = "ORTHANC",
+    ) -> None:
+        self.dicom_port, self.http_port = free_port(), free_port()
+        self.aet = aet
+        storage = work / "orthanc-storage"
+        storage.mkdir(parents=True)
+        self.config = work / "orthanc.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "Name": "radtriage-peer",
+                    "StorageDirectory": str(storage),
+                    "IndexDirectory": str(storage),
+                    "DicomAet": aet,
+                    "DicomPort": self.dicom_port,
+                    "HttpPort": self.http_port,
+                    "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False,
+                    "DicomCheckCalledAet": False,
+                    "Plugins": [],
+                    "StorageCompression": False,
+                    "ConcurrentJobs": 2,
+                    "LogLevel": "default",
+                    "DicomModalities": {name: list(m) for name, m in (modalities or {}).items()},
+                    **({"MaximumPduLength": max_pdu} if max_pdu else {}),
+                }
+            )
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = work / "orthanc.log"
+        self.log = self.log_path.open("wb")
+
+    def start(self) -> None:
+        binary = orthanc_binary()
+        if binary is None:
+            raise FileNotFoundError("Orthanc is not installed (scripts/install.sh --test installs it)")
+        # Orthanc's DICOM stack is dcmtk: without TCP_NODELAY=1 each C-STORE response waits
+        # for the sender's delayed ACK (~40 ms), as storescu's requests would.
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        self.proc = subprocess.Popen(
+            [binary, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env
+        )
+        wait_port(self.http_port)
+        wait_port(self.dicom_port)
+
+    def rest(self, method: str, path: str, body: Any = None, timeout_s: float = 300) -> Any:
+        # A str goes as it is (Orthanc's /tools/lookup takes the bare UID), anything else as JSON.
+        data = None if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            answer = response.read()
+        return json.loads(answer) if answer else None
+
+    def upload(self, files: Sequence[Path]) -> None:
+        """Store files as they are (their own transfer syntax) through the REST API, as an
+        administrator imports an archive; storescu would offer only uncompressed syntaxes."""
+        for path in files:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{self.http_port}/instances", data=path.read_bytes(), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status = json.loads(response.read()).get("Status")
+            if status not in ("Success", "AlreadyStored"):
+                raise RuntimeError(f"Orthanc did not store {path.name}: {status}")
+
+    def clear(self) -> None:
+        """Delete every study, so the next run stores every instance again."""
+        for study in self.rest("GET", "/studies"):
+            self.rest("DELETE", f"/studies/{study}")
+
+    def instance_count(self) -> int:
+        return int(self.rest("GET", "/statistics")["CountInstances"])
+
+    def study_id(self, study_uid: str) -> str:
+        found = self.rest("POST", "/tools/lookup", study_uid)
+        ids = [f["ID"] for f in found if f.get("Type") == "Study"]
+        if not ids:
+            raise LookupError(f"Orthanc holds no study {study_uid}")
+        return str(ids[0])
+
+    def forward(self, modality: str, study_uid: str) -> dict[str, Any]:
+        """C-STORE the whole study to `modality` (one association, as Orthanc's job does),
+        synchronously: Orthanc answers once every instance was sent, or with an error."""
+        body = {"Resources": [self.study_id(study_uid)], "Synchronous": True}
+        answer: dict[str, Any] = self.rest("POST", f"/modalities/{modality}/store", body)
+        return answer
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
