@@ -96,8 +96,8 @@ class Sent:
         return self.manifest.study_uid
 
 
-def _write(tmp: Path, scenario: str, bleed: bool, seed: int) -> Sent:
-    label = f"{scenario}/{'bleed' if bleed else 'normal'}"
+def _write(tmp: Path, label: str, bleed: bool, seed: int, prefix: str = "RS", **options: Any) -> Sent:
+    """A reduced-size realistic study; `options`: write_realistic_head_study's scanner conventions."""
     manifest = write_realistic_head_study(
         tmp / label,
         bleed=bleed,
@@ -105,10 +105,10 @@ def _write(tmp: Path, scenario: str, bleed: bool, seed: int) -> Sent:
         axial_slices=AXIAL,
         thin_slices=THIN,
         bone_slices=BONE,
-        accession=f"RS{seed}",
-        patient_id=f"MRN-RS{seed}",
+        accession=f"{prefix}{seed}",
+        patient_id=f"MRN-{prefix}{seed}",
         patient_name="Test^Realistic",
-        **VARIANTS[scenario][bleed],
+        **options,
     )
     return Sent(label, bleed, manifest)
 
@@ -301,7 +301,16 @@ def test_a_realistic_study_gets_one_decision_on_its_5mm_series(
     stack: Stack, tmp_path: Path, scenario: str
 ) -> None:
     seed = 1600 + 10 * list(SENDS).index(scenario)
-    studies = [_write(tmp_path, scenario, True, seed), _write(tmp_path, scenario, False, seed + 1)]
+    studies = [
+        _write(
+            tmp_path,
+            f"{scenario}/{'bleed' if bleed else 'normal'}",
+            bleed,
+            seed + i,
+            **VARIANTS[scenario][bleed],
+        )
+        for i, bleed in enumerate((True, False))
+    ]
     out = AllOutputs(stack.bootstrap)
     for sent in studies:
         for kinds in SENDS[scenario]:
@@ -337,20 +346,12 @@ def test_a_compressed_study_a_pacs_forwards_gets_one_decision_on_its_5mm_series(
     """What a PACS does: the finished study, compressed as it was archived, forwarded by
     Orthanc's own C-STORE SCU in one association (its choice of contexts and order, not
     storescu's)."""
-    seed = 1700 + int(bleed)
-    manifest = write_realistic_head_study(
-        tmp_path / "study",
-        bleed=bleed,
-        rng=np.random.default_rng(seed),
-        axial_slices=AXIAL,
-        thin_slices=THIN,
-        bone_slices=BONE,
-        accession=f"OF{seed}",
-        patient_id=f"MRN-OF{seed}",
-        transfer_syntax=syntax,
-        instance_order="descending" if bleed else "ascending",
+    label = f"orthanc-forward/{'bleed' if bleed else 'normal'}/{syntax}"
+    order = "descending" if bleed else "ascending"
+    sent = _write(
+        tmp_path, label, bleed, 1700 + int(bleed), "OF", transfer_syntax=syntax, instance_order=order
     )
-    sent = Sent(f"orthanc-forward/{'bleed' if bleed else 'normal'}/{syntax}", bleed, manifest)
+    manifest = sent.manifest
     orthanc.upload(manifest.files())
     assert orthanc.instance_count() == len(manifest.files())
     out = AllOutputs(stack.bootstrap)
