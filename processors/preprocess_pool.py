@@ -39,13 +39,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from radtriage.settings import LANES
+
 if TYPE_CHECKING:  # the stream worker must not import torch/MONAI: model_inputs does
     from processors.model_inputs import ModelGeometry
 
 log = logging.getLogger(__name__)
 
-# Admission order when several lanes wait for memory; a lane not named here comes last.
-LANE_ORDER = ("stat", "urgent", "routine")
+# Admission order when several lanes wait for memory (fastest first); a lane not named comes last.
+LANE_ORDER = LANES
 # Peak RSS of a preprocessing process above its import baseline, per byte of the series'
 # decoded pixel data, measured per model at scanner size by bench/preprocess.py
 # (bench/RESULTS.md, issue 16) and rounded up. CT volumes are read onto a working grid, so

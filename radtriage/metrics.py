@@ -60,7 +60,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from prometheus_client.registry import Collector  # noqa: E402
 
 from radtriage.kafka_lag import lag_by_lane  # noqa: E402  # re-exported: the lag gauge's arithmetic
-from radtriage.settings import KafkaSettings, Settings  # noqa: E402
+from radtriage.settings import LANES, KafkaSettings, Settings  # noqa: E402
 from schemas.alerts import Alert  # noqa: E402
 from schemas.findings import Finding  # noqa: E402
 from schemas.requests import TriageRequest  # noqa: E402
@@ -68,7 +68,6 @@ from schemas.results import FhirResult  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-LANES = ("stat", "urgent", "routine")
 OTHER = "other"
 
 # 10 ms (a Kafka hop) … 60 s (a routine study behind a backlog), dense around the stat

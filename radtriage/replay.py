@@ -36,13 +36,12 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from rich.table import Table
 
 from radtriage.kafka_clients import as_kafka_settings, kafka_python_kwargs, kafka_python_producer_kwargs
-from radtriage.settings import KafkaSettings, Settings
+from radtriage.settings import LANES, KafkaSettings, Settings
 from schemas.base import EventDecodeError
 from schemas.deadletter import DeadLetter
 from streams.app import DEADLETTER_PAYLOAD_LIMIT
 
 REPLAY_HEADER = "radtriage-replay-of"
-LANES = ("stat", "urgent", "routine")
 
 Action = Literal["replay", "already_replayed", "not_a_topic", "truncated", "not_utf8"]
 

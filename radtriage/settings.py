@@ -14,7 +14,7 @@ import ipaddress
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -38,6 +38,12 @@ SETTINGS_JSON_ENV = "RADTRIAGE_SETTINGS_JSON"
 # Serialization context under which secrets are written out in clear (the settings that
 # `radtriage up` hands its children); every other dump masks them.
 REVEAL_SECRETS = "reveal_secrets"
+
+
+# The priority lanes, fastest first: one request topic, preprocessing pool and Triton
+# priority each (docs/ARCHITECTURE.md). Defined here only; everything else names these.
+Lane = Literal["stat", "urgent", "routine"]
+LANES: tuple[Lane, ...] = get_args(Lane)
 
 
 def reveals_secrets(info: SerializationInfo) -> bool:

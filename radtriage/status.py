@@ -29,9 +29,8 @@ from rich.table import Table
 from rich.text import Text
 
 from radtriage.kafka_lag import lag_by_lane
-from radtriage.settings import Settings
+from radtriage.settings import LANES, Settings
 
-LANES = ("stat", "urgent", "routine")
 T = TypeVar("T")
 
 
@@ -148,7 +147,7 @@ def in_flight(
         if key in done or key[0] in dead:
             continue
         latest[key] = str(r.get("lane", ""))
-    out = dict.fromkeys(LANES, 0)
+    out: dict[str, int] = dict.fromkeys(LANES, 0)
     for lane in latest.values():
         out[lane] = out.get(lane, 0) + 1
     return out

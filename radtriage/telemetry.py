@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from radtriage.settings import Settings
+from radtriage.settings import LANES, Settings
 
 TRACEPARENT = "traceparent"
 HeaderList = list[tuple[str, bytes]]
@@ -62,8 +62,10 @@ class JsonLinesSpanExporter(SpanExporter):
         with self._lock:
             fd = self._open_locked()
             try:
-                if self._max_bytes and 0 < os.fstat(fd).st_size and (
-                    os.fstat(fd).st_size + len(data) > self._max_bytes
+                if (
+                    self._max_bytes
+                    and 0 < os.fstat(fd).st_size
+                    and (os.fstat(fd).st_size + len(data) > self._max_bytes)
                 ):
                     self._rotate()
                     os.close(fd)
@@ -208,7 +210,7 @@ def key_safe_topics(settings: Settings) -> frozenset[str]:
             t.studies,
             t.orders,
             s.studies_by_accession_topic,
-            *(t.lane_topic(lane) for lane in ("stat", "urgent", "routine")),
+            *(t.lane_topic(lane) for lane in LANES),
             t.findings,
             t.results_fhir,
             t.alerts_ich,

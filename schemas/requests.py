@@ -7,9 +7,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from radtriage.settings import Lane
 from schemas.base import Event, utcnow
 
-Lane = Literal["stat", "urgent", "routine"]
+__all__ = ["FindingCode", "Lane", "Laterality", "TriageRequest"]
+
 FindingCode = Literal["ICH", "LVO", "NODULE", "CXR_CRITICAL", "BIRADS"]
 # The patient's side of a finding (DICOM patient coordinates: +x is the patient's left).
 # "none": the model reports sides but states none, because it found nothing above its

@@ -16,7 +16,7 @@ import faust
 from faust.types import EventT, TopicT
 
 from radtriage import kafka_clients, metrics
-from radtriage.settings import Settings
+from radtriage.settings import LANES, Settings
 from radtriage.telemetry import HeaderList, record_ack, send_span
 from schemas.base import Event
 from schemas.deadletter import DeadLetter
@@ -90,7 +90,7 @@ def declare_topics(app: faust.App, settings: Settings) -> TriageTopics:
         studies_by_accession=topic(s.studies_by_accession_topic),
         patient_side=topic(t.encounters, s.studies_by_patient_topic),
         accession_side=topic(t.orders, s.studies_by_accession_topic),
-        lanes={lane: topic(t.lane_topic(lane)) for lane in ("stat", "urgent", "routine")},
+        lanes={lane: topic(t.lane_topic(lane)) for lane in LANES},
         findings=topic(t.findings),
         results_fhir=topic(t.results_fhir),
         alerts={"ich": topic(t.alerts_ich), "stroke": topic(t.alerts_stroke)},

@@ -25,6 +25,7 @@ from processors.finding import build_finding
 from processors.preprocess_pool import LanePools
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage import metrics
+from radtriage.settings import LANES
 from radtriage.telemetry import headers_for_current_span
 from schemas.base import EventDecodeError
 from schemas.findings import Finding
@@ -35,7 +36,6 @@ from streams.stages.context import PipelineContext
 from streams.triton_retry import GaveUp, LaneRetryGate, infer_with_retry
 
 log = logging.getLogger("streams.agents")
-LANES = ("stat", "urgent", "routine")
 
 
 class LatestReads:

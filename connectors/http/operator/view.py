@@ -24,6 +24,7 @@ from typing import Literal, TypeVar
 
 from connectors.http.operator.decode import Observed, Unreadable
 from radtriage.replay import Action, Coordinates, classify
+from radtriage.settings import LANES
 from schemas.alerts import Alert
 from schemas.audit import AuditEvent
 from schemas.base import EventDecodeError
@@ -35,7 +36,6 @@ from schemas.studies import StudyEvent
 from streams.join import request_id
 
 ACK_DECISION = "alert_acknowledged"
-LANES = ("stat", "urgent", "routine")
 # Distinct trace ids remembered per study (a re-sent study starts another trace).
 MAX_TRACES_PER_STUDY = 4
 
@@ -494,7 +494,7 @@ def letter_state(view: View, row: LetterRow, consumed: frozenset[str]) -> tuple[
 
 def snapshot(view: View, now: datetime, consumed: frozenset[str]) -> Snapshot:
     alerts = sorted(view.alerts.values(), key=lambda a: a.alerted_at, reverse=True)
-    lanes = {
+    lanes: dict[str, tuple[WorkItem, ...]] = {
         lane: tuple(sorted((w for w in view.open_work.values() if w.lane == lane), key=lambda w: w.routed_at))
         for lane in LANES
     }
