@@ -96,7 +96,7 @@ def dicom_scp() -> None:
     """Run the DICOM C-STORE listener (started for you by `radtriage up`)."""
     from connectors.dicom.scp import run_scp
     from connectors.tls import TlsConfigError
-    from radtriage.telemetry import setup_tracing
+    from radtriage.tracing_sdk import setup_tracing
 
     setup_logging(component="dicom")
     settings = _settings()
@@ -113,7 +113,7 @@ def hl7_listener() -> None:
     """Run the HL7 v2 MLLP listener (started for you by `radtriage up`)."""
     from connectors.hl7.mllp import run_listener
     from connectors.tls import TlsConfigError
-    from radtriage.telemetry import setup_tracing
+    from radtriage.tracing_sdk import setup_tracing
 
     setup_logging(component="hl7")
     settings = _settings()
@@ -129,7 +129,7 @@ def hl7_listener() -> None:
 def http() -> None:
     """Run the HTTP intake: FHIR R4 (/fhir), DICOMweb STOW-RS (/dicomweb/studies), /healthz."""
     from connectors.http.server import run_http
-    from radtriage.telemetry import setup_tracing
+    from radtriage.tracing_sdk import setup_tracing
 
     setup_logging(component="http")
     settings = _settings()
@@ -196,8 +196,8 @@ def trace_cmd(study_uid: str, files: tuple[Path, ...], as_json: bool, unfold: bo
 
     from rich.console import Console
 
-    from radtriage.telemetry import trace_files
     from radtriage.trace_view import build_timeline, load_study_spans, render_timeline, timeline_json
+    from radtriage.tracing_sdk import trace_files
 
     settings = _settings()
     paths = list(files) or trace_files(settings.trace_file, settings.telemetry.jsonl_backups)

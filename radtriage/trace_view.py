@@ -1,6 +1,6 @@
 """`radtriage trace STUDY_UID`: one study's spans as a waterfall, from the JSON-lines trace file.
 
-The jsonl exporter (radtriage/telemetry.py) appends every finished span of every process
+The jsonl exporter (radtriage/tracing_sdk.py) appends every finished span of every process
 to one file, one OpenTelemetry SDK span JSON per line. A study's spans are found the way
 an operator thinks of them: every span naming the study (`radtriage.study_uid`), then
 the whole traces those spans belong to, then the traces of the study's order (same

@@ -11,7 +11,7 @@ from typing import Any
 
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
-from radtriage.telemetry import setup_tracing
+from radtriage.tracing_sdk import setup_tracing
 
 log = logging.getLogger(__name__)
 

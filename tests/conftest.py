@@ -95,7 +95,7 @@ def tracing() -> None:
     """A real tracer provider (no exporter): spans get ids and traceparent is propagated,
     as in every radtriage process."""
     from radtriage.settings import Settings
-    from radtriage.telemetry import setup_tracing
+    from radtriage.tracing_sdk import setup_tracing
 
     settings = Settings()
     settings.telemetry.exporter = "none"

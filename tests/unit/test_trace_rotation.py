@@ -9,7 +9,7 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from radtriage.telemetry import JsonLinesSpanExporter, rotated_path, trace_files
+from radtriage.tracing_sdk import JsonLinesSpanExporter, rotated_path, trace_files
 
 
 def _provider(exporter: JsonLinesSpanExporter) -> TracerProvider:
