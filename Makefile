@@ -25,4 +25,5 @@ lint: install lint-only
 
 lint-only:
 	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/lint-imports --no-cache
 	@$(VENV)/bin/mypy radtriage connectors streams processors models schemas
