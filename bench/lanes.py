@@ -271,8 +271,8 @@ class Collector:
             t.requests_routine: "request",
             t.findings: "finding",
             t.results_fhir: "report",
-            t.alerts_ich: "alert",
-            t.alerts_stroke: "alert",
+            t.alert_topic("ich"): "alert",
+            t.alert_topic("stroke"): "alert",
             t.deadletter: "deadletter",
             t.audit: "audit",
         }

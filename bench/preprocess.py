@@ -205,9 +205,9 @@ def child(model: str, directory: Path, impl: str, forward: bool) -> dict[str, An
     import torch
 
     torch.set_num_threads(1)
-    from processors.model_inputs import MODEL_INPUTS
+    from processors.model_inputs import model_input
 
-    spec = MODEL_INPUTS[model]
+    spec = model_input(model)
     load, preprocess = spec.load, spec.preprocess
     if impl == "old":
         if model != "ich_classifier":
@@ -439,12 +439,12 @@ def agreement(n: int, slices: int = 240, matrix: int = 512, noise_hu: float = 5.
 
     from models.dicom_writer import write_ct_series
     from processors.dicom_volume import load_series
-    from processors.model_inputs import MODEL_INPUTS
+    from processors.model_inputs import model_input
 
     torch.set_num_threads(1)
     threshold = float(json.loads((REPO / "models" / "ich_classifier.metrics.json").read_text())["threshold"])
     net = torch.jit.load(str(ICH_WEIGHTS)).eval()
-    spec = MODEL_INPUTS["ich_classifier"]
+    spec = model_input("ich_classifier")
 
     def probability(tensor: np.ndarray) -> float:
         with torch.no_grad():

@@ -294,7 +294,7 @@ def phantom_cases(name: str, n: int, out: Path) -> list[tuple[list[Path], Callab
 def measure(models: list[str], studies: int = MEASURE_STUDIES, threads: int = 1) -> dict[str, Any]:
     import torch
 
-    from processors.model_inputs import MODEL_INPUTS
+    from processors.model_inputs import model_input
 
     torch.set_num_threads(threads)
     result: dict[str, Any] = {
@@ -315,7 +315,7 @@ def measure(models: list[str], studies: int = MEASURE_STUDIES, threads: int = 1)
                 t0 = time.perf_counter()
                 volume = loader(files)
                 t1 = time.perf_counter()
-                x = torch.from_numpy(MODEL_INPUTS[name].preprocess(volume)[0])[None]
+                x = torch.from_numpy(model_input(name).preprocess(volume)[0])[None]
                 t2 = time.perf_counter()
                 with torch.no_grad():
                     model(x)

@@ -303,7 +303,7 @@ class OutputWatcher:
 
     def __init__(self, settings: Settings) -> None:
         t = settings.topics
-        self.topics = [t.alerts_ich, t.alerts_stroke, t.results_fhir, t.findings, t.audit, t.deadletter]
+        self.topics = [*t.alert_topics(), t.results_fhir, t.findings, t.audit, t.deadletter]
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
         )
@@ -366,7 +366,7 @@ def _apply(outcome: Outcome, topic: str, data: dict[str, Any], settings: Setting
             outcome.detail = finding_detail(Finding.model_validate(data))
         except ValueError as exc:  # the pipeline's own event, but the demo must not crash on it
             outcome.detail = f"unreadable finding: {exc}"
-    elif topic in (t.alerts_ich, t.alerts_stroke):
+    elif topic in t.alert_topics():
         outcome.alert = True
         outcome.finding = data["finding"]
         outcome.probability = data["probability"]

@@ -1,0 +1,14 @@
+"""The chest X-ray triage model as the pipeline sees it (models/spec.py)."""
+
+from models.spec import ModelSpec
+
+SPEC = ModelSpec(
+    name="cxr_triage",
+    version="1",
+    finding="CXR_CRITICAL",
+    words="critical chest radiograph finding",
+    snomed=("36118008", "Pneumothorax"),
+    input="processors.model_inputs:RADIOGRAPH",
+    # No alert channel: ARCHITECTURE.md escalates ICH and LVO only; a positive film is
+    # flagged in its report.
+)

@@ -1,0 +1,13 @@
+"""The lung nodule detector as the pipeline sees it (models/spec.py)."""
+
+from models.spec import ModelSpec
+
+SPEC = ModelSpec(
+    name="nodule_detector",
+    version="1",
+    finding="NODULE",
+    words="lung nodule",
+    snomed=("786838002", "Pulmonary nodule"),
+    input="processors.model_inputs:CHEST_CT",
+    extras=frozenset({"nodules"}),
+)
