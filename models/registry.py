@@ -109,3 +109,8 @@ def registered(spec: ModelSpec) -> Iterator[ModelSpec]:
         yield spec
     finally:
         unregister(spec.name)
+
+
+def reload() -> None:
+    """Discover the specs again (after RADTRIAGE_MODEL_SPECS changed, in a test)."""
+    _discovered.cache_clear()
