@@ -132,8 +132,8 @@ class Template:
 def _write_cxr_template(folder: Path, i: int) -> None:
     import numpy as np
 
-    from models.cxr_phantoms import chest_radiograph_phantom
-    from models.cxr_writer import write_radiograph
+    from models.cxr_triage.phantoms import chest_radiograph_phantom
+    from models.cxr_triage.writer import write_radiograph
 
     # Normal chest films: routine work, no critical finding to alert on.
     rx = chest_radiograph_phantom(np.random.default_rng(7500 + i), pneumothorax=False)

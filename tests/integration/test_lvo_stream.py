@@ -26,8 +26,8 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from models.cta_phantoms import cta_phantom
 from models.dicom_writer import write_ct_series
+from models.lvo_detector.phantoms import cta_phantom
 from models.phantoms import head_ct_phantom
 from radtriage.demo import send_series
 from radtriage.settings import Settings

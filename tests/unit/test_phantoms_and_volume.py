@@ -248,8 +248,8 @@ def test_phantom_sized_series_load_bit_identical_on_every_ct_models_path(
     """Training phantoms are at or below every working grid: the models' loaders read them at
     full resolution, bit for bit what the old loader gave, so trained weights and
     models/EVALUATION.md are unaffected by the pooling."""
-    from models.chest_ct_phantoms import chest_ct_phantom as nodule_phantom
-    from models.cta_phantoms import cta_phantom
+    from models.lvo_detector.phantoms import cta_phantom
+    from models.nodule_detector.phantoms import chest_ct_phantom as nodule_phantom
     from processors.model_inputs import model_input
 
     cta = cta_phantom(np.random.default_rng(21), lvo=True)

@@ -61,7 +61,7 @@ def test_an_export_installs_the_backend_next_to_the_weights(tmp_path: Path) -> N
     assert install_backend(out).read_text() == BACKEND_SOURCE.read_text()
 
 
-@pytest.mark.parametrize("script", ["train_ich", "train_lvo", "train_cxr"])
+@pytest.mark.parametrize("script", ["ich_classifier.train", "lvo_detector.train", "cxr_triage.train"])
 def test_the_committed_configs_are_what_their_training_script_generates(script: str, tmp_path: Path) -> None:
     """The committed files are the template's output (`python -m models.<script> --configs-only`)."""
     import importlib

@@ -25,7 +25,7 @@ sees a downsampled image either way (processors/preprocessing.py).
 Array convention, for every view and both breasts (orientation is normalised so one model
 sees every view the same way): the chest wall (pectoral side) is column 0 and the nipple
 points towards the last column. CC rows run lateral -> medial, MLO rows superior ->
-inferior. models/mammo_writer.py mirrors right-breast views on writing, as real systems
+inferior. models/mammo_birads/writer.py mirrors right-breast views on writing, as real systems
 store them; processors/mammogram.py undoes it.
 """
 

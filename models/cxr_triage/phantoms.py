@@ -28,7 +28,7 @@ phantom exactly. Grids are 300-400 pixels of 1.0-1.4 mm (a real detector is 3000
 
 Array convention: row 0 is the top (head), the last column is the patient's left —
 the conventional PA display, PatientOrientation "L\\F" in the DICOM written by
-models/cxr_writer.py.
+models/cxr_triage/writer.py.
 """
 
 from __future__ import annotations

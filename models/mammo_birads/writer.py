@@ -1,6 +1,6 @@
 """Write a mammography study as Digital Mammography X-Ray Image Storage - For Presentation.
 
-The mammography counterpart of `models.cxr_writer.write_radiograph`: real Part 10 files,
+The mammography counterpart of `models.cxr_triage.writer.write_radiograph`: real Part 10 files,
 one series of four single-frame MG objects (MG0001.dcm .. MG0004.dcm in VIEWS order:
 RCC, RMLO, LCC, LMLO) with the attributes a screening mammogram carries — ImageLaterality
 (the MG attribute; Laterality is left unset), ViewPosition with its CID 4014 view code,
@@ -32,7 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from models.mammo_phantoms import BITS_STORED, MAX_VALUE, VIEWS, MammoStudy, MammoView
+from models.mammo_birads.phantoms import BITS_STORED, MAX_VALUE, VIEWS, MammoStudy, MammoView
 
 # PatientOrientation (row direction, column direction) of the stored image, by view key.
 ORIENTATION: dict[str, tuple[str, str]] = {

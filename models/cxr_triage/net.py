@@ -12,13 +12,13 @@ The DenseNet's own classifier (global average pooling + linear) did not learn th
 the CPU budget (validation AUC ~0.5 after 4 epochs): a pneumothorax rim is a thin band
 along one chest wall, averaged away over the whole image, and one label per image is a
 weak signal. The max pooling and the dense map supervision are the same remedy as the
-ICH model's (models/ich_net.py).
+ICH model's (models/ich_classifier/net.py).
 
 Why not DenseNet121 itself: its 7.0 M parameters are ~28 MB of fp32 weights (over the
 few-MB budget for committed weights), and one training step (batch 16, 256 x 256) takes
 seconds on these 2 cores against a fraction of a second for this net — the few hundred
 steps a few minutes allow would not train it (measured figures in
-models/cards/cxr_triage.md). A production model swaps in DenseNet121 at the same input
+models/cxr_triage/CARD.md). A production model swaps in DenseNet121 at the same input
 and output contract.
 """
 

@@ -1,7 +1,7 @@
 """How well the ICH classifier's slice range finds the bleed, on synthetic phantoms.
 
-    python -m models.localisation_eval            # measure, write "localisation" into the metrics
-    python -m models.localisation_eval --check    # measure, fail if the committed numbers differ
+    python -m models.ich_classifier.localisation_eval  # measure, write "localisation" into the metrics
+    python -m models.ich_classifier.localisation_eval --check  # measure, fail if the numbers differ
 
 The served path, minus DICOM: each phantom goes through `preprocess_head_ct_with_crop`,
 the committed TorchScript weights (the `localisation_map` output Triton serves) and
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.ich_classifier.train import DEFAULT_METRICS, DEFAULT_OUT, MODEL_FILE
 from models.phantoms import head_ct_phantom
-from models.train_ich import DEFAULT_METRICS, DEFAULT_OUT, MODEL_FILE
 from processors.localisation import (
     CELL_THRESHOLD,
     LOCALISATION_OUTPUT,

@@ -32,7 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from models.cxr_phantoms import BITS_STORED, MAX_VALUE
+from models.cxr_triage.phantoms import BITS_STORED, MAX_VALUE
 
 
 def _code(code: object) -> Dataset:
