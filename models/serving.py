@@ -3,7 +3,7 @@
 * `export_torchscript`: trace the served module (network + sigmoids) in eval mode and check
   the saved file against the eager module at another batch size — the Triton model
   directory holds only model.py and the weights, no model source. The version directory
-  also gets its copy of the one Python-backend `model.py` (deploy/triton/python_backend/),
+  also gets its generated copy of the one Python-backend `model.py` (models/backend.py),
   so a retrained version directory loads as it is.
 * `write_triton_configs`: from one template per model, `config.pbtxt` (what any
   tritonserver loads by default: KIND_CPU, the local stack) and `configs/gpu.pbtxt`
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +24,11 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from models import backend
+
 MODEL_FILE = "model.pt"
-BACKEND_FILE = "model.py"
-REPO = Path(__file__).resolve().parent.parent
-BACKEND_SOURCE = REPO / "deploy" / "triton" / "python_backend" / BACKEND_FILE
+BACKEND_FILE = backend.FILE
+BACKEND_SOURCE = backend.SOURCE
 GPU_CONFIG_NAME = "gpu"
 GPU_NOTE = (
     "\n# Production variant: KIND_GPU. Load it with `tritonserver --model-config-name=gpu`"
@@ -87,10 +87,8 @@ def export_torchscript(served: torch.nn.Module, input_shape: Sequence[int], out_
 
 
 def install_backend(version_dir: Path) -> Path:
-    """The Python-backend model.py next to a version's weights."""
-    target = version_dir / BACKEND_FILE
-    shutil.copyfile(BACKEND_SOURCE, target)
-    return target
+    """The Python-backend model.py next to a version's weights (a generated copy, models/backend.py)."""
+    return backend.install(version_dir)
 
 
 def write_triton_configs(

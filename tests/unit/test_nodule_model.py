@@ -63,7 +63,6 @@ def test_metrics_fields_and_weights_size() -> None:
     weights = MODEL_DIR / "1" / METRICS["weights_file"]
     assert weights.stat().st_size == METRICS["weights_bytes"] <= 5_000_000
     assert (MODEL_DIR / "1" / "model.onnx").stat().st_size <= 5_000_000
-    assert (MODEL_DIR / "1" / "model.py").is_file()
 
 
 def test_committed_weights_find_a_nodule() -> None:
