@@ -19,42 +19,27 @@ Triton model version directory, the model's `config.pbtxt` and `configs/gpu.pbtx
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import multiprocessing
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import monai
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from models import training
 from models.lvo_detector.net import MODEL_CHANNELS, LvoWithSigmoid, build_lvo_net
 from models.lvo_detector.phantoms import OCCLUSION_SITES, cta_phantom
-from models.onnx_export import export_onnx
+from models.lvo_detector.spec import SPEC
 from models.operating_point import (
-    TARGET_SENSITIVITY,
-    TEST_SEED_OFFSET,
-    THRESHOLD_RULE,
-    VAL_SEED_OFFSET,
     auc,
-    choose_threshold,
-    operating_point,
 )
-from models.serving import committed_operating_point, export_torchscript, write_triton_configs
+from models.serving import committed_operating_point, write_triton_configs
+from models.training import console
 from processors.preprocessing import LVO_INPUT_SHAPE, preprocess_cta, preprocess_cta_with_mask
 
-console = Console()
-REPO = Path(__file__).resolve().parents[2]
-MODEL_NAME = "lvo_detector"
-DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / MODEL_NAME / "1"
-DEFAULT_METRICS = REPO / "models" / MODEL_NAME / "metrics.json"
+MODEL_NAME = SPEC.name
+DEFAULT_OUT = training.out_dir(SPEC)
+DEFAULT_METRICS = training.metrics_path(SPEC)
 MAP_POOL = (2, 4, 4)
 MAP_SHAPE = tuple(n // p for n, p in zip(LVO_INPUT_SHAPE[1:], MAP_POOL, strict=True))
 MAP_POS_WEIGHT = 20.0
@@ -93,18 +78,14 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
     ys, left = torch.zeros(n), torch.zeros(n)
     maps = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
     sites: list[str] = []
-    task = progress.add_task(f"phantoms: {label}", total=n)
     jobs = [(seed, i) for i in range(n)]
-    # Phantoms are numpy work on one core each: a process per core halves the wait.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(_phantom, jobs, chunksize=4) if pool is not None else map(_phantom, jobs)
-        for i, (x, clot, y, is_left, site) in enumerate(results):
-            xs[i] = torch.from_numpy(x)
-            maps[i, 0] = torch.from_numpy(clot)
-            ys[i], left[i] = y, is_left
-            sites.append(site)
-            progress.advance(task)
+    for i, (x, clot, y, is_left, site) in enumerate(
+        training.phantoms(_phantom, jobs, workers, progress, label)
+    ):
+        xs[i] = torch.from_numpy(x)
+        maps[i, 0] = torch.from_numpy(clot)
+        ys[i], left[i] = y, is_left
+        sites.append(site)
     return CtaSet(xs, ys, left, maps, sites)
 
 
@@ -171,169 +152,99 @@ def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_MET
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Triton model version directory")
-    ap.add_argument("--metrics", type=Path, default=DEFAULT_METRICS)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", type=int, default=600, help="training phantoms (half with an LVO)")
-    ap.add_argument("--val", type=int, default=200, help="validation phantoms (threshold choice)")
-    ap.add_argument("--test", type=int, default=200, help="held-out test phantoms (reported metrics)")
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    ap = training.arguments(
+        __doc__,
+        SPEC,
+        train=600,
+        val=200,
+        test=200,
+        epochs=6,
+        batch=4,
+        lr=2e-3,
+        train_help="training phantoms (half with an LVO)",
+    )
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the clot-map loss (0 = off)")
     ap.add_argument("--side-weight", type=float, default=0.5, help="weight of the side loss")
-    ap.add_argument(
-        "--configs-only",
-        action="store_true",
-        help="no training: rewrite config.pbtxt and configs/gpu.pbtxt of the committed model "
-        "(threshold and version from --metrics)",
-    )
     args = ap.parse_args(argv)
-    if args.configs_only:
-        for path in write_configs_only(args.out, args.metrics):
-            console.print(f"wrote {path}")
+    if training.configs_only(ap, args, write_configs_only):
         return
-    if args.test < 200:
-        ap.error("--test must be at least 200 phantoms for the reported metrics to mean much")
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    started = time.time()
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        train = make_set(args.train, args.seed, progress, "train", args.workers)
-        val = make_set(args.val, args.seed + VAL_SEED_OFFSET, progress, "validation", args.workers)
-        test = make_set(args.test, args.seed + TEST_SEED_OFFSET, progress, "test", args.workers)
-        data_seconds = time.time() - started
-
+    with training.run(args) as r:
+        train, val, test = r.sets(lambda n, seed, label: make_set(n, seed, r.progress, label, args.workers))
         model = build_lvo_net()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-        steps_per_epoch = (args.train + args.batch - 1) // args.batch
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
-        )
         bce = torch.nn.BCEWithLogitsLoss()
         side_bce = torch.nn.BCEWithLogitsLoss(reduction="none")
         map_bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(MAP_POS_WEIGHT))
         gen = torch.Generator().manual_seed(args.seed)
-        history: list[dict[str, float]] = []
-        for epoch in range(args.epochs):
-            model.train()
-            order = torch.randperm(args.train, generator=gen)
-            total = 0.0
-            task = progress.add_task(f"  epoch {epoch + 1}", total=args.train)
-            for i in range(0, args.train, args.batch):
-                idx = order[i : i + args.batch]
-                xb, mb = train.x[idx].float(), train.clot[idx].float()
-                yb, lb = train.y[idx], train.left[idx].clone()
-                # Left-right flips: an occlusion is as likely on either side; the side flips with
-                # it, and the asymmetry channel (this side minus the mirror side) changes sign.
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                xb[flip] = torch.flip(xb[flip], dims=(-1,))
-                xb[flip, ASYMMETRY_CHANNEL] = -xb[flip, ASYMMETRY_CHANNEL]
-                mb[flip] = torch.flip(mb[flip], dims=(-1,))
-                lb[flip] = 1.0 - lb[flip]
-                opt.zero_grad(set_to_none=True)
-                lvo, side, clot = model.forward_with_map(xb)
-                side_loss = (side_bce(side.reshape(-1), lb) * yb).sum() / yb.sum().clamp(min=1.0)
-                loss = (
-                    bce(lvo.reshape(-1), yb)
-                    + args.side_weight * side_loss
-                    + args.map_weight * map_bce(clot, mb)
-                )
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
-                progress.advance(task, len(idx))
-            progress.remove_task(task)
+
+        def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+            xb, mb = train.x[idx].float(), train.clot[idx].float()
+            yb, lb = train.y[idx], train.left[idx].clone()
+            # Left-right flips: an occlusion is as likely on either side; the side flips with
+            # it, and the asymmetry channel (this side minus the mirror side) changes sign.
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            xb[flip] = torch.flip(xb[flip], dims=(-1,))
+            xb[flip, ASYMMETRY_CHANNEL] = -xb[flip, ASYMMETRY_CHANNEL]
+            mb[flip] = torch.flip(mb[flip], dims=(-1,))
+            lb[flip] = 1.0 - lb[flip]
+            lvo, side, clot = model.forward_with_map(xb)
+            side_loss = (side_bce(side.reshape(-1), lb) * yb).sum() / yb.sum().clamp(min=1.0)
+            total = (
+                bce(lvo.reshape(-1), yb) + args.side_weight * side_loss + args.map_weight * map_bce(clot, mb)
+            )
+            return total, len(idx)
+
+        def after_epoch(epoch: int, train_loss: float) -> dict[str, float]:
             v_lvo, v_left = predict(model, val.x)
             val_auc = auc(v_lvo, val.y.numpy())
             val_side = side_metrics(v_lvo, v_left, val, 0.5)
-            train_loss = total / args.train
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": round(train_loss, 5),
-                    "val_auc": round(val_auc, 5),
-                    "val_side_accuracy": val_side["side_accuracy"],
-                }
-            )
             console.log(
-                f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation AUC {val_auc:.4f}, "
+                f"epoch {epoch}: train loss {train_loss:.4f}, validation AUC {val_auc:.4f}, "
                 f"side accuracy {val_side['side_accuracy']:.3f}"
             )
+            return {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 5),
+                "val_auc": round(val_auc, 5),
+                "val_side_accuracy": val_side["side_accuracy"],
+            }
+
+        training.fit(
+            r,
+            model,
+            steps_per_epoch=-(-args.train // args.batch),
+            batches=lambda: training.index_batches(args.train, args.batch, gen),
+            loss=loss,
+            after_epoch=after_epoch,
+            items_per_epoch=args.train,
+        )
 
     val_lvo, _ = predict(model, val.x)
-    threshold = choose_threshold(val_lvo, val.y.numpy(), TARGET_SENSITIVITY)
+    chosen = training.threshold(val_lvo, val.y.numpy())
     test_lvo, test_left = predict(model, test.x)
-    test_point = operating_point(test_lvo, test.y.numpy(), threshold)
-    path = export_torchscript(LvoWithSigmoid(model), LVO_INPUT_SHAPE, args.out)
-    configs = write_configs(args.out.parent, threshold, version=args.out.name, rule=THRESHOLD_RULE)
-    configs += export_onnx(args.out.parent, version=args.out.name)[:2]
-    training_seconds = time.time() - started
-
-    metrics: dict[str, Any] = {
-        "model": args.out.parent.name,
-        "version": args.out.name,
-        "finding": "LVO",
-        "threshold": round(threshold, 4),
-        "threshold_rule": THRESHOLD_RULE,
-        "target_sensitivity": TARGET_SENSITIVITY,
-        "auc": round(auc(test_lvo, test.y.numpy()), 4),
-        "sensitivity": round(test_point["sensitivity"], 4),
-        "specificity": round(test_point["specificity"], 4),
-        "accuracy": round(test_point["accuracy"], 4),
-        **side_metrics(test_lvo, test_left, test, threshold),
-        "by_site": by_site(test_lvo, test, threshold),
-        "val_auc": round(auc(val_lvo, val.y.numpy()), 4),
-        "val_operating_point": {
-            k: round(v, 4) for k, v in operating_point(val_lvo, val.y.numpy(), threshold).items()
+    path, configs = training.export(r, LvoWithSigmoid(model), LVO_INPUT_SHAPE, chosen, write_configs)
+    metrics = training.record(
+        r,
+        SPEC,
+        chosen=chosen,
+        val=(val_lvo, val.y.numpy()),
+        test=(test_lvo, test.y.numpy()),
+        model=model,
+        weights=path,
+        input_shape=LVO_INPUT_SHAPE,
+        results={
+            **side_metrics(test_lvo, test_left, test, chosen),
+            "by_site": by_site(test_lvo, test, chosen),
         },
-        "train_size": args.train,
-        "val_size": args.val,
-        "test_size": args.test,
-        "epochs": args.epochs,
-        "batch": args.batch,
-        "lr": args.lr,
-        "aux_clot_map_weight": args.map_weight,
-        "side_weight": args.side_weight,
-        "seed": args.seed,
-        "history": history,
-        "data_generation_seconds": round(data_seconds, 1),
-        "training_seconds": round(training_seconds, 1),
-        "threads": args.threads,
-        "input_shape": list(LVO_INPUT_SHAPE),
-        "outputs": ["probability (P(LVO))", "side_left_probability (P(left | LVO))"],
-        "channels": list(MODEL_CHANNELS),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "weights_file": path.name,
-        "weights_bytes": path.stat().st_size,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "note": (
-            f"Trained and evaluated on synthetic phantoms (models/{MODEL_NAME}/phantoms.py). "
-            "Not for clinical use."
-        ),
-    }
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-    console.print(
-        f"lvo_detector on {args.test} test phantoms: AUC {metrics['auc']}, threshold {metrics['threshold']}, "
-        f"sensitivity {metrics['sensitivity']}, specificity {metrics['specificity']}, "
-        f"side accuracy {metrics['side_accuracy']} ({training_seconds:.0f} s)"
+        settings={"aux_clot_map_weight": args.map_weight, "side_weight": args.side_weight},
+        described={
+            "outputs": ["probability (P(LVO))", "side_left_probability (P(left | LVO))"],
+            "channels": list(MODEL_CHANNELS),
+        },
     )
-    console.print(f"wrote {path}, {', '.join(map(str, configs))} and {args.metrics}")
+    training.report(
+        metrics, "phantoms", f", side accuracy {metrics['side_accuracy']}", path, configs, args.metrics
+    )
 
 
 TRITON_CONFIG = """\
