@@ -108,19 +108,22 @@ def write_triton_configs(
         (model_dir / "config.pbtxt", "KIND_CPU", CPU_NOTE),
         (model_dir / "configs" / f"{GPU_CONFIG_NAME}.pbtxt", "KIND_GPU", GPU_NOTE),
     ):
-        text = template.format(
-            name=model_dir.name,
-            max_batch=max_batch,
-            dims=", ".join(str(d) for d in input_shape),
-            display=display,
-            version=version,
-            threshold=f"{threshold:.4f}",
-            rule=rule,
-            weights=MODEL_FILE,
-            kind=kind,
-            count=1,
-            variant_note=note,
-        ) + VERSION_POLICY
+        text = (
+            template.format(
+                name=model_dir.name,
+                max_batch=max_batch,
+                dims=", ".join(str(d) for d in input_shape),
+                display=display,
+                version=version,
+                threshold=f"{threshold:.4f}",
+                rule=rule,
+                weights=MODEL_FILE,
+                kind=kind,
+                count=1,
+                variant_note=note,
+            )
+            + VERSION_POLICY
+        )
         parse_config(text)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -45,13 +45,14 @@ from models.operating_point import (
     choose_threshold,
     operating_point,
 )
-from models.serving import export_torchscript
+from models.serving import committed_operating_point, export_torchscript
 from models.spec import ModelSpec
 
 console = Console()
 REPO = Path(__file__).resolve().parent.parent
 MIN_TEST = 200
 T = TypeVar("T")
+U = TypeVar("U")
 J = TypeVar("J")
 B = TypeVar("B")
 # What a recipe's configs are written with: (model directory, threshold, version, rule).
@@ -79,6 +80,7 @@ def arguments(
     lr: float,
     train_help: str = "training phantoms",
     eval_unit: str = "phantoms",
+    batch_help: str | None = None,
     workers: bool = True,
 ) -> argparse.ArgumentParser:
     """The options every recipe has, with its defaults; a recipe adds its own after."""
@@ -90,7 +92,7 @@ def arguments(
     ap.add_argument("--val", type=int, default=val, help=f"validation {eval_unit} (threshold choice)")
     ap.add_argument("--test", type=int, default=test, help=f"held-out test {eval_unit} (reported metrics)")
     ap.add_argument("--epochs", type=int, default=epochs)
-    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--batch", type=int, default=batch, help=batch_help)
     ap.add_argument("--lr", type=float, default=lr)
     ap.add_argument("--threads", type=int, default=2)
     if workers:
@@ -154,8 +156,15 @@ class Run:
     def sets(self, make: Callable[[int, int, str], T]) -> tuple[T, T, T]:
         """The train, validation and test sets, `make(n, seed, label)` each, seeded apart so no
         phantom is in two of them."""
+        return self.split(lambda n, seed: make(n, seed, "train"), make)
+
+    def split(
+        self, make_train: Callable[[int, int], U], make: Callable[[int, int, str], T]
+    ) -> tuple[U, T, T]:
+        """`sets` for a recipe that trains on something else than it evaluates on (views of
+        a study, say): `make_train(n, seed)`, then `make(n, seed, label)` for validation and test."""
         a, seed = self.args, self.args.seed
-        train = make(a.train, seed, "train")
+        train = make_train(a.train, seed)
         val = make(a.val, seed + VAL_SEED_OFFSET, "validation")
         test = make(a.test, seed + TEST_SEED_OFFSET, "test")
         self.data_seconds = time.time() - self.started
@@ -222,6 +231,24 @@ def index_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[to
     order = torch.randperm(n, generator=generator)
     for i in range(0, n, batch):
         yield order[i : i + batch]
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """P(finding) of a one-output network for a whole set, in eval mode (batch-norm running
+    statistics, no dropout)."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(torch.sigmoid(model(x[i : i + batch].float())).reshape(-1))
+    return torch.cat(out).numpy()
+
+
+def committed_configs(write_configs: ConfigWriter, out: Path, metrics: Path) -> list[Path]:
+    """The Triton configs of the committed weights, without training (`--configs-only`):
+    threshold, rule and version from the metrics file the run that made them wrote."""
+    chosen, version, rule = committed_operating_point(metrics, out.parent.name)
+    return write_configs(out.parent, chosen, version=version, rule=rule)
 
 
 def threshold(val_scores: np.ndarray, val_labels: np.ndarray) -> float:

@@ -31,41 +31,30 @@ phantom's blood mask at the network's stage-1 resolution (see models/ich_classif
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import monai
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
-from models import serving
+from models import serving, training
 from models.ich_classifier.net import MODEL_CHANNELS, IchNet, IchWithSigmoid, build_ich_net
+from models.ich_classifier.spec import SPEC
 from models.onnx_export import export_onnx
 from models.operating_point import (
-    TARGET_SENSITIVITY,
-    TEST_SEED_OFFSET,
     THRESHOLD_RULE,
-    VAL_SEED_OFFSET,
     auc,
-    choose_threshold,
-    operating_point,
 )
 from models.phantoms import head_ct_phantom
+from models.training import console
 from processors.preprocessing import ICH_INPUT_SHAPE, preprocess_head_ct, preprocess_head_ct_with_mask
 
-console = Console()
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / "ich_classifier" / "1"
-DEFAULT_METRICS = REPO / "models" / "ich_classifier" / "metrics.json"
+DEFAULT_OUT = training.out_dir(SPEC)
+DEFAULT_METRICS = training.metrics_path(SPEC)
 MODEL_FILE = serving.MODEL_FILE
 # The auxiliary blood map is at stage-1 resolution of the network: input / (2, 4, 4).
 MAP_POOL = (2, 4, 4)
@@ -107,16 +96,6 @@ def make_set(n: int, seed: int, progress: Progress, label: str) -> PhantomSet:
         kinds.append("none" if not names else "both" if len(names) > 1 else names.pop())
         progress.advance(task)
     return PhantomSet(xs, ys, maps, volumes, kinds)
-
-
-def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """Probabilities for a whole set, in eval mode (batch-norm running statistics, no dropout)."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out.append(torch.sigmoid(model(x[i : i + batch].float())).reshape(-1))
-    return torch.cat(out).numpy()
 
 
 def breakdown(
@@ -281,22 +260,22 @@ def reexport_committed(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_MET
 def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
     """The Triton configs of the committed model, without training: threshold, rule and
     version from its metrics file (what the training run that made the weights chose)."""
-    threshold, version, rule = serving.committed_operating_point(metrics_path, out.parent.name)
-    return write_triton_configs(out.parent, threshold, version=version, rule=rule)
+    return training.committed_configs(write_triton_configs, out, metrics_path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Triton model version directory")
-    ap.add_argument("--metrics", type=Path, default=DEFAULT_METRICS)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", type=int, default=1000, help="training phantoms (half with blood)")
-    ap.add_argument("--val", type=int, default=300, help="validation phantoms (threshold choice)")
-    ap.add_argument("--test", type=int, default=400, help="held-out test phantoms (reported metrics)")
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = training.arguments(
+        __doc__,
+        SPEC,
+        train=1000,
+        val=300,
+        test=400,
+        epochs=8,
+        batch=4,
+        lr=2e-3,
+        train_help="training phantoms (half with blood)",
+        workers=False,
+    )
     ap.add_argument(
         "--map-weight", type=float, default=1.0, help="weight of the auxiliary blood-map loss (0 = off)"
     )
@@ -306,138 +285,65 @@ def main(argv: list[str] | None = None) -> None:
         help="no training: re-trace the committed weights with the current served outputs, "
         "then rewrite the configs",
     )
-    ap.add_argument(
-        "--configs-only",
-        action="store_true",
-        help="no training: rewrite config.pbtxt and configs/gpu.pbtxt of the committed model "
-        "(threshold and version from --metrics)",
-    )
     args = ap.parse_args(argv)
     if args.reexport:
         console.print(f"wrote {reexport_committed(args.out, args.metrics)}")
-    if args.configs_only or args.reexport:
-        for path in write_configs_only(args.out, args.metrics):
-            console.print(f"wrote {path}")
+        args.configs_only = True
+    if training.configs_only(ap, args, write_configs_only):
         return
-    if args.test < 200:
-        ap.error("--test must be at least 200 phantoms for the reported metrics to mean much")
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    started = time.time()
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        train = make_set(args.train, args.seed, progress, "train")
-        val = make_set(args.val, args.seed + VAL_SEED_OFFSET, progress, "validation")
-        test = make_set(args.test, args.seed + TEST_SEED_OFFSET, progress, "test")
-        data_seconds = time.time() - started
-
+    with training.run(args) as r:
+        train, val, test = r.sets(lambda n, seed, label: make_set(n, seed, r.progress, label))
         model = build_ich_net()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-        steps_per_epoch = (args.train + args.batch - 1) // args.batch
-        # One-cycle: a short warm-up keeps the first batch-norm steps from blowing up, then a
-        # cosine decay to a small rate lets the last epochs settle instead of picking an epoch.
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
-        )
         loss_fn = torch.nn.BCEWithLogitsLoss()
         map_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(MAP_POS_WEIGHT))
         gen = torch.Generator().manual_seed(args.seed)
-        epoch_task = progress.add_task("training", total=args.epochs)
-        history: list[dict[str, float]] = []
-        for epoch in range(args.epochs):
-            model.train()
-            order = torch.randperm(args.train, generator=gen)
-            total = 0.0
-            batch_task = progress.add_task(f"  epoch {epoch + 1}", total=args.train)
-            for i in range(0, args.train, args.batch):
-                idx = order[i : i + args.batch]
-                xb, mb = train.x[idx].float(), train.blood[idx].float()
-                # Left-right flips: blood is as likely on either side; doubles the effective set.
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                xb[flip] = torch.flip(xb[flip], dims=(-1,))
-                mb[flip] = torch.flip(mb[flip], dims=(-1,))
-                opt.zero_grad(set_to_none=True)
-                logits, map_logits = model.forward_with_map(xb)
-                loss = loss_fn(logits.reshape(-1), train.y[idx]) + args.map_weight * map_loss_fn(
-                    map_logits, mb
-                )
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
-                progress.advance(batch_task, len(idx))
-            progress.remove_task(batch_task)
-            val_auc = auc(predict(model, val.x), val.y.numpy())
-            train_loss = total / args.train
-            history.append(
-                {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
-            )
-            console.log(f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation AUC {val_auc:.4f}")
-            progress.update(
-                epoch_task, advance=1, description=f"training (loss {train_loss:.3f}, val AUC {val_auc:.3f})"
-            )
+
+        def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+            xb, mb = train.x[idx].float(), train.blood[idx].float()
+            # Left-right flips: blood is as likely on either side; doubles the effective set.
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            xb[flip] = torch.flip(xb[flip], dims=(-1,))
+            mb[flip] = torch.flip(mb[flip], dims=(-1,))
+            logits, map_logits = model.forward_with_map(xb)
+            total = loss_fn(logits.reshape(-1), train.y[idx]) + args.map_weight * map_loss_fn(map_logits, mb)
+            return total, len(idx)
+
+        def after_epoch(epoch: int, train_loss: float) -> dict[str, float]:
+            val_auc = auc(training.predict(model, val.x), val.y.numpy())
+            console.log(f"epoch {epoch}: train loss {train_loss:.4f}, validation AUC {val_auc:.4f}")
+            return {"epoch": epoch, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
+
+        training.fit(
+            r,
+            model,
+            steps_per_epoch=-(-args.train // args.batch),
+            batches=lambda: training.index_batches(args.train, args.batch, gen),
+            loss=loss,
+            after_epoch=after_epoch,
+            items_per_epoch=args.train,
+        )
 
     # The final weights are the model: no epoch is picked on validation, so validation picks
     # only the threshold and the test set stays untouched until here.
-    val_scores, val_labels = predict(model, val.x), val.y.numpy()
-    threshold = choose_threshold(val_scores, val_labels, TARGET_SENSITIVITY)
-    test_scores, test_labels = predict(model, test.x), test.y.numpy()
-    test_point = operating_point(test_scores, test_labels, threshold)
-    path = export(model, args.out)
-    rule = THRESHOLD_RULE
-    configs = write_triton_configs(args.out.parent, threshold, version=args.out.name, rule=rule)
-    configs += export_onnx(args.out.parent, version=args.out.name)[:2]
-    training_seconds = time.time() - started
-
-    metrics: dict[str, Any] = {
-        "model": args.out.parent.name,
-        "version": args.out.name,
-        "finding": "ICH",
-        "threshold": round(threshold, 4),
-        "threshold_rule": rule,
-        "target_sensitivity": TARGET_SENSITIVITY,
-        # Held-out test set, at the validation-chosen threshold.
-        "auc": round(auc(test_scores, test_labels), 4),
-        "sensitivity": round(test_point["sensitivity"], 4),
-        "specificity": round(test_point["specificity"], 4),
-        "accuracy": round(test_point["accuracy"], 4),
-        **breakdown(test_scores, test_labels, test, threshold),
-        "val_auc": round(auc(val_scores, val_labels), 4),
-        "val_operating_point": {
-            k: round(v, 4) for k, v in operating_point(val_scores, val_labels, threshold).items()
-        },
-        "train_size": args.train,
-        "val_size": args.val,
-        "test_size": args.test,
-        "epochs": args.epochs,
-        "batch": args.batch,
-        "lr": args.lr,
-        "aux_blood_map_weight": args.map_weight,
-        "seed": args.seed,
-        "history": history,
-        "data_generation_seconds": round(data_seconds, 1),
-        "training_seconds": round(training_seconds, 1),
-        "threads": args.threads,
-        "input_shape": list(ICH_INPUT_SHAPE),
-        "channels": list(MODEL_CHANNELS),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "outputs": list(SERVED_OUTPUTS),
-        "weights_file": MODEL_FILE,
-        "weights_bytes": path.stat().st_size,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "note": "Trained and evaluated on synthetic phantoms (models/phantoms.py). Not for clinical use.",
-    }
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    val_scores, val_labels = training.predict(model, val.x), val.y.numpy()
+    chosen = training.threshold(val_scores, val_labels)
+    test_scores, test_labels = training.predict(model, test.x), test.y.numpy()
+    path, configs = training.export(r, IchWithSigmoid(model), ICH_INPUT_SHAPE, chosen, write_triton_configs)
+    metrics = training.record(
+        r,
+        SPEC,
+        chosen=chosen,
+        val=(val_scores, val_labels),
+        test=(test_scores, test_labels),
+        model=model,
+        weights=path,
+        input_shape=ICH_INPUT_SHAPE,
+        results=breakdown(test_scores, test_labels, test, chosen),
+        settings={"aux_blood_map_weight": args.map_weight},
+        described={"channels": list(MODEL_CHANNELS), "outputs": list(SERVED_OUTPUTS)},
+        phantoms_file="models/phantoms.py",
+    )
 
     table = Table(title=f"ich_classifier on {args.test} held-out test phantoms")
     table.add_column("metric")

@@ -33,7 +33,7 @@ from models.lvo_detector.spec import SPEC
 from models.operating_point import (
     auc,
 )
-from models.serving import committed_operating_point, write_triton_configs
+from models.serving import write_triton_configs
 from models.training import console
 from processors.preprocessing import LVO_INPUT_SHAPE, preprocess_cta, preprocess_cta_with_mask
 
@@ -147,8 +147,7 @@ def write_configs(model_dir: Path, threshold: float, version: str, rule: str) ->
 
 def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
     """The Triton configs of the committed model, without training (`--configs-only`)."""
-    threshold, version, rule = committed_operating_point(metrics_path, out.parent.name)
-    return write_configs(out.parent, threshold, version=version, rule=rule)
+    return training.committed_configs(write_configs, out, metrics_path)
 
 
 def main(argv: list[str] | None = None) -> None:

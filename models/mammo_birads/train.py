@@ -26,22 +26,15 @@ Writes `model.pt` (TorchScript of `MammoServed`), `config.pbtxt`, `configs/gpu.p
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import multiprocessing
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from models import training
 from models.mammo_birads.net import (
     BLOCK_CONFIG,
     BN_SIZE,
@@ -53,26 +46,19 @@ from models.mammo_birads.net import (
     build_mammo_net,
 )
 from models.mammo_birads.phantoms import mammo_study_phantom, mammo_view_phantom
-from models.onnx_export import export_onnx
+from models.mammo_birads.spec import SPEC
 from models.operating_point import (
-    TARGET_SENSITIVITY,
-    TEST_SEED_OFFSET,
-    THRESHOLD_RULE,
-    VAL_SEED_OFFSET,
     auc,
-    choose_threshold,
-    operating_point,
 )
-from models.serving import committed_operating_point, export_torchscript, write_triton_configs
+from models.serving import write_triton_configs
+from models.training import console
 from processors.birads import assess
 from processors.preprocessing import MAMMO_INPUT_SHAPE, MAMMO_VIEW_SHAPE, preprocess_mammo_view
 from schemas.findings import SUSPICIOUS_CATEGORIES as SUSPICIOUS
 
-console = Console()
-REPO = Path(__file__).resolve().parents[2]
-MODEL_NAME = "mammo_birads"
-DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / MODEL_NAME / "1"
-DEFAULT_METRICS = REPO / "models" / MODEL_NAME / "metrics.json"
+MODEL_NAME = SPEC.name
+DEFAULT_OUT = training.out_dir(SPEC)
+DEFAULT_METRICS = training.metrics_path(SPEC)
 DISPLAY_NAME = "radtriage reference mammography BI-RADS triage (synthetic phantoms, not for clinical use)"
 MAP_SHAPE = tuple(n // MAP_STRIDE for n in MAMMO_VIEW_SHAPE)
 MAP_POS_WEIGHT = 5.0  # a lesion fills a few per cent of the map
@@ -125,16 +111,12 @@ def make_views(n: int, seed: int, progress: Progress, workers: int) -> ViewSet:
     xs = torch.empty((n, 1, *MAMMO_VIEW_SHAPE), dtype=torch.float16)
     ys = torch.zeros(n, dtype=torch.long)
     lesion = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
-    task = progress.add_task("phantoms: training views", total=n)
     jobs = [(seed, i) for i in range(n)]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(_view, jobs, chunksize=8) if pool is not None else map(_view, jobs)
-        for i, (x, m, y) in enumerate(results):
-            xs[i, 0] = torch.from_numpy(x)
-            lesion[i, 0] = torch.from_numpy(m)
-            ys[i] = y
-            progress.advance(task)
+    views = training.phantoms(_view, jobs, workers, progress, "training views", chunksize=8)
+    for i, (x, m, y) in enumerate(views):
+        xs[i, 0] = torch.from_numpy(x)
+        lesion[i, 0] = torch.from_numpy(m)
+        ys[i] = y
     return ViewSet(xs, ys, lesion)
 
 
@@ -143,17 +125,14 @@ def make_studies(n: int, seed: int, progress: Progress, label: str, workers: int
     cats = np.zeros(n, dtype=int)
     sides: list[str | None] = []
     kinds: list[str] = []
-    task = progress.add_task(f"phantoms: {label} studies", total=n)
     jobs = [(seed, i) for i in range(n)]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(_study, jobs, chunksize=4) if pool is not None else map(_study, jobs)
-        for i, (x, c, side, kind) in enumerate(results):
-            xs[i] = torch.from_numpy(x)
-            cats[i] = c
-            sides.append(side)
-            kinds.append(kind)
-            progress.advance(task)
+    for i, (x, c, side, kind) in enumerate(
+        training.phantoms(_study, jobs, workers, progress, f"{label} studies")
+    ):
+        xs[i] = torch.from_numpy(x)
+        cats[i] = c
+        sides.append(side)
+        kinds.append(kind)
     return StudySet(xs, cats, sides, kinds)
 
 
@@ -230,185 +209,119 @@ def write_configs(model_dir: Path, threshold: float, version: str, rule: str) ->
 
 def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
     """The Triton configs of the committed model, without training (`--configs-only`)."""
-    threshold, version, rule = committed_operating_point(metrics_path, out.parent.name)
-    return write_configs(out.parent, threshold, version=version, rule=rule)
+    return training.committed_configs(write_configs, out, metrics_path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Triton model version directory")
-    ap.add_argument("--metrics", type=Path, default=DEFAULT_METRICS)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", type=int, default=2400, help="training views (categories 0-5 balanced)")
-    ap.add_argument("--val", type=int, default=204, help="validation studies (threshold choice)")
-    ap.add_argument("--test", type=int, default=240, help="held-out test studies (reported metrics)")
-    ap.add_argument("--epochs", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    ap = training.arguments(
+        __doc__,
+        SPEC,
+        train=2400,
+        val=204,
+        test=240,
+        epochs=16,
+        batch=16,
+        lr=3e-3,
+        train_help="training views (categories 0-5 balanced)",
+        eval_unit="studies",
+    )
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the lesion-map loss (0 = off)")
     ap.add_argument("--flag-weight", type=float, default=1.0, help="weight of the BI-RADS 4/5 loss (0 = off)")
-    ap.add_argument(
-        "--configs-only",
-        action="store_true",
-        help="no training: rewrite config.pbtxt and configs/gpu.pbtxt of the committed model "
-        "(threshold and version from --metrics)",
-    )
     args = ap.parse_args(argv)
-    if args.configs_only:
-        for path in write_configs_only(args.out, args.metrics):
-            console.print(f"wrote {path}")
+    if training.configs_only(ap, args, write_configs_only, eval_unit="studies"):
         return
-    if args.test < 200:
-        ap.error("--test must be at least 200 studies for the reported metrics to mean much")
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    started = time.time()
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        train = make_views(args.train, args.seed, progress, args.workers)
-        val = make_studies(args.val, args.seed + VAL_SEED_OFFSET, progress, "validation", args.workers)
-        test = make_studies(args.test, args.seed + TEST_SEED_OFFSET, progress, "test", args.workers)
-        data_seconds = time.time() - started
-
-        model = build_mammo_net()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-        steps_per_epoch = (args.train + args.batch - 1) // args.batch
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch, pct_start=0.15
+    with training.run(args) as r:
+        train, val, test = r.split(
+            lambda n, seed: make_views(n, seed, r.progress, args.workers),
+            lambda n, seed, label: make_studies(n, seed, r.progress, label, args.workers),
         )
+        model = build_mammo_net()
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
         map_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(MAP_POS_WEIGHT))
         flag_loss_fn = torch.nn.BCEWithLogitsLoss()
         gen = torch.Generator().manual_seed(args.seed)
         val_y = np.isin(val.category, SUSPICIOUS).astype(int)
-        history: list[dict[str, float]] = []
-        for epoch in range(args.epochs):
-            model.train()
-            order = torch.randperm(args.train, generator=gen)
-            total = 0.0
-            task = progress.add_task(f"  epoch {epoch + 1}", total=args.train)
-            for i in range(0, args.train, args.batch):
-                idx = order[i : i + args.batch]
-                xb = train.x[idx].float()
-                # Exposure and processing vary: a random gamma and contrast per image. No
-                # flips: every view is normalised chest wall left (processors/mammogram.py);
-                # an up-down flip keeps that and is what a CC of the other breast looks like.
-                gamma = torch.exp(0.25 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5) * 2)
-                contrast = 1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)
-                xb = torch.clamp(xb.clamp(min=1e-6) ** gamma * contrast, 0.0, 1.0)
-                lb = train.lesion[idx].float()
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                xb[flip] = torch.flip(xb[flip], dims=(2,))
-                lb[flip] = torch.flip(lb[flip], dims=(2,))
-                opt.zero_grad(set_to_none=True)
-                logits, lesion = model.forward_with_map(xb)
-                # The flag the rule thresholds, P(4) + P(5), as a loss of its own: the six-way
-                # loss alone spends the budget on telling 2 from 3 as much as 3 from 4.
-                suspicious = torch.logsumexp(logits[:, 4:], dim=1) - torch.logsumexp(logits[:, :4], dim=1)
-                yb = train.y[idx]
-                loss = (
-                    loss_fn(logits, yb)
-                    + args.flag_weight * flag_loss_fn(suspicious, (yb >= 4).float())
-                    + args.map_weight * map_loss_fn(lesion, lb)
-                )
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
-                progress.advance(task, len(idx))
-            progress.remove_task(task)
+
+        def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+            xb = train.x[idx].float()
+            # Exposure and processing vary: a random gamma and contrast per image. No
+            # flips: every view is normalised chest wall left (processors/mammogram.py);
+            # an up-down flip keeps that and is what a CC of the other breast looks like.
+            gamma = torch.exp(0.25 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5) * 2)
+            contrast = 1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)
+            xb = torch.clamp(xb.clamp(min=1e-6) ** gamma * contrast, 0.0, 1.0)
+            lb = train.lesion[idx].float()
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            xb[flip] = torch.flip(xb[flip], dims=(2,))
+            lb[flip] = torch.flip(lb[flip], dims=(2,))
+            logits, lesion = model.forward_with_map(xb)
+            # The flag the rule thresholds, P(4) + P(5), as a loss of its own: the six-way
+            # loss alone spends the budget on telling 2 from 3 as much as 3 from 4.
+            suspicious = torch.logsumexp(logits[:, 4:], dim=1) - torch.logsumexp(logits[:, :4], dim=1)
+            yb = train.y[idx]
+            total = (
+                loss_fn(logits, yb)
+                + args.flag_weight * flag_loss_fn(suspicious, (yb >= 4).float())
+                + args.map_weight * map_loss_fn(lesion, lb)
+            )
+            return total, len(idx)
+
+        def after_epoch(epoch: int, train_loss: float) -> dict[str, float]:
             val_scores, _ = predict_studies(model, val.x)
             val_auc = auc(val_scores, val_y)
-            train_loss = total / args.train
-            history.append(
-                {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
-            )
             console.log(
-                f"epoch {epoch + 1}: train loss {train_loss:.4f}, validation AUC (BI-RADS 4/5) {val_auc:.4f}"
+                f"epoch {epoch}: train loss {train_loss:.4f}, validation AUC (BI-RADS 4/5) {val_auc:.4f}"
             )
+            return {"epoch": epoch, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
+
+        training.fit(
+            r,
+            model,
+            steps_per_epoch=-(-args.train // args.batch),
+            batches=lambda: training.index_batches(args.train, args.batch, gen),
+            loss=loss,
+            after_epoch=after_epoch,
+            items_per_epoch=args.train,
+        )
 
     val_scores, val_views = predict_studies(model, val.x)
-    threshold = choose_threshold(val_scores, val_y, TARGET_SENSITIVITY)
+    chosen = training.threshold(val_scores, val_y)
     test_scores, test_views = predict_studies(model, test.x)
     test_y = np.isin(test.category, SUSPICIOUS).astype(int)
-    test_point = operating_point(test_scores, test_y, threshold)
-    results = study_results(test_scores, test_views, test, threshold)
-    path = export_torchscript(MammoServed(model), MAMMO_INPUT_SHAPE, args.out)
-    configs = write_configs(args.out.parent, threshold, version=args.out.name, rule=THRESHOLD_RULE)
-    configs += export_onnx(args.out.parent, version=args.out.name)[:2]
-    training_seconds = time.time() - started
-    metrics: dict[str, Any] = {
-        "model": args.out.parent.name,
-        "version": args.out.name,
-        "finding": "BIRADS",  # schemas.requests.FindingCode
-        "threshold": round(threshold, 4),
-        "threshold_rule": THRESHOLD_RULE,
-        "target_sensitivity": TARGET_SENSITIVITY,
-        "auc": round(auc(test_scores, test_y), 4),
-        "sensitivity": round(test_point["sensitivity"], 4),
-        "specificity": round(test_point["specificity"], 4),
-        "accuracy": round(test_point["accuracy"], 4),
-        **results,
-        "val_auc": round(auc(val_scores, val_y), 4),
-        "val_operating_point": {
-            k: round(v, 4) for k, v in operating_point(val_scores, val_y, threshold).items()
+    path, configs = training.export(r, MammoServed(model), MAMMO_INPUT_SHAPE, chosen, write_configs)
+    metrics = training.record(
+        r,
+        SPEC,
+        chosen=chosen,
+        val=(val_scores, val_y),
+        test=(test_scores, test_y),
+        model=model,
+        weights=path,
+        input_shape=MAMMO_INPUT_SHAPE,
+        results={
+            **study_results(test_scores, test_views, test, chosen),
+            "val_category_accuracy": study_results(val_scores, val_views, val, chosen)["category_accuracy"],
+            "train_view_accuracy": round(view_accuracy(model, train), 4),
         },
-        "val_category_accuracy": study_results(val_scores, val_views, val, threshold)["category_accuracy"],
-        "train_view_accuracy": round(view_accuracy(model, train), 4),
-        "train_size": args.train,
-        "train_unit": "views",
-        "val_size": args.val,
-        "test_size": args.test,
-        "positives": "a third positive: BI-RADS 4 or 5",
-        "epochs": args.epochs,
-        "batch": args.batch,
-        "lr": args.lr,
-        "seed": args.seed,
-        "history": history,
-        "data_generation_seconds": round(data_seconds, 1),
-        "training_seconds": round(training_seconds, 1),
-        "threads": args.threads,
-        "input_shape": list(MAMMO_INPUT_SHAPE),
-        "outputs": [
-            "probability (P(BI-RADS 4 or 5), max over views)",
-            "birads_probabilities (per view P(0..5))",
-        ],
-        "architecture": (
-            f"monai DenseNet 2D per view, init_features {INIT_FEATURES}, growth_rate {GROWTH_RATE}, "
-            f"bn_size {BN_SIZE}, block_config {list(BLOCK_CONFIG)}; view + fixed high-pass input; "
-            "pooled head with a lesion map, 6 logits"
-        ),
-        "aux_lesion_map_weight": args.map_weight,
-        "aux_flag_weight": args.flag_weight,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "weights_file": path.name,
-        "weights_bytes": path.stat().st_size,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "note": (
-            f"Trained and evaluated on synthetic phantoms (models/{MODEL_NAME}/phantoms.py). "
-            "Not for clinical use."
-        ),
-    }
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-    console.print(
-        f"mammo_birads on {args.test} test studies: AUC (4/5) {metrics['auc']}, "
-        f"threshold {metrics['threshold']}, "
-        f"sensitivity {metrics['sensitivity']}, specificity {metrics['specificity']}, "
-        f"category accuracy {metrics['category_accuracy']} ({training_seconds:.0f} s)"
+        settings={"train_unit": "views", "positives": "a third positive: BI-RADS 4 or 5"},
+        described={
+            "outputs": [
+                "probability (P(BI-RADS 4 or 5), max over views)",
+                "birads_probabilities (per view P(0..5))",
+            ],
+            "architecture": (
+                f"monai DenseNet 2D per view, init_features {INIT_FEATURES}, growth_rate {GROWTH_RATE}, "
+                f"bn_size {BN_SIZE}, block_config {list(BLOCK_CONFIG)}; view + fixed high-pass input; "
+                "pooled head with a lesion map, 6 logits"
+            ),
+            "aux_lesion_map_weight": args.map_weight,
+            "aux_flag_weight": args.flag_weight,
+        },
     )
-    console.print(f"wrote {path}, {', '.join(map(str, configs))} and {args.metrics}")
+    training.report(
+        metrics, "studies", f", category accuracy {metrics['category_accuracy']}", path, configs, args.metrics
+    )
 
 
 TRITON_CONFIG = """\

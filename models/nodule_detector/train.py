@@ -27,45 +27,33 @@ and `models/nodule_detector/metrics.json`.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import math
-import multiprocessing
-import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
 import torch
 from monai.losses import DiceLoss
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
-from models import onnx_export
+from models import training
 from models.nodule_detector.net import MODEL_CHANNELS, NoduleWithSigmoid, build_nodule_net
 from models.nodule_detector.phantoms import chest_ct_phantom
+from models.nodule_detector.spec import SPEC
 from models.operating_point import (
-    TARGET_SENSITIVITY,
-    TEST_SEED_OFFSET,
-    THRESHOLD_RULE,
-    VAL_SEED_OFFSET,
     auc,
-    choose_threshold,
-    operating_point,
 )
-from models.serving import committed_operating_point, export_torchscript, write_triton_configs
+from models.serving import write_triton_configs
+from models.training import console
 from processors.nodules import DetectedNodule, NoduleGeometry, find_nodules
 from processors.preprocessing import NODULE_GRID_MM, NODULE_INPUT_SHAPE, preprocess_chest_ct_with_mask
 
-console = Console()
-REPO = Path(__file__).resolve().parents[2]
-MODEL_NAME = "nodule_detector"
-DEFAULT_OUT = REPO / "deploy" / "triton" / "model_repository" / MODEL_NAME / "1"
-DEFAULT_METRICS = REPO / "models" / MODEL_NAME / "metrics.json"
+MODEL_NAME = SPEC.name
+DEFAULT_OUT = training.out_dir(SPEC)
+DEFAULT_METRICS = training.metrics_path(SPEC)
 DISPLAY_NAME = "radtriage reference lung nodule detector (synthetic phantoms, not for clinical use)"
 PATCH = 48
 # Hard-negative candidates: lung voxels at least this bright in the lung window (vessels,
@@ -144,22 +132,17 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
     xs = torch.empty((n, *NODULE_INPUT_SHAPE), dtype=torch.float16)
     targets = torch.empty((n, 1, *NODULE_INPUT_SHAPE[1:]), dtype=torch.float16)
     data = ChestSet(xs, targets, np.zeros(n), [], [], [], [], [])
-    task = progress.add_task(f"phantoms: {label}", total=n)
     jobs = [(seed, i) for i in range(n)]
-    # Phantoms are numpy work on one core each: a process per core halves the wait.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(_study, jobs, chunksize=2) if pool is not None else map(_study, jobs)
-        for i, (x, target, geometry, truths, at_n, at_v, at_l) in enumerate(results):
-            xs[i] = torch.from_numpy(x)
-            targets[i, 0] = torch.from_numpy(target)
-            data.y[i] = float(bool(truths))
-            data.geometry.append(geometry)
-            data.nodules.append(truths)
-            data.at_nodules.append(at_n)
-            data.at_vessels.append(at_v)
-            data.at_lung.append(at_l)
-            progress.advance(task)
+    studies = training.phantoms(_study, jobs, workers, progress, label, chunksize=2)
+    for i, (x, target, geometry, truths, at_n, at_v, at_l) in enumerate(studies):
+        xs[i] = torch.from_numpy(x)
+        targets[i, 0] = torch.from_numpy(target)
+        data.y[i] = float(bool(truths))
+        data.geometry.append(geometry)
+        data.nodules.append(truths)
+        data.at_nodules.append(at_n)
+        data.at_vessels.append(at_v)
+        data.at_lung.append(at_l)
     return data
 
 
@@ -298,22 +281,23 @@ def write_configs(model_dir: Path, threshold: float, version: str, rule: str) ->
 
 def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
     """The Triton configs of the committed model, without training (`--configs-only`)."""
-    threshold, version, rule = committed_operating_point(metrics_path, out.parent.name)
-    return write_configs(out.parent, threshold, version=version, rule=rule)
+    return training.committed_configs(write_configs, out, metrics_path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Triton model version directory")
-    ap.add_argument("--metrics", type=Path, default=DEFAULT_METRICS)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", type=int, default=480, help="training phantoms (half with nodules)")
-    ap.add_argument("--val", type=int, default=200, help="validation phantoms (threshold choice)")
-    ap.add_argument("--test", type=int, default=200, help="held-out test phantoms (reported metrics)")
-    ap.add_argument("--epochs", type=int, default=16)
+    ap = training.arguments(
+        __doc__,
+        SPEC,
+        train=480,
+        val=200,
+        test=200,
+        epochs=16,
+        batch=8,
+        lr=3e-3,
+        train_help="training phantoms (half with nodules)",
+        batch_help="patches per step",
+    )
     ap.add_argument("--steps", type=int, default=120, help="optimiser steps per epoch")
-    ap.add_argument("--batch", type=int, default=8, help="patches per step")
-    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument(
         "--dice",
         choices=("batch", "patch"),
@@ -321,150 +305,97 @@ def main(argv: list[str] | None = None) -> None:
         help="soft Dice over the whole batch, or per patch (each patch counts the same, so a "
         "patch on a 6 mm nodule weighs as much as one on a 25 mm nodule)",
     )
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
-    ap.add_argument(
-        "--configs-only",
-        action="store_true",
-        help="no training: rewrite config.pbtxt and configs/gpu.pbtxt of the committed model "
-        "(threshold and version from --metrics)",
-    )
     args = ap.parse_args(argv)
-    if args.configs_only:
-        for path in write_configs_only(args.out, args.metrics):
-            console.print(f"wrote {path}")
+    if training.configs_only(ap, args, write_configs_only):
         return
-    if args.test < 200:
-        ap.error("--test must be at least 200 phantoms for the reported metrics to mean much")
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    started = time.time()
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        train = make_set(args.train, args.seed, progress, "train", args.workers)
-        val = make_set(args.val, args.seed + VAL_SEED_OFFSET, progress, "validation", args.workers)
-        test = make_set(args.test, args.seed + TEST_SEED_OFFSET, progress, "test", args.workers)
-        data_seconds = time.time() - started
-
+    with training.run(args) as r:
+        train, val, test = r.sets(lambda n, seed, label: make_set(n, seed, r.progress, label, args.workers))
         model = build_nodule_net()
         served = NoduleWithSigmoid(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=args.lr, total_steps=args.epochs * args.steps, pct_start=0.1
-        )
         bce = torch.nn.BCEWithLogitsLoss()
         dice = DiceLoss(sigmoid=True, batch=args.dice == "batch", smooth_nr=1.0, smooth_dr=1.0)
         rng = np.random.default_rng([args.seed, 42])
-        history: list[dict[str, float]] = []
-        train_started = time.time()
-        for epoch in range(args.epochs):
-            model.train()
-            total = 0.0
-            task = progress.add_task(f"  epoch {epoch + 1}", total=args.steps)
+        fit_started = time.time()
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(args.steps):
-                xb, tb = sample_batch(train, args.batch, rng)
-                opt.zero_grad(set_to_none=True)
-                logits = model(xb)
-                loss = bce(logits, tb) + dice(logits, tb)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach())
-                progress.advance(task)
-            progress.remove_task(task)
+                yield sample_batch(train, args.batch, rng)
+
+        def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+            xb, tb = batch
+            logits = model(xb)
+            return bce(logits, tb) + dice(logits, tb), 1
+
+        def after_epoch(epoch: int, train_loss: float) -> dict[str, float]:
             # A quick look on a slice of validation (whole grids are the expensive part).
             probe = slice(0, min(32, args.val))
             p_val, _ = predict_maps(served, val.x[probe])
             val_auc = auc(p_val, val.y[probe])
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": round(total / args.steps, 5),
-                    "val_auc_32": round(val_auc, 4),
-                }
-            )
             console.log(
-                f"epoch {epoch + 1}: train loss {total / args.steps:.4f}, validation AUC (32 studies) "
-                f"{val_auc:.4f} ({time.time() - train_started:.0f} s)"
+                f"epoch {epoch}: train loss {train_loss:.4f}, validation AUC (32 studies) "
+                f"{val_auc:.4f} ({time.time() - fit_started:.0f} s)"
             )
-        fit_seconds = time.time() - train_started
+            return {"epoch": epoch, "train_loss": round(train_loss, 5), "val_auc_32": round(val_auc, 4)}
+
+        training.fit(
+            r,
+            model,
+            steps_per_epoch=args.steps,
+            batches=batches,
+            loss=loss,
+            after_epoch=after_epoch,
+            items_per_epoch=args.steps,
+            pct_start=0.1,
+        )
 
     val_p, val_maps = predict_maps(served, val.x)
-    threshold = choose_threshold(val_p, val.y, TARGET_SENSITIVITY)
-    val_nodules = nodule_metrics(val_maps, val, threshold)
+    chosen = training.threshold(val_p, val.y)
+    val_nodules = nodule_metrics(val_maps, val, chosen)
     del val_maps
     test_p, test_maps = predict_maps(served, test.x)
-    test_point = operating_point(test_p, test.y, threshold)
-    test_nodules = nodule_metrics(test_maps, test, threshold)
-    path = export_torchscript(served, NODULE_INPUT_SHAPE, args.out)
-    configs = write_configs(args.out.parent, threshold, version=args.out.name, rule=THRESHOLD_RULE)
-    configs += onnx_export.export_onnx(args.out.parent, version=args.out.name)[:2]
-    training_seconds = time.time() - started
-
-    metrics: dict[str, Any] = {
-        "model": args.out.parent.name,
-        "version": args.out.name,
-        "finding": "NODULE",
-        "threshold": round(threshold, 4),
-        "threshold_rule": THRESHOLD_RULE,
-        "target_sensitivity": TARGET_SENSITIVITY,
-        "auc": round(auc(test_p, test.y), 4),
-        "sensitivity": round(test_point["sensitivity"], 4),
-        "specificity": round(test_point["specificity"], 4),
-        "accuracy": round(test_point["accuracy"], 4),
-        "nodule_detection": test_nodules,
-        "match_rule": f"a detection within max({MATCH_MIN_MM:g} mm, true radius) of a true centre",
-        "val_auc": round(auc(val_p, val.y), 4),
-        "val_operating_point": {k: round(v, 4) for k, v in operating_point(val_p, val.y, threshold).items()},
-        "val_nodule_detection": val_nodules,
-        "train_size": args.train,
-        "val_size": args.val,
-        "test_size": args.test,
-        "test_studies_with_nodules": int(test.y.sum()),
-        "epochs": args.epochs,
-        "steps_per_epoch": args.steps,
-        "batch": args.batch,
-        "patch": [PATCH] * 3,
-        "lr": args.lr,
-        "loss": f"BCE + soft Dice ({args.dice}), on nodule partial-volume fractions",
-        "seed": args.seed,
-        "history": history,
-        "data_generation_seconds": round(data_seconds, 1),
-        "fit_seconds": round(fit_seconds, 1),
-        "training_seconds": round(training_seconds, 1),
-        "threads": args.threads,
-        "input_shape": list(NODULE_INPUT_SHAPE),
-        "grid_mm": NODULE_GRID_MM,
-        "outputs": ["probability (P(nodule in study) = max of the map)", "nodule_map (P(nodule) per voxel)"],
-        "channels": list(MODEL_CHANNELS),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "weights_file": path.name,
-        "weights_bytes": path.stat().st_size,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "note": "Trained and evaluated on synthetic phantoms (models/nodule_detector/phantoms.py). "
-        "Not for clinical use.",
-    }
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-    nd = test_nodules
-    console.print(
-        f"nodule_detector on {args.test} test phantoms: AUC {metrics['auc']}, "
-        f"threshold {metrics['threshold']}, sensitivity {metrics['sensitivity']}, "
-        f"specificity {metrics['specificity']}; nodules found {nd['sensitivity']} "
-        f"(>= 6 mm {nd['sensitivity_ge_6mm']}), {nd['false_positives_per_study']} FP/study, "
-        f"centre error {nd['median_centre_error_mm']} mm, "
-        f"|diameter error| {nd['median_abs_diameter_error_mm']} mm ({training_seconds:.0f} s)"
+    test_nodules = nodule_metrics(test_maps, test, chosen)
+    path, configs = training.export(r, served, NODULE_INPUT_SHAPE, chosen, write_configs)
+    metrics = training.record(
+        r,
+        SPEC,
+        chosen=chosen,
+        val=(val_p, val.y),
+        test=(test_p, test.y),
+        model=model,
+        weights=path,
+        input_shape=NODULE_INPUT_SHAPE,
+        results={
+            "nodule_detection": test_nodules,
+            "match_rule": f"a detection within max({MATCH_MIN_MM:g} mm, true radius) of a true centre",
+            "val_nodule_detection": val_nodules,
+        },
+        settings={
+            "test_studies_with_nodules": int(test.y.sum()),
+            "steps_per_epoch": args.steps,
+            "patch": [PATCH] * 3,
+            "loss": f"BCE + soft Dice ({args.dice}), on nodule partial-volume fractions",
+        },
+        described={
+            "grid_mm": NODULE_GRID_MM,
+            "outputs": [
+                "probability (P(nodule in study) = max of the map)",
+                "nodule_map (P(nodule) per voxel)",
+            ],
+            "channels": list(MODEL_CHANNELS),
+        },
     )
-    console.print(f"wrote {path}, {', '.join(map(str, configs))} and {args.metrics}")
+    nd = test_nodules
+    training.report(
+        metrics,
+        "phantoms",
+        f"; nodules found {nd['sensitivity']} (>= 6 mm {nd['sensitivity_ge_6mm']}), "
+        f"{nd['false_positives_per_study']} FP/study, centre error {nd['median_centre_error_mm']} mm, "
+        f"|diameter error| {nd['median_abs_diameter_error_mm']} mm",
+        path,
+        configs,
+        args.metrics,
+    )
 
 
 TRITON_CONFIG = """\

@@ -14,9 +14,15 @@ import pytest
 from models import training
 from models.serving import parse_config
 
-SMOKE = ["--val", "4", "--test", "4", "--epochs", "1", "--threads", "1"]
+SMOKE = ["--epochs", "1", "--threads", "1"]
+TINY = ["--train", "2", "--batch", "2", "--val", "4", "--test", "4"]
 RECIPES = {
-    "lvo_detector": ["--train", "2", "--batch", "2", "--workers", "1"],
+    "ich_classifier": TINY,
+    "lvo_detector": [*TINY, "--workers", "1"],
+    "cxr_triage": [*TINY, "--workers", "1"],
+    # Studies of categories 0-5 in turn: six hold a suspicious (4, 5) one to choose a threshold on.
+    "mammo_birads": ["--train", "6", "--batch", "6", "--val", "6", "--test", "6", "--workers", "1"],
+    "nodule_detector": [*TINY, "--steps", "1", "--workers", "1"],
 }
 SHARED_KEYS = {
     "model", "version", "finding", "threshold", "threshold_rule", "auc", "sensitivity", "specificity",
