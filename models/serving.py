@@ -40,6 +40,63 @@ CPU_NOTE = (
 )
 
 
+# What every model's config says the same way after its own inputs and outputs (appended to
+# each recipe's template): the lanes' priority queue, the instances, and the parameters the
+# pipeline and the model card read.
+CONFIG_TAIL = """
+dynamic_batching {{
+  # Wait at most 2 ms to fill a batch: a stat study must not sit behind batching.
+  max_queue_delay_microseconds: 2000
+  # 1 = stat, 2 = urgent, 3 = routine (radtriage lanes); requests without a priority are routine.
+  priority_levels: 3
+  default_priority_level: 3
+  default_queue_policy {{
+    # Requests may carry their own (shorter) queue timeout; none waits more than 30 s.
+    timeout_action: REJECT
+    default_timeout_microseconds: 30000000
+    allow_timeout_override: true
+  }}
+}}
+
+instance_group [
+  {{
+    count: {count}
+    kind: {kind}
+  }}
+]
+
+parameters: {{{shape_note}
+  key: "input_shape"
+  value: {{ string_value: "{dims}" }}
+}}
+parameters: {{
+  key: "display_name"
+  value: {{ string_value: "{display}" }}
+}}
+parameters: {{
+  key: "model_version"
+  value: {{ string_value: "{version}" }}
+}}
+parameters: {{
+  key: "finding"
+  value: {{ string_value: "{finding}" }}
+}}
+parameters: {{
+  key: "recommended_threshold"
+  value: {{ string_value: "{threshold}" }}
+}}
+parameters: {{
+  key: "threshold_rule"
+  value: {{ string_value: "{rule}" }}
+}}
+"""
+# Where a template's input dims may one day be relaxed: what the weights were trained on.
+TRAINED_SHAPE_NOTE = (
+    "\n  # What the weights were trained on; model.py validates requests against it even if the"
+    "\n  # dims above are ever relaxed."
+)
+
+
 # Every version directory is loaded, not only the latest (Triton's default policy): the
 # routing rules name the version their studies go to (schemas/routing_rules.py), so weights
 # dropped in as version 2 are loaded beside 1 and take studies only once a rule says "2".
@@ -100,30 +157,32 @@ def write_triton_configs(
     version: str,
     rule: str,
     display: str,
+    finding: str,
     max_batch: int = 8,
+    shape_note: str = "",
 ) -> list[Path]:
-    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from `template`."""
+    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from `template` (the model's
+    name, backend, inputs and outputs) and CONFIG_TAIL."""
     written = []
     for path, kind, note in (
         (model_dir / "config.pbtxt", "KIND_CPU", CPU_NOTE),
         (model_dir / "configs" / f"{GPU_CONFIG_NAME}.pbtxt", "KIND_GPU", GPU_NOTE),
     ):
-        text = (
-            template.format(
-                name=model_dir.name,
-                max_batch=max_batch,
-                dims=", ".join(str(d) for d in input_shape),
-                display=display,
-                version=version,
-                threshold=f"{threshold:.4f}",
-                rule=rule,
-                weights=MODEL_FILE,
-                kind=kind,
-                count=1,
-                variant_note=note,
-            )
-            + VERSION_POLICY
-        )
+        text = (template + CONFIG_TAIL).format(
+            name=model_dir.name,
+            max_batch=max_batch,
+            dims=", ".join(str(d) for d in input_shape),
+            display=display,
+            version=version,
+            threshold=f"{threshold:.4f}",
+            rule=rule,
+            weights=MODEL_FILE,
+            kind=kind,
+            count=1,
+            variant_note=note,
+            finding=finding,
+            shape_note=shape_note,
+        ) + VERSION_POLICY
         parse_config(text)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -275,6 +275,7 @@ def write_configs(model_dir: Path, threshold: float, version: str, rule: str) ->
         version=version,
         rule=rule,
         display=DISPLAY_NAME,
+        finding=SPEC.finding,
         max_batch=4,
     )
 
@@ -431,52 +432,6 @@ output [
     dims: [ {map_dims} ]
   }}
 ]
-
-dynamic_batching {{
-  # Wait at most 2 ms to fill a batch: a stat study must not sit behind batching.
-  max_queue_delay_microseconds: 2000
-  # 1 = stat, 2 = urgent, 3 = routine (radtriage lanes); requests without a priority are routine.
-  priority_levels: 3
-  default_priority_level: 3
-  default_queue_policy {{
-    # Requests may carry their own (shorter) queue timeout; none waits more than 30 s.
-    timeout_action: REJECT
-    default_timeout_microseconds: 30000000
-    allow_timeout_override: true
-  }}
-}}
-
-instance_group [
-  {{
-    count: {count}
-    kind: {kind}
-  }}
-]
-
-parameters: {{
-  key: "input_shape"
-  value: {{ string_value: "{dims}" }}
-}}
-parameters: {{
-  key: "display_name"
-  value: {{ string_value: "{display}" }}
-}}
-parameters: {{
-  key: "model_version"
-  value: {{ string_value: "{version}" }}
-}}
-parameters: {{
-  key: "finding"
-  value: {{ string_value: "NODULE" }}
-}}
-parameters: {{
-  key: "recommended_threshold"
-  value: {{ string_value: "{threshold}" }}
-}}
-parameters: {{
-  key: "threshold_rule"
-  value: {{ string_value: "{rule}" }}
-}}
 """
 
 
