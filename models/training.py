@@ -251,6 +251,23 @@ def committed_configs(write_configs: ConfigWriter, out: Path, metrics: Path) -> 
     return write_configs(out.parent, chosen, version=version, rule=rule)
 
 
+def sensitivity_by(
+    scores: np.ndarray, labels: np.ndarray, groups: Iterable[tuple[str, np.ndarray]], chosen: float
+) -> dict[str, dict[str, float]]:
+    """Per group of positive studies (a name and its mask; empty groups left out): how many,
+    the sensitivity at the threshold, and the AUC of the group against all the negatives."""
+    out: dict[str, dict[str, float]] = {}
+    for name, mask in groups:
+        if mask.any():
+            versus = mask | (labels == 0)
+            out[name] = {
+                "n": int(mask.sum()),
+                "sensitivity": round(float((scores[mask] >= chosen).mean()), 4),
+                "auc_vs_normals": round(auc(scores[versus], labels[versus]), 4),
+            }
+    return out
+
+
 def threshold(val_scores: np.ndarray, val_labels: np.ndarray) -> float:
     """The operating threshold, chosen on validation only (THRESHOLD_RULE)."""
     return choose_threshold(val_scores, val_labels, TARGET_SENSITIVITY)

@@ -94,17 +94,8 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
 
 def by_size(scores: np.ndarray, data: CxrSet, threshold: float) -> dict[str, dict[str, float]]:
     y = data.y.numpy()
-    out: dict[str, dict[str, float]] = {}
-    for name, lo, hi in SIZE_BINS:
-        m = (y == 1) & (data.rim >= lo) & (data.rim < hi)
-        if m.any():
-            sub = m | (y == 0)
-            out[name] = {
-                "n": int(m.sum()),
-                "sensitivity": round(float((scores[m] >= threshold).mean()), 4),
-                "auc_vs_normals": round(auc(scores[sub], y[sub]), 4),
-            }
-    return out
+    sizes = [(name, (y == 1) & (data.rim >= lo) & (data.rim < hi)) for name, lo, hi in SIZE_BINS]
+    return training.sensitivity_by(scores, y, sizes, threshold)
 
 
 def write_configs(model_dir: Path, threshold: float, version: str, rule: str) -> list[Path]:

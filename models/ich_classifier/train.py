@@ -102,24 +102,16 @@ def breakdown(
     scores: np.ndarray, labels: np.ndarray, data: PhantomSet, threshold: float
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Sensitivity (and AUC against all normals) per bleed size and per bleed kind."""
-    pred = scores >= threshold
-    neg = labels == 0
-    out: dict[str, dict[str, dict[str, float]]] = {"by_bleed_volume": {}, "by_bleed_kind": {}}
-    groups: list[tuple[str, str, np.ndarray]] = [
-        ("by_bleed_volume", name, (labels == 1) & (data.volume_ml >= lo) & (data.volume_ml < hi))
-        for name, lo, hi in SIZE_BINS
+    sizes = [
+        (name, (labels == 1) & (data.volume_ml >= lo) & (data.volume_ml < hi)) for name, lo, hi in SIZE_BINS
     ]
     kinds = np.array(data.kind)
-    groups += [("by_bleed_kind", k, kinds == k) for k in ("intraparenchymal", "subdural", "both")]
-    for section, name, mask in groups:
-        if mask.any():
-            sub = mask | neg
-            out[section][name] = {
-                "n": int(mask.sum()),
-                "sensitivity": round(float(pred[mask].mean()), 4),
-                "auc_vs_normals": round(auc(scores[sub], labels[sub]), 4),
-            }
-    return out
+    return {
+        "by_bleed_volume": training.sensitivity_by(scores, labels, sizes, threshold),
+        "by_bleed_kind": training.sensitivity_by(
+            scores, labels, [(k, kinds == k) for k in ("intraparenchymal", "subdural", "both")], threshold
+        ),
+    }
 
 
 TRITON_CONFIG = """\

@@ -117,19 +117,10 @@ def side_metrics(p_lvo: np.ndarray, p_left: np.ndarray, data: CtaSet, threshold:
 
 
 def by_site(p_lvo: np.ndarray, data: CtaSet, threshold: float) -> dict[str, dict[str, float]]:
-    y = data.y.numpy()
     sites = np.array(data.site)
-    out: dict[str, dict[str, float]] = {}
-    for site in OCCLUSION_SITES:
-        m = sites == site
-        if m.any():
-            sub = m | (y == 0)
-            out[site] = {
-                "n": int(m.sum()),
-                "sensitivity": round(float((p_lvo[m] >= threshold).mean()), 4),
-                "auc_vs_normals": round(auc(p_lvo[sub], y[sub]), 4),
-            }
-    return out
+    return training.sensitivity_by(
+        p_lvo, data.y.numpy(), [(s, sites == s) for s in OCCLUSION_SITES], threshold
+    )
 
 
 def write_configs(model_dir: Path, threshold: float, version: str, rule: str) -> list[Path]:

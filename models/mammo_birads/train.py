@@ -171,16 +171,14 @@ def study_results(
     truth_suspicious = np.isin(data.category, SUSPICIOUS)
     detected = truth_suspicious & (scores >= threshold)
     side_right = [sides[i] == data.side[i] for i in np.flatnonzero(detected)]
-    by_kind: dict[str, dict[str, float]] = {}
-    y = truth_suspicious.astype(int)
-    for kind in sorted({k for k, s in zip(data.lesion, truth_suspicious, strict=True) if s}):
-        m = truth_suspicious & (np.array(data.lesion) == kind)
-        sub = m | ~truth_suspicious
-        by_kind[kind] = {
-            "n": int(m.sum()),
-            "sensitivity": round(float((scores[m] >= threshold).mean()), 4),
-            "auc_vs_normals": round(auc(scores[sub], y[sub]), 4),
-        }
+    kinds = sorted({k for k, s in zip(data.lesion, truth_suspicious, strict=True) if s})
+    lesions = np.array(data.lesion)
+    by_kind = training.sensitivity_by(
+        scores,
+        truth_suspicious.astype(int),
+        [(k, truth_suspicious & (lesions == k)) for k in kinds],
+        threshold,
+    )
     return {
         "category_accuracy": round(float((suggested_arr == data.category).mean()), 4),
         "category_recall": {
