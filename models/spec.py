@@ -43,6 +43,11 @@ class ModelSpec:
     # The alert channel of its positive findings (topic `triage.alerts.<channel>`, see
     # radtriage.settings.Topics.alert_topic), or None: its findings are reported, never alerted.
     alert: str | None = None
+    # Peak RSS of a preprocessing process above its import baseline, per byte of the
+    # series' decoded pixel data (bench/preprocess.py, bench/RESULTS.md): what the
+    # preprocessing pools admit its series by (processors/preprocess_pool.py). None: not
+    # measured, admitted at the largest factor of the registered models.
+    working_bytes_per_pixel_byte: float | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):

@@ -14,4 +14,6 @@ SPEC = ModelSpec(
     # Its side output says which hemisphere the stroke team looks at first.
     extras=frozenset({"laterality"}),
     alert="stroke",
+    # Read onto its working grid: the factor falls as the series grows.
+    working_bytes_per_pixel_byte=2.0,
 )

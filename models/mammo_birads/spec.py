@@ -14,5 +14,7 @@ SPEC = ModelSpec(
     snomed=None,
     input="processors.model_inputs:MAMMOGRAM",
     extras=frozenset({"birads"}),
+    # Preprocessed at each view's full matrix.
+    working_bytes_per_pixel_byte=5.0,
     # No alert channel: a suspicious mammogram is urgent for the patient, not for the ED team.
 )

@@ -138,8 +138,13 @@ def test_a_rule_cannot_contradict_its_models_spec(sixth: RoutingRules) -> None:
             RoutingRules.model_validate({"rules": [rule.model_dump() | change]})
 
 
-# Where no model may be named: the pipeline's stages, the connectors, and the report builder.
-GENERIC = [REPO_ROOT / "streams", REPO_ROOT / "connectors", REPO_ROOT / "processors" / "fhir_report.py"]
+# Where no model may be named: the pipeline's stages, the connectors, the report builder, and
+# what the inference stage runs in the worker (the finding, the preprocessing pools' admission).
+GENERIC = [
+    REPO_ROOT / "streams",
+    REPO_ROOT / "connectors",
+    *(REPO_ROOT / "processors" / f for f in ("fhir_report.py", "finding.py", "preprocess_pool.py")),
+]
 
 
 def _names() -> re.Pattern[str]:
