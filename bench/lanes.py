@@ -132,8 +132,8 @@ class Template:
 def _write_cxr_template(folder: Path, i: int) -> None:
     import numpy as np
 
-    from models.cxr_phantoms import chest_radiograph_phantom
-    from models.cxr_writer import write_radiograph
+    from models.cxr_triage.phantoms import chest_radiograph_phantom
+    from models.cxr_triage.writer import write_radiograph
 
     # Normal chest films: routine work, no critical finding to alert on.
     rx = chest_radiograph_phantom(np.random.default_rng(7500 + i), pneumothorax=False)
@@ -271,8 +271,8 @@ class Collector:
             t.requests_routine: "request",
             t.findings: "finding",
             t.results_fhir: "report",
-            t.alerts_ich: "alert",
-            t.alerts_stroke: "alert",
+            t.alert_topic("ich"): "alert",
+            t.alert_topic("stroke"): "alert",
             t.deadletter: "deadletter",
             t.audit: "audit",
         }

@@ -106,8 +106,8 @@ def other_model_series(model: str, out: Path) -> tuple[str, list[Path]]:
 
     rng = np.random.default_rng(17)
     if model == "lvo_detector":
-        from models.cta_phantoms import cta_phantom
         from models.dicom_writer import write_ct_series
+        from models.lvo_detector.phantoms import cta_phantom
 
         cta = cta_phantom(rng, lvo=True)
         n, rows, _ = cta.hu.shape
@@ -118,8 +118,8 @@ def other_model_series(model: str, out: Path) -> tuple[str, list[Path]]:
         )
         return "CTA 400 x 512 x 512", write_ct_series(_upsampled(cta.hu, 400, 512), spacing, out)
     if model == "nodule_detector":
-        from models.chest_ct_phantoms import chest_ct_phantom
         from models.dicom_writer import write_ct_series
+        from models.nodule_detector.phantoms import chest_ct_phantom
 
         chest = chest_ct_phantom(rng, nodules=2)
         n, rows, _ = chest.hu.shape
@@ -130,16 +130,16 @@ def other_model_series(model: str, out: Path) -> tuple[str, list[Path]]:
         )
         return "chest CT 400 x 512 x 512", write_ct_series(_upsampled(chest.hu, 400, 512), spacing, out)
     if model == "cxr_triage":
-        from models.cxr_phantoms import chest_radiograph_phantom
-        from models.cxr_writer import write_radiograph
+        from models.cxr_triage.phantoms import chest_radiograph_phantom
+        from models.cxr_triage.writer import write_radiograph
 
         r = chest_radiograph_phantom(rng, pneumothorax=True, shape=(3000, 2400))
         return "DX 3000 x 2400", [write_radiograph(r.pixels, r.pixel_mm, out)]
     if model == "mammo_birads":
         import torch
 
-        from models.mammo_phantoms import mammo_study_phantom
-        from models.mammo_writer import write_mammogram_study
+        from models.mammo_birads.phantoms import mammo_study_phantom
+        from models.mammo_birads.writer import write_mammogram_study
 
         study = mammo_study_phantom(rng, category=5)
         views = []
@@ -205,9 +205,9 @@ def child(model: str, directory: Path, impl: str, forward: bool) -> dict[str, An
     import torch
 
     torch.set_num_threads(1)
-    from processors.model_inputs import MODEL_INPUTS
+    from processors.model_inputs import model_input
 
-    spec = MODEL_INPUTS[model]
+    spec = model_input(model)
     load, preprocess = spec.load, spec.preprocess
     if impl == "old":
         if model != "ich_classifier":
@@ -439,12 +439,13 @@ def agreement(n: int, slices: int = 240, matrix: int = 512, noise_hu: float = 5.
 
     from models.dicom_writer import write_ct_series
     from processors.dicom_volume import load_series
-    from processors.model_inputs import MODEL_INPUTS
+    from processors.model_inputs import model_input
 
     torch.set_num_threads(1)
-    threshold = float(json.loads((REPO / "models" / "ich_classifier.metrics.json").read_text())["threshold"])
+    metrics = json.loads((REPO / "models" / "ich_classifier" / "metrics.json").read_text())
+    threshold = float(metrics["threshold"])
     net = torch.jit.load(str(ICH_WEIGHTS)).eval()
-    spec = MODEL_INPUTS["ich_classifier"]
+    spec = model_input("ich_classifier")
 
     def probability(tensor: np.ndarray) -> float:
         with torch.no_grad():

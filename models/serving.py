@@ -3,7 +3,7 @@
 * `export_torchscript`: trace the served module (network + sigmoids) in eval mode and check
   the saved file against the eager module at another batch size — the Triton model
   directory holds only model.py and the weights, no model source. The version directory
-  also gets its copy of the one Python-backend `model.py` (deploy/triton/python_backend/),
+  also gets its generated copy of the one Python-backend `model.py` (models/backend.py),
   so a retrained version directory loads as it is.
 * `write_triton_configs`: from one template per model, `config.pbtxt` (what any
   tritonserver loads by default: KIND_CPU, the local stack) and `configs/gpu.pbtxt`
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +24,11 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from models import backend
+
 MODEL_FILE = "model.pt"
-BACKEND_FILE = "model.py"
-REPO = Path(__file__).resolve().parent.parent
-BACKEND_SOURCE = REPO / "deploy" / "triton" / "python_backend" / BACKEND_FILE
+BACKEND_FILE = backend.FILE
+BACKEND_SOURCE = backend.SOURCE
 GPU_CONFIG_NAME = "gpu"
 GPU_NOTE = (
     "\n# Production variant: KIND_GPU. Load it with `tritonserver --model-config-name=gpu`"
@@ -37,6 +37,63 @@ GPU_NOTE = (
 CPU_NOTE = (
     "\n# Local variant: KIND_CPU. configs/gpu.pbtxt is the same with KIND_GPU, for a GPU server"
     "\n# started with `--model-config-name=gpu`."
+)
+
+
+# What every model's config says the same way after its own inputs and outputs (appended to
+# each recipe's template): the lanes' priority queue, the instances, and the parameters the
+# pipeline and the model card read.
+CONFIG_TAIL = """
+dynamic_batching {{
+  # Wait at most 2 ms to fill a batch: a stat study must not sit behind batching.
+  max_queue_delay_microseconds: 2000
+  # 1 = stat, 2 = urgent, 3 = routine (radtriage lanes); requests without a priority are routine.
+  priority_levels: 3
+  default_priority_level: 3
+  default_queue_policy {{
+    # Requests may carry their own (shorter) queue timeout; none waits more than 30 s.
+    timeout_action: REJECT
+    default_timeout_microseconds: 30000000
+    allow_timeout_override: true
+  }}
+}}
+
+instance_group [
+  {{
+    count: {count}
+    kind: {kind}
+  }}
+]
+
+parameters: {{{shape_note}
+  key: "input_shape"
+  value: {{ string_value: "{dims}" }}
+}}
+parameters: {{
+  key: "display_name"
+  value: {{ string_value: "{display}" }}
+}}
+parameters: {{
+  key: "model_version"
+  value: {{ string_value: "{version}" }}
+}}
+parameters: {{
+  key: "finding"
+  value: {{ string_value: "{finding}" }}
+}}
+parameters: {{
+  key: "recommended_threshold"
+  value: {{ string_value: "{threshold}" }}
+}}
+parameters: {{
+  key: "threshold_rule"
+  value: {{ string_value: "{rule}" }}
+}}
+"""
+# Where a template's input dims may one day be relaxed: what the weights were trained on.
+TRAINED_SHAPE_NOTE = (
+    "\n  # What the weights were trained on; model.py validates requests against it even if the"
+    "\n  # dims above are ever relaxed."
 )
 
 
@@ -87,10 +144,8 @@ def export_torchscript(served: torch.nn.Module, input_shape: Sequence[int], out_
 
 
 def install_backend(version_dir: Path) -> Path:
-    """The Python-backend model.py next to a version's weights."""
-    target = version_dir / BACKEND_FILE
-    shutil.copyfile(BACKEND_SOURCE, target)
-    return target
+    """The Python-backend model.py next to a version's weights (a generated copy, models/backend.py)."""
+    return backend.install(version_dir)
 
 
 def write_triton_configs(
@@ -102,15 +157,18 @@ def write_triton_configs(
     version: str,
     rule: str,
     display: str,
+    finding: str,
     max_batch: int = 8,
+    shape_note: str = "",
 ) -> list[Path]:
-    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from `template`."""
+    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from `template` (the model's
+    name, backend, inputs and outputs) and CONFIG_TAIL."""
     written = []
     for path, kind, note in (
         (model_dir / "config.pbtxt", "KIND_CPU", CPU_NOTE),
         (model_dir / "configs" / f"{GPU_CONFIG_NAME}.pbtxt", "KIND_GPU", GPU_NOTE),
     ):
-        text = template.format(
+        text = (template + CONFIG_TAIL).format(
             name=model_dir.name,
             max_batch=max_batch,
             dims=", ".join(str(d) for d in input_shape),
@@ -122,6 +180,8 @@ def write_triton_configs(
             kind=kind,
             count=1,
             variant_note=note,
+            finding=finding,
+            shape_note=shape_note,
         ) + VERSION_POLICY
         parse_config(text)
         path.parent.mkdir(parents=True, exist_ok=True)

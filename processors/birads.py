@@ -1,6 +1,6 @@
 """A suggested BI-RADS category for a mammography series, from the model's per-view outputs.
 
-The mammography model (`mammo_birads`, models/mammo_net.py) reads each standard view of
+The mammography model (`mammo_birads`, models/mammo_birads/net.py) reads each standard view of
 a screening series — RCC, RMLO, LCC, LMLO, in that channel order — on its own, and serves
 
 * `birads_probabilities` (4, 6): per view, P(category 0..5); a row of zeros is a view the

@@ -15,28 +15,21 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.observation import Observation
 
+from models import registry
 from schemas.findings import BiradsAssessment, Finding, LungNodule, SliceRange
 
 # Namespace for deterministic resource ids (uuid5).
 _ID_NAMESPACE = uuid.UUID("5b0c4a57-65c4-4c1e-9b1f-1c9f3f0d7a11")
 FINDING_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-finding"
 
-# What each finding code means, for humans and for coded consumers (SNOMED CT disorder).
-FINDINGS: dict[str, tuple[str, str | None, str | None]] = {
-    # code: (plain words, SNOMED CT code, SNOMED display); None where no SNOMED CT concept
-    # means what the probability is of
-    "ICH": ("intracranial haemorrhage", "1386000", "Intracranial hemorrhage"),
-    # The occlusion itself, not its consequence (432504007 |Cerebral infarction| is what a
-    # CTA cannot show and what thrombectomy aims to prevent).
-    "LVO": ("large-vessel occlusion", "20059004", "Occlusion of cerebral artery"),
-    "NODULE": ("lung nodule", "786838002", "Pulmonary nodule"),
-    "CXR_CRITICAL": ("critical chest radiograph finding", "36118008", "Pneumothorax"),
-    # P(BI-RADS 4 or 5) covers masses, calcifications and distortions alike: no SNOMED CT
-    # concept names that union (129748009 |Mass of breast| leaves the calcifications out).
-    # The suggested category itself is coded (BIRADS_CATEGORIES) in a component and as
-    # the report's conclusion code.
-    "BIRADS": ("suspicious mammographic finding (BI-RADS 4 or 5)", None, None),
-}
+
+
+def _meaning(finding: Finding) -> tuple[str, tuple[str, str] | None]:
+    """What the finding code means, for humans (the words of the report's sentences) and for
+    coded consumers (SNOMED CT code and display, or None): from its model's spec."""
+    spec = registry.for_finding(finding.finding)
+    return spec.words, spec.snomed
+
 
 # SNOMED CT's mammography assessment findings, one per BI-RADS category (the codes of
 # the HL7 Lithuania breast IG's BI-RADS value set; 6111000179101 is from the US edition).
@@ -138,7 +131,7 @@ def _sided(finding: Finding) -> bool:
 
 
 def conclusion_text(finding: Finding) -> str:
-    words = FINDINGS[finding.finding][0]
+    words, _ = _meaning(finding)
     model = f"{finding.model_name} v{finding.model_version}"
     if finding.positive and _sided(finding):
         head = (
@@ -227,12 +220,12 @@ def _mm(value: float) -> dict[str, Any]:
 
 
 def build_observation(finding: Finding, observation_id: str) -> Observation:
-    words, snomed, snomed_display = FINDINGS[finding.finding]
+    words, snomed = _meaning(finding)
     coding: list[dict[str, str]] = [
         {"system": FINDING_SYSTEM, "code": finding.finding, "display": f"AI triage: {words}"}
     ]
-    if snomed is not None and snomed_display is not None:
-        coding.append({"system": SNOMED, "code": snomed, "display": snomed_display})
+    if snomed is not None:
+        coding.append({"system": SNOMED, "code": snomed[0], "display": snomed[1]})
     body = _observation_base(finding, observation_id)
     body |= {
         "code": {"coding": coding, "text": f"Probability of {words} (AI triage)"},
@@ -478,7 +471,7 @@ def birads_components(finding: Finding) -> list[dict[str, Any]]:
 
 
 def build_report(finding: Finding, report_id: str, observation_id: str) -> DiagnosticReport:
-    words, snomed, snomed_display = FINDINGS[finding.finding]
+    words, snomed = _meaning(finding)
     body: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
@@ -525,8 +518,8 @@ def build_report(finding: Finding, report_id: str, observation_id: str) -> Diagn
     if finding.birads is not None:
         # A BI-RADS category is the conclusion whatever it is (1 and 2 are results too).
         body["conclusionCode"] = [_birads_concept(finding.birads.category)]
-    elif finding.positive and snomed is not None and snomed_display is not None:
-        body["conclusionCode"] = [{"coding": [{"system": SNOMED, "code": snomed, "display": snomed_display}]}]
+    elif finding.positive and snomed is not None:
+        body["conclusionCode"] = [{"coding": [{"system": SNOMED, "code": snomed[0], "display": snomed[1]}]}]
     return DiagnosticReport.model_validate(body)
 
 

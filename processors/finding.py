@@ -1,9 +1,10 @@
 """A model's answer for one request, as the finding the report and the alert are built from.
 
 Pure: the request, Triton's outputs and the series geometry in, a `Finding` out. The
-extras (side, slice range, BI-RADS category, nodules) are each read from the model's
-outputs by their own processor; a malformed extra costs the finding that extra (logged),
-never the study its probability or its report.
+extras its model's spec names (models/spec.py, EXTRAS: side, slice range, BI-RADS
+category, nodules) are each read from the model's outputs by their own processor; a
+malformed extra costs the finding that extra (logged), never the study its probability
+or its report.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from models import registry
 from processors.birads import birads_of
-from processors.laterality import side_of
+from processors.laterality import Side, side_of
 from processors.localisation import localise
 from processors.nodules import nodules_of
 from processors.triton_client import Inference
@@ -36,14 +38,21 @@ def _extra(what: str, study_uid: str, read: Callable[[], T]) -> T | None:
 
 
 def build_finding(req: TriageRequest, result: Inference, geometry: ModelGeometry) -> Finding:
+    extras = registry.get(req.model_name).extras
     positive = result.probability >= req.threshold
-    side = side_of(result.outputs, positive)
+    side = side_of(result.outputs, positive) if "laterality" in extras else Side(None)
     uid = req.study_uid
-    slices = _extra(
-        "slice range", uid, lambda: localise(result.maps, geometry, positive, req.localisation_threshold)
-    )
-    birads = _extra("BI-RADS category", uid, lambda: birads_of(result.maps, req.threshold, positive))
-    nodules = _extra("nodule list", uid, lambda: nodules_of(result.maps, geometry, req.threshold, positive))
+    slices = birads = nodules = None
+    if "slice_range" in extras:
+        slices = _extra(
+            "slice range", uid, lambda: localise(result.maps, geometry, positive, req.localisation_threshold)
+        )
+    if "birads" in extras:
+        birads = _extra("BI-RADS category", uid, lambda: birads_of(result.maps, req.threshold, positive))
+    if "nodules" in extras:
+        nodules = _extra(
+            "nodule list", uid, lambda: nodules_of(result.maps, geometry, req.threshold, positive)
+        )
     return Finding(
         study_uid=req.study_uid,
         accession_number=req.accession_number,

@@ -2,7 +2,7 @@
 
 A model that localises by side declares an output `side_left_probability`: P(the
 finding is on the patient's left | there is one), so 1 - it is P(right). Its value means
-nothing for a study below the threshold (models/cards/lvo_detector.md), so a negative
+nothing for a study below the threshold (models/lvo_detector/CARD.md), so a negative
 finding states no side ("none") rather than a guess. Models without the output have no
 laterality at all.
 """

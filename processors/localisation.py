@@ -3,7 +3,7 @@
 A model that localises declares a Triton output `localisation_map`: for each cell of a
 coarse grid over its input, P(the finding is in this cell), shaped (D', H', W') per study
 with the first axis along the model input's slices. The ICH classifier serves its blood
-map this way ((16, 24, 24): two model slices and 4 x 4 voxels a cell, models/ich_net.py).
+map this way ((16, 24, 24): two model slices and 4 x 4 voxels a cell, models/ich_classifier/net.py).
 
 What makes a cell index mean something in the study is the preprocessing's crop
 (`SliceCrop`, made by `processors.preprocessing`: series slices [start, stop) resampled
@@ -17,8 +17,8 @@ runs from the first to the last map slice at or above CELL_THRESHOLD; a positive
 whose map stays below it everywhere still gets the single strongest map slice (the model
 alerted, so the best guess of where is worth more than nothing). Negative findings get no
 range. CELL_THRESHOLD was chosen for the reference ICH weights on validation phantoms and
-checked on held-out ones by `python -m models.localisation_eval`
-(models/ich_classifier.metrics.json, "localisation"); a routing rule's
+checked on held-out ones by `python -m models.ich_classifier.localisation_eval`
+(models/ich_classifier/metrics.json, "localisation"); a routing rule's
 `localisation_threshold` replaces it for weights of its own.
 """
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 LOCALISATION_OUTPUT = "localisation_map"
 # The reference ICH weights' value, chosen on validation phantoms by
-# models/localisation_eval.py (best mean slice IoU); the default of a rule without its own.
+# models/ich_classifier/localisation_eval.py (best mean slice IoU); the default of a rule without its own.
 CELL_THRESHOLD = 0.75
 
 

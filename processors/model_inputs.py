@@ -1,8 +1,8 @@
 """From a series' blob URIs to the tensor a given Triton model expects.
 
-Each served model names the preprocessing it was trained with; keeping the mapping
-here (and the transforms in `processors/preprocessing.py`, shared with training)
-is what prevents train/serve skew.
+Each served model's spec (models/<name>/spec.py) names the input here it was trained
+with: its series loader and preprocessing (the transforms in `processors/preprocessing.py`,
+shared with training), which is what prevents train/serve skew.
 
 Every preprocessor returns the tensor and the model's geometry: what maps the model's
 localising outputs back to the series (the ICH classifier's slice crop and the series'
@@ -14,6 +14,7 @@ from the preprocessing process with the tensor.
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from models import registry
 from processors.dicom_volume import Volume, load_series
 from processors.localisation import SeriesGeometry, SliceCrop, series_geometry
 from processors.mammogram import Mammogram, load_mammogram
@@ -109,29 +111,40 @@ def _mammogram(images: Images) -> tuple[np.ndarray, ModelGeometry]:
     return preprocess_mammogram(images), None
 
 
-# CT models read their series onto the working grid their preprocessing declares
+# The inputs of the reference models, each named by its model's spec (models/<name>/spec.py,
+# `input`). CT models read their series onto the working grid their preprocessing declares
 # (processors/preprocessing.py, "Working grids"): memory and time follow the model's grid,
 # not the scanner's matrix.
-MODEL_INPUTS: dict[str, ModelInput] = {
-    "ich_classifier": ModelInput(_head_ct, functools.partial(load_series, pool=ich_pooling)),
-    "lvo_detector": ModelInput(_cta, functools.partial(load_series, pool=lvo_pooling)),
-    "cxr_triage": ModelInput(_radiograph, load_radiograph),
-    "mammo_birads": ModelInput(_mammogram, load_mammogram),
-    "nodule_detector": ModelInput(_chest_ct, functools.partial(load_series, pool=nodule_pooling)),
-}
+HEAD_CT = ModelInput(_head_ct, functools.partial(load_series, pool=ich_pooling))
+CTA = ModelInput(_cta, functools.partial(load_series, pool=lvo_pooling))
+RADIOGRAPH = ModelInput(_radiograph, load_radiograph)
+MAMMOGRAM = ModelInput(_mammogram, load_mammogram)
+CHEST_CT = ModelInput(_chest_ct, functools.partial(load_series, pool=nodule_pooling))
 
 
 class UnsupportedModelError(ValueError):
     """A routing rule names a model this processor has no preprocessing for."""
 
 
+@functools.cache
+def _resolve(reference: str) -> ModelInput:
+    module, _, attribute = reference.partition(":")
+    found = getattr(importlib.import_module(module), attribute, None)
+    if not isinstance(found, ModelInput):
+        raise TypeError(f"{reference} is not a processors.model_inputs.ModelInput")
+    return found
+
+
 def model_input(model_name: str) -> ModelInput:
+    """The series loader and preprocessing its spec names (models/<name>/spec.py, `input`)."""
     try:
-        return MODEL_INPUTS[model_name]
-    except KeyError:
+        spec = registry.get(model_name)
+    except registry.UnknownModelError:
+        known = ", ".join(sorted(registry.specs()))
         raise UnsupportedModelError(
-            f"no preprocessing registered for model '{model_name}' (known: {', '.join(sorted(MODEL_INPUTS))})"
+            f"no preprocessing registered for model '{model_name}' (known: {known})"
         ) from None
+    return _resolve(spec.input)
 
 
 def prepare_input(model_name: str, paths: Sequence[Path]) -> PreparedInput:

@@ -1,6 +1,6 @@
 """Lung nodules from the nodule model's map: where they are in the patient, how big, how sure.
 
-The nodule detector (models/nodule_net.py) serves `nodule_map`: per voxel of its fixed
+The nodule detector (models/nodule_detector/net.py) serves `nodule_map`: per voxel of its fixed
 input grid (processors.preprocessing.NODULE_INPUT_SHAPE, ~2.5 mm isotropic, axes along
 patient z, y, x), P(this voxel is nodule). The model's grid is a resampling of the
 series, so a map voxel means something in the patient only through the preprocessing's

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from models import registry
 from radtriage.settings import LANES
 
 if TYPE_CHECKING:  # the stream worker must not import torch/MONAI: model_inputs does
@@ -48,27 +49,25 @@ log = logging.getLogger(__name__)
 
 # Admission order when several lanes wait for memory (fastest first); a lane not named comes last.
 LANE_ORDER = LANES
-# Peak RSS of a preprocessing process above its import baseline, per byte of the series'
-# decoded pixel data, measured per model at scanner size by bench/preprocess.py
-# (bench/RESULTS.md, issue 16) and rounded up. CT volumes are read onto a working grid, so
-# their factor falls as the series grows; a radiograph or mammogram is preprocessed at its
-# full matrix (float32 copies of a 2D image), so theirs does not.
-WORKING_BYTES_PER_PIXEL_BYTE: dict[str, float] = {
-    "ich_classifier": 2.0,
-    "lvo_detector": 2.0,
-    "nodule_detector": 2.0,
-    "cxr_triage": 12.0,
-    "mammo_birads": 5.0,
-}
-# A model not measured: the largest factor.
-DEFAULT_WORKING_BYTES_PER_PIXEL_BYTE = max(WORKING_BYTES_PER_PIXEL_BYTE.values())
 # What a series of a few MB still costs: the model's grid, its channels and the resize.
 MIN_WORKING_BYTES = 96 * 1024 * 1024
 
 
+def working_bytes_per_pixel_byte(model_name: str = "") -> float:
+    """Peak RSS of a preprocessing process above its import baseline per byte of the series'
+    decoded pixel data, as the model's spec states it (measured at scanner size by
+    bench/preprocess.py, bench/RESULTS.md, and rounded up); for a model not measured (or not
+    named), the largest factor of the registered models."""
+    specs = registry.specs()
+    spec = specs.get(model_name)
+    if spec is not None and spec.working_bytes_per_pixel_byte is not None:
+        return spec.working_bytes_per_pixel_byte
+    return max((s.working_bytes_per_pixel_byte or 0.0 for s in specs.values()), default=1.0)
+
+
 def estimated_working_bytes(pixel_bytes: int, model_name: str = "") -> int:
     """The working memory one load + preprocessing of a series of `pixel_bytes` is admitted for."""
-    factor = WORKING_BYTES_PER_PIXEL_BYTE.get(model_name, DEFAULT_WORKING_BYTES_PER_PIXEL_BYTE)
+    factor = working_bytes_per_pixel_byte(model_name)
     return max(MIN_WORKING_BYTES, math.ceil(factor * max(pixel_bytes, 0)))
 
 

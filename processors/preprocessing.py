@@ -1,6 +1,6 @@
 """The one preprocessing of each model, shared by training and serving (no train/serve skew).
 
-`models/train_ich.py` trains on exactly what `preprocess_head_ct` returns, and the
+`models/ich_classifier/train.py` trains on exactly what `preprocess_head_ct` returns, and the
 inference path (`processors/model_inputs.py`) sends exactly that to Triton.
 
 Head CT for ICH, as MONAI transforms on a (channel, z, y, x) array:
@@ -545,7 +545,7 @@ def _radiograph(
 
 # Mammography (MG) for the BI-RADS model, one channel per standard view in
 # processors.birads.VIEWS order (RCC, RMLO, LCC, LMLO); a view the series lacks is a
-# channel of zeros, which the served model reads as "absent" (models/mammo_net.py).
+# channel of zeros, which the served model reads as "absent" (models/mammo_birads/net.py).
 #
 # Each view arrives with the chest wall at column 0 and the nipple towards the last
 # column, whatever the breast or the sender (processors/mammogram.py), so one network

@@ -187,7 +187,7 @@ NODULE_DEMO_MM, NODULE_DEMO_LUNG = 17, "right"
 
 
 def _chest_nodule(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
-    from models.chest_ct_phantoms import chest_ct_phantom
+    from models.nodule_detector.phantoms import chest_ct_phantom
 
     ph = chest_ct_phantom(
         np.random.default_rng(NODULE_SEED), nodules=1, kinds=("solid",), min_diameter_mm=NODULE_MIN_MM
@@ -196,15 +196,15 @@ def _chest_nodule(rng: np.random.Generator, out: Path, accession: str) -> list[P
 
 
 def _cta(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
-    from models.cta_phantoms import cta_phantom
+    from models.lvo_detector.phantoms import cta_phantom
 
     ph = cta_phantom(np.random.default_rng(CTA_SEED), lvo=True, side="left")
     return _write_ct(ph.hu, ph.spacing_zyx, out, accession, "HEAD", "CTA HEAD NECK")
 
 
 def _film(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
-    from models.cxr_phantoms import chest_radiograph_phantom
-    from models.cxr_writer import write_radiograph
+    from models.cxr_triage.phantoms import chest_radiograph_phantom
+    from models.cxr_triage.writer import write_radiograph
 
     r = chest_radiograph_phantom(np.random.default_rng(FILM_SEED), pneumothorax=True, min_rim_fraction=0.1)
     return [
@@ -220,8 +220,8 @@ def _film(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
 
 
 def _mammogram(rng: np.random.Generator, out: Path, accession: str) -> list[Path]:
-    from models.mammo_phantoms import mammo_study_phantom
-    from models.mammo_writer import write_mammogram_study
+    from models.mammo_birads.phantoms import mammo_study_phantom
+    from models.mammo_birads.writer import write_mammogram_study
 
     study = mammo_study_phantom(np.random.default_rng(MAMMO_SEED), category=5, side="right")
     return write_mammogram_study(
@@ -303,7 +303,7 @@ class OutputWatcher:
 
     def __init__(self, settings: Settings) -> None:
         t = settings.topics
-        self.topics = [t.alerts_ich, t.alerts_stroke, t.results_fhir, t.findings, t.audit, t.deadletter]
+        self.topics = [*t.alert_topics(), t.results_fhir, t.findings, t.audit, t.deadletter]
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
         )
@@ -366,7 +366,7 @@ def _apply(outcome: Outcome, topic: str, data: dict[str, Any], settings: Setting
             outcome.detail = finding_detail(Finding.model_validate(data))
         except ValueError as exc:  # the pipeline's own event, but the demo must not crash on it
             outcome.detail = f"unreadable finding: {exc}"
-    elif topic in (t.alerts_ich, t.alerts_stroke):
+    elif topic in t.alert_topics():
         outcome.alert = True
         outcome.finding = data["finding"]
         outcome.probability = data["probability"]

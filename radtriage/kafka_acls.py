@@ -73,7 +73,7 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
             # (streams/agents.py) goes through imaging.instances to reach its partition.
             # Reads the results topic too: the reports ledger (streams/published_ledger.py).
             *_topics(
-                [t.instances, t.studies, *lanes, t.findings, t.results_fhir, t.alerts_ich, t.alerts_stroke],
+                [t.instances, t.studies, *lanes, t.findings, t.results_fhir, *t.alert_topics()],
                 BOTH,
             ),
             *_topics([t.audit, t.deadletter], PRODUCE),

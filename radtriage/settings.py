@@ -33,6 +33,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from models import registry
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_JSON_ENV = "RADTRIAGE_SETTINGS_JSON"
 # Serialization context under which secrets are written out in clear (the settings that
@@ -72,8 +74,9 @@ class Topics(BaseModel):
     requests_routine: str = "triage.requests.routine"
     findings: str = "triage.findings"
     results_fhir: str = "triage.results.fhir"
-    alerts_ich: str = "triage.alerts.ich"
-    alerts_stroke: str = "triage.alerts.stroke"
+    # One alert topic per alert channel a model's spec names (models/<name>/spec.py):
+    # triage.alerts.ich, triage.alerts.stroke, ...
+    alerts_prefix: str = "triage.alerts."
     audit: str = "triage.audit"
     deadletter: str = "triage.deadletter"
 
@@ -84,8 +87,15 @@ class Topics(BaseModel):
             "routine": self.requests_routine,
         }[lane]
 
+    def alert_topic(self, channel: str) -> str:
+        return self.alerts_prefix + channel
+
+    def alert_topics(self) -> list[str]:
+        """Every registered model's alert topic (models/registry.py), sorted by channel."""
+        return [self.alert_topic(c) for c in registry.alert_channels()]
+
     def all(self) -> list[str]:
-        return list(self.model_dump().values())
+        return [v for k, v in self.model_dump().items() if k != "alerts_prefix"] + self.alert_topics()
 
 
 class KafkaSettings(BaseModel):

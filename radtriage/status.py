@@ -342,7 +342,7 @@ def read_kafka(settings: Settings, since: datetime, timeout_s: float) -> KafkaVi
     consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, **common)
     admin: Any = None
     try:
-        read = [*lane_topics, t.findings, t.deadletter, t.alerts_ich, t.alerts_stroke, t.instances, t.orders]
+        read = [*lane_topics, t.findings, t.deadletter, *t.alert_topics(), t.instances, t.orders]
         parts_of = {
             topic: [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
             for topic in read
@@ -367,7 +367,7 @@ def read_kafka(settings: Settings, since: datetime, timeout_s: float) -> KafkaVi
         starts = {tp: (o.offset if o is not None else int(end[tp])) for tp, o in found.items()}
         # The alert topics: the last `recent_alerts` of each partition.
         n = settings.status.recent_alerts
-        for topic in (t.alerts_ich, t.alerts_stroke):
+        for topic in t.alert_topics():
             for tp in parts_of[topic]:
                 starts[tp] = max(int(beginning[tp]), int(end[tp]) - n)
         # Intake topics: the newest record of each partition, for "last message".

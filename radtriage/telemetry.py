@@ -86,8 +86,7 @@ def key_safe_topics(settings: Settings) -> frozenset[str]:
             *(t.lane_topic(lane) for lane in LANES),
             t.findings,
             t.results_fhir,
-            t.alerts_ich,
-            t.alerts_stroke,
+            *t.alert_topics(),
             t.audit,
         }
     )

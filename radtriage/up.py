@@ -220,8 +220,7 @@ def _tail_outputs(settings: Settings, stop: threading.Event) -> None:
 
     t = settings.topics
     consumer = KafkaConsumer(
-        t.alerts_ich,
-        t.alerts_stroke,
+        *t.alert_topics(),
         t.results_fhir,
         t.deadletter,
         t.audit,

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
+from models import registry
 from radtriage.settings import Lane
 from schemas.base import Event, utcnow
 
 __all__ = ["FindingCode", "Lane", "Laterality", "TriageRequest"]
 
-FindingCode = Literal["ICH", "LVO", "NODULE", "CXR_CRITICAL", "BIRADS"]
+
+def _known_finding(code: str) -> str:
+    if code not in registry.finding_codes():
+        known = ", ".join(sorted(registry.finding_codes()))
+        raise ValueError(f"finding {code!r} is no registered model's (known: {known})")
+    return code
+
+
+# The finding code of a registered model (models/registry.py): one per model, from its spec.
+FindingCode = Annotated[str, AfterValidator(_known_finding)]
 # The patient's side of a finding (DICOM patient coordinates: +x is the patient's left).
 # "none": the model reports sides but states none, because it found nothing above its
 # threshold; a finding of a model without a side output has no laterality at all (None).

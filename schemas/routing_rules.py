@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models import registry
 from schemas.requests import FindingCode, Lane
 
 
@@ -112,7 +113,26 @@ class Rule(BaseModel):
     # The exam screens for a finding where minutes matter (a head CT for a bleed): an
     # emergency patient's study is stat even before its order arrives.
     time_critical: bool = False
-    alert: Literal["ich", "stroke", "none"] = "none"
+    # Whether its positive findings are alerted: "none", or the alert channel its model's
+    # spec names (models/<name>/spec.py), which also says the topic (triage.alerts.<channel>).
+    alert: str = "none"
+
+    @model_validator(mode="after")
+    def _agrees_with_the_model(self) -> Self:
+        """A rule cannot give a registered model another finding or alert channel than its
+        spec's: the report's codes and the alert topic come from the spec."""
+        try:
+            spec = registry.get(self.model)
+        except registry.UnknownModelError:
+            if self.alert != "none":
+                raise ValueError(f"rule {self.id}: unregistered model {self.model} cannot alert") from None
+            return self
+        if self.finding != spec.finding:
+            raise ValueError(f"rule {self.id}: model {self.model} reports {spec.finding}, not {self.finding}")
+        if self.alert not in ("none", spec.alert):
+            channel = spec.alert or "no channel"
+            raise ValueError(f"rule {self.id}: model {self.model} alerts on {channel}, not {self.alert!r}")
+        return self
 
 
 class RoutingRules(BaseModel):

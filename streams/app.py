@@ -15,6 +15,7 @@ from typing import Any
 import faust
 from faust.types import EventT, TopicT
 
+from models import registry
 from radtriage import kafka_clients, metrics
 from radtriage.settings import LANES, Settings
 from radtriage.telemetry import HeaderList, record_ack, send_span
@@ -93,7 +94,7 @@ def declare_topics(app: faust.App, settings: Settings) -> TriageTopics:
         lanes={lane: topic(t.lane_topic(lane)) for lane in LANES},
         findings=topic(t.findings),
         results_fhir=topic(t.results_fhir),
-        alerts={"ich": topic(t.alerts_ich), "stroke": topic(t.alerts_stroke)},
+        alerts={c: topic(t.alert_topic(c)) for c in registry.alert_channels()},
         audit=topic(t.audit),
         deadletter=topic(t.deadletter),
     )

@@ -20,6 +20,7 @@ import sysconfig
 import urllib.request
 from pathlib import Path
 
+from models import backend
 from radtriage.stack.process import ServiceError, ServiceProcess, port_in_use
 
 
@@ -110,6 +111,8 @@ class LocalTriton:
             if port_in_use(port, self.host):
                 raise ServiceError(f"Triton: port {port} is already in use (another Triton running?)")
         server = prepare_server_dir(self.cache_root)
+        # Each version directory's model.py is generated from the one source (not committed).
+        backend.install_all(self.model_repository)
         argv = [
             str(server / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",

@@ -1,7 +1,8 @@
-"""Escalate: `triage.findings` -> `triage.alerts.ich` | `triage.alerts.stroke`.
+"""Escalate: `triage.findings` -> `triage.alerts.<channel>`.
 
-A positive finding of a rule with an alert channel becomes one alert per study and
-finding, whatever fails and restarts, and whatever series is read again: the alert id is
+A positive finding of a rule that alerts becomes one alert, on the topic of the channel
+its model's spec names (models/<name>/spec.py; the rule's `alert` says whether), per study
+and finding, whatever fails and restarts, and whatever series is read again: the alert id is
 (study, finding), and the alert ledger reads the alert topics back before sending
 (streams/published_ledger.py). Every decision, sent or suppressed, is on `triage.audit`.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import faust
 from faust.types import EventT
 
+from models import registry
 from radtriage import metrics
 from radtriage.telemetry import current_trace_id, headers_for_current_span
 from schemas.alerts import Alert, alert_id
@@ -27,13 +29,21 @@ def alert_of(finding: Finding, key: str, trace_id: str) -> Alert:
     return Alert(alert_id=key, trace_id=trace_id, **{k: getattr(finding, k) for k in _FROM_FINDING})
 
 
+def alert_channel(finding: Finding, rule_alerts: bool) -> str | None:
+    """The channel a finding is alerted on, or None: a negative finding, a finding whose
+    model's rule does not alert, or of a model whose spec names no channel."""
+    if not finding.positive or not rule_alerts:
+        return None
+    return registry.get(finding.model_name).alert
+
+
 def register(ctx: PipelineContext) -> None:
-    alert_for_model = {r.model: r.alert for r in ctx.rules.rules}
+    alerts = {r.model: r.alert != "none" for r in ctx.rules.rules}
 
     async def escalate_one(event: EventT) -> None:
         finding = Finding.from_bytes(event.value)
-        channel = alert_for_model.get(finding.model_name, "none")
-        if not finding.positive or channel == "none":
+        channel = alert_channel(finding, alerts.get(finding.model_name, False))
+        if channel is None:
             return
         key = alert_id(finding.study_uid, finding.finding)
         topic = ctx.topics.alerts[channel]

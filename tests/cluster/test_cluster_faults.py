@@ -149,7 +149,7 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
         w.start()
     tail = Tail(
         secure_kafka_cluster.kafka_settings("admin"),
-        [t.studies, t.requests_stat, t.findings, t.results_fhir, t.alerts_ich, t.deadletter],
+        [t.studies, t.requests_stat, t.findings, t.results_fhir, t.alert_topic("ich"), t.deadletter],
     )
     _, port = scp
     scanner = Scanner(port, tmp_path / "dicom")
@@ -227,7 +227,7 @@ def _assert_outcome(  # type: ignore[no-untyped-def]
 
     findings = Counter(d["study_uid"] for d in tail.of(t.findings))
     reports = Counter(d["study_uid"] for d in tail.of(t.results_fhir))
-    alerts = Counter(d["study_uid"] for d in tail.of(t.alerts_ich))
+    alerts = Counter(d["study_uid"] for d in tail.of(t.alert_topic("ich")))
     positive = {d["study_uid"] for d in tail.of(t.findings) if d["positive"]}
     bleeds = {s.uid for s in accepted if s.bleed}
     summary = {

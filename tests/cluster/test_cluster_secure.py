@@ -65,11 +65,11 @@ def test_a_connector_produces_to_its_intake_topic_only(secure_kafka_cluster: Clu
     try:
         meta = publisher.publish(TOPICS.instances, "study-1", _event("intake ok"))
         with pytest.raises(PublishError, match="TopicAuthorizationFailed"):
-            publisher.publish(TOPICS.alerts_ich, "study-1", _event("a forged alert"))
+            publisher.publish(TOPICS.alert_topic("ich"), "study-1", _event("a forged alert"))
     finally:
         publisher.close()
     assert meta.offset >= 0
-    assert b"a forged alert" not in b"".join(_read(secure_kafka_cluster, TOPICS.alerts_ich))
+    assert b"a forged alert" not in b"".join(_read(secure_kafka_cluster, TOPICS.alert_topic("ich")))
 
 
 def test_a_wrong_password_is_an_authentication_error(

@@ -69,7 +69,7 @@ def _assert_one_report_and_alert_per_bleed(tail: Tail, settings: Settings, studi
     for uid in studies.lane:
         (finding,) = tail.of(t.findings, study_uid=uid)
         assert len(tail.of(t.results_fhir, study_uid=uid)) == 1, uid
-        alerts = tail.of(t.alerts_ich, study_uid=uid)
+        alerts = tail.of(t.alert_topic("ich"), study_uid=uid)
         if uid in studies.bleeds:
             assert finding["positive"], finding  # a >= 5 mL bleed: the model sees it
         assert len(alerts) == (1 if finding["positive"] else 0), (uid, finding["probability"])
@@ -87,7 +87,9 @@ def test_triton_restarted_within_the_deadline_loses_nothing_and_drains_stat_firs
     own_triton.start()
     # A deadline (3 x timeout) far beyond this outage: the retries must carry it.
     worker = _worker(env, settings, own_triton, timeout_s=60)
-    tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.results_fhir, t.alerts_ich, t.deadletter])
+    tail = Tail(
+        settings.kafka.bootstrap_servers, [t.findings, t.results_fhir, t.alert_topic("ich"), t.deadletter]
+    )
     studies = Studies(settings, tmp_path)
 
     # One study through a healthy Triton first: the worker's channel is connected when it dies.
@@ -111,12 +113,12 @@ def test_triton_restarted_within_the_deadline_loses_nothing_and_drains_stat_firs
         ),
         timeout=300,
     )
-    tail.until(lambda: len(tail.of(t.alerts_ich)) >= len(studies.bleeds))
+    tail.until(lambda: len(tail.of(t.alert_topic("ich"))) >= len(studies.bleeds))
     tail.drain(3.0)  # time for a duplicate to show up, if there were one
 
     _assert_one_report_and_alert_per_bleed(tail, settings, studies)
     assert tail.of(t.deadletter) == []
-    assert len(tail.of(t.alerts_ich)) == sum(1 for f in tail.of(t.findings) if f["positive"])
+    assert len(tail.of(t.alert_topic("ich"))) == sum(1 for f in tail.of(t.findings) if f["positive"])
     # Stat drains first: every stat finding was inferred before any routine one.
     inferred = {
         uid: datetime.fromisoformat(tail.of(t.findings, study_uid=uid)[0]["inferred_at"])
@@ -136,7 +138,7 @@ def test_triton_down_past_the_deadline_dead_letters_then_replay_recovers_once(
     worker = _worker(env, settings, own_triton, timeout_s=2)
     tail = Tail(
         settings.kafka.bootstrap_servers,
-        [t.findings, t.results_fhir, t.alerts_ich, t.deadletter, t.requests_stat, t.requests_routine],
+        [t.findings, t.results_fhir, t.alert_topic("ich"), t.deadletter, t.requests_stat, t.requests_routine],
     )
     studies = Studies(settings, tmp_path)
     sent = [
@@ -172,11 +174,11 @@ def test_triton_down_past_the_deadline_dead_letters_then_replay_recovers_once(
         ),
         timeout=300,
     )
-    tail.until(lambda: len(tail.of(t.alerts_ich)) >= len(studies.bleeds))
+    tail.until(lambda: len(tail.of(t.alert_topic("ich"))) >= len(studies.bleeds))
     tail.drain(3.0)
 
     _assert_one_report_and_alert_per_bleed(tail, settings, studies)
-    assert len(tail.of(t.alerts_ich)) == sum(1 for f in tail.of(t.findings) if f["positive"])
+    assert len(tail.of(t.alert_topic("ich"))) == sum(1 for f in tail.of(t.findings) if f["positive"])
     assert len(tail.of(t.deadletter)) == len(sent)  # the replays did not fail again
     lane_messages = [h for topic, _, h in tail.seen if topic in (t.requests_stat, t.requests_routine)]
     assert len(lane_messages) == 2 * len(sent)  # the originals and one replay of each

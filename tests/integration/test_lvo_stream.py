@@ -26,8 +26,8 @@ from fhir.resources.R4B.bundle import Bundle
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from models.cta_phantoms import cta_phantom
 from models.dicom_writer import write_ct_series
+from models.lvo_detector.phantoms import cta_phantom
 from models.phantoms import head_ct_phantom
 from radtriage.demo import send_series
 from radtriage.settings import Settings
@@ -94,7 +94,14 @@ def test_cta_studies_reach_the_lvo_detector_and_positive_ones_alert_with_their_s
     t = settings.topics
     tail = Tail(
         settings.kafka.bootstrap_servers,
-        [t.requests_stat, t.findings, t.results_fhir, t.alerts_stroke, t.alerts_ich, t.deadletter],
+        [
+            t.requests_stat,
+            t.findings,
+            t.results_fhir,
+            t.alert_topic("stroke"),
+            t.alert_topic("ich"),
+            t.deadletter,
+        ],
     )
     workup, right, normal = generate_uid(), generate_uid(), generate_uid()
     head = head_ct_phantom(np.random.default_rng(LEFT_LVO_SEED), bleed=False)
@@ -122,8 +129,8 @@ def test_cta_studies_reach_the_lvo_detector_and_positive_ones_alert_with_their_s
                 and reported(workup, "ICH")
                 and reported(right, "LVO")
                 and reported(normal, "LVO")
-                and tail.of(t.alerts_stroke, study_uid=workup)
-                and tail.of(t.alerts_stroke, study_uid=right)
+                and tail.of(t.alert_topic("stroke"), study_uid=workup)
+                and tail.of(t.alert_topic("stroke"), study_uid=right)
             )
             or bool(tail.of(t.deadletter))
         ),
@@ -179,9 +186,9 @@ def test_cta_studies_reach_the_lvo_detector_and_positive_ones_alert_with_their_s
     # Alerts: exactly one stroke alert per positive study, with its side; none for the
     # normal CTA, and the stroke alerts never go to the ICH topic.
     for uid, side in expected_sides.items():
-        (alert,) = tail.of(t.alerts_stroke, study_uid=uid)
+        (alert,) = tail.of(t.alert_topic("stroke"), study_uid=uid)
         assert alert["finding"] == "LVO" and alert["laterality"] == side
         assert alert["laterality_probability"] == findings[(uid, "LVO")]["laterality_probability"]
         assert alert["model_name"] == "lvo_detector" and alert["lane"] == "stat"
-    assert tail.of(t.alerts_stroke, study_uid=normal) == []
-    assert [a for a in tail.of(t.alerts_ich) if a["finding"] == "LVO"] == []
+    assert tail.of(t.alert_topic("stroke"), study_uid=normal) == []
+    assert [a for a in tail.of(t.alert_topic("ich")) if a["finding"] == "LVO"] == []

@@ -78,7 +78,9 @@ def _drive_and_check(settings: Settings, worker: Worker, worker_url: str, http_p
     t = settings.topics
     group = settings.streams.app_id
     aggregate_url = f"http://127.0.0.1:{http_port}/metrics"
-    tail = Tail(settings.kafka.bootstrap_servers, [t.alerts_ich, t.results_fhir, t.deadletter, t.studies])
+    tail = Tail(
+        settings.kafka.bootstrap_servers, [t.alert_topic("ich"), t.results_fhir, t.deadletter, t.studies]
+    )
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     stamp = time.time_ns()
     ready_at = datetime.now(UTC)
@@ -110,14 +112,14 @@ def _drive_and_check(settings: Settings, worker: Worker, worker_url: str, http_p
 
     tail.until(
         lambda: (
-            len([a for a in tail.of(t.alerts_ich) if a["study_uid"] in positives]) == 3
+            len([a for a in tail.of(t.alert_topic("ich")) if a["study_uid"] in positives]) == 3
             and len([r for r in tail.of(t.results_fhir) if r["study_uid"] in positives + negatives]) == 5
             and tail.of(t.deadletter, study_uid=head)
             and tail.of(t.deadletter, key="poison")
         )
     )
     tail.drain(1.0)
-    alerts = [a for a in tail.of(t.alerts_ich) if a["study_uid"] in positives]
+    alerts = [a for a in tail.of(t.alert_topic("ich")) if a["study_uid"] in positives]
     reports = [r for r in tail.of(t.results_fhir) if r["study_uid"] in positives + negatives]
     letters = {d["stage"] for d in tail.of(t.deadletter)}
     assert len(alerts) == 3 and len(reports) == 5 and letters == {"assemble", "infer.stat.preprocess"}

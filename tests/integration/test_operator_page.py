@@ -166,7 +166,7 @@ def test_alert_arrives_live_is_acknowledged_on_audit_and_every_page_agrees(
     server = Server(server_settings(settings))
     url = server.start()
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
-    tail = Tail(settings.kafka.bootstrap_servers, [t.studies, t.requests_stat, t.audit, t.alerts_ich])
+    tail = Tail(settings.kafka.bootstrap_servers, [t.studies, t.requests_stat, t.audit, t.alert_topic("ich")])
     stamp = time.time_ns()
     study_a, study_b = f"1.2.826.0.1.3680043.10.{stamp}", f"1.2.826.0.1.3680043.11.{stamp}"
     trace_a = f"{stamp:032x}"[-32:]
@@ -229,7 +229,7 @@ def test_alert_arrives_live_is_acknowledged_on_audit_and_every_page_agrees(
         expect(card).to_contain_text("ACC-A")
         expect(card).to_contain_text("p = 0.930")
         expect(card).to_contain_text("ich_classifier v1")
-        tail.until(lambda: bool(tail.of(t.alerts_ich, study_uid=study_a)))
+        tail.until(lambda: bool(tail.of(t.alert_topic("ich"), study_uid=study_a)))
 
         # Click the alert: its waterfall, every stage from the events' own timestamps.
         card.locator(".a2").click()
@@ -350,8 +350,8 @@ def test_malformed_messages_and_bad_posts_do_not_break_the_page(
     url = server.start()
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     topics = [
-        t.alerts_ich,
-        t.alerts_stroke,
+        t.alert_topic("ich"),
+        t.alert_topic("stroke"),
         t.findings,
         t.results_fhir,
         t.requests_stat,
@@ -376,7 +376,10 @@ def test_malformed_messages_and_bad_posts_do_not_break_the_page(
         wait_page_live(page)
         for topic in topics:
             for value in bad_values:
-                if value.startswith(b'{"schema_version":1') and topic in (t.alerts_ich, t.alerts_stroke):
+                if value.startswith(b'{"schema_version":1') and topic in (
+                    t.alert_topic("ich"),
+                    t.alert_topic("stroke"),
+                ):
                     continue  # a valid alert on an alert topic is not malformed
                 producer.send(topic, key=b"poison", value=value)
                 sent_bad += 1
@@ -384,7 +387,7 @@ def test_malformed_messages_and_bad_posts_do_not_break_the_page(
         sent_bad += 1
         producer.flush()
         good = f"1.2.826.0.1.3680043.12.{time.time_ns()}"
-        producer.send(t.alerts_ich, key=good.encode(), value=_alert(good).to_bytes()).get(10)
+        producer.send(t.alert_topic("ich"), key=good.encode(), value=_alert(good).to_bytes()).get(10)
 
         # The reader went on: the good alert after the garbage is on the page, live.
         expect(page.locator(f'article.alert[data-alert-id="{good}/ICH"]')).to_be_visible(timeout=WAIT_MS)

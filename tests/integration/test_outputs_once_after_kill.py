@@ -57,7 +57,7 @@ def test_no_second_finding_when_the_worker_dies_right_after_inferring(
     env = {**env, "RADTRIAGE_TRITON__GRPC_URL": triton_grpc_url, "RADTRIAGE_TRITON__TIMEOUT_S": "20"}
     crashing = Worker({**env, "RADTRIAGE_STREAMS__FAULT_INJECTION": "crash_after_finding"}, settings.home)
     crashing.start()
-    tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.results_fhir, t.alerts_ich, t.audit])
+    tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.results_fhir, t.alert_topic("ich"), t.audit])
     studies = Studies(settings, settings.home)
     uid = studies.send("stat", bleed=True)
     tail.until(lambda: len(tail.of(t.findings, study_uid=uid)) == 1, timeout=180)
@@ -72,10 +72,10 @@ def test_no_second_finding_when_the_worker_dies_right_after_inferring(
         return bool(skipped) and len(tail.of(t.results_fhir, study_uid=uid)) >= 1
 
     tail.until(decided, timeout=180)
-    tail.until(lambda: len(tail.of(t.alerts_ich, study_uid=uid)) >= 1)
+    tail.until(lambda: len(tail.of(t.alert_topic("ich"), study_uid=uid)) >= 1)
     tail.drain(3.0)
     (finding,) = tail.of(t.findings, study_uid=uid)
     assert finding["positive"] and finding["request_id"]
     assert len(tail.of(t.results_fhir, study_uid=uid)) == 1
-    assert len(tail.of(t.alerts_ich, study_uid=uid)) == 1
+    assert len(tail.of(t.alert_topic("ich"), study_uid=uid)) == 1
     survivor.kill(signal.SIGTERM)

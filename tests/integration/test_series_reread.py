@@ -86,7 +86,8 @@ def test_a_later_preferred_series_amends_and_a_worse_one_changes_nothing(
     worker = Worker(env, settings.home)
     worker.start()
     tail = Tail(
-        settings.kafka.bootstrap_servers, [t.findings, t.results_fhir, t.alerts_ich, t.audit, t.deadletter]
+        settings.kafka.bootstrap_servers,
+        [t.findings, t.results_fhir, t.alert_topic("ich"), t.audit, t.deadletter],
     )
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
 
@@ -146,7 +147,7 @@ def test_a_later_preferred_series_amends_and_a_worse_one_changes_nothing(
     assert [r["status"] for r in reports] == ["preliminary", "amended"]
     assert reports[0]["id"] == reports[1]["id"]
     assert 'series 2 "Head 5.0 H30s"' in reports[1]["conclusion"]
-    assert len(tail.of(t.alerts_ich, study_uid=study)) == 1
+    assert len(tail.of(t.alert_topic("ich"), study_uid=study)) == 1
     decisions = [a["decision"] for a in tail.of(t.audit, study_uid=study)]
     assert decisions.count("reread_better_series") == 1 and decisions.count("routed") == 1
     # The first read may or may not call the bleed; either way one alert, never two.

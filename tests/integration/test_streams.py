@@ -20,7 +20,7 @@ def test_one_alert_per_study_even_across_a_killed_worker(worker_env: tuple[dict[
     t = settings.topics
     worker = Worker(env, settings.home)
     worker.start()
-    tail = Tail(settings.kafka.bootstrap_servers, [t.alerts_ich, t.results_fhir, t.audit])
+    tail = Tail(settings.kafka.bootstrap_servers, [t.alert_topic("ich"), t.results_fhir, t.audit])
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     uid = f"1.2.826.0.1.{time.time_ns()}"
     producer.send(t.findings, key=uid.encode(), value=finding_bytes(uid, 0.91)).get(10)
@@ -28,7 +28,7 @@ def test_one_alert_per_study_even_across_a_killed_worker(worker_env: tuple[dict[
     tail.until(
         lambda: len(tail.of(t.results_fhir, study_uid=uid)) == 2 and len(tail.of(t.audit, study_uid=uid)) == 2
     )
-    assert len(tail.of(t.alerts_ich, study_uid=uid)) == 1
+    assert len(tail.of(t.alert_topic("ich"), study_uid=uid)) == 1
     assert sorted(d["decision"] for d in tail.of(t.audit, study_uid=uid)) == [
         "alert_sent",
         "alert_suppressed_duplicate",
@@ -48,7 +48,7 @@ def test_one_alert_per_study_even_across_a_killed_worker(worker_env: tuple[dict[
 
     tail.until(lambda: third_reported() and len(tail.of(t.audit, study_uid=uid)) >= 3)
     tail.drain(2.0)
-    assert len(tail.of(t.alerts_ich, study_uid=uid)) == 1
+    assert len(tail.of(t.alert_topic("ich"), study_uid=uid)) == 1
     decisions = [d["decision"] for d in tail.of(t.audit, study_uid=uid)]
     assert decisions.count("alert_sent") == 1
     assert set(decisions[1:]) == {"alert_suppressed_duplicate"}
@@ -130,11 +130,11 @@ def test_no_second_alert_when_the_worker_dies_right_after_alerting(
     t = settings.topics
     crashing = Worker({**env, "RADTRIAGE_STREAMS__FAULT_INJECTION": "crash_after_alert"}, settings.home)
     crashing.start()
-    tail = Tail(settings.kafka.bootstrap_servers, [t.alerts_ich, t.audit])
+    tail = Tail(settings.kafka.bootstrap_servers, [t.alert_topic("ich"), t.audit])
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     uid = f"1.2.826.0.4.{time.time_ns()}"
     producer.send(t.findings, key=uid.encode(), value=finding_bytes(uid, 0.95)).get(10)
-    tail.until(lambda: len(tail.of(t.alerts_ich, study_uid=uid)) == 1)
+    tail.until(lambda: len(tail.of(t.alert_topic("ich"), study_uid=uid)) == 1)
     assert crashing.proc is not None
     assert crashing.proc.wait(60) == 70  # died in the window, before the audit event
     assert tail.of(t.audit, study_uid=uid) == []
@@ -143,7 +143,7 @@ def test_no_second_alert_when_the_worker_dies_right_after_alerting(
     survivor.start()
     tail.until(lambda: len(tail.of(t.audit, study_uid=uid)) == 1)
     tail.drain(2.0)
-    assert len(tail.of(t.alerts_ich, study_uid=uid)) == 1
+    assert len(tail.of(t.alert_topic("ich"), study_uid=uid)) == 1
     (audit,) = tail.of(t.audit, study_uid=uid)
     assert audit["decision"] == "alert_suppressed_duplicate"
     survivor.kill(signal.SIGTERM)

@@ -105,7 +105,7 @@ def test_trace_lists_every_stage_of_a_study_with_messaging_attributes(
     _env, settings = traced_stack
     t = settings.topics
     accession = f"TRC{time.time_ns() % 10**9}"
-    tail = Tail(settings.kafka.bootstrap_servers, [t.alerts_ich, t.results_fhir])
+    tail = Tail(settings.kafka.bootstrap_servers, [t.alert_topic("ich"), t.results_fhir])
     ack = send_hl7(settings, hl7_order(accession, f"MRN-{accession}", priority="S", indication="CODE STROKE"))
     assert "|AA|" in ack or "MSA|AA" in ack, ack
 
@@ -121,15 +121,17 @@ def test_trace_lists_every_stage_of_a_study_with_messaging_attributes(
     )
     uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     send_series(files, settings)
-    tail.until(lambda: tail.of(t.alerts_ich, study_uid=uid) and tail.of(t.results_fhir, study_uid=uid), 120)
-    (alert,) = tail.of(t.alerts_ich, study_uid=uid)
+    tail.until(
+        lambda: tail.of(t.alert_topic("ich"), study_uid=uid) and tail.of(t.results_fhir, study_uid=uid), 120
+    )
+    (alert,) = tail.of(t.alert_topic("ich"), study_uid=uid)
 
     # Spans leave each process in batches (0.5 s): wait until the last stage is on file.
     trace_file = settings.trace_file
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         spans, _, _ = load_study_spans([trace_file], uid)
-        if STAGES <= {s.name for s in spans} and any(s.name == "send " + t.alerts_ich for s in spans):
+        if STAGES <= {s.name for s in spans} and any(s.name == "send " + t.alert_topic("ich") for s in spans):
             break
         time.sleep(0.5)
 
@@ -162,13 +164,20 @@ def test_trace_lists_every_stage_of_a_study_with_messaging_attributes(
     producers = [s for s in raw if s["kind"] == "SpanKind.PRODUCER"]
     consumers = [s for s in raw if s["kind"] == "SpanKind.CONSUMER"]
     sent_to = {s["attributes"]["messaging.destination.name"] for s in producers}
-    assert {t.instances, t.studies, t.requests_stat, t.findings, t.results_fhir, t.alerts_ich} <= sent_to
+    assert {
+        t.instances,
+        t.studies,
+        t.requests_stat,
+        t.findings,
+        t.results_fhir,
+        t.alert_topic("ich"),
+    } <= sent_to
     for s in producers:
         a = s["attributes"]
         assert s["name"] == f"send {a['messaging.destination.name']}"
         assert a["messaging.system"] == "kafka" and a["messaging.operation.type"] == "send"
         assert a["messaging.destination.partition.id"].isdigit() and a["messaging.kafka.offset"] >= 0
-        if a["messaging.destination.name"] in (t.instances, t.studies, t.requests_stat, t.alerts_ich):
+        if a["messaging.destination.name"] in (t.instances, t.studies, t.requests_stat, t.alert_topic("ich")):
             assert a["messaging.kafka.message.key"] == uid
     by_patient = [s for s in producers if s["name"].endswith("-studies-by-patient")]
     assert by_patient and all("messaging.kafka.message.key" not in s["attributes"] for s in by_patient)

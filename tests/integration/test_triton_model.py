@@ -19,7 +19,7 @@ from radtriage.settings import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
-METRICS = json.loads((REPO_ROOT / "models" / "ich_classifier.metrics.json").read_text())
+METRICS = json.loads((REPO_ROOT / "models" / "ich_classifier" / "metrics.json").read_text())
 
 
 def test_served_model_separates_bleeds_from_normals(triton_grpc_url: str, tmp_path: Path) -> None:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from tritonclient.grpc import InferenceServerClient, InferInput, InferRequestedOutput
 
-from models.chest_ct_phantoms import chest_ct_phantom
-from models.cta_phantoms import cta_phantom
-from models.cxr_phantoms import chest_radiograph_phantom
-from models.cxr_writer import write_radiograph
+from models.cxr_triage.phantoms import chest_radiograph_phantom
+from models.cxr_triage.writer import write_radiograph
 from models.dicom_writer import write_ct_series
-from models.mammo_phantoms import mammo_study_phantom
-from models.mammo_writer import write_mammogram_study
+from models.lvo_detector.phantoms import cta_phantom
+from models.mammo_birads.phantoms import mammo_study_phantom
+from models.mammo_birads.writer import write_mammogram_study
+from models.nodule_detector.phantoms import chest_ct_phantom
 from models.operating_point import auc
 from processors.birads import birads_of
 from processors.model_inputs import prepare_input
@@ -44,7 +44,7 @@ MIN_AUC = {"lvo_detector": 0.85, "cxr_triage": 0.9, "mammo_birads": 0.8, "nodule
 
 
 def _metrics(model: str) -> dict:  # type: ignore[type-arg]
-    return json.loads((REPO_ROOT / "models" / f"{model}.metrics.json").read_text())
+    return json.loads((REPO_ROOT / "models" / model / "metrics.json").read_text())
 
 
 def _lvo_cases(tmp_path: Path) -> list[tuple[int, str | None, np.ndarray]]:
@@ -267,7 +267,7 @@ def test_nodule_detector_loads_answers_a_batch_and_finds_nodules_where_they_are(
     assert auc(probs, labels) >= MIN_AUC["nodule_detector"], list(zip(labels, probs.round(3), strict=True))
     # The lane client hands the map on; the nodules read from it are real ones: every
     # flagged study with nodules has its likeliest candidate on one (centre within the
-    # match rule of models/train_nodule.py), in the lung it is in, about its size.
+    # match rule of models/nodule_detector/train.py), in the lung it is in, about its size.
     threshold = _metrics("nodule_detector")["threshold"]
     checked = 0
     for (truths, _, geometry), r in zip(cases, lane, strict=True):

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.chest_ct_phantoms import (
+from models.dicom_writer import write_ct_series
+from models.nodule_detector.phantoms import (
     GROUND_GLASS_DIAMETER_MM,
     GROUND_GLASS_HU,
     NOISE_SD_HU,
@@ -18,7 +19,6 @@ from models.chest_ct_phantoms import (
     chest_ct_phantom,
     lps_of_index,
 )
-from models.dicom_writer import write_ct_series
 from processors.dicom_volume import centred_affine, load_series
 
 

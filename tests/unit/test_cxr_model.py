@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from tritonclient.grpc import model_config_pb2
 
-from models.cxr_phantoms import chest_radiograph_phantom
+from models.cxr_triage.phantoms import chest_radiograph_phantom
 from models.serving import parse_config
 from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph
 from radtriage.settings import REPO_ROOT
 
 MODEL_DIR = REPO_ROOT / "deploy" / "triton" / "model_repository" / "cxr_triage"
-METRICS = json.loads((REPO_ROOT / "models" / "cxr_triage.metrics.json").read_text())
+METRICS = json.loads((REPO_ROOT / "models" / "cxr_triage" / "metrics.json").read_text())
 
 
 def test_configs_parse_and_differ_only_in_the_instance_kind() -> None:

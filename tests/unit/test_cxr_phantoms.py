@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.cxr_phantoms import MAX_VALUE, SIDES, chest_radiograph_phantom
+from models.cxr_triage.phantoms import MAX_VALUE, SIDES, chest_radiograph_phantom
 
 
 def test_a_pneumothorax_is_labelled_with_side_size_and_mask() -> None:

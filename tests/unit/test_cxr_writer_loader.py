@@ -1,4 +1,4 @@
-"""CR/DX objects written by models/cxr_writer.py and read back by processors/radiograph.py."""
+"""CR/DX objects written by models/cxr_triage/writer.py and read back by processors/radiograph.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pydicom import dcmread
 from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 
 from connectors.dicom import validation
-from models.cxr_phantoms import chest_radiograph_phantom
-from models.cxr_writer import write_radiograph
+from models.cxr_triage.phantoms import chest_radiograph_phantom
+from models.cxr_triage.writer import write_radiograph
 from processors.dicom_volume import VolumeError
 from processors.model_inputs import prepare_input
 from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph

@@ -138,8 +138,8 @@ def co_partitioned_topics() -> list[str]:
         t.requests_urgent,
         t.requests_routine,
         t.findings,
-        t.alerts_ich,
-        t.alerts_stroke,
+        t.alert_topic("ich"),
+        t.alert_topic("stroke"),
     ]
 
 

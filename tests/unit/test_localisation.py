@@ -31,7 +31,7 @@ from processors.triton_client import read_maps
 from radtriage.settings import REPO_ROOT
 
 MODEL_DIR = REPO_ROOT / "deploy" / "triton" / "model_repository" / "ich_classifier"
-METRICS = json.loads((REPO_ROOT / "models" / "ich_classifier.metrics.json").read_text())
+METRICS = json.loads((REPO_ROOT / "models" / "ich_classifier" / "metrics.json").read_text())
 
 
 def geometry(n: int, crop: SliceCrop, numbers: tuple[int | None, ...] | None = None) -> SeriesGeometry:
@@ -163,7 +163,7 @@ def test_a_shuffled_dicom_series_maps_back_to_its_own_instance_numbers(tmp_path:
 
 def test_the_committed_weights_put_the_range_on_the_bleed(tmp_path: Path) -> None:
     """Through DICOM (shuffled instance numbers), the served model's map and `localise`: the
-    reported images hold blood for most fresh bleeds (models/localisation_eval.py measures
+    reported images hold blood for most fresh bleeds (models/ich_classifier/localisation_eval.py measures
     the share on 200 held-out phantoms)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

@@ -10,14 +10,14 @@ import pytest
 import torch
 from tritonclient.grpc import model_config_pb2
 
-from models.cta_phantoms import cta_phantom
+from models.lvo_detector.phantoms import cta_phantom
 from models.serving import parse_config
 from processors.preprocessing import LVO_INPUT_SHAPE, preprocess_cta
 from radtriage.settings import REPO_ROOT
 
 REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
 MODEL_DIR = REPOSITORY / "lvo_detector"
-METRICS = json.loads((REPO_ROOT / "models" / "lvo_detector.metrics.json").read_text())
+METRICS = json.loads((REPO_ROOT / "models" / "lvo_detector" / "metrics.json").read_text())
 
 
 def test_configs_parse_and_differ_only_in_the_instance_kind() -> None:

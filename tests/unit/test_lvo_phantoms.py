@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from models.cta_phantoms import OCCLUSION_SITES, SIDES, cta_phantom
 from models.dicom_writer import write_ct_series
+from models.lvo_detector.phantoms import OCCLUSION_SITES, SIDES, cta_phantom
 from models.phantoms import HU_MAX, HU_MIN
 from processors.dicom_volume import load_series
 

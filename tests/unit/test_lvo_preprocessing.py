@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.cta_phantoms import cta_phantom
 from models.dicom_writer import write_ct_series
+from models.lvo_detector.phantoms import cta_phantom
 from processors.dicom_volume import load_series
 from processors.model_inputs import prepare_input
 from processors.preprocessing import (

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from tritonclient.grpc import model_config_pb2
 
-from models.mammo_phantoms import mammo_study_phantom
-from models.mammo_writer import write_mammogram_study
+from models.mammo_birads.phantoms import mammo_study_phantom
+from models.mammo_birads.writer import write_mammogram_study
 from models.serving import parse_config
 from processors.birads import assess
 from processors.mammogram import load_mammogram
@@ -19,7 +19,7 @@ from processors.preprocessing import MAMMO_INPUT_SHAPE, preprocess_mammogram
 from radtriage.settings import REPO_ROOT
 
 MODEL_DIR = REPO_ROOT / "deploy" / "triton" / "model_repository" / "mammo_birads"
-METRICS = json.loads((REPO_ROOT / "models" / "mammo_birads.metrics.json").read_text())
+METRICS = json.loads((REPO_ROOT / "models" / "mammo_birads" / "metrics.json").read_text())
 
 
 def test_configs_parse_and_differ_only_in_the_instance_kind() -> None:

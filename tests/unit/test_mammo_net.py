@@ -1,11 +1,11 @@
-"""The served mammography module's contract (models/mammo_net.py), on an untrained network:
+"""The served mammography module's contract (models/mammo_birads/net.py), on an untrained network:
 absent views give zero rows and do not count towards the study's probability."""
 
 from __future__ import annotations
 
 import torch
 
-from models.mammo_net import CATEGORIES, MammoServed, build_mammo_net
+from models.mammo_birads.net import CATEGORIES, MammoServed, build_mammo_net
 from processors.preprocessing import MAMMO_INPUT_SHAPE
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from models import mammo_phantoms as mp
-from models.mammo_phantoms import (
+from models.mammo_birads import phantoms as mp
+from models.mammo_birads.phantoms import (
     CATEGORIES,
     LESIONS,
     MAX_VALUE,

@@ -1,4 +1,4 @@
-"""MG objects written by models/mammo_writer.py and read back by processors/mammogram.py."""
+"""MG objects written by models/mammo_birads/writer.py and read back by processors/mammogram.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pydicom import dcmread
 from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation, generate_uid
 
 from connectors.dicom import validation
-from models.mammo_phantoms import VIEWS, MammoStudy, mammo_study_phantom, mammo_view_phantom
-from models.mammo_writer import write_mammogram_study, write_mammogram_view
+from models.mammo_birads.phantoms import VIEWS, MammoStudy, mammo_study_phantom, mammo_view_phantom
+from models.mammo_birads.writer import write_mammogram_study, write_mammogram_view
 from processors.dicom_volume import VolumeError
 from processors.mammogram import load_mammogram
 

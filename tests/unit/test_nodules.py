@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from models.chest_ct_phantoms import ChestCtPhantom, chest_ct_phantom
+from models.nodule_detector.phantoms import ChestCtPhantom, chest_ct_phantom
 from processors.dicom_volume import Volume, centred_affine, series_affine
 from processors.nodules import NODULE_OUTPUT, NoduleGeometry, find_nodules, nodules_of
 from processors.preprocessing import (

@@ -164,8 +164,8 @@ def letter(payload: str, stage: str = "infer.stat.triton", source: str = TOPICS.
 
 def test_alerts_newest_first_bounded_and_duplicates_keep_the_first() -> None:
     uids = [f"{UID}.{i}" for i in range(5)]
-    view = run(*(obs(TOPICS.alerts_ich, alert(u, alerted=10 + i)) for i, u in enumerate(uids)))
-    view = run(obs(TOPICS.alerts_ich, alert(uids[4], alerted=99)), view=view)
+    view = run(*(obs(TOPICS.alert_topic("ich"), alert(u, alerted=10 + i)) for i, u in enumerate(uids)))
+    view = run(obs(TOPICS.alert_topic("ich"), alert(uids[4], alerted=99)), view=view)
     snap = snapshot(view, at(100), CONSUMED)
     assert [a.study_uid for a, _ in snap.alerts] == [uids[4], uids[3], uids[2]]  # bounded to 3, newest first
     assert snap.alerts[0][0].alerted_at == at(14)  # the copy did not replace the first
@@ -174,8 +174,8 @@ def test_alerts_newest_first_bounded_and_duplicates_keep_the_first() -> None:
 def test_ack_before_or_after_its_alert_and_the_first_ack_wins() -> None:
     a = alert()
     for facts in (
-        [obs(TOPICS.alerts_ich, a), obs(TOPICS.audit, ack(a.alert_id, "JD", 30))],
-        [obs(TOPICS.audit, ack(a.alert_id, "JD", 30)), obs(TOPICS.alerts_ich, a)],  # lookback order
+        [obs(TOPICS.alert_topic("ich"), a), obs(TOPICS.audit, ack(a.alert_id, "JD", 30))],
+        [obs(TOPICS.audit, ack(a.alert_id, "JD", 30)), obs(TOPICS.alert_topic("ich"), a)],  # lookback order
     ):
         view = run(
             *facts,
@@ -186,7 +186,7 @@ def test_ack_before_or_after_its_alert_and_the_first_ack_wins() -> None:
         assert got is not None and (got.by, got.at) == ("JD", at(30))
     # an earlier ack read later still wins (two pages clicked; the log decides)
     view = run(
-        obs(TOPICS.alerts_ich, a),
+        obs(TOPICS.alert_topic("ich"), a),
         obs(TOPICS.audit, ack(a.alert_id, "B", 31)),
         obs(TOPICS.audit, ack(a.alert_id, "A", 30)),
     )
@@ -195,7 +195,7 @@ def test_ack_before_or_after_its_alert_and_the_first_ack_wins() -> None:
 
 def test_other_audit_events_and_malformed_acks_change_nothing() -> None:
     a = alert()
-    view = run(obs(TOPICS.alerts_ich, a))
+    view = run(obs(TOPICS.alert_topic("ich"), a))
     noise = [
         AuditEvent(study_uid=UID, stage="alert", decision="alert_sent", detail={"alert_id": a.alert_id}),
         AuditEvent(
@@ -315,8 +315,8 @@ def test_dead_letters_are_bounded() -> None:
 
 def test_decode_garbage_and_wrong_schemas_are_unreadable_and_counted() -> None:
     records = [
-        Record(TOPICS.alerts_ich, 0, 1, b"\x00\xff not json"),
-        Record(TOPICS.alerts_ich, 0, 2, None),
+        Record(TOPICS.alert_topic("ich"), 0, 1, b"\x00\xff not json"),
+        Record(TOPICS.alert_topic("ich"), 0, 2, None),
         Record(TOPICS.audit, 0, 3, finding().to_bytes()),  # a finding on the audit topic
         Record(TOPICS.findings, 0, 4, b'{"schema_version": 7}'),
         Record(TOPICS.deadletter, 0, 5, b"[1,2,3]"),
@@ -325,7 +325,7 @@ def test_decode_garbage_and_wrong_schemas_are_unreadable_and_counted() -> None:
     out = [decode(r, KINDS) for r in records]
     assert all(isinstance(o, Unreadable) for o in out)
     view = run(*out)  # type: ignore[arg-type]
-    assert view.unreadable[TOPICS.alerts_ich] == 2 and sum(view.unreadable.values()) == 6
+    assert view.unreadable[TOPICS.alert_topic("ich")] == 2 and sum(view.unreadable.values()) == 6
     assert view.alerts == {} and view.studies == {}
 
 
@@ -376,7 +376,7 @@ def test_waterfall_stages_and_grouped_spans(tmp_path: Path) -> None:
         obs(TOPICS.requests_stat, request(lane="stat", routed=3)),
         obs(TOPICS.findings, finding(inferred=5)),
         obs(TOPICS.results_fhir, FhirResult(study_uid=UID, finding="ICH", bundle={}, produced_at=at(5.5))),
-        obs(TOPICS.alerts_ich, alert(alerted=6)),
+        obs(TOPICS.alert_topic("ich"), alert(alerted=6)),
     )
     track = view.studies[UID]
     assert track.trace_ids == (trace,)
@@ -422,7 +422,7 @@ def test_page_shows_ids_and_codes_never_the_patient_id() -> None:
         obs(TOPICS.studies, study()),
         obs(TOPICS.requests_urgent, req),
         obs(TOPICS.findings, finding()),
-        obs(TOPICS.alerts_ich, a),
+        obs(TOPICS.alert_topic("ich"), a),
         obs(TOPICS.deadletter, letter(request().model_dump_json())),  # payload holds the MRN
         LogStatus(True, "live"),
     )
@@ -438,13 +438,15 @@ def test_page_shows_ids_and_codes_never_the_patient_id() -> None:
 def test_parse_ack_and_the_audit_event() -> None:
     req = parse_ack(b'{"alert_id": "1.2.3/ICH", "by": "  J.  Doe "}')
     assert (req.alert_id, req.by) == ("1.2.3/ICH", "J. Doe")
-    row = run(obs(TOPICS.alerts_ich, alert())).alerts[f"{UID}/ICH"]
+    row = run(obs(TOPICS.alert_topic("ich"), alert())).alerts[f"{UID}/ICH"]
     event = ack_event(row, req.by, at(70))
     assert (event.stage, event.decision, event.study_uid) == ("alert", "alert_acknowledged", UID)
     assert event.detail["alert_id"] == row.alert_id and event.detail["by"] == "J. Doe"
     assert event.detail["at"] == at(70).isoformat()
     # what the page publishes is what the fold reads back
-    view = run(obs(TOPICS.alerts_ich, alert()), obs(TOPICS.audit, AuditEvent.from_bytes(event.to_bytes())))
+    view = run(
+        obs(TOPICS.alert_topic("ich"), alert()), obs(TOPICS.audit, AuditEvent.from_bytes(event.to_bytes()))
+    )
     assert view.acks[row.alert_id].by == "J. Doe"
 
 

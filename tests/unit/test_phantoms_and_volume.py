@@ -248,9 +248,9 @@ def test_phantom_sized_series_load_bit_identical_on_every_ct_models_path(
     """Training phantoms are at or below every working grid: the models' loaders read them at
     full resolution, bit for bit what the old loader gave, so trained weights and
     models/EVALUATION.md are unaffected by the pooling."""
-    from models.chest_ct_phantoms import chest_ct_phantom as nodule_phantom
-    from models.cta_phantoms import cta_phantom
-    from processors.model_inputs import MODEL_INPUTS
+    from models.lvo_detector.phantoms import cta_phantom
+    from models.nodule_detector.phantoms import chest_ct_phantom as nodule_phantom
+    from processors.model_inputs import model_input
 
     cta = cta_phantom(np.random.default_rng(21), lvo=True)
     chest = nodule_phantom(np.random.default_rng(22), nodules=1)
@@ -260,7 +260,7 @@ def test_phantom_sized_series_load_bit_identical_on_every_ct_models_path(
         "nodule_detector": write_ct_series(chest.hu, chest.spacing_zyx, tmp_path / "chest"),
     }
     for model, files in cases.items():
-        volume = MODEL_INPUTS[model].load(files)
+        volume = model_input(model).load(files)
         assert volume.pool_zyx == (1, 1, 1), model
         np.testing.assert_array_equal(volume.hu, _reference_hu(files), err_msg=model)
         assert volume.hu.dtype == np.float32 and volume.hu.flags.c_contiguous

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models import registry
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.model_inputs import UnsupportedModelError, prepare_input
@@ -220,7 +221,6 @@ def test_the_working_memory_estimate_and_the_header_fallback(series: list[Path])
 
     from processors.preprocess_pool import (
         MIN_WORKING_BYTES,
-        WORKING_BYTES_PER_PIXEL_BYTE,
         estimated_working_bytes,
         pixel_bytes_from_header,
     )
@@ -229,7 +229,8 @@ def test_the_working_memory_estimate_and_the_header_fallback(series: list[Path])
     assert pixel_bytes_from_header(series) == len(series) * ds.Rows * ds.Columns * 2
     assert pixel_bytes_from_header([]) == 0
     scanner_head = 240 * 512 * 512 * 2
-    factor = WORKING_BYTES_PER_PIXEL_BYTE["ich_classifier"]
+    factors = {s.name: s.working_bytes_per_pixel_byte or 0.0 for s in registry.specs().values()}
+    factor = factors["ich_classifier"]
     assert estimated_working_bytes(scanner_head, "ich_classifier") == int(factor * scanner_head)
     # A 2D image is preprocessed at its full matrix: more per pixel byte than a CT volume.
     detector = 3000 * 2400 * 2
@@ -238,7 +239,7 @@ def test_the_working_memory_estimate_and_the_header_fallback(series: list[Path])
     )
     # Unknown model: the largest factor; nothing known: the minimum.
     assert estimated_working_bytes(scanner_head, "new_model") == int(
-        max(WORKING_BYTES_PER_PIXEL_BYTE.values()) * scanner_head
+        max(factors.values()) * scanner_head
     )
     assert estimated_working_bytes(0) == MIN_WORKING_BYTES
 

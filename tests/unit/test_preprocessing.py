@@ -23,7 +23,7 @@ from processors.preprocessing import (
 from radtriage.settings import REPO_ROOT
 
 MODEL_DIR = REPO_ROOT / "deploy" / "triton" / "model_repository" / "ich_classifier"
-METRICS_PATH = REPO_ROOT / "models" / "ich_classifier.metrics.json"
+METRICS_PATH = REPO_ROOT / "models" / "ich_classifier" / "metrics.json"
 
 
 def test_shape_dtype_and_range() -> None:
@@ -171,8 +171,8 @@ def test_phantom_inputs_are_bit_identical_to_the_preprocessing_before_issue_16()
     """The memory work (slab-wise windows, the crop box on one boolean map, freed intermediates)
     changes no value on what the models were trained on: ICH inputs and training masks, and
     the other CT models' inputs, are equal bit for bit."""
-    from models.chest_ct_phantoms import chest_ct_phantom
-    from models.cta_phantoms import cta_phantom
+    from models.lvo_detector.phantoms import cta_phantom
+    from models.nodule_detector.phantoms import chest_ct_phantom
     from processors.preprocessing import preprocess_chest_ct, preprocess_cta
 
     for seed, (x_digest, m_digest, crop) in BEFORE_ISSUE_16.items():

@@ -81,7 +81,7 @@ def test_consumed_topics_are_what_the_stream_reads_and_nothing_else() -> None:
     assert {t.requests_stat, t.requests_urgent, t.requests_routine, t.instances, t.studies} <= CONSUMED
     assert {t.orders, t.encounters, t.findings} <= CONSUMED
     assert set(SETTINGS.streams.internal_topics()) <= CONSUMED
-    assert not {t.deadletter, t.audit, t.alerts_ich, t.results_fhir, "hl7.mllp"} & CONSUMED
+    assert not {t.deadletter, t.audit, t.alert_topic("ich"), t.results_fhir, "hl7.mllp"} & CONSUMED
 
 
 def test_filters_by_stage_time_and_study() -> None:

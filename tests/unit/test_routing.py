@@ -192,6 +192,6 @@ def test_lvo_request_carries_the_models_operating_point() -> None:
     st = study(series("1.2", "CT", "HEAD", "CTA HEAD NECK", 48))
     (route,) = route_study(st, RULES)
     req = build_request(st, route)
-    metrics = json.loads((REPO_ROOT / "models" / "lvo_detector.metrics.json").read_text())
+    metrics = json.loads((REPO_ROOT / "models" / "lvo_detector" / "metrics.json").read_text())
     assert (req.model_name, req.finding, req.rule_id) == ("lvo_detector", "LVO", "cta-head-neck-lvo")
     assert req.threshold == metrics["threshold"]

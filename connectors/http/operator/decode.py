@@ -41,8 +41,7 @@ PageEvent = Alert | Finding | FhirResult | TriageRequest | AuditEvent | DeadLett
 def topic_kinds(topics: Topics) -> dict[str, Kind]:
     """The topics the page reads, and what each carries."""
     return {
-        topics.alerts_ich: "alert",
-        topics.alerts_stroke: "alert",
+        **dict.fromkeys(topics.alert_topics(), "alert"),
         topics.findings: "finding",
         topics.results_fhir: "result",
         topics.requests_stat: "request",

@@ -2,11 +2,11 @@
 
 The same file serves every radtriage reference model (ich_classifier, lvo_detector,
 cxr_triage, mammo_birads, nodule_detector): this is deploy/triton/python_backend/model.py,
-copied into each version directory by models/serving.py with the weights (a stock
-tritonserver needs it there); tests/unit/test_serving_configs.py holds every copy to this source. It reads the
-input name and shape and the output names from the model's config; the TorchScript
-module returns one (N, ...) tensor per configured output, in the configured order, and
-each request gets its rows with the shape the module gave them.
+the one committed copy; models/backend.py writes a generated copy into each version
+directory (a stock tritonserver needs it there) when the weights are exported and before
+a repository is served. It reads the input name and shape and the output names from the
+model's config; the TorchScript module returns one (N, ...) tensor per configured output,
+in the configured order, and each request gets its rows with the shape the module gave them.
 
     ich_classifier volume FP32 [batch, 3, 32, 96, 96] -> probability [batch, 1],
                                                          localisation_map [batch, 16, 24, 24]

@@ -1,0 +1,1 @@
+"""The chest radiograph triage model (pneumothorax): its spec, network, phantoms and training recipe."""

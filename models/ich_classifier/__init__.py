@@ -1,0 +1,2 @@
+"""The intracranial haemorrhage classifier (non-contrast head CT): its spec, network,
+phantoms and training recipe."""

@@ -1,0 +1,1 @@
+"""The large-vessel occlusion detector (head/neck CTA): its spec, network, phantoms and training recipe."""

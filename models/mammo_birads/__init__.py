@@ -1,0 +1,1 @@
+"""The mammography BI-RADS suggestion model: its spec, network, phantoms and training recipe."""

@@ -1,0 +1,1 @@
+"""The lung nodule detector (chest CT): its spec, network, phantoms and training recipe."""
