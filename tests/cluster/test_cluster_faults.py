@@ -33,8 +33,9 @@ from pydicom import dcmread
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.settings import Settings
-from tests.conftest import dcmtk_tool, free_port
 from tests.integration.harness import Tail, Worker, listener
+from tests.support.dicom import dcmtk_tool
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

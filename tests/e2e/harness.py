@@ -18,7 +18,8 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from radtriage.settings import REPO_ROOT
-from tests.conftest import dcmtk_tool, free_port
+from tests.support.dicom import dcmtk_tool
+from tests.support.net import free_port
 
 OUTCOME_TIMEOUT_S = 120.0
 

@@ -30,7 +30,7 @@ from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
 from schemas.findings import Finding
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 _workers: list[Worker] = []
 

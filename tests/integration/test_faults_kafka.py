@@ -32,8 +32,8 @@ from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.kafka import LocalKafka
 from radtriage.stack.process import port_in_use
 from schemas.instances import InstanceEvent
-from tests.conftest import free_port
 from tests.integration.harness import Tail, Worker
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ import pytest
 from radtriage.replay import REPLAY_HEADER
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.triton import LocalTriton
-from tests.conftest import free_port
 from tests.integration.harness import Studies, Tail, Worker
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -49,8 +49,8 @@ from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from schemas.orders import OrderEvent
-from tests.conftest import free_port
 from tests.data.hl7 import samples
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

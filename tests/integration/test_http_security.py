@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -26,25 +25,22 @@ from pathlib import Path
 import pytest
 import requests
 
-from connectors.http.server import start_http
 from radtriage.demo_messages import post_fhir
 from radtriage.demo_messages import service_request as demo_service_request
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from tests.certs import Pki, make_pki
-from tests.conftest import free_port
 from tests.integration.test_fhir_intake import (
     FHIR_JSON,
-    PARTITIONS,
-    Intake,
     _settings,
-    _stop,
     outcome,
     post,
-    read_topic,
     service_request,
 )
 from tests.integration.test_stow_rs import STOW_TYPE, multipart, part10, series
+from tests.support.http import start_intake, stop_intake
+from tests.support.kafka import PARTITIONS, read_topic
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -73,17 +69,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("certs"))
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-
-
 def secured(tmp_path: Path, bootstrap: str, certs: Pki | None, mode: str, **tls: Path) -> Settings:
     settings = _settings(tmp_path / "home", bootstrap)
     settings.http.auth.mode = mode  # type: ignore[assignment]
@@ -101,10 +86,9 @@ def secured(tmp_path: Path, bootstrap: str, certs: Pki | None, mode: str, **tls:
 
 class Server:
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
-        handle = asyncio.run_coroutine_threadsafe(start_http(settings), loop).result(30)
-        self.intake = Intake(settings, handle, loop)
+        self.intake = start_intake(settings, loop)
         self.settings = settings
-        self.port = handle.port
+        self.port = self.intake.handle.port
 
     @property
     def base(self) -> str:
@@ -121,7 +105,7 @@ def serve(loop: asyncio.AbstractEventLoop) -> Iterator[object]:
 
     yield start
     for s in servers:
-        _stop(s.intake)
+        stop_intake(s.intake)
 
 
 def call(
@@ -211,7 +195,7 @@ def test_a_valid_token_gets_normal_service(
     r = post(s, f"{server.base}/fhir/ServiceRequest", service_request("AUTH-1"))
     assert r.status_code == 201, r.text
     (record,) = read_topic(kafka_bootstrap, server.settings.topics.orders, 1)
-    assert record.key == "AUTH-1"
+    assert record.key.decode() == "AUTH-1"
     assert s.get(f"{server.base}/metrics", timeout=TIMEOUT).text.startswith("# HELP")
     page = s.get(f"{server.base}/", timeout=TIMEOUT)
     assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
@@ -296,7 +280,7 @@ def test_https_with_the_test_ca_and_plain_http_is_refused(
     location = post_fhir(demo, demo_service_request("DEMO-1", "MRN-1", priority="stat"))
     assert location.startswith(f"https://127.0.0.1:{server.port}/fhir/ServiceRequest/")
     records = read_topic(kafka_bootstrap, server.settings.topics.orders, 2)
-    assert sorted(r.key for r in records) == ["DEMO-1", "TLS-1"]
+    assert sorted(r.key.decode() for r in records) == ["DEMO-1", "TLS-1"]
 
 
 def test_tls_below_1_2_is_refused(kafka_bootstrap: str, tmp_path: Path, serve, certs: Pki) -> None:
@@ -338,7 +322,7 @@ def test_mtls_requires_a_certificate_from_the_client_ca(
     )  # fmt: skip
     assert good.status_code == 201, good.text
     records = read_topic(kafka_bootstrap, server.settings.topics.orders, 1)
-    assert [r.key for r in records] == ["MTLS-1"]
+    assert [r.key.decode() for r in records] == ["MTLS-1"]
 
 
 def test_bearer_or_mtls_takes_either(kafka_bootstrap: str, tmp_path: Path, serve, certs: Pki) -> None:

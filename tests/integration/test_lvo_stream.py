@@ -31,8 +31,8 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.demo import send_series
 from radtriage.settings import Settings
-from tests.conftest import free_port
 from tests.integration.harness import Tail, Worker, listener
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,9 @@ from radtriage import metrics
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.process import port_in_use
 from schemas.instances import InstanceEvent
-from tests.conftest import free_port
 from tests.integration.harness import Tail, Worker, finding_bytes
 from tests.integration.test_metrics_http import Samples, names, scrape, value
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
