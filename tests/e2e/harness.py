@@ -3,7 +3,6 @@ listener on free ports), and a reader of the output topics."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
 from radtriage.settings import REPO_ROOT
-from tests.support.dicom import dcmtk_tool
+from tests.support.kafka import Tail
 from tests.support.net import free_port
 
 OUTCOME_TIMEOUT_S = 120.0
@@ -34,10 +33,6 @@ class Stack:
     home: Path
     process: subprocess.Popen[bytes]
     log: Path
-
-
-def _storescu() -> str:
-    return dcmtk_tool("storescu")
 
 
 def start_stack(
@@ -100,10 +95,10 @@ def start_stack(
 _consumers: list[KafkaConsumer] = []
 
 
-class Outputs:
-    """Everything produced on the output topics since the consumer was created."""
+class Outputs(Tail):
+    """Everything produced on the output topics since the reader was created."""
 
-    TOPICS = (
+    TOPICS: tuple[str, ...] = (
         "triage.alerts.ich",
         "triage.results.fhir",
         "triage.audit",
@@ -115,35 +110,11 @@ class Outputs:
     )
 
     def __init__(self, bootstrap: str) -> None:
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+        super().__init__(bootstrap, self.TOPICS, poll_ms=300)
         _consumers.append(self.consumer)
-        parts = [
-            TopicPartition(t, p)
-            for t in self.TOPICS
-            for p in sorted(self.consumer.partitions_for_topic(t) or {0})
-        ]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_end(*parts)
-        for tp in parts:
-            self.consumer.position(tp)
-        self.records: list[tuple[str, dict[str, Any], dict[str, bytes]]] = []
 
-    def poll_until(self, predicate: Any, timeout: float = OUTCOME_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate() and time.monotonic() < deadline:
-            for recs in self.consumer.poll(timeout_ms=300).values():
-                for r in recs:
-                    self.records.append((r.topic, json.loads(r.value), dict(r.headers or [])))
-        assert predicate(), (
-            f"timed out; saw {[(t, d.get('study_uid'), d.get('decision')) for t, d, _ in self.records]}"
-        )
+    def poll_until(self, predicate: Callable[[], object], timeout: float = OUTCOME_TIMEOUT_S) -> None:
+        self.until(predicate, timeout)
 
-    def drain(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            for recs in self.consumer.poll(timeout_ms=300).values():
-                for r in recs:
-                    self.records.append((r.topic, json.loads(r.value), dict(r.headers or [])))
-
-    def of(self, topic: str, study_uid: str) -> list[dict[str, Any]]:
-        return [d for t, d, _ in self.records if t == topic and d.get("study_uid") == study_uid]
+    def of(self, topic: str, study_uid: str) -> list[dict[str, Any]]:  # type: ignore[override]
+        return super().of(topic, study_uid=study_uid)

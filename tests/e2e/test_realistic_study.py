@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ import numpy as np
 import pytest
 
 from models.realistic_study import SeriesKind, StudyManifest, write_realistic_head_study
-from tests.e2e.harness import OUTCOME_TIMEOUT_S, Outputs, Stack, _storescu
+from tests.e2e.harness import OUTCOME_TIMEOUT_S, Outputs, Stack
+from tests.support.dicom import storescu_send
 
 pytestmark = pytest.mark.e2e
 
@@ -69,8 +69,7 @@ VARIANTS: dict[str, dict[bool, dict[str, Any]]] = {
 class AllOutputs(Outputs):
     """The harness's reader plus the findings topic (which series a model read)."""
 
-    # The harness types its tuple by its length; one more topic is still a tuple of topics.
-    TOPICS = (*Outputs.TOPICS, "triage.findings")  # type: ignore[assignment]
+    TOPICS = (*Outputs.TOPICS, "triage.findings")
 
 
 @dataclass
@@ -107,8 +106,7 @@ def _storescu_send(stack: Stack, files: Sequence[Path]) -> tuple[int, str]:
     log level storescu says nothing about a C-STORE the peer refused, it only exits 1."""
     # TCP_NODELAY: without it dcmtk waits for a delayed ACK (~45 ms) on every C-STORE.
     env = {**os.environ, "TCP_NODELAY": "1"}
-    cmd = [_storescu(), "-v", "-aec", "RADTRIAGE", "-aet", "E2E_REAL", "127.0.0.1", str(stack.dicom_port)]
-    done = subprocess.run([*cmd, *map(str, files)], capture_output=True, text=True, timeout=300, env=env)
+    done = storescu_send(stack.dicom_port, files, calling="E2E_REAL", verbose=True, timeout=300, env=env)
     said = [
         line
         for line in (done.stdout + done.stderr).splitlines()
@@ -128,7 +126,7 @@ def _dead_letters(out: Outputs, uid: str) -> list[dict[str, Any]]:
     # Intake dead letters may not know the study yet: their payload still names it.
     return [
         d
-        for t, d, _ in out.records
+        for t, d, _ in out.seen
         if t == "triage.deadletter" and (d.get("study_uid") == uid or uid in str(d.get("payload", "")))
     ]
 

@@ -1,36 +1,33 @@
 """Shared harness of the stream tests: a real `radtriage worker` process on per-test topics,
-and a tail of Kafka topics to assert on.
+the listeners as processes, and stat-lane traffic (findings, requests) without a model. The
+tail of Kafka topics to assert on is tests/support/kafka.py's `Tail`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from connectors.blobstore import LocalBlobStore
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
-from radtriage.kafka_clients import kafka_python_kwargs
-from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
+from radtriage.settings import REPO_ROOT, Settings
 from schemas.findings import Finding
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
-from tests.support.net import free_port
+from tests.support.net import free_port, port_open
 
 _workers: list[Worker] = []
 
@@ -124,7 +121,7 @@ def listener(command: str, env: dict[str, str], port: int, log: Path, timeout: f
         )
     try:
         deadline = time.monotonic() + timeout
-        while not _port_open(port):
+        while not port_open(port):
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, f"radtriage {command} never opened port {port}"
             time.sleep(0.2)
@@ -133,46 +130,6 @@ def listener(command: str, env: dict[str, str], port: int, log: Path, timeout: f
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-class Tail:
-    def __init__(self, kafka: str | KafkaSettings, topics: list[str]) -> None:
-        """`kafka`: a bootstrap address, or the settings of a secured cluster."""
-        if isinstance(kafka, str):
-            kafka = KafkaSettings(bootstrap_servers=kafka)
-        self.c = KafkaConsumer(group_id=None, enable_auto_commit=False, **kafka_python_kwargs(kafka))
-        parts = [TopicPartition(t, p) for t in topics for p in sorted(self.c.partitions_for_topic(t) or {0})]
-        self.c.assign(parts)
-        self.c.seek_to_end(*parts)
-        for tp in parts:
-            self.c.position(tp)
-        self.seen: list[tuple[str, dict[str, Any], dict[str, bytes]]] = []
-
-    def until(self, predicate: Any, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate() and time.monotonic() < deadline:
-            for recs in self.c.poll(timeout_ms=200).values():
-                self.seen += [(r.topic, json.loads(r.value), dict(r.headers or [])) for r in recs]
-        assert predicate(), [
-            (t, d.get("study_uid"), d.get("decision") or d.get("stage")) for t, d, _ in self.seen
-        ]
-
-    def drain(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            for recs in self.c.poll(timeout_ms=200).values():
-                self.seen += [(r.topic, json.loads(r.value), dict(r.headers or [])) for r in recs]
-
-    def of(self, topic: str, **match: Any) -> list[dict[str, Any]]:
-        return [d for t, d, _ in self.seen if t == topic and all(d.get(k) == v for k, v in match.items())]
 
 
 def finding_bytes(

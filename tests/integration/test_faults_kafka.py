@@ -32,7 +32,8 @@ from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.kafka import LocalKafka
 from radtriage.stack.process import port_in_use
 from schemas.instances import InstanceEvent
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker
+from tests.support.kafka import Tail
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration

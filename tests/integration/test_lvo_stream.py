@@ -31,7 +31,8 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.demo import send_series
 from radtriage.settings import Settings
-from tests.integration.harness import Tail, Worker, listener
+from tests.integration.harness import Worker, listener
+from tests.support.kafka import Tail
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration

@@ -23,9 +23,11 @@ from radtriage import metrics
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.process import port_in_use
 from schemas.instances import InstanceEvent
-from tests.integration.harness import Tail, Worker, finding_bytes
+from tests.integration.harness import Worker, finding_bytes
 from tests.integration.test_metrics_http import Samples, names, scrape, value
+from tests.support.kafka import Tail
 from tests.support.net import free_port
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -152,10 +154,12 @@ def _drive_and_check(settings: Settings, worker: Worker, worker_url: str, http_p
     assert "radtriage_consumer_lag" not in names(own)
 
     # The stat request was consumed: once Faust commits, its lag is 0 (committed = next offset).
-    deadline = time.monotonic() + 30
-    while value(scrape(aggregate_url), "radtriage_consumer_lag", group=group, lane="stat") != 0:
-        assert time.monotonic() < deadline, "the worker's commit never showed as zero lag"
-        time.sleep(0.5)
+    wait_until(
+        lambda: value(scrape(aggregate_url), "radtriage_consumer_lag", group=group, lane="stat") == 0,
+        "the worker's commit show as zero lag",
+        30,
+        interval=0.5,
+    )
 
     # A stopped worker's live gauges leave the aggregate with it; its counters stay.
     in_flight = [dict(ls)["lane"] for n, ls in scrape(aggregate_url) if n == "radtriage_requests_in_flight"]

@@ -13,7 +13,8 @@ from radtriage.settings import Settings
 from schemas.encounters import EncounterEvent
 from schemas.instances import InstanceEvent
 from schemas.orders import OrderEvent
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker
+from tests.support.kafka import Tail
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ from kafka import KafkaProducer
 
 from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
-from tests.integration.harness import Tail, Worker, finding_bytes
+from tests.integration.harness import Worker, finding_bytes
+from tests.support.kafka import Tail
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,8 @@ from radtriage.demo_messages import hl7_order, send_hl7
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.status import gather, port_open
 from radtriage.trace_view import load_study_spans
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker
+from tests.support.kafka import Tail
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
