@@ -31,22 +31,10 @@ def kafka_bootstrap(service_dir: Path) -> Iterator[str]:
     if external:
         yield external
         return
-    from radtriage.settings import Settings
-    from radtriage.stack.kafka import LocalKafka
+    from tests.support.kafka import local_kafka
 
-    settings = Settings()
-    broker = LocalKafka(
-        data_dir=service_dir / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        version=settings.kafka.embedded_version,
-        cache_root=settings.cache,
-    )
-    broker.start()
-    try:
+    with local_kafka(service_dir / "kafka") as broker:
         yield broker.bootstrap_servers
-    finally:
-        broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,9 +15,9 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer
 
-from radtriage.settings import REPO_ROOT
 from tests.support.kafka import Tail
 from tests.support.net import free_port
+from tests.support.process import start_radtriage
 
 OUTCOME_TIMEOUT_S = 120.0
 
@@ -60,15 +59,7 @@ def start_stack(
         env.update(extra_env(home))
     env.pop("RADTRIAGE_SETTINGS_JSON", None)
     log = home / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", "up"],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_radtriage(["up"], env, log)
     st = Stack(env, f"127.0.0.1:{kafka_port}", dicom_port, hl7_port, http_port, home, proc, log)
     deadline = time.monotonic() + 300
     while "radtriage is up" not in log.read_text(errors="replace"):

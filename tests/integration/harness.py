@@ -9,8 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,11 +21,13 @@ from connectors.blobstore import LocalBlobStore
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.settings import Settings, Topics
 from schemas.findings import Finding
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
-from tests.support.net import free_port, port_open
+from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_listening, wait_ready
+from tests.support.settings import isolated_settings
 
 _workers: list[Worker] = []
 
@@ -48,20 +48,8 @@ class Worker:
     def start(self) -> None:
         ready = self.home / "run" / (f"worker-{self.name}.ready" if self.name else "worker.ready")
         ready.unlink(missing_ok=True)
-        log = self.log_file.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", "worker"],
-            env=self.env,
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert self.proc.poll() is None, self.log_file.read_text()[-3000:]
-            assert time.monotonic() < deadline, "worker never became ready"
-            time.sleep(0.2)
+        self.proc = start_radtriage(["worker"], self.env, self.log_file)
+        wait_ready(self.proc, ready.exists, self.log_file, "worker never became ready", 120)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.proc is not None
@@ -73,14 +61,11 @@ def make_worker_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict
     # A fresh app id and fresh topics per test: its own consumer group, tables and
     # traffic, not the history other tests left on the session's broker.
     suffix = f"{tmp_path.name[-12:]}-{free_port()}"
-    settings = Settings(home=tmp_path)
-    settings.kafka.bootstrap_servers = kafka_bootstrap
+    settings = isolated_settings(tmp_path, kafka_bootstrap, Topics.model_fields, suffix=suffix)
     settings.streams.app_id = f"radtriage-test-{suffix}"
     env = dict(os.environ)
-    for field in type(settings.topics).model_fields:
-        name = f"{getattr(settings.topics, field)}.{suffix}"
-        setattr(settings.topics, field, name)
-        env[f"RADTRIAGE_TOPICS__{field.upper()}"] = name
+    for field in Topics.model_fields:
+        env[f"RADTRIAGE_TOPICS__{field.upper()}"] = getattr(settings.topics, field)
     env.update(
         {
             "RADTRIAGE_HOME": str(tmp_path),
@@ -110,21 +95,9 @@ def make_worker_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict
 def listener(command: str, env: dict[str, str], port: int, log: Path, timeout: float = 60) -> Iterator[None]:
     """`radtriage <command>` (dicom-scp, hl7-listener, http) in its own session, until its
     port accepts connections; SIGTERMed (and waited for) on exit."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", command],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_radtriage([command], env, log)
     try:
-        deadline = time.monotonic() + timeout
-        while not port_open(port):
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, f"radtriage {command} never opened port {port}"
-            time.sleep(0.2)
+        wait_listening(proc, port, log, timeout)
         yield
     finally:
         if proc.poll() is None:

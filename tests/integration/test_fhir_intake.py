@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -36,10 +33,11 @@ from opentelemetry.trace import SpanKind
 
 from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
-from tests.support.http import Intake, http_settings, start_intake, stop_intake
+from radtriage.settings import Settings
+from tests.support.http import Intake, healthy, http_env, http_settings, start_intake, stop_intake
 from tests.support.kafka import PARTITIONS, Record, read_topic
 from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -587,37 +585,17 @@ def test_radtriage_http_serves_and_stops_cleanly_on_sigterm(kafka_bootstrap: str
     port = free_port()
     settings = _settings(tmp_path / "home", kafka_bootstrap)
     ensure_topics(kafka_bootstrap, {settings.topics.orders: PARTITIONS})
-    env = {k: v for k, v in os.environ.items() if k != "RADTRIAGE_SETTINGS_JSON"}
-    env.update(
-        {
-            "RADTRIAGE_HOME": str(tmp_path / "home"),
-            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "RADTRIAGE_HTTP__PORT": str(port),
-            "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1",
-            "RADTRIAGE_TOPICS__ORDERS": settings.topics.orders,
-            "RADTRIAGE_TELEMETRY__EXPORTER": "none",
-        }
+    env = http_env(
+        tmp_path / "home",
+        kafka_bootstrap,
+        port,
+        RADTRIAGE_TOPICS__ORDERS=settings.topics.orders,
+        RADTRIAGE_TELEMETRY__EXPORTER="none",
     )
-    log = (tmp_path / "http.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "http"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_radtriage(["http"], env, tmp_path / "http.log", new_session=False)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "http.log").read_text()
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "radtriage http never became healthy"
-            time.sleep(0.2)
+        wait_ready(proc, lambda: healthy(base), tmp_path / "http.log", "radtriage http never became healthy")
         r = post(requests.Session(), f"{base}/fhir/ServiceRequest", service_request("P-1"))
         assert r.status_code == 201, r.text
         proc.send_signal(signal.SIGTERM)
@@ -626,7 +604,6 @@ def test_radtriage_http_serves_and_stops_cleanly_on_sigterm(kafka_bootstrap: str
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        log.close()
     text = (tmp_path / "http.log").read_text()
     assert "HTTP intake stopped" in text
     # The access log names route templates and statuses, never bodies or names.

@@ -44,12 +44,13 @@ from connectors.hl7.framing import Frame, FrameDecoder, Oversized, frame
 from connectors.hl7.mllp import Hl7Listener, start_listener
 from connectors.hl7.parse import Accepted, Ignored, Rejected, oversized, parse_message
 from connectors.publisher import EventPublisher
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.settings import Settings
 from schemas.orders import OrderEvent
 from tests.data.hl7 import samples
 from tests.support.kafka import TopicReader
 from tests.support.loop import LoopThread
 from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_listening
 from tests.support.settings import isolated_settings
 
 pytestmark = pytest.mark.integration
@@ -206,30 +207,14 @@ def cli_listener(s: Settings) -> Iterator[subprocess.Popen[bytes]]:
             "RADTRIAGE_TELEMETRY__EXPORTER": "jsonl",
         }
     )
-    log = (s.home / "hl7.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "hl7-listener"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_radtriage(["hl7-listener"], env, s.home / "hl7.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (s.home / "hl7.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "hl7-listener never listened"
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", s.hl7.port)) == 0:
-                    break
-            time.sleep(0.1)
+        wait_listening(proc, s.hl7.port, s.home / "hl7.log")
         yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-        log.close()
 
 
 def mllp_send(port: int, file: Path, *extra: str) -> list[bytes]:

@@ -38,9 +38,10 @@ from tests.integration.test_fhir_intake import (
     service_request,
 )
 from tests.integration.test_stow_rs import STOW_TYPE, multipart, part10, series
-from tests.support.http import start_intake, stop_intake
+from tests.support.http import healthy, http_env, start_intake, stop_intake
 from tests.support.kafka import PARTITIONS, read_topic
 from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_ready
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -343,18 +344,7 @@ def test_bearer_or_mtls_takes_either(kafka_bootstrap: str, tmp_path: Path, serve
 
 
 def _process_env(tmp_path: Path, kafka_bootstrap: str, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RADTRIAGE_SETTINGS_JSON"}
-    env.update(
-        {
-            "RADTRIAGE_HOME": str(tmp_path / "home"),
-            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "RADTRIAGE_HTTP__PORT": str(port),
-            "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1",
-            "RADTRIAGE_OPERATOR__ENABLED": "false",
-            **extra,
-        }
-    )
-    return env
+    return http_env(tmp_path / "home", kafka_bootstrap, port, RADTRIAGE_OPERATOR__ENABLED="false", **extra)
 
 
 def test_the_token_never_reaches_the_process_log_or_its_traces(
@@ -377,43 +367,31 @@ def test_the_token_never_reaches_the_process_log_or_its_traces(
         RADTRIAGE_HTTP__AUTH__TOKENS_FILE=str(settings.http.auth.tokens_file),
     )
     log_path = tmp_path / "http.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", "http"], env=env, cwd=REPO_ROOT, stdout=log, stderr=log
-        )
-        try:
-            base = f"https://127.0.0.1:{port}"
-            s = requests.Session()
-            s.trust_env = False  # else REQUESTS_CA_BUNDLE overrides s.verify (requests#3829)
-            s.verify = str(certs.ca)
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    if s.get(f"{base}/healthz", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "radtriage http never became healthy"
-                time.sleep(0.2)
-            for token in (TOKEN, ROTATED):
-                r = post(s, f"{base}/fhir/ServiceRequest", service_request(f"P-{token[:6]}"),
-                         {**FHIR_JSON, "Authorization": f"Bearer {token}"})  # fmt: skip
-                assert r.status_code == 201, r.text
-            for bad in (f"Bearer {TOKEN}x", f"Bearer {ROTATED[:-1]}", TOKEN, f"Basic {TOKEN}"):
-                r = post(
-                    s,
-                    f"{base}/fhir/ServiceRequest",
-                    service_request("X"),
-                    {**FHIR_JSON, "Authorization": bad},
-                )
-                assert r.status_code == 401
-            proc.terminate()
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+    proc = start_radtriage(["http"], env, log_path, new_session=False)
+    try:
+        base = f"https://127.0.0.1:{port}"
+        s = requests.Session()
+        s.trust_env = False  # else REQUESTS_CA_BUNDLE overrides s.verify (requests#3829)
+        s.verify = str(certs.ca)
+        wait_ready(proc, lambda: healthy(base, s), log_path, "radtriage http never became healthy")
+        for token in (TOKEN, ROTATED):
+            r = post(s, f"{base}/fhir/ServiceRequest", service_request(f"P-{token[:6]}"),
+                     {**FHIR_JSON, "Authorization": f"Bearer {token}"})  # fmt: skip
+            assert r.status_code == 201, r.text
+        for bad in (f"Bearer {TOKEN}x", f"Bearer {ROTATED[:-1]}", TOKEN, f"Basic {TOKEN}"):
+            r = post(
+                s,
+                f"{base}/fhir/ServiceRequest",
+                service_request("X"),
+                {**FHIR_JSON, "Authorization": bad},
+            )
+            assert r.status_code == 401
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     text = log_path.read_text()
     assert "HTTP intake listening on https://127.0.0.1" in text and "auth bearer" in text
     assert "refused POST /fhir/{type} from 127.0.0.1: invalid_token" in text

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,13 +19,13 @@ import pytest
 from kafka import KafkaProducer
 
 from radtriage import metrics
-from radtriage.settings import REPO_ROOT, Settings
-from radtriage.stack.process import port_in_use
+from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
 from tests.integration.harness import Worker, finding_bytes
 from tests.integration.test_metrics_http import Samples, names, scrape, value
 from tests.support.kafka import Tail
 from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_listening
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,20 +36,9 @@ def _histogram_count(samples: Samples, name: str, **labels: str) -> float:
 
 
 def _start_http(env: dict[str, str], home: Path, port: int) -> subprocess.Popen[bytes]:
-    log = (home / "http.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "http"],
-        env={**env, "RADTRIAGE_HTTP__PORT": str(port), "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1"},
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not port_in_use(port):
-        assert proc.poll() is None, (home / "http.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "radtriage http never listened"
-        time.sleep(0.2)
+    env = {**env, "RADTRIAGE_HTTP__PORT": str(port), "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1"}
+    proc = start_radtriage(["http"], env, home / "http.log")
+    wait_listening(proc, port, home / "http.log")
     return proc
 
 

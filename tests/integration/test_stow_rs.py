@@ -8,11 +8,8 @@ can be asserted over the whole topic.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,10 +31,11 @@ from connectors.publisher import EventPublisher
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
-from tests.support.http import Intake, http_settings, start_intake, stop_intake
+from radtriage.settings import Settings
+from tests.support.http import Intake, healthy, http_env, http_settings, start_intake, stop_intake
 from tests.support.kafka import PARTITIONS, read_topic
 from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_ready
 
 pytestmark = [
     pytest.mark.integration,
@@ -350,25 +348,14 @@ def test_sigterm_lets_a_request_in_flight_finish(kafka_bootstrap: str, tmp_path:
     port = free_port()
     settings = _settings(tmp_path / "home", kafka_bootstrap)
     ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    env = {k: v for k, v in os.environ.items() if k != "RADTRIAGE_SETTINGS_JSON"}
-    env.update(
-        {
-            "RADTRIAGE_HOME": str(tmp_path / "home"),
-            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "RADTRIAGE_HTTP__PORT": str(port),
-            "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1",
-            "RADTRIAGE_TOPICS__INSTANCES": settings.topics.instances,
-            "RADTRIAGE_TELEMETRY__EXPORTER": "none",
-        }
+    env = http_env(
+        tmp_path / "home",
+        kafka_bootstrap,
+        port,
+        RADTRIAGE_TOPICS__INSTANCES=settings.topics.instances,
+        RADTRIAGE_TELEMETRY__EXPORTER="none",
     )
-    log = (tmp_path / "http.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "http"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_radtriage(["http"], env, tmp_path / "http.log", new_session=False)
     datasets = series(tmp_path / "series", 11, slices=4)
     first_sent = threading.Event()
 
@@ -382,16 +369,7 @@ def test_sigterm_lets_a_request_in_flight_finish(kafka_bootstrap: str, tmp_path:
 
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "http.log").read_text()
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "radtriage http never became healthy"
-            time.sleep(0.2)
+        wait_ready(proc, lambda: healthy(base), tmp_path / "http.log", "radtriage http never became healthy")
         result: dict[str, requests.Response] = {}
         sender = threading.Thread(
             target=lambda: result.setdefault(
@@ -416,7 +394,6 @@ def test_sigterm_lets_a_request_in_flight_finish(kafka_bootstrap: str, tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        log.close()
     text = (tmp_path / "http.log").read_text()
     assert "HTTP intake stopped" in text and "POST /dicomweb/studies 200" in text
     _no_phi(text)

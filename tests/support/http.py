@@ -1,11 +1,15 @@
-"""The HTTP server (`connectors.http.server.start_http`) in an event loop of a test's thread."""
+"""The HTTP server: `start_http` in an event loop of a test's thread, or the environment and
+the health check of a `radtriage http` process."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import requests
 
 from connectors.http.server import HttpHandle, start_http
 from connectors.publisher import EventPublisher
@@ -56,3 +60,28 @@ def start_intake(
 
 def stop_intake(intake: Intake) -> None:
     asyncio.run_coroutine_threadsafe(intake.handle.stop(), intake.loop).result(60)
+
+
+def http_env(home: Path, bootstrap: str, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a `radtriage http` process on the loopback `port` (this process's
+    environment without RADTRIAGE_SETTINGS_JSON, plus `extra` RADTRIAGE_* variables)."""
+    env = {k: v for k, v in os.environ.items() if k != "RADTRIAGE_SETTINGS_JSON"}
+    env.update(
+        {
+            "RADTRIAGE_HOME": str(home),
+            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "RADTRIAGE_HTTP__PORT": str(port),
+            "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1",
+            **extra,
+        }
+    )
+    return env
+
+
+def healthy(base: str, session: requests.Session | None = None) -> bool:
+    """Whether the server at `base` answers GET /healthz with 200 (false while it refuses
+    connections)."""
+    try:
+        return (session or requests).get(f"{base}/healthz", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False

@@ -4,7 +4,9 @@
   short settle for extras): "exactly these events" on a topic of the test's own;
 - `TopicReader`: records of several topics as they arrive, polled until a predicate holds,
   from the topics' beginning or from their end (only what happens from now on);
-- `Tail`: a `TopicReader` from the end whose records are (topic, JSON value, headers).
+- `Tail`: a `TopicReader` from the end whose records are (topic, JSON value, headers);
+- `read_to_end`: the values of a topic up to its end as of now;
+- `local_kafka`: a real single-node broker of the test's own (the session's is in conftest).
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kafka import KafkaConsumer, TopicPartition
 
 from radtriage.kafka_clients import kafka_python_kwargs
-from radtriage.settings import KafkaSettings
+from radtriage.settings import KafkaSettings, Settings
+from tests.support.net import free_port
+
+if TYPE_CHECKING:
+    from radtriage.stack.kafka import LocalKafka
 
 # Partitions of the topics a test makes for itself (the product's default).
 PARTITIONS = 3
@@ -184,3 +192,24 @@ def read_to_end(
         return values
     finally:
         consumer.close()
+
+
+@contextmanager
+def local_kafka(data_dir: Path) -> Iterator[LocalKafka]:
+    """A real single-node Apache Kafka (KRaft) on free ports, by the project's own launcher
+    (the one `radtriage up` uses), stopped after the `with` block."""
+    from radtriage.stack.kafka import LocalKafka  # only where a test starts a broker
+
+    settings = Settings()
+    broker = LocalKafka(
+        data_dir=data_dir,
+        port=free_port(),
+        controller_port=free_port(),
+        version=settings.kafka.embedded_version,
+        cache_root=settings.cache,
+    )
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
