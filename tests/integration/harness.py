@@ -23,6 +23,7 @@ from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings, Topics
 from schemas.findings import Finding
+from schemas.instances import InstanceEvent
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
 from tests.support.net import free_port
@@ -103,6 +104,36 @@ def listener(command: str, env: dict[str, str], port: int, log: Path, timeout: f
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def pixelless_series(
+    uid: str,
+    count: int = 10,
+    *,
+    body_part: str = "HEAD",
+    description: str = "CT HEAD WO CONTRAST",
+    **fields: str,
+) -> list[InstanceEvent]:
+    """`count` CT instance events of one series of study `uid` whose blobs do not exist: they
+    route as the description says, and a lane that reads them dead-letters the request."""
+    return [
+        InstanceEvent(
+            study_uid=uid,
+            series_uid=uid + ".1",
+            sop_instance_uid=f"{uid}.1.{i}",
+            modality="CT",
+            body_part=body_part,
+            series_description=description,
+            blob_uri=f"file:///nowhere/{i}.dcm",
+            **fields,  # type: ignore[arg-type]
+        )
+        for i in range(count)
+    ]
+
+
+def release(uid: str, count: int = 10) -> bytes:
+    """The sender's transfer-complete marker for `count` instances of study `uid`."""
+    return InstanceEvent(kind="transfer_complete", study_uid=uid, instance_count=count).to_bytes()
 
 
 def finding_bytes(

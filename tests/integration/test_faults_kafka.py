@@ -29,8 +29,7 @@ from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
 from radtriage.stack.kafka import LocalKafka
 from radtriage.stack.process import port_in_use
-from schemas.instances import InstanceEvent
-from tests.integration.harness import Worker
+from tests.integration.harness import Worker, pixelless_series, release
 from tests.support.kafka import Tail, local_kafka
 from tests.support.net import free_port
 from tests.support.process import start_radtriage, wait_listening
@@ -129,19 +128,9 @@ def test_broker_killed_and_restarted_while_orders_and_studies_are_in_flight(
         uid = f"1.2.826.0.20.{stamp}"
         tail = Tail(bootstrap, [settings.topics.requests_stat, settings.topics.audit])
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-        for i in range(10):
-            ev = InstanceEvent(
-                study_uid=uid,
-                series_uid=uid + ".1",
-                sop_instance_uid=f"{uid}.1.{i}",
-                modality="CT",
-                body_part="HEAD",
-                series_description="CT HEAD WO CONTRAST",
-                blob_uri=f"file:///nowhere/{i}.dcm",
-            )
+        for ev in pixelless_series(uid):
             producer.send(settings.topics.instances, key=uid.encode(), value=ev.to_bytes())
-        done = InstanceEvent(kind="transfer_complete", study_uid=uid, instance_count=10)
-        producer.send(settings.topics.instances, key=uid.encode(), value=done.to_bytes()).get(30)
+        producer.send(settings.topics.instances, key=uid.encode(), value=release(uid)).get(30)
         tail.until(lambda: bool(tail.of(settings.topics.requests_stat, study_uid=uid)), timeout=120)
     finally:
         listener.send_signal(signal.SIGTERM)

@@ -20,8 +20,7 @@ from kafka import KafkaProducer
 
 from radtriage import metrics
 from radtriage.settings import Settings
-from schemas.instances import InstanceEvent
-from tests.integration.harness import Worker, finding_bytes
+from tests.integration.harness import Worker, finding_bytes, pixelless_series, release
 from tests.integration.test_metrics_http import Samples, names, scrape, value
 from tests.support.kafka import Tail
 from tests.support.net import free_port
@@ -82,19 +81,9 @@ def _drive_and_check(settings: Settings, worker: Worker, worker_url: str, http_p
         producer.send(t.findings, key=uid.encode(), value=payload)
     # A head CT routed to the stat lane whose pixels are not there: preprocess dead-letters it.
     head = f"1.2.826.0.7.{stamp}"
-    for i in range(10):
-        ev = InstanceEvent(
-            study_uid=head,
-            series_uid=head + ".1",
-            sop_instance_uid=f"{head}.1.{i}",
-            modality="CT",
-            body_part="HEAD",
-            series_description="CT HEAD WO CONTRAST",
-            blob_uri=f"file:///nowhere/{i}.dcm",
-        )
+    for ev in pixelless_series(head):
         producer.send(t.instances, key=head.encode(), value=ev.to_bytes())
-    done = InstanceEvent(kind="transfer_complete", study_uid=head, instance_count=10)
-    producer.send(t.instances, key=head.encode(), value=done.to_bytes())
+    producer.send(t.instances, key=head.encode(), value=release(head))
     producer.send(t.instances, key=b"poison", value=b"\x00not json")
     producer.flush()
 
