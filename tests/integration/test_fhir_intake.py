@@ -34,10 +34,10 @@ from opentelemetry.trace import SpanKind
 from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
-from tests.support.http import Intake, healthy, http_env, http_settings, start_intake, stop_intake
+from tests.support.http import Intake, healthy, http_settings, start_http_process, start_intake, stop_intake
 from tests.support.kafka import PARTITIONS, Record, read_topic
 from tests.support.net import free_port
-from tests.support.process import start_radtriage, wait_ready
+from tests.support.process import wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -585,14 +585,7 @@ def test_radtriage_http_serves_and_stops_cleanly_on_sigterm(kafka_bootstrap: str
     port = free_port()
     settings = _settings(tmp_path / "home", kafka_bootstrap)
     ensure_topics(kafka_bootstrap, {settings.topics.orders: PARTITIONS})
-    env = http_env(
-        tmp_path / "home",
-        kafka_bootstrap,
-        port,
-        RADTRIAGE_TOPICS__ORDERS=settings.topics.orders,
-        RADTRIAGE_TELEMETRY__EXPORTER="none",
-    )
-    proc = start_radtriage(["http"], env, tmp_path / "http.log", new_session=False)
+    proc = start_http_process(settings, port, tmp_path / "http.log", "orders")
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(proc, lambda: healthy(base), tmp_path / "http.log", "radtriage http never became healthy")

@@ -32,10 +32,10 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
-from tests.support.http import Intake, healthy, http_env, http_settings, start_intake, stop_intake
+from tests.support.http import Intake, healthy, http_settings, start_http_process, start_intake, stop_intake
 from tests.support.kafka import PARTITIONS, read_topic
 from tests.support.net import free_port
-from tests.support.process import start_radtriage, wait_ready
+from tests.support.process import wait_ready
 
 pytestmark = [
     pytest.mark.integration,
@@ -348,14 +348,7 @@ def test_sigterm_lets_a_request_in_flight_finish(kafka_bootstrap: str, tmp_path:
     port = free_port()
     settings = _settings(tmp_path / "home", kafka_bootstrap)
     ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    env = http_env(
-        tmp_path / "home",
-        kafka_bootstrap,
-        port,
-        RADTRIAGE_TOPICS__INSTANCES=settings.topics.instances,
-        RADTRIAGE_TELEMETRY__EXPORTER="none",
-    )
-    proc = start_radtriage(["http"], env, tmp_path / "http.log", new_session=False)
+    proc = start_http_process(settings, port, tmp_path / "http.log", "instances")
     datasets = series(tmp_path / "series", 11, slices=4)
     first_sent = threading.Event()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import requests
 from connectors.http.server import HttpHandle, start_http
 from connectors.publisher import EventPublisher
 from radtriage.settings import Settings
+from tests.support.process import start_radtriage
 from tests.support.settings import isolated_settings
 
 
@@ -85,3 +87,13 @@ def healthy(base: str, session: requests.Session | None = None) -> bool:
         return (session or requests).get(f"{base}/healthz", timeout=2).status_code == 200
     except requests.ConnectionError:
         return False
+
+
+def start_http_process(settings: Settings, port: int, log: Path, topic_field: str) -> subprocess.Popen[bytes]:
+    """`radtriage http` on `port` with the home, broker and `settings.topics.<topic_field>`
+    of `settings` (no tracing exporter), in the test's own session: SIGTERM reaches only it."""
+    topic = {f"RADTRIAGE_TOPICS__{topic_field.upper()}": str(getattr(settings.topics, topic_field))}
+    env = http_env(
+        settings.home, settings.kafka.bootstrap_servers, port, RADTRIAGE_TELEMETRY__EXPORTER="none", **topic
+    )
+    return start_radtriage(["http"], env, log, new_session=False)
