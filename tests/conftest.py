@@ -7,32 +7,16 @@ RADTRIAGE_TEST_TRITON point at running instances.
 
 from __future__ import annotations
 
+import asyncio
 import os
-import shutil
-import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from radtriage.settings import REPO_ROOT
-
-
-def dcmtk_tool(name: str) -> str:
-    """A dcmtk program (storescu, echoscu) from PATH, skipping the venv's bin: pynetdicom
-    installs apps of the same names there, first on PATH when the venv is activated."""
-    venv_bin = str(Path(sys.prefix) / "bin")
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != venv_bin]
-    path = shutil.which(name, path=os.pathsep.join(dirs))
-    assert path, f"dcmtk's {name} is required (scripts/install.sh --test installs it: apt-get install dcmtk)"
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.loop import LoopThread
+from tests.support.net import free_port
 
 
 @pytest.fixture(scope="session")
@@ -47,22 +31,10 @@ def kafka_bootstrap(service_dir: Path) -> Iterator[str]:
     if external:
         yield external
         return
-    from radtriage.settings import Settings
-    from radtriage.stack.kafka import LocalKafka
+    from tests.support.kafka import local_kafka
 
-    settings = Settings()
-    broker = LocalKafka(
-        data_dir=service_dir / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        version=settings.kafka.embedded_version,
-        cache_root=settings.cache,
-    )
-    broker.start()
-    try:
+    with local_kafka(service_dir / "kafka") as broker:
         yield broker.bootstrap_servers
-    finally:
-        broker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +72,10 @@ def tracing() -> None:
     settings = Settings()
     settings.telemetry.exporter = "none"
     setup_tracing(settings, "tests")
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in a thread of its own for the test (see tests/support/loop.py)."""
+    with LoopThread() as thread:
+        yield thread.loop

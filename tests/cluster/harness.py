@@ -18,7 +18,7 @@ from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import KafkaSettings, Settings
 from radtriage.stack.kafka import LocalKafka, LocalKafkaCluster, cluster_client_settings, wait_in_sync
 from radtriage.stack.kafka_secure import SecureLocalKafkaCluster
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 # Small heaps: the machine (2 cores, 24 GiB) also runs Triton and workers in the fault tests.
 NODE_HEAP = "384m"

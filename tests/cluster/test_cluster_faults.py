@@ -33,8 +33,10 @@ from pydicom import dcmread
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.settings import Settings
-from tests.conftest import dcmtk_tool, free_port
-from tests.integration.harness import Tail, Worker, listener
+from tests.integration.harness import Worker, listener
+from tests.support.dicom import storescu_send
+from tests.support.kafka import Tail
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -60,21 +62,7 @@ class Sent:
 
 
 def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            dcmtk_tool("storescu"),
-            "-aec",
-            "RADTRIAGE",
-            "-aet",
-            "CT_FAULT",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return storescu_send(port, files, calling="CT_FAULT", timeout=180)
 
 
 class Scanner:

@@ -7,7 +7,7 @@ record the cluster acknowledged with acks=all is read back after a node was kill
 from __future__ import annotations
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType
 
 from connectors.publisher import EventPublisher, PublishError
@@ -15,32 +15,13 @@ from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import Settings
 from schemas.deadletter import DeadLetter
 from tests.cluster.harness import ClusterUnderTest
+from tests.support.kafka import read_to_end
 
 pytestmark = pytest.mark.integration
 
 
 def _letter(i: int) -> DeadLetter:
     return DeadLetter(source_topic="imaging.orders", stage="test", error=f"record {i}", payload="")
-
-
-def _read_all(cluster: ClusterUnderTest, topic: str) -> list[bytes]:
-    consumer = KafkaConsumer(
-        group_id=None, enable_auto_commit=False, **kafka_python_kwargs(cluster.kafka_settings("admin"))
-    )
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
-        values: list[bytes] = []
-        for _ in range(200):
-            if all(consumer.position(tp) >= ends[tp] for tp in parts):
-                break
-            for records in consumer.poll(timeout_ms=500).values():
-                values += [r.value for r in records]
-        return values
-    finally:
-        consumer.close()
 
 
 def test_three_brokers_and_topics_replicated_three_times_two_in_sync(kafka_cluster: ClusterUnderTest) -> None:
@@ -93,7 +74,7 @@ def test_acks_all_survives_a_killed_broker_without_loss(kafka_cluster: ClusterUn
                 kafka_cluster.restart(node)
     assert "NotEnoughReplicas" in str(refused.value) or "Timeout" in str(refused.value)
     kafka_cluster.wait_in_sync([topic])
-    values = _read_all(kafka_cluster, topic)
+    values = read_to_end(kafka_cluster.kafka_settings("admin"), topic, timeout_s=100)
     errors = [DeadLetter.model_validate_json(v).error for v in values]
     assert acked == 100
     # Every acknowledged record is there exactly once (idempotence: no duplicate from a retry).

@@ -13,14 +13,13 @@ import time
 import uuid
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from pydantic import SecretStr
 
 from connectors.publisher import EventPublisher, PublishError
-from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
 from schemas.deadletter import DeadLetter
 from tests.cluster.harness import ClusterUnderTest
+from tests.support.kafka import read_to_end
 
 pytestmark = pytest.mark.integration
 TOPICS = Settings().topics
@@ -38,26 +37,7 @@ def _read(
     cluster: ClusterUnderTest, topic: str, until: int | None = None, timeout_s: float = 60
 ) -> list[bytes]:
     """All values of `topic` (as admin), up to the end as of now, or until `until` values arrived."""
-    consumer = KafkaConsumer(
-        group_id=None, enable_auto_commit=False, **kafka_python_kwargs(cluster.kafka_settings("admin"))
-    )
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
-        values: list[bytes] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if until is None and all(consumer.position(tp) >= ends[tp] for tp in parts):
-                break
-            if until is not None and len(values) >= until:
-                break
-            for records in consumer.poll(timeout_ms=500).values():
-                values += [r.value for r in records]
-        return values
-    finally:
-        consumer.close()
+    return read_to_end(cluster.kafka_settings("admin"), topic, until, timeout_s)
 
 
 def test_a_connector_produces_to_its_intake_topic_only(secure_kafka_cluster: ClusterUnderTest) -> None:

@@ -3,11 +3,9 @@ listener on free ports), and a reader of the output topics."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
-from radtriage.settings import REPO_ROOT
-from tests.conftest import dcmtk_tool, free_port
+from tests.support.kafka import Tail
+from tests.support.net import free_port
+from tests.support.process import start_radtriage
 
 OUTCOME_TIMEOUT_S = 120.0
 
@@ -33,10 +32,6 @@ class Stack:
     home: Path
     process: subprocess.Popen[bytes]
     log: Path
-
-
-def _storescu() -> str:
-    return dcmtk_tool("storescu")
 
 
 def start_stack(
@@ -64,15 +59,7 @@ def start_stack(
         env.update(extra_env(home))
     env.pop("RADTRIAGE_SETTINGS_JSON", None)
     log = home / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", "up"],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_radtriage(["up"], env, log)
     st = Stack(env, f"127.0.0.1:{kafka_port}", dicom_port, hl7_port, http_port, home, proc, log)
     deadline = time.monotonic() + 300
     while "radtriage is up" not in log.read_text(errors="replace"):
@@ -99,10 +86,10 @@ def start_stack(
 _consumers: list[KafkaConsumer] = []
 
 
-class Outputs:
-    """Everything produced on the output topics since the consumer was created."""
+class Outputs(Tail):
+    """Everything produced on the output topics since the reader was created."""
 
-    TOPICS = (
+    TOPICS: tuple[str, ...] = (
         "triage.alerts.ich",
         "triage.results.fhir",
         "triage.audit",
@@ -114,35 +101,11 @@ class Outputs:
     )
 
     def __init__(self, bootstrap: str) -> None:
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+        super().__init__(bootstrap, self.TOPICS, poll_ms=300)
         _consumers.append(self.consumer)
-        parts = [
-            TopicPartition(t, p)
-            for t in self.TOPICS
-            for p in sorted(self.consumer.partitions_for_topic(t) or {0})
-        ]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_end(*parts)
-        for tp in parts:
-            self.consumer.position(tp)
-        self.records: list[tuple[str, dict[str, Any], dict[str, bytes]]] = []
 
-    def poll_until(self, predicate: Any, timeout: float = OUTCOME_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate() and time.monotonic() < deadline:
-            for recs in self.consumer.poll(timeout_ms=300).values():
-                for r in recs:
-                    self.records.append((r.topic, json.loads(r.value), dict(r.headers or [])))
-        assert predicate(), (
-            f"timed out; saw {[(t, d.get('study_uid'), d.get('decision')) for t, d, _ in self.records]}"
-        )
+    def poll_until(self, predicate: Callable[[], object], timeout: float = OUTCOME_TIMEOUT_S) -> None:
+        self.until(predicate, timeout)
 
-    def drain(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            for recs in self.consumer.poll(timeout_ms=300).values():
-                for r in recs:
-                    self.records.append((r.topic, json.loads(r.value), dict(r.headers or [])))
-
-    def of(self, topic: str, study_uid: str) -> list[dict[str, Any]]:
-        return [d for t, d, _ in self.records if t == topic and d.get("study_uid") == study_uid]
+    def of(self, topic: str, study_uid: str) -> list[dict[str, Any]]:  # type: ignore[override]
+        return super().of(topic, study_uid=study_uid)

@@ -21,7 +21,8 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.demo_messages import hl7_order, service_request
 from radtriage.settings import REPO_ROOT
-from tests.e2e.harness import Outputs, Stack, _storescu
+from tests.e2e.harness import Outputs, Stack
+from tests.support.dicom import storescu_send
 
 pytestmark = pytest.mark.e2e
 
@@ -46,21 +47,7 @@ def _head(tmp: Path, seed: int, accession: str, bleed: bool) -> tuple[str, list[
 
 
 def _storescu_send(stack: Stack, files: list[Path]) -> None:
-    sent = subprocess.run(
-        [
-            _storescu(),
-            "-aec",
-            "RADTRIAGE",
-            "-aet",
-            "E2E_SCU",
-            "127.0.0.1",
-            str(stack.dicom_port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    sent = storescu_send(stack.dicom_port, files, calling="E2E_SCU")
     assert sent.returncode == 0, sent.stderr
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 import urllib.error
 from collections.abc import Iterator, Sequence
@@ -34,8 +33,9 @@ import numpy as np
 import pytest
 
 from models.realistic_study import SeriesKind, StudyManifest, TransferSyntax, write_realistic_head_study
-from tests.e2e.harness import OUTCOME_TIMEOUT_S, Outputs, Stack, _storescu
+from tests.e2e.harness import OUTCOME_TIMEOUT_S, Outputs, Stack
 from tests.orthanc import Orthanc
+from tests.support.dicom import storescu_send
 
 pytestmark = pytest.mark.e2e
 
@@ -74,8 +74,7 @@ class AllOutputs(Outputs):
     """The harness's reader plus the findings (which series a model read) and the instances
     (in which transfer syntax each arrived)."""
 
-    # The harness types its tuple by its length; more topics are still a tuple of topics.
-    TOPICS = (*Outputs.TOPICS, "triage.findings", "imaging.instances")  # type: ignore[assignment]
+    TOPICS = (*Outputs.TOPICS, "triage.findings", "imaging.instances")
 
 
 COMPRESSED_UIDS: dict[str, str] = {
@@ -118,8 +117,7 @@ def _storescu_send(stack: Stack, files: Sequence[Path]) -> tuple[int, str]:
     log level storescu says nothing about a C-STORE the peer refused, it only exits 1."""
     # TCP_NODELAY: without it dcmtk waits for a delayed ACK (~45 ms) on every C-STORE.
     env = {**os.environ, "TCP_NODELAY": "1"}
-    cmd = [_storescu(), "-v", "-aec", "RADTRIAGE", "-aet", "E2E_REAL", "127.0.0.1", str(stack.dicom_port)]
-    done = subprocess.run([*cmd, *map(str, files)], capture_output=True, text=True, timeout=300, env=env)
+    done = storescu_send(stack.dicom_port, files, calling="E2E_REAL", verbose=True, timeout=300, env=env)
     said = [
         line
         for line in (done.stdout + done.stderr).splitlines()
@@ -139,7 +137,7 @@ def _dead_letters(out: Outputs, uid: str) -> list[dict[str, Any]]:
     # Intake dead letters may not know the study yet: their payload still names it.
     return [
         d
-        for t, d, _ in out.records
+        for t, d, _ in out.seen
         if t == "triage.deadletter" and (d.get("study_uid") == uid or uid in str(d.get("payload", "")))
     ]
 

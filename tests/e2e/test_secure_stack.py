@@ -29,7 +29,8 @@ from tritonclient.utils import InferenceServerException
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.demo_messages import hl7_order, service_request
-from tests.e2e.harness import Outputs, Stack, _storescu, start_stack
+from tests.e2e.harness import Outputs, Stack, start_stack
+from tests.support.dicom import storescu_send
 
 pytestmark = pytest.mark.e2e
 
@@ -82,12 +83,7 @@ def _head_study(tmp: Path, seed: int, accession: str) -> tuple[str, list[Path]]:
 
 
 def _storescu_as(stack: Stack, aet: str, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [_storescu(), "-aec", "RADTRIAGE", "-aet", aet, "127.0.0.1", str(stack.dicom_port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return storescu_send(stack.dicom_port, files, calling=aet)
 
 
 def _hl7_from(source: str, port: int, message: str) -> bytes:

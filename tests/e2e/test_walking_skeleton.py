@@ -23,7 +23,8 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import chest_ct_phantom, head_ct_phantom
-from tests.e2e.harness import Outputs, Stack, _consumers, _storescu
+from tests.e2e.harness import Outputs, Stack, _consumers
+from tests.support.dicom import storescu_send
 
 pytestmark = pytest.mark.e2e
 
@@ -45,21 +46,7 @@ def _write_head(tmp: Path, bleed: bool, seed: int) -> tuple[str, list[Path]]:
 
 
 def _storescu_send(stack: Stack, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            _storescu(),
-            "-aec",
-            "RADTRIAGE",
-            "-aet",
-            "E2E_SCU",
-            "127.0.0.1",
-            str(stack.dicom_port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return storescu_send(stack.dicom_port, files, calling="E2E_SCU")
 
 
 def test_bleed_raises_one_alert_and_normal_gets_a_report_only(stack: Stack, tmp_path: Path) -> None:
@@ -94,9 +81,9 @@ def test_bleed_raises_one_alert_and_normal_gets_a_report_only(stack: Stack, tmp_
         assert ("Suspected" in report.conclusion) is positive
 
     # One trace per study: the alert's trace id is the study's trace from the DICOM receive on.
-    alert_headers = [h for t, d, h in out.records if t == "triage.alerts.ich" and d["study_uid"] == bleed_uid]
+    alert_headers = [h for t, d, h in out.seen if t == "triage.alerts.ich" and d["study_uid"] == bleed_uid]
     assert alert_headers[0]["traceparent"].decode().split("-")[1] == alerts[0]["trace_id"]
-    study_headers = [h for t, d, h in out.records if t == "imaging.studies" and d["study_uid"] == bleed_uid]
+    study_headers = [h for t, d, h in out.seen if t == "imaging.studies" and d["study_uid"] == bleed_uid]
     assert study_headers[0]["traceparent"].decode().split("-")[1] == alerts[0]["trace_id"]
 
 
@@ -183,7 +170,7 @@ def test_aborted_association_completes_after_the_quiet_period(stack: Stack, tmp_
         assert int(assoc.send_c_store(dcmread(f)).Status) == 0
     assoc.abort()
     out.poll_until(lambda: out.of("triage.results.fhir", uid))
-    (study,) = [d for t, d, _ in out.records if t == "imaging.studies" and d["study_uid"] == uid]
+    (study,) = [d for t, d, _ in out.seen if t == "imaging.studies" and d["study_uid"] == uid]
     assert study["ready_reason"] == "quiet_period"
     assert len(study["series"][0]["instance_uris"]) == len(files)
 

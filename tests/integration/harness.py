@@ -1,36 +1,34 @@
 """Shared harness of the stream tests: a real `radtriage worker` process on per-test topics,
-and a tail of Kafka topics to assert on.
+the listeners as processes, and stat-lane traffic (findings, requests) without a model. The
+tail of Kafka topics to assert on is tests/support/kafka.py's `Tail`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from connectors.blobstore import LocalBlobStore
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
-from radtriage.kafka_clients import kafka_python_kwargs
-from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
+from radtriage.settings import Settings, Topics
 from schemas.findings import Finding
+from schemas.instances import InstanceEvent
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
-from tests.conftest import free_port
+from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_listening, wait_ready
+from tests.support.settings import isolated_settings
 
 _workers: list[Worker] = []
 
@@ -51,20 +49,8 @@ class Worker:
     def start(self) -> None:
         ready = self.home / "run" / (f"worker-{self.name}.ready" if self.name else "worker.ready")
         ready.unlink(missing_ok=True)
-        log = self.log_file.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", "worker"],
-            env=self.env,
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert self.proc.poll() is None, self.log_file.read_text()[-3000:]
-            assert time.monotonic() < deadline, "worker never became ready"
-            time.sleep(0.2)
+        self.proc = start_radtriage(["worker"], self.env, self.log_file)
+        wait_ready(self.proc, ready.exists, self.log_file, "worker never became ready", 120)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.proc is not None
@@ -76,14 +62,11 @@ def make_worker_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict
     # A fresh app id and fresh topics per test: its own consumer group, tables and
     # traffic, not the history other tests left on the session's broker.
     suffix = f"{tmp_path.name[-12:]}-{free_port()}"
-    settings = Settings(home=tmp_path)
-    settings.kafka.bootstrap_servers = kafka_bootstrap
+    settings = isolated_settings(tmp_path, kafka_bootstrap, Topics.model_fields, suffix=suffix)
     settings.streams.app_id = f"radtriage-test-{suffix}"
     env = dict(os.environ)
-    for field in type(settings.topics).model_fields:
-        name = f"{getattr(settings.topics, field)}.{suffix}"
-        setattr(settings.topics, field, name)
-        env[f"RADTRIAGE_TOPICS__{field.upper()}"] = name
+    for field in Topics.model_fields:
+        env[f"RADTRIAGE_TOPICS__{field.upper()}"] = getattr(settings.topics, field)
     env.update(
         {
             "RADTRIAGE_HOME": str(tmp_path),
@@ -113,21 +96,9 @@ def make_worker_env(kafka_bootstrap: str, tmp_path: Path) -> Iterator[tuple[dict
 def listener(command: str, env: dict[str, str], port: int, log: Path, timeout: float = 60) -> Iterator[None]:
     """`radtriage <command>` (dicom-scp, hl7-listener, http) in its own session, until its
     port accepts connections; SIGTERMed (and waited for) on exit."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", command],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_radtriage([command], env, log)
     try:
-        deadline = time.monotonic() + timeout
-        while not _port_open(port):
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, f"radtriage {command} never opened port {port}"
-            time.sleep(0.2)
+        wait_listening(proc, port, log, timeout)
         yield
     finally:
         if proc.poll() is None:
@@ -135,44 +106,34 @@ def listener(command: str, env: dict[str, str], port: int, log: Path, timeout: f
         proc.wait(30)
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+def pixelless_series(
+    uid: str,
+    count: int = 10,
+    *,
+    body_part: str = "HEAD",
+    description: str = "CT HEAD WO CONTRAST",
+    **fields: str,
+) -> list[InstanceEvent]:
+    """`count` CT instance events of one series of study `uid` whose blobs do not exist: they
+    route as the description says, and a lane that reads them dead-letters the request."""
+    return [
+        InstanceEvent(
+            study_uid=uid,
+            series_uid=uid + ".1",
+            sop_instance_uid=f"{uid}.1.{i}",
+            modality="CT",
+            body_part=body_part,
+            series_description=description,
+            blob_uri=f"file:///nowhere/{i}.dcm",
+            **fields,  # type: ignore[arg-type]
+        )
+        for i in range(count)
+    ]
 
 
-class Tail:
-    def __init__(self, kafka: str | KafkaSettings, topics: list[str]) -> None:
-        """`kafka`: a bootstrap address, or the settings of a secured cluster."""
-        if isinstance(kafka, str):
-            kafka = KafkaSettings(bootstrap_servers=kafka)
-        self.c = KafkaConsumer(group_id=None, enable_auto_commit=False, **kafka_python_kwargs(kafka))
-        parts = [TopicPartition(t, p) for t in topics for p in sorted(self.c.partitions_for_topic(t) or {0})]
-        self.c.assign(parts)
-        self.c.seek_to_end(*parts)
-        for tp in parts:
-            self.c.position(tp)
-        self.seen: list[tuple[str, dict[str, Any], dict[str, bytes]]] = []
-
-    def until(self, predicate: Any, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate() and time.monotonic() < deadline:
-            for recs in self.c.poll(timeout_ms=200).values():
-                self.seen += [(r.topic, json.loads(r.value), dict(r.headers or [])) for r in recs]
-        assert predicate(), [
-            (t, d.get("study_uid"), d.get("decision") or d.get("stage")) for t, d, _ in self.seen
-        ]
-
-    def drain(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            for recs in self.c.poll(timeout_ms=200).values():
-                self.seen += [(r.topic, json.loads(r.value), dict(r.headers or [])) for r in recs]
-
-    def of(self, topic: str, **match: Any) -> list[dict[str, Any]]:
-        return [d for t, d, _ in self.seen if t == topic and all(d.get(k) == v for k, v in match.items())]
+def release(uid: str, count: int = 10) -> bytes:
+    """The sender's transfer-complete marker for `count` instances of study `uid`."""
+    return InstanceEvent(kind="transfer_complete", study_uid=uid, instance_count=count).to_bytes()
 
 
 def finding_bytes(

@@ -13,7 +13,6 @@ import logging
 import socket
 import ssl
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,13 @@ from pynetdicom import AE
 from connectors.dicom.callers import REASONS
 from connectors.dicom.scp import start_scp
 from connectors.tls import TlsConfigError
-from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import DicomSettings, Settings
 from tests.certs import Pki, make_pki
-from tests.conftest import free_port
-from tests.integration.test_dicom_scp import PARTITIONS, _read_topic, _scu, _series, _storescu
+from tests.integration.test_dicom_scp import _scu, _series
+from tests.support.dicom import storescu
+from tests.support.kafka import PARTITIONS, read_topic
+from tests.support.net import free_port
+from tests.support.settings import isolated_settings
 
 pytestmark = [
     pytest.mark.integration,
@@ -68,14 +69,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 def _settings(tmp_path: Path, bootstrap: str, **dicom: Any) -> Settings:
-    settings = Settings(home=tmp_path / "home")
-    settings.kafka.bootstrap_servers = bootstrap
-    settings.topics.instances = f"imaging.instances.test-{uuid.uuid4().hex[:12]}"
+    settings = isolated_settings(tmp_path / "home", bootstrap, ("instances",), partitions=PARTITIONS)
     # Validated like a YAML file's section: allow-list entries and TLS checks apply.
     settings.dicom = DicomSettings.model_validate(
         {"port": free_port(), "tls_port": free_port(), "bind_address": "127.0.0.1", **dicom}
     )
-    ensure_topics(bootstrap, {settings.topics.instances: PARTITIONS})
     return settings
 
 
@@ -96,7 +94,7 @@ def _sop_uids(files: list[Path]) -> set[str]:
 
 def _stored(settings: Settings, want: int) -> tuple[set[str], int]:
     """SOP Instance UIDs on the topic, and the number of transfer-complete markers."""
-    records = _read_topic(settings.kafka.bootstrap_servers, settings.topics.instances, want)
+    records = read_topic(settings.kafka.bootstrap_servers, settings.topics.instances, want)
     instances = {r.value["sop_instance_uid"] for r in records if r.value["kind"] == "instance"}
     return instances, sum(r.value["kind"] == "transfer_complete" for r in records)
 
@@ -145,7 +143,7 @@ def test_caller_allow_list(
         (["-aet", "MR_1", "-aec", "RADTRIAGE"], rejected_files[1], "Calling AE Title Not Recognized"),
         (["-aet", "CT_ED_1"], rejected_files[2], "Called AE Title Not Recognized"),
     ]:
-        out = _storescu(*args, "127.0.0.1", str(port), *map(str, files))
+        out = storescu("-v", *args, "127.0.0.1", str(port), *map(str, files))
         text = out.stdout + out.stderr
         assert out.returncode != 0 and REJECTED_OUTPUT in text, text
         assert "Rejected Permanent, Source: Service User" in text and reason in text, text
@@ -156,7 +154,7 @@ def test_caller_allow_list(
     # The allowed ones: storescu as CT_ED_1 from 127.0.0.1, pynetdicom as MR_1 from 127.0.0.2.
     ct = _series(tmp_path / "ct", 1, shape=shape)
     mr = _series(tmp_path / "mr", 2, shape=shape)
-    out = _storescu("-aet", "CT_ED_1", "-aec", "RADTRIAGE", "127.0.0.1", str(port), *map(str, ct))
+    out = storescu("-v", "-aet", "CT_ED_1", "-aec", "RADTRIAGE", "127.0.0.1", str(port), *map(str, ct))
     assert out.returncode == 0, out.stdout + out.stderr
     _store_all(_associate(_scu("MR_1"), settings, port, bind_address=("127.0.0.2", 0)), mr)
 
@@ -221,13 +219,14 @@ def test_tls_listener_beside_the_plain_one(
         ae, tls_args = _tls_scu(pki, "UNKNOWN_AE")
         assert _rejection(_associate(ae, settings, tls_port, tls_args=tls_args)) == (0x01, 0x01, 0x03)
         # storescu (plain DICOM) to the TLS port: the handshake fails, nothing is accepted.
-        out = _storescu(
-            "-aet", "CT_ED_1", "-aec", "RADTRIAGE", "127.0.0.1", str(tls_port), *map(str, refused)
+        out = storescu(
+            "-v", "-aet", "CT_ED_1", "-aec", "RADTRIAGE", "127.0.0.1", str(tls_port), *map(str, refused)
         )
         assert out.returncode != 0, out.stdout
         assert "Store SCU RQ" not in out.stdout + out.stderr
         # The plain listener serves as before.
-        out = _storescu(
+        out = storescu(
+            "-v",
             "-aet",
             "CT_ED_1",
             "-aec",

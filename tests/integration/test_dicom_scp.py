@@ -10,19 +10,15 @@ import json
 import logging
 import random
 import socket
-import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -47,9 +43,10 @@ from connectors.publisher import EventPublisher, PublishError
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
-from tests.conftest import dcmtk_tool, free_port
+from tests.support.dicom import Listener, dicom_settings, send_files, storescu
+from tests.support.kafka import PARTITIONS, Record, read_topic
+from tests.support.net import free_port
 
 pytestmark = [
     pytest.mark.integration,
@@ -58,52 +55,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:VR lookup failed:UserWarning"),
 ]
 
-PARTITIONS = 3
 SECRET_NAME = "Secret^Patient"
 SECRET_BIRTH_DATE = "19450817"
-
-
-@dataclass
-class Record:
-    partition: int
-    offset: int
-    value: dict[str, Any]
-    headers: dict[str, bytes]
-
-
-@dataclass
-class Listener:
-    settings: Settings
-    stop: Any
-
-    @property
-    def port(self) -> int:
-        return self.settings.dicom.port
-
-    @property
-    def topic(self) -> str:
-        return self.settings.topics.instances
-
-
-def _settings(home: Path, bootstrap: str) -> Settings:
-    settings = Settings(home=home)
-    settings.kafka.bootstrap_servers = bootstrap
-    settings.dicom.port = free_port()
-    settings.dicom.bind_address = "127.0.0.1"
-    # A topic of its own for every test: nothing else writes there.
-    settings.topics.instances = f"imaging.instances.test-{uuid.uuid4().hex[:12]}"
-    return settings
-
-
-@pytest.fixture
-def listener(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Listener]:
-    settings = _settings(tmp_path / "home", kafka_bootstrap)
-    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    _server, stop = start_scp(settings)
-    try:
-        yield Listener(settings, stop)
-    finally:
-        stop()
 
 
 @pytest.fixture
@@ -117,43 +70,6 @@ def spans() -> Iterator[InMemorySpanExporter]:
         yield exporter
     finally:
         exporter.shutdown()  # the processor stays registered but keeps nothing more
-
-
-def _read_topic(
-    bootstrap: str, topic: str, want: int, timeout_s: float = 30, settle_s: float = 2
-) -> list[Record]:
-    """Every record of `topic`: until `want` arrived, then `settle_s` more to catch extras."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    got: list[Record] = []
-    deadline = time.monotonic() + timeout_s
-    settle_until: float | None = None
-    try:
-        while time.monotonic() < (settle_until or deadline):
-            for recs in consumer.poll(timeout_ms=200).values():
-                for r in recs:
-                    got.append(Record(r.partition, r.offset, json.loads(r.value), dict(r.headers or [])))
-            if settle_until is None and len(got) >= want:
-                settle_until = time.monotonic() + settle_s
-    finally:
-        consumer.close()
-    return got
-
-
-def _storescu(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    exe = dcmtk_tool("storescu")
-    # errors="replace": dcmtk echoes bytes of a corrupt file in its messages.
-    return subprocess.run(
-        [exe, "-v", *args], capture_output=True, text=True, errors="replace", timeout=timeout
-    )
-
-
-def _send_files(listener: Listener, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return _storescu(
-        "-aec", listener.settings.dicom.ae_title, "127.0.0.1", str(listener.port), *map(str, files)
-    )
 
 
 def _with_meta(ds: Dataset) -> Dataset:
@@ -233,12 +149,12 @@ def test_storescu_series_is_published_with_a_release_marker(
     caplog.set_level(logging.INFO)
 
     started = time.monotonic()
-    sent = _send_files(listener, files)
+    sent = send_files(listener, files)
     elapsed = time.monotonic() - started
     assert sent.returncode == 0, sent.stderr
     print(f"\nC-STORE throughput: {len(files)} instances in {elapsed:.2f} s = {len(files) / elapsed:.1f}/s")
 
-    records = _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
+    records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
     instances = [r for r in records if r.value["kind"] == "instance"]
     markers = [r for r in records if r.value["kind"] == "transfer_complete"]
     # Exactly the good instances, once each, plus one marker.
@@ -310,10 +226,10 @@ def test_bad_objects_get_exact_failure_statuses_and_the_listener_goes_on(
 
     # dcmtk refuses to send an object it cannot parse itself, and says so.
     for corrupt in (truncated, garbage):
-        out = _send_files(listener, [corrupt])
+        out = send_files(listener, [corrupt])
         assert out.returncode != 0 and "Bad DICOM file" in out.stdout + out.stderr, out
     # It sends a CT without pixel data and reports our refusal.
-    out = _send_files(listener, [pixelless])
+    out = send_files(listener, [pixelless])
     assert out.returncode != 0, out
     assert "Error: DataSetDoesNotMatchSOPClass" in out.stdout + out.stderr, out
 
@@ -353,8 +269,8 @@ def test_bad_objects_get_exact_failure_statuses_and_the_listener_goes_on(
     # ...and the next good study is taken; the bad objects left no event behind.
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)
     files = _series(tmp_path / "good", 6)
-    assert _send_files(listener, files).returncode == 0
-    records = _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
+    assert send_files(listener, files).returncode == 0
+    records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
     assert [r.value["kind"] for r in records].count("instance") == len(files)
     assert [r.value["kind"] for r in records].count("transfer_complete") == 1
     assert len(records) == len(files) + 1
@@ -375,9 +291,7 @@ def test_release_marks_each_study_and_abort_marks_none(listener: Listener, tmp_p
         assert int(assoc.send_c_store(dcmread(f)).Status) == 0
     assoc.abort()
 
-    records = _read_topic(
-        listener.settings.kafka.bootstrap_servers, listener.topic, 3 + 2 + 2 + 2, settle_s=3
-    )
+    records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, 3 + 2 + 2 + 2, settle_s=3)
     by_study: dict[str, list[Record]] = {}
     for r in records:
         by_study.setdefault(r.value["study_uid"], []).append(r)
@@ -438,7 +352,7 @@ def test_kafka_down_means_out_of_resources_never_success_and_recovery_needs_no_r
 ) -> None:
     # The listener starts while "Kafka" (a closed port) is down, with a short timeout.
     down_port = free_port()
-    settings = _settings(tmp_path / "home", f"127.0.0.1:{down_port}")
+    settings = dicom_settings(tmp_path / "home", f"127.0.0.1:{down_port}", partitions=None)
     ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
     publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=2.0, client_id="test-down")
     _server, stop = start_scp(settings, publisher=publisher)
@@ -457,15 +371,17 @@ def test_kafka_down_means_out_of_resources_never_success_and_recovery_needs_no_r
         assert int(assoc.send_c_echo().Status) == 0  # and the listener still answers
         assoc.release()
         # dcmtk's view of the same refusal.
-        out = _storescu("-aec", settings.dicom.ae_title, "127.0.0.1", str(settings.dicom.port), str(files[0]))
+        out = storescu(
+            "-v", "-aec", settings.dicom.ae_title, "127.0.0.1", str(settings.dicom.port), str(files[0])
+        )
         assert out.returncode != 0 and "Refused: OutOfResources" in out.stdout + out.stderr, out
         # Nothing was acknowledged, so no marker was even attempted.
         assert "refused 0xA700" in caplog.text and "transfer-complete" not in caplog.text
 
         # Kafka comes up: the very next C-STORE succeeds, no restart needed.
         forwarder.open()
-        assert _send_files(Listener(settings, stop), files).returncode == 0
-        records = _read_topic(kafka_bootstrap, settings.topics.instances, len(files) + 1)
+        assert send_files(Listener(settings, stop), files).returncode == 0
+        records = read_topic(kafka_bootstrap, settings.topics.instances, len(files) + 1)
         assert sorted(r.value["kind"] for r in records) == ["instance", "instance", "transfer_complete"]
     finally:
         stop()
@@ -475,8 +391,7 @@ def test_kafka_down_means_out_of_resources_never_success_and_recovery_needs_no_r
 
 def test_a_storage_failure_is_out_of_resources_too(kafka_bootstrap: str, tmp_path: Path) -> None:
     # Kafka is up (the event goes out while the instance is written), the disk is not.
-    settings = _settings(tmp_path / "home", kafka_bootstrap)
-    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
+    settings = dicom_settings(tmp_path / "home", kafka_bootstrap)
     settings.home.mkdir(parents=True)
     settings.blob_dir.write_bytes(b"")  # a file where the store's directory should be
     _server, stop = start_scp(settings)
@@ -522,10 +437,10 @@ def test_concurrent_associations_keep_their_own_counts(listener: Listener, tmp_p
     x = _series(tmp_path / "x", 12, shape=(10, 32, 32))
     y = _series(tmp_path / "y", 13, shape=(6, 32, 32))
     with ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(lambda files: _send_files(listener, files), [x[:5], x[5:], y]))
+        results = list(pool.map(lambda files: send_files(listener, files), [x[:5], x[5:], y]))
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
 
-    records = _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, 10 + 6 + 3)
+    records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, 10 + 6 + 3)
     uid_x, uid_y = (str(dcmread(files[0]).StudyInstanceUID) for files in (x, y))
     markers = {
         uid: sorted(

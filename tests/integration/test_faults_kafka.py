@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,31 +26,21 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from radtriage.demo_messages import hl7_order
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.settings import Settings
 from radtriage.stack.kafka import LocalKafka
 from radtriage.stack.process import port_in_use
-from schemas.instances import InstanceEvent
-from tests.conftest import free_port
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker, pixelless_series, release
+from tests.support.kafka import Tail, local_kafka
+from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_listening
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def own_kafka(tmp_path: Path) -> Iterator[LocalKafka]:
-    settings = Settings()
-    broker = LocalKafka(
-        data_dir=tmp_path / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        version=settings.kafka.embedded_version,
-        cache_root=settings.cache,
-    )
-    broker.start()
-    try:
+    with local_kafka(tmp_path / "kafka") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def _kill(broker: LocalKafka) -> None:
@@ -112,20 +100,9 @@ def test_broker_killed_and_restarted_while_orders_and_studies_are_in_flight(
     )
     worker = Worker(env, tmp_path)
     worker.start()
-    log = (tmp_path / "hl7.log").open("ab")
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "hl7-listener"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    listener = start_radtriage(["hl7-listener"], env, tmp_path / "hl7.log")
     try:
-        deadline = time.monotonic() + 60
-        while not port_in_use(hl7_port):
-            assert listener.poll() is None and time.monotonic() < deadline, "HL7 listener did not start"
-            time.sleep(0.2)
+        wait_listening(listener, hl7_port, tmp_path / "hl7.log")
 
         stamp = time.time_ns()
         batches = [
@@ -151,19 +128,9 @@ def test_broker_killed_and_restarted_while_orders_and_studies_are_in_flight(
         uid = f"1.2.826.0.20.{stamp}"
         tail = Tail(bootstrap, [settings.topics.requests_stat, settings.topics.audit])
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-        for i in range(10):
-            ev = InstanceEvent(
-                study_uid=uid,
-                series_uid=uid + ".1",
-                sop_instance_uid=f"{uid}.1.{i}",
-                modality="CT",
-                body_part="HEAD",
-                series_description="CT HEAD WO CONTRAST",
-                blob_uri=f"file:///nowhere/{i}.dcm",
-            )
+        for ev in pixelless_series(uid):
             producer.send(settings.topics.instances, key=uid.encode(), value=ev.to_bytes())
-        done = InstanceEvent(kind="transfer_complete", study_uid=uid, instance_count=10)
-        producer.send(settings.topics.instances, key=uid.encode(), value=done.to_bytes()).get(30)
+        producer.send(settings.topics.instances, key=uid.encode(), value=release(uid)).get(30)
         tail.until(lambda: bool(tail.of(settings.topics.requests_stat, study_uid=uid)), timeout=120)
     finally:
         listener.send_signal(signal.SIGTERM)

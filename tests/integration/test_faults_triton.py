@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from radtriage.replay import REPLAY_HEADER
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.triton import LocalTriton
-from tests.conftest import free_port
-from tests.integration.harness import Studies, Tail, Worker
+from tests.integration.harness import Studies, Worker
+from tests.support.kafka import Tail
+from tests.support.net import free_port
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def own_triton(tmp_path: Path) -> Iterator[LocalTriton]:
@@ -55,13 +56,6 @@ def _retried(settings: Settings, study_uid: str) -> int:
     """Failed Triton attempts the worker logged for a study (streams/agents.py `_infer_one`)."""
     log = (settings.home / "worker.log").read_text(errors="replace")
     return sum(1 for line in log.splitlines() if "Triton attempt" in line and study_uid in line)
-
-
-def _wait_for(predicate: Any, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"never saw {what}"
-        time.sleep(0.5)
 
 
 def _assert_one_report_and_alert_per_bleed(tail: Tail, settings: Settings, studies: Studies) -> None:
@@ -103,7 +97,9 @@ def test_triton_restarted_within_the_deadline_loses_nothing_and_drains_stat_firs
     # As many stat studies as the stat lane runs at once, so all of them are retrying
     # when Triton returns (stat lane concurrency is 2 by default).
     stat = [studies.send("stat", bleed=True) for _ in range(settings.streams.lane_concurrency["stat"])]
-    _wait_for(lambda: all(_retried(settings, uid) for uid in stat), "every stat request retrying")
+    wait_until(
+        lambda: all(_retried(settings, uid) for uid in stat), "every stat request retrying", 300, interval=0.5
+    )
 
     own_triton.start()
     tail.until(

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +25,22 @@ from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kafka import KafkaConsumer, TopicPartition
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from connectors.http.server import HttpHandle, start_http
 from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
-from tests.conftest import free_port
+from radtriage.settings import Settings
+from tests.support.http import Intake, healthy, http_settings, start_http_process, start_intake, stop_intake
+from tests.support.kafka import PARTITIONS, Record, read_topic
+from tests.support.net import free_port
+from tests.support.process import wait_ready
 
 pytestmark = pytest.mark.integration
 
-PARTITIONS = 3
 SECRET_NAME = "Secret^Patient"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -56,55 +51,17 @@ TIMEOUT = (5, 60)
 # -- a server in a background event loop ----------------------------------------------
 
 
-@dataclass
-class Intake:
-    settings: Settings
-    handle: HttpHandle
-    loop: asyncio.AbstractEventLoop
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.handle.port}"
-
-    @property
-    def topic(self) -> str:
-        return self.settings.topics.orders
-
-
 def _settings(home: Path, bootstrap: str) -> Settings:
-    settings = Settings(home=home)
-    settings.kafka.bootstrap_servers = bootstrap
-    settings.kafka.produce_timeout_s = 10.0
-    settings.http.port = 0
-    settings.http.bind_address = "127.0.0.1"
+    settings = http_settings(home, bootstrap, ("orders", "instances"))
     # Small enough that the robustness test's huge strings cross it.
     settings.http.max_fhir_bytes = 256 << 10
-    suffix = uuid.uuid4().hex[:12]
-    settings.topics.orders = f"imaging.orders.test-{suffix}"
-    settings.topics.instances = f"imaging.instances.test-{suffix}"
     return settings
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
 
 
 def _start(
     settings: Settings, loop: asyncio.AbstractEventLoop, publisher: EventPublisher | None = None
 ) -> Intake:
-    handle = asyncio.run_coroutine_threadsafe(start_http(settings, publisher), loop).result(30)
-    return Intake(settings, handle, loop)
-
-
-def _stop(intake: Intake) -> None:
-    asyncio.run_coroutine_threadsafe(intake.handle.stop(), intake.loop).result(60)
+    return start_intake(settings, loop, publisher, topic_field="orders")
 
 
 @pytest.fixture
@@ -115,41 +72,7 @@ def intake(kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop
     try:
         yield server
     finally:
-        _stop(server)
-
-
-# -- Kafka ------------------------------------------------------------------------------
-
-
-@dataclass
-class Record:
-    key: str
-    value: dict[str, Any]
-    headers: dict[str, bytes]
-    raw: bytes
-
-
-def read_topic(
-    bootstrap: str, topic: str, want: int, timeout_s: float = 30, settle_s: float = 2
-) -> list[Record]:
-    """Every record of `topic`: until `want` arrived, then `settle_s` more to catch extras."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    got: list[Record] = []
-    deadline = time.monotonic() + timeout_s
-    settle_until: float | None = None
-    try:
-        while time.monotonic() < (settle_until or deadline):
-            for recs in consumer.poll(timeout_ms=200).values():
-                for r in recs:
-                    got.append(Record(r.key.decode(), json.loads(r.value), dict(r.headers or []), r.value))
-            if settle_until is None and len(got) >= want:
-                settle_until = time.monotonic() + settle_s
-    finally:
-        consumer.close()
-    return got
+        stop_intake(server)
 
 
 # -- resources --------------------------------------------------------------------------
@@ -239,7 +162,7 @@ def test_created_resources_are_published_once_after_ack(intake: Intake) -> None:
     orders = {r.value["source_message_id"]: r for r in records}
     for i, priority in enumerate(priorities):
         rec = orders[locations[f"ACC-{i}"]]
-        assert rec.key == f"ACC-{i}" == rec.value["accession_number"]
+        assert rec.key.decode() == f"ACC-{i}" == rec.value["accession_number"]
         assert rec.value["priority"] == priority
         assert rec.value["priority_field"] == ("ServiceRequest.priority" if priority else "")
         assert rec.value["message_type"] == "ServiceRequest" and rec.value["source"] == "fhir"
@@ -248,7 +171,11 @@ def test_created_resources_are_published_once_after_ack(intake: Intake) -> None:
         assert rec.value["indication"] == "code stroke, LKW 14:05"
         assert rec.headers["traceparent"].startswith(b"00-")
     study = orders[study_location.group(2)]
-    assert (study.key, study.value["study_uid"], study.value["priority"]) == ("ACC-0", study_uid, None)
+    assert (study.key.decode(), study.value["study_uid"], study.value["priority"]) == (
+        "ACC-0",
+        study_uid,
+        None,
+    )
     assert study.value["patient_id"] == "MRN-88"
     _no_names(records)
 
@@ -385,7 +312,7 @@ def test_transaction_is_validated_whole_before_anything_is_published(intake: Int
 
     records = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, 2)
     assert sorted(r.value["source_message_id"] for r in records) == sorted(ids)
-    assert {r.key for r in records} == {"T-1"}
+    assert {r.key.decode() for r in records} == {"T-1"}
     _no_names(records)
 
 
@@ -444,7 +371,7 @@ def test_kafka_down_means_503_never_201_and_health_says_so(
         health = requests.get(f"{server.base}/healthz", timeout=TIMEOUT)
         assert health.status_code == 503 and health.json()["checks"]["kafka"]["status"] == "failing"
     finally:
-        _stop(server)
+        stop_intake(server)
         publisher.close()
 
 
@@ -658,37 +585,10 @@ def test_radtriage_http_serves_and_stops_cleanly_on_sigterm(kafka_bootstrap: str
     port = free_port()
     settings = _settings(tmp_path / "home", kafka_bootstrap)
     ensure_topics(kafka_bootstrap, {settings.topics.orders: PARTITIONS})
-    env = {k: v for k, v in os.environ.items() if k != "RADTRIAGE_SETTINGS_JSON"}
-    env.update(
-        {
-            "RADTRIAGE_HOME": str(tmp_path / "home"),
-            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "RADTRIAGE_HTTP__PORT": str(port),
-            "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1",
-            "RADTRIAGE_TOPICS__ORDERS": settings.topics.orders,
-            "RADTRIAGE_TELEMETRY__EXPORTER": "none",
-        }
-    )
-    log = (tmp_path / "http.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "http"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_http_process(settings, port, tmp_path / "http.log", "orders")
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "http.log").read_text()
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "radtriage http never became healthy"
-            time.sleep(0.2)
+        wait_ready(proc, lambda: healthy(base), tmp_path / "http.log", "radtriage http never became healthy")
         r = post(requests.Session(), f"{base}/fhir/ServiceRequest", service_request("P-1"))
         assert r.status_code == 201, r.text
         proc.send_signal(signal.SIGTERM)
@@ -697,10 +597,9 @@ def test_radtriage_http_serves_and_stops_cleanly_on_sigterm(kafka_bootstrap: str
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        log.close()
     text = (tmp_path / "http.log").read_text()
     assert "HTTP intake stopped" in text
     # The access log names route templates and statuses, never bodies or names.
     assert "POST /fhir/{type} 201" in text and "Secret" not in text
     records = read_topic(kafka_bootstrap, settings.topics.orders, 1)
-    assert [r.key for r in records] == ["P-1"]
+    assert [r.key.decode() for r in records] == ["P-1"]

@@ -66,7 +66,7 @@ def _tls_connection(port: int, context: ssl.SSLContext) -> Iterator[ssl.SSLSocke
 
 
 def _orders(tail: Tail, s: Settings) -> list[str]:
-    return [r.json()["accession_number"] for r in tail.of(s.topics.orders)]
+    return [r.value["accession_number"] for r in tail.of(s.topics.orders)]
 
 
 def test_source_allow_list(kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 import json
@@ -39,18 +38,20 @@ import hl7
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kafka import KafkaConsumer, TopicPartition
 
 from connectors.hl7.ack import ack_code, outcome_ack
 from connectors.hl7.framing import Frame, FrameDecoder, Oversized, frame
 from connectors.hl7.mllp import Hl7Listener, start_listener
 from connectors.hl7.parse import Accepted, Ignored, Rejected, oversized, parse_message
 from connectors.publisher import EventPublisher
-from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.settings import Settings
 from schemas.orders import OrderEvent
-from tests.conftest import free_port
 from tests.data.hl7 import samples
+from tests.support.kafka import TopicReader
+from tests.support.loop import LoopThread
+from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_listening
+from tests.support.settings import isolated_settings
 
 pytestmark = pytest.mark.integration
 
@@ -66,66 +67,19 @@ _ids = itertools.count(1)
 
 def hl7_settings(kafka_bootstrap: str, home: Path) -> Settings:
     """Settings with this test's own topics (a unique suffix) and home."""
-    suffix = f"{home.name[-12:]}-{free_port()}"
-    s = Settings(home=home)
-    s.kafka.bootstrap_servers = kafka_bootstrap
+    s = isolated_settings(home, kafka_bootstrap, ("orders", "encounters", "deadletter"), partitions=3)
     s.kafka.produce_timeout_s = 10.0
-    s.topics.orders = f"imaging.orders.{suffix}"
-    s.topics.encounters = f"imaging.encounters.{suffix}"
-    s.topics.deadletter = f"triage.deadletter.{suffix}"
     s.hl7.port = free_port()
     s.hl7.bind_address = "127.0.0.1"
     s.telemetry.exporter = "none"
-    ensure_topics(
-        kafka_bootstrap, {t: 3 for t in (s.topics.orders, s.topics.encounters, s.topics.deadletter)}
-    )
     return s
 
 
-@dataclass
-class Record:
-    topic: str
-    key: bytes
-    value: bytes
-    headers: dict[str, bytes]
-
-    def json(self) -> dict[str, Any]:
-        return dict(json.loads(self.value))
-
-
-class Tail:
+class Tail(TopicReader):
     """Every record of the given topics, from their beginning (the topics are this test's own)."""
 
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-        parts = [
-            TopicPartition(t, p) for t in topics for p in sorted(self.consumer.partitions_for_topic(t) or {0})
-        ]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_beginning(*parts)
-        self.records: list[Record] = []
-
-    def poll(self) -> None:
-        for recs in self.consumer.poll(timeout_ms=200).values():
-            for r in recs:
-                self.records.append(Record(r.topic, r.key or b"", r.value or b"", dict(r.headers or [])))
-
-    def until(self, predicate: Any, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate() and time.monotonic() < deadline:
-            self.poll()
-        assert predicate(), Counter(r.topic for r in self.records)
-
-    def drain(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            self.poll()
-
-    def of(self, topic: str) -> list[Record]:
-        return [r for r in self.records if r.topic == topic]
-
-    def close(self) -> None:
-        self.consumer.close()
+        super().__init__(bootstrap, topics, from_beginning=True)
 
 
 def assert_no_phi(blob: bytes, where: str) -> None:
@@ -197,14 +151,12 @@ class ListenerThread:
 
     def __init__(self, settings: Settings, publisher: EventPublisher | None = None) -> None:
         self.settings, self.publisher = settings, publisher
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread = LoopThread()
         self.listener: Hl7Listener | None = None
 
     def __enter__(self) -> ListenerThread:
         self.thread.start()
-        future = asyncio.run_coroutine_threadsafe(start_listener(self.settings, self.publisher), self.loop)
-        self.listener = future.result(60)
+        self.listener = self.thread.run(start_listener(self.settings, self.publisher), 60)
         return self
 
     @property
@@ -214,14 +166,12 @@ class ListenerThread:
 
     def stop(self) -> None:
         if self.listener is not None:
-            asyncio.run_coroutine_threadsafe(self.listener.stop(), self.loop).result(60)
+            self.thread.run(self.listener.stop(), 60)
             self.listener = None
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self.thread.close()
 
 
 def connect(port: int) -> socket.socket:
@@ -257,30 +207,14 @@ def cli_listener(s: Settings) -> Iterator[subprocess.Popen[bytes]]:
             "RADTRIAGE_TELEMETRY__EXPORTER": "jsonl",
         }
     )
-    log = (s.home / "hl7.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "hl7-listener"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_radtriage(["hl7-listener"], env, s.home / "hl7.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (s.home / "hl7.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "hl7-listener never listened"
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", s.hl7.port)) == 0:
-                    break
-            time.sleep(0.1)
+        wait_listening(proc, s.hl7.port, s.home / "hl7.log")
         yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-        log.close()
 
 
 def mllp_send(port: int, file: Path, *extra: str) -> list[bytes]:
@@ -348,17 +282,17 @@ def test_mllp_send_valid_and_broken_messages(kafka_bootstrap: str, tmp_path: Pat
 
     orders = tail.of(s.topics.orders)
     assert sorted(r.key.decode() for r in orders) == sorted(accessions)
-    assert sorted(r.json()["accession_number"] for r in orders) == sorted(accessions)
+    assert sorted(r.value["accession_number"] for r in orders) == sorted(accessions)
     for r in orders:
         assert re.fullmatch(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", r.headers["traceparent"]), r.headers
-    stat = next(r.json() for r in orders if r.key == b"ACC-23-0001")
+    stat = next(r.value for r in orders if r.key == b"ACC-23-0001")
     assert (stat["priority"], stat["priority_field"], stat["patient_class"]) == ("stat", "ORC-7", "emergency")
     encounters = tail.of(s.topics.encounters)
     assert sorted(r.key.decode() for r in encounters) == sorted(patients)
 
     letters = tail.of(s.topics.deadletter)
     assert len(letters) == len(samples.INVALID)
-    by_sha = {json.loads(r.json()["payload"])["sha256"]: r.json() for r in letters}
+    by_sha = {json.loads(r.value["payload"])["sha256"]: r.value for r in letters}
     for name in samples.INVALID:
         digest = hashlib.sha256(sent[name]).hexdigest()
         letter = by_sha[digest]  # exactly one dead letter per broken message
@@ -373,7 +307,7 @@ def test_mllp_send_valid_and_broken_messages(kafka_bootstrap: str, tmp_path: Pat
         assert quarantined.parent == s.home / "quarantine" / "hl7"
 
     for r in tail.records:
-        assert_no_phi(r.key + r.value + b"".join(r.headers.values()), f"topic {r.topic}")
+        assert_no_phi(r.key + r.raw + b"".join(r.headers.values()), f"topic {r.topic}")
     assert_no_phi((s.home / "hl7.log").read_bytes(), "the listener's log")
     spans = [json.loads(line) for line in s.trace_file.read_text().splitlines()]
     receives = [sp for sp in spans if sp["name"] == "hl7.receive"]
@@ -730,4 +664,4 @@ def test_hypothesis_malformed_input_over_real_sockets(kafka_bootstrap: str, tmp_
     assert all(keys[a] >= 1 for a in expected.accepted), "an accepted mutant is not in Kafka"
     assert len(tail.of(s.topics.deadletter)) == expected.dead_letters
     for r in tail.records:
-        assert_no_phi(r.key + r.value, f"topic {r.topic}")
+        assert_no_phi(r.key + r.raw, f"topic {r.topic}")

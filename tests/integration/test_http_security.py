@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -26,25 +25,24 @@ from pathlib import Path
 import pytest
 import requests
 
-from connectors.http.server import start_http
 from radtriage.demo_messages import post_fhir
 from radtriage.demo_messages import service_request as demo_service_request
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from tests.certs import Pki, make_pki
-from tests.conftest import free_port
 from tests.integration.test_fhir_intake import (
     FHIR_JSON,
-    PARTITIONS,
-    Intake,
     _settings,
-    _stop,
     outcome,
     post,
-    read_topic,
     service_request,
 )
 from tests.integration.test_stow_rs import STOW_TYPE, multipart, part10, series
+from tests.support.http import healthy, http_env, start_intake, stop_intake
+from tests.support.kafka import PARTITIONS, read_topic
+from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_ready
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -73,17 +71,6 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("certs"))
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-
-
 def secured(tmp_path: Path, bootstrap: str, certs: Pki | None, mode: str, **tls: Path) -> Settings:
     settings = _settings(tmp_path / "home", bootstrap)
     settings.http.auth.mode = mode  # type: ignore[assignment]
@@ -101,10 +88,9 @@ def secured(tmp_path: Path, bootstrap: str, certs: Pki | None, mode: str, **tls:
 
 class Server:
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
-        handle = asyncio.run_coroutine_threadsafe(start_http(settings), loop).result(30)
-        self.intake = Intake(settings, handle, loop)
+        self.intake = start_intake(settings, loop)
         self.settings = settings
-        self.port = handle.port
+        self.port = self.intake.handle.port
 
     @property
     def base(self) -> str:
@@ -121,7 +107,7 @@ def serve(loop: asyncio.AbstractEventLoop) -> Iterator[object]:
 
     yield start
     for s in servers:
-        _stop(s.intake)
+        stop_intake(s.intake)
 
 
 def call(
@@ -211,7 +197,7 @@ def test_a_valid_token_gets_normal_service(
     r = post(s, f"{server.base}/fhir/ServiceRequest", service_request("AUTH-1"))
     assert r.status_code == 201, r.text
     (record,) = read_topic(kafka_bootstrap, server.settings.topics.orders, 1)
-    assert record.key == "AUTH-1"
+    assert record.key.decode() == "AUTH-1"
     assert s.get(f"{server.base}/metrics", timeout=TIMEOUT).text.startswith("# HELP")
     page = s.get(f"{server.base}/", timeout=TIMEOUT)
     assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
@@ -237,10 +223,7 @@ def test_rotating_the_tokens_file_takes_effect_without_a_restart(
     assert path is not None
     path.write_text(f"{ROTATED}\n")
     os.utime(path, ns=(time.time_ns() + 5 * 10**9,) * 2)
-    deadline = time.monotonic() + 10
-    while status(ROTATED) != 200:
-        assert time.monotonic() < deadline, "the rotated token was never accepted"
-        time.sleep(0.3)
+    wait_until(lambda: status(ROTATED) == 200, "the rotated token accepted", 10, interval=0.3)
     assert status(TOKEN) == 401
     # A broken edit keeps the last good tokens: no outage, no crash.
     path.write_text("not a token at all\n")
@@ -296,7 +279,7 @@ def test_https_with_the_test_ca_and_plain_http_is_refused(
     location = post_fhir(demo, demo_service_request("DEMO-1", "MRN-1", priority="stat"))
     assert location.startswith(f"https://127.0.0.1:{server.port}/fhir/ServiceRequest/")
     records = read_topic(kafka_bootstrap, server.settings.topics.orders, 2)
-    assert sorted(r.key for r in records) == ["DEMO-1", "TLS-1"]
+    assert sorted(r.key.decode() for r in records) == ["DEMO-1", "TLS-1"]
 
 
 def test_tls_below_1_2_is_refused(kafka_bootstrap: str, tmp_path: Path, serve, certs: Pki) -> None:
@@ -338,7 +321,7 @@ def test_mtls_requires_a_certificate_from_the_client_ca(
     )  # fmt: skip
     assert good.status_code == 201, good.text
     records = read_topic(kafka_bootstrap, server.settings.topics.orders, 1)
-    assert [r.key for r in records] == ["MTLS-1"]
+    assert [r.key.decode() for r in records] == ["MTLS-1"]
 
 
 def test_bearer_or_mtls_takes_either(kafka_bootstrap: str, tmp_path: Path, serve, certs: Pki) -> None:
@@ -361,18 +344,7 @@ def test_bearer_or_mtls_takes_either(kafka_bootstrap: str, tmp_path: Path, serve
 
 
 def _process_env(tmp_path: Path, kafka_bootstrap: str, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RADTRIAGE_SETTINGS_JSON"}
-    env.update(
-        {
-            "RADTRIAGE_HOME": str(tmp_path / "home"),
-            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "RADTRIAGE_HTTP__PORT": str(port),
-            "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1",
-            "RADTRIAGE_OPERATOR__ENABLED": "false",
-            **extra,
-        }
-    )
-    return env
+    return http_env(tmp_path / "home", kafka_bootstrap, port, RADTRIAGE_OPERATOR__ENABLED="false", **extra)
 
 
 def test_the_token_never_reaches_the_process_log_or_its_traces(
@@ -395,43 +367,31 @@ def test_the_token_never_reaches_the_process_log_or_its_traces(
         RADTRIAGE_HTTP__AUTH__TOKENS_FILE=str(settings.http.auth.tokens_file),
     )
     log_path = tmp_path / "http.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "radtriage.cli", "http"], env=env, cwd=REPO_ROOT, stdout=log, stderr=log
-        )
-        try:
-            base = f"https://127.0.0.1:{port}"
-            s = requests.Session()
-            s.trust_env = False  # else REQUESTS_CA_BUNDLE overrides s.verify (requests#3829)
-            s.verify = str(certs.ca)
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                try:
-                    if s.get(f"{base}/healthz", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "radtriage http never became healthy"
-                time.sleep(0.2)
-            for token in (TOKEN, ROTATED):
-                r = post(s, f"{base}/fhir/ServiceRequest", service_request(f"P-{token[:6]}"),
-                         {**FHIR_JSON, "Authorization": f"Bearer {token}"})  # fmt: skip
-                assert r.status_code == 201, r.text
-            for bad in (f"Bearer {TOKEN}x", f"Bearer {ROTATED[:-1]}", TOKEN, f"Basic {TOKEN}"):
-                r = post(
-                    s,
-                    f"{base}/fhir/ServiceRequest",
-                    service_request("X"),
-                    {**FHIR_JSON, "Authorization": bad},
-                )
-                assert r.status_code == 401
-            proc.terminate()
-            assert proc.wait(30) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+    proc = start_radtriage(["http"], env, log_path, new_session=False)
+    try:
+        base = f"https://127.0.0.1:{port}"
+        s = requests.Session()
+        s.trust_env = False  # else REQUESTS_CA_BUNDLE overrides s.verify (requests#3829)
+        s.verify = str(certs.ca)
+        wait_ready(proc, lambda: healthy(base, s), log_path, "radtriage http never became healthy")
+        for token in (TOKEN, ROTATED):
+            r = post(s, f"{base}/fhir/ServiceRequest", service_request(f"P-{token[:6]}"),
+                     {**FHIR_JSON, "Authorization": f"Bearer {token}"})  # fmt: skip
+            assert r.status_code == 201, r.text
+        for bad in (f"Bearer {TOKEN}x", f"Bearer {ROTATED[:-1]}", TOKEN, f"Basic {TOKEN}"):
+            r = post(
+                s,
+                f"{base}/fhir/ServiceRequest",
+                service_request("X"),
+                {**FHIR_JSON, "Authorization": bad},
+            )
+            assert r.status_code == 401
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     text = log_path.read_text()
     assert "HTTP intake listening on https://127.0.0.1" in text and "auth bearer" in text
     assert "refused POST /fhir/{type} from 127.0.0.1: invalid_token" in text

@@ -31,8 +31,9 @@ from models.lvo_detector.phantoms import cta_phantom
 from models.phantoms import head_ct_phantom
 from radtriage.demo import send_series
 from radtriage.settings import Settings
-from tests.conftest import free_port
-from tests.integration.harness import Tail, Worker, listener
+from tests.integration.harness import Worker, listener
+from tests.support.kafka import Tail
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

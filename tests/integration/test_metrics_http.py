@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,7 +26,9 @@ from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
 from schemas.requests import TriageRequest
-from tests.conftest import free_port
+from tests.support.http import http_settings
+from tests.support.net import free_port
+from tests.support.settings import unique_suffix
 
 pytestmark = pytest.mark.integration
 
@@ -75,27 +75,11 @@ class Server:
         return f"http://127.0.0.1:{self.handle.port}"
 
 
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-
-
 def _settings(home: Path, bootstrap: str) -> Settings:
-    settings = Settings(home=home)
-    settings.kafka.bootstrap_servers = bootstrap
-    settings.kafka.produce_timeout_s = 10.0
-    settings.http.port = 0
-    settings.http.bind_address = "127.0.0.1"
-    suffix = uuid.uuid4().hex[:12]
+    suffix = unique_suffix()
+    topics = ("orders", "instances", "requests_stat", "requests_urgent", "requests_routine")
+    settings = http_settings(home, bootstrap, topics, suffix=suffix)
     settings.streams.app_id = f"radtriage-metrics-{suffix}"
-    for field in ("orders", "instances", "requests_stat", "requests_urgent", "requests_routine"):
-        setattr(settings.topics, field, f"{getattr(settings.topics, field)}.test-{suffix}")
     # Nothing listens here: model readiness is 0, quickly.
     settings.triton.grpc_url = f"127.0.0.1:{free_port()}"
     settings.metrics.probe_timeout_s = 2.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,12 +19,13 @@ import pytest
 from kafka import KafkaProducer
 
 from radtriage import metrics
-from radtriage.settings import REPO_ROOT, Settings
-from radtriage.stack.process import port_in_use
-from schemas.instances import InstanceEvent
-from tests.conftest import free_port
-from tests.integration.harness import Tail, Worker, finding_bytes
+from radtriage.settings import Settings
+from tests.integration.harness import Worker, finding_bytes, pixelless_series, release
 from tests.integration.test_metrics_http import Samples, names, scrape, value
+from tests.support.kafka import Tail
+from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_listening
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,20 +35,9 @@ def _histogram_count(samples: Samples, name: str, **labels: str) -> float:
 
 
 def _start_http(env: dict[str, str], home: Path, port: int) -> subprocess.Popen[bytes]:
-    log = (home / "http.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "http"],
-        env={**env, "RADTRIAGE_HTTP__PORT": str(port), "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1"},
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not port_in_use(port):
-        assert proc.poll() is None, (home / "http.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "radtriage http never listened"
-        time.sleep(0.2)
+    env = {**env, "RADTRIAGE_HTTP__PORT": str(port), "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1"}
+    proc = start_radtriage(["http"], env, home / "http.log")
+    wait_listening(proc, port, home / "http.log")
     return proc
 
 
@@ -94,19 +83,9 @@ def _drive_and_check(settings: Settings, worker: Worker, worker_url: str, http_p
         producer.send(t.findings, key=uid.encode(), value=payload)
     # A head CT routed to the stat lane whose pixels are not there: preprocess dead-letters it.
     head = f"1.2.826.0.7.{stamp}"
-    for i in range(10):
-        ev = InstanceEvent(
-            study_uid=head,
-            series_uid=head + ".1",
-            sop_instance_uid=f"{head}.1.{i}",
-            modality="CT",
-            body_part="HEAD",
-            series_description="CT HEAD WO CONTRAST",
-            blob_uri=f"file:///nowhere/{i}.dcm",
-        )
+    for ev in pixelless_series(head):
         producer.send(t.instances, key=head.encode(), value=ev.to_bytes())
-    done = InstanceEvent(kind="transfer_complete", study_uid=head, instance_count=10)
-    producer.send(t.instances, key=head.encode(), value=done.to_bytes())
+    producer.send(t.instances, key=head.encode(), value=release(head))
     producer.send(t.instances, key=b"poison", value=b"\x00not json")
     producer.flush()
 
@@ -154,10 +133,12 @@ def _drive_and_check(settings: Settings, worker: Worker, worker_url: str, http_p
     assert "radtriage_consumer_lag" not in names(own)
 
     # The stat request was consumed: once Faust commits, its lag is 0 (committed = next offset).
-    deadline = time.monotonic() + 30
-    while value(scrape(aggregate_url), "radtriage_consumer_lag", group=group, lane="stat") != 0:
-        assert time.monotonic() < deadline, "the worker's commit never showed as zero lag"
-        time.sleep(0.5)
+    wait_until(
+        lambda: value(scrape(aggregate_url), "radtriage_consumer_lag", group=group, lane="stat") == 0,
+        "the worker's commit show as zero lag",
+        30,
+        interval=0.5,
+    )
 
     # A stopped worker's live gauges leave the aggregate with it; its counters stay.
     in_flight = [dict(ls)["lane"] for n, ls in scrape(aggregate_url) if n == "radtriage_requests_in_flight"]

@@ -9,7 +9,6 @@ fail, because a sender that gets a failure for one object stops its whole send.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,11 +22,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from connectors.blobstore import LocalBlobStore
-from connectors.dicom.scp import start_scp
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from radtriage.kafka_admin import ensure_topics
-from tests.integration.test_dicom_scp import PARTITIONS, Listener, _read_topic, _send_files, _settings
+from tests.support.dicom import Listener, send_files
+from tests.support.kafka import read_topic
 
 pytestmark = [pytest.mark.integration]
 
@@ -177,17 +175,6 @@ BUILDERS = {
 
 
 @pytest.fixture
-def listener(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Listener]:
-    settings = _settings(tmp_path / "home", kafka_bootstrap)
-    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    _server, stop = start_scp(settings)
-    try:
-        yield Listener(settings, stop)
-    finally:
-        stop()
-
-
-@pytest.fixture
 def ct_files(tmp_path: Path) -> list[Path]:
     ph = head_ct_phantom(np.random.default_rng(21), bleed=False, shape=(6, 64, 64))
     return write_ct_series(ph.hu, ph.spacing_zyx, tmp_path / "ct", accession="ACCNI", patient_id="MRNNI")
@@ -219,13 +206,13 @@ def test_each_non_image_object_is_stored_and_published_without_pixels(
     path = _save(ds, tmp_path / f"{kind}.dcm")
     before = _successes()
 
-    out = _send_files(listener, [path])
+    out = send_files(listener, [path])
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Received Store Response (Success)" in out.stdout + out.stderr
     assert _successes() == before + 1
     assert "refused" not in caplog.text
 
-    records = _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, 2)
+    records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, 2)
     (event,) = [r.value for r in records if r.value["kind"] == "instance"]
     (marker,) = [r.value for r in records if r.value["kind"] == "transfer_complete"]
     assert (event["sop_class_uid"], event["sop_instance_uid"]) == (ds.SOPClassUID, ds.SOPInstanceUID)
@@ -250,11 +237,11 @@ def test_a_dose_sr_sent_first_does_not_stop_the_series(
     # What a CT scanner does: the dose report first, then the images, one association.
     images = [dcmread(f) for f in ct_files]
     sr = _save(dose_sr(images), tmp_path / "dose.dcm")
-    out = _send_files(listener, [sr, *ct_files])
+    out = send_files(listener, [sr, *ct_files])
     assert out.returncode == 0, out.stdout + out.stderr
     assert (out.stdout + out.stderr).count("Received Store Response (Success)") == 1 + len(ct_files)
 
-    records = _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(ct_files) + 2)
+    records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(ct_files) + 2)
     instances = [r.value for r in records if r.value["kind"] == "instance"]
     (marker,) = [r.value for r in records if r.value["kind"] == "transfer_complete"]
     assert sorted(e["sop_instance_uid"] for e in instances if e["has_pixels"]) == sorted(

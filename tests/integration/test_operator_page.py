@@ -35,8 +35,9 @@ from radtriage.settings import Settings
 from schemas.alerts import Alert
 from schemas.findings import Finding
 from schemas.instances import InstanceEvent
-from tests.conftest import free_port
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker
+from tests.support.kafka import Tail
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

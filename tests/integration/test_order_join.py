@@ -11,29 +11,17 @@ from kafka import KafkaProducer
 
 from radtriage.settings import Settings
 from schemas.encounters import EncounterEvent
-from schemas.instances import InstanceEvent
 from schemas.orders import OrderEvent
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker, pixelless_series, release
+from tests.support.kafka import Tail
 
 pytestmark = pytest.mark.integration
 
 
 def _send_head_ct(producer: KafkaProducer, topic: str, uid: str, accession: str, patient: str) -> None:
-    for i in range(10):
-        ev = InstanceEvent(
-            study_uid=uid,
-            series_uid=uid + ".1",
-            sop_instance_uid=f"{uid}.1.{i}",
-            modality="CT",
-            body_part="HEAD",
-            series_description="CT HEAD WO CONTRAST",
-            accession_number=accession,
-            patient_id=patient,
-            blob_uri=f"file:///nowhere/{i}.dcm",
-        )
+    for ev in pixelless_series(uid, accession_number=accession, patient_id=patient):
         producer.send(topic, key=uid.encode(), value=ev.to_bytes())
-    marker = InstanceEvent(kind="transfer_complete", study_uid=uid, instance_count=10)
-    producer.send(topic, key=uid.encode(), value=marker.to_bytes()).get(10)
+    producer.send(topic, key=uid.encode(), value=release(uid)).get(10)
 
 
 def _stat_order(accession: str, patient: str) -> OrderEvent:

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from radtriage.settings import Settings
 from radtriage.tracing_sdk import _otlp_exporter
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 Received = list[trace_service_pb2.ExportTraceServiceRequest]
 

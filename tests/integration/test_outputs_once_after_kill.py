@@ -15,7 +15,8 @@ import pytest
 from kafka import KafkaProducer
 
 from radtriage.settings import Settings
-from tests.integration.harness import Studies, Tail, Worker, finding_bytes
+from tests.integration.harness import Studies, Worker, finding_bytes
+from tests.support.kafka import Tail
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,8 @@ from kafka import KafkaProducer
 
 from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker
+from tests.support.kafka import Tail
 
 pytestmark = pytest.mark.integration
 

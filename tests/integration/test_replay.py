@@ -12,7 +12,7 @@ from kafka import KafkaProducer
 from radtriage.replay import REPLAY_HEADER, replay_record
 from radtriage.settings import REPO_ROOT, Settings
 from schemas.deadletter import DeadLetter
-from tests.integration.harness import Tail
+from tests.support.kafka import Tail
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def test_replay_republishes_chosen_letters_once_with_key_header_and_trace(
         assert value == json.loads(letters[name].payload)  # the original text, byte for byte
         assert headers[REPLAY_HEADER] == coords[name].encode()
     assert by_topic[t.requests_stat][1]["traceparent"] == TRACEPARENT  # the study's trace goes on
-    raw = [r for recs in tail.c.poll(timeout_ms=0).values() for r in recs]
+    raw = [r for recs in tail.consumer.poll(timeout_ms=0).values() for r in recs]
     assert raw == []  # nothing else arrived
 
     # Everything else, and the two already replayed: only the route letter goes.

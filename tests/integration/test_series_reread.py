@@ -19,7 +19,8 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker
+from tests.support.kafka import Tail
 
 pytestmark = pytest.mark.integration
 

@@ -8,17 +8,11 @@ can be asserted over the whole topic.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -27,20 +21,21 @@ import numpy as np
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from kafka import KafkaConsumer, TopicPartition
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from connectors.blobstore import LocalBlobStore
 from connectors.dicom import validation as v
-from connectors.http.server import HttpHandle, start_http
 from connectors.publisher import EventPublisher
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
-from tests.conftest import free_port
+from radtriage.settings import Settings
+from tests.support.http import Intake, healthy, http_settings, start_http_process, start_intake, stop_intake
+from tests.support.kafka import PARTITIONS, read_topic
+from tests.support.net import free_port
+from tests.support.process import wait_ready
 
 pytestmark = [
     pytest.mark.integration,
@@ -49,7 +44,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:VR lookup failed:UserWarning"),
 ]
 
-PARTITIONS = 3
 SECRET_NAME = "Secret^Patient"
 SECRET_BIRTH_DATE = "19450817"
 PUBLIC_BASE = "https://pacs-gw.example.org"
@@ -68,97 +62,22 @@ TRUNCATED_SEQUENCE = (
 # -- a server in a background event loop ----------------------------------------------
 
 
-@dataclass
-class Intake:
-    settings: Settings
-    handle: HttpHandle
-    loop: asyncio.AbstractEventLoop
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.handle.port}"
-
-    @property
-    def topic(self) -> str:
-        return self.settings.topics.instances
-
-
 def _settings(home: Path, bootstrap: str) -> Settings:
-    settings = Settings(home=home)
-    settings.kafka.bootstrap_servers = bootstrap
-    settings.kafka.produce_timeout_s = 10.0
-    settings.http.port = 0
-    settings.http.bind_address = "127.0.0.1"
+    settings = http_settings(home, bootstrap, ("instances",))
     # dicomweb-client sends `Host` without the port; behind a proxy the base is configured anyway.
     settings.http.public_base_url = PUBLIC_BASE
-    settings.topics.instances = f"imaging.instances.test-{uuid.uuid4().hex[:12]}"
     return settings
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-
-
-def _start(
-    settings: Settings, loop: asyncio.AbstractEventLoop, publisher: EventPublisher | None = None
-) -> Intake:
-    handle = asyncio.run_coroutine_threadsafe(start_http(settings, publisher), loop).result(30)
-    return Intake(settings, handle, loop)
-
-
-def _stop(intake: Intake) -> None:
-    asyncio.run_coroutine_threadsafe(intake.handle.stop(), intake.loop).result(60)
 
 
 @pytest.fixture
 def intake(kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Iterator[Intake]:
     settings = _settings(tmp_path / "home", kafka_bootstrap)
     ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    server = _start(settings, loop)
+    server = start_intake(settings, loop)
     try:
         yield server
     finally:
-        _stop(server)
-
-
-@dataclass
-class Record:
-    partition: int
-    offset: int
-    value: dict[str, Any]
-    headers: dict[str, bytes]
-    raw: bytes
-
-
-def read_topic(
-    bootstrap: str, topic: str, want: int, timeout_s: float = 30, settle_s: float = 2
-) -> list[Record]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    got: list[Record] = []
-    deadline = time.monotonic() + timeout_s
-    settle_until: float | None = None
-    try:
-        while time.monotonic() < (settle_until or deadline):
-            for recs in consumer.poll(timeout_ms=200).values():
-                for r in recs:
-                    got.append(
-                        Record(r.partition, r.offset, json.loads(r.value), dict(r.headers or []), r.value)
-                    )
-            if settle_until is None and len(got) >= want:
-                settle_until = time.monotonic() + settle_s
-    finally:
-        consumer.close()
-    return got
+        stop_intake(server)
 
 
 # -- DICOM test objects -----------------------------------------------------------------
@@ -402,7 +321,7 @@ def test_kafka_down_is_503_with_out_of_resources(
 ) -> None:
     settings = _settings(tmp_path / "home", f"127.0.0.1:{free_port()}")
     publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=1.5, client_id="test-stow-down")
-    server = _start(settings, loop, publisher)
+    server = start_intake(settings, loop, publisher)
     try:
         datasets = series(tmp_path / "series", 10, slices=4)
         started = time.monotonic()
@@ -419,7 +338,7 @@ def test_kafka_down_is_503_with_out_of_resources(
         assert codes == [v.OUT_OF_RESOURCES_KAFKA] * len(datasets)
         assert requests.get(f"{server.base}/healthz", timeout=TIMEOUT).status_code == 503
     finally:
-        _stop(server)
+        stop_intake(server)
         publisher.close()
 
 
@@ -429,25 +348,7 @@ def test_sigterm_lets_a_request_in_flight_finish(kafka_bootstrap: str, tmp_path:
     port = free_port()
     settings = _settings(tmp_path / "home", kafka_bootstrap)
     ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    env = {k: v for k, v in os.environ.items() if k != "RADTRIAGE_SETTINGS_JSON"}
-    env.update(
-        {
-            "RADTRIAGE_HOME": str(tmp_path / "home"),
-            "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "RADTRIAGE_HTTP__PORT": str(port),
-            "RADTRIAGE_HTTP__BIND_ADDRESS": "127.0.0.1",
-            "RADTRIAGE_TOPICS__INSTANCES": settings.topics.instances,
-            "RADTRIAGE_TELEMETRY__EXPORTER": "none",
-        }
-    )
-    log = (tmp_path / "http.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", "http"],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_http_process(settings, port, tmp_path / "http.log", "instances")
     datasets = series(tmp_path / "series", 11, slices=4)
     first_sent = threading.Event()
 
@@ -461,16 +362,7 @@ def test_sigterm_lets_a_request_in_flight_finish(kafka_bootstrap: str, tmp_path:
 
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "http.log").read_text()
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "radtriage http never became healthy"
-            time.sleep(0.2)
+        wait_ready(proc, lambda: healthy(base), tmp_path / "http.log", "radtriage http never became healthy")
         result: dict[str, requests.Response] = {}
         sender = threading.Thread(
             target=lambda: result.setdefault(
@@ -495,7 +387,6 @@ def test_sigterm_lets_a_request_in_flight_finish(kafka_bootstrap: str, tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        log.close()
     text = (tmp_path / "http.log").read_text()
     assert "HTTP intake stopped" in text and "POST /dicomweb/studies 200" in text
     _no_phi(text)

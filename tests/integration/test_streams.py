@@ -9,8 +9,8 @@ import pytest
 from kafka import KafkaProducer
 
 from radtriage.settings import Settings
-from schemas.instances import InstanceEvent
-from tests.integration.harness import Tail, Worker, finding_bytes
+from tests.integration.harness import Worker, finding_bytes, pixelless_series, release
+from tests.support.kafka import Tail
 
 pytestmark = pytest.mark.integration
 
@@ -64,32 +64,11 @@ def test_assembly_routing_and_dead_letters(worker_env: tuple[dict[str, str], Set
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     head, chest = f"1.2.826.0.2.{time.time_ns()}", f"1.2.826.0.3.{time.time_ns()}"
     traceparent = [("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]
-    for i in range(10):
-        ev = InstanceEvent(
-            study_uid=head,
-            series_uid=head + ".1",
-            sop_instance_uid=f"{head}.1.{i}",
-            modality="CT",
-            body_part="HEAD",
-            series_description="CT HEAD WO CONTRAST",
-            blob_uri=f"file:///nowhere/{i}.dcm",
-        )
+    for ev in pixelless_series(head):
         producer.send(t.instances, key=head.encode(), value=ev.to_bytes(), headers=traceparent)
-    producer.send(
-        t.instances,
-        key=head.encode(),
-        value=InstanceEvent(kind="transfer_complete", study_uid=head, instance_count=10).to_bytes(),
-    )
-    for i in range(3):  # no release marker: completes after the quiet period
-        ev = InstanceEvent(
-            study_uid=chest,
-            series_uid=chest + ".1",
-            sop_instance_uid=f"{chest}.1.{i}",
-            modality="CT",
-            body_part="CHEST",
-            series_description="CT CHEST",
-            blob_uri=f"file:///nowhere/{i}.dcm",
-        )
+    producer.send(t.instances, key=head.encode(), value=release(head))
+    # No release marker: completes after the quiet period.
+    for ev in pixelless_series(chest, 3, body_part="CHEST", description="CT CHEST"):
         producer.send(t.instances, key=chest.encode(), value=ev.to_bytes())
     producer.send(t.instances, key=b"poison", value=b"\x00not json at all")
     producer.send(t.studies, key=b"poison", value=b'{"schema_version": 7}')

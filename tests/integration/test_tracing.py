@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +28,13 @@ from models.phantoms import head_ct_phantom
 from radtriage.cli import main
 from radtriage.demo import send_series
 from radtriage.demo_messages import hl7_order, send_hl7
-from radtriage.settings import REPO_ROOT, Settings
-from radtriage.status import gather, port_open
+from radtriage.settings import Settings
+from radtriage.status import gather
 from radtriage.trace_view import load_study_spans
-from tests.conftest import free_port
-from tests.integration.harness import Tail, Worker
+from tests.integration.harness import Worker
+from tests.support.kafka import Tail
+from tests.support.net import free_port
+from tests.support.process import start_radtriage, wait_listening
 
 pytestmark = pytest.mark.integration
 
@@ -45,20 +46,8 @@ STAGES = {"assemble", "route", "infer", "preprocess", "triton.infer", "report", 
 
 
 def _listener(args: list[str], env: dict[str, str], home: Path, port: int) -> subprocess.Popen[bytes]:
-    log = (home / f"{args[0]}.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radtriage.cli", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not port_open("127.0.0.1", port, 0.5):
-        assert proc.poll() is None, (home / f"{args[0]}.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{args[0]} never opened port {port}"
-        time.sleep(0.2)
+    proc = start_radtriage(args, env, home / f"{args[0]}.log")
+    wait_listening(proc, port, home / f"{args[0]}.log")
     return proc
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +38,10 @@ from pydicom.uid import UID
 from pynetdicom import AE
 
 from connectors.blobstore import LocalBlobStore
-from connectors.dicom.scp import start_scp
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from radtriage.kafka_admin import ensure_topics
-from tests.conftest import dcmtk_tool
-from tests.integration.test_dicom_scp import PARTITIONS, Listener, _read_topic, _settings, _storescu
+from tests.support.dicom import Listener, dcmtk_tool, storescu
+from tests.support.kafka import read_topic
 
 pytestmark = [pytest.mark.integration]
 
@@ -233,8 +231,8 @@ def _send_only(
     listener: Listener, file: Path, sop_class: str, syntax: str
 ) -> subprocess.CompletedProcess[str]:
     profile = _profile(file.with_suffix(".cfg"), sop_class, syntax)
-    return _storescu(
-        "-xf", str(profile), "Profile", "-aec", listener.settings.dicom.ae_title,
+    return storescu(
+        "-v", "-xf", str(profile), "Profile", "-aec", listener.settings.dicom.ae_title,
         "127.0.0.1", str(listener.port), str(file),
     )  # fmt: skip
 
@@ -243,17 +241,6 @@ def _psnr(decoded: np.ndarray, original: np.ndarray, bits: int) -> float:
     mse = float(np.mean((decoded - original) ** 2))
     peak = float(2**bits - 1)
     return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
-
-
-@pytest.fixture
-def listener(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Listener]:
-    settings = _settings(tmp_path / "home", kafka_bootstrap)
-    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    _server, stop = start_scp(settings)
-    try:
-        yield Listener(settings, stop)
-    finally:
-        stop()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -283,7 +270,7 @@ def test_each_transfer_syntax_is_stored_as_received(
 
     (record,) = [
         r
-        for r in _read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, 2)
+        for r in read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, 2)
         if r.value["kind"] == "instance"
     ]
     event = record.value

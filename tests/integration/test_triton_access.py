@@ -25,7 +25,7 @@ from processors.preprocessing import ICH_INPUT_SHAPE
 from processors.triton_client import TritonModelClient
 from radtriage.settings import REPO_ROOT, TritonSettings
 from radtriage.stack.triton import LocalTriton
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from radtriage.settings import REPO_ROOT
 from schemas.routing_rules import RoutingRules
 from schemas.studies import SeriesRef
 from streams.routing import series_matches
-from tests.conftest import dcmtk_tool
+from tests.support.dicom import dcmtk_tool
 
 AXIAL, THIN, BONE = 6, 16, 8
 SEED = 16

@@ -28,7 +28,7 @@ from radtriage.status import (
     render_status,
 )
 from schemas.routing_rules import RoutingRules
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 NOW = datetime(2026, 3, 4, 10, 0, 0, tzinfo=UTC)
 UID = "1.2.826.0.1.3680043.8.498.1234"

@@ -1,0 +1,11 @@
+"""Ports on the loopback interface (whether one is open: radtriage.stack.process.port_in_use)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

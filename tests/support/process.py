@@ -1,0 +1,51 @@
+"""`radtriage <command>` as a child process of a test, and waiting for it to be ready."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from radtriage.settings import REPO_ROOT
+from radtriage.stack.process import port_in_use
+
+
+def start_radtriage(
+    args: Sequence[str], env: dict[str, str], log: Path, *, new_session: bool = True
+) -> subprocess.Popen[bytes]:
+    """`python -m radtriage.cli <args>` from the repo root with `env`, its output appended to
+    `log`; in a session of its own (unless `new_session` is false) so that a test can signal
+    it and everything it started with os.killpg."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "radtriage.cli", *args],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes],
+    ready: Callable[[], object],
+    log: Path,
+    what: str,
+    timeout: float = 60,
+    interval: float = 0.2,
+) -> None:
+    """Return once `ready()` is true; fail with the end of `log` if `proc` exits first, or
+    saying `what` it never did after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, f"{what} (after {timeout:.0f} s)"
+        time.sleep(interval)
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 60) -> None:
+    """`wait_ready` until something accepts connections on the loopback `port`."""
+    wait_ready(proc, lambda: port_in_use(port), log, f"{proc.args!r} never opened port {port}", timeout)
