@@ -46,7 +46,8 @@ from models.dicom_writer import write_ct_series
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.kafka import LocalKafka
-from tests.orthanc import Orthanc, free_port
+from tests.support.net import free_port
+from tests.support.orthanc import Orthanc
 
 RESULTS = REPO_ROOT / "bench" / "results" / "intake.json"
 

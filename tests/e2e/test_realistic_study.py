@@ -34,8 +34,8 @@ import pytest
 
 from models.realistic_study import SeriesKind, StudyManifest, TransferSyntax, write_realistic_head_study
 from tests.e2e.harness import OUTCOME_TIMEOUT_S, Outputs, Stack
-from tests.orthanc import Orthanc
 from tests.support.dicom import storescu_send
+from tests.support.orthanc import Orthanc
 
 pytestmark = pytest.mark.e2e
 

@@ -19,11 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.net import free_port
 
 
 def wait_port(port: int, timeout_s: float = 60) -> None:
