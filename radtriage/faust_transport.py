@@ -78,7 +78,7 @@ class IdempotentProducer(faust_aiokafka.Producer):
 
     def _forget(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is None:
-            self._unacked().discard(fut)  # type: ignore[arg-type]
+            self._unacked().discard(fut)
         # A failed one stays: the next commit must see it and not pass it.
 
     def _unacked(self) -> set[FutureMessage]:

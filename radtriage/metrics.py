@@ -424,7 +424,7 @@ def _forget_self(pid: int) -> None:
     # A child forked from this process inherits the hook; only the process itself may
     # remove its files.
     if os.getpid() == pid:
-        mark_process_dead(pid)
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]  # prometheus_client has no hints here
 
 
 def start_process_metrics(settings: Settings, *, serve: bool = True) -> int | None:
@@ -447,7 +447,7 @@ def forget_process(pid: int, settings: Settings) -> None:
     """A child of `up` is gone (even by SIGKILL, with no exit hooks): drop its live gauges."""
     path = multiproc_dir(settings)
     if path.is_dir():
-        mark_process_dead(pid, str(path))
+        mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
 # -- scrape-time collectors (HTTP process) ---------------------------------------------------
@@ -680,7 +680,7 @@ def exposition_registry(settings: Settings, models: Iterable[tuple[str, str]]) -
     if multiprocess_enabled():
         # A registry of its own, as prometheus_client's docs say: the default one would
         # export this process's values a second time next to the aggregate.
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # as above
     else:
         registry.register(_ThisProcess())
     registry.register(ConsumerLagCollector(settings))

@@ -117,7 +117,7 @@ async def publish(topic: TopicT, key: str, event: Event, headers: HeaderList | N
         record_ack(span, getattr(meta, "partition", None), getattr(meta, "offset", None))
 
 
-def event_key(event: EventT) -> str:
+def event_key(event: EventT[Any]) -> str:
     key = event.key
     if isinstance(key, bytes | bytearray):
         return key.decode("utf-8", errors="replace")
@@ -126,7 +126,7 @@ def event_key(event: EventT) -> str:
 
 async def dead_letter(
     topics: TriageTopics,
-    event: EventT,
+    event: EventT[Any],
     stage: str,
     error: str,
     study_uid: str = "",

@@ -42,7 +42,7 @@ def register(ctx: PipelineContext) -> None:
     # Studies already nudged for the quiet period, with the last_instance_at they were nudged at.
     nudged: dict[str, str] = {}
 
-    async def assemble_one(event: EventT) -> None:
+    async def assemble_one(event: EventT[Any]) -> None:
         try:
             inst = InstanceEvent.from_bytes(event.value)
         except EventDecodeError as exc:
@@ -93,7 +93,7 @@ def register(ctx: PipelineContext) -> None:
         nudged.pop(inst.study_uid, None)
 
     @ctx.app.agent(topics.instances, name="assemble")
-    async def assemble(stream: faust.StreamT) -> None:
+    async def assemble(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, "assemble", assemble_one)
 
     @ctx.app.timer(interval=settings.streams.assembly_scan_interval_s)

@@ -35,7 +35,7 @@ def span_attrs(**attrs: Any) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if v not in (None, "")}
 
 
-def consumed(event: EventT, group: str, **attrs: Any) -> dict[str, Any]:
+def consumed(event: EventT[Any], group: str, **attrs: Any) -> dict[str, Any]:
     """A CONSUMER span's attributes: where the record came from (messaging conventions) + ours."""
     message = event.message
     return consumer_attributes(message.topic, message.partition, message.offset, group) | span_attrs(**attrs)
@@ -45,7 +45,7 @@ def consumed(event: EventT, group: str, **attrs: Any) -> dict[str, Any]:
 def consumer_span(
     ctx: PipelineContext,
     name: str,
-    event: EventT,
+    event: EventT[Any],
     *,
     context: Context | None = None,
     attrs: Mapping[str, Any],
@@ -62,9 +62,9 @@ def consumer_span(
 
 async def each(
     ctx: PipelineContext,
-    stream: faust.StreamT,
+    stream: faust.StreamT[Any],
     stage: str,
-    handle: Callable[[EventT], Awaitable[None]],
+    handle: Callable[[EventT[Any]], Awaitable[None]],
     guard: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> None:
     """Feed every record of `stream` to `handle`; a failure dead-letters the record as `stage`."""

@@ -9,6 +9,8 @@ and finding, whatever fails and restarts, and whatever series is read again: the
 
 from __future__ import annotations
 
+from typing import Any
+
 import faust
 from faust.types import EventT
 
@@ -40,7 +42,7 @@ def alert_channel(finding: Finding, rule_alerts: bool) -> str | None:
 def register(ctx: PipelineContext) -> None:
     alerts = {r.model: r.alert != "none" for r in ctx.rules.rules}
 
-    async def escalate_one(event: EventT) -> None:
+    async def escalate_one(event: EventT[Any]) -> None:
         finding = Finding.from_bytes(event.value)
         channel = alert_channel(finding, alerts.get(finding.model_name, False))
         if channel is None:
@@ -71,7 +73,7 @@ def register(ctx: PipelineContext) -> None:
             await audit(ctx, finding.study_uid, finding.accession_number, "alert", decision, detail)
 
     @ctx.app.agent(ctx.topics.findings, name="escalate")
-    async def escalate(stream: faust.StreamT) -> None:
+    async def escalate(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, "escalate", escalate_one)
 
     _ = escalate

@@ -103,7 +103,7 @@ class Infer:
         detail: Detail = {"request_id": req.request_id, "lane": lane, "rule": req.rule_id}
         await audit(self.ctx, req.study_uid, req.accession_number, "infer", decision, detail)
 
-    async def one(self, event: EventT, lane: str) -> None:
+    async def one(self, event: EventT[Any], lane: str) -> None:
         try:
             req = TriageRequest.from_bytes(event.value)
         except EventDecodeError as exc:
@@ -139,7 +139,7 @@ class Infer:
                 await audit(self.ctx, req.study_uid, req.accession_number, "infer", decision, detail)
 
     async def run_model(
-        self, event: EventT, lane: str, req: TriageRequest, priority: int, span: Span
+        self, event: EventT[Any], lane: str, req: TriageRequest, priority: int, span: Span
     ) -> Finding | None:
         """Preprocess, infer, build the finding; None (and a dead letter) when it cannot."""
         topics, triton = self.ctx.topics, self.ctx.settings.triton
@@ -207,7 +207,7 @@ def register(ctx: PipelineContext) -> Lanes:
     stage = Infer(ctx)
 
     def lane_agent(lane: str) -> None:
-        async def infer_lane(stream: faust.StreamT) -> None:
+        async def infer_lane(stream: faust.StreamT[Any]) -> None:
             await each(
                 ctx,
                 stream,

@@ -12,6 +12,7 @@ The pure decisions are in streams/join.py and streams/priority.py.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import faust
 from faust.types import EventT
@@ -34,7 +35,7 @@ def register(ctx: PipelineContext) -> None:
     orders = ctx.tables["orders-by-accession"] = ctx.app.Table("orders-by-accession", default=None)
     patients = ctx.tables["patient-location"] = ctx.app.Table("patient-location", default=None)
 
-    async def patient_context_one(event: EventT) -> None:
+    async def patient_context_one(event: EventT[Any]) -> None:
         if event.message.topic == settings.topics.encounters:
             try:
                 enc = EncounterEvent.from_bytes(event.value)
@@ -61,7 +62,7 @@ def register(ctx: PipelineContext) -> None:
                 span.set_attribute("radtriage.patient_class", known.patient_class)
             await forward_study(ctx, study_ctx.model_copy(update=update), span)
 
-    async def join_one(event: EventT) -> None:
+    async def join_one(event: EventT[Any]) -> None:
         is_order = event.message.topic == settings.topics.orders
         try:
             incoming: OrderEvent | StudyContext = (
@@ -110,11 +111,11 @@ def register(ctx: PipelineContext) -> None:
         await audit(ctx, study_uid, accession, "route", "lane_unchanged", detail)
 
     @ctx.app.agent(topics.patient_side, name="patient-context")
-    async def patient_context(stream: faust.StreamT) -> None:
+    async def patient_context(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, "join.patient", patient_context_one)
 
     @ctx.app.agent(topics.accession_side, name="join")
-    async def join(stream: faust.StreamT) -> None:
+    async def join(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, "join.order", join_one)
 
     _ = (patient_context, join)

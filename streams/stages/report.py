@@ -7,6 +7,8 @@ its report already on the results topic (streams/published_ledger.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 import faust
 from faust.types import EventT
 
@@ -21,7 +23,7 @@ from streams.stages.context import PipelineContext
 
 
 def register(ctx: PipelineContext) -> None:
-    async def report_one(event: EventT) -> None:
+    async def report_one(event: EventT[Any]) -> None:
         finding = Finding.from_bytes(event.value)
         attrs = {
             "radtriage.study_uid": finding.study_uid,
@@ -49,7 +51,7 @@ def register(ctx: PipelineContext) -> None:
             metrics.observe_report(finding, result)
 
     @ctx.app.agent(ctx.topics.findings, name="report")
-    async def report(stream: faust.StreamT) -> None:
+    async def report(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, "report", report_one)
 
     _ = report

@@ -12,6 +12,7 @@ straight to its lane.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import faust
 from faust.types import EventT
@@ -57,7 +58,7 @@ def register(ctx: PipelineContext) -> None:
     # Per study: what each rule last read (streams/routing.RoutedSeries).
     routed_series = ctx.tables["routed-series"] = ctx.app.Table("routed-series", default=None)
 
-    async def route_one(event: EventT) -> None:
+    async def route_one(event: EventT[Any]) -> None:
         try:
             study = StudyEvent.from_bytes(event.value)
         except EventDecodeError as exc:
@@ -119,7 +120,7 @@ def register(ctx: PipelineContext) -> None:
         await audit(ctx, study.study_uid, study.accession_number, "route", "series_unchanged", detail)
 
     @ctx.app.agent(ctx.topics.studies, name="route")
-    async def route(stream: faust.StreamT) -> None:
+    async def route(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, "route", route_one)
 
     _ = route

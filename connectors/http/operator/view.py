@@ -33,7 +33,7 @@ from schemas.findings import Finding
 from schemas.requests import TriageRequest
 from schemas.results import FhirResult
 from schemas.studies import StudyEvent
-from streams.join import request_id
+from streams.routing import request_id
 
 ACK_DECISION = "alert_acknowledged"
 # Distinct trace ids remembered per study (a re-sent study starts another trace).
