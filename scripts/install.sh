@@ -55,7 +55,7 @@ want="$(sha256sum "$here/pyproject.toml" | cut -d' ' -f1) $here"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing radtriage and its Python dependencies into $venv"
   # compat mode puts the clone on sys.path, so a package added later needs no reinstall.
-  "$venv/bin/pip" install -q -e "$here[dev]" --config-settings editable_mode=compat
+  "$venv/bin/pip" install -q -e "$here[dev,train]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 fi
 log "ready: $venv/bin/radtriage"
