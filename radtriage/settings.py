@@ -114,7 +114,7 @@ class KafkaSettings(BaseModel):
     min_insync_replicas: int = 1
     # How long a connector waits for acks=all before it answers the sender with a failure.
     produce_timeout_s: float = 15.0
-    # Security (README "Kafka security"); the defaults are the local plaintext broker.
+    # Security (docs/SECURITY.md, "Kafka security"); the defaults are the local plaintext broker.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
     sasl_username: str = ""

@@ -84,7 +84,7 @@ class PublishedLedger:
         # Per partition, the read of the topics (started at assignment, awaited by the first
         # message that needs it, so a stat request does not pay for the consumer's start).
         self._loads: dict[int, asyncio.Task[None]] = {}
-        # For the README's cost figure: milliseconds spent per partition load.
+        # For the cost figure (docs/OPERATIONS.md): milliseconds spent per partition load.
         self.load_ms: list[float] = []
 
     def forget_assignment(self) -> None:
