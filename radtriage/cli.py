@@ -127,14 +127,16 @@ def hl7_listener() -> None:
 
 @main.command("http")
 def http() -> None:
-    """Run the HTTP intake: FHIR R4 (/fhir), DICOMweb STOW-RS (/dicomweb/studies), /healthz."""
+    """Run the HTTP port: FHIR R4 (/fhir), DICOMweb STOW-RS (/dicomweb/studies), /healthz,
+    /metrics and the operator page (/)."""
     from connectors.http.server import run_http
+    from radtriage.operator import page as operator_page
     from radtriage.tracing_sdk import setup_tracing
 
     setup_logging(component="http")
     settings = _settings()
     setup_tracing(settings, "http")
-    run_http(settings)
+    run_http(settings, pages=[operator_page])
 
 
 @main.command()

@@ -479,7 +479,7 @@ class MetricsSettings(BaseModel):
 
 
 class OperatorSettings(BaseModel):
-    """The live operator page at `/` on the HTTP port (connectors/http/operator/)."""
+    """The live operator page at `/` on the HTTP port (radtriage/operator/)."""
 
     enabled: bool = True
     # How far back the page's own Kafka reader starts (by record timestamp), so a

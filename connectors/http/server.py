@@ -1,4 +1,5 @@
-"""The HTTP intake server: FHIR R4 (`/fhir`), DICOMweb STOW-RS (`/dicomweb/studies`), `/healthz`.
+"""The HTTP intake server: FHIR R4 (`/fhir`), DICOMweb STOW-RS (`/dicomweb/studies`), `/healthz`,
+`/metrics`, and any page the command adds on the same port (`pages`: the operator page).
 
 `build_app` wires the routes and middleware around a publisher and a blob store;
 `start_http` runs it in the current event loop (tests, embedding) and `run_http` is
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -23,8 +25,7 @@ from connectors.http.auth import make_auth_middleware, token_store
 from connectors.http.events import AsyncPublisher
 from connectors.http.health import healthz
 from connectors.http.middleware import Area, InFlight, make_middlewares, plain_json_error
-from connectors.http.operator import page as operator
-from connectors.http.state import BLOBS, IN_FLIGHT, PUBLISHER, SETTINGS
+from connectors.http.state import BLOBS, IN_FLIGHT, PAGES, PUBLISHER, SETTINGS, Page
 from connectors.http.tls import TlsConfigError, server_context
 from connectors.http.tokens import TokenError, TokenStore
 from connectors.publisher import EventPublisher
@@ -46,10 +47,12 @@ def build_app(
     *,
     owns_publisher: bool = False,
     tokens: TokenStore | None = None,
+    pages: Sequence[Page] = (),
 ) -> web.Application:
     """The application; closes `publisher` on cleanup only if `owns_publisher`.
 
     `tokens`: the accepted bearer tokens (loaded from the settings when not given).
+    `pages`: served beside the intake (radtriage/cli.py adds the operator page).
     """
     areas = [
         Area("/fhir", settings.http.max_fhir_bytes, fhir.render_error),
@@ -75,8 +78,9 @@ def build_app(
     app.router.add_get("/metrics", metrics.metrics_handler(settings))
     fhir.add_routes(app)
     stow.add_routes(app)
-    # The live operator page at `/`, with its own Kafka reader started and stopped with the app.
-    operator.add_routes(app)
+    app[PAGES] = tuple(pages)
+    for page in pages:
+        page.add_routes(app)
 
     async def close_publisher(app: web.Application) -> None:
         # Flushing may block for the produce timeout: not on the loop.
@@ -97,8 +101,9 @@ class HttpHandle:
         for site in list(self.runner.sites):
             await site.stop()  # no new connections
         app = self.runner.app
-        # Open operator pages' event streams never end by themselves: end them first.
-        operator.end_streams(app)
+        # Open pages' event streams (the operator page's) never end by themselves: end them first.
+        for page in app[PAGES]:
+            page.end_streams(app)
         in_flight = app[IN_FLIGHT]
         if not await in_flight.wait_idle(self.grace_s):
             log.warning(
@@ -108,7 +113,9 @@ class HttpHandle:
         await self.runner.cleanup()
 
 
-async def start_http(settings: Settings, publisher: EventPublisher | None = None) -> HttpHandle:
+async def start_http(
+    settings: Settings, publisher: EventPublisher | None = None, pages: Sequence[Page] = ()
+) -> HttpHandle:
     """Serve on `settings.http.bind_address:port` (port 0: any free port, see `.port`).
 
     A publisher passed in stays the caller's; otherwise one is created and closed on stop.
@@ -126,7 +133,12 @@ async def start_http(settings: Settings, publisher: EventPublisher | None = None
         client_id="radtriage-http",
     )
     app = build_app(
-        settings, publisher, LocalBlobStore(settings.blob_dir), owns_publisher=owns, tokens=tokens
+        settings,
+        publisher,
+        LocalBlobStore(settings.blob_dir),
+        owns_publisher=owns,
+        tokens=tokens,
+        pages=pages,
     )
     grace_s = settings.kafka.produce_timeout_s + SHUTDOWN_GRACE_S
     runner = web.AppRunner(
@@ -145,12 +157,12 @@ async def start_http(settings: Settings, publisher: EventPublisher | None = None
     return HttpHandle(runner, port, grace_s)
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, pages: Sequence[Page]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    handle = await start_http(settings)
+    handle = await start_http(settings, pages=pages)
     log.info(
         "HTTP intake listening on %s://%s:%d (FHIR /fhir, STOW-RS /dicomweb/studies, /healthz), auth %s",
         settings.http.scheme,
@@ -166,11 +178,11 @@ async def _serve(settings: Settings) -> None:
     log.info("HTTP intake stopped")
 
 
-def run_http(settings: Settings) -> None:
+def run_http(settings: Settings, pages: Sequence[Page] = ()) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully. Exits 2 on unusable TLS/auth settings."""
     metrics.start_process_metrics(settings, serve=False)  # /metrics is on our own port
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, pages))
     except (TlsConfigError, TokenError) as exc:
         log.error("HTTP intake not started: %s", exc)
         raise SystemExit(2) from None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from aiohttp import web
 
 from connectors.blobstore import LocalBlobStore
@@ -13,6 +16,19 @@ SETTINGS = web.AppKey("settings", Settings)
 PUBLISHER = web.AppKey("publisher", AsyncPublisher)
 BLOBS = web.AppKey("blobs", LocalBlobStore)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+
+
+class Page(Protocol):
+    """Something a command serves beside the intake on the same port (the operator page,
+    radtriage/operator/page.py): routes added to the app, long-lived streams ended first
+    on shutdown. The intake does not know what it is."""
+
+    def add_routes(self, app: web.Application) -> None: ...
+
+    def end_streams(self, app: web.Application) -> None: ...
+
+
+PAGES = web.AppKey("pages", Sequence[Page])
 
 
 def base_url(request: web.Request) -> str:

@@ -30,6 +30,7 @@ from connectors.blobstore import LocalBlobStore
 from connectors.http.server import HttpHandle, start_http
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
+from radtriage.operator import page as operator_page
 from radtriage.replay import REPLAY_HEADER
 from radtriage.settings import Settings
 from schemas.alerts import Alert
@@ -69,7 +70,9 @@ class Server:
 
     def start(self) -> str:
         self.settings.http.port = free_port()
-        self.handle = asyncio.run_coroutine_threadsafe(start_http(self.settings), self.loop).result(30)
+        self.handle = asyncio.run_coroutine_threadsafe(
+            start_http(self.settings, pages=[operator_page]), self.loop
+        ).result(30)
         return f"http://127.0.0.1:{self.handle.port}"
 
     def stop(self) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from connectors.http.operator.actions import ActionError, ack_event, parse_ack, parse_replay, replay_letter
-from connectors.http.operator.decode import Observed, Record, Unreadable, decode, topic_kinds
-from connectors.http.operator.render import page_html, sections, short_uid, waterfall_html
-from connectors.http.operator.view import (
+from radtriage.operator.actions import ActionError, ack_event, parse_ack, parse_replay, replay_letter
+from radtriage.operator.decode import Observed, Record, Unreadable, decode, topic_kinds
+from radtriage.operator.render import page_html, sections, short_uid, waterfall_html
+from radtriage.operator.view import (
     Fact,
     LedgerLoaded,
     Limits,
@@ -21,7 +21,7 @@ from connectors.http.operator.view import (
     fold,
     snapshot,
 )
-from connectors.http.operator.waterfall import read_tail_lines, span_groups, waterfall
+from radtriage.operator.waterfall import read_tail_lines, span_groups, waterfall
 from radtriage.replay import (
     REPLAY_HEADER,
     Coordinates,

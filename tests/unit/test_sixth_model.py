@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from connectors.http.operator.decode import topic_kinds
 from models import registry
 from models.dicom_writer import write_ct_series
 from processors.fhir_report import FINDING_SYSTEM, SNOMED, build_result_bundle
@@ -23,6 +22,7 @@ from processors.finding import build_finding
 from processors.model_inputs import prepare_input
 from processors.triton_client import Inference, read_maps, read_outputs
 from radtriage.kafka_acls import role_grants
+from radtriage.operator.decode import topic_kinds
 from radtriage.settings import REPO_ROOT, Settings
 from schemas.routing_rules import RoutingRules
 from schemas.studies import SeriesRef, StudyEvent

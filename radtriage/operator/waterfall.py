@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from connectors.http.operator.view import StudyTrack
+from radtriage.operator.view import StudyTrack
 
 STAGES = (
     ("received", "received_at"),

@@ -12,8 +12,8 @@ from __future__ import annotations
 from datetime import datetime
 from html import escape
 
-from connectors.http.operator.view import LANES, Ack, AlertRow, LetterView, Snapshot, WorkItem
-from connectors.http.operator.waterfall import Waterfall
+from radtriage.operator.view import LANES, Ack, AlertRow, LetterView, Snapshot, WorkItem
+from radtriage.operator.waterfall import Waterfall
 
 SECTIONS = ("status", "alerts", "worklist", "finished", "deadletters")
 LANE_TITLES = {"stat": "STAT", "urgent": "Urgent", "routine": "Routine"}

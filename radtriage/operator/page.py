@@ -30,12 +30,12 @@ from aiohttp import web
 from connectors.http.body import read_limited
 from connectors.http.events import PublishError
 from connectors.http.middleware import HttpError
-from connectors.http.operator.actions import ActionError, ack_event, parse_ack, parse_replay, replay_letter
-from connectors.http.operator.observer import Observer
-from connectors.http.operator.render import e, page_html, sections, waterfall_html
-from connectors.http.operator.view import Fact, LedgerLoaded, Limits, View, fold, snapshot
-from connectors.http.operator.waterfall import read_tail_lines, span_groups, waterfall
 from connectors.http.state import PUBLISHER, SETTINGS
+from radtriage.operator.actions import ActionError, ack_event, parse_ack, parse_replay, replay_letter
+from radtriage.operator.observer import Observer
+from radtriage.operator.render import e, page_html, sections, waterfall_html
+from radtriage.operator.view import Fact, LedgerLoaded, Limits, View, fold, snapshot
+from radtriage.operator.waterfall import read_tail_lines, span_groups, waterfall
 from radtriage.replay import Coordinates, consumed_topics, parse_record, replay_record
 from radtriage.settings import Settings
 from radtriage.telemetry import headers_for_current_span

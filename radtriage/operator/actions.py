@@ -17,8 +17,8 @@ from typing import Any
 
 from kafka import KafkaProducer
 
-from connectors.http.operator.view import ACK_DECISION, AlertRow, LetterRow
 from radtriage.kafka_clients import kafka_python_producer_kwargs
+from radtriage.operator.view import ACK_DECISION, AlertRow, LetterRow
 from radtriage.replay import (
     REPLAY_HEADER,
     Coordinates,

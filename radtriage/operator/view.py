@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
-from connectors.http.operator.decode import Observed, Unreadable
+from radtriage.operator.decode import Observed, Unreadable
 from radtriage.replay import Action, Coordinates, classify
 from radtriage.settings import LANES
 from schemas.alerts import Alert

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from connectors.http.operator.decode import Kind, Observed, Record, Unreadable, decode, topic_kinds
-from connectors.http.operator.view import Fact, LogStatus
 from radtriage.kafka_clients import aiokafka_kwargs
+from radtriage.operator.decode import Kind, Observed, Record, Unreadable, decode, topic_kinds
+from radtriage.operator.view import Fact, LogStatus
 from radtriage.settings import Settings
 from schemas.base import utcnow
 
