@@ -95,7 +95,7 @@ def worker() -> None:
 def dicom_scp() -> None:
     """Run the DICOM C-STORE listener (started for you by `radtriage up`)."""
     from connectors.dicom.scp import run_scp
-    from connectors.tls import TlsConfigError
+    from radtriage.tls import TlsConfigError
     from radtriage.tracing_sdk import setup_tracing
 
     setup_logging(component="dicom")
@@ -112,7 +112,7 @@ def dicom_scp() -> None:
 def hl7_listener() -> None:
     """Run the HL7 v2 MLLP listener (started for you by `radtriage up`)."""
     from connectors.hl7.mllp import run_listener
-    from connectors.tls import TlsConfigError
+    from radtriage.tls import TlsConfigError
     from radtriage.tracing_sdk import setup_tracing
 
     setup_logging(component="hl7")

@@ -223,7 +223,7 @@ AllowedNetwork = Annotated[IpNetwork, BeforeValidator(parse_network)]
 
 
 class TlsSettings(BaseModel):
-    """Server-side TLS of one listener; connectors/tls.py builds the ssl.SSLContext (TLS 1.2+).
+    """Server-side TLS of one listener; radtriage/tls.py builds the ssl.SSLContext (TLS 1.2+).
 
     Off by default. With `client_ca_file` every client must present a certificate signed by
     that CA (mutual TLS); without it any client may connect and only the server is proven."""

@@ -15,8 +15,8 @@ from typing import Any
 
 import faust
 
-from connectors.blobstore import LocalBlobStore
 from radtriage import metrics
+from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
 from schemas.routing_rules import RoutingRules
 from streams.app import TriageTopics, create_app, declare_topics

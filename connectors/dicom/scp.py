@@ -50,7 +50,6 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from connectors.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from connectors.dicom import validation as v
 from connectors.dicom.callers import (
     NO_REASON_GIVEN,
@@ -60,9 +59,10 @@ from connectors.dicom.callers import (
     check_association,
 )
 from connectors.publisher import EventPublisher, PublishError
-from connectors.tls import server_context
 from radtriage import metrics
+from radtriage.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from radtriage.settings import Settings
+from radtriage.tls import server_context
 from schemas.instances import InstanceEvent
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from pydicom import uid as uids
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from connectors.blobstore import valid_uid
+from radtriage.blobstore import valid_uid
 from schemas.instances import InstanceEvent
 
 SUCCESS = 0x0000

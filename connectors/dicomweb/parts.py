@@ -22,8 +22,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 
-from connectors.blobstore import valid_uid
 from connectors.dicom import validation as v
+from radtriage.blobstore import valid_uid
 
 # PS3.18 Table 10.5.3-… failure reasons beyond C-STORE's own: Referenced Transfer Syntax not supported.
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122

@@ -25,7 +25,6 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
-from connectors.blobstore import BlobStoreError, valid_uid
 from connectors.dicom import validation as v
 from connectors.dicomweb.parts import Identity, Part, read_part
 from connectors.dicomweb.response import (
@@ -41,6 +40,7 @@ from connectors.http.events import AsyncPublisher, PublishError
 from connectors.http.middleware import HttpError
 from connectors.http.state import BLOBS, PUBLISHER, SETTINGS, base_url
 from radtriage import metrics
+from radtriage.blobstore import BlobStoreError, valid_uid
 from schemas.instances import InstanceEvent
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from connectors.blobstore import valid_uid
 from connectors.fhir.outcome import FhirError, Issue
 from connectors.fhir.parsing import validate_resource
+from radtriage.blobstore import valid_uid
 from schemas.orders import INDICATION_MAX, OrderEvent, OrderStatus, Priority
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"

@@ -59,9 +59,9 @@ from connectors.hl7.message import Header, token, version_token
 from connectors.hl7.parse import Accepted, Outcome, Rejected, oversized, parse_message
 from connectors.hl7.quarantine import Quarantine
 from connectors.publisher import EventPublisher, PublishError
-from connectors.tls import server_context
 from radtriage import metrics
 from radtriage.settings import Settings
+from radtriage.tls import server_context
 from schemas.deadletter import DeadLetter
 from schemas.encounters import EncounterEvent
 from schemas.orders import OrderEvent

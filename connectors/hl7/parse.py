@@ -45,7 +45,6 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_segment
 from pydantic import ValidationError
 
-from connectors.blobstore import valid_uid
 from connectors.hl7.message import (
     SUPPORTED_VERSIONS,
     Header,
@@ -58,6 +57,7 @@ from connectors.hl7.message import (
     valid_segment_id,
     version_token,
 )
+from radtriage.blobstore import valid_uid
 from schemas.encounters import EncounterEvent
 from schemas.orders import INDICATION_MAX, OrderEvent, OrderStatus, PatientClass, Priority
 

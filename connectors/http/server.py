@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from aiohttp import web
 from pydicom import config as pydicom_config
 
-from connectors.blobstore import LocalBlobStore
 from connectors.dicomweb import stow
 from connectors.fhir import routes as fhir
 from connectors.http.auth import make_auth_middleware, token_store
@@ -30,6 +29,7 @@ from connectors.http.tls import TlsConfigError, server_context
 from connectors.http.tokens import TokenError, TokenStore
 from connectors.publisher import EventPublisher
 from radtriage import metrics
+from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from typing import Protocol
 
 from aiohttp import web
 
-from connectors.blobstore import LocalBlobStore
 from connectors.http.events import AsyncPublisher
 from connectors.http.middleware import InFlight
+from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import ssl
 
-from connectors.tls import TlsConfigError, readable_file
-from connectors.tls import server_context as listener_context
 from radtriage.settings import HttpSettings
+from radtriage.tls import TlsConfigError, readable_file
+from radtriage.tls import server_context as listener_context
 
 __all__ = ["TlsConfigError", "client_context", "server_context"]
 
@@ -23,7 +23,7 @@ def server_context(http: HttpSettings) -> ssl.SSLContext | None:
     """The context for aiohttp's site, or None when TLS is off.
 
     The certificate, key and client CA are the listeners' common TlsSettings
-    (connectors/tls.py); what is HTTP's own is that the auth mode needs a client CA, and
+    (radtriage/tls.py); what is HTTP's own is that the auth mode needs a client CA, and
     that with bearer_or_mtls a client certificate is optional (a token will do)."""
     tls, mode = http.tls, http.auth.mode
     if not tls.enabled:

@@ -13,7 +13,7 @@ from typing import Any
 
 import faust
 
-from connectors.blobstore import LocalBlobStore
+from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
 from schemas.routing_rules import RoutingRules
 from streams.app import TriageTopics

@@ -17,9 +17,9 @@ import numpy as np
 import pydicom
 from kafka import KafkaProducer
 
-from connectors.blobstore import LocalBlobStore
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
+from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings, Topics
 from schemas.findings import Finding

@@ -24,8 +24,8 @@ from pynetdicom import AE
 
 from connectors.dicom.callers import REASONS
 from connectors.dicom.scp import start_scp
-from connectors.tls import TlsConfigError
 from radtriage.settings import DicomSettings, Settings
+from radtriage.tls import TlsConfigError
 from tests.certs import Pki, make_pki
 from tests.integration.test_dicom_scp import _scu, _series
 from tests.support.dicom import storescu

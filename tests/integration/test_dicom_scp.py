@@ -36,12 +36,12 @@ from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from connectors.blobstore import LocalBlobStore
 from connectors.dicom import validation as v
 from connectors.dicom.scp import start_scp
 from connectors.publisher import EventPublisher, PublishError
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
+from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from schemas.instances import InstanceEvent
 from tests.support.dicom import Listener, dicom_settings, send_files, storescu

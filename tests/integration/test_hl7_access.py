@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY
 
 from connectors.hl7.framing import frame
 from connectors.hl7.mllp import Hl7Listener
-from connectors.tls import TlsConfigError
 from radtriage.settings import Settings, TlsSettings, parse_network
+from radtriage.tls import TlsConfigError
 from tests.certs import Pki, make_pki
 from tests.data.hl7 import samples
 from tests.integration.test_hl7_mllp import (

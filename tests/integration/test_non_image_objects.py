@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from connectors.blobstore import LocalBlobStore
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
+from radtriage.blobstore import LocalBlobStore
 from tests.support.dicom import Listener, send_files
 from tests.support.kafka import read_topic
 

@@ -26,10 +26,10 @@ import requests
 from kafka import KafkaProducer
 from playwright.sync_api import BrowserContext, Page, Playwright, expect, sync_playwright
 
-from connectors.blobstore import LocalBlobStore
 from connectors.http.server import HttpHandle, start_http
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
+from radtriage.blobstore import LocalBlobStore
 from radtriage.operator import page as operator_page
 from radtriage.replay import REPLAY_HEADER
 from radtriage.settings import Settings

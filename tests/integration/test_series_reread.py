@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from connectors.blobstore import LocalBlobStore
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
+from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
 from tests.integration.harness import Worker

@@ -25,11 +25,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from connectors.blobstore import LocalBlobStore
 from connectors.dicom import validation as v
 from connectors.publisher import EventPublisher
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
+from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
 from tests.support.http import Intake, healthy, http_settings, start_http_process, start_intake, stop_intake

@@ -37,9 +37,9 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UID
 from pynetdicom import AE
 
-from connectors.blobstore import LocalBlobStore
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
+from radtriage.blobstore import LocalBlobStore
 from tests.support.dicom import Listener, dcmtk_tool, storescu
 from tests.support.kafka import read_topic
 

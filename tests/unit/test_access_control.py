@@ -17,8 +17,8 @@ from connectors.dicom.callers import (
     REASONS,
     check_association,
 )
-from connectors.tls import TlsConfigError, server_context
 from radtriage.settings import DicomSettings, Settings, TlsSettings, parse_network
+from radtriage.tls import TlsConfigError, server_context
 from tests.certs import SERVER_KEY_PASSWORD, Pki, make_pki
 
 

@@ -26,8 +26,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from connectors.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from connectors.dicom import validation as v
+from radtriage.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 
 # Some datasets here are deliberately invalid; pydicom warns when they are built.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
