@@ -14,6 +14,7 @@ import requests
 
 from connectors.http.server import HttpHandle, start_http
 from connectors.publisher import EventPublisher
+from radtriage.operator import page as operator_page
 from radtriage.settings import Settings
 from tests.support.process import start_radtriage
 from tests.support.settings import isolated_settings
@@ -56,7 +57,9 @@ def start_intake(
     publisher: EventPublisher | None = None,
     topic_field: str = "instances",
 ) -> Intake:
-    handle = asyncio.run_coroutine_threadsafe(start_http(settings, publisher), loop).result(30)
+    """The HTTP port as `radtriage http` serves it: the intake and the operator page."""
+    pages = [operator_page]
+    handle = asyncio.run_coroutine_threadsafe(start_http(settings, publisher, pages), loop).result(30)
     return Intake(settings, handle, loop, topic_field)
 
 
