@@ -43,8 +43,18 @@ class AssemblyState(BaseModel):
     # study, and the next completion emits all of it, not the late part alone (the
     # 3-broker fault test lost a study whose first slice went out alone that way).
     emitted_at: datetime | None = None
+    # Every emission's ready time, by the event that completed it (`completion_key`). A
+    # later emission is always readier than an earlier one: the infer stage drops a read
+    # older than one it already took (streams/stages/infer.LatestReads), and event times
+    # need not follow log order (a quiet-period nudge stamped after a release marker that
+    # reached Kafka later; the fault test lost a study's full read to its partial one
+    # that way). Replaying a completion finds its ready time here, so a worker that
+    # takes over repeats the same request ids for the ledgers to recognise.
+    emissions: dict[str, datetime] = Field(default_factory=dict)
 
 
+# How many emissions' ready times a study keeps (a study re-opens a few times at most).
+MAX_EMISSIONS = 32
 # How long an emitted study's state is kept to catch late instances.
 EMITTED_RETENTION_S = 3600.0
 
@@ -83,12 +93,32 @@ def _already_has(state: AssemblyState, event: InstanceEvent) -> bool:
     return series is not None and series.instances.get(event.sop_instance_uid) == event.blob_uri
 
 
-def is_quiet(state: AssemblyState, now: datetime, quiet_s: float) -> bool:
-    return state.emitted_at is None and now - state.last_instance_at >= timedelta(seconds=quiet_s)
+def is_quiet(state: AssemblyState, at: datetime, quiet_s: float) -> bool:
+    """No instance for `quiet_s` before `at`. The assemble stage asks it with the nudge's own
+    time, not its processing time: a worker catching up on a backlog (after taking over a
+    killed one's partitions) must not split a study whose instances came without a pause."""
+    return state.emitted_at is None and at - state.last_instance_at >= timedelta(seconds=quiet_s)
 
 
-def mark_emitted(state: AssemblyState, at: datetime) -> AssemblyState:
-    return state.model_copy(deep=True, update={"emitted_at": at})
+def completion_key(event: InstanceEvent) -> str:
+    """The identity of a completing event (a release marker or a nudge), for replays."""
+    return f"{event.kind}/{event.association_id}/{event.received_at.isoformat()}"
+
+
+def ready_time(state: AssemblyState, key: str, at: datetime) -> datetime:
+    """The ready time of the emission `key` completes: its event time, unless an earlier
+    emission was readier (see AssemblyState.emissions), and the same again on a replay."""
+    if key in state.emissions:
+        return state.emissions[key]
+    latest = max(state.emissions.values(), default=None)
+    return at if latest is None or at > latest else latest + timedelta(microseconds=1)
+
+
+def mark_emitted(state: AssemblyState, at: datetime, key: str = "") -> AssemblyState:
+    emissions = {**state.emissions, key or at.isoformat(): at}
+    if len(emissions) > MAX_EMISSIONS:  # the oldest go: a replay reaches back moments, not hours
+        emissions = dict(sorted(emissions.items(), key=lambda kv: kv[1])[-MAX_EMISSIONS:])
+    return state.model_copy(deep=True, update={"emitted_at": at, "emissions": emissions})
 
 
 def expired(state: AssemblyState, now: datetime, retention_s: float = EMITTED_RETENTION_S) -> bool:
@@ -100,7 +130,10 @@ def complete_study(
     state: AssemblyState,
     reason: Literal["transfer_complete", "quiet_period"],
     now: datetime | None = None,
+    key: str = "",
 ) -> StudyEvent:
+    """The study as assembled so far, ready at `now` (see `ready_time` for `key`)."""
+    at = now or datetime.now(UTC)
     return StudyEvent(
         study_uid=state.study_uid,
         accession_number=state.accession_number,
@@ -116,6 +149,6 @@ def complete_study(
             for uid, s in sorted(state.series.items())
         ),
         received_at=state.received_at,
-        ready_at=now or datetime.now(UTC),
+        ready_at=ready_time(state, key, at) if key else at,
         ready_reason=reason,
     )

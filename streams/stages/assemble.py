@@ -63,9 +63,9 @@ def register(ctx: PipelineContext) -> None:
         if state is None:
             return
         if inst.kind == "quiet_period" and not assembly.is_quiet(
-            state, datetime.now(UTC), settings.streams.assembly_quiet_s
+            state, inst.received_at, settings.streams.assembly_quiet_s
         ):
-            return  # more instances arrived after the nudge was sent
+            return  # instances came within the quiet period before the nudge was sent
         reason = "transfer_complete" if inst.kind == "transfer_complete" else "quiet_period"
         study_ctx = context_from_headers({"traceparent": state.traceparent}) if state.traceparent else None
         with consumer_span(
@@ -85,11 +85,12 @@ def register(ctx: PipelineContext) -> None:
             # and the same ready time gives the same request ids, which the published ledgers
             # then recognise (a processing-time stamp made it new work: the cluster fault test
             # saw a doubled finding and report that way).
-            study = assembly.complete_study(state, reason, now=inst.received_at)  # type: ignore[arg-type]
+            key = assembly.completion_key(inst)
+            study = assembly.complete_study(state, reason, now=inst.received_at, key=key)  # type: ignore[arg-type]
             await publish(topics.studies, study.study_uid, study, headers_for_current_span())
             metrics.observe_study_ready(study.ready_reason, study.received_at, study.ready_at)
         # Kept, marked emitted, to catch late instances (assembly.AssemblyState.emitted_at).
-        table[inst.study_uid] = assembly.mark_emitted(state, study.ready_at).model_dump(mode="json")
+        table[inst.study_uid] = assembly.mark_emitted(state, study.ready_at, key).model_dump(mode="json")
         nudged.pop(inst.study_uid, None)
 
     @ctx.app.agent(topics.instances, name="assemble")

@@ -137,7 +137,7 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
         w.start()
     tail = Tail(
         secure_kafka_cluster.kafka_settings("admin"),
-        [t.studies, t.requests_stat, t.findings, t.results_fhir, t.alert_topic("ich"), t.deadletter],
+        [t.studies, t.requests_stat, t.findings, t.results_fhir, t.alert_topic("ich"), t.deadletter, t.audit],
     )
     _, port = scp
     scanner = Scanner(port, tmp_path / "dicom")
@@ -169,8 +169,8 @@ def test_a_killed_broker_and_a_killed_worker_lose_nothing_and_double_nothing(
 
 
 def _where_they_stopped(tail: Tail, settings: Settings, accepted: list[Sent], home: Path) -> str:
-    """Which stage each unreported study last reached, and the workers' last words: the
-    difference between a slow machine and a lost study."""
+    """Which stage each unreported study last reached, and what every stage said of it: the
+    difference between a slow machine and a lost study, and where a lost one went."""
     t = settings.topics
     stages = [
         ("assembled", t.studies),
@@ -178,17 +178,31 @@ def _where_they_stopped(tail: Tail, settings: Settings, accepted: list[Sent], ho
         ("found", t.findings),
         ("dead-lettered", t.deadletter),
     ]
+    missing = [s for s in accepted if not tail.of(t.results_fhir, study_uid=s.uid)]
     lines: list[str] = []
     for log in sorted(home.glob("worker-*.log")):
-        lines.append(f"--- {log.name} (last 40 lines)")
-        lines += log.read_text(errors="replace").splitlines()[-40:]
+        text = log.read_text(errors="replace").splitlines()
+        lines.append(f"--- {log.name} (last 40 lines, then every line naming an unreported study)")
+        lines += text[-40:]
+        lines += [f"  | {line}" for line in text if any(s.uid in line for s in missing)][-60:]
     # Last, so a CI log that keeps only the tail of the output still says which study.
     lines.append(f"{OUTPUTS_WAIT_S:.0f} s after the last send, studies without a report:")
-    for s in accepted:
-        if tail.of(t.results_fhir, study_uid=s.uid):
-            continue
+    for s in missing:
         reached = [name for name, topic in stages if tail.of(topic, study_uid=s.uid)]
         lines.append(f"  {s.uid} (bleed={s.bleed}): {', '.join(reached) or 'not even assembled'}")
+        lines.append(f"    sent {s.attempts}x; failures: {s.failures or 'none'}")
+        for study in tail.of(t.studies, study_uid=s.uid):
+            sizes = [len(series["instance_uris"]) for series in study["series"]]
+            lines.append(f"    study {study['ready_reason']} ready {study['ready_at']}: instances {sizes}")
+        for req in tail.of(t.requests_stat, study_uid=s.uid):
+            lines.append(
+                f"    request {req['request_id']}: {len(req['instance_uris'])} instances,"
+                f" amends {req.get('amends_request_id') or '-'}"
+            )
+        for audit in tail.of(t.audit, study_uid=s.uid):
+            lines.append(f"    audit {audit.get('stage')}/{audit.get('decision')}: {audit.get('detail')}")
+        for dead in tail.of(t.deadletter, study_uid=s.uid):
+            lines.append(f"    dead letter {dead.get('stage')}: {dead.get('error')}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from schemas.instances import InstanceEvent
-from streams.assembly import add_instance, complete_study, expired, is_quiet, mark_emitted
+from streams.assembly import add_instance, complete_study, completion_key, expired, is_quiet, mark_emitted
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -93,3 +93,47 @@ def test_emitted_state_expires_after_its_retention() -> None:
     assert not expired(state, T0 + timedelta(minutes=59))
     assert expired(state, T0 + timedelta(hours=1))
     assert not expired(add_instance(None, inst("1"), ""), T0 + timedelta(days=1))  # never emitted
+
+
+def nudge(at: datetime) -> InstanceEvent:
+    return InstanceEvent(kind="quiet_period", study_uid="1.2", received_at=at)
+
+
+def marker(at: datetime) -> InstanceEvent:
+    return InstanceEvent(kind="transfer_complete", study_uid="1.2", association_id="a1", received_at=at)
+
+
+def test_a_later_emission_is_readier_even_when_its_event_is_stamped_earlier() -> None:
+    # A nudge stamped at +20 s went through first; the release marker, stamped at +15 s,
+    # reached Kafka after it. The full study must not look older than the partial one, or
+    # the infer stage drops the full read as superseded.
+    state = add_instance(None, inst("1"), "")
+    early_key = completion_key(nudge(T0 + timedelta(seconds=20)))
+    early = complete_study(state, "quiet_period", now=T0 + timedelta(seconds=20), key=early_key)
+    state = mark_emitted(state, early.ready_at, early_key)
+    state = add_instance(state, inst("2", at=T0 + timedelta(seconds=14)), "")
+    full_key = completion_key(marker(T0 + timedelta(seconds=15)))
+    full = complete_study(state, "transfer_complete", now=T0 + timedelta(seconds=15), key=full_key)
+    assert full.ready_at > early.ready_at
+
+
+def test_a_replayed_completion_is_ready_at_the_same_time_as_the_first_time() -> None:
+    # A worker that takes over may restore the table ahead of the offsets it replays: the
+    # emission replayed must carry the same ready time (hence the same request ids).
+    state = add_instance(None, inst("1"), "")
+    key = completion_key(marker(T0 + timedelta(seconds=3)))
+    first = complete_study(state, "transfer_complete", now=T0 + timedelta(seconds=3), key=key)
+    ahead = add_instance(
+        mark_emitted(state, first.ready_at, key), inst("2", at=T0 + timedelta(seconds=4)), ""
+    )
+    again = complete_study(ahead, "transfer_complete", now=T0 + timedelta(seconds=3), key=key)
+    assert again.ready_at == first.ready_at
+
+
+def test_a_nudge_is_judged_at_the_time_it_was_sent_not_when_a_lagging_worker_reads_it() -> None:
+    # Instances 2 s apart, a nudge sent 2 s after the last one: read an hour later by a
+    # worker catching up, the study was still not quiet when the nudge was sent.
+    state = add_instance(None, inst("1", at=T0), "")
+    state = add_instance(state, inst("2", at=T0 + timedelta(seconds=2)), "")
+    assert not is_quiet(state, nudge(T0 + timedelta(seconds=4)).received_at, 10)
+    assert is_quiet(state, nudge(T0 + timedelta(seconds=12)).received_at, 10)
