@@ -238,7 +238,9 @@ class Watcher:
 
     def __init__(self, settings: Settings) -> None:
         t = settings.topics
-        self.topics = [t.studies, t.findings, t.results_fhir, t.alert_topic("ich"), t.deadletter]
+        # The head CT's alerts: the channel of the model the realistic study is routed to.
+        self.alerts = t.alert_topic("ich")
+        self.topics = [t.studies, t.findings, t.results_fhir, self.alerts, t.deadletter]
         self.t = t
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
@@ -336,7 +338,7 @@ def _series_name(m: StudyManifest, uid: str) -> str:
 def _fill(sample: Sample, w: Watcher, m: StudyManifest, scan_start: datetime, sent_end: datetime) -> None:
     uid = m.study_uid
     t = w.t
-    alerts = w.of(t.alert_topic("ich"), uid)
+    alerts = w.of(w.alerts, uid)
     sample.alerts = len(alerts)
     sample.reports = len(w.of(t.results_fhir, uid))
     sample.ready_events = len(w.of(t.studies, uid))
@@ -381,7 +383,7 @@ def run_case(
         # C-STORE refused), so no outcome will come; waiting out the timeout measures nothing.
         no_study_by = time.monotonic() + NO_STUDY_GIVE_UP_S
         uid = m.study_uid
-        while time.monotonic() < deadline and not (w.of(w.t.alert_topic("ich"), uid) or w.dead(uid)):
+        while time.monotonic() < deadline and not (w.of(w.alerts, uid) or w.dead(uid)):
             if time.monotonic() > no_study_by and not w.of(w.t.studies, uid):
                 console.print(
                     f"[red]{case} run {run}: no study ready {NO_STUDY_GIVE_UP_S:.0f} s after the send[/]"
@@ -418,7 +420,7 @@ def run_concurrent(
 
         def settled(m: StudyManifest) -> bool:
             uid = m.study_uid
-            if w.of(w.t.alert_topic("ich"), uid) or w.dead(uid):
+            if w.of(w.alerts, uid) or w.dead(uid):
                 return True
             return time.monotonic() > no_study_by and not w.of(w.t.studies, uid)
 

@@ -51,7 +51,14 @@ def _discovered() -> tuple[ModelSpec, ...]:
 
 
 def specs() -> dict[str, ModelSpec]:
-    """Every registered model by its Triton name."""
+    """Every registered model by its Triton name (a copy: the caller may keep or change it)."""
+    return dict(_all())
+
+
+@functools.cache
+def _all() -> dict[str, ModelSpec]:
+    # Cached: every decoded finding validates its code against it, and the preprocess pool
+    # sizes each request by its model; `register`, `unregister` and `reload` clear it.
     out: dict[str, ModelSpec] = {}
     for spec in (*_discovered(), *_added.values()):
         _check_new(out, spec)
@@ -69,7 +76,7 @@ def _check_new(known: dict[str, ModelSpec], spec: ModelSpec) -> None:
 
 def get(name: str) -> ModelSpec:
     try:
-        return specs()[name]
+        return _all()[name]
     except KeyError:
         raise UnknownModelError(
             f"no model '{name}' is registered (known: {', '.join(sorted(specs()))})"
@@ -77,29 +84,41 @@ def get(name: str) -> ModelSpec:
 
 
 def for_finding(code: str) -> ModelSpec:
-    for spec in specs().values():
+    for spec in _all().values():
         if spec.finding == code:
             return spec
     raise UnknownModelError(f"no registered model reports finding '{code}'")
 
 
 def finding_codes() -> frozenset[str]:
-    return frozenset(s.finding for s in specs().values())
+    return _finding_codes()
+
+
+@functools.cache
+def _finding_codes() -> frozenset[str]:
+    return frozenset(s.finding for s in _all().values())
 
 
 def alert_channels() -> tuple[str, ...]:
     """The alert channels of every model that alerts, sorted (each a topic of its own)."""
-    return tuple(sorted({s.alert for s in specs().values() if s.alert is not None}))
+    return tuple(sorted({s.alert for s in _all().values() if s.alert is not None}))
 
 
 def register(spec: ModelSpec) -> None:
     """Add a model in this process (a test's, or a plug-in's)."""
-    _check_new(specs(), spec)
+    _check_new(_all(), spec)
     _added[spec.name] = spec
+    _changed()
 
 
 def unregister(name: str) -> None:
     _added.pop(name, None)
+    _changed()
+
+
+def _changed() -> None:
+    _all.cache_clear()
+    _finding_codes.cache_clear()
 
 
 @contextmanager
@@ -114,3 +133,4 @@ def registered(spec: ModelSpec) -> Iterator[ModelSpec]:
 def reload() -> None:
     """Discover the specs again (after RADTRIAGE_MODEL_SPECS changed, in a test)."""
     _discovered.cache_clear()
+    _changed()

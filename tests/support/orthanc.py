@@ -11,25 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from radtriage.stack.process import port_in_use
 from tests.support.net import free_port
-
-
-def wait_port(port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {port} after {timeout_s}s")
+from tests.support.wait import wait_until
 
 
 def orthanc_binary() -> str | None:
@@ -88,8 +78,8 @@ class Orthanc:
         self.proc = subprocess.Popen(
             [binary, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
-        wait_port(self.http_port)
-        wait_port(self.dicom_port)
+        for port in (self.http_port, self.dicom_port):
+            wait_until(lambda p=port: port_in_use(p), f"Orthanc listening on {port}", timeout=60)
 
     def rest(self, method: str, path: str, body: Any = None, timeout_s: float = 300) -> Any:
         # A str goes as it is (Orthanc's /tools/lookup takes the bare UID), anything else as JSON.
