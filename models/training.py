@@ -1,17 +1,20 @@
 """The one training engine of every model (docs/ARCHITECTURE.md, Models).
 
 A model's recipe, `models/<name>/train.py`, says only what is its own: its phantoms, its
-batches and loss, its extra metrics and its Triton config template. What every recipe
-does the same way is here:
+batches and loss, its extra metrics (its Triton interface is in its spec, `SPEC.serving`,
+from which models/serving.py writes the configs). What every recipe does the same way is here:
 
 * `arguments`: the command line (`--out`, `--metrics`, `--seed`, the set sizes, epochs,
   batch, learning rate, threads, phantom workers, `--configs-only`), defaults from the spec;
 * `Run`: seeds, threads, the progress display and the clock, and the three phantom sets,
   seeded apart (`models/operating_point.py`: train, validation, test);
 * `phantoms`: phantom generation in a pool of processes, one core each;
-* `fit`: AdamW with a one-cycle schedule over the recipe's batches and loss, and a line of
-  history per epoch;
-* `export`: TorchScript + the generated `model.py`, both Triton configs, the ONNX variant;
+* `fit` (`fit_indexed` over shuffled batches of the training set): AdamW with a one-cycle
+  schedule over the recipe's batches and loss, and a line of history per epoch
+  (`auc_epoch`: the validation AUC);
+* `vary_exposure`: the radiograph recipes' intensity augmentation;
+* `export`: TorchScript + the generated `model.py`, checked against the spec's interface,
+  both Triton configs from the spec, the ONNX variant;
 * `record`: the threshold chosen on validation (`models/operating_point.py`), the test
   set's operating point, and the metrics file every recipe writes, with the same keys.
 """
@@ -45,7 +48,7 @@ from models.operating_point import (
     choose_threshold,
     operating_point,
 )
-from models.serving import committed_operating_point, export_torchscript
+from models.serving import check_served, committed_operating_point, export_torchscript, write_triton_configs
 from models.spec import ModelSpec
 
 console = Console()
@@ -55,8 +58,6 @@ T = TypeVar("T")
 U = TypeVar("U")
 J = TypeVar("J")
 B = TypeVar("B")
-# What a recipe's configs are written with: (model directory, threshold, version, rule).
-ConfigWriter = Callable[..., list[Path]]
 
 
 def out_dir(spec: ModelSpec) -> Path:
@@ -107,15 +108,12 @@ def arguments(
 
 
 def configs_only(
-    ap: argparse.ArgumentParser,
-    args: argparse.Namespace,
-    write_configs_only: Callable[[Path, Path], list[Path]],
-    eval_unit: str = "phantoms",
+    ap: argparse.ArgumentParser, args: argparse.Namespace, spec: ModelSpec, eval_unit: str = "phantoms"
 ) -> bool:
     """Handle `--configs-only` (True: done, nothing to train); refuse a test set too small
     for its metrics to mean much."""
     if args.configs_only:
-        for path in write_configs_only(args.out, args.metrics):
+        for path in committed_configs(spec, args.out, args.metrics):
             console.print(f"wrote {path}")
         return True
     if args.test < MIN_TEST:
@@ -226,6 +224,50 @@ def fit(
     r.fit_seconds = time.time() - fit_started
 
 
+def fit_indexed(
+    r: Run,
+    model: torch.nn.Module,
+    generator: torch.Generator,
+    loss: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
+    after_epoch: Callable[[int, float], dict[str, float]],
+) -> None:
+    """`fit` over the whole training set each epoch, in `--batch` batches of indices
+    shuffled by `generator`."""
+    args = r.args
+    fit(
+        r,
+        model,
+        steps_per_epoch=-(-args.train // args.batch),
+        batches=lambda: index_batches(args.train, args.batch, generator),
+        loss=loss,
+        after_epoch=after_epoch,
+        items_per_epoch=args.train,
+    )
+
+
+def auc_epoch(
+    scores: Callable[[], np.ndarray], labels: np.ndarray, what: str = "validation AUC"
+) -> Callable[[int, float], dict[str, float]]:
+    """An `after_epoch` whose history row is the epoch's training loss and the AUC of
+    `scores()` (the validation set's, now) against `labels`."""
+
+    def after_epoch(epoch: int, train_loss: float) -> dict[str, float]:
+        val_auc = auc(scores(), labels)
+        console.log(f"epoch {epoch}: train loss {train_loss:.4f}, {what} {val_auc:.4f}")
+        return {"epoch": epoch, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
+
+    return after_epoch
+
+
+def vary_exposure(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A radiograph batch (n, c, rows, cols) in [0, 1] with a random gamma and contrast per
+    image: exposure and vendor processing vary."""
+    n = len(x)
+    gamma = torch.exp(0.25 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 2)
+    contrast = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5)
+    return torch.clamp(x.clamp(min=1e-6) ** gamma * contrast, 0.0, 1.0)
+
+
 def index_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """One epoch's batches of indices into a set of `n`, in an order drawn from `generator`."""
     order = torch.randperm(n, generator=generator)
@@ -244,11 +286,11 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndar
     return torch.cat(out).numpy()
 
 
-def committed_configs(write_configs: ConfigWriter, out: Path, metrics: Path) -> list[Path]:
+def committed_configs(spec: ModelSpec, out: Path, metrics: Path) -> list[Path]:
     """The Triton configs of the committed weights, without training (`--configs-only`):
     threshold, rule and version from the metrics file the run that made them wrote."""
     chosen, version, rule = committed_operating_point(metrics, out.parent.name)
-    return write_configs(out.parent, chosen, version=version, rule=rule)
+    return write_triton_configs(out.parent, spec, threshold=chosen, version=version, rule=rule)
 
 
 def sensitivity_by(
@@ -274,13 +316,17 @@ def threshold(val_scores: np.ndarray, val_labels: np.ndarray) -> float:
 
 
 def export(
-    r: Run, served: torch.nn.Module, input_shape: Sequence[int], chosen: float, write_configs: ConfigWriter
+    r: Run, spec: ModelSpec, served: torch.nn.Module, input_shape: Sequence[int], chosen: float
 ) -> tuple[Path, list[Path]]:
     """The served module as TorchScript in the version directory (with its generated
-    model.py), both Triton configs with the chosen threshold, and the ONNX variant."""
+    model.py), checked against the spec's Triton interface; both Triton configs with the
+    chosen threshold, and the ONNX variant."""
     out = r.args.out
+    with torch.no_grad():
+        outputs = served.eval()(torch.zeros((1, *input_shape)))
+    check_served(spec, input_shape, outputs if isinstance(outputs, tuple) else (outputs,))
     path = export_torchscript(served, input_shape, out)
-    configs = write_configs(out.parent, chosen, version=out.name, rule=THRESHOLD_RULE)
+    configs = write_triton_configs(out.parent, spec, threshold=chosen, version=out.name, rule=THRESHOLD_RULE)
     configs += export_onnx(out.parent, version=out.name)[:2]
     return path, configs
 
