@@ -5,7 +5,8 @@ batches and loss, its extra metrics (its Triton interface is in its spec, `SPEC.
 from which models/serving.py writes the configs). What every recipe does the same way is here:
 
 * `arguments`: the command line (`--out`, `--metrics`, `--seed`, the set sizes, epochs,
-  batch, learning rate, threads, phantom workers, `--configs-only`), defaults from the spec;
+  batch, learning rate, threads, phantom workers, `--configs-only`), defaults from the spec
+  and the recipe's `Defaults`;
 * `Run`: seeds, threads, the progress display and the clock, and the three phantom sets,
   seeded apart (`models/operating_point.py`: train, validation, test);
 * `phantoms`: phantom generation in a pool of processes, one core each;
@@ -16,7 +17,8 @@ from which models/serving.py writes the configs). What every recipe does the sam
 * `export`: TorchScript + the generated `model.py`, checked against the spec's interface,
   both Triton configs from the spec, the ONNX variant;
 * `record`: the threshold chosen on validation (`models/operating_point.py`), the test
-  set's operating point, and the metrics file every recipe writes, with the same keys.
+  set's operating point, and the metrics file every recipe writes, with the same keys;
+* `finish`: `export` then `record`, what every recipe ends with; `report`: its summary line.
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ REPO = Path(__file__).resolve().parent.parent
 MIN_TEST = 200
 T = TypeVar("T")
 U = TypeVar("U")
-J = TypeVar("J")
 B = TypeVar("B")
 
 
@@ -69,32 +70,41 @@ def metrics_path(spec: ModelSpec) -> Path:
     return REPO / "models" / spec.name / "metrics.json"
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """A recipe's default set sizes (training items; validation and test studies), epochs,
+    batch and peak learning rate: what its committed weights were trained with."""
+
+    train: int
+    val: int
+    test: int
+    epochs: int
+    batch: int
+    lr: float
+
+
 def arguments(
     doc: str | None,
     spec: ModelSpec,
+    defaults: Defaults,
     *,
-    train: int,
-    val: int,
-    test: int,
-    epochs: int,
-    batch: int,
-    lr: float,
     train_help: str = "training phantoms",
     eval_unit: str = "phantoms",
     batch_help: str | None = None,
     workers: bool = True,
 ) -> argparse.ArgumentParser:
     """The options every recipe has, with its defaults; a recipe adds its own after."""
+    d = defaults
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=out_dir(spec), help="Triton model version directory")
     ap.add_argument("--metrics", type=Path, default=metrics_path(spec))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", type=int, default=train, help=train_help)
-    ap.add_argument("--val", type=int, default=val, help=f"validation {eval_unit} (threshold choice)")
-    ap.add_argument("--test", type=int, default=test, help=f"held-out test {eval_unit} (reported metrics)")
-    ap.add_argument("--epochs", type=int, default=epochs)
-    ap.add_argument("--batch", type=int, default=batch, help=batch_help)
-    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--train", type=int, default=d.train, help=train_help)
+    ap.add_argument("--val", type=int, default=d.val, help=f"validation {eval_unit} (threshold choice)")
+    ap.add_argument("--test", type=int, default=d.test, help=f"held-out test {eval_unit} (reported metrics)")
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--batch", type=int, default=d.batch, help=batch_help)
+    ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--threads", type=int, default=2)
     if workers:
         ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
@@ -122,15 +132,19 @@ def configs_only(
 
 
 def phantoms(
-    make: Callable[[J], T],
-    jobs: Sequence[J],
+    make: Callable[[tuple[int, int]], T],
+    n: int,
+    seed: int,
     workers: int,
     progress: Progress,
     label: str,
     chunksize: int = 4,
 ) -> Iterator[T]:
-    """`make` of every job, in order, in `workers` processes (spawned: each phantom is numpy
-    work on one core, and a process per core halves the wait); one progress tick per job."""
+    """`make((seed, index))` for each of the `n` items of the set seeded `seed`, in order, in
+    `workers` processes (spawned: each phantom is numpy work on one core, and a process per
+    core halves the wait); one progress tick per item. `make` draws item `index` from its own
+    generator of (seed, index), so the set is the same however the work is split."""
+    jobs = [(seed, i) for i in range(n)]
     task = progress.add_task(f"phantoms: {label}", total=len(jobs))
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -150,6 +164,9 @@ class Run:
     data_seconds: float = 0.0
     fit_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    # What `finish` wrote: the weights and the Triton configs.
+    weights: Path | None = None
+    configs: list[Path] = field(default_factory=list)
 
     def sets(self, make: Callable[[int, int, str], T]) -> tuple[T, T, T]:
         """The train, validation and test sets, `make(n, seed, label)` each, seeded apart so no
@@ -275,15 +292,22 @@ def index_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[to
         yield order[i : i + batch]
 
 
-def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """P(finding) of a one-output network for a whole set, in eval mode (batch-norm running
-    statistics, no dropout)."""
-    model.eval()
-    out = []
+def outputs(module: torch.nn.Module, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    """Each output of `module` for a whole set, in eval mode (batch-norm running statistics,
+    no dropout), `batch` items at a time (a float16 set is made float32 a batch at a time)."""
+    module.eval()
+    parts = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(torch.sigmoid(model(x[i : i + batch].float())).reshape(-1))
-    return torch.cat(out).numpy()
+            out = module(x[i : i + batch].float())
+            parts.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat(each) for each in zip(*parts, strict=True))
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """P(finding) of a one-output network for a whole set."""
+    (logits,) = outputs(model, x, batch)
+    return torch.sigmoid(logits).reshape(-1).numpy()
 
 
 def committed_configs(spec: ModelSpec, out: Path, metrics: Path) -> list[Path]:
@@ -401,13 +425,45 @@ def record(
     return metrics
 
 
-def report(
-    metrics: dict[str, Any], unit: str, extra: str, weights: Path, configs: list[Path], where: Path
-) -> None:
+def finish(
+    r: Run,
+    spec: ModelSpec,
+    served: torch.nn.Module,
+    input_shape: Sequence[int],
+    *,
+    chosen: float,
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    model: torch.nn.Module,
+    results: dict[str, Any],
+    settings: dict[str, Any],
+    described: dict[str, Any],
+    phantoms_file: str = "",
+) -> dict[str, Any]:
+    """What every recipe ends with: `export` of what is served, then `record` of its metrics
+    (returned); the run keeps the paths written for `report`."""
+    r.weights, r.configs = export(r, spec, served, input_shape, chosen)
+    return record(
+        r,
+        spec,
+        chosen=chosen,
+        val=val,
+        test=test,
+        model=model,
+        weights=r.weights,
+        input_shape=input_shape,
+        results=results,
+        settings=settings,
+        described=described,
+        phantoms_file=phantoms_file,
+    )
+
+
+def report(r: Run, metrics: dict[str, Any], unit: str, extra: str = "") -> None:
     """The run's summary line and what it wrote."""
     console.print(
         f"{metrics['model']} on {metrics['test_size']} test {unit}: AUC {metrics['auc']}, "
         f"threshold {metrics['threshold']}, sensitivity {metrics['sensitivity']}, "
         f"specificity {metrics['specificity']}{extra} ({metrics['training_seconds']:.0f} s)"
     )
-    console.print(f"wrote {weights}, {', '.join(map(str, configs))} and {where}")
+    console.print(f"wrote {r.weights}, {', '.join(map(str, r.configs))} and {r.args.metrics}")

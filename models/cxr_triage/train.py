@@ -42,6 +42,7 @@ from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph, pre
 MAP_SHAPE = tuple(n // MAP_STRIDE for n in CXR_INPUT_SHAPE[1:])
 MAP_POS_WEIGHT = 5.0  # pleural air fills a few per cent of the map
 SIZE_BINS = (("<10 % rim", 0.0, 0.10), ("10-20 % rim", 0.10, 0.20), (">=20 % rim", 0.20, 1.0))
+DEFAULTS = training.Defaults(train=900, val=250, test=250, epochs=10, batch=16, lr=3e-3)
 
 
 @dataclass
@@ -72,9 +73,8 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
     ys = torch.zeros(n)
     air = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
     rim = np.zeros(n)
-    jobs = [(seed, i) for i in range(n)]
     for i, (x, a, y, r) in enumerate(
-        training.phantoms(_phantom, jobs, workers, progress, label, chunksize=8)
+        training.phantoms(_phantom, n, seed, workers, progress, label, chunksize=8)
     ):
         xs[i] = torch.from_numpy(x)
         air[i, 0] = torch.from_numpy(a)
@@ -90,15 +90,7 @@ def by_size(scores: np.ndarray, data: CxrSet, threshold: float) -> dict[str, dic
 
 def main(argv: list[str] | None = None) -> None:
     ap = training.arguments(
-        __doc__,
-        SPEC,
-        train=900,
-        val=250,
-        test=250,
-        epochs=10,
-        batch=16,
-        lr=3e-3,
-        train_help="training phantoms (half with a pneumothorax)",
+        __doc__, SPEC, DEFAULTS, train_help="training phantoms (half with a pneumothorax)"
     )
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the air-map loss (0 = off)")
     args = ap.parse_args(argv)
@@ -126,16 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     val_scores = training.predict(model, val.x)
     chosen = training.threshold(val_scores, val.y.numpy())
     test_scores = training.predict(model, test.x)
-    path, configs = training.export(r, SPEC, CxrWithSigmoid(model), CXR_INPUT_SHAPE, chosen)
-    metrics = training.record(
+    metrics = training.finish(
         r,
         SPEC,
+        CxrWithSigmoid(model),
+        CXR_INPUT_SHAPE,
         chosen=chosen,
         val=(val_scores, val.y.numpy()),
         test=(test_scores, test.y.numpy()),
         model=model,
-        weights=path,
-        input_shape=CXR_INPUT_SHAPE,
         results={"by_rim_size": by_size(test_scores, test, chosen)},
         settings={},
         described={
@@ -147,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             "aux_air_map_weight": args.map_weight,
         },
     )
-    training.report(metrics, "phantoms", "", path, configs, args.metrics)
+    training.report(r, metrics, "phantoms")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ MAP_SHAPE = tuple(n // p for n, p in zip(ICH_INPUT_SHAPE[1:], MAP_POOL, strict=T
 MAP_POS_WEIGHT = 10.0
 SERVED_OUTPUTS = ("probability (P(ICH))", "localisation_map (P(blood) per map cell, 16 x 24 x 24)")
 SIZE_BINS = (("<1 mL", 0.0, 1.0), ("1-5 mL", 1.0, 5.0), (">=5 mL", 5.0, float("inf")))
+DEFAULTS = training.Defaults(train=1000, val=300, test=400, epochs=8, batch=4, lr=2e-3)
 
 
 @dataclass
@@ -146,16 +147,7 @@ def reexport_committed(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_MET
 
 def main(argv: list[str] | None = None) -> None:
     ap = training.arguments(
-        __doc__,
-        SPEC,
-        train=1000,
-        val=300,
-        test=400,
-        epochs=8,
-        batch=4,
-        lr=2e-3,
-        train_help="training phantoms (half with blood)",
-        workers=False,
+        __doc__, SPEC, DEFAULTS, train_help="training phantoms (half with blood)", workers=False
     )
     ap.add_argument(
         "--map-weight", type=float, default=1.0, help="weight of the auxiliary blood-map loss (0 = off)"
@@ -198,16 +190,15 @@ def main(argv: list[str] | None = None) -> None:
     val_scores, val_labels = training.predict(model, val.x), val.y.numpy()
     chosen = training.threshold(val_scores, val_labels)
     test_scores, test_labels = training.predict(model, test.x), test.y.numpy()
-    path, configs = training.export(r, SPEC, IchWithSigmoid(model), ICH_INPUT_SHAPE, chosen)
-    metrics = training.record(
+    metrics = training.finish(
         r,
         SPEC,
+        IchWithSigmoid(model),
+        ICH_INPUT_SHAPE,
         chosen=chosen,
         val=(val_scores, val_labels),
         test=(test_scores, test_labels),
         model=model,
-        weights=path,
-        input_shape=ICH_INPUT_SHAPE,
         results=breakdown(test_scores, test_labels, test, chosen),
         settings={"aux_blood_map_weight": args.map_weight},
         described={"channels": list(MODEL_CHANNELS), "outputs": list(SERVED_OUTPUTS)},
@@ -226,8 +217,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"{row['sensitivity']:.3f} (n={row['n']}, AUC {row['auc_vs_normals']:.3f})",
             )
     console.print(table)
-    size_mb = path.stat().st_size / 1e6
-    console.print(f"wrote {path} ({size_mb:.1f} MB), {', '.join(map(str, configs))} and {args.metrics}")
+    size_mb = metrics["weights_bytes"] / 1e6
+    console.print(
+        f"wrote {r.weights} ({size_mb:.1f} MB), {', '.join(map(str, r.configs))} and {args.metrics}"
+    )
 
 
 if __name__ == "__main__":

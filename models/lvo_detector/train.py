@@ -39,6 +39,7 @@ MAP_POOL = (2, 4, 4)
 MAP_SHAPE = tuple(n // p for n, p in zip(LVO_INPUT_SHAPE[1:], MAP_POOL, strict=True))
 MAP_POS_WEIGHT = 20.0
 ASYMMETRY_CHANNEL = 2  # processors/preprocessing.py, CTA step 5  # clot fills well under 1 % of the map
+DEFAULTS = training.Defaults(train=600, val=200, test=200, epochs=6, batch=4, lr=2e-3)
 
 
 @dataclass
@@ -72,9 +73,8 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
     ys, left = torch.zeros(n), torch.zeros(n)
     maps = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
     sites: list[str] = []
-    jobs = [(seed, i) for i in range(n)]
     for i, (x, clot, y, is_left, site) in enumerate(
-        training.phantoms(_phantom, jobs, workers, progress, label)
+        training.phantoms(_phantom, n, seed, workers, progress, label)
     ):
         xs[i] = torch.from_numpy(x)
         maps[i, 0] = torch.from_numpy(clot)
@@ -84,15 +84,9 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(P(LVO), P(left)) for a whole set, in eval mode."""
-    model.eval()
-    lvo, side = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            a, b = model(x[i : i + batch].float())
-            lvo.append(torch.sigmoid(a).reshape(-1))
-            side.append(torch.sigmoid(b).reshape(-1))
-    return torch.cat(lvo).numpy(), torch.cat(side).numpy()
+    """(P(LVO), P(left)) for a whole set."""
+    lvo, side = training.outputs(model, x, batch)
+    return torch.sigmoid(lvo).reshape(-1).numpy(), torch.sigmoid(side).reshape(-1).numpy()
 
 
 def side_metrics(p_lvo: np.ndarray, p_left: np.ndarray, data: CtaSet, threshold: float) -> dict[str, float]:
@@ -118,17 +112,7 @@ def by_site(p_lvo: np.ndarray, data: CtaSet, threshold: float) -> dict[str, dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = training.arguments(
-        __doc__,
-        SPEC,
-        train=600,
-        val=200,
-        test=200,
-        epochs=6,
-        batch=4,
-        lr=2e-3,
-        train_help="training phantoms (half with an LVO)",
-    )
+    ap = training.arguments(__doc__, SPEC, DEFAULTS, train_help="training phantoms (half with an LVO)")
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the clot-map loss (0 = off)")
     ap.add_argument("--side-weight", type=float, default=0.5, help="weight of the side loss")
     args = ap.parse_args(argv)
@@ -180,16 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     val_lvo, _ = predict(model, val.x)
     chosen = training.threshold(val_lvo, val.y.numpy())
     test_lvo, test_left = predict(model, test.x)
-    path, configs = training.export(r, SPEC, LvoWithSigmoid(model), LVO_INPUT_SHAPE, chosen)
-    metrics = training.record(
+    metrics = training.finish(
         r,
         SPEC,
+        LvoWithSigmoid(model),
+        LVO_INPUT_SHAPE,
         chosen=chosen,
         val=(val_lvo, val.y.numpy()),
         test=(test_lvo, test.y.numpy()),
         model=model,
-        weights=path,
-        input_shape=LVO_INPUT_SHAPE,
         results={
             **side_metrics(test_lvo, test_left, test, chosen),
             "by_site": by_site(test_lvo, test, chosen),
@@ -200,9 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             "channels": list(MODEL_CHANNELS),
         },
     )
-    training.report(
-        metrics, "phantoms", f", side accuracy {metrics['side_accuracy']}", path, configs, args.metrics
-    )
+    training.report(r, metrics, "phantoms", f", side accuracy {metrics['side_accuracy']}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ MAP_SHAPE = tuple(n // MAP_STRIDE for n in MAMMO_VIEW_SHAPE)
 MAP_POS_WEIGHT = 5.0  # a lesion fills a few per cent of the map
 DRAWN = tuple(range(CATEGORIES))  # the categories the phantoms draw (6 is clinical)
 VIEW_NAMES = (("R", "CC"), ("R", "MLO"), ("L", "CC"), ("L", "MLO"))
+DEFAULTS = training.Defaults(train=2400, val=204, test=240, epochs=16, batch=16, lr=3e-3)
 
 
 @dataclass
@@ -101,8 +102,7 @@ def make_views(n: int, seed: int, progress: Progress, workers: int) -> ViewSet:
     xs = torch.empty((n, 1, *MAMMO_VIEW_SHAPE), dtype=torch.float16)
     ys = torch.zeros(n, dtype=torch.long)
     lesion = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
-    jobs = [(seed, i) for i in range(n)]
-    views = training.phantoms(_view, jobs, workers, progress, "training views", chunksize=8)
+    views = training.phantoms(_view, n, seed, workers, progress, "training views", chunksize=8)
     for i, (x, m, y) in enumerate(views):
         xs[i, 0] = torch.from_numpy(x)
         lesion[i, 0] = torch.from_numpy(m)
@@ -115,9 +115,8 @@ def make_studies(n: int, seed: int, progress: Progress, label: str, workers: int
     cats = np.zeros(n, dtype=int)
     sides: list[str | None] = []
     kinds: list[str] = []
-    jobs = [(seed, i) for i in range(n)]
     for i, (x, c, side, kind) in enumerate(
-        training.phantoms(_study, jobs, workers, progress, f"{label} studies")
+        training.phantoms(_study, n, seed, workers, progress, f"{label} studies")
     ):
         xs[i] = torch.from_numpy(x)
         cats[i] = c
@@ -128,14 +127,8 @@ def make_studies(n: int, seed: int, progress: Progress, label: str, workers: int
 
 def predict_studies(model: torch.nn.Module, x: torch.Tensor, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The served outputs for each study: P(4 or 5) (n,) and per-view P(0..5) (n, 4, 6)."""
-    served = MammoServed(model).eval()
-    probs, views = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            p, v = served(x[i : i + batch].float())
-            probs.append(p.reshape(-1))
-            views.append(v)
-    return torch.cat(probs).numpy().astype(np.float64), torch.cat(views).numpy().astype(np.float64)
+    probs, views = training.outputs(MammoServed(model), x, batch)
+    return probs.reshape(-1).numpy().astype(np.float64), views.numpy().astype(np.float64)
 
 
 def view_accuracy(model: torch.nn.Module, data: ViewSet, batch: int = 32) -> float:
@@ -184,16 +177,7 @@ def study_results(
 
 def main(argv: list[str] | None = None) -> None:
     ap = training.arguments(
-        __doc__,
-        SPEC,
-        train=2400,
-        val=204,
-        test=240,
-        epochs=16,
-        batch=16,
-        lr=3e-3,
-        train_help="training views (categories 0-5 balanced)",
-        eval_unit="studies",
+        __doc__, SPEC, DEFAULTS, train_help="training views (categories 0-5 balanced)", eval_unit="studies"
     )
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the lesion-map loss (0 = off)")
     ap.add_argument("--flag-weight", type=float, default=1.0, help="weight of the BI-RADS 4/5 loss (0 = off)")
@@ -243,16 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     chosen = training.threshold(val_scores, val_y)
     test_scores, test_views = predict_studies(model, test.x)
     test_y = np.isin(test.category, SUSPICIOUS).astype(int)
-    path, configs = training.export(r, SPEC, MammoServed(model), MAMMO_INPUT_SHAPE, chosen)
-    metrics = training.record(
+    metrics = training.finish(
         r,
         SPEC,
+        MammoServed(model),
+        MAMMO_INPUT_SHAPE,
         chosen=chosen,
         val=(val_scores, val_y),
         test=(test_scores, test_y),
         model=model,
-        weights=path,
-        input_shape=MAMMO_INPUT_SHAPE,
         results={
             **study_results(test_scores, test_views, test, chosen),
             "val_category_accuracy": study_results(val_scores, val_views, val, chosen)["category_accuracy"],
@@ -273,9 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             "aux_flag_weight": args.flag_weight,
         },
     )
-    training.report(
-        metrics, "studies", f", category accuracy {metrics['category_accuracy']}", path, configs, args.metrics
-    )
+    training.report(r, metrics, "studies", f", category accuracy {metrics['category_accuracy']}")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ SIZE_BINS: tuple[tuple[str, float, float], ...] = (
     ("10-20", 10.0, 20.0),
     (">=20", 20.0, math.inf),
 )
+DEFAULTS = training.Defaults(train=480, val=200, test=200, epochs=16, batch=8, lr=3e-3)
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,7 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
     xs = torch.empty((n, *NODULE_INPUT_SHAPE), dtype=torch.float16)
     targets = torch.empty((n, 1, *NODULE_INPUT_SHAPE[1:]), dtype=torch.float16)
     data = ChestSet(xs, targets, np.zeros(n), [], [], [], [], [])
-    jobs = [(seed, i) for i in range(n)]
-    studies = training.phantoms(_study, jobs, workers, progress, label, chunksize=2)
+    studies = training.phantoms(_study, n, seed, workers, progress, label, chunksize=2)
     for i, (x, target, geometry, truths, at_n, at_v, at_l) in enumerate(studies):
         xs[i] = torch.from_numpy(x)
         targets[i, 0] = torch.from_numpy(target)
@@ -263,12 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = training.arguments(
         __doc__,
         SPEC,
-        train=480,
-        val=200,
-        test=200,
-        epochs=16,
-        batch=8,
-        lr=3e-3,
+        DEFAULTS,
         train_help="training phantoms (half with nodules)",
         batch_help="patches per step",
     )
@@ -330,16 +325,15 @@ def main(argv: list[str] | None = None) -> None:
     del val_maps
     test_p, test_maps = predict_maps(served, test.x)
     test_nodules = nodule_metrics(test_maps, test, chosen)
-    path, configs = training.export(r, SPEC, served, NODULE_INPUT_SHAPE, chosen)
-    metrics = training.record(
+    metrics = training.finish(
         r,
         SPEC,
+        served,
+        NODULE_INPUT_SHAPE,
         chosen=chosen,
         val=(val_p, val.y),
         test=(test_p, test.y),
         model=model,
-        weights=path,
-        input_shape=NODULE_INPUT_SHAPE,
         results={
             "nodule_detection": test_nodules,
             "match_rule": f"a detection within max({MATCH_MIN_MM:g} mm, true radius) of a true centre",
@@ -362,14 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     nd = test_nodules
     training.report(
+        r,
         metrics,
         "phantoms",
         f"; nodules found {nd['sensitivity']} (>= 6 mm {nd['sensitivity_ge_6mm']}), "
         f"{nd['false_positives_per_study']} FP/study, centre error {nd['median_centre_error_mm']} mm, "
         f"|diameter error| {nd['median_abs_diameter_error_mm']} mm",
-        path,
-        configs,
-        args.metrics,
     )
 
 
