@@ -113,7 +113,8 @@ parameters: {{
   value: {{ string_value: "{rule}" }}
 }}
 """
-# Where a template's input dims may one day be relaxed: what the weights were trained on.
+# Where a model's input dims may one day be relaxed (Serving.trained_shape_note): what the
+# weights were trained on.
 TRAINED_SHAPE_NOTE = (
     "\n  # What the weights were trained on; model.py validates requests against it even if the"
     "\n  # dims above are ever relaxed."

@@ -14,13 +14,13 @@ runs — so what the network learns is what it is served. Three disjoint phantom
 Writes `model.pt` (TorchScript of network + sigmoids: probability and blood map out) into the Triton
 model version directory, the model's `config.pbtxt` (KIND_CPU, the local stack) and
 `configs/gpu.pbtxt` (KIND_GPU, production; both with the input shape and recommended
-threshold, from one template via models/serving.py) and
+threshold, from SPEC.serving via models/serving.py) and
 `models/ich_classifier/metrics.json`. About 7 minutes on 2 CPU cores with the defaults.
 
     python -m models.ich_classifier.train --configs-only
 
 rewrites only the two config files of the committed model (threshold and version from
-its metrics file), without training: what to run after editing TRITON_CONFIG;
+its metrics file), without training: what to run after editing SPEC.serving (spec.py);
 `--reexport` also re-traces the committed weights with the current served outputs
 (IchWithSigmoid: probability and the blood map as `localisation_map`), checking the
 probabilities are unchanged.
