@@ -4,6 +4,10 @@ Used by the demo, the tests and anyone who wants to feed the pipeline a study:
 real Part 10 files with patient/study/series identity, geometry (position,
 orientation, spacing) and rescale, so the whole pipeline — DICOM transfer, volume
 assembly by position, HU conversion — is exercised, not only the network.
+
+`Identity` and `part10` are what every synthetic object shares (this CT series, the
+radiographs of models/radiograph_writer.py): the Part 10 file and its patient, study,
+series and equipment attributes.
 """
 
 from __future__ import annotations
@@ -11,10 +15,82 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+
+class Identity(TypedDict, total=False):
+    """Whose and which study and series a written object is; every key may be left out (a
+    new UID, an empty name, the writer's own series description)."""
+
+    study_uid: str | None
+    series_uid: str | None
+    accession: str
+    patient_id: str
+    patient_name: str
+    # Set by the PHI tests, so that a birth date leaking anywhere would be caught.
+    patient_birth_date: str
+    series_description: str
+    study_description: str | None
+    institution: str
+
+
+def one_series(identity: Identity) -> Identity:
+    """`identity` with its study and series UIDs drawn where it has none: for the objects
+    of one series."""
+    return {
+        **identity,
+        "study_uid": identity.get("study_uid") or generate_uid(),
+        "series_uid": identity.get("series_uid") or generate_uid(),
+    }
+
+
+def part10(
+    path: Path,
+    sop_class: UID,
+    modality: str,
+    identity: Identity,
+    *,
+    series_description: str,
+    now: datetime,
+) -> FileDataset:
+    """A Part 10 dataset (Explicit VR Little Endian) of `sop_class` to be saved at `path`,
+    with the patient, study, series and equipment attributes every synthetic object carries
+    (`series_description`: the writer's default, where `identity` names none)."""
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = identity.get("study_uid") or generate_uid()
+    ds.SeriesInstanceUID = identity.get("series_uid") or generate_uid()
+    ds.Modality = modality
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.Manufacturer = "radtriage"
+    ds.ManufacturerModelName = "synthetic phantom"
+    ds.InstitutionName = identity.get("institution", "radtriage synthetic")
+    ds.PatientName = identity.get("patient_name", "")
+    ds.PatientID = identity.get("patient_id", "")
+    ds.PatientBirthDate = identity.get("patient_birth_date", "")
+    ds.PatientSex = ""
+    accession = identity.get("accession", "")
+    ds.AccessionNumber = accession
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = accession[-16:] if accession else "1"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    series_description = identity.get("series_description", series_description)
+    ds.StudyDescription = identity.get("study_description") or series_description
+    ds.SeriesDescription = series_description
+    ds.SeriesNumber = 1
+    return ds
 
 
 def write_ct_series(
@@ -22,21 +98,12 @@ def write_ct_series(
     spacing_zyx: Sequence[float],
     out_dir: Path,
     *,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    accession: str = "",
-    patient_id: str = "",
-    patient_name: str = "",
-    # Set by the PHI tests, so that a birth date leaking anywhere would be caught.
-    patient_birth_date: str = "",
     body_part: str = "HEAD",
-    series_description: str = "CT HEAD WO CONTRAST",
-    study_description: str | None = None,
-    institution: str = "radtriage synthetic",
     rescale_slope: float = 1.0,
     rescale_intercept: float = -1024.0,
     shuffle_files: bool = False,
     rng: np.random.Generator | None = None,
+    **identity: Unpack[Identity],
 ) -> list[Path]:
     """Write one Part 10 file per slice (Explicit VR Little Endian); returns the paths in
     InstanceNumber order.
@@ -45,7 +112,8 @@ def write_ct_series(
     towards the head). Stored pixel = round((HU - intercept) / slope), signed only if some
     value needs it. With `shuffle_files`, InstanceNumbers (and so file names) are assigned
     in a random order relative to position — senders do that, and a loader must sort by
-    ImagePositionPatient; `rng` makes that order reproducible.
+    ImagePositionPatient; `rng` makes that order reproducible. Series description by
+    default "CT HEAD WO CONTRAST".
     """
     if volume_hu.ndim != 3:
         raise ValueError(f"volume_hu must be (slices, rows, cols), got shape {volume_hu.shape}")
@@ -54,8 +122,7 @@ def write_ct_series(
     if rescale_slope <= 0:
         raise ValueError("rescale_slope must be positive")
     out_dir.mkdir(parents=True, exist_ok=True)
-    study_uid = study_uid or generate_uid()
-    series_uid = series_uid or generate_uid()
+    series = one_series(identity)  # every slice in one study and series
     now = datetime.now(UTC)
     dz, dy, dx = (float(s) for s in spacing_zyx)
     n, rows, cols = volume_hu.shape
@@ -73,38 +140,11 @@ def write_ct_series(
     origin = (-(cols - 1) * dx / 2.0, -(rows - 1) * dy / 2.0, -(n - 1) * dz / 2.0)
     paths: list[Path] = []
     for instance_number, k in enumerate(order, start=1):
-        sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         path = out_dir / f"CT{instance_number:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
+        ds = part10(path, CTImageStorage, "CT", series, series_description="CT HEAD WO CONTRAST", now=now)
         ds.FrameOfReferenceUID = frame_uid
         ds.PositionReferenceIndicator = ""
-        ds.Modality = "CT"
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.Manufacturer = "radtriage"
-        ds.ManufacturerModelName = "synthetic phantom"
-        ds.InstitutionName = institution
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = patient_birth_date
-        ds.PatientSex = ""
-        ds.AccessionNumber = accession
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = accession[-16:] if accession else "1"
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.StudyDescription = study_description or series_description
-        ds.SeriesDescription = series_description
         ds.BodyPartExamined = body_part
-        ds.SeriesNumber = 1
         ds.PatientPosition = "HFS"  # head first supine: what makes LPS +z point to the head
         ds.AcquisitionNumber = 1
         ds.InstanceNumber = instance_number

@@ -23,6 +23,38 @@ _CODE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 @dataclass(frozen=True)
+class Tensor:
+    """One tensor of the served module as its Triton config declares it (TYPE_FP32, batched)."""
+
+    name: str
+    # Without the batch dimension.
+    dims: tuple[int, ...]
+    # What it holds, as the config's comment lines (one string a line).
+    about: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What Triton is told of the model: models/serving.py generates its config.pbtxt and
+    configs/gpu.pbtxt from this and the threshold of its training run, so a model's served
+    interface is written once, here, and not as a config template per recipe."""
+
+    # The `display_name` parameter (the model card and the operator page show it).
+    display: str
+    # The config's header line: what the model is and that it is not for clinical use.
+    about: str
+    # The one input, named "volume" for every model so the client needs no per-model name:
+    # its dims (the preprocessing's output shape; the export checks it) and their meaning.
+    input: Tensor
+    # The outputs, "probability" first: every radtriage client reads that one.
+    outputs: tuple[Tensor, ...]
+    max_batch: int = 8
+    # Say in the `input_shape` parameter that it is what the weights were trained on
+    # (model.py checks requests against it even if the input dims are ever relaxed).
+    trained_shape_note: bool = False
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     # The Triton model name: its directory in the model repository, and what rules route to.
     name: str
@@ -48,6 +80,8 @@ class ModelSpec:
     # preprocessing pools admit its series by (processors/preprocess_pool.py). None: not
     # measured, admitted at the largest factor of the registered models.
     working_bytes_per_pixel_byte: float | None = None
+    # Its Triton interface (config.pbtxt); None for a model that no recipe here exports.
+    serving: Serving | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -65,3 +99,8 @@ class ModelSpec:
             raise ValueError(
                 f"model {self.name}: alert channel {self.alert!r} is not a lower-case identifier"
             )
+        if self.serving is not None:
+            if self.serving.input.name != "volume":
+                raise ValueError(f"model {self.name}: its input is {self.serving.input.name!r}, not 'volume'")
+            if not self.serving.outputs or self.serving.outputs[0].name != "probability":
+                raise ValueError(f"model {self.name}: its first output is not 'probability'")

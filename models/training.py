@@ -1,19 +1,24 @@
 """The one training engine of every model (docs/ARCHITECTURE.md, Models).
 
 A model's recipe, `models/<name>/train.py`, says only what is its own: its phantoms, its
-batches and loss, its extra metrics and its Triton config template. What every recipe
-does the same way is here:
+batches and loss, its extra metrics (its Triton interface is in its spec, `SPEC.serving`,
+from which models/serving.py writes the configs). What every recipe does the same way is here:
 
 * `arguments`: the command line (`--out`, `--metrics`, `--seed`, the set sizes, epochs,
-  batch, learning rate, threads, phantom workers, `--configs-only`), defaults from the spec;
+  batch, learning rate, threads, phantom workers, `--configs-only`), defaults from the spec
+  and the recipe's `Defaults`;
 * `Run`: seeds, threads, the progress display and the clock, and the three phantom sets,
   seeded apart (`models/operating_point.py`: train, validation, test);
 * `phantoms`: phantom generation in a pool of processes, one core each;
-* `fit`: AdamW with a one-cycle schedule over the recipe's batches and loss, and a line of
-  history per epoch;
-* `export`: TorchScript + the generated `model.py`, both Triton configs, the ONNX variant;
+* `fit` (`fit_indexed` over shuffled batches of the training set): AdamW with a one-cycle
+  schedule over the recipe's batches and loss, and a line of history per epoch
+  (`auc_epoch`: the validation AUC);
+* `vary_exposure`: the radiograph recipes' intensity augmentation;
+* `export`: TorchScript + the generated `model.py`, checked against the spec's interface,
+  both Triton configs from the spec, the ONNX variant;
 * `record`: the threshold chosen on validation (`models/operating_point.py`), the test
-  set's operating point, and the metrics file every recipe writes, with the same keys.
+  set's operating point, and the metrics file every recipe writes, with the same keys;
+* `finish`: `export` then `record`, what every recipe ends with; `report`: its summary line.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from models.operating_point import (
     choose_threshold,
     operating_point,
 )
-from models.serving import committed_operating_point, export_torchscript
+from models.serving import check_served, committed_operating_point, export_torchscript, write_triton_configs
 from models.spec import ModelSpec
 
 console = Console()
@@ -53,10 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 MIN_TEST = 200
 T = TypeVar("T")
 U = TypeVar("U")
-J = TypeVar("J")
 B = TypeVar("B")
-# What a recipe's configs are written with: (model directory, threshold, version, rule).
-ConfigWriter = Callable[..., list[Path]]
 
 
 def out_dir(spec: ModelSpec) -> Path:
@@ -68,32 +70,41 @@ def metrics_path(spec: ModelSpec) -> Path:
     return REPO / "models" / spec.name / "metrics.json"
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """A recipe's default set sizes (training items; validation and test studies), epochs,
+    batch and peak learning rate: what its committed weights were trained with."""
+
+    train: int
+    val: int
+    test: int
+    epochs: int
+    batch: int
+    lr: float
+
+
 def arguments(
     doc: str | None,
     spec: ModelSpec,
+    defaults: Defaults,
     *,
-    train: int,
-    val: int,
-    test: int,
-    epochs: int,
-    batch: int,
-    lr: float,
     train_help: str = "training phantoms",
     eval_unit: str = "phantoms",
     batch_help: str | None = None,
     workers: bool = True,
 ) -> argparse.ArgumentParser:
     """The options every recipe has, with its defaults; a recipe adds its own after."""
+    d = defaults
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=out_dir(spec), help="Triton model version directory")
     ap.add_argument("--metrics", type=Path, default=metrics_path(spec))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train", type=int, default=train, help=train_help)
-    ap.add_argument("--val", type=int, default=val, help=f"validation {eval_unit} (threshold choice)")
-    ap.add_argument("--test", type=int, default=test, help=f"held-out test {eval_unit} (reported metrics)")
-    ap.add_argument("--epochs", type=int, default=epochs)
-    ap.add_argument("--batch", type=int, default=batch, help=batch_help)
-    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--train", type=int, default=d.train, help=train_help)
+    ap.add_argument("--val", type=int, default=d.val, help=f"validation {eval_unit} (threshold choice)")
+    ap.add_argument("--test", type=int, default=d.test, help=f"held-out test {eval_unit} (reported metrics)")
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--batch", type=int, default=d.batch, help=batch_help)
+    ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--threads", type=int, default=2)
     if workers:
         ap.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
@@ -107,15 +118,12 @@ def arguments(
 
 
 def configs_only(
-    ap: argparse.ArgumentParser,
-    args: argparse.Namespace,
-    write_configs_only: Callable[[Path, Path], list[Path]],
-    eval_unit: str = "phantoms",
+    ap: argparse.ArgumentParser, args: argparse.Namespace, spec: ModelSpec, eval_unit: str = "phantoms"
 ) -> bool:
     """Handle `--configs-only` (True: done, nothing to train); refuse a test set too small
     for its metrics to mean much."""
     if args.configs_only:
-        for path in write_configs_only(args.out, args.metrics):
+        for path in committed_configs(spec, args.out, args.metrics):
             console.print(f"wrote {path}")
         return True
     if args.test < MIN_TEST:
@@ -124,15 +132,19 @@ def configs_only(
 
 
 def phantoms(
-    make: Callable[[J], T],
-    jobs: Sequence[J],
+    make: Callable[[tuple[int, int]], T],
+    n: int,
+    seed: int,
     workers: int,
     progress: Progress,
     label: str,
     chunksize: int = 4,
 ) -> Iterator[T]:
-    """`make` of every job, in order, in `workers` processes (spawned: each phantom is numpy
-    work on one core, and a process per core halves the wait); one progress tick per job."""
+    """`make((seed, index))` for each of the `n` items of the set seeded `seed`, in order, in
+    `workers` processes (spawned: each phantom is numpy work on one core, and a process per
+    core halves the wait); one progress tick per item. `make` draws item `index` from its own
+    generator of (seed, index), so the set is the same however the work is split."""
+    jobs = [(seed, i) for i in range(n)]
     task = progress.add_task(f"phantoms: {label}", total=len(jobs))
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -152,6 +164,9 @@ class Run:
     data_seconds: float = 0.0
     fit_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    # What `finish` wrote: the weights and the Triton configs.
+    weights: Path | None = None
+    configs: list[Path] = field(default_factory=list)
 
     def sets(self, make: Callable[[int, int, str], T]) -> tuple[T, T, T]:
         """The train, validation and test sets, `make(n, seed, label)` each, seeded apart so no
@@ -226,6 +241,50 @@ def fit(
     r.fit_seconds = time.time() - fit_started
 
 
+def fit_indexed(
+    r: Run,
+    model: torch.nn.Module,
+    generator: torch.Generator,
+    loss: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
+    after_epoch: Callable[[int, float], dict[str, float]],
+) -> None:
+    """`fit` over the whole training set each epoch, in `--batch` batches of indices
+    shuffled by `generator`."""
+    args = r.args
+    fit(
+        r,
+        model,
+        steps_per_epoch=-(-args.train // args.batch),
+        batches=lambda: index_batches(args.train, args.batch, generator),
+        loss=loss,
+        after_epoch=after_epoch,
+        items_per_epoch=args.train,
+    )
+
+
+def auc_epoch(
+    scores: Callable[[], np.ndarray], labels: np.ndarray, what: str = "validation AUC"
+) -> Callable[[int, float], dict[str, float]]:
+    """An `after_epoch` whose history row is the epoch's training loss and the AUC of
+    `scores()` (the validation set's, now) against `labels`."""
+
+    def after_epoch(epoch: int, train_loss: float) -> dict[str, float]:
+        val_auc = auc(scores(), labels)
+        console.log(f"epoch {epoch}: train loss {train_loss:.4f}, {what} {val_auc:.4f}")
+        return {"epoch": epoch, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
+
+    return after_epoch
+
+
+def vary_exposure(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A radiograph batch (n, c, rows, cols) in [0, 1] with a random gamma and contrast per
+    image: exposure and vendor processing vary."""
+    n = len(x)
+    gamma = torch.exp(0.25 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 2)
+    contrast = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=generator) - 0.5)
+    return torch.clamp(x.clamp(min=1e-6) ** gamma * contrast, 0.0, 1.0)
+
+
 def index_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """One epoch's batches of indices into a set of `n`, in an order drawn from `generator`."""
     order = torch.randperm(n, generator=generator)
@@ -233,22 +292,29 @@ def index_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[to
         yield order[i : i + batch]
 
 
-def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
-    """P(finding) of a one-output network for a whole set, in eval mode (batch-norm running
-    statistics, no dropout)."""
-    model.eval()
-    out = []
+def outputs(module: torch.nn.Module, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    """Each output of `module` for a whole set, in eval mode (batch-norm running statistics,
+    no dropout), `batch` items at a time (a float16 set is made float32 a batch at a time)."""
+    module.eval()
+    parts = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(torch.sigmoid(model(x[i : i + batch].float())).reshape(-1))
-    return torch.cat(out).numpy()
+            out = module(x[i : i + batch].float())
+            parts.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat(each) for each in zip(*parts, strict=True))
 
 
-def committed_configs(write_configs: ConfigWriter, out: Path, metrics: Path) -> list[Path]:
+def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 32) -> np.ndarray:
+    """P(finding) of a one-output network for a whole set."""
+    (logits,) = outputs(model, x, batch)
+    return torch.sigmoid(logits).reshape(-1).numpy()
+
+
+def committed_configs(spec: ModelSpec, out: Path, metrics: Path) -> list[Path]:
     """The Triton configs of the committed weights, without training (`--configs-only`):
     threshold, rule and version from the metrics file the run that made them wrote."""
     chosen, version, rule = committed_operating_point(metrics, out.parent.name)
-    return write_configs(out.parent, chosen, version=version, rule=rule)
+    return write_triton_configs(out.parent, spec, threshold=chosen, version=version, rule=rule)
 
 
 def sensitivity_by(
@@ -274,13 +340,17 @@ def threshold(val_scores: np.ndarray, val_labels: np.ndarray) -> float:
 
 
 def export(
-    r: Run, served: torch.nn.Module, input_shape: Sequence[int], chosen: float, write_configs: ConfigWriter
+    r: Run, spec: ModelSpec, served: torch.nn.Module, input_shape: Sequence[int], chosen: float
 ) -> tuple[Path, list[Path]]:
     """The served module as TorchScript in the version directory (with its generated
-    model.py), both Triton configs with the chosen threshold, and the ONNX variant."""
+    model.py), checked against the spec's Triton interface; both Triton configs with the
+    chosen threshold, and the ONNX variant."""
     out = r.args.out
+    with torch.no_grad():
+        outputs = served.eval()(torch.zeros((1, *input_shape)))
+    check_served(spec, input_shape, outputs if isinstance(outputs, tuple) else (outputs,))
     path = export_torchscript(served, input_shape, out)
-    configs = write_configs(out.parent, chosen, version=out.name, rule=THRESHOLD_RULE)
+    configs = write_triton_configs(out.parent, spec, threshold=chosen, version=out.name, rule=THRESHOLD_RULE)
     configs += export_onnx(out.parent, version=out.name)[:2]
     return path, configs
 
@@ -355,13 +425,45 @@ def record(
     return metrics
 
 
-def report(
-    metrics: dict[str, Any], unit: str, extra: str, weights: Path, configs: list[Path], where: Path
-) -> None:
+def finish(
+    r: Run,
+    spec: ModelSpec,
+    served: torch.nn.Module,
+    input_shape: Sequence[int],
+    *,
+    chosen: float,
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    model: torch.nn.Module,
+    results: dict[str, Any],
+    settings: dict[str, Any],
+    described: dict[str, Any],
+    phantoms_file: str = "",
+) -> dict[str, Any]:
+    """What every recipe ends with: `export` of what is served, then `record` of its metrics
+    (returned); the run keeps the paths written for `report`."""
+    r.weights, r.configs = export(r, spec, served, input_shape, chosen)
+    return record(
+        r,
+        spec,
+        chosen=chosen,
+        val=val,
+        test=test,
+        model=model,
+        weights=r.weights,
+        input_shape=input_shape,
+        results=results,
+        settings=settings,
+        described=described,
+        phantoms_file=phantoms_file,
+    )
+
+
+def report(r: Run, metrics: dict[str, Any], unit: str, extra: str = "") -> None:
     """The run's summary line and what it wrote."""
     console.print(
         f"{metrics['model']} on {metrics['test_size']} test {unit}: AUC {metrics['auc']}, "
         f"threshold {metrics['threshold']}, sensitivity {metrics['sensitivity']}, "
         f"specificity {metrics['specificity']}{extra} ({metrics['training_seconds']:.0f} s)"
     )
-    console.print(f"wrote {weights}, {', '.join(map(str, configs))} and {where}")
+    console.print(f"wrote {r.weights}, {', '.join(map(str, r.configs))} and {r.args.metrics}")

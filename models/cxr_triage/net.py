@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import DenseNet
 
+from models.network_parts import pooled_with_map
 from processors.preprocessing import CXR_INPUT_SHAPE
 
 INIT_FEATURES = 16
@@ -59,15 +60,7 @@ class CxrNet(torch.nn.Module):
     def forward_with_map(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = torch.relu(self.features(image))
         air = self.air_map(f)
-        pooled = torch.cat(
-            [
-                self.dropout(torch.mean(f, dim=(2, 3))),
-                self.dropout(torch.amax(f, dim=(2, 3))),
-                torch.amax(air, dim=(2, 3)),
-            ],
-            dim=1,
-        )
-        return self.head(pooled), air
+        return self.head(pooled_with_map(f, air, self.dropout)), air
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.forward_with_map(image)[0]

@@ -20,7 +20,6 @@ Writes `model.pt` (TorchScript of network + sigmoid), `config.pbtxt`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,20 +37,12 @@ from models.cxr_triage.net import (
 )
 from models.cxr_triage.phantoms import chest_radiograph_phantom
 from models.cxr_triage.spec import SPEC
-from models.operating_point import (
-    auc,
-)
-from models.serving import write_triton_configs
-from models.training import console
 from processors.preprocessing import CXR_INPUT_SHAPE, preprocess_radiograph, preprocess_radiograph_with_mask
 
-MODEL_NAME = SPEC.name
-DEFAULT_OUT = training.out_dir(SPEC)
-DEFAULT_METRICS = training.metrics_path(SPEC)
-DISPLAY_NAME = "radtriage reference chest X-ray triage (synthetic phantoms, not for clinical use)"
 MAP_SHAPE = tuple(n // MAP_STRIDE for n in CXR_INPUT_SHAPE[1:])
 MAP_POS_WEIGHT = 5.0  # pleural air fills a few per cent of the map
 SIZE_BINS = (("<10 % rim", 0.0, 0.10), ("10-20 % rim", 0.10, 0.20), (">=20 % rim", 0.20, 1.0))
+DEFAULTS = training.Defaults(train=900, val=250, test=250, epochs=10, batch=16, lr=3e-3)
 
 
 @dataclass
@@ -82,9 +73,8 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
     ys = torch.zeros(n)
     air = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
     rim = np.zeros(n)
-    jobs = [(seed, i) for i in range(n)]
     for i, (x, a, y, r) in enumerate(
-        training.phantoms(_phantom, jobs, workers, progress, label, chunksize=8)
+        training.phantoms(_phantom, n, seed, workers, progress, label, chunksize=8)
     ):
         xs[i] = torch.from_numpy(x)
         air[i, 0] = torch.from_numpy(a)
@@ -98,40 +88,13 @@ def by_size(scores: np.ndarray, data: CxrSet, threshold: float) -> dict[str, dic
     return training.sensitivity_by(scores, y, sizes, threshold)
 
 
-def write_configs(model_dir: Path, threshold: float, version: str, rule: str) -> list[Path]:
-    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from TRITON_CONFIG."""
-    return write_triton_configs(
-        model_dir,
-        template=TRITON_CONFIG,
-        input_shape=CXR_INPUT_SHAPE,
-        threshold=threshold,
-        version=version,
-        rule=rule,
-        display=DISPLAY_NAME,
-        finding=SPEC.finding,
-    )
-
-
-def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
-    """The Triton configs of the committed model, without training (`--configs-only`)."""
-    return training.committed_configs(write_configs, out, metrics_path)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = training.arguments(
-        __doc__,
-        SPEC,
-        train=900,
-        val=250,
-        test=250,
-        epochs=10,
-        batch=16,
-        lr=3e-3,
-        train_help="training phantoms (half with a pneumothorax)",
+        __doc__, SPEC, DEFAULTS, train_help="training phantoms (half with a pneumothorax)"
     )
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the air-map loss (0 = off)")
     args = ap.parse_args(argv)
-    if training.configs_only(ap, args, write_configs_only):
+    if training.configs_only(ap, args, SPEC):
         return
 
     with training.run(args) as r:
@@ -142,45 +105,28 @@ def main(argv: list[str] | None = None) -> None:
         gen = torch.Generator().manual_seed(args.seed)
 
         def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
-            xb = train.x[idx].float()
-            # Exposure and processing vary: a random gamma and contrast per image.
-            gamma = torch.exp(0.25 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5) * 2)
-            contrast = 1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)
-            xb = torch.clamp(xb.clamp(min=1e-6) ** gamma * contrast, 0.0, 1.0)
+            xb = training.vary_exposure(train.x[idx].float(), gen)
             logits, air = model.forward_with_map(xb)
             total = loss_fn(logits.reshape(-1), train.y[idx]) + args.map_weight * map_loss_fn(
                 air, train.air[idx].float()
             )
             return total, len(idx)
 
-        def after_epoch(epoch: int, train_loss: float) -> dict[str, float]:
-            val_auc = auc(training.predict(model, val.x), val.y.numpy())
-            console.log(f"epoch {epoch}: train loss {train_loss:.4f}, validation AUC {val_auc:.4f}")
-            return {"epoch": epoch, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
-
-        training.fit(
-            r,
-            model,
-            steps_per_epoch=-(-args.train // args.batch),
-            batches=lambda: training.index_batches(args.train, args.batch, gen),
-            loss=loss,
-            after_epoch=after_epoch,
-            items_per_epoch=args.train,
-        )
+        validation = training.auc_epoch(lambda: training.predict(model, val.x), val.y.numpy())
+        training.fit_indexed(r, model, gen, loss, validation)
 
     val_scores = training.predict(model, val.x)
     chosen = training.threshold(val_scores, val.y.numpy())
     test_scores = training.predict(model, test.x)
-    path, configs = training.export(r, CxrWithSigmoid(model), CXR_INPUT_SHAPE, chosen, write_configs)
-    metrics = training.record(
+    metrics = training.finish(
         r,
         SPEC,
+        CxrWithSigmoid(model),
+        CXR_INPUT_SHAPE,
         chosen=chosen,
         val=(val_scores, val.y.numpy()),
         test=(test_scores, test.y.numpy()),
         model=model,
-        weights=path,
-        input_shape=CXR_INPUT_SHAPE,
         results={"by_rim_size": by_size(test_scores, test, chosen)},
         settings={},
         described={
@@ -192,35 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             "aux_air_map_weight": args.map_weight,
         },
     )
-    training.report(metrics, "phantoms", "", path, configs, args.metrics)
-
-
-TRITON_CONFIG = """\
-# GENERATED by models/cxr_triage/train.py (it also writes the weights in 1/); edit the template there.
-# Reference chest X-ray (CR/DX) triage model, trained on synthetic phantoms: NOT for clinical use.
-# Served by the Python backend (1/model.py + TorchScript 1/{weights}).{variant_note}
-name: "{name}"
-backend: "python"
-max_batch_size: {max_batch}
-
-input [
-  {{
-    name: "volume"
-    data_type: TYPE_FP32
-    # One radiograph: channel, rows, columns (processors.preprocessing.CXR_INPUT_SHAPE).
-    # Named "volume" like every radtriage model's input, so the client needs no per-model name.
-    dims: [ {dims} ]
-  }}
-]
-output [
-  {{
-    name: "probability"
-    data_type: TYPE_FP32
-    # P(critical finding: pneumothorax), sigmoid applied in the model.
-    dims: [ 1 ]
-  }}
-]
-"""
+    training.report(r, metrics, "phantoms")
 
 
 if __name__ == "__main__":

@@ -20,27 +20,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Unpack
 
 import numpy as np
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 
 from models.cxr_triage.phantoms import BITS_STORED, MAX_VALUE
-
-
-def _code(code: object) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value  # type: ignore[attr-defined]
-    item.CodingSchemeDesignator = code.scheme_designator  # type: ignore[attr-defined]
-    item.CodeMeaning = code.meaning  # type: ignore[attr-defined]
-    return item
+from models.dicom_writer import Identity, part10
+from models.radiograph_writer import check_photometric, code_item, set_radiograph_pixels, stored_pixels
 
 
 def write_radiograph(
@@ -51,18 +39,11 @@ def write_radiograph(
     modality: str = "DX",
     photometric: str = "MONOCHROME2",
     mirrored: bool = False,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    accession: str = "",
-    patient_id: str = "",
-    patient_name: str = "",
-    patient_birth_date: str = "",
-    series_description: str = "CHEST PA",
-    study_description: str | None = None,
-    institution: str = "radtriage synthetic",
+    **identity: Unpack[Identity],
 ) -> Path:
     """Write `pixels` ((rows, cols), 12-bit values, brighter = more attenuation, patient's
-    left on the right) as one Part 10 file in `out_dir`; returns its path.
+    left on the right) as one Part 10 file in `out_dir`; returns its path. Series
+    description by default "CHEST PA".
 
     `mirrored` stores the image flipped left-right with PatientOrientation "R\\F" (what a
     detector read from the other side produces): the pixels differ, the patient does
@@ -74,82 +55,34 @@ def write_radiograph(
         raise ValueError(f"pixel_mm must be two positive mm values, got {pixel_mm}")
     if modality not in ("DX", "CR"):
         raise ValueError(f"modality must be DX or CR, got {modality!r}")
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
+    check_photometric(photometric)
     if pixels.min() < 0 or pixels.max() > MAX_VALUE:
         raise ValueError(f"pixels must be {BITS_STORED}-bit values 0..{MAX_VALUE}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stored = np.asarray(pixels, dtype=np.uint16)
-    if mirrored:
-        stored = stored[:, ::-1]
-    if photometric == "MONOCHROME1":
-        stored = (MAX_VALUE - stored).astype(np.uint16)
+    stored = stored_pixels(pixels, photometric, MAX_VALUE, mirrored=mirrored)
     sop_class = (
         DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
     )
-    sop_uid = generate_uid()
     now = datetime.now(UTC)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     path = out_dir / f"{modality}0001.dcm"
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = modality
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.Manufacturer = "radtriage"
-    ds.ManufacturerModelName = "synthetic phantom"
-    ds.InstitutionName = institution
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = patient_birth_date
-    ds.PatientSex = ""
-    ds.AccessionNumber = accession
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = accession[-16:] if accession else "1"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = now.strftime("%H%M%S")
-    ds.StudyDescription = study_description or series_description
-    ds.SeriesDescription = series_description
-    ds.SeriesNumber = 1
+    ds = part10(path, sop_class, modality, identity, series_description="CHEST PA", now=now)
+    ds.AcquisitionDate, ds.AcquisitionTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.InstanceNumber = 1
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.PatientOrientation = ["R" if mirrored else "L", "F"]
     ds.ImageLaterality = "U"  # unpaired structure
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.AnatomicRegionSequence = [_code(codes.CID4009.Chest)]
-    ds.ViewCodeSequence = [_code(codes.CID4010.PosteroAnterior)]
+    ds.AnatomicRegionSequence = [code_item(codes.CID4009.Chest)]
+    ds.ViewCodeSequence = [code_item(codes.CID4010.PosteroAnterior)]
     ds.KVP = "120"
     ds.DistanceSourceToDetector = "1800"
-    ds.ImagerPixelSpacing = [f"{float(pixel_mm[0]):.6f}", f"{float(pixel_mm[1]):.6f}"]
-    # Calibrated at the patient would differ by the magnification; the phantom has none.
-    ds.PixelSpacing = list(ds.ImagerPixelSpacing)
-    ds.EstimatedRadiographicMagnificationFactor = "1.0"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = BITS_STORED
-    ds.HighBit = BITS_STORED - 1
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = "0"
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "US"
-    ds.WindowCenter, ds.WindowWidth = str(MAX_VALUE // 2), str(MAX_VALUE)
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
+    set_radiograph_pixels(ds, stored, pixel_mm, photometric, BITS_STORED)
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.DetectorType = "SCINTILLATOR"
         ds.PixelIntensityRelationship = "LOG"
         ds.PixelIntensityRelationshipSign = 1
         ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
-    ds.PixelData = np.ascontiguousarray(stored).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -22,9 +22,8 @@ which is what "no side" should look like. ~0.28 M parameters.
 from __future__ import annotations
 
 import torch
-from monai.networks.blocks import Convolution, ResidualUnit
-from monai.networks.layers import Act, Norm
 
+from models.network_parts import residual_backbone
 from processors.preprocessing import LVO_INPUT_SHAPE
 
 MODEL_CHANNELS: tuple[int, int, int] = (16, 32, 64)
@@ -44,11 +43,8 @@ class LvoNet(torch.nn.Module):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
-        c0, c1, c2 = channels
-        common = {"spatial_dims": 3, "kernel_size": 3, "act": Act.RELU, "norm": Norm.INSTANCE}
-        self.stem = Convolution(in_channels=in_channels, out_channels=c0, strides=(1, 2, 2), **common)
-        self.stage1 = ResidualUnit(in_channels=c0, out_channels=c1, strides=2, subunits=2, **common)
-        self.stage2 = ResidualUnit(in_channels=c1, out_channels=c2, strides=2, subunits=2, **common)
+        _, c1, c2 = channels
+        self.stem, self.stage1, self.stage2 = residual_backbone(in_channels, channels)
         self.clot_map = torch.nn.Conv3d(c1, 1, kernel_size=1)
         self.dropout = torch.nn.Dropout(dropout)
         self.lvo_head = torch.nn.Linear(2 * 2 * c2 + 1, 1)

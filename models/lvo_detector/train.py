@@ -20,7 +20,6 @@ Triton model version directory, the model's `config.pbtxt` and `configs/gpu.pbtx
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,18 +32,14 @@ from models.lvo_detector.spec import SPEC
 from models.operating_point import (
     auc,
 )
-from models.serving import write_triton_configs
 from models.training import console
 from processors.preprocessing import LVO_INPUT_SHAPE, preprocess_cta, preprocess_cta_with_mask
 
-MODEL_NAME = SPEC.name
-DEFAULT_OUT = training.out_dir(SPEC)
-DEFAULT_METRICS = training.metrics_path(SPEC)
 MAP_POOL = (2, 4, 4)
 MAP_SHAPE = tuple(n // p for n, p in zip(LVO_INPUT_SHAPE[1:], MAP_POOL, strict=True))
 MAP_POS_WEIGHT = 20.0
 ASYMMETRY_CHANNEL = 2  # processors/preprocessing.py, CTA step 5  # clot fills well under 1 % of the map
-DISPLAY_NAME = "radtriage reference LVO detector (synthetic phantoms, not for clinical use)"
+DEFAULTS = training.Defaults(train=600, val=200, test=200, epochs=6, batch=4, lr=2e-3)
 
 
 @dataclass
@@ -78,9 +73,8 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
     ys, left = torch.zeros(n), torch.zeros(n)
     maps = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
     sites: list[str] = []
-    jobs = [(seed, i) for i in range(n)]
     for i, (x, clot, y, is_left, site) in enumerate(
-        training.phantoms(_phantom, jobs, workers, progress, label)
+        training.phantoms(_phantom, n, seed, workers, progress, label)
     ):
         xs[i] = torch.from_numpy(x)
         maps[i, 0] = torch.from_numpy(clot)
@@ -90,15 +84,9 @@ def make_set(n: int, seed: int, progress: Progress, label: str, workers: int) ->
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(P(LVO), P(left)) for a whole set, in eval mode."""
-    model.eval()
-    lvo, side = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            a, b = model(x[i : i + batch].float())
-            lvo.append(torch.sigmoid(a).reshape(-1))
-            side.append(torch.sigmoid(b).reshape(-1))
-    return torch.cat(lvo).numpy(), torch.cat(side).numpy()
+    """(P(LVO), P(left)) for a whole set."""
+    lvo, side = training.outputs(model, x, batch)
+    return torch.sigmoid(lvo).reshape(-1).numpy(), torch.sigmoid(side).reshape(-1).numpy()
 
 
 def side_metrics(p_lvo: np.ndarray, p_left: np.ndarray, data: CtaSet, threshold: float) -> dict[str, float]:
@@ -123,41 +111,12 @@ def by_site(p_lvo: np.ndarray, data: CtaSet, threshold: float) -> dict[str, dict
     )
 
 
-def write_configs(model_dir: Path, threshold: float, version: str, rule: str) -> list[Path]:
-    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from TRITON_CONFIG."""
-    return write_triton_configs(
-        model_dir,
-        template=TRITON_CONFIG,
-        input_shape=LVO_INPUT_SHAPE,
-        threshold=threshold,
-        version=version,
-        rule=rule,
-        display=DISPLAY_NAME,
-        finding=SPEC.finding,
-    )
-
-
-def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
-    """The Triton configs of the committed model, without training (`--configs-only`)."""
-    return training.committed_configs(write_configs, out, metrics_path)
-
-
 def main(argv: list[str] | None = None) -> None:
-    ap = training.arguments(
-        __doc__,
-        SPEC,
-        train=600,
-        val=200,
-        test=200,
-        epochs=6,
-        batch=4,
-        lr=2e-3,
-        train_help="training phantoms (half with an LVO)",
-    )
+    ap = training.arguments(__doc__, SPEC, DEFAULTS, train_help="training phantoms (half with an LVO)")
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the clot-map loss (0 = off)")
     ap.add_argument("--side-weight", type=float, default=0.5, help="weight of the side loss")
     args = ap.parse_args(argv)
-    if training.configs_only(ap, args, write_configs_only):
+    if training.configs_only(ap, args, SPEC):
         return
 
     with training.run(args) as r:
@@ -200,29 +159,20 @@ def main(argv: list[str] | None = None) -> None:
                 "val_side_accuracy": val_side["side_accuracy"],
             }
 
-        training.fit(
-            r,
-            model,
-            steps_per_epoch=-(-args.train // args.batch),
-            batches=lambda: training.index_batches(args.train, args.batch, gen),
-            loss=loss,
-            after_epoch=after_epoch,
-            items_per_epoch=args.train,
-        )
+        training.fit_indexed(r, model, gen, loss, after_epoch)
 
     val_lvo, _ = predict(model, val.x)
     chosen = training.threshold(val_lvo, val.y.numpy())
     test_lvo, test_left = predict(model, test.x)
-    path, configs = training.export(r, LvoWithSigmoid(model), LVO_INPUT_SHAPE, chosen, write_configs)
-    metrics = training.record(
+    metrics = training.finish(
         r,
         SPEC,
+        LvoWithSigmoid(model),
+        LVO_INPUT_SHAPE,
         chosen=chosen,
         val=(val_lvo, val.y.numpy()),
         test=(test_lvo, test.y.numpy()),
         model=model,
-        weights=path,
-        input_shape=LVO_INPUT_SHAPE,
         results={
             **side_metrics(test_lvo, test_left, test, chosen),
             "by_site": by_site(test_lvo, test, chosen),
@@ -233,45 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             "channels": list(MODEL_CHANNELS),
         },
     )
-    training.report(
-        metrics, "phantoms", f", side accuracy {metrics['side_accuracy']}", path, configs, args.metrics
-    )
-
-
-TRITON_CONFIG = """\
-# GENERATED by models/lvo_detector/train.py (it also writes the weights in 1/); edit the template there.
-# Reference large-vessel-occlusion detector, trained on synthetic phantoms: NOT for clinical use.
-# Served by the Python backend (1/model.py + TorchScript 1/{weights}).{variant_note}
-name: "{name}"
-backend: "python"
-max_batch_size: {max_batch}
-
-input [
-  {{
-    name: "volume"
-    data_type: TYPE_FP32
-    # Channels (vessel window on a bone-stripped volume, bone window), slabs, rows, columns:
-    # processors.preprocessing.LVO_INPUT_SHAPE. Triton rejects any other shape.
-    dims: [ {dims} ]
-  }}
-]
-output [
-  {{
-    name: "probability"
-    data_type: TYPE_FP32
-    # P(large-vessel occlusion), sigmoid applied in the model. Same name as every radtriage
-    # model's main output, so a client that reads only "probability" works unchanged.
-    dims: [ 1 ]
-  }},
-  {{
-    name: "side_left_probability"
-    data_type: TYPE_FP32
-    # P(the occlusion is on the patient's left | there is one); 1 - this is P(right).
-    # Meaningless for a study below the threshold.
-    dims: [ 1 ]
-  }}
-]
-"""
+    training.report(r, metrics, "phantoms", f", side accuracy {metrics['side_accuracy']}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import DenseNet
 
+from models.network_parts import pooled_with_map
+
 CATEGORIES = 6  # BI-RADS 0..5
 INIT_FEATURES = 16
 GROWTH_RATE = 12
@@ -87,15 +89,7 @@ class MammoViewNet(torch.nn.Module):
         """(N, 1, H, W) views -> (N, 6) logits and (N, 1, H/32, W/32) lesion-map logits."""
         f = torch.relu(self.features(torch.cat([view, self.high_pass(view)], dim=1)))
         lesion = self.lesion_map(f)
-        pooled = torch.cat(
-            [
-                self.dropout(torch.mean(f, dim=(2, 3))),
-                self.dropout(torch.amax(f, dim=(2, 3))),
-                torch.amax(lesion, dim=(2, 3)),
-            ],
-            dim=1,
-        )
-        return self.head(pooled), lesion
+        return self.head(pooled_with_map(f, lesion, self.dropout)), lesion
 
     def forward(self, view: torch.Tensor) -> torch.Tensor:
         return self.forward_with_map(view)[0]

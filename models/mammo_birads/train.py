@@ -27,7 +27,6 @@ Writes `model.pt` (TorchScript of `MammoServed`), `config.pbtxt`, `configs/gpu.p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,23 +46,15 @@ from models.mammo_birads.net import (
 )
 from models.mammo_birads.phantoms import mammo_study_phantom, mammo_view_phantom
 from models.mammo_birads.spec import SPEC
-from models.operating_point import (
-    auc,
-)
-from models.serving import write_triton_configs
-from models.training import console
 from processors.birads import assess
 from processors.preprocessing import MAMMO_INPUT_SHAPE, MAMMO_VIEW_SHAPE, preprocess_mammo_view
 from schemas.findings import SUSPICIOUS_CATEGORIES as SUSPICIOUS
 
-MODEL_NAME = SPEC.name
-DEFAULT_OUT = training.out_dir(SPEC)
-DEFAULT_METRICS = training.metrics_path(SPEC)
-DISPLAY_NAME = "radtriage reference mammography BI-RADS triage (synthetic phantoms, not for clinical use)"
 MAP_SHAPE = tuple(n // MAP_STRIDE for n in MAMMO_VIEW_SHAPE)
 MAP_POS_WEIGHT = 5.0  # a lesion fills a few per cent of the map
 DRAWN = tuple(range(CATEGORIES))  # the categories the phantoms draw (6 is clinical)
 VIEW_NAMES = (("R", "CC"), ("R", "MLO"), ("L", "CC"), ("L", "MLO"))
+DEFAULTS = training.Defaults(train=2400, val=204, test=240, epochs=16, batch=16, lr=3e-3)
 
 
 @dataclass
@@ -111,8 +102,7 @@ def make_views(n: int, seed: int, progress: Progress, workers: int) -> ViewSet:
     xs = torch.empty((n, 1, *MAMMO_VIEW_SHAPE), dtype=torch.float16)
     ys = torch.zeros(n, dtype=torch.long)
     lesion = torch.zeros((n, 1, *MAP_SHAPE), dtype=torch.float16)
-    jobs = [(seed, i) for i in range(n)]
-    views = training.phantoms(_view, jobs, workers, progress, "training views", chunksize=8)
+    views = training.phantoms(_view, n, seed, workers, progress, "training views", chunksize=8)
     for i, (x, m, y) in enumerate(views):
         xs[i, 0] = torch.from_numpy(x)
         lesion[i, 0] = torch.from_numpy(m)
@@ -125,9 +115,8 @@ def make_studies(n: int, seed: int, progress: Progress, label: str, workers: int
     cats = np.zeros(n, dtype=int)
     sides: list[str | None] = []
     kinds: list[str] = []
-    jobs = [(seed, i) for i in range(n)]
     for i, (x, c, side, kind) in enumerate(
-        training.phantoms(_study, jobs, workers, progress, f"{label} studies")
+        training.phantoms(_study, n, seed, workers, progress, f"{label} studies")
     ):
         xs[i] = torch.from_numpy(x)
         cats[i] = c
@@ -138,14 +127,8 @@ def make_studies(n: int, seed: int, progress: Progress, label: str, workers: int
 
 def predict_studies(model: torch.nn.Module, x: torch.Tensor, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The served outputs for each study: P(4 or 5) (n,) and per-view P(0..5) (n, 4, 6)."""
-    served = MammoServed(model).eval()
-    probs, views = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            p, v = served(x[i : i + batch].float())
-            probs.append(p.reshape(-1))
-            views.append(v)
-    return torch.cat(probs).numpy().astype(np.float64), torch.cat(views).numpy().astype(np.float64)
+    probs, views = training.outputs(MammoServed(model), x, batch)
+    return probs.reshape(-1).numpy().astype(np.float64), views.numpy().astype(np.float64)
 
 
 def view_accuracy(model: torch.nn.Module, data: ViewSet, batch: int = 32) -> float:
@@ -192,42 +175,14 @@ def study_results(
     }
 
 
-def write_configs(model_dir: Path, threshold: float, version: str, rule: str) -> list[Path]:
-    """config.pbtxt (KIND_CPU) and configs/gpu.pbtxt (KIND_GPU) from TRITON_CONFIG."""
-    return write_triton_configs(
-        model_dir,
-        template=TRITON_CONFIG,
-        input_shape=MAMMO_INPUT_SHAPE,
-        threshold=threshold,
-        version=version,
-        rule=rule,
-        display=DISPLAY_NAME,
-        finding=SPEC.finding,
-    )
-
-
-def write_configs_only(out: Path = DEFAULT_OUT, metrics_path: Path = DEFAULT_METRICS) -> list[Path]:
-    """The Triton configs of the committed model, without training (`--configs-only`)."""
-    return training.committed_configs(write_configs, out, metrics_path)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = training.arguments(
-        __doc__,
-        SPEC,
-        train=2400,
-        val=204,
-        test=240,
-        epochs=16,
-        batch=16,
-        lr=3e-3,
-        train_help="training views (categories 0-5 balanced)",
-        eval_unit="studies",
+        __doc__, SPEC, DEFAULTS, train_help="training views (categories 0-5 balanced)", eval_unit="studies"
     )
     ap.add_argument("--map-weight", type=float, default=1.0, help="weight of the lesion-map loss (0 = off)")
     ap.add_argument("--flag-weight", type=float, default=1.0, help="weight of the BI-RADS 4/5 loss (0 = off)")
     args = ap.parse_args(argv)
-    if training.configs_only(ap, args, write_configs_only, eval_unit="studies"):
+    if training.configs_only(ap, args, SPEC, eval_unit="studies"):
         return
 
     with training.run(args) as r:
@@ -243,13 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         val_y = np.isin(val.category, SUSPICIOUS).astype(int)
 
         def loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
-            xb = train.x[idx].float()
-            # Exposure and processing vary: a random gamma and contrast per image. No
-            # flips: every view is normalised chest wall left (processors/mammogram.py);
-            # an up-down flip keeps that and is what a CC of the other breast looks like.
-            gamma = torch.exp(0.25 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5) * 2)
-            contrast = 1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)
-            xb = torch.clamp(xb.clamp(min=1e-6) ** gamma * contrast, 0.0, 1.0)
+            # No left-right flips: every view is normalised chest wall left
+            # (processors/mammogram.py); an up-down flip keeps that and is what a CC of the
+            # other breast looks like.
+            xb = training.vary_exposure(train.x[idx].float(), gen)
             lb = train.lesion[idx].float()
             flip = torch.rand(len(idx), generator=gen) < 0.5
             xb[flip] = torch.flip(xb[flip], dims=(2,))
@@ -266,38 +218,24 @@ def main(argv: list[str] | None = None) -> None:
             )
             return total, len(idx)
 
-        def after_epoch(epoch: int, train_loss: float) -> dict[str, float]:
-            val_scores, _ = predict_studies(model, val.x)
-            val_auc = auc(val_scores, val_y)
-            console.log(
-                f"epoch {epoch}: train loss {train_loss:.4f}, validation AUC (BI-RADS 4/5) {val_auc:.4f}"
-            )
-            return {"epoch": epoch, "train_loss": round(train_loss, 5), "val_auc": round(val_auc, 5)}
-
-        training.fit(
-            r,
-            model,
-            steps_per_epoch=-(-args.train // args.batch),
-            batches=lambda: training.index_batches(args.train, args.batch, gen),
-            loss=loss,
-            after_epoch=after_epoch,
-            items_per_epoch=args.train,
+        validation = training.auc_epoch(
+            lambda: predict_studies(model, val.x)[0], val_y, "validation AUC (BI-RADS 4/5)"
         )
+        training.fit_indexed(r, model, gen, loss, validation)
 
     val_scores, val_views = predict_studies(model, val.x)
     chosen = training.threshold(val_scores, val_y)
     test_scores, test_views = predict_studies(model, test.x)
     test_y = np.isin(test.category, SUSPICIOUS).astype(int)
-    path, configs = training.export(r, MammoServed(model), MAMMO_INPUT_SHAPE, chosen, write_configs)
-    metrics = training.record(
+    metrics = training.finish(
         r,
         SPEC,
+        MammoServed(model),
+        MAMMO_INPUT_SHAPE,
         chosen=chosen,
         val=(val_scores, val_y),
         test=(test_scores, test_y),
         model=model,
-        weights=path,
-        input_shape=MAMMO_INPUT_SHAPE,
         results={
             **study_results(test_scores, test_views, test, chosen),
             "val_category_accuracy": study_results(val_scores, val_views, val, chosen)["category_accuracy"],
@@ -318,45 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             "aux_flag_weight": args.flag_weight,
         },
     )
-    training.report(
-        metrics, "studies", f", category accuracy {metrics['category_accuracy']}", path, configs, args.metrics
-    )
-
-
-TRITON_CONFIG = """\
-# GENERATED by models/mammo_birads/train.py (it also writes the weights in 1/); edit the template there.
-# Reference mammography (MG) BI-RADS triage model, trained on synthetic phantoms: NOT for clinical use.
-# Served by the Python backend (1/model.py + TorchScript 1/{weights}).{variant_note}
-name: "{name}"
-backend: "python"
-max_batch_size: {max_batch}
-
-input [
-  {{
-    name: "volume"
-    data_type: TYPE_FP32
-    # One screening series: the views RCC, RMLO, LCC, LMLO (zeros for a view it lacks),
-    # rows, columns (processors.preprocessing.MAMMO_INPUT_SHAPE). Named "volume" like every
-    # radtriage model's input, so the client needs no per-model name.
-    dims: [ {dims} ]
-  }}
-]
-output [
-  {{
-    name: "probability"
-    data_type: TYPE_FP32
-    # P(BI-RADS 4 or 5: suspicious), the largest over the views present.
-    dims: [ 1 ]
-  }},
-  {{
-    name: "birads_probabilities"
-    data_type: TYPE_FP32
-    # Per view (RCC, RMLO, LCC, LMLO), P(BI-RADS 0..5); a row of zeros is an absent view.
-    # processors/birads.py turns them into the suggested category.
-    dims: [ 4, 6 ]
-  }}
-]
-"""
+    training.report(r, metrics, "studies", f", category accuracy {metrics['category_accuracy']}")
 
 
 if __name__ == "__main__":

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Unpack
 
 import numpy as np
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    DigitalMammographyXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation
 
+from models.dicom_writer import Identity, one_series, part10
 from models.mammo_birads.phantoms import BITS_STORED, MAX_VALUE, VIEWS, MammoStudy, MammoView
+from models.radiograph_writer import check_photometric, code_item, set_radiograph_pixels, stored_pixels
 
+SERIES_DESCRIPTION = "MAMMO SCREENING BILATERAL"
 # PatientOrientation (row direction, column direction) of the stored image, by view key.
 ORIENTATION: dict[str, tuple[str, str]] = {
     "RCC": ("P", "L"),
@@ -42,14 +40,6 @@ ORIENTATION: dict[str, tuple[str, str]] = {
     "LMLO": ("A", "FR"),
 }
 VIEW_CODES = {"CC": codes.CID4014.CranioCaudal, "MLO": codes.CID4014.MedioLateralObliqueProjection}
-
-
-def _code(code: object) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value  # type: ignore[attr-defined]
-    item.CodingSchemeDesignator = code.scheme_designator  # type: ignore[attr-defined]
-    item.CodeMeaning = code.meaning  # type: ignore[attr-defined]
-    return item
 
 
 def _check_view(view: MammoView) -> None:
@@ -71,69 +61,39 @@ def write_mammogram_view(
     out_dir: Path,
     *,
     instance_number: int,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    accession: str = "",
-    patient_id: str = "",
-    patient_name: str = "",
-    patient_birth_date: str = "",
-    series_description: str = "MAMMO SCREENING BILATERAL",
-    study_description: str | None = None,
     photometric: str = "MONOCHROME2",
-    institution: str = "radtriage synthetic",
+    **identity: Unpack[Identity],
 ) -> Path:
-    """Write one view as `MG{instance_number:04d}.dcm` in `out_dir`; returns its path."""
+    """Write one view as `MG{instance_number:04d}.dcm` in `out_dir`; returns its path. Series
+    description by default SERIES_DESCRIPTION."""
     _check_view(view)
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
+    check_photometric(photometric)
     if isinstance(instance_number, bool) or not isinstance(instance_number, int) or instance_number < 1:
         raise ValueError(f"instance_number must be a positive integer, got {instance_number!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     key = view.laterality + view.view
-    stored = np.asarray(view.pixels, dtype=np.uint16)
-    if view.laterality == "R":
-        stored = stored[:, ::-1]  # as stored by real systems: the nipple points left
-    if photometric == "MONOCHROME1":
-        stored = (MAX_VALUE - stored).astype(np.uint16)
-    sop_class = DigitalMammographyXRayImageStorageForPresentation
-    sop_uid = generate_uid()
+    # As stored by real systems: a right breast's nipple points left.
+    stored = stored_pixels(view.pixels, photometric, MAX_VALUE, mirrored=view.laterality == "R")
     now = datetime.now(UTC)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     path = out_dir / f"MG{instance_number:04d}.dcm"
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = "MG"
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.Manufacturer = "radtriage"
-    ds.ManufacturerModelName = "synthetic phantom"
-    ds.InstitutionName = institution
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = patient_birth_date
+    ds = part10(
+        path,
+        DigitalMammographyXRayImageStorageForPresentation,
+        "MG",
+        identity,
+        series_description=SERIES_DESCRIPTION,
+        now=now,
+    )
+    ds.AcquisitionDate, ds.AcquisitionTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.PatientSex = "F"
-    ds.AccessionNumber = accession
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = accession[-16:] if accession else "1"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = now.strftime("%H%M%S")
-    ds.StudyDescription = study_description or series_description
-    ds.SeriesDescription = series_description
-    ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
     ds.BodyPartExamined = "BREAST"
     ds.ImageLaterality = view.laterality  # the MG attribute; series Laterality stays unset
     ds.ViewPosition = view.view
     ds.PatientOrientation = list(ORIENTATION[key])
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.AnatomicRegionSequence = [_code(codes.CID4013.Breast)]
-    view_code = _code(VIEW_CODES[view.view])
+    ds.AnatomicRegionSequence = [code_item(codes.CID4013.Breast)]
+    view_code = code_item(VIEW_CODES[view.view])
     view_code.ViewModifierCodeSequence = []
     ds.ViewCodeSequence = [view_code]
     ds.PresentationIntentType = "FOR PRESENTATION"
@@ -148,27 +108,10 @@ def write_mammogram_view(
     ds.CompressionForce = "110"
     ds.AnodeTargetMaterial = "TUNGSTEN"
     ds.FilterMaterial = ["RHODIUM"]
-    ds.ImagerPixelSpacing = [f"{float(view.pixel_mm[0]):.6f}", f"{float(view.pixel_mm[1]):.6f}"]
-    # At the breast the magnification would differ; the phantom has none.
-    ds.PixelSpacing = list(ds.ImagerPixelSpacing)
-    ds.EstimatedRadiographicMagnificationFactor = "1.0"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = BITS_STORED
-    ds.HighBit = BITS_STORED - 1
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = "0"
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "US"
-    ds.WindowCenter, ds.WindowWidth = str(MAX_VALUE // 2), str(MAX_VALUE)
+    set_radiograph_pixels(ds, stored, view.pixel_mm, photometric, BITS_STORED)
     ds.PixelIntensityRelationship = "LOG"
     ds.PixelIntensityRelationshipSign = 1
     ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
-    ds.PixelData = np.ascontiguousarray(stored).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -177,38 +120,15 @@ def write_mammogram_study(
     study: MammoStudy,
     out_dir: Path,
     *,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    accession: str = "",
-    patient_id: str = "",
-    patient_name: str = "",
-    patient_birth_date: str = "",
-    series_description: str = "MAMMO SCREENING BILATERAL",
-    study_description: str | None = None,
     photometric: str = "MONOCHROME2",
-    institution: str = "radtriage synthetic",
+    **identity: Unpack[Identity],
 ) -> list[Path]:
     """Write the study's four views as one series (MG0001..MG0004.dcm, VIEWS order)."""
     keys = [v.laterality + v.view for v in study.views]
     if keys != list(VIEWS):
         raise ValueError(f"a study holds the views {list(VIEWS)} in that order, got {keys}")
-    study_uid = study_uid or generate_uid()
-    series_uid = series_uid or generate_uid()
+    series = one_series(identity)
     return [
-        write_mammogram_view(
-            view,
-            out_dir,
-            instance_number=k,
-            study_uid=study_uid,
-            series_uid=series_uid,
-            accession=accession,
-            patient_id=patient_id,
-            patient_name=patient_name,
-            patient_birth_date=patient_birth_date,
-            series_description=series_description,
-            study_description=study_description,
-            photometric=photometric,
-            institution=institution,
-        )
+        write_mammogram_view(view, out_dir, instance_number=k, photometric=photometric, **series)
         for k, view in enumerate(study.views, start=1)
     ]

@@ -36,7 +36,7 @@ def sixth_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTrit
     mp = pytest.MonkeyPatch()
     mp.setenv(registry.EXTRA_SPECS_ENV, "tests.sixth_model.spec")
     registry.reload()
-    from tests.sixth_model.net import TRITON_CONFIG, PeNet
+    from tests.sixth_model.net import PeNet
     from tests.sixth_model.spec import SPEC
 
     repository = tmp_path_factory.mktemp("sixth-repository")
@@ -44,13 +44,11 @@ def sixth_triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTrit
     serving.export_torchscript(PeNet(), GRID, version)
     serving.write_triton_configs(
         version.parent,
-        template=TRITON_CONFIG,
-        input_shape=GRID,
+        SPEC,
         threshold=0.5,
         version=SPEC.version,
         rule="test",
-        display="radtriage test model (not for clinical use)",
-        finding=SPEC.finding,
+        spec_file="tests/sixth_model/spec.py",
     )
     server = LocalTriton(
         repository,

@@ -1,8 +1,8 @@
 """Every served model's two Triton configs and its model.py.
 
 config.pbtxt (KIND_CPU, the local stack) and configs/gpu.pbtxt (KIND_GPU, a production
-server started with `--model-config-name=gpu`) are generated from one template per model
-by models/serving.py; here they are parsed as Triton's own ModelConfig protobuf (the
+server started with `--model-config-name=gpu`) are generated from each model's spec
+(`SPEC.serving`) by models/serving.py; here they are parsed as Triton's own ModelConfig protobuf (the
 model_config_pb2 tritonclient ships) and must be the same config but for the instance
 kind. The Python-backend model.py is one file (deploy/triton/python_backend/model.py), of
 which every model's version directory gets a generated copy (models/backend.py), never
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from tritonclient.grpc import model_config_pb2
 
-from models import backend
-from models.serving import BACKEND_SOURCE, install_backend, parse_config
+from models import backend, registry, training
+from models.serving import BACKEND_SOURCE, check_served, install_backend, parse_config
+from models.spec import Tensor
 from radtriage.settings import REPO_ROOT
 
 REPOSITORY = REPO_ROOT / "deploy" / "triton" / "model_repository"
@@ -82,16 +85,40 @@ def test_an_export_installs_the_backend_next_to_the_weights(tmp_path: Path) -> N
     assert install_backend(out).read_text() == backend.generated()
 
 
-@pytest.mark.parametrize("script", ["ich_classifier.train", "lvo_detector.train", "cxr_triage.train"])
-def test_the_committed_configs_are_what_their_training_script_generates(script: str, tmp_path: Path) -> None:
-    """The committed files are the template's output (`python -m models.<script> --configs-only`)."""
-    import importlib
-
-    module = importlib.import_module(f"models.{script}")
-    model = module.DEFAULT_OUT.parent.name
+@pytest.mark.parametrize("model", MODELS)
+def test_the_committed_configs_are_what_their_spec_generates(model: str, tmp_path: Path) -> None:
+    """The committed files are what `python -m models.<model>.train --configs-only` writes:
+    SPEC.serving through models/serving.py, with the committed run's threshold and version."""
+    spec = registry.get(model)
     out = tmp_path / model / "1"
-    written = module.write_configs_only(out)
+    written = training.committed_configs(spec, out, training.metrics_path(spec))
     assert [p.relative_to(out.parent) for p in written] == [Path("config.pbtxt"), Path("configs/gpu.pbtxt")]
     for path in written:
         committed = REPOSITORY / model / path.relative_to(out.parent)
         assert path.read_text() == committed.read_text(), committed
+    config = parse_config(written[0].read_text())
+    served = spec.serving
+    assert served is not None
+    assert [(t.name, tuple(t.dims)) for t in config.input] == [(served.input.name, served.input.dims)]
+    assert [(t.name, tuple(t.dims)) for t in config.output] == [(o.name, o.dims) for o in served.outputs]
+
+
+def test_a_served_module_that_is_not_its_spec_is_refused() -> None:
+    spec = registry.get("lvo_detector")
+    assert spec.serving is not None
+    shape = spec.serving.input.dims
+    one = torch.zeros((1, 1))
+    check_served(spec, shape, [one, one])
+    with pytest.raises(ValueError, match="outputs"):
+        check_served(spec, shape, [one])
+    with pytest.raises(ValueError, match="input"):
+        check_served(spec, (1, *shape), [one, one])
+
+
+def test_a_spec_names_its_input_volume_and_its_first_output_probability() -> None:
+    good = registry.get("cxr_triage")
+    assert good.serving is not None
+    with pytest.raises(ValueError, match="probability"):
+        replace(good, serving=replace(good.serving, outputs=(Tensor("x", (1,)), *good.serving.outputs)))
+    with pytest.raises(ValueError, match="volume"):
+        replace(good, serving=replace(good.serving, input=Tensor("image", (1, 256, 256))))
