@@ -8,6 +8,8 @@ an EHR can update instead of duplicating.
 
 from __future__ import annotations
 
+import base64
+import html
 import uuid
 from typing import Any
 
@@ -21,7 +23,9 @@ from schemas.findings import BiradsAssessment, Finding, LungNodule, SliceRange
 # Namespace for deterministic resource ids (uuid5).
 _ID_NAMESPACE = uuid.UUID("5b0c4a57-65c4-4c1e-9b1f-1c9f3f0d7a11")
 FINDING_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-finding"
-
+# The patient id's system when the order did not say who assigned it (EhrSettings).
+DEFAULT_PATIENT_ID_SYSTEM = "https://radtriage.dev/fhir/sid/patient-id"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 
 def _meaning(finding: Finding) -> tuple[str, tuple[str, str] | None]:
@@ -174,7 +178,7 @@ def series_text(finding: Finding) -> str:
 
 
 def report_status(finding: Finding) -> str:
-    """"amended" when the finding replaces an earlier one of the same study and model (the
+    """ "amended" when the finding replaces an earlier one of the same study and model (the
     same report id, a better series read), else "preliminary": never "final", no human
     has read it."""
     return "amended" if finding.amends_request_id else "preliminary"
@@ -193,7 +197,54 @@ IMAGING_CATEGORY: list[dict[str, Any]] = [
 ]
 
 
-def _observation_base(finding: Finding, observation_id: str) -> dict[str, Any]:
+def _xhtml(*paragraphs: str) -> dict[str, str]:
+    """A generated narrative (Resource.text): escaped paragraphs in an XHTML div, so
+    systems that only render text show something and dom-6 is met."""
+    body = "".join(f"<p>{html.escape(p, quote=False)}</p>" for p in paragraphs)
+    return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{body}</div>'}
+
+
+def subject(finding: Finding, default_system: str) -> dict[str, Any] | None:
+    """The patient by identifier: the order's assigning authority as its system (FHIR
+    identifier.system, or PID-3.4's universal id), else the configured default."""
+    if not finding.patient_id:
+        return None
+    order = finding.order
+    identifier: dict[str, Any] = {
+        "type": {"coding": [{"system": V2_0203, "code": "MR", "display": "Medical record number"}]},
+        "system": (order.patient_id_system if order is not None else "") or default_system,
+        "value": finding.patient_id,
+    }
+    if order is not None and order.patient_id_authority:
+        identifier["assigner"] = {"display": order.patient_id_authority}
+    return {"type": "Patient", "identifier": identifier}
+
+
+def device_id(finding: Finding) -> str:
+    return str(uuid.uuid5(_ID_NAMESPACE, f"device/{finding.model_name}/{finding.model_version}"))
+
+
+def model_label(finding: Finding) -> str:
+    return f"{finding.model_name} version {finding.model_version}"
+
+
+def build_device(finding: Finding) -> dict[str, Any]:
+    """The model that made the finding, as a Device (name and version): what the
+    Observations name as their device (R4 allows no Device as a report's performer)."""
+    return {
+        "resourceType": "Device",
+        "id": device_id(finding),
+        "text": _xhtml(f"AI triage model {model_label(finding)} (radtriage, served by Triton)."),
+        "status": "active",
+        "deviceName": [{"name": finding.model_name, "type": "model-name"}],
+        "type": {"text": "AI triage model (software)"},
+        "version": [{"value": finding.model_version}],
+    }
+
+
+def _observation_base(
+    finding: Finding, observation_id: str, patient_id_system: str, narrative: str
+) -> dict[str, Any]:
     """What every Observation of a finding says the same way: status, category, time, the
     model (name and version) that made it, the study it is derived from, the patient."""
     body: dict[str, Any] = {
@@ -203,11 +254,12 @@ def _observation_base(finding: Finding, observation_id: str) -> dict[str, Any]:
         "category": IMAGING_CATEGORY,
         "effectiveDateTime": finding.inferred_at.isoformat(),
         "method": {"text": f"{finding.model_name} version {finding.model_version} (Triton)"},
-        "device": {"display": f"{finding.model_name} version {finding.model_version}"},
+        "device": {"reference": f"urn:uuid:{device_id(finding)}", "display": model_label(finding)},
         "derivedFrom": [{"type": "ImagingStudy", "identifier": _uid_identifier(finding.study_uid)}],
     }
-    if finding.patient_id:
-        body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
+    if (who := subject(finding, patient_id_system)) is not None:
+        body["subject"] = who
+    body["text"] = _xhtml(narrative, f"Status {body['status']}; {model_label(finding)}.")
     return body
 
 
@@ -219,14 +271,23 @@ def _mm(value: float) -> dict[str, Any]:
     return {"value": value, "unit": "mm", "system": UCUM, "code": "mm"}
 
 
-def build_observation(finding: Finding, observation_id: str) -> Observation:
+def build_observation(
+    finding: Finding, observation_id: str, patient_id_system: str = DEFAULT_PATIENT_ID_SYSTEM
+) -> Observation:
     words, snomed = _meaning(finding)
     coding: list[dict[str, str]] = [
         {"system": FINDING_SYSTEM, "code": finding.finding, "display": f"AI triage: {words}"}
     ]
     if snomed is not None:
         coding.append({"system": SNOMED, "code": snomed[0], "display": snomed[1]})
-    body = _observation_base(finding, observation_id)
+    said = "positive" if finding.positive else "negative"
+    body = _observation_base(
+        finding,
+        observation_id,
+        patient_id_system,
+        f"Probability of {words} (AI triage): {finding.probability:.2f}, {said} at the alert "
+        f"threshold {finding.threshold:.2f}. {series_text(finding)}.",
+    )
     body |= {
         "code": {"coding": coding, "text": f"Probability of {words} (AI triage)"},
         "valueQuantity": _probability(finding.probability),
@@ -366,7 +427,9 @@ def nodule_observation_ids(finding: Finding) -> list[str]:
     return [str(uuid.uuid5(_ID_NAMESPACE, f"{base}/{i}")) for i in range(len(finding.nodules or ()))]
 
 
-def build_nodule_observations(finding: Finding) -> list[Observation]:
+def build_nodule_observations(
+    finding: Finding, patient_id_system: str = DEFAULT_PATIENT_ID_SYSTEM
+) -> list[Observation]:
     """One Observation per nodule (likeliest first): the nodule (coded), its diameter as
     the value, its lung as bodySite, its centre in DICOM patient coordinates and the
     model's probability as components. Members of the finding's Observation."""
@@ -375,7 +438,14 @@ def build_nodule_observations(finding: Finding) -> list[Observation]:
         zip(finding.nodules or (), nodule_observation_ids(finding), strict=True), start=1
     ):
         snomed, display = LUNGS[n.lung]
-        body = _observation_base(finding, observation_id)
+        body = _observation_base(
+            finding,
+            observation_id,
+            patient_id_system,
+            f"AI nodule candidate {rank}: {n.diameter_mm:.1f} mm, {n.lung} lung, centre "
+            + ", ".join(f"{c:.1f}" for c in n.centre_lps_mm)
+            + f" mm (DICOM patient LPS), probability {n.probability:.2f}.",
+        )
         centre = [
             {
                 "code": {
@@ -470,31 +540,89 @@ def birads_components(finding: Finding) -> list[dict[str, Any]]:
     return out
 
 
-def build_report(finding: Finding, report_id: str, observation_id: str) -> DiagnosticReport:
-    words, snomed = _meaning(finding)
+RADIOLOGY_CATEGORY: list[dict[str, Any]] = [
+    {
+        "coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
+        ]
+    },
+    # US Core's DiagnosticReport for Report and Note names radiology by this LOINC part.
+    {"coding": [{"system": "http://loinc.org", "code": "LP29684-5", "display": "Radiology"}]},
+]
+
+
+def _typed(code: str, display: str, value: str) -> dict[str, Any]:
+    return {"type": {"coding": [{"system": V2_0203, "code": code, "display": display}]}, "value": value}
+
+
+def based_on(finding: Finding) -> list[dict[str, Any]]:
+    """The order the report answers, by identifier (its ServiceRequest is the EHR's): the
+    placer order number, else the filler's, else the accession number (HL7 v2-to-FHIR:
+    OBR-2 -> basedOn ServiceRequest.identifier PLAC, OBR-3 -> the report's FILL)."""
+    order = finding.order
+    if order is not None and order.placer_order_number:
+        ident = _typed("PLAC", "Placer Identifier", order.placer_order_number)
+    elif order is not None and order.filler_order_number:
+        ident = _typed("FILL", "Filler Identifier", order.filler_order_number)
+    elif finding.accession_number:
+        ident = _typed("ACSN", "Accession ID", finding.accession_number)
+    else:
+        return []
+    return [{"type": "ServiceRequest", "identifier": ident}]
+
+
+def report_title(finding: Finding) -> str:
+    words, _ = _meaning(finding)
+    return f"AI triage for {words}"
+
+
+def plain_text_report(finding: Finding) -> str:
+    """The report as a document (presentedForm) for systems that only show documents."""
+    order = finding.order
+    lines = [
+        f"{report_title(finding).upper()} ({report_status(finding).upper()})",
+        f"Patient id: {finding.patient_id or 'not stated'}",
+        f"Accession number: {finding.accession_number or 'not stated'}",
+    ]
+    if order is not None and order.placer_order_number:
+        lines.append(f"Placer order number: {order.placer_order_number}")
+    if order is not None and order.filler_order_number:
+        lines.append(f"Filler order number: {order.filler_order_number}")
+    lines += [
+        f"Study Instance UID: {finding.study_uid}",
+        f"Model: {model_label(finding)}",
+        f"Read at: {finding.inferred_at.isoformat()}",
+        "",
+        conclusion_text(finding),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(
+    finding: Finding,
+    report_id: str,
+    observation_id: str,
+    patient_id_system: str = DEFAULT_PATIENT_ID_SYSTEM,
+) -> DiagnosticReport:
+    _, snomed = _meaning(finding)
+    conclusion = conclusion_text(finding)
+    status = report_status(finding)
+    document = plain_text_report(finding)
     body: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id,
+        "text": _xhtml(f"{report_title(finding)} ({status}).", conclusion),
         "identifier": [
             {"system": "urn:dicom:uid", "value": f"urn:oid:{finding.study_uid}"},
         ],
-        "status": report_status(finding),
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
-                        "code": "RAD",
-                        "display": "Radiology",
-                    }
-                ]
-            }
-        ],
+        "basedOn": based_on(finding) or None,
+        "status": status,
+        "category": RADIOLOGY_CATEGORY,
         "code": {
             "coding": [
                 {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
             ],
-            "text": f"AI triage for {words}",
+            "text": report_title(finding),
         },
         "effectiveDateTime": finding.ready_at.isoformat(),
         "issued": finding.inferred_at.isoformat(),
@@ -502,36 +630,47 @@ def build_report(finding: Finding, report_id: str, observation_id: str) -> Diagn
         "result": [
             {"reference": f"urn:uuid:{i}"} for i in (observation_id, *nodule_observation_ids(finding))
         ],
-        "conclusion": conclusion_text(finding),
+        "conclusion": conclusion,
+        "presentedForm": [
+            {
+                "contentType": "text/plain",
+                "language": "en",
+                "data": base64.b64encode(document.encode("utf-8")).decode("ascii"),
+                "title": report_title(finding),
+                "creation": finding.inferred_at.isoformat(),
+            }
+        ],
     }
     if finding.accession_number:
-        body["identifier"].append(
-            {
-                "type": {
-                    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]
-                },
-                "value": finding.accession_number,
-            }
-        )
-    if finding.patient_id:
-        body["subject"] = {"type": "Patient", "identifier": {"value": finding.patient_id}}
+        body["identifier"].append(_typed("ACSN", "Accession ID", finding.accession_number))
+    if finding.order is not None and finding.order.filler_order_number:
+        body["identifier"].append(_typed("FILL", "Filler Identifier", finding.order.filler_order_number))
+    if (who := subject(finding, patient_id_system)) is not None:
+        body["subject"] = who
     if finding.birads is not None:
         # A BI-RADS category is the conclusion whatever it is (1 and 2 are results too).
         body["conclusionCode"] = [_birads_concept(finding.birads.category)]
     elif finding.positive and snomed is not None:
         body["conclusionCode"] = [{"coding": [{"system": SNOMED, "code": snomed[0], "display": snomed[1]}]}]
-    return DiagnosticReport.model_validate(body)
+    return DiagnosticReport.model_validate({k: v for k, v in body.items() if v is not None})
 
 
-def build_result_bundle(finding: Finding) -> dict[str, Any]:
+def _entry(resource: dict[str, Any]) -> dict[str, Any]:
+    return {"fullUrl": f"urn:uuid:{resource['id']}", "resource": resource}
+
+
+def build_result_bundle(
+    finding: Finding, patient_id_system: str = DEFAULT_PATIENT_ID_SYSTEM
+) -> dict[str, Any]:
     """A `collection` Bundle: the DiagnosticReport first, then its Observation, then one
-    Observation per nodule of a nodule finding (FHIR JSON)."""
+    Observation per nodule of a nodule finding, then the model as a Device (FHIR JSON).
+    `patient_id_system`: the patient id's system when the order gave none."""
     report_id, observation_id = resource_ids(finding)
-    observation = build_observation(finding, observation_id)
-    report = build_report(finding, report_id, observation_id)
-    nodules = [
-        {"fullUrl": f"urn:uuid:{o.id}", "resource": o.model_dump(mode="json", exclude_none=True)}
-        for o in build_nodule_observations(finding)
+    observation = build_observation(finding, observation_id, patient_id_system)
+    report = build_report(finding, report_id, observation_id, patient_id_system)
+    resources = [
+        r.model_dump(mode="json", exclude_none=True)
+        for r in (report, observation, *build_nodule_observations(finding, patient_id_system))
     ]
     bundle = Bundle.model_validate(
         {
@@ -539,17 +678,7 @@ def build_result_bundle(finding: Finding) -> dict[str, Any]:
             "id": str(uuid.uuid5(_ID_NAMESPACE, f"{finding.study_uid}/{finding.finding}/bundle")),
             "type": "collection",
             "timestamp": finding.inferred_at.isoformat(),
-            "entry": [
-                {
-                    "fullUrl": f"urn:uuid:{report_id}",
-                    "resource": report.model_dump(mode="json", exclude_none=True),
-                },
-                {
-                    "fullUrl": f"urn:uuid:{observation_id}",
-                    "resource": observation.model_dump(mode="json", exclude_none=True),
-                },
-                *nodules,
-            ],
+            "entry": [*(_entry(r) for r in resources), _entry(build_device(finding))],
         }
     )
     out: dict[str, Any] = bundle.model_dump(mode="json", exclude_none=True)

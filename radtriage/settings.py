@@ -382,6 +382,54 @@ class Hl7Settings(BaseModel):
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
 
+class ClientTlsSettings(BaseModel):
+    """Client-side TLS of an outbound connection (radtriage/tls.py `client_context`): the
+    peer's certificate is checked against `ca_file` (else the system's CAs) and its name;
+    `cert_file`/`key_file` present ours when the peer asks (mutual TLS)."""
+
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # The name the peer's certificate must carry; None: the host connected to.
+    server_hostname: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file are set together or not at all")
+        return self
+
+
+class EhrHl7Settings(BaseModel):
+    """Where results go as HL7 v2 ORU^R01 over MLLP (streams/stages/ehr_hl7.py)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
+    # MSH-3 / MSH-4 (ours) and MSH-5 / MSH-6 (theirs): HD namespace ids.
+    sending_application: str = "RADTRIAGE"
+    sending_facility: str = "RADTRIAGE"
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    # How long one attempt waits for the ACK, and how long a report is retried (with
+    # backoff) before it is dead-lettered as undeliverable.
+    ack_timeout_s: float = Field(default=10.0, gt=0)
+    deadline_s: float = Field(default=600.0, gt=0)
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+
+
+class EhrSettings(BaseModel):
+    """Results to the EHR and RIS (docs/ARCHITECTURE.md "Results to the EHR")."""
+
+    # The patient identifier's system in reports whose order did not say who assigned the
+    # id (no FHIR identifier.system, no PID-3.4 universal id): set it to the site's MRN system.
+    patient_id_system: str = "https://radtriage.dev/fhir/sid/patient-id"
+    # None: no HL7 endpoint, nothing is sent (env RADTRIAGE_EHR__HL7 as JSON).
+    hl7: EhrHl7Settings | None = None
+
+
 class HttpAuthSettings(BaseModel):
     """Who may use the HTTP port (connectors/http/auth.py). Off by default: the local stack."""
 
@@ -522,6 +570,7 @@ class Settings(BaseSettings):
     status: StatusSettings = Field(default_factory=StatusSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
+    ehr: EhrSettings = Field(default_factory=EhrSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -8,7 +8,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.base import Event, utcnow
-from schemas.requests import FindingCode, Lane, Laterality
+from schemas.requests import FindingCode, Lane, Laterality, OrderRef
 
 
 class SliceRange(BaseModel):
@@ -135,6 +135,9 @@ class Finding(Event):
     # after the study was first read; TriageRequest.amends_request_id). The report goes out
     # again under the same id with status "amended"; an alert already sent is not repeated.
     amends_request_id: str = ""
+    # Optional too: the study's order as its request knew it (TriageRequest.order), so the
+    # report can point to it and name the patient with an assigning authority.
+    order: OrderRef | None = None
 
     @model_validator(mode="after")
     def _nodules_agree_with_positive(self) -> Self:

@@ -41,6 +41,12 @@ class OrderEvent(Event):
     filler_order_number: str = ""
     # The MRN is an id routing needs (it joins ADT location); never a name.
     patient_id: str = ""
+    # Who assigned that id, so a result can name the patient unambiguously to an EHR:
+    # the FHIR identifier.system (a URI), or from HL7 PID-3.4 (HD) its universal id as a
+    # URI (ISO -> urn:oid:..., URI/UUID as such); "" when the sender does not say.
+    patient_id_system: str = Field(default="", max_length=256)
+    # PID-3.4.1, the assigning authority's namespace id (e.g. "HOSP"), echoed in the ORU.
+    patient_id_authority: str = Field(default="", max_length=64)
     # Set when the sender names the study (FHIR ImagingStudy, or an HL7 ZDS/IPC study UID).
     study_uid: str = ""
     procedure_code: str = ""

@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from models import registry
 from radtriage.settings import Lane
 from schemas.base import Event, utcnow
+from schemas.orders import OrderEvent
 
-__all__ = ["FindingCode", "Lane", "Laterality", "TriageRequest"]
+__all__ = ["FindingCode", "Lane", "Laterality", "OrderRef", "TriageRequest"]
 
 
 def _known_finding(code: str) -> str:
@@ -27,6 +28,28 @@ FindingCode = Annotated[str, AfterValidator(_known_finding)]
 # "none": the model reports sides but states none, because it found nothing above its
 # threshold; a finding of a model without a side output has no laterality at all (None).
 Laterality = Literal["left", "right", "none"]
+
+
+class OrderRef(BaseModel):
+    """What a result needs of the study's order to be filed against it by an EHR or RIS
+    (DiagnosticReport.basedOn, the ORU's ORC/OBR and PID-3): the order numbers and who
+    assigned the patient id. Ids only, never names (schemas/orders.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    patient_id_system: str = ""
+    patient_id_authority: str = ""
+
+    @classmethod
+    def of(cls, order: OrderEvent) -> OrderRef:
+        return cls(
+            placer_order_number=order.placer_order_number,
+            filler_order_number=order.filler_order_number,
+            patient_id_system=order.patient_id_system,
+            patient_id_authority=order.patient_id_authority,
+        )
 
 
 class TriageRequest(Event):
@@ -63,3 +86,6 @@ class TriageRequest(Event):
     # and rule used (streams/routing.py): that request's id. Its finding is amended (the
     # same report id, status "amended"), never alerted twice.
     amends_request_id: str = ""
+    # Optional (schema_version unchanged): the order known when the study was routed (or
+    # when a late order moved it up); None when no order had arrived by then.
+    order: OrderRef | None = None

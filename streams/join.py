@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.join import StudyContext
 from schemas.orders import OrderEvent, PatientClass
-from schemas.requests import Lane, TriageRequest
+from schemas.requests import Lane, OrderRef, TriageRequest
 from schemas.routing_rules import RoutingRules
 from streams.priority import LaneDecision, decide_lane, higher, merge_order
 from streams.routing import Route, build_request, request_id, route_study
@@ -121,6 +121,7 @@ def route_with_context(
                 "request_id": request_id(ctx.study.study_uid, route.rule.id, ctx.study.ready_at),
                 "lane_reason": decision.reason,
                 "amends_request_id": amends,
+                "order": OrderRef.of(order) if order is not None else None,
             }
         )
         dispatches.append(Dispatch(request, decision, "reread_better_series" if amends else "routed"))
@@ -196,6 +197,7 @@ def on_order(
                         "lane_reason": decision.reason,
                         "upgraded_from": request.lane,
                         "routed_at": now,
+                        "order": OrderRef.of(state.order),
                     }
                 )
                 study.requests[rule_id] = upgraded

@@ -104,6 +104,13 @@ def patient_id(subject: Any, where: str = "subject") -> str:
     return match.group(1) if match else ""
 
 
+def patient_id_system(subject: Any, where: str = "subject") -> str:
+    """The system (assigning authority) of the subject's identifier, when it has one."""
+    if subject is None or subject.identifier is None or not (subject.identifier.value or "").strip():
+        return ""
+    return _bounded(str(subject.identifier.system or ""), 256, f"{where}.identifier.system")
+
+
 def _first_coding(concept: Any, where: str) -> tuple[str, str, str]:
     """(code, system, text) of a CodeableConcept: its first coding with a code."""
     if concept is None:
@@ -153,6 +160,7 @@ def order_from_service_request(sr: Any, *, resource_id: str, where: str = "Servi
         placer_order_number=_bounded(next((p for p in placer if p), ""), ID_MAX, f"{where}.identifier"),
         filler_order_number=_bounded(next((f for f in filler if f), ""), ID_MAX, f"{where}.identifier"),
         patient_id=patient_id(sr.subject, f"{where}.subject"),
+        patient_id_system=patient_id_system(sr.subject, f"{where}.subject"),
         procedure_code=code,
         procedure_coding_system=system,
         procedure_text=text,
@@ -213,6 +221,7 @@ def order_from_imaging_study(study: Any, *, resource_id: str, where: str = "Imag
         source="fhir",
         source_message_id=resource_id,
         patient_id=patient_id(study.subject, f"{where}.subject"),
+        patient_id_system=patient_id_system(study.subject, f"{where}.subject"),
         study_uid=uid,
         procedure_code=code,
         procedure_coding_system=system,

@@ -192,6 +192,17 @@ class _Seg:
         value = parts[component - 1].split(self.header.subcomponent_sep)[0]
         return unescape(value, self.header).strip()
 
+    def sub(self, n: int, component: int, subcomponent: int, rep: int = 0) -> str:
+        """Subcomponent `subcomponent` (1-based) of a component, unescaped."""
+        reps = self.reps(n)
+        if rep >= len(reps):
+            return ""
+        parts = reps[rep].split(self.header.component_sep)
+        if component > len(parts):
+            return ""
+        subs = parts[component - 1].split(self.header.subcomponent_sep)
+        return unescape(subs[subcomponent - 1], self.header).strip() if subcomponent <= len(subs) else ""
+
     def loc(self, n: int, component: int | None = None) -> Location:
         return Location(self.name, self.sequence, n, component)
 
@@ -424,12 +435,28 @@ def _patient_class(segs: list[_Seg]) -> PatientClass:
     return _PATIENT_CLASS.get(pv1.comp(2, 1).upper(), "unknown") if pv1 is not None else "unknown"
 
 
+# HD universal id types (HL7 table 0301) whose id is, or names, a URI.
+_UNIVERSAL_ID_URI = {"ISO": "urn:oid:{}", "URI": "{}", "URL": "{}", "UUID": "urn:uuid:{}"}
+
+
+def _assigning_authority(pid: _Seg | None) -> tuple[str, str]:
+    """PID-3.4 (HD) of the patient id: its namespace id, and its universal id as a URI
+    when its type says what it is ("" otherwise: a local namespace is not a system)."""
+    if pid is None:
+        return "", ""
+    namespace = pid.sub(3, 4, 1)[:64]
+    universal, kind = pid.sub(3, 4, 2), pid.sub(3, 4, 3).upper()
+    system = _UNIVERSAL_ID_URI[kind].format(universal) if universal and kind in _UNIVERSAL_ID_URI else ""
+    return namespace, system[:256]
+
+
 def _orders(header: Header, segs: list[_Seg]) -> tuple[OrderEvent, ...]:
     orders = [o for o in _group_orders(segs) if o.obr is not None or o.orc is not None]
     if not orders:
         raise _Refusal(100, "no ORC/OBR order segments", Location("OBR"))
     pid = next((s for s in segs if s.name == "PID"), None)
     patient_id = _check_id(pid.comp(3, 1), "PID-3 patient id", pid.loc(3, 1)) if pid is not None else ""
+    authority, id_system = _assigning_authority(pid)
     patient_class = _patient_class(segs)
     events: list[OrderEvent] = []
     for index, order in enumerate(orders, start=1):
@@ -451,6 +478,8 @@ def _orders(header: Header, segs: list[_Seg]) -> tuple[OrderEvent, ...]:
                     placer_order_number=placer,
                     filler_order_number=filler,
                     patient_id=patient_id,
+                    patient_id_authority=authority,
+                    patient_id_system=id_system,
                     study_uid=_study_uid(ipc, order.zds),
                     procedure_code=code,
                     procedure_coding_system=system,

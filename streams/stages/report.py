@@ -41,7 +41,7 @@ def register(ctx: PipelineContext) -> None:
                 study_uid=finding.study_uid,
                 accession_number=finding.accession_number,
                 finding=finding.finding,
-                bundle=build_result_bundle(finding),
+                bundle=build_result_bundle(finding, ctx.settings.ehr.patient_id_system),
                 request_id=finding.request_id,
             )
             await publish(ctx.topics.results_fhir, finding.study_uid, result, headers_for_current_span())

@@ -121,7 +121,7 @@ def test_a_finding_whose_category_contradicts_its_flag_is_refused() -> None:
 def test_the_report_codes_the_category_in_snomed_and_names_breast_and_view() -> None:
     a = assess(_views(RCC=NEGATIVE, RMLO=NEGATIVE, LCC=SUSPICIOUS, LMLO=SUSPICIOUS), THRESHOLD, positive=True)
     bundle = build_result_bundle(_finding(a, positive=True))
-    report, observation = (e["resource"] for e in bundle["entry"])
+    report, observation, _device = (e["resource"] for e in bundle["entry"])
     assert report["conclusionCode"][0]["coding"][0] == {
         "system": "http://snomed.info/sct",
         "code": "397144001",

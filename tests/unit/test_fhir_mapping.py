@@ -279,3 +279,11 @@ def test_broken_envelopes_are_400(data: Any) -> None:
     err = refused(plan_bundle, data, ids())
     assert err.status == 400
     json.dumps([i.to_json() for i in err.issues])  # serialisable
+
+
+def test_the_subject_identifiers_system_is_kept_as_the_assigning_authority() -> None:
+    subject = {"identifier": {"system": "https://h.example/mrn", "value": "MRN-5"}}
+    event = accept(sr(subject=subject), "ServiceRequest", resource_id="r")
+    assert (event.patient_id, event.patient_id_system) == ("MRN-5", "https://h.example/mrn")
+    by_reference = accept(sr(subject={"reference": "Patient/p-1"}), "ServiceRequest", resource_id="r")
+    assert by_reference.patient_id_system == ""

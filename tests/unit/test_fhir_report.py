@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,6 +11,8 @@ from fhir.resources.R4B.observation import Observation
 
 from processors.fhir_report import build_result_bundle, resource_ids
 from schemas.findings import Finding, LungNodule
+from tests.support.findings import HL7_ORDER
+from tests.support.findings import finding as shaped
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -158,9 +161,10 @@ def test_each_nodule_is_its_own_coded_observation_member_of_the_finding() -> Non
     bundle = build_result_bundle(nodule_finding(NODULES))
     Bundle.model_validate(bundle)
     report, obs = parse(bundle)
-    members = [Observation.model_validate(e["resource"]) for e in bundle["entry"][2:]]
+    # The report, its Observation, one per nodule, then the model (Device) last.
+    members = [Observation.model_validate(e["resource"]) for e in bundle["entry"][2:-1]]
     assert len(members) == 2
-    urls = [e["fullUrl"] for e in bundle["entry"][1:]]
+    urls = [e["fullUrl"] for e in bundle["entry"][1:-1]]
     assert [r.reference for r in report.result] == urls
     assert [m.reference for m in obs.hasMember] == urls[1:]
     big, small = members
@@ -189,10 +193,66 @@ def test_each_nodule_is_its_own_coded_observation_member_of_the_finding() -> Non
 def test_a_negative_nodule_finding_has_no_members_and_a_positive_one_needs_its_nodules() -> None:
     bundle = build_result_bundle(nodule_finding(()))
     report, obs = parse(bundle)
-    assert len(bundle["entry"]) == 2 and not obs.hasMember and len(report.result) == 1
+    assert len(bundle["entry"]) == 3 and not obs.hasMember and len(report.result) == 1
     assert "No lung nodule suspected" in report.conclusion
     with pytest.raises(ValueError, match="contradict"):
         negative = {"positive": False, "probability": 0.05}
         Finding.model_validate(nodule_finding(NODULES).model_dump() | negative)
     with pytest.raises(ValueError, match="contradict"):
         Finding.model_validate(nodule_finding(()).model_dump() | {"positive": True})
+
+
+# --- reports an EHR can file (issue 20) -------------------------------------------------------
+
+
+def _report(f: Finding, system: str = "https://site.example/mrn") -> dict[str, Any]:
+    return build_result_bundle(f, system)["entry"][0]["resource"]
+
+
+def test_the_report_points_to_its_order_and_names_the_patient_with_a_system() -> None:
+    report = _report(shaped())
+    (ref,) = report["basedOn"]
+    assert ref["type"] == "ServiceRequest"
+    assert (ref["identifier"]["type"]["coding"][0]["code"], ref["identifier"]["value"]) == ("PLAC", "PL-1001")
+    typed = {i["type"]["coding"][0]["code"]: i["value"] for i in report["identifier"] if "type" in i}
+    assert typed == {"ACSN": "ACC42", "FILL": "FL-2002"}
+    who = report["subject"]["identifier"]
+    assert (who["system"], who["value"], who["assigner"]["display"]) == (
+        HL7_ORDER.patient_id_system,
+        "MRN42",
+        "HOSP",
+    )
+    # No order: the accession identifies it, and the configured system names the patient.
+    bare = _report(shaped(order=None))
+    assert bare["basedOn"][0]["identifier"]["value"] == "ACC42"
+    assert bare["subject"]["identifier"]["system"] == "https://site.example/mrn"
+    assert "basedOn" not in _report(shaped(order=None, accession_number=""))
+
+
+def test_the_report_is_categorised_narrated_and_presented_as_a_document() -> None:
+    bundle = build_result_bundle(shaped())
+    report = bundle["entry"][0]["resource"]
+    codes = {(c["system"], c["code"]) for cat in report["category"] for c in cat["coding"]}
+    assert codes == {
+        ("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD"),
+        ("http://loinc.org", "LP29684-5"),
+    }
+    for entry in bundle["entry"]:
+        div = entry["resource"]["text"]["div"]
+        assert div.startswith('<div xmlns="http://www.w3.org/1999/xhtml"><p>')
+    (form,) = report["presentedForm"]
+    text = base64.b64decode(form["data"]).decode()
+    assert form["contentType"] == "text/plain"
+    assert "Placer order number: PL-1001" in text and report["conclusion"] in text
+    device = bundle["entry"][-1]
+    assert device["resource"]["resourceType"] == "Device"
+    assert device["resource"]["deviceName"] == [{"name": "ich_classifier", "type": "model-name"}]
+    assert device["resource"]["version"] == [{"value": "1"}]
+    assert bundle["entry"][1]["resource"]["device"]["reference"] == device["fullUrl"]
+
+
+def test_a_rerun_is_amended_and_narrative_is_escaped() -> None:
+    amended = _report(shaped(amends_request_id="earlier"))
+    assert amended["status"] == "amended" and "Amended" in amended["conclusion"]
+    odd = build_result_bundle(shaped(series_description="<b>&"))["entry"][1]["resource"]["text"]["div"]
+    assert "&lt;b&gt;&amp;" in odd and "<b>&" not in odd

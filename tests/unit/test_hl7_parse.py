@@ -425,3 +425,16 @@ def test_oversized_prefix_is_answered_from_its_header() -> None:
     r = oversized(load("orm_o01_v2.5.hl7")[:120], 100)
     assert (r.ack, r.code, r.header.control_id) == ("AR", 104, "ORM25-0001")
     assert isinstance(oversized(b"\x00" * 50, 10), Rejected)
+
+
+def test_the_patient_ids_assigning_authority_is_kept_for_the_report() -> None:
+    # PID-3.4 HD: namespace id, then an ISO universal id (an OID) -> urn:oid: system.
+    with_oid = set_field(ORM25, "PID", 3, "MRN77^^^HOSP&1.2.840.114350.1&ISO^MR")
+    event = order(with_oid)
+    assert (event.patient_id, event.patient_id_authority) == ("MRN77", "HOSP")
+    assert event.patient_id_system == "urn:oid:1.2.840.114350.1"
+    # A namespace alone names no system: the report falls back to the configured one.
+    local = order(set_field(ORM25, "PID", 3, "MRN77^^^HOSP^MR"))
+    assert (local.patient_id_authority, local.patient_id_system) == ("HOSP", "")
+    uri = order(set_field(ORM25, "PID", 3, "MRN77^^^&https://h.example/mrn&URI"))
+    assert (uri.patient_id_authority, uri.patient_id_system) == ("", "https://h.example/mrn")

@@ -159,3 +159,24 @@ def test_unroutable_studies_are_not_remembered_and_old_ones_expire() -> None:
     assert "1.2.3" in res.state.studies
     later = on_order(res.state, order(priority="stat"), RULES, PATTERNS, NOW + timedelta(hours=2), 3600)
     assert later.state.studies == {} and later.dispatches == []
+
+
+def test_the_order_known_at_routing_travels_with_the_request() -> None:
+    known = order(
+        placer_order_number="PL1",
+        filler_order_number="FL1",
+        patient_id_system="urn:oid:1.2.3",
+        patient_id_authority="H",
+    )
+    res = on_order(None, known, RULES, PATTERNS, NOW, 3600)
+    (d,) = on_study(res.state, head_ct(), RULES, PATTERNS, NOW, 3600).dispatches
+    assert d.request.order is not None
+    assert (d.request.order.placer_order_number, d.request.order.filler_order_number) == ("PL1", "FL1")
+    assert (d.request.order.patient_id_system, d.request.order.patient_id_authority) == ("urn:oid:1.2.3", "H")
+    # A study routed before its order has none; a late order that moves it up brings it.
+    outpatient = head_ct().model_copy(update={"patient_class": "outpatient"})
+    first = on_study(None, outpatient, RULES, PATTERNS, NOW, 3600)
+    assert first.dispatches[0].request.order is None
+    late = on_order(first.state, known.model_copy(update={"priority": "stat"}), RULES, PATTERNS, NOW, 3600)
+    (up,) = late.dispatches
+    assert up.request.order is not None and up.request.order.placer_order_number == "PL1"
