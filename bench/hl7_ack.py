@@ -40,11 +40,11 @@ from kafka import KafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
-from connectors.hl7.framing import frame
 from connectors.hl7.parse import Accepted, parse_message
 from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
 from radtriage.kafka_clients import as_kafka_settings, kafka_python_kwargs
+from radtriage.mllp_framing import frame
 from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
 from schemas.orders import OrderEvent
 from tests.data.hl7.samples import set_field, text

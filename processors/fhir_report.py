@@ -28,7 +28,7 @@ DEFAULT_PATIENT_ID_SYSTEM = "https://radtriage.dev/fhir/sid/patient-id"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 
 
-def _meaning(finding: Finding) -> tuple[str, tuple[str, str] | None]:
+def meaning(finding: Finding) -> tuple[str, tuple[str, str] | None]:
     """What the finding code means, for humans (the words of the report's sentences) and for
     coded consumers (SNOMED CT code and display, or None): from its model's spec."""
     spec = registry.for_finding(finding.finding)
@@ -135,7 +135,7 @@ def _sided(finding: Finding) -> bool:
 
 
 def conclusion_text(finding: Finding) -> str:
-    words, _ = _meaning(finding)
+    words, _ = meaning(finding)
     model = f"{finding.model_name} v{finding.model_version}"
     if finding.positive and _sided(finding):
         head = (
@@ -274,7 +274,7 @@ def _mm(value: float) -> dict[str, Any]:
 def build_observation(
     finding: Finding, observation_id: str, patient_id_system: str = DEFAULT_PATIENT_ID_SYSTEM
 ) -> Observation:
-    words, snomed = _meaning(finding)
+    words, snomed = meaning(finding)
     coding: list[dict[str, str]] = [
         {"system": FINDING_SYSTEM, "code": finding.finding, "display": f"AI triage: {words}"}
     ]
@@ -572,7 +572,7 @@ def based_on(finding: Finding) -> list[dict[str, Any]]:
 
 
 def report_title(finding: Finding) -> str:
-    words, _ = _meaning(finding)
+    words, _ = meaning(finding)
     return f"AI triage for {words}"
 
 
@@ -604,7 +604,7 @@ def build_report(
     observation_id: str,
     patient_id_system: str = DEFAULT_PATIENT_ID_SYSTEM,
 ) -> DiagnosticReport:
-    _, snomed = _meaning(finding)
+    _, snomed = meaning(finding)
     conclusion = conclusion_text(finding)
     status = report_status(finding)
     document = plain_text_report(finding)

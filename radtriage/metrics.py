@@ -150,6 +150,11 @@ ALERTS_SUPPRESSED = Counter(
     "radtriage_alerts_suppressed_total", "Alerts not sent again: already on the alert topic", ["finding"]
 )
 REPORTS = Counter("radtriage_reports_total", "FHIR DiagnosticReport bundles published", ["finding"])
+EHR_HL7 = Counter(
+    "radtriage_ehr_hl7_total",
+    "ORU^R01 results sent to the EHR/RIS over MLLP, by outcome (acknowledged, refused, undelivered)",
+    ["outcome"],
+)
 DEAD_LETTERS = Counter("radtriage_dead_letters_total", "Messages sent to triage.deadletter", ["stage"])
 HL7_MESSAGES = Counter(
     "radtriage_hl7_messages_total", "HL7 v2 messages answered over MLLP", ["message_type", "ack_code"]
@@ -361,6 +366,10 @@ def observe_report(finding: Finding, result: FhirResult) -> None:
     READY_TO_REPORT.labels(lane_label(finding.lane), model_label(finding.model_name)).observe(
         seconds_between(finding.ready_at, result.produced_at)
     )
+
+
+def observe_ehr_hl7(outcome: str) -> None:
+    EHR_HL7.labels(outcome).inc()
 
 
 def observe_preprocess(lane: str, model: str, seconds: float) -> None:

@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from radtriage.settings import TlsSettings
+from radtriage.settings import ClientTlsSettings, TlsSettings
 
 
 class TlsConfigError(ValueError):
@@ -72,4 +72,30 @@ def server_context(tls: TlsSettings, where: str) -> ssl.SSLContext:
             ) from None
         # Mutual TLS: no certificate, or one the CA did not sign, fails the handshake.
         context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(tls: ClientTlsSettings, where: str) -> ssl.SSLContext:
+    """A TLS 1.2+ client context for an outbound connection (the ORU sender): the peer's
+    certificate checked against `ca_file` (else the system's CAs) and its host name; our
+    certificate presented when `cert_file`/`key_file` are set (mutual TLS)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.ca_file is not None:
+        ca = readable_file(tls.ca_file, f"{where}.ca_file")
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except ssl.SSLError as exc:
+            raise TlsConfigError(
+                f"{where}.ca_file {ca}: not a PEM CA certificate ({exc.reason or exc})"
+            ) from None
+    if tls.cert_file is not None:
+        cert = readable_file(tls.cert_file, f"{where}.cert_file")
+        key = readable_file(tls.key_file, f"{where}.key_file")
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise TlsConfigError(
+                f"{where}: cannot use certificate {cert} with key {key} ({exc.reason or exc})"
+            ) from None
     return context

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from schemas.base import Event, utcnow
 
-AuditStage = Literal["route", "infer", "report", "alert"]
+AuditStage = Literal["route", "infer", "report", "alert", "ehr"]
 
 
 class AuditEvent(Event):

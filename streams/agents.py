@@ -21,13 +21,13 @@ from radtriage.settings import Settings
 from schemas.routing_rules import RoutingRules
 from streams.app import TriageTopics, create_app, declare_topics
 from streams.published_ledger import PublishedLedger, alert_key, finding_key, report_key
-from streams.stages import assemble, escalate, infer, join, report, route
+from streams.stages import assemble, ehr_hl7, escalate, infer, join, report, route
 from streams.stages.context import PipelineContext
 
 log = logging.getLogger(__name__)
 
 # The stages in the order a study meets them; each registers its agents.
-STAGES = (assemble, route, join, infer, report, escalate)
+STAGES = (assemble, route, join, infer, report, escalate, ehr_hl7)
 
 
 @dataclass
@@ -92,6 +92,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
     lanes = infer.register(ctx)
     report.register(ctx)
     escalate.register(ctx)
+    ehr_hl7.register(ctx)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     def _stop_pools(sender: Any, **kwargs: Any) -> None:

@@ -54,12 +54,12 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from connectors.allowlist import source_allowed
 from connectors.hl7.ack import AckError, Kind, ack_code, build_ack, outcome_ack
-from connectors.hl7.framing import Abandoned, FrameDecoder, Junk, Oversized, frame
 from connectors.hl7.message import Header, token, version_token
 from connectors.hl7.parse import Accepted, Outcome, Rejected, oversized, parse_message
 from connectors.hl7.quarantine import Quarantine
 from connectors.publisher import EventPublisher, PublishError
 from radtriage import metrics
+from radtriage.mllp_framing import Abandoned, FrameDecoder, Junk, Oversized, frame
 from radtriage.settings import Settings
 from radtriage.tls import server_context
 from schemas.deadletter import DeadLetter

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from connectors.hl7.framing import frame
 from connectors.hl7.mllp import Hl7Listener
+from radtriage.mllp_framing import frame
 from radtriage.settings import Settings, TlsSettings, parse_network
 from radtriage.tls import TlsConfigError
 from tests.certs import Pki, make_pki

@@ -40,10 +40,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from connectors.hl7.ack import ack_code, outcome_ack
-from connectors.hl7.framing import Frame, FrameDecoder, Oversized, frame
 from connectors.hl7.mllp import Hl7Listener, start_listener
 from connectors.hl7.parse import Accepted, Ignored, Rejected, oversized, parse_message
 from connectors.publisher import EventPublisher
+from radtriage.mllp_framing import Frame, FrameDecoder, Oversized, frame
 from radtriage.settings import Settings
 from schemas.orders import OrderEvent
 from tests.data.hl7 import samples

@@ -9,8 +9,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connectors.hl7.framing import Abandoned, Frame, FrameDecoder, Item, Junk, Oversized, frame
 from connectors.hl7.quarantine import Quarantine, sha256_hex
+from radtriage.mllp_framing import Abandoned, Frame, FrameDecoder, Item, Junk, Oversized, frame
 
 
 def feed_all(decoder: FrameDecoder, *chunks: bytes) -> list[Item]:

@@ -1,4 +1,5 @@
-"""MLLP framing (HL7 v2 MLLP release 1): <SB=0x0B> message <EB=0x1C><CR=0x0D>. Pure.
+"""MLLP framing (HL7 v2 MLLP release 1): <SB=0x0B> message <EB=0x1C><CR=0x0D>. Pure; in the core
+because both the listener (connectors/hl7/mllp.py) and the ORU sender (streams/stages/ehr_hl7.py) frame.
 
 `FrameDecoder.feed(bytes)` returns what the bytes completed, in order:
 - `Frame`: one message's bytes;
