@@ -7,7 +7,9 @@ A thread per connection (socketserver), so both plain and asyncio tests can use 
 
 from __future__ import annotations
 
+import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -35,7 +37,7 @@ def ack_for(message: str, code: str, reason: str) -> bytes:
 
 
 class MllpReceiver:
-    def __init__(self, policy: Policy = always_aa, port: int = 0) -> None:
+    def __init__(self, policy: Policy = always_aa, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.policy = policy
         self.messages: list[str] = []
         self.connections = 0
@@ -48,7 +50,10 @@ class MllpReceiver:
                     receiver.connections += 1
                 decoder = FrameDecoder(1 << 20)
                 while True:
-                    data = self.request.recv(65536)
+                    try:
+                        data = self.request.recv(65536)
+                    except (ssl.SSLError, OSError):
+                        return  # a client our CA did not sign, or one that left mid-handshake
                     if not data:
                         return
                     for item in decoder.feed(data):
@@ -64,6 +69,13 @@ class MllpReceiver:
         class Server(socketserver.ThreadingTCPServer):
             allow_reuse_address = True  # a port a test picked and released just before
             daemon_threads = True
+
+            def get_request(self) -> tuple[socket.socket, object]:
+                sock, address = self.socket.accept()
+                if tls is None:
+                    return sock, address
+                # The handshake happens in the handler's thread, on its first read.
+                return tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
 
         self._server = Server(("127.0.0.1", port), Handler)
         self.port: int = self._server.server_address[1]

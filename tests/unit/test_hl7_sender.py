@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 from processors.hl7_oru import Endpoint, build_oru, control_id, strict_parse
+from radtriage.settings import ClientTlsSettings
+from radtriage.tls import client_context
 from streams.hl7_sender import Delivered, NoAnswer, Peer, Refused, Retry, Undelivered, deliver, exchange
+from tests.certs import make_pki
 from tests.support.findings import finding
 from tests.support.mllp_receiver import MllpReceiver
 
@@ -92,3 +97,22 @@ def test_an_ack_for_another_message_is_no_answer() -> None:
 
 def test_backoff_doubles_up_to_its_cap() -> None:
     assert [Retry(60, 1, 8).delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+
+
+def test_over_mutual_tls_only_a_receiver_our_ca_signed_is_sent_to(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(pki.server_cert, pki.server_key)
+    server.load_verify_locations(cafile=str(pki.ca))
+    server.verify_mode = ssl.CERT_REQUIRED  # the receiver wants our certificate too
+    ours = ClientTlsSettings(enabled=True, ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
+    with MllpReceiver(tls=server) as ris:
+        peer = Peer("127.0.0.1", ris.port, client_context(ours, "ehr.hl7.tls"))
+        outcome = asyncio.run(deliver(lambda: exchange(peer, PAYLOAD.encode(), CID, 2.0), QUICK))
+        assert isinstance(outcome, Delivered) and ris.received() == [PAYLOAD]
+        # A receiver whose certificate another CA signed is never sent the result.
+        other = ClientTlsSettings(enabled=True, ca_file=pki.other_ca)
+        stranger = Peer("127.0.0.1", ris.port, client_context(other, "ehr.hl7.tls"))
+        outcome = asyncio.run(deliver(lambda: exchange(stranger, PAYLOAD.encode(), CID, 2.0), QUICK))
+    assert isinstance(outcome, Undelivered) and "CERTIFICATE_VERIFY_FAILED" in outcome.reason
+    assert ris.received() == [PAYLOAD]
