@@ -109,6 +109,7 @@ class Obx:
 
 
 PROBABILITY_UNIT = "1^^UCUM"
+HD_NAMESPACE_MAX, HD_UNIVERSAL_MAX = 20, 199
 MM = "mm^millimetre^UCUM"
 SNOMED = "SCT"
 
@@ -201,6 +202,11 @@ def _patient_id(finding: Finding) -> str:
         universal, kind = system.removeprefix("urn:oid:"), "ISO"
     elif system:
         universal, kind = system, "URI"
+    # HD.1 is an IS of 20 characters, HD.2 an ST of 199: a longer one is left out rather
+    # than cut (a cut authority names another one); the FHIR report carries it whole.
+    namespace = namespace if len(escape(namespace)) <= HD_NAMESPACE_MAX else ""
+    if len(escape(universal)) > HD_UNIVERSAL_MAX:
+        universal, kind = "", ""
     hd = "&".join(escape(p) for p in (namespace, universal, kind)).rstrip("&")
     return f"{escape(finding.patient_id)}^^^{hd}^MR"
 

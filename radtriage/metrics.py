@@ -152,7 +152,7 @@ ALERTS_SUPPRESSED = Counter(
 REPORTS = Counter("radtriage_reports_total", "FHIR DiagnosticReport bundles published", ["finding"])
 EHR_HL7 = Counter(
     "radtriage_ehr_hl7_total",
-    "ORU^R01 results sent to the EHR/RIS over MLLP, by outcome (acknowledged, refused, undelivered)",
+    "ORU^R01 results for the EHR/RIS over MLLP, by outcome (acknowledged, refused, undelivered, unbuildable)",
     ["outcome"],
 )
 DEAD_LETTERS = Counter("radtriage_dead_letters_total", "Messages sent to triage.deadletter", ["stage"])

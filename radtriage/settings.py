@@ -407,11 +407,11 @@ class EhrHl7Settings(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: ClientTlsSettings = Field(default_factory=ClientTlsSettings)
-    # MSH-3 / MSH-4 (ours) and MSH-5 / MSH-6 (theirs): HD namespace ids.
-    sending_application: str = "RADTRIAGE"
-    sending_facility: str = "RADTRIAGE"
-    receiving_application: str = ""
-    receiving_facility: str = ""
+    # MSH-3 / MSH-4 (ours) and MSH-5 / MSH-6 (theirs): HD namespace ids (IS, 20 characters).
+    sending_application: str = Field(default="RADTRIAGE", max_length=20)
+    sending_facility: str = Field(default="RADTRIAGE", max_length=20)
+    receiving_application: str = Field(default="", max_length=20)
+    receiving_facility: str = Field(default="", max_length=20)
     # How long one attempt waits for the ACK, and how long a report is retried (with
     # backoff) before it is dead-lettered as undeliverable.
     ack_timeout_s: float = Field(default=10.0, gt=0)

@@ -14,6 +14,7 @@ configured nothing is sent.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +32,7 @@ from streams.stages.common import Detail, audit, consumer_span, each
 from streams.stages.context import PipelineContext
 
 STAGE = "ehr.hl7"
+log = logging.getLogger(__name__)
 
 
 def _peer(config: EhrHl7Settings) -> Peer:
@@ -56,7 +58,22 @@ def register(ctx: PipelineContext) -> None:
         cid = control_id(finding)
         attrs = {"radtriage.study_uid": finding.study_uid, "radtriage.hl7_control_id": cid}
         with consumer_span(ctx, STAGE, event, attrs=attrs) as span:
-            payload = build_oru(finding, endpoint, datetime.now(UTC)).encode("utf-8")
+            try:
+                payload = build_oru(finding, endpoint, datetime.now(UTC)).encode("utf-8")
+            except Exception as exc:  # hl7apy's own exception types; the message names the field
+                why = f"ORU {cid} cannot be built: {type(exc).__name__}: {exc}"
+                log.warning("%s (study %s)", why, finding.study_uid)
+                await dead_letter(ctx.topics, event, STAGE, why, finding.study_uid)
+                metrics.observe_ehr_hl7("unbuildable")
+                await audit(
+                    ctx,
+                    finding.study_uid,
+                    finding.accession_number,
+                    "ehr",
+                    "oru_unbuildable",
+                    {"reason": why},
+                )
+                return
             retry = Retry(config.deadline_s, config.retry_initial_s, config.retry_max_s)
             outcome = await deliver(lambda: exchange(peer, payload, cid, config.ack_timeout_s), retry)
             detail: Detail = {

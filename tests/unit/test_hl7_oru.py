@@ -102,3 +102,12 @@ def test_acks_are_read_with_their_reason() -> None:
     for bad in (b"", b"hello", b"MSH|^~\\&|RIS\rPID|1"):
         with pytest.raises(ValueError, match=r"MSH|MSA"):
             read_ack(bad)
+
+
+def test_an_assigning_authority_too_long_for_hd_is_left_out_not_cut() -> None:
+    long_order = HL7_ORDER.model_copy(
+        update={"patient_id_authority": "N" * 21, "patient_id_system": "https://h.example/" + "s" * 190}
+    )
+    er7 = build_oru(finding(order=long_order), RIS, NOW)
+    strict_parse(er7)
+    assert segments(er7)["PID"][0][3] == "MRN42^^^^MR"
