@@ -145,17 +145,19 @@ def _codes(concept: dict) -> set[tuple[str, str]]:  # type: ignore[type-arg]
 
 
 def _check_report_codes(outcome: dict, bundle: dict) -> None:  # type: ignore[type-arg]
-    report, *observations = [e["resource"] for e in bundle["entry"]]
+    # The report, its Observations, then the model as a Device (last).
+    report, *observations, device = [e["resource"] for e in bundle["entry"]]
+    assert device["resourceType"] == "Device" and device["deviceName"][0]["name"] == outcome["route"]
     assert report["resourceType"] == "DiagnosticReport" and report["status"] == "preliminary"
     assert (SNOMED, CONCLUSION_CODES[outcome["finding"]]) in _codes(report["conclusionCode"][0]), report
-    assert [r["reference"] for r in report["result"]] == [e["fullUrl"] for e in bundle["entry"][1:]]
+    assert [r["reference"] for r in report["result"]] == [e["fullUrl"] for e in bundle["entry"][1:-1]]
     for obs in observations:
         assert obs["device"]["display"] == f"{outcome['route']} version 1", obs
     if outcome["finding"] == "NODULE":
         # One Observation per nodule, members of the finding's: coded, sized, in its lung.
         finding_obs, *nodules = observations
         members = [m["reference"] for m in finding_obs["hasMember"]]
-        assert members == [e["fullUrl"] for e in bundle["entry"][2:]]
+        assert members == [e["fullUrl"] for e in bundle["entry"][2:-1]]
         assert nodules and all((SNOMED, "786838002") in _codes(n["code"]) for n in nodules)
         top = nodules[0]
         assert (SNOMED, "3341006") in _codes(top["bodySite"]) and top["valueQuantity"]["code"] == "mm"

@@ -98,7 +98,8 @@ def test_the_sixth_model_is_routed_inferred_reported_and_alerted(sixth: RoutingR
 
     # Reported: its finding code and SNOMED CT concept, its words in the conclusion.
     bundle = build_result_bundle(finding)
-    report, observation = (e["resource"] for e in bundle["entry"])
+    report, observation, device = (e["resource"] for e in bundle["entry"])
+    assert device["resourceType"] == "Device" and device["version"] == [{"value": "1"}]
     codings = observation["code"]["coding"]
     assert {"system": FINDING_SYSTEM, "code": "PE", "display": "AI triage: pulmonary embolism"} in codings
     assert {"system": SNOMED, "code": "59282003", "display": "Pulmonary embolism"} in codings
