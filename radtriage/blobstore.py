@@ -89,6 +89,14 @@ class LocalBlobStore:
             raise
         return target.as_uri()
 
+    def series_paths(self, study_uid: str, series_uid: str) -> list[Path]:
+        """Every stored instance of one series (its folder's `.dcm` files, not a write in
+        progress), sorted by name; empty if none is stored."""
+        folder = self._target(study_uid, series_uid, "1").parent
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.glob("*.dcm") if not p.name.startswith("."))
+
     def path_of(self, uri: str) -> Path:
         """The local path of a URI returned by `put_instance`; refuses anything outside root."""
         parsed = urlparse(uri)

@@ -193,6 +193,15 @@ DICOM_REJECTED_CONTEXTS = Counter(
     "DICOM presentation contexts the SCP rejected at association, by reason",
     ["reason"],  # connectors/dicom/scp.py CONTEXT_REJECTION_REASONS
 )
+PACS_EXPORTS = Counter(
+    "radtriage_pacs_exports_total",
+    "Result objects sent to a PACS (streams/stages/pacs_export.py), by destination and outcome",
+    ["destination", "object", "outcome"],  # stored, retried, failed
+)
+DICOM_OWN_RESULTS_IGNORED = Counter(
+    "radtriage_dicom_own_results_ignored_total",
+    "radtriage's own result objects sent back to its listener and not ingested (no export loop)",
+)
 HL7_CONNECTIONS_REFUSED = Counter(
     "radtriage_hl7_connections_refused_total",
     "MLLP connections closed unread: source address not allowed, or TLS handshake failed",

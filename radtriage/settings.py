@@ -316,6 +316,67 @@ class DicomSettings(BaseModel):
         return self.require_called_ae_title
 
 
+# The result objects a destination may take (processors/dicom_results.py).
+ResultObject = Literal["sr"]
+
+
+class DicomDestination(BaseModel):
+    """One PACS the pacs-export stage sends results to by C-STORE (docs/INTEGRATION.md,
+    "Results to the PACS")."""
+
+    # Names the destination in the audit trail, the dead letters and the metrics.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # STOW-RS ("stow") is not yet implemented (issue 18).
+    kind: Literal["dicom"] = "dicom"
+    host: str = Field(min_length=1)
+    port: int = Field(default=104, ge=1, le=65535)
+    # The PACS's AE title (called) and the one radtriage calls from (what the PACS's list
+    # of known modalities must name).
+    ae_title: AeTitle
+    calling_ae_title: AeTitle = "RADTRIAGE"
+    # Which objects: the TID 1500 SR today; SEG, key images and KOS are not built yet.
+    objects: list[ResultObject] = Field(default_factory=lambda: list[ResultObject](["sr"]), min_length=1)
+    # Which findings (codes of registered models, e.g. ICH, LVO); empty: every finding.
+    findings: list[str] = Field(default_factory=list)
+    # Only positive findings (a negative finding's SR says "absent": some sites want it).
+    positive_only: bool = False
+
+    @model_validator(mode="after")
+    def _known_findings(self) -> DicomDestination:
+        unknown = sorted(set(self.findings) - set(registry.finding_codes()))
+        if unknown:
+            known = ", ".join(sorted(registry.finding_codes()))
+            raise ValueError(f"destination {self.name}: unknown finding(s) {unknown} (known: {known})")
+        return self
+
+    def wants(self, finding: str, positive: bool) -> bool:
+        """Whether a finding of this code and sign goes to this destination."""
+        return (not self.findings or finding in self.findings) and (positive or not self.positive_only)
+
+
+class DispatchSettings(BaseModel):
+    """Results sent back to the PACS (streams/stages/pacs_export.py). No destination: nothing
+    is sent. Env: RADTRIAGE_DISPATCH__DESTINATIONS='[{"name": ..., "host": ...}]'."""
+
+    destinations: list[DicomDestination] = Field(default_factory=list)
+    # A destination that keeps failing (down, refusing with Out of Resources) is retried
+    # with exponential backoff from retry_initial_s up to retry_max_s between tries, until
+    # retry_deadline_s after the first try; then the finding is dead-lettered for replay.
+    retry_initial_s: float = Field(default=1.0, gt=0.0)
+    retry_max_s: float = Field(default=30.0, gt=0.0)
+    retry_deadline_s: float = Field(default=600.0, gt=0.0)
+    # ACSE, DIMSE and network timeouts of one association.
+    timeout_s: float = Field(default=30.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DispatchSettings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"dispatch.destinations: duplicate name(s) {duplicates}")
+        return self
+
+
 class StreamSettings(BaseModel):
     app_id: str = "radtriage"
     # A study with no association-release marker is ready after this much silence.
@@ -571,6 +632,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
     ehr: EhrSettings = Field(default_factory=EhrSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,8 @@ from pydantic import Field
 
 from schemas.base import Event, utcnow
 
-AuditStage = Literal["route", "infer", "report", "alert", "ehr"]
+# "export": a result object sent (or not) to a PACS (streams/stages/pacs_export.py).
+AuditStage = Literal["route", "infer", "report", "alert", "ehr", "export"]
 
 
 class AuditEvent(Event):

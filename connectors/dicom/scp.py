@@ -59,6 +59,7 @@ from connectors.dicom.callers import (
     check_association,
 )
 from connectors.publisher import EventPublisher, PublishError
+from processors.result_marker import is_radtriage_result
 from radtriage import metrics
 from radtriage.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from radtriage.settings import Settings
@@ -334,6 +335,14 @@ class StoreSCP:
             "dicom.calling_ae": assoc.calling_ae,
             "radtriage.association_id": assoc.id,
         }
+        if refusal is None and is_radtriage_result(ds):
+            # radtriage's own result, forwarded back by a PACS: success, so the PACS does not
+            # retry, and nothing stored or published, so it is never assembled, routed or
+            # exported again (no export loop; processors/result_marker.py).
+            log.info("C-STORE of %s from %s: radtriage's own result, not ingested", sop_uid, assoc.calling_ae)
+            metrics.DICOM_OWN_RESULTS_IGNORED.inc()
+            metrics.count_c_store(v.SUCCESS)
+            return v.SUCCESS
         if refusal is not None:
             # Not part of any study's trace: a refused object does not belong to the study
             # we will announce (and may not even have a readable study UID).

@@ -1,0 +1,154 @@
+"""PACS export: `triage.findings` -> the PACS (C-STORE), `triage.audit`, `triage.deadletter`.
+
+For every destination of `dispatch.destinations` whose rules take the finding (its
+findings, positive only or not), the finding's result objects (today the TID 1500 SR,
+processors/dicom_results.py) are built from the headers of the series it was read on
+(the blob store) and C-STOREd (streams/dicom_send.py, in a thread). A destination that
+is down or out of resources is retried with exponential backoff until
+`dispatch.retry_deadline_s`; then, or at once for a final refusal, the finding is
+dead-lettered naming the destination and its DICOM status (`radtriage replay --stage
+pacs-export` sends it again). Every object sent, or given up on, is on `triage.audit`
+(stage "export") with the destination's status. See docs/ARCHITECTURE.md, "Results to
+the PACS".
+
+A finding replayed after a kill is sent again under the same SOP Instance UID: the PACS
+keeps one instance. Nothing configured: the agent reads the findings and sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from importlib import metadata
+from typing import Any
+
+import faust
+from faust.types import EventT
+from pydicom.dataset import Dataset
+
+from processors.dicom_results import build_sr, read_headers
+from radtriage import metrics
+from radtriage.settings import DicomDestination, DispatchSettings
+from schemas.findings import Finding
+from streams.app import dead_letter
+from streams.dicom_send import StoreOutcome, c_store
+from streams.stages.common import Detail, audit, consumer_span, each
+from streams.stages.context import PipelineContext
+
+log = logging.getLogger(__name__)
+STAGE = "pacs-export"
+
+
+def _software_version() -> str:
+    try:
+        return f"radtriage {metadata.version('radtriage')}"
+    except metadata.PackageNotFoundError:
+        return "radtriage"
+
+
+def backoff_delays(settings: DispatchSettings) -> list[float]:
+    """The waits between tries, in order, whose sum stays within the deadline (pure)."""
+    delays: list[float] = []
+    delay, total = settings.retry_initial_s, 0.0
+    while total < settings.retry_deadline_s:
+        wait = min(delay, settings.retry_max_s, settings.retry_deadline_s - total)
+        delays.append(wait)
+        total += wait
+        delay *= 2
+    return delays
+
+
+async def send_until_deadline(
+    destination: DicomDestination, ds: Dataset, settings: DispatchSettings, what: str
+) -> tuple[StoreOutcome, int]:
+    """C-STORE `ds`, retrying what may succeed later; the last outcome and the tries made."""
+    waits = iter(backoff_delays(settings))
+    tries = 0
+    while True:
+        tries += 1
+        outcome = await asyncio.to_thread(c_store, destination, ds, settings.timeout_s)
+        if outcome.stored or not outcome.retryable:
+            return outcome, tries
+        wait = next(waits, None)
+        if wait is None:
+            return outcome, tries
+        metrics.PACS_EXPORTS.labels(destination.name, what, "retried").inc()
+        log.warning(
+            "%s to %s: %s %s; try %d again in %.1f s",
+            what,
+            destination.name,
+            outcome.status_text,
+            outcome.detail,
+            tries + 1,
+            wait,
+        )
+        await asyncio.sleep(wait)
+
+
+def register(ctx: PipelineContext) -> None:
+    dispatch = ctx.settings.dispatch
+    version = _software_version()
+
+    def build(finding: Finding) -> Dataset:
+        # File reads and highdicom's work: off the event loop.
+        sources = read_headers(ctx.blobs.series_paths(finding.study_uid, finding.series_uid))
+        return build_sr(finding, sources, software_version=version)
+
+    async def export_one(event: EventT[Any]) -> None:
+        finding = Finding.from_bytes(event.value)
+        targets = [d for d in dispatch.destinations if d.wants(finding.finding, finding.positive)]
+        if not targets:
+            return
+        attrs = {
+            "radtriage.study_uid": finding.study_uid,
+            "radtriage.finding": finding.finding,
+            "radtriage.model": finding.model_name,
+        }
+        with consumer_span(ctx, STAGE, event, attrs=attrs) as span:
+            sr = await asyncio.to_thread(build, finding)
+            span.set_attribute("dicom.sop_instance_uid", str(sr.SOPInstanceUID))
+            for destination in targets:
+                for what in destination.objects:  # "sr" only, for now
+                    started = time.monotonic()
+                    outcome, tries = await send_until_deadline(destination, sr, dispatch, what)
+                    result = "stored" if outcome.stored else "failed"
+                    metrics.PACS_EXPORTS.labels(destination.name, what, result).inc()
+                    detail: Detail = {
+                        "destination": destination.name,
+                        "ae_title": destination.ae_title,
+                        "object": what,
+                        "sop_instance_uid": str(sr.SOPInstanceUID),
+                        "series_uid": str(sr.SeriesInstanceUID),
+                        "status": outcome.status_text,
+                        "status_detail": outcome.detail,
+                        "tries": tries,
+                        "seconds": round(time.monotonic() - started, 3),
+                        "request_id": finding.request_id,
+                    }
+                    if finding.amends_request_id:
+                        detail["amends_request_id"] = finding.amends_request_id
+                    await audit(
+                        ctx,
+                        finding.study_uid,
+                        finding.accession_number,
+                        "export",
+                        f"{what}_{result}",
+                        detail,
+                    )
+                    if not outcome.stored:
+                        await dead_letter(
+                            ctx.topics,
+                            event,
+                            STAGE,
+                            f"destination {destination.name} ({destination.ae_title}@{destination.host}:"
+                            f"{destination.port}): {what} not stored after {tries} tries, DICOM status "
+                            f"{outcome.status_text}: {outcome.detail}",
+                            study_uid=finding.study_uid,
+                        )
+
+    @ctx.app.agent(ctx.topics.findings, name=STAGE)
+    async def pacs_export(stream: faust.StreamT[Any]) -> None:
+        await each(ctx, stream, STAGE, export_one)
+
+    _ = pacs_export
