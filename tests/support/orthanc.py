@@ -75,6 +75,8 @@ class Orthanc:
         # Orthanc's DICOM stack is dcmtk: without TCP_NODELAY=1 each C-STORE response waits
         # for the sender's delayed ACK (~40 ms), as storescu's requests would.
         env = {**os.environ, "TCP_NODELAY": "1"}
+        if self.log.closed:  # started again after stop(): same ports, same storage
+            self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [binary, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env
         )

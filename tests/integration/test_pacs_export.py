@@ -1,0 +1,234 @@
+"""Results back to the PACS (issue 18), against a REAL Orthanc as the destination: a bleed
+head CT read by the real worker and Triton ends as a TID 1500 SR in Orthanc, in the CT's
+study, referencing its instances; with Orthanc down the export retries and, once it is
+back, stores the SR exactly once (a replayed finding re-sends the same SOP Instance UID);
+and radtriage's own SR forwarded back to its listener is not ingested (no export loop)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from kafka import KafkaProducer
+from pydicom.uid import Comprehensive3DSRStorage
+
+from models.dicom_writer import write_ct_series
+from models.phantoms import head_ct_phantom
+from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
+from radtriage.blobstore import LocalBlobStore
+from radtriage.settings import Settings
+from schemas.findings import Finding
+from schemas.requests import TriageRequest
+from schemas.routing_rules import RoutingRules
+from tests.integration.harness import RULE, Worker
+from tests.support.dicom import Listener, send_files, storescu
+from tests.support.kafka import Tail, read_topic
+from tests.support.orthanc import Orthanc
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _send_bleed(
+    settings: Settings, orthanc: Orthanc | None, producer: KafkaProducer, work: Path, seed: int
+) -> tuple[str, list[Path]]:
+    """A bleed head CT as a PACS holds it: in Orthanc (unless it is down: None), in the
+    worker's blob store (as the listener would have stored it), then its stat-lane request."""
+    phantom = head_ct_phantom(np.random.default_rng(seed), bleed=True, min_bleed_ml=5.0)
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = write_ct_series(
+        phantom.hu,
+        phantom.spacing_zyx,
+        work / study,
+        study_uid=study,
+        series_uid=series,
+        patient_id=f"MRN{seed}",
+    )
+    if orthanc is not None:
+        orthanc.upload(files)
+    blobs = LocalBlobStore(settings.blob_dir)
+    uris = tuple(
+        blobs.put_instance(
+            study, series, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f.read_bytes()
+        )
+        for f in files
+    )
+    (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == RULE]
+    now = datetime.now(UTC)
+    request = TriageRequest(
+        study_uid=study,
+        series_uid=series,
+        patient_id=f"MRN{seed}",
+        instance_uris=uris,
+        lane="stat",
+        rule_id=RULE,
+        model_name="ich_classifier",
+        finding="ICH",
+        threshold=rule.threshold,
+        received_at=now,
+        ready_at=now,
+        request_id=f"{study}/{RULE}",
+    )
+    producer.send(settings.topics.lane_topic("stat"), key=study.encode(), value=request.to_bytes()).get(10)
+    return study, files
+
+
+def _srs_in_orthanc(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
+    instances: list[dict[str, Any]] = orthanc.rest("GET", f"/studies/{orthanc.study_id(study_uid)}/instances")
+    return [i for i in instances if i["MainDicomTags"].get("SOPInstanceUID", "").startswith("2.25.")]
+
+
+def _exports(tail: Tail, audit_topic: str, study: str) -> list[dict[str, Any]]:
+    return [a for a in tail.of(audit_topic, study_uid=study) if a["stage"] == "export"]
+
+
+def test_a_bleed_ends_as_an_sr_in_orthanc_once_even_with_orthanc_down(
+    worker_env: tuple[dict[str, str], Settings], triton_grpc_url: str, tmp_path: Path
+) -> None:
+    env, settings = worker_env
+    t = settings.topics
+    orthanc = Orthanc(tmp_path / "pacs")
+    orthanc.start()
+    try:
+        env["RADTRIAGE_TRITON__GRPC_URL"] = triton_grpc_url
+        env["RADTRIAGE_TRITON__TIMEOUT_S"] = "30"
+        destination = {
+            "name": "orthanc",
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+            "ae_title": orthanc.aet,
+            "findings": ["ICH"],
+            "positive_only": True,
+        }
+        env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps([destination])
+        env["RADTRIAGE_DISPATCH__RETRY_INITIAL_S"] = "0.5"
+        env["RADTRIAGE_DISPATCH__RETRY_MAX_S"] = "2"
+        env["RADTRIAGE_DISPATCH__RETRY_DEADLINE_S"] = "600"
+        env["RADTRIAGE_DISPATCH__TIMEOUT_S"] = "5"
+        worker = Worker(env, settings.home)
+        worker.start()
+        tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.audit, t.deadletter])
+        producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+
+        # 1. Orthanc up: the SR lands in the CT's study.
+        study, _ = _send_bleed(settings, orthanc, producer, tmp_path / "ct", seed=1801)
+        tail.until(lambda: _exports(tail, t.audit, study), timeout=180)
+        (export,) = _exports(tail, t.audit, study)
+        assert export["decision"] == "sr_stored", export
+        assert export["detail"]["status"] == "0x0000" and export["detail"]["destination"] == "orthanc"
+        (finding,) = tail.of(t.findings, study_uid=study)
+        assert finding["positive"], finding
+        (entry,) = _srs_in_orthanc(orthanc, study)
+        sop_uid = export["detail"]["sop_instance_uid"]
+        assert entry["MainDicomTags"]["SOPInstanceUID"] == sop_uid
+        raw = orthanc_file(orthanc, entry["ID"])
+        sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw)))
+        assert sr.SOPClassUID == Comprehensive3DSRStorage and sr.StudyInstanceUID == study
+        (group,) = sr.content.get_image_measurement_groups()
+        (present,) = group.get_qualitative_evaluations()
+        assert present.value == PRESENT
+        (probability,) = group.get_measurements(name=PROBABILITY)
+        assert float(probability.value) == pytest.approx(finding["probability"], abs=1e-6)
+        # The references resolve to the instances Orthanc holds for the CT series...
+        ct = {
+            i["MainDicomTags"]["SOPInstanceUID"]
+            for i in orthanc.rest("GET", f"/studies/{orthanc.study_id(study)}/instances")
+            if i["ID"] != entry["ID"]
+        }
+        (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
+        (series_ref,) = evidence.ReferencedSeriesSequence
+        assert {str(r.ReferencedSOPInstanceUID) for r in series_ref.ReferencedSOPSequence} == ct
+        # ...and the bleed's slices are a non-empty subset of them.
+        sliced = {str(img.referenced_sop_instance_uid) for img in group.source_images}
+        assert sliced and sliced <= ct
+        # An independent IOD validator on what Orthanc gives back.
+        (tmp_path / "sr.dcm").write_bytes(raw)
+        check = subprocess.run(
+            ["/usr/bin/dciodvfy", str(tmp_path / "sr.dcm")], capture_output=True, text=True
+        )
+        assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+
+        # 2. Orthanc down: the export retries; back up, the SR is stored, once.
+        orthanc.stop()
+        second, second_files = _send_bleed(settings, None, producer, tmp_path / "ct2", seed=1802)
+        tail.until(lambda: tail.of(t.findings, study_uid=second), timeout=180)
+        wait_until(lambda: "try 3 again" in worker.log_file.read_text(), "the export retrying", timeout=120)
+        assert not _exports(tail, t.audit, second)
+        orthanc.start()
+        orthanc.upload(second_files)
+        tail.until(lambda: _exports(tail, t.audit, second), timeout=120)
+        (export2,) = _exports(tail, t.audit, second)
+        assert export2["decision"] == "sr_stored" and export2["detail"]["tries"] >= 3, export2
+        (entry2,) = _srs_in_orthanc(orthanc, second)
+        assert entry2["MainDicomTags"]["SOPInstanceUID"] == export2["detail"]["sop_instance_uid"]
+
+        # 3. The same finding again (a replay after a kill): the same instance, not a second one.
+        (finding2,) = [r for r in tail.records if r.topic == t.findings and r.value["study_uid"] == second]
+        producer.send(t.findings, key=second.encode(), value=finding2.raw).get(10)
+        tail.until(lambda: len(_exports(tail, t.audit, second)) == 2, timeout=120)
+        again = _exports(tail, t.audit, second)[1]
+        assert again["decision"] == "sr_stored"
+        assert again["detail"]["sop_instance_uid"] == export2["detail"]["sop_instance_uid"]
+        assert len(_srs_in_orthanc(orthanc, second)) == 1
+        assert len(_srs_in_orthanc(orthanc, study)) == 1
+        assert not [d for d in tail.of(t.deadletter) if d["stage"] == "pacs-export"]
+    finally:
+        orthanc.stop()
+
+
+def orthanc_file(orthanc: Orthanc, instance_id: str) -> bytes:
+    """The instance's Part 10 file as Orthanc stored it (REST `/instances/{id}/file`)."""
+    url = f"http://127.0.0.1:{orthanc.http_port}/instances/{instance_id}/file"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return bytes(response.read())
+
+
+def test_radtriage_own_sr_sent_back_is_not_ingested(listener: Listener, tmp_path: Path) -> None:
+    study = pydicom.uid.generate_uid()
+    files = write_ct_series(np.full((4, 16, 16), 40.0), (5.0, 1.0, 1.0), tmp_path / "ct", study_uid=study)
+    sources = read_headers(files)
+    now = datetime.now(UTC)
+    finding = Finding(
+        study_uid=study,
+        series_uid=str(sources[0].SeriesInstanceUID),
+        finding="ICH",
+        probability=0.9,
+        threshold=0.5,
+        positive=True,
+        model_name="ich_classifier",
+        model_version="1",
+        lane="stat",
+        rule_id=RULE,
+        received_at=now,
+        ready_at=now,
+        inference_ms=1.0,
+        request_id=f"{study}/{RULE}",
+    )
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(encode(build_sr(finding, sources)))
+    sr_uid = str(pydicom.dcmread(sr_path).SOPInstanceUID)
+
+    # The PACS forwards the whole study back, our SR first: the SR gets success (the PACS
+    # must not retry it) and is neither stored nor published; the CT goes through.
+    # -R: a context for the file's own SOP class (storescu's default list lacks 3D SR).
+    out = storescu(
+        "-v", "-R", "-aec", listener.settings.dicom.ae_title, "127.0.0.1", str(listener.port), str(sr_path)
+    )
+    assert out.returncode == 0 and "Received Store Response (Success)" in out.stdout + out.stderr, out.stderr
+    out = send_files(listener, files)
+    assert out.returncode == 0, out.stderr
+    records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
+    events = [r.value for r in records if r.value["study_uid"] == study]
+    instances = [e["sop_instance_uid"] for e in events if e["kind"] == "instance"]
+    assert len(instances) == len(files) and sr_uid not in instances
+    markers = [e for e in events if e["kind"] == "transfer_complete"]
+    assert [m["instance_count"] for m in markers] == [len(files)]
+    assert not list(listener.settings.blob_dir.rglob(f"{sr_uid}.dcm"))
