@@ -316,8 +316,11 @@ class DicomSettings(BaseModel):
         return self.require_called_ae_title
 
 
-# The result objects a destination may take (processors/dicom_results.py).
-ResultObject = Literal["sr"]
+# The result objects a destination may take: the TID 1500 SR (processors/dicom_results.py),
+# for positive findings a secondary-capture key image and the KOS that flags it
+# (processors/key_images.py). Sent in this order: a KOS after the image it references.
+ResultObject = Literal["sr", "key_image", "kos"]
+RESULT_OBJECTS: tuple[ResultObject, ...] = get_args(ResultObject)
 
 
 class DicomDestination(BaseModel):
@@ -334,7 +337,7 @@ class DicomDestination(BaseModel):
     # of known modalities must name).
     ae_title: AeTitle
     calling_ae_title: AeTitle = "RADTRIAGE"
-    # Which objects: the TID 1500 SR today; SEG, key images and KOS are not built yet.
+    # Which objects (RESULT_OBJECTS; a DICOM SEG is not built yet).
     objects: list[ResultObject] = Field(default_factory=lambda: list[ResultObject](["sr"]), min_length=1)
     # Which findings (codes of registered models, e.g. ICH, LVO); empty: every finding.
     findings: list[str] = Field(default_factory=list)
@@ -347,6 +350,11 @@ class DicomDestination(BaseModel):
         if unknown:
             known = ", ".join(sorted(registry.finding_codes()))
             raise ValueError(f"destination {self.name}: unknown finding(s) {unknown} (known: {known})")
+        if "kos" in self.objects and "key_image" not in self.objects:
+            raise ValueError(
+                f"destination {self.name}: objects has kos without key_image "
+                "(the KOS references the key image)"
+            )
         return self
 
     def wants(self, finding: str, positive: bool) -> bool:

@@ -1,8 +1,9 @@
 """PACS export: `triage.findings` -> the PACS (C-STORE), `triage.audit`, `triage.deadletter`.
 
 For every destination of `dispatch.destinations` whose rules take the finding (its
-findings, positive only or not), the finding's result objects (today the TID 1500 SR,
-processors/dicom_results.py) are built from the headers of the series it was read on
+findings, positive only or not), the finding's result objects it asks for (the TID 1500
+SR, processors/dicom_results.py; for a positive finding a key image and its KOS,
+processors/key_images.py) are built from the headers of the series it was read on
 (the blob store) and C-STOREd (streams/dicom_send.py, in a thread). A destination that
 is down or out of resources is retried with exponential backoff until
 `dispatch.retry_deadline_s`; then, or at once for a final refusal, the finding is
@@ -24,12 +25,14 @@ from importlib import metadata
 from typing import Any
 
 import faust
+import pydicom
 from faust.types import EventT
 from pydicom.dataset import Dataset
 
 from processors.dicom_results import build_sr, read_headers
+from processors.key_images import build_key_image, build_kos, key_slice
 from radtriage import metrics
-from radtriage.settings import DicomDestination, DispatchSettings
+from radtriage.settings import RESULT_OBJECTS, DicomDestination, DispatchSettings, ResultObject
 from schemas.findings import Finding
 from streams.app import dead_letter
 from streams.dicom_send import StoreOutcome, c_store
@@ -90,10 +93,25 @@ def register(ctx: PipelineContext) -> None:
     dispatch = ctx.settings.dispatch
     version = _software_version()
 
-    def build(finding: Finding) -> Dataset:
-        # File reads and highdicom's work: off the event loop.
+    def build(finding: Finding, wanted: set[ResultObject]) -> dict[ResultObject, Dataset]:
+        """The objects wanted by some destination, in sending order. File reads and
+        highdicom's work: called off the event loop."""
         sources = read_headers(ctx.blobs.series_paths(finding.study_uid, finding.series_uid))
-        return build_sr(finding, sources, software_version=version)
+        objects: dict[ResultObject, Dataset] = {}
+        if "sr" in wanted:
+            objects["sr"] = build_sr(finding, sources, software_version=version)
+        if finding.positive and wanted & {"key_image", "kos"}:
+            # Only a positive finding has something to show. A slice that cannot be drawn
+            # (a multi-frame or colour source) costs the key image, never the SR.
+            try:
+                source = pydicom.dcmread(key_slice(finding, sources).filename)
+                objects["key_image"] = build_key_image(finding, source)
+            except (ValueError, OSError) as exc:
+                log.warning("no key image for %s: %s", finding.study_uid, exc)
+            else:
+                if "kos" in wanted:
+                    objects["kos"] = build_kos(finding, [objects["key_image"]])
+        return {what: objects[what] for what in RESULT_OBJECTS if what in objects}
 
     async def export_one(event: EventT[Any]) -> None:
         finding = Finding.from_bytes(event.value)
@@ -106,20 +124,23 @@ def register(ctx: PipelineContext) -> None:
             "radtriage.model": finding.model_name,
         }
         with consumer_span(ctx, STAGE, event, attrs=attrs) as span:
-            sr = await asyncio.to_thread(build, finding)
-            span.set_attribute("dicom.sop_instance_uid", str(sr.SOPInstanceUID))
+            wanted = {what for d in targets for what in d.objects}
+            objects = await asyncio.to_thread(build, finding, wanted)
+            span.set_attribute("radtriage.objects", ",".join(objects))
             for destination in targets:
-                for what in destination.objects:  # "sr" only, for now
+                for what, ds in objects.items():
+                    if what not in destination.objects:
+                        continue
                     started = time.monotonic()
-                    outcome, tries = await send_until_deadline(destination, sr, dispatch, what)
+                    outcome, tries = await send_until_deadline(destination, ds, dispatch, what)
                     result = "stored" if outcome.stored else "failed"
                     metrics.PACS_EXPORTS.labels(destination.name, what, result).inc()
                     detail: Detail = {
                         "destination": destination.name,
                         "ae_title": destination.ae_title,
                         "object": what,
-                        "sop_instance_uid": str(sr.SOPInstanceUID),
-                        "series_uid": str(sr.SeriesInstanceUID),
+                        "sop_instance_uid": str(ds.SOPInstanceUID),
+                        "series_uid": str(ds.SeriesInstanceUID),
                         "status": outcome.status_text,
                         "status_detail": outcome.detail,
                         "tries": tries,
@@ -146,6 +167,8 @@ def register(ctx: PipelineContext) -> None:
                             f"{outcome.status_text}: {outcome.detail}",
                             study_uid=finding.study_uid,
                         )
+                        # Its other objects would meet the same PACS: the replay sends them all.
+                        break
 
     @ctx.app.agent(ctx.topics.findings, name=STAGE)
     async def pacs_export(stream: faust.StreamT[Any]) -> None:

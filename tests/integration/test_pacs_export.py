@@ -1,8 +1,9 @@
 """Results back to the PACS (issue 18), against a REAL Orthanc as the destination: a bleed
-head CT read by the real worker and Triton ends as a TID 1500 SR in Orthanc, in the CT's
-study, referencing its instances; with Orthanc down the export retries and, once it is
-back, stores the SR exactly once (a replayed finding re-sends the same SOP Instance UID);
-and radtriage's own SR forwarded back to its listener is not ingested (no export loop)."""
+head CT read by the real worker and Triton ends as a TID 1500 SR, a key image and a KOS in
+Orthanc, in the CT's study, referencing its instances; with Orthanc down the export
+retries and, once it is back, stores each object exactly once (a replayed finding re-sends
+the same SOP Instance UIDs); and radtriage's own SR forwarded back to its listener is not
+ingested (no export loop)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 from kafka import KafkaProducer
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
@@ -81,16 +82,31 @@ def _send_bleed(
     return study, files
 
 
-def _srs_in_orthanc(orthanc: Orthanc, study_uid: str) -> list[dict[str, Any]]:
+def _results_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, str]:
+    """SOP Instance UID -> Orthanc id of radtriage's objects (their UIDs are 2.25.*) in the study."""
     instances: list[dict[str, Any]] = orthanc.rest("GET", f"/studies/{orthanc.study_id(study_uid)}/instances")
-    return [i for i in instances if i["MainDicomTags"].get("SOPInstanceUID", "").startswith("2.25.")]
+    uids = {i["MainDicomTags"].get("SOPInstanceUID", ""): i["ID"] for i in instances}
+    return {uid: oid for uid, oid in uids.items() if uid.startswith("2.25.")}
 
 
-def _exports(tail: Tail, audit_topic: str, study: str) -> list[dict[str, Any]]:
-    return [a for a in tail.of(audit_topic, study_uid=study) if a["stage"] == "export"]
+def _exports(tail: Tail, audit_topic: str, study: str) -> dict[str, list[dict[str, Any]]]:
+    """The export audit events of a study, by object (sr, key_image, kos)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for a in tail.of(audit_topic, study_uid=study):
+        if a["stage"] == "export":
+            found.setdefault(a["detail"]["object"], []).append(a)
+    return found
 
 
-def test_a_bleed_ends_as_an_sr_in_orthanc_once_even_with_orthanc_down(
+def _dciodvfy_errors(path: Path) -> list[str]:
+    check = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+
+
+OBJECTS = ("sr", "key_image", "kos")
+
+
+def test_a_bleed_ends_as_sr_key_image_and_kos_in_orthanc_once_even_with_orthanc_down(
     worker_env: tuple[dict[str, str], Settings], triton_grpc_url: str, tmp_path: Path
 ) -> None:
     env, settings = worker_env
@@ -105,6 +121,7 @@ def test_a_bleed_ends_as_an_sr_in_orthanc_once_even_with_orthanc_down(
             "host": "127.0.0.1",
             "port": orthanc.dicom_port,
             "ae_title": orthanc.aet,
+            "objects": list(OBJECTS),
             "findings": ["ICH"],
             "positive_only": True,
         }
@@ -118,19 +135,20 @@ def test_a_bleed_ends_as_an_sr_in_orthanc_once_even_with_orthanc_down(
         tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.audit, t.deadletter])
         producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
 
-        # 1. Orthanc up: the SR lands in the CT's study.
+        # 1. Orthanc up: SR, key image and KOS land in the CT's study.
         study, _ = _send_bleed(settings, orthanc, producer, tmp_path / "ct", seed=1801)
-        tail.until(lambda: _exports(tail, t.audit, study), timeout=180)
-        (export,) = _exports(tail, t.audit, study)
-        assert export["decision"] == "sr_stored", export
-        assert export["detail"]["status"] == "0x0000" and export["detail"]["destination"] == "orthanc"
+        tail.until(lambda: len(_exports(tail, t.audit, study)) == 3, timeout=180)
+        exports = {what: only for what, (only,) in _exports(tail, t.audit, study).items()}
+        for what in OBJECTS:
+            assert exports[what]["decision"] == f"{what}_stored", exports[what]
+            assert exports[what]["detail"]["status"] == "0x0000"
         (finding,) = tail.of(t.findings, study_uid=study)
         assert finding["positive"], finding
-        (entry,) = _srs_in_orthanc(orthanc, study)
-        sop_uid = export["detail"]["sop_instance_uid"]
-        assert entry["MainDicomTags"]["SOPInstanceUID"] == sop_uid
-        raw = orthanc_file(orthanc, entry["ID"])
-        sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw)))
+        stored = _results_in_orthanc(orthanc, study)
+        uid = {what: exports[what]["detail"]["sop_instance_uid"] for what in OBJECTS}
+        assert set(stored) == set(uid.values())
+        raw = {what: orthanc_file(orthanc, stored[uid[what]]) for what in OBJECTS}
+        sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw["sr"])))
         assert sr.SOPClassUID == Comprehensive3DSRStorage and sr.StudyInstanceUID == study
         (group,) = sr.content.get_image_measurement_groups()
         (present,) = group.get_qualitative_evaluations()
@@ -141,7 +159,7 @@ def test_a_bleed_ends_as_an_sr_in_orthanc_once_even_with_orthanc_down(
         ct = {
             i["MainDicomTags"]["SOPInstanceUID"]
             for i in orthanc.rest("GET", f"/studies/{orthanc.study_id(study)}/instances")
-            if i["ID"] != entry["ID"]
+            if i["MainDicomTags"]["SOPInstanceUID"] not in stored
         }
         (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
         (series_ref,) = evidence.ReferencedSeriesSequence
@@ -149,14 +167,21 @@ def test_a_bleed_ends_as_an_sr_in_orthanc_once_even_with_orthanc_down(
         # ...and the bleed's slices are a non-empty subset of them.
         sliced = {str(img.referenced_sop_instance_uid) for img in group.source_images}
         assert sliced and sliced <= ct
+        # The key image is drawn on one of those slices; the KOS flags the key image.
+        key = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw["key_image"]))
+        assert key.SOPClassUID == SecondaryCaptureImageStorage and key.BurnedInAnnotation == "YES"
+        assert str(key.SourceImageSequence[0].ReferencedSOPInstanceUID) in sliced
+        kos = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw["kos"]))
+        images = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
+        assert [str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in images] == [
+            uid["key_image"]
+        ]
         # An independent IOD validator on what Orthanc gives back.
-        (tmp_path / "sr.dcm").write_bytes(raw)
-        check = subprocess.run(
-            ["/usr/bin/dciodvfy", str(tmp_path / "sr.dcm")], capture_output=True, text=True
-        )
-        assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+        for what in OBJECTS:
+            (tmp_path / f"{what}.dcm").write_bytes(raw[what])
+            assert _dciodvfy_errors(tmp_path / f"{what}.dcm") == [], what
 
-        # 2. Orthanc down: the export retries; back up, the SR is stored, once.
+        # 2. Orthanc down: the export retries; back up, each object is stored, once.
         orthanc.stop()
         second, second_files = _send_bleed(settings, None, producer, tmp_path / "ct2", seed=1802)
         tail.until(lambda: tail.of(t.findings, study_uid=second), timeout=180)
@@ -164,21 +189,21 @@ def test_a_bleed_ends_as_an_sr_in_orthanc_once_even_with_orthanc_down(
         assert not _exports(tail, t.audit, second)
         orthanc.start()
         orthanc.upload(second_files)
-        tail.until(lambda: _exports(tail, t.audit, second), timeout=120)
-        (export2,) = _exports(tail, t.audit, second)
-        assert export2["decision"] == "sr_stored" and export2["detail"]["tries"] >= 3, export2
-        (entry2,) = _srs_in_orthanc(orthanc, second)
-        assert entry2["MainDicomTags"]["SOPInstanceUID"] == export2["detail"]["sop_instance_uid"]
+        tail.until(lambda: len(_exports(tail, t.audit, second)) == 3, timeout=120)
+        exports2 = {what: only for what, (only,) in _exports(tail, t.audit, second).items()}
+        assert exports2["sr"]["decision"] == "sr_stored" and exports2["sr"]["detail"]["tries"] >= 3, exports2
+        uid2 = {what: exports2[what]["detail"]["sop_instance_uid"] for what in OBJECTS}
+        assert set(_results_in_orthanc(orthanc, second)) == set(uid2.values())
 
-        # 3. The same finding again (a replay after a kill): the same instance, not a second one.
+        # 3. The same finding again (a replay after a kill): the same instances, no second copy.
         (finding2,) = [r for r in tail.records if r.topic == t.findings and r.value["study_uid"] == second]
         producer.send(t.findings, key=second.encode(), value=finding2.raw).get(10)
-        tail.until(lambda: len(_exports(tail, t.audit, second)) == 2, timeout=120)
-        again = _exports(tail, t.audit, second)[1]
-        assert again["decision"] == "sr_stored"
-        assert again["detail"]["sop_instance_uid"] == export2["detail"]["sop_instance_uid"]
-        assert len(_srs_in_orthanc(orthanc, second)) == 1
-        assert len(_srs_in_orthanc(orthanc, study)) == 1
+        tail.until(lambda: all(len(v) == 2 for v in _exports(tail, t.audit, second).values()), timeout=120)
+        for what, (_, again) in _exports(tail, t.audit, second).items():
+            assert again["decision"] == f"{what}_stored"
+            assert again["detail"]["sop_instance_uid"] == uid2[what]
+        assert set(_results_in_orthanc(orthanc, second)) == set(uid2.values())
+        assert set(_results_in_orthanc(orthanc, study)) == set(uid.values())
         assert not [d for d in tail.of(t.deadletter) if d["stage"] == "pacs-export"]
     finally:
         orthanc.stop()

@@ -49,6 +49,7 @@ def test_nothing_configured_sends_nothing() -> None:
         ({"ae_title": "A" * 17}, "AE title"),
         ({"kind": "stow"}, "kind"),
         ({"port": 0}, "port"),
+        ({"objects": ["sr", "kos"]}, "kos without key_image"),
     ],
 )
 def test_a_bad_destination_is_refused_with_its_reason(fields: dict[str, object], message: str) -> None:
