@@ -39,6 +39,7 @@ from connectors.http.body import BodyTooLarge
 from connectors.http.events import AsyncPublisher, PublishError
 from connectors.http.middleware import HttpError
 from connectors.http.state import BLOBS, PUBLISHER, SETTINGS, base_url
+from processors.result_marker import is_radtriage_result
 from radtriage import metrics
 from radtriage.blobstore import BlobStoreError, valid_uid
 from schemas.instances import InstanceEvent
@@ -116,6 +117,17 @@ class StowRequest:
         if self.target_study is not None and instance.study_uid != self.target_study:
             self.refuse(
                 part, v.Refusal(v.DATASET_MISMATCH, "StudyInstanceUID differs from the study in the URL")
+            )
+            return
+        if is_radtriage_result(ds):
+            # radtriage's own result, sent back by a PACS: answered as stored (no retry), never
+            # stored or published (no export loop; processors/result_marker.py).
+            log.info("STOW-RS of %s: radtriage's own result, not ingested", instance.sop_instance_uid)
+            metrics.DICOM_OWN_RESULTS_IGNORED.inc()
+            self.stored.append(
+                Stored(
+                    instance.study_uid, instance.series_uid, instance.sop_class_uid, instance.sop_instance_uid
+                )
             )
             return
         if self.kafka_failed:

@@ -7,9 +7,11 @@ ingested (no export loop)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dicomweb_client.api import DICOMwebClient
 from kafka import KafkaProducer
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
@@ -25,13 +28,15 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
 from radtriage.blobstore import LocalBlobStore
+from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
 from schemas.routing_rules import RoutingRules
 from tests.integration.harness import RULE, Worker
 from tests.support.dicom import Listener, send_files, storescu
-from tests.support.kafka import Tail, read_topic
+from tests.support.http import Intake, http_settings, start_intake, stop_intake
+from tests.support.kafka import PARTITIONS, Tail, read_topic
 from tests.support.orthanc import Orthanc
 from tests.support.wait import wait_until
 
@@ -257,3 +262,54 @@ def test_radtriage_own_sr_sent_back_is_not_ingested(listener: Listener, tmp_path
     markers = [e for e in events if e["kind"] == "transfer_complete"]
     assert [m["instance_count"] for m in markers] == [len(files)]
     assert not list(listener.settings.blob_dir.rglob(f"{sr_uid}.dcm"))
+
+
+@pytest.fixture
+def stow_intake(kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Iterator[Intake]:
+    """The HTTP intake (DICOMweb STOW-RS) in this process, on an `imaging.instances` of its own."""
+    settings = http_settings(tmp_path / "home", kafka_bootstrap, ("instances",))
+    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
+    server = start_intake(settings, loop)
+    try:
+        yield server
+    finally:
+        stop_intake(server)
+
+
+def test_radtriage_own_sr_stowed_back_is_answered_stored_and_not_ingested(
+    stow_intake: Intake, tmp_path: Path
+) -> None:
+    study = pydicom.uid.generate_uid()
+    files = write_ct_series(np.full((3, 16, 16), 40.0), (5.0, 1.0, 1.0), tmp_path / "ct", study_uid=study)
+    sources = read_headers(files)
+    now = datetime.now(UTC)
+    finding = Finding(
+        study_uid=study,
+        series_uid=str(sources[0].SeriesInstanceUID),
+        finding="ICH",
+        probability=0.9,
+        threshold=0.5,
+        positive=True,
+        model_name="ich_classifier",
+        model_version="1",
+        lane="stat",
+        rule_id=RULE,
+        received_at=now,
+        ready_at=now,
+        inference_ms=1.0,
+        request_id=f"{study}/{RULE}",
+    )
+    sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(encode(build_sr(finding, sources))))
+    client = DICOMwebClient(url=f"{stow_intake.base}/dicomweb")
+
+    response = client.store_instances([sr, *(pydicom.dcmread(f) for f in files)])
+
+    # Answered stored, all four: a PACS told otherwise would send the SR again.
+    assert "FailedSOPSequence" not in response
+    assert len(response.ReferencedSOPSequence) == len(files) + 1
+    records = read_topic(stow_intake.settings.kafka.bootstrap_servers, stow_intake.topic, len(files) + 1)
+    instances = [r.value["sop_instance_uid"] for r in records if r.value["kind"] == "instance"]
+    assert len(instances) == len(files) and str(sr.SOPInstanceUID) not in instances
+    (marker,) = [r.value for r in records if r.value["kind"] == "transfer_complete"]
+    assert marker["instance_count"] == len(files)
+    assert not list(stow_intake.settings.blob_dir.rglob(f"{sr.SOPInstanceUID}.dcm"))
