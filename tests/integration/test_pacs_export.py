@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from schemas.findings import Finding
 from schemas.requests import TriageRequest
 from schemas.routing_rules import RoutingRules
 from tests.integration.harness import RULE, Worker
+from tests.integration.test_series_reread import _send_series
 from tests.support.dicom import Listener, send_files, storescu
 from tests.support.http import Intake, http_settings, start_intake, stop_intake
 from tests.support.kafka import PARTITIONS, Tail, read_topic
@@ -313,3 +315,90 @@ def test_radtriage_own_sr_stowed_back_is_answered_stored_and_not_ingested(
     (marker,) = [r.value for r in records if r.value["kind"] == "transfer_complete"]
     assert marker["instance_count"] == len(files)
     assert not list(stow_intake.settings.blob_dir.rglob(f"{sr.SOPInstanceUID}.dcm"))
+
+
+def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
+    worker_env: tuple[dict[str, str], Settings], triton_grpc_url: str, tmp_path: Path
+) -> None:
+    """The thin series is read first and its SR sent; the 5 mm series the rule prefers
+    arrives later, is read again, and its SR names the first as its predecessor."""
+    env, settings = worker_env
+    t = settings.topics
+    orthanc = Orthanc(tmp_path / "pacs")
+    orthanc.start()
+    try:
+        env["RADTRIAGE_TRITON__GRPC_URL"] = triton_grpc_url
+        env["RADTRIAGE_TRITON__TIMEOUT_S"] = "30"
+        destination = {
+            "name": "orthanc",
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+            "ae_title": orthanc.aet,
+        }
+        env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps([destination])
+        study = f"1.2.826.0.9.{time.time_ns()}"
+        phantom = head_ct_phantom(np.random.default_rng(7007), bleed=True, min_bleed_ml=5.0)
+        dz, dy, dx = phantom.spacing_zyx
+        kw = {"study_uid": study, "body_part": "HEAD"}
+        thin = write_ct_series(
+            np.repeat(phantom.hu, 2, axis=0),
+            (dz / 2, dy, dx),
+            tmp_path / "thin",
+            series_uid=study + ".3",
+            **kw,
+        )
+        thick = write_ct_series(
+            phantom.hu, phantom.spacing_zyx, tmp_path / "thick", series_uid=study + ".2", **kw
+        )
+        orthanc.upload(thin + thick)
+        worker = Worker(env, settings.home)
+        worker.start()
+        tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.audit, t.deadletter])
+        producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+        _send_series(
+            producer,
+            settings,
+            thin,
+            study,
+            study + ".3",
+            number=3,
+            description="Head 0.5x H30s",
+            thickness=dz / 2,
+            kernel="H30s",
+        )
+        tail.until(lambda: len(_exports(tail, t.audit, study).get("sr", [])) == 1, timeout=180)
+        _send_series(
+            producer,
+            settings,
+            thick,
+            study,
+            study + ".2",
+            number=2,
+            description="Head 5.0 H30s",
+            thickness=dz,
+            kernel="H30s",
+        )
+        tail.until(lambda: len(_exports(tail, t.audit, study).get("sr", [])) == 2, timeout=180)
+
+        first, second = tail.of(t.findings, study_uid=study)
+        assert second["amends_request_id"] == first["request_id"]
+        sent = [e["detail"]["sop_instance_uid"] for e in _exports(tail, t.audit, study)["sr"]]
+        assert all(e["decision"] == "sr_stored" for e in _exports(tail, t.audit, study)["sr"])
+        stored = _results_in_orthanc(orthanc, study)
+        assert set(stored) == set(sent) and len(set(sent)) == 2
+        amended = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc_file(orthanc, stored[sent[1]])))
+        (predecessor_study,) = amended.PredecessorDocumentsSequence
+        (predecessor_series,) = predecessor_study.ReferencedSeriesSequence
+        (predecessor,) = predecessor_series.ReferencedSOPSequence
+        assert predecessor.ReferencedSOPInstanceUID == sent[0]
+        original = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc_file(orthanc, stored[sent[0]])))
+        assert predecessor_series.SeriesInstanceUID == original.SeriesInstanceUID
+        assert "PredecessorDocumentsSequence" not in original
+        # Each SR references the series it was read on.
+        for sr, series in ((original, study + ".3"), (amended, study + ".2")):
+            (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
+            assert [s.SeriesInstanceUID for s in evidence.ReferencedSeriesSequence] == [series]
+        (tmp_path / "amended.dcm").write_bytes(orthanc_file(orthanc, stored[sent[1]]))
+        assert _dciodvfy_errors(tmp_path / "amended.dcm") == []
+    finally:
+        orthanc.stop()
