@@ -29,7 +29,7 @@ import pydicom
 from faust.types import EventT
 from pydicom.dataset import Dataset
 
-from processors.dicom_results import build_sr, read_headers
+from processors.dicom_results import ResultError, build_sr, read_headers
 from processors.key_images import build_key_image, build_kos, key_slice
 from radtriage import metrics
 from radtriage.settings import RESULT_OBJECTS, DicomDestination, DispatchSettings, ResultObject
@@ -125,7 +125,13 @@ def register(ctx: PipelineContext) -> None:
         }
         with consumer_span(ctx, STAGE, event, attrs=attrs) as span:
             wanted = {what for d in targets for what in d.objects}
-            objects = await asyncio.to_thread(build, finding, wanted)
+            try:
+                objects = await asyncio.to_thread(build, finding, wanted)
+            except ResultError as exc:
+                # Nothing to reference (the series is not in the blob store): the finding
+                # goes to the dead letters with its study, for a replay once it is there.
+                await dead_letter(ctx.topics, event, STAGE, f"not built: {exc}", study_uid=finding.study_uid)
+                return
             span.set_attribute("radtriage.objects", ",".join(objects))
             for destination in targets:
                 for what, ds in objects.items():

@@ -39,6 +39,7 @@ from tests.integration.test_series_reread import _send_series
 from tests.support.dicom import Listener, send_files, storescu
 from tests.support.http import Intake, http_settings, start_intake, stop_intake
 from tests.support.kafka import PARTITIONS, Tail, read_topic
+from tests.support.net import free_port
 from tests.support.orthanc import Orthanc
 from tests.support.wait import wait_until
 
@@ -402,3 +403,64 @@ def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
         assert _dciodvfy_errors(tmp_path / "amended.dcm") == []
     finally:
         orthanc.stop()
+
+
+def test_a_pacs_that_stays_down_past_the_deadline_gets_a_dead_letter_naming_it(
+    worker_env: tuple[dict[str, str], Settings], tmp_path: Path
+) -> None:
+    """No Triton: a finding is published as the lane would; the destination's port has no
+    listener, so every try fails, and after the deadline the finding is dead-lettered with
+    the destination and the status, and audited as not stored. A finding whose series is
+    not in the blob store is dead-lettered with that cause."""
+    env, settings = worker_env
+    t = settings.topics
+    down_port = free_port()
+    destination = {"name": "gone", "host": "127.0.0.1", "port": down_port, "ae_title": "NOPACS"}
+    env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps([destination])
+    env["RADTRIAGE_DISPATCH__RETRY_INITIAL_S"] = "0.2"
+    env["RADTRIAGE_DISPATCH__RETRY_MAX_S"] = "0.5"
+    env["RADTRIAGE_DISPATCH__RETRY_DEADLINE_S"] = "2"
+    study = pydicom.uid.generate_uid()
+    files = write_ct_series(np.full((4, 16, 16), 40.0), (5.0, 1.0, 1.0), tmp_path / "ct", study_uid=study)
+    sources = read_headers(files)
+    series = str(sources[0].SeriesInstanceUID)
+    blobs = LocalBlobStore(settings.blob_dir)
+    for path, ds in zip(files, sources, strict=True):
+        blobs.put_instance(study, series, str(ds.SOPInstanceUID), path.read_bytes())
+    now = datetime.now(UTC)
+    finding = Finding(
+        study_uid=study,
+        series_uid=series,
+        finding="ICH",
+        probability=0.9,
+        threshold=0.5,
+        positive=True,
+        model_name="ich_classifier",
+        model_version="1",
+        lane="stat",
+        rule_id=RULE,
+        received_at=now,
+        ready_at=now,
+        inference_ms=1.0,
+        request_id=f"{study}/{RULE}",
+    )
+    orphan = finding.model_copy(update={"study_uid": pydicom.uid.generate_uid(), "request_id": "orphan"})
+    worker = Worker(env, settings.home)
+    worker.start()
+    tail = Tail(settings.kafka.bootstrap_servers, [t.audit, t.deadletter])
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    for f in (finding, orphan):
+        producer.send(t.findings, key=f.study_uid.encode(), value=f.to_bytes()).get(10)
+
+    def letters(uid: str) -> list[dict[str, Any]]:
+        return [d for d in tail.of(t.deadletter, study_uid=uid) if d["stage"] == "pacs-export"]
+
+    tail.until(lambda: letters(study) and letters(orphan.study_uid), timeout=120)
+    (letter,) = letters(study)
+    assert f"destination gone (NOPACS@127.0.0.1:{down_port})" in letter["error"]
+    assert "DICOM status no response" in letter["error"] and "association" in letter["error"]
+    assert Finding.from_bytes(letter["payload"]) == finding  # replayable as it was
+    (export,) = _exports(tail, t.audit, study)["sr"]
+    assert export["decision"] == "sr_failed" and export["detail"]["tries"] > 1
+    (orphan_letter,) = letters(orphan.study_uid)
+    assert "no source instance" in orphan_letter["error"]
