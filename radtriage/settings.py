@@ -316,6 +316,22 @@ class DicomSettings(BaseModel):
         return self.require_called_ae_title
 
 
+class DestinationTls(BaseModel):
+    """DICOM over TLS (PS3.15 B.1) to a PACS: its certificate is verified against `ca_file`
+    and its name or address (`host`); `cert_file` + `key_file` (PEM, unencrypted key) are
+    radtriage's own certificate when the PACS asks for one (mutual TLS)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file are given together or not at all")
+        return self
+
+
 # The result objects a destination may take: the TID 1500 SR (processors/dicom_results.py),
 # for positive findings a secondary-capture key image and the KOS that flags it
 # (processors/key_images.py). Sent in this order: a KOS after the image it references.
@@ -337,6 +353,8 @@ class DicomDestination(BaseModel):
     # of known modalities must name).
     ae_title: AeTitle
     calling_ae_title: AeTitle = "RADTRIAGE"
+    # DICOM over TLS (the PACS's TLS port, often 2762); None: plain TCP.
+    tls: DestinationTls | None = None
     # Which objects (RESULT_OBJECTS; a DICOM SEG is not built yet).
     objects: list[ResultObject] = Field(default_factory=lambda: list[ResultObject](["sr"]), min_length=1)
     # Which findings (codes of registered models, e.g. ICH, LVO); empty: every finding.

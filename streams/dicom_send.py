@@ -14,13 +14,14 @@ retrying; any other failure (0xA9xx data set does not match, 0xCxxx cannot under
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from radtriage.settings import DicomDestination
+from radtriage.settings import DestinationTls, DicomDestination
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,32 @@ def outcome_of(status: Dataset | None) -> StoreOutcome:
     return StoreOutcome(code, f"refused{': ' + comment if comment else ''}")
 
 
+def client_context(tls: DestinationTls) -> ssl.SSLContext:
+    """The TLS context of a destination: TLS 1.2+, the PACS verified against `ca_file` (its
+    certificate must name `host`), radtriage's own certificate if one is configured."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context
+
+
 def c_store(destination: DicomDestination, ds: Dataset, timeout_s: float) -> StoreOutcome:
     """Send `ds` to `destination` in one association; never raises for a network failure."""
+    tls_args = None
+    if destination.tls is not None:
+        try:
+            tls_args = (client_context(destination.tls), destination.host)
+        except (OSError, ValueError) as exc:  # a missing or unreadable certificate: fix, then replay
+            return StoreOutcome(None, f"TLS configuration: {type(exc).__name__}: {exc}")
     ae = AE(ae_title=destination.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
     ae.add_requested_context(str(ds.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(
+            destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+        )
     except OSError as exc:  # pynetdicom reports most failures on the association; belt and braces
         return StoreOutcome(None, f"cannot connect: {type(exc).__name__}")
     if not assoc.is_established:

@@ -30,10 +30,12 @@ from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
 from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import Settings
+from radtriage.settings import DestinationTls, DicomDestination, Settings
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
 from schemas.routing_rules import RoutingRules
+from streams.dicom_send import c_store
+from tests.certs import make_pki
 from tests.integration.harness import RULE, Worker
 from tests.integration.test_series_reread import _send_series
 from tests.support.dicom import Listener, send_files, storescu
@@ -464,3 +466,70 @@ def test_a_pacs_that_stays_down_past_the_deadline_gets_a_dead_letter_naming_it(
     assert export["decision"] == "sr_failed" and export["detail"]["tries"] > 1
     (orphan_letter,) = letters(orphan.study_uid)
     assert "no source instance" in orphan_letter["error"]
+
+
+def test_dicom_tls_to_the_pacs(tmp_path: Path) -> None:
+    """Orthanc on DICOM TLS asking for a client certificate: the SR goes through with
+    radtriage's certificate; plain TCP, a PACS certificate of an untrusted CA, or no client
+    certificate do not store it, and each is a retryable outcome (no response)."""
+    pki = make_pki(tmp_path / "pki")
+    orthanc = Orthanc(
+        tmp_path / "pacs",
+        extra_config={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(pki.server_cert),
+            "DicomTlsPrivateKey": str(pki.server_key),
+            "DicomTlsTrustedCertificates": str(pki.ca),
+            "DicomTlsRemoteCertificateRequired": True,
+        },
+    )
+    orthanc.start()
+    try:
+        study = pydicom.uid.generate_uid()
+        files = write_ct_series(np.full((3, 16, 16), 40.0), (5.0, 1.0, 1.0), tmp_path / "ct", study_uid=study)
+        sources = read_headers(files)
+        now = datetime.now(UTC)
+        finding = Finding(
+            study_uid=study,
+            series_uid=str(sources[0].SeriesInstanceUID),
+            finding="ICH",
+            probability=0.9,
+            threshold=0.5,
+            positive=True,
+            model_name="ich_classifier",
+            model_version="1",
+            lane="stat",
+            rule_id=RULE,
+            received_at=now,
+            ready_at=now,
+            inference_ms=1.0,
+            request_id=f"{study}/{RULE}",
+        )
+        sr = build_sr(finding, sources)
+        base = {"name": "tls", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": orthanc.aet}
+        mutual = DestinationTls(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
+        refused = {
+            "plain": DicomDestination.model_validate(base),
+            "untrusted PACS": DicomDestination.model_validate(
+                base
+                | {
+                    "tls": DestinationTls(
+                        ca_file=pki.other_ca, cert_file=pki.client_cert, key_file=pki.client_key
+                    )
+                }
+            ),
+            "no client certificate": DicomDestination.model_validate(
+                base | {"tls": DestinationTls(ca_file=pki.ca)}
+            ),
+        }
+        for why, destination in refused.items():
+            outcome = c_store(destination, sr, 5.0)
+            assert not outcome.stored and outcome.retryable, (why, outcome)
+        assert orthanc.instance_count() == 0
+
+        outcome = c_store(DicomDestination.model_validate(base | {"tls": mutual}), sr, 10.0)
+        assert outcome.stored, outcome
+        (found,) = orthanc.rest("POST", "/tools/lookup", str(sr.SOPInstanceUID))
+        assert found["Type"] == "Instance"
+    finally:
+        orthanc.stop()

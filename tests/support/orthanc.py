@@ -37,6 +37,7 @@ class Orthanc:
         max_pdu: int = 0,
         modalities: dict[str, tuple[str, str, int]] | None = None,
         aet: str = "ORTHANC",
+        extra_config: dict[str, Any] | None = None,
     ) -> None:
         self.dicom_port, self.http_port = free_port(), free_port()
         self.aet = aet
@@ -61,6 +62,8 @@ class Orthanc:
                     "LogLevel": "default",
                     "DicomModalities": {name: list(m) for name, m in (modalities or {}).items()},
                     **({"MaximumPduLength": max_pdu} if max_pdu else {}),
+                    # e.g. DICOM TLS ("DicomTlsEnabled", certificates)
+                    **(extra_config or {}),
                 }
             )
         )

@@ -50,6 +50,8 @@ def test_nothing_configured_sends_nothing() -> None:
         ({"kind": "stow"}, "kind"),
         ({"port": 0}, "port"),
         ({"objects": ["sr", "kos"]}, "kos without key_image"),
+        ({"tls": {"ca_file": "/ca.pem", "cert_file": "/me.pem"}}, "together"),
+        ({"tls": {}}, "ca_file"),
     ],
 )
 def test_a_bad_destination_is_refused_with_its_reason(fields: dict[str, object], message: str) -> None:
