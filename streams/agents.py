@@ -2,8 +2,7 @@
 their topics).
 
 assemble -> route -> join (patient, order) -> infer (one agent per lane) -> report / escalate /
-pacs-export,
-one module each under `streams/stages/`. This module only builds what they share (the
+ehr-hl7 / pacs-export, one module each under `streams/stages/`. This module only builds what they share (the
 app, topics, rules, blob store, published-output ledgers) and registers them.
 """
 
