@@ -9,7 +9,11 @@ from pydantic import Field
 
 from schemas.base import Event, utcnow
 
-AuditStage = Literal["route", "infer", "report", "alert"]
+AuditStage = Literal["route", "infer", "report", "alert", "notify"]
+
+# An alert acknowledged by a person (the operator page's button or a notification's link):
+# detail {alert_id, by, at, finding}; the notify stage stops escalating it.
+ACK_DECISION = "alert_acknowledged"
 
 
 class AuditEvent(Event):

@@ -1,7 +1,8 @@
 """The pipeline: every stage's agents on one Faust app (docs/ARCHITECTURE.md, Stages and
 their topics).
 
-assemble -> route -> join (patient, order) -> infer (one agent per lane) -> report / escalate,
+assemble -> route -> join (patient, order) -> infer (one agent per lane) -> report / escalate
+-> notify,
 one module each under `streams/stages/`. This module only builds what they share (the
 app, topics, rules, blob store, published-output ledgers) and registers them.
 """
@@ -21,13 +22,13 @@ from radtriage.settings import Settings
 from schemas.routing_rules import RoutingRules
 from streams.app import TriageTopics, create_app, declare_topics
 from streams.published_ledger import PublishedLedger, alert_key, finding_key, report_key
-from streams.stages import assemble, escalate, infer, join, report, route
+from streams.stages import assemble, escalate, infer, join, notify, report, route
 from streams.stages.context import PipelineContext
 
 log = logging.getLogger(__name__)
 
 # The stages in the order a study meets them; each registers its agents.
-STAGES = (assemble, route, join, infer, report, escalate)
+STAGES = (assemble, route, join, infer, report, escalate, notify)
 
 
 @dataclass
@@ -92,6 +93,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
     lanes = infer.register(ctx)
     report.register(ctx)
     escalate.register(ctx)
+    notify.register(ctx)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     def _stop_pools(sender: Any, **kwargs: Any) -> None:

@@ -26,7 +26,7 @@ from radtriage.operator.decode import Observed, Unreadable
 from radtriage.replay import Action, Coordinates, classify
 from radtriage.settings import LANES
 from schemas.alerts import Alert
-from schemas.audit import AuditEvent
+from schemas.audit import ACK_DECISION, AuditEvent
 from schemas.base import EventDecodeError
 from schemas.deadletter import DeadLetter
 from schemas.findings import Finding
@@ -35,7 +35,6 @@ from schemas.results import FhirResult
 from schemas.studies import StudyEvent
 from streams.routing import request_id
 
-ACK_DECISION = "alert_acknowledged"
 # Distinct trace ids remembered per study (a re-sent study starts another trace).
 MAX_TRACES_PER_STUDY = 4
 
