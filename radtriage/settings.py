@@ -347,7 +347,10 @@ class StreamSettings(BaseModel):
     ledger_lookback_s: float = 6 * 3600.0
     # Fault tests only: kill the worker right after a finding, report or alert is acked by
     # Kafka and before anything else (offset commit, audit) happened.
-    fault_injection: Literal["", "crash_after_finding", "crash_after_report", "crash_after_alert"] = ""
+    # crash_after_notify: right after a peer accepted a notification, before it is recorded.
+    fault_injection: Literal[
+        "", "crash_after_finding", "crash_after_report", "crash_after_alert", "crash_after_notify"
+    ] = ""
     # A SIGTERMed worker that has not finished stopping after this long exits hard: a stop
     # stuck in a rebalance or a process pool must not outlive the pod's grace period
     # (60 s in deploy/k8s). Nothing is lost by it: offsets of unfinished work are not

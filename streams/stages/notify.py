@@ -285,6 +285,9 @@ class Notifier:
 
         async def on_attempt(t: Try) -> None:
             nonlocal last_error
+            if not t.error:
+                # Fault tests: the peer has it, the record of it is not written yet.
+                self.ctx.crash_if("crash_after_notify", notice.key)
             if t.error:
                 last_error = f"{t.channel}: {t.error}"
                 log.warning(
