@@ -76,7 +76,10 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
                 [t.instances, t.studies, *lanes, t.findings, t.results_fhir, *t.alert_topics()],
                 BOTH,
             ),
-            *_topics([t.audit, t.deadletter], PRODUCE),
+            # Reads the audit topic too: the notify stage's acknowledgements and its own record
+            # of who was told (streams/stages/notify.py).
+            *_topics([t.audit], BOTH),
+            *_topics([t.deadletter], PRODUCE),
             Grant("topic", f"{app}-", "prefix", ("Read", "Write", "Create", "Describe", "DescribeConfigs")),
             Grant("group", app, "literal", CONSUME),
         ],
