@@ -143,10 +143,10 @@ class Notifier:
 
     # -- records -----------------------------------------------------------------------------
 
-    async def note(self, alert: Alert, decision: str, **detail: str | float | int | bool) -> None:
-        """One notify record on `triage.audit`, acknowledged, then folded into the state."""
+    @staticmethod
+    def _record(alert: Alert, decision: str, **detail: str | float | int | bool) -> AuditEvent:
         now = datetime.now(UTC)
-        event = AuditEvent(
+        return AuditEvent(
             study_uid=alert.study_uid,
             accession_number=alert.accession_number,
             stage="notify",
@@ -154,8 +154,22 @@ class Notifier:
             detail={"alert_id": alert.alert_id, "at": now.isoformat(), "finding": alert.finding, **detail},
             at=now,
         )
+
+    async def note(self, alert: Alert, decision: str, **detail: str | float | int | bool) -> None:
+        """One notify record on `triage.audit`, acknowledged, then folded into the state."""
+        event = self._record(alert, decision, **detail)
         await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
         self.state.apply(event)
+
+    async def open(self, alert: Alert) -> None:
+        """Open the escalation and tell step 1 while its record is written, not after: the
+        alert's offset is committed only once both are done, so a kill before the record is
+        in Kafka replays the alert, which opens again and re-sends step 1 under the same
+        idempotency keys. It saves one acks=all round trip on the way to the first person."""
+        event = self._record(alert, ns.OPENED)
+        self.state.apply(event)
+        written = publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
+        await asyncio.gather(written, self.work(alert.alert_id))
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -180,8 +194,9 @@ class Notifier:
         self.topic_of.setdefault(alert.alert_id, topic)
         esc = self.state.escalations.get(alert.alert_id)
         if esc is None:
-            await self.note(alert, ns.OPENED)
-        elif _has_header(event, REPLAY_HEADER):
+            await self.open(alert)
+            return
+        if _has_header(event, REPLAY_HEADER):
             # A dead letter replayed: try the undeliverable recipients of the current step again.
             esc.done -= esc.undeliverable
             esc.undeliverable.clear()

@@ -1,0 +1,161 @@
+"""Time to notification: alert → signed webhook received, and alert → e-mail accepted by the
+SMTP server (STARTTLS), through a real Kafka and a real `radtriage worker` (issue 19).
+
+    python -m bench.notify --alerts 20
+
+Starts its own single-node Kafka, a worker whose notify stage tells one on-call step of two
+recipients (a JSON webhook signed with HMAC-SHA256, an e-mail), a webhook receiver that
+verifies the signature and an aiosmtpd server that requires STARTTLS (tests/support). Each
+alert comes from a positive stat ICH finding published on `triage.findings` (the escalate
+stage turns it into the alert; no model runs), one at a time. Measured per alert, from the
+alert's own `alerted_at` (written by the escalate stage) to the receipt time at each peer,
+on one clock (one machine). Writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from rich.console import Console
+
+from radtriage.settings import REPO_ROOT
+from tests.certs import make_pki
+from tests.integration.harness import Worker, finding_bytes, make_worker_env
+from tests.support.kafka import local_kafka
+from tests.support.notify_peers import smtp_env, smtp_server, webhook_receiver
+from tests.support.wait import wait_until
+
+console = Console()
+SECRET = "bench-secret"
+ONCALL = """\
+version: 1
+recipients:
+  pager: {channels: [{webhook: pager}]}
+  mail: {channels: [{email: oncall@hospital.example}]}
+rules:
+  - chain:
+      - {recipients: [pager, mail], timeout_s: 3600}
+"""
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {
+        "n": len(xs),
+        "p50": statistics.median(xs),
+        # Nearest rank; with 20 samples p99 is the maximum.
+        "p99": xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))],
+        "min": xs[0],
+        "max": xs[-1],
+    }
+
+
+def alert_times(bootstrap: str, topic: str) -> KafkaConsumer:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    return consumer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--alerts", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
+        tmp = Path(tmp_name)
+        pki = make_pki(tmp / "pki")
+        oncall = tmp / "oncall.yaml"
+        oncall.write_text(ONCALL)
+        with (
+            local_kafka(tmp / "kafka") as broker,
+            webhook_receiver(SECRET) as hooks,
+            smtp_server(pki) as smtp,
+        ):
+            bootstrap = broker.bootstrap_servers
+            (tmp / "home").mkdir()
+            setup = make_worker_env(bootstrap, tmp / "home")
+            env, settings = next(setup)
+            env.update(smtp_env(smtp, pki.ca))
+            env.update(
+                {
+                    "RADTRIAGE_NOTIFY__WEBHOOKS": json.dumps(
+                        [{"name": "pager", "url": hooks.url("/pager"), "secret": SECRET}]
+                    ),
+                    "RADTRIAGE_NOTIFY__ONCALL_FILE": str(oncall),
+                    "RADTRIAGE_NOTIFY__ACK_SECRET": "bench-ack",
+                }
+            )
+            worker = Worker(env, settings.home)
+            with console.status("starting the worker…"):
+                worker.start()
+            producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+            ich_topic = settings.topics.alert_topic("ich")
+            uids = []
+            try:
+                for i in range(args.alerts + 1):  # the first one warms up (connections, JIT)
+                    uid = f"1.2.826.0.19.9.{time.time_ns()}"
+                    producer.send(
+                        settings.topics.findings, key=uid.encode(), value=finding_bytes(uid, 0.95)
+                    ).get(10)
+                    wait_until(
+                        lambda n=i + 1: len(hooks.received) >= n and len(smtp.mails) >= n,
+                        f"alert {i} at both peers",
+                        60,
+                    )
+                    uids.append(uid)
+                    time.sleep(0.3)
+            finally:
+                worker.kill(signal.SIGTERM)
+                next(setup, None)
+            consumer = alert_times(bootstrap, ich_topic)
+            alerted: dict[str, float] = {}
+            deadline = time.monotonic() + 30
+            while len(alerted) < len(uids) and time.monotonic() < deadline:
+                for recs in consumer.poll(timeout_ms=500).values():
+                    for r in recs:
+                        value = json.loads(r.value)
+                        alerted[value["study_uid"]] = datetime.fromisoformat(value["alerted_at"]).timestamp()
+            consumer.close()
+            hook_at = {r.body["study_uid"]: r.at for r in hooks.received}
+            mail_at: dict[str, float] = {}
+            for m in smtp.mails:
+                body = m.message.get_payload(decode=True).decode()  # type: ignore[union-attr]
+                for uid in uids:
+                    if f"/operator/studies/{uid}" in body:
+                        mail_at[uid] = m.at
+            measured = uids[1:]
+            to_hook = [(hook_at[u] - alerted[u]) * 1000 for u in measured]
+            to_mail = [(mail_at[u] - alerted[u]) * 1000 for u in measured]
+            duplicates = len(hooks.duplicates)
+
+    result: dict[str, Any] = {
+        "benchmark": "notify",
+        "at": datetime.now(UTC).isoformat(),
+        "alerts": len(measured),
+        "alert_to_webhook_received_ms": stats(to_hook),
+        "alert_to_email_accepted_ms": stats(to_mail),
+        "webhook_duplicates": duplicates,
+        "setup": "1 Kafka broker, 1 worker, signed JSON webhook + SMTP STARTTLS on 127.0.0.1, "
+        "one alert at a time",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"notify-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print_json(json.dumps(result))
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
