@@ -162,14 +162,14 @@ class Notifier:
         self.state.apply(event)
 
     async def open(self, alert: Alert) -> None:
-        """Open the escalation and tell step 1 while its record is written, not after: the
-        alert's offset is committed only once both are done, so a kill before the record is
-        in Kafka replays the alert, which opens again and re-sends step 1 under the same
-        idempotency keys. It saves one acks=all round trip on the way to the first person."""
+        """Open the escalation and start telling step 1 while its record is written, not
+        after (one acks=all round trip less on the way to the first person). The alert's
+        offset is committed once the record is in Kafka; a kill before that replays the
+        alert, which opens again and re-sends step 1 under the same idempotency keys."""
         event = self._record(alert, ns.OPENED)
         self.state.apply(event)
-        written = publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
-        await asyncio.gather(written, self.work(alert.alert_id))
+        self.spawn(alert.alert_id)
+        await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -187,7 +187,7 @@ class Notifier:
             self.state.apply(record)
             alert_id = record.detail.get("alert_id")
             if record.stage == "alert" and isinstance(alert_id, str) and alert_id in self.state.escalations:
-                await self.work(alert_id)  # an acknowledgement: stop now, not at the next tick
+                self.spawn(alert_id)  # an acknowledgement: stop now, not at the next tick
             return
         alert = Alert.from_bytes(event.value)  # unreadable: dead-lettered by `each`
         self.state.add_alert(alert)
@@ -200,7 +200,7 @@ class Notifier:
             # A dead letter replayed: try the undeliverable recipients of the current step again.
             esc.done -= esc.undeliverable
             esc.undeliverable.clear()
-        await self.work(alert.alert_id)
+        self.spawn(alert.alert_id)
 
     # -- acting ------------------------------------------------------------------------------
 
@@ -241,13 +241,30 @@ class Notifier:
         for partition in sorted(self.owned):
             await self.ready(partition)
         self.state.prune(datetime.now(UTC), self.n.lookback_s)
+        for cache in (self.chains, self.topic_of):
+            for alert_id in [a for a in cache if a not in self.state.alerts]:
+                del cache[alert_id]
         for action in list(ns.due(self.state, self.plan, datetime.now(UTC))):
             if action.alert_id in self.busy:
                 continue
-            # Each on its own: one slow channel does not hold up another alert's escalation.
-            task = asyncio.ensure_future(self.work(action.alert_id))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.spawn(action.alert_id)
+
+    def spawn(self, alert_id: str) -> None:
+        """Work on one escalation in a task of its own: a channel down (retries, backoff)
+        holds up neither the partition's stream (other alerts, acknowledgements) nor
+        another alert. Nothing is lost by not awaiting it: once the escalation's open
+        record is in Kafka, whatever it still needs is found again by the timer, here or
+        on the worker that takes the partition over."""
+        if alert_id in self.busy:
+            return
+        task = asyncio.ensure_future(self.work(alert_id))
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("notify: escalation work failed", exc_info=task.exception())
 
     def notice(self, alert: Alert, step: PlannedStep, recipient: str) -> message.Notice:
         key = idempotency_key(alert.alert_id, recipient, step.index)
