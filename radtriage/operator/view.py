@@ -73,6 +73,16 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Told:
+    """One notification a person received (streams/stages/notify.py `notify_delivered`)."""
+
+    recipient: str
+    channel: str
+    step: int
+    at: datetime
+
+
+@dataclass(frozen=True)
 class WorkItem:
     """A request routed to a lane and not finished yet."""
 
@@ -150,6 +160,10 @@ Done = Literal["finding", "deadletter"]
 class View:
     alerts: Mapping[str, AlertRow] = field(default_factory=dict)
     acks: Mapping[str, Ack] = field(default_factory=dict)
+    # By alert id: who the notify stage told, and until when the current step has to
+    # acknowledge (None once the escalation stopped on an acknowledgement).
+    notified: Mapping[str, tuple[Told, ...]] = field(default_factory=dict)
+    due: Mapping[str, datetime | None] = field(default_factory=dict)
     open_work: Mapping[str, WorkItem] = field(default_factory=dict)
     done: Mapping[str, Done] = field(default_factory=dict)
     finished: tuple[FinishedRow, ...] = ()
@@ -331,7 +345,34 @@ def ack_of(event: AuditEvent) -> tuple[str, Ack] | None:
     return alert_key, Ack(by.strip(), _as_utc(event.detail.get("at"), event.at))
 
 
+def _notify(view: View, event: AuditEvent, limits: Limits) -> View:
+    """The notify stage's record of an alert: deliveries, and when its current step is due."""
+    alert_key = event.detail.get("alert_id")
+    if not isinstance(alert_key, str) or not alert_key:
+        return view
+    d = event.detail
+    if event.decision == "notify_delivered":
+        told = Told(str(d.get("recipient", "")), str(d.get("channel", "")), int(d.get("step", 0)), event.at)
+        before = view.notified.get(alert_key, ())
+        if any(t.recipient == told.recipient and t.step == told.step for t in before):
+            return view  # a copy re-sent after a kill: the first delivery is the one shown
+        notified = _put(view.notified, alert_key, (*before, told), limits.alerts * 4)
+        return replace(view, notified=notified)
+    if event.decision in ("notify_opened", "notify_step"):
+        due_text = d.get("due_at")
+        due = _as_utc(due_text, event.at) if isinstance(due_text, str) and due_text else None
+        current = view.due.get(alert_key)
+        if due is not None and (alert_key not in view.due or (current is not None and due > current)):
+            return replace(view, due=_put(view.due, alert_key, due, limits.alerts * 4))
+        return view
+    if event.decision == "notify_stopped" and d.get("reason") == "acknowledged":
+        return replace(view, due=_put(view.due, alert_key, None, limits.alerts * 4))
+    return view
+
+
 def _audit(view: View, event: AuditEvent, limits: Limits) -> View:
+    if event.stage == "notify":
+        return _notify(view, event, limits)
     found = ack_of(event)
     if found is None:
         return view
@@ -477,6 +518,9 @@ class Snapshot:
     status: LogStatus
     unreadable: Mapping[str, int]
     version: int
+    notified: Mapping[str, tuple[Told, ...]] = field(default_factory=dict)
+    # Unacknowledged alerts whose current escalation step is past its timeout.
+    overdue: frozenset[str] = frozenset()
 
 
 def letter_state(view: View, row: LetterRow, consumed: frozenset[str]) -> tuple[LetterState, str]:
@@ -507,4 +551,10 @@ def snapshot(view: View, now: datetime, consumed: frozenset[str]) -> Snapshot:
         status=view.status,
         unreadable=dict(view.unreadable),
         version=view.version,
+        notified={a.alert_id: view.notified[a.alert_id] for a in alerts if a.alert_id in view.notified},
+        overdue=frozenset(
+            a.alert_id
+            for a in alerts
+            if a.alert_id not in view.acks and (due := view.due.get(a.alert_id)) is not None and due < now
+        ),
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # The header `radtriage replay` puts on a republished message (radtriage/replay.py).
 REPLAY_HEADER = "radtriage-replay-of"
+
+
+def _due(start: datetime, timeout_s: float) -> str:
+    return (start + timedelta(seconds=timeout_s)).isoformat()
 
 
 def _has_header(event: EventT[Any], name: str) -> bool:
@@ -167,6 +171,11 @@ class Notifier:
         offset is committed once the record is in Kafka; a kill before that replays the
         alert, which opens again and re-sends step 1 under the same idempotency keys."""
         event = self._record(alert, ns.OPENED)
+        chain = recipients_for(Subject(alert.finding), self.oncall, event.at)
+        if chain and chain[0].timeout_s is not None:
+            # For the operator page: when this step is overdue without an acknowledgement.
+            due = _due(event.at, chain[0].timeout_s)
+            event = event.model_copy(update={"detail": {**event.detail, "steps": len(chain), "due_at": due}})
         self.state.apply(event)
         self.spawn(alert.alert_id)
         await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
@@ -229,7 +238,9 @@ class Notifier:
                     metrics.NOTIFY_STOPPED.labels(action.reason).inc()
                     log.info("notify: %s stopped (%s)", alert_id, action.reason)
                 elif isinstance(action, ns.Escalate):
-                    await self.note(alert, ns.STEP, step=action.step)
+                    timeout = chain[action.step].timeout_s
+                    due = {"due_at": _due(datetime.now(UTC), timeout)} if timeout is not None else {}
+                    await self.note(alert, ns.STEP, step=action.step, **due)
                     log.info("notify: %s unacknowledged, step %d", alert_id, action.step + 1)
                 else:
                     await asyncio.gather(*(self.tell(alert, action.step, r) for r in action.recipients))
