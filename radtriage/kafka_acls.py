@@ -88,6 +88,8 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
             *_topics([t.deadletter], CONSUME),
             *_topics([t.instances, t.studies, t.orders, t.encounters, *lanes, t.findings], PRODUCE),
             Grant("topic", f"{app}-studies-by-", "prefix", PRODUCE),
+            # Replayed notify dead letters (streams/stages/notify.py).
+            Grant("topic", f"{app}-notify-retry", "literal", PRODUCE),
         ],
     }
 

@@ -367,8 +367,15 @@ class StreamSettings(BaseModel):
         """Internal repartition topic: ready studies keyed by accession number (order join)."""
         return f"{self.app_id}-studies-by-accession"
 
+    @property
+    def notify_retry_topic(self) -> str:
+        """Where a replayed notify dead letter goes: the alert again, for the notify stage to
+        try its undeliverable recipients once more (not the alert topic: its consumers would
+        see a second alert)."""
+        return f"{self.app_id}-notify-retry"
+
     def internal_topics(self) -> list[str]:
-        return [self.studies_by_patient_topic, self.studies_by_accession_topic]
+        return [self.studies_by_patient_topic, self.studies_by_accession_topic, self.notify_retry_topic]
 
 
 class Hl7Settings(BaseModel):

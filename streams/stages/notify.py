@@ -48,18 +48,9 @@ from streams.stages.context import PipelineContext
 
 log = logging.getLogger(__name__)
 
-# The header `radtriage replay` puts on a republished message (radtriage/replay.py).
-REPLAY_HEADER = "radtriage-replay-of"
-
 
 def _due(start: datetime, timeout_s: float) -> str:
     return (start + timedelta(seconds=timeout_s)).isoformat()
-
-
-def _has_header(event: EventT[Any], name: str) -> bool:
-    headers: Any = event.headers or ()
-    pairs = headers.items() if hasattr(headers, "items") else headers
-    return any(k == name for k, _ in pairs)
 
 
 def load_oncall(ctx: PipelineContext) -> Oncall | None:
@@ -87,6 +78,7 @@ class Notifier:
         self.state = ns.NotifyState()
         self.alert_topics = tuple(t.get_topic_name() for t in ctx.topics.alerts.values())
         self.audit_topic = ctx.topics.audit.get_topic_name()
+        self.retry_topic = ctx.settings.streams.notify_retry_topic
         # Reads a partition of the alert and audit topics into the state on takeover.
         self.record = PublishedLedger(
             "notify",
@@ -97,7 +89,6 @@ class Notifier:
         )
         self.owned: set[int] = set()
         self.chains: dict[str, tuple[PlannedStep, ...]] = {}
-        self.topic_of: dict[str, str] = {}
         # Escalations being worked on now (one worker at a time per alert).
         self.busy: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -114,11 +105,7 @@ class Notifier:
             pass
         alert = Alert.from_bytes(value)  # neither: EventDecodeError, skipped by the reader
         self.state.add_alert(alert)
-        self.topic_of.setdefault(alert.alert_id, self._topic_for(alert))
         return None
-
-    def _topic_for(self, alert: Alert) -> str:
-        return next((t for t in self.alert_topics if t.endswith("." + alert.finding.lower())), "")
 
     def assigned(self, partitions: set[int]) -> None:
         self.owned = set(partitions)
@@ -130,7 +117,6 @@ class Notifier:
         self.owned.clear()
         self.state = ns.NotifyState()
         self.chains.clear()
-        self.topic_of.clear()
 
     async def ready(self, partition: int) -> None:
         await self.record.already_sent("", partition)
@@ -200,13 +186,14 @@ class Notifier:
             return
         alert = Alert.from_bytes(event.value)  # unreadable: dead-lettered by `each`
         self.state.add_alert(alert)
-        self.topic_of.setdefault(alert.alert_id, topic)
         esc = self.state.escalations.get(alert.alert_id)
         if esc is None:
             await self.open(alert)
             return
-        if _has_header(event, REPLAY_HEADER):
-            # A dead letter replayed: try the undeliverable recipients of the current step again.
+        if topic == self.retry_topic:
+            # A dead letter replayed: try the undeliverable recipients of the current step
+            # again (a step already past is not told again: its time is over).
+            log.info("notify: %s replayed: trying its undeliverable recipients again", alert.alert_id)
             esc.done -= esc.undeliverable
             esc.undeliverable.clear()
         self.spawn(alert.alert_id)
@@ -252,9 +239,8 @@ class Notifier:
         for partition in sorted(self.owned):
             await self.ready(partition)
         self.state.prune(datetime.now(UTC), self.n.lookback_s)
-        for cache in (self.chains, self.topic_of):
-            for alert_id in [a for a in cache if a not in self.state.alerts]:
-                del cache[alert_id]
+        for alert_id in [a for a in self.chains if a not in self.state.alerts]:
+            del self.chains[alert_id]
         for action in list(ns.due(self.state, self.plan, datetime.now(UTC))):
             if action.alert_id in self.busy:
                 continue
@@ -353,12 +339,12 @@ class Notifier:
         await self.note(alert, ns.UNDELIVERABLE, error=last_error[:500], **where)
         metrics.NOTIFY_UNDELIVERABLE.inc()
         letter = DeadLetter(
-            source_topic=self.topic_of.get(alert.alert_id) or self._topic_for(alert),
+            source_topic=self.retry_topic,
             stage="notify",
             error=f"undeliverable to {recipient} (step {step.index + 1}): {last_error}"[:1000],
             key=alert.study_uid,
             study_uid=alert.study_uid,
-            # The alert itself: replayed onto its topic, it makes the stage try again.
+            # The alert itself: replayed (onto the retry topic), it makes the stage try again.
             payload=alert.to_bytes().decode(),
         )
         await publish(self.ctx.topics.deadletter, alert.study_uid, letter, headers_for_current_span())
@@ -376,9 +362,13 @@ class Notifier:
 
 def register(ctx: PipelineContext) -> None:
     oncall = load_oncall(ctx)
-    topics = [t.get_topic_name() for t in ctx.topics.alerts.values()] + [ctx.topics.audit.get_topic_name()]
-    # Alerts and the audit trail: co-partitioned by study UID, so one worker sees an alert,
-    # its notifications and its acknowledgements.
+    retry = ctx.settings.streams.notify_retry_topic
+    topics = [t.get_topic_name() for t in ctx.topics.alerts.values()] + [
+        ctx.topics.audit.get_topic_name(),
+        retry,
+    ]
+    # Alerts, the audit trail and replayed dead letters: co-partitioned by study UID, so one
+    # worker sees an alert, its notifications and its acknowledgements.
     source = ctx.app.topic(
         *topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )

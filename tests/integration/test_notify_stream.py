@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -131,3 +133,93 @@ def test_step_one_at_once_step_two_at_the_timeout_none_after_the_ack_across_a_ki
         assert hooks.on("/ops") == [] and len(smtp.mails) == 1
         assert not hooks.refused and not audit.of(t.deadletter)
         survivor.kill(signal.SIGTERM)
+
+
+FALLBACK_ONCALL = """\
+version: 1
+recipients:
+  resident: {channels: [{webhook: pager}, {email: resident@hospital.example}]}
+  operators: {channels: [{webhook: ops}]}
+rules:
+  - chain:
+      - {recipients: [resident, operators], timeout_s: 600}
+"""
+
+
+def test_a_channel_down_falls_back_undeliverable_is_a_dead_letter_and_its_replay_delivers_once(
+    worker_env: tuple[dict[str, str], Settings], tmp_path: Path
+) -> None:
+    env, settings = worker_env
+    t = settings.topics
+    pki = make_pki(tmp_path / "pki")
+    oncall = tmp_path / "oncall.yaml"
+    oncall.write_text(FALLBACK_ONCALL)
+    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+        env = {
+            **env,
+            **smtp_env(smtp, pki.ca),
+            "RADTRIAGE_NOTIFY__WEBHOOKS": (
+                f'[{{"name": "pager", "url": "{hooks.url("/pager")}", "secret": "{SECRET}"}},'
+                f' {{"name": "ops", "url": "{hooks.url("/ops")}", "secret": "{SECRET}"}}]'
+            ),
+            "RADTRIAGE_NOTIFY__ONCALL_FILE": str(oncall),
+            "RADTRIAGE_NOTIFY__ATTEMPTS": "2",
+            "RADTRIAGE_NOTIFY__BACKOFF_S": "0.05",
+        }
+        tail = Tail(settings.kafka.bootstrap_servers, [t.audit, t.deadletter])
+        hooks.down = True  # every webhook answers 503
+        worker = Worker(env, settings.home)
+        worker.start()
+        uid = f"1.2.826.0.19.2.{time.time_ns()}"
+        producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+        producer.send(t.findings, key=uid.encode(), value=finding_bytes(uid, 0.93)).get(10)
+
+        # The resident's webhook is down: two tries, then their e-mail.
+        wait_until(lambda: len(smtp.mails) == 1, "the resident's fallback e-mail", 90)
+        assert smtp.mails[0].to == ["resident@hospital.example"]
+        # The operators have no other channel: undeliverable, a dead letter with the cause.
+        tail.until(lambda: tail.of(t.deadletter, study_uid=uid), timeout=60)
+        (letter,) = tail.of(t.deadletter, study_uid=uid)
+        assert letter["stage"] == "notify" and "operators" in letter["error"] and "503" in letter["error"]
+        assert letter["source_topic"] == settings.streams.notify_retry_topic
+        tries = [
+            (d["detail"]["recipient"], d["detail"]["channel"], d["detail"]["error"] != "")
+            for d in tail.of(t.audit, decision="notify_attempt", study_uid=uid)
+        ]
+        assert sorted(tries) == sorted(
+            [
+                ("resident", "webhook:pager", True),
+                ("resident", "webhook:pager", True),
+                ("resident", "email:resident@hospital.example", False),
+                ("operators", "webhook:ops", True),
+                ("operators", "webhook:ops", True),
+            ]
+        )
+        assert [d["detail"]["recipient"] for d in tail.of(t.audit, decision="notify_undeliverable")] == [
+            "operators"
+        ]
+
+        # The receiver recovers; the real `radtriage replay` puts the letter back.
+        hooks.down = False
+        replayed = subprocess.run(
+            [sys.executable, "-m", "radtriage.cli", "replay", "--stage", "notify"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+        wait_until(lambda: len(hooks.on("/ops")) == 1, "the operators told after the replay", 60)
+        tail.until(
+            lambda: any(
+                d["detail"]["recipient"] == "operators"
+                for d in tail.of(t.audit, decision="notify_delivered", study_uid=uid)
+            ),
+            timeout=30,
+        )
+        tail.drain(2.0)
+        # Once each: the resident (e-mail) is not told again by the replay, nobody twice.
+        assert len(smtp.mails) == 1 and hooks.on("/pager") == [] and not hooks.duplicates
+        delivered = tail.of(t.audit, decision="notify_delivered", study_uid=uid)
+        assert sorted(d["detail"]["recipient"] for d in delivered) == ["operators", "resident"]
+        worker.kill(signal.SIGTERM)
