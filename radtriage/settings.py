@@ -548,6 +548,11 @@ class SmtpSettings(BaseModel):
         return value.get_secret_value() if reveals_secrets(info) else str(value)
 
 
+# What a hospital may leave out of notifications (minimum necessary): a message always
+# says the finding, the lane, the escalation step and the links, never a name or birth date.
+NotifyOmittable = Literal["accession", "probability", "side", "slices", "location", "since_scan"]
+
+
 class NotifySettings(BaseModel):
     """Who hears of an alert, and how (streams/stages/notify.py; docs/OPERATIONS.md, Notification)."""
 
@@ -569,6 +574,8 @@ class NotifySettings(BaseModel):
     tick_s: float = 0.5
     # How far back a worker taking over a partition reads the notification record.
     lookback_s: float = 24 * 3600.0
+    # Left out of every message (env: RADTRIAGE_NOTIFY__OMIT='["accession"]').
+    omit: list[NotifyOmittable] = Field(default_factory=list)
 
     @field_serializer("ack_secret", when_used="json")
     def _dump_ack_secret(self, value: SecretStr, info: SerializationInfo) -> str:

@@ -30,6 +30,8 @@ class Notice:
     fallback: bool = False
     # Not carried on alerts yet: "" is shown as "unknown".
     location: str = ""
+    # notify.omit: what this hospital leaves out (minimum necessary).
+    omit: frozenset[str] = frozenset()
 
 
 def study_url(public_url: str, study_uid: str) -> str:
@@ -48,21 +50,25 @@ def _ago(then: datetime, now: datetime) -> str:
 def title(n: Notice) -> str:
     prefix = "UNACKNOWLEDGED - " if n.step > 0 else ""
     a = n.alert
-    return f"{prefix}Suspected {a.finding} ({a.lane.upper()}) accession {a.accession_number or '?'}"
+    which = "" if "accession" in n.omit else f" accession {a.accession_number or '?'}"
+    return f"{prefix}Suspected {a.finding} ({a.lane.upper()}){which}"
 
 
 def facts(n: Notice, now: datetime) -> list[tuple[str, str]]:
     a = n.alert
-    rows = [
-        ("Finding", f"{a.finding} (probability {a.probability:.2f}, threshold {a.threshold:.2f})"),
-        ("Lane", a.lane),
-        ("Accession", a.accession_number or "unknown"),
-        ("Patient location", n.location or "unknown"),
-        ("Since scan", _ago(a.received_at, now)),
-    ]
-    if a.laterality is not None:
+    finding = a.finding
+    if "probability" not in n.omit:
+        finding += f" (probability {a.probability:.2f}, threshold {a.threshold:.2f})"
+    rows = [("Finding", finding), ("Lane", a.lane)]
+    if "accession" not in n.omit:
+        rows.append(("Accession", a.accession_number or "unknown"))
+    if "location" not in n.omit:
+        rows.append(("Patient location", n.location or "unknown"))
+    if "since_scan" not in n.omit:
+        rows.append(("Since scan", _ago(a.received_at, now)))
+    if a.laterality is not None and "side" not in n.omit:
         rows.insert(1, ("Side", a.laterality))
-    if a.slice_range is not None:
+    if a.slice_range is not None and "slices" not in n.omit:
         s = a.slice_range
         where = (
             f"images {s.first_instance_number}-{s.last_instance_number}"
@@ -74,7 +80,26 @@ def facts(n: Notice, now: datetime) -> list[tuple[str, str]]:
     return rows
 
 
+# JSON fields each omittable item removes (set to null: receivers see the same keys).
+_JSON_OMIT = {
+    "accession": ("accession_number",),
+    "probability": ("probability", "threshold"),
+    "side": ("laterality",),
+    "slices": ("slice_range",),
+    "location": ("patient_location",),
+    "since_scan": ("received_at", "seconds_since_scan"),
+}
+
+
 def json_body(n: Notice, now: datetime) -> dict[str, Any]:
+    body = _json_body(n, now)
+    for item in n.omit:
+        for name in _JSON_OMIT.get(item, ()):
+            body[name] = None
+    return body
+
+
+def _json_body(n: Notice, now: datetime) -> dict[str, Any]:
     a = n.alert
     return {
         "type": "radtriage.alert",

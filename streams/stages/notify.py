@@ -289,6 +289,7 @@ class Notifier:
             study_url=message.study_url(self.n.public_url, alert.study_uid),
             ack_url=ack,
             fallback=step.fallback,
+            omit=frozenset(self.n.omit),
         )
 
     async def tell(self, alert: Alert, step: PlannedStep, recipient: str) -> None:

@@ -403,3 +403,16 @@ def test_status_says_when_nothing_is_configured() -> None:
     )
     summary = notify_summary(n)
     assert "1 webhook(s)" in summary and "no e-mail" in summary and "/etc/oncall.yaml" in summary
+
+
+def test_a_hospital_can_leave_out_more_than_the_minimum() -> None:
+    n = notice()
+    lean = message.Notice(**{**n.__dict__, "omit": frozenset({"accession", "probability", "since_scan"})})
+    now = datetime.now(UTC)
+    for fmt in ("json", "teams", "slack"):
+        body = webhook_payload(WebhookTarget(url="http://x", format=fmt), lean, now).decode()  # type: ignore[arg-type]
+        assert "ACC1" not in body and "0.93" not in body and "ICH" in body and "/operator/studies/" in body
+    data = json.loads(webhook_payload(WebhookTarget(url="http://x"), lean, now))
+    assert data["accession_number"] is None and data["received_at"] is None and data["finding"] == "ICH"
+    text = message.email(lean, now, "a@b", "c@d").get_content()
+    assert "Accession" not in text and "Since scan" not in text and "Slices: images 12-20" in text
