@@ -78,4 +78,5 @@ def build_finding(req: TriageRequest, result: Inference, geometry: ModelGeometry
         series_number=req.series_number,
         series_description=req.series_description,
         amends_request_id=req.amends_request_id,
+        patient_class=req.patient_class,
     )

@@ -8,6 +8,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.base import Event, utcnow
+from schemas.orders import PatientClass
 from schemas.requests import FindingCode, Lane, Laterality
 
 
@@ -135,6 +136,8 @@ class Finding(Event):
     # after the study was first read; TriageRequest.amends_request_id). The report goes out
     # again under the same id with status "amended"; an alert already sent is not repeated.
     amends_request_id: str = ""
+    # The request's (TriageRequest.patient_class).
+    patient_class: PatientClass = "unknown"
 
     @model_validator(mode="after")
     def _nodules_agree_with_positive(self) -> Self:

@@ -106,7 +106,8 @@ class Step(_Strict):
 
 
 class Rule(_Strict):
-    # Empty = any. Sites and patient locations match exactly, case-insensitively.
+    # Empty = any. Sites and patient locations (the patient class: emergency, inpatient,
+    # outpatient) match exactly, case-insensitively.
     findings: tuple[str, ...] = ()
     sites: tuple[str, ...] = ()
     locations: tuple[str, ...] = ()

@@ -10,6 +10,7 @@ from pydantic import AfterValidator, Field
 from models import registry
 from radtriage.settings import Lane
 from schemas.base import Event, utcnow
+from schemas.orders import PatientClass
 
 __all__ = ["FindingCode", "Lane", "Laterality", "TriageRequest"]
 
@@ -63,3 +64,6 @@ class TriageRequest(Event):
     # and rule used (streams/routing.py): that request's id. Its finding is amended (the
     # same report id, status "amended"), never alerted twice.
     amends_request_id: str = ""
+    # Where the patient is, as the join knew it when routing (ADT or the order's patient
+    # class); carried to the finding and the alert, for the notify stage's on-call rules.
+    patient_class: PatientClass = "unknown"

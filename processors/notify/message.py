@@ -28,7 +28,7 @@ class Notice:
     study_url: str
     ack_url: str
     fallback: bool = False
-    # Not carried on alerts yet: "" is shown as "unknown".
+    # The alert's patient class; "" (not known when routed) is shown as "unknown".
     location: str = ""
     # notify.omit: what this hospital leaves out (minimum necessary).
     omit: frozenset[str] = frozenset()

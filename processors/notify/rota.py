@@ -16,9 +16,9 @@ from schemas.oncall import Channel, Oncall, Recipient, Rule, Step
 
 @dataclass(frozen=True)
 class Subject:
-    """What the rules match on. Site and patient location are "" while the alert does not
-    carry them (docs/ARCHITECTURE.md, Notification): rules naming sites or locations then
-    do not match, rules that do not name them do."""
+    """What the rules match on. The location is the alert's patient class ("" when unknown);
+    the site is "" until alerts carry one (docs/ARCHITECTURE.md, Notification): rules
+    naming sites or locations then do not match, rules that do not name them do."""
 
     finding: str
     site: str = ""

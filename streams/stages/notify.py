@@ -49,6 +49,12 @@ from streams.stages.context import PipelineContext
 log = logging.getLogger(__name__)
 
 
+def subject(alert: Alert) -> Subject:
+    """What the on-call rules match: the finding, and the patient class as the location
+    (no site is carried on alerts yet)."""
+    return Subject(alert.finding, location="" if alert.patient_class == "unknown" else alert.patient_class)
+
+
 def _due(start: datetime, timeout_s: float) -> str:
     return (start + timedelta(seconds=timeout_s)).isoformat()
 
@@ -127,7 +133,7 @@ class Notifier:
             alert = self.state.alerts.get(esc.alert_id)
             if alert is None:
                 return None
-            chain = recipients_for(Subject(alert.finding), self.oncall, esc.opened_at)
+            chain = recipients_for(subject(alert), self.oncall, esc.opened_at)
             self.chains[esc.alert_id] = chain
         return chain
 
@@ -157,7 +163,7 @@ class Notifier:
         offset is committed once the record is in Kafka; a kill before that replays the
         alert, which opens again and re-sends step 1 under the same idempotency keys."""
         event = self._record(alert, ns.OPENED)
-        chain = recipients_for(Subject(alert.finding), self.oncall, event.at)
+        chain = recipients_for(subject(alert), self.oncall, event.at)
         if chain and chain[0].timeout_s is not None:
             # For the operator page: when this step is overdue without an acknowledgement.
             due = _due(event.at, chain[0].timeout_s)
@@ -289,6 +295,7 @@ class Notifier:
             study_url=message.study_url(self.n.public_url, alert.study_uid),
             ack_url=ack,
             fallback=step.fallback,
+            location="" if alert.patient_class == "unknown" else alert.patient_class,
             omit=frozenset(self.n.omit),
         )
 

@@ -416,3 +416,24 @@ def test_a_hospital_can_leave_out_more_than_the_minimum() -> None:
     assert data["accession_number"] is None and data["received_at"] is None and data["finding"] == "ICH"
     text = message.email(lean, now, "a@b", "c@d").get_content()
     assert "Accession" not in text and "Since scan" not in text and "Slices: images 12-20" in text
+
+
+def test_the_patient_class_travels_to_the_alert_and_is_the_rules_location() -> None:
+    from schemas.orders import OrderEvent
+    from streams.join import patient_class_of
+    from streams.stages.notify import subject
+
+    order = OrderEvent.model_validate(
+        {"accession_number": "A", "patient_class": "emergency", "source": "hl7", "message_type": "ORM^O01"}
+    )
+    assert patient_class_of("unknown", order) == "emergency"
+    assert patient_class_of("inpatient", order) == "inpatient"
+    assert patient_class_of("unknown", None) == "unknown"
+    text = ONCALL.replace(
+        "  - findings: [ICH]\n    windows: [day]", "  - findings: [ICH]\n    locations: [emergency]"
+    )
+    oncall = Oncall.parse(text)
+    ed = subject(alert(patient_class="emergency"))
+    assert ed.location == "emergency" and subject(alert()).location == ""
+    assert recipients_for(ed, oncall, at(14, 3))[0].recipients == ("day-doc",)
+    assert recipients_for(subject(alert()), oncall, at(14, 3))[0].recipients == ("ops",)
