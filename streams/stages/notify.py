@@ -34,6 +34,7 @@ from processors.notify.deliver import Try, deliver
 from processors.notify.rota import PlannedStep, Subject, recipients_for, usable_channels, webhooks_only
 from processors.notify.signing import AckClaim, idempotency_key, make_ack_token
 from radtriage import metrics
+from radtriage.settings import NotifySettings
 from radtriage.telemetry import headers_for_current_span
 from schemas.alerts import Alert
 from schemas.audit import AuditEvent
@@ -59,10 +60,10 @@ def _due(start: datetime, timeout_s: float) -> str:
     return (start + timedelta(seconds=timeout_s)).isoformat()
 
 
-def load_oncall(ctx: PipelineContext) -> Oncall | None:
+def load_oncall(n: NotifySettings) -> Oncall | None:
     """The on-call picture: the file, else the webhooks alone, else None (nothing configured).
-    A broken file or a webhook it names that is not configured stops the worker's start."""
-    n = ctx.settings.notify
+    A broken file or a webhook it names that is not configured stops the worker's start
+    (OncallError naming the file and line; radtriage/worker.py checks it first)."""
     webhooks = n.named_webhooks()
     if n.oncall_file is None:
         return webhooks_only(webhooks)
@@ -369,7 +370,7 @@ class Notifier:
 
 
 def register(ctx: PipelineContext) -> None:
-    oncall = load_oncall(ctx)
+    oncall = load_oncall(ctx.settings.notify)
     retry = ctx.settings.streams.notify_retry_topic
     topics = [t.get_topic_name() for t in ctx.topics.alerts.values()] + [
         ctx.topics.audit.get_topic_name(),

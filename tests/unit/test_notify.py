@@ -437,3 +437,30 @@ def test_the_patient_class_travels_to_the_alert_and_is_the_rules_location() -> N
     assert ed.location == "emergency" and subject(alert()).location == ""
     assert recipients_for(ed, oncall, at(14, 3))[0].recipients == ("day-doc",)
     assert recipients_for(subject(alert()), oncall, at(14, 3))[0].recipients == ("ops",)
+
+
+def test_a_worker_with_a_broken_oncall_file_does_not_start_and_names_the_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    broken = tmp_path / "oncall.yaml"
+    broken.write_text(ONCALL.replace("recipients: [ops]", "recipients: [nobody]"))
+    env = {
+        **os.environ,
+        "RADTRIAGE_HOME": str(tmp_path / "home"),
+        "RADTRIAGE_NOTIFY__ONCALL_FILE": str(broken),
+        # Checked before Kafka is touched: no broker is needed to be told.
+        "RADTRIAGE_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1",
+    }
+    env.pop("RADTRIAGE_SETTINGS_JSON", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "radtriage.cli", "worker"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{broken}:22: fallback.recipients.0: no recipient 'nobody'" in done.stderr
