@@ -119,7 +119,12 @@ class Notifier:
         self.record.preload(sorted(partitions))
 
     def revoked(self) -> None:
-        """Partitions may move: forget everything, and read again what is assigned next."""
+        """Partitions may move: forget everything, and read again what is assigned next.
+        Work in flight stops too: the partition's next owner finds what it left undone (a
+        send cut short may reach its peer; the owner's copy then carries the same key)."""
+        for task in list(self.tasks):
+            task.cancel()
+        self.busy.clear()
         self.record.forget_assignment()
         self.owned.clear()
         self.state = ns.NotifyState()
