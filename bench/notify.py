@@ -2,6 +2,7 @@
 SMTP server (STARTTLS), through a real Kafka and a real `radtriage worker` (issue 19).
 
     python -m bench.notify --alerts 20
+    python -m bench.notify --alerts 20 --bleed   # real bleed studies through the whole stack
 
 Starts its own single-node Kafka, a worker whose notify stage tells one on-call step of two
 recipients (a JSON webhook signed with HMAC-SHA256, an e-mail), a webhook receiver that
@@ -9,7 +10,12 @@ verifies the signature and an aiosmtpd server that requires STARTTLS (tests/supp
 alert comes from a positive stat ICH finding published on `triage.findings` (the escalate
 stage turns it into the alert; no model runs), one at a time. Measured per alert, from the
 alert's own `alerted_at` (written by the escalate stage) to the receipt time at each peer,
-on one clock (one machine). Writes JSON to bench/results/.
+on one clock (one machine).
+
+With `--bleed`, the whole local stack instead (`radtriage up`'s: Kafka, Triton, worker,
+listeners on free ports) and the demo's bleed study (a head CT phantom with a bleed sent
+over DICOM after its STAT order), each measured from the study's `ready_at` and from its
+alert's `alerted_at` to the receipts. Writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -67,11 +73,96 @@ def alert_times(bootstrap: str, topic: str) -> KafkaConsumer:
     return consumer
 
 
+def _text(message: Any) -> str:
+    return str(message.get_payload(decode=True).decode())
+
+
+def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
+    """`n` demo bleed studies through `radtriage up`'s stack, notified as ONCALL says."""
+    import numpy as np
+
+    from radtriage.demo import CASES, OutputWatcher, run_case
+    from radtriage.settings import Settings, SmtpSettings, WebhookTarget
+    from radtriage.up import running_stack
+    from tests.support.net import free_port
+
+    pki = make_pki(tmp / "pki")
+    oncall = tmp / "oncall.yaml"
+    oncall.write_text(ONCALL)
+    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+        settings = Settings(home=tmp / "home")
+        settings.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"
+        settings.kafka.controller_port = free_port()
+        settings.triton.grpc_url = f"127.0.0.1:{free_port()}"
+        settings.triton.http_url = f"127.0.0.1:{free_port()}"
+        settings.triton.metrics_port = free_port()
+        settings.dicom.port = free_port()
+        settings.hl7.port = free_port()
+        settings.http.port = free_port()
+        settings.telemetry.exporter = "none"
+        settings.notify.webhooks = [WebhookTarget(name="pager", url=hooks.url("/pager"), secret=SECRET)]  # type: ignore[arg-type]
+        settings.notify.smtp = SmtpSettings(
+            host="127.0.0.1", port=smtp.port, starttls=True, sender="rt@bench.example", cafile=pki.ca
+        )
+        settings.notify.oncall_file = oncall
+        settings.notify.ack_secret = "bench-ack"  # type: ignore[assignment]
+        with running_stack(settings):
+            bleed = CASES[0]
+            watcher = OutputWatcher(settings)
+            rng = np.random.default_rng(19)
+            ready_to_hook, alert_to_hook, ready_to_mail, ready_to_alert = [], [], [], []
+            for i in range(n + 1):  # the first warms up (model load, connections)
+                outcome = run_case(bleed, settings, watcher, rng, tmp, 120, 0.0)
+                uid = outcome.study_uid
+                wait_until(
+                    lambda u=uid: (
+                        any(r.body["study_uid"] == u for r in hooks.received)
+                        and any(f"/operator/studies/{u}" in str(m.message.get_payload()) for m in smtp.mails)
+                    ),
+                    f"bleed study {i} at both peers",
+                    120,
+                )
+                if i == 0:
+                    continue
+                (hook,) = [r for r in hooks.received if r.body["study_uid"] == uid]
+                (mail,) = [
+                    m for m in smtp.mails if f"/operator/studies/{uid}" in str(m.message.get_payload())
+                ]
+                ready = datetime.fromisoformat(hook.body["ready_at"]).timestamp()
+                alerted = datetime.fromisoformat(hook.body["alerted_at"]).timestamp()
+                ready_to_hook.append((hook.at - ready) * 1000)
+                alert_to_hook.append((hook.at - alerted) * 1000)
+                ready_to_mail.append((mail.at - ready) * 1000)
+                ready_to_alert.append((alerted - ready) * 1000)
+            watcher.close()
+        return {
+            "benchmark": "notify_bleed_studies",
+            "studies": n,
+            "ready_to_webhook_received_ms": stats(ready_to_hook),
+            "ready_to_email_accepted_ms": stats(ready_to_mail),
+            "ready_to_alert_ms": stats(ready_to_alert),
+            "alert_to_webhook_received_ms": stats(alert_to_hook),
+            "webhook_duplicates": len(hooks.duplicates),
+            "setup": "radtriage up's stack on free ports (Kafka, Triton, worker, DICOM/HL7/HTTP), demo bleed "
+            "study after its STAT HL7 order; signed JSON webhook + SMTP STARTTLS on 127.0.0.1",
+        }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alerts", type=int, default=20)
+    ap.add_argument("--bleed", action="store_true", help="real bleed studies through the whole stack")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = ap.parse_args()
+    if args.bleed:
+        with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
+            bleed = bleed_studies(args.alerts, Path(tmp_name)) | {"at": datetime.now(UTC).isoformat()}
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"notify-bleed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+        path.write_text(json.dumps(bleed, indent=2) + "\n")
+        console.print_json(json.dumps(bleed))
+        console.print(f"wrote {path}")
+        return
 
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
         tmp = Path(tmp_name)

@@ -87,7 +87,7 @@ _JSON_OMIT = {
     "side": ("laterality",),
     "slices": ("slice_range",),
     "location": ("patient_location",),
-    "since_scan": ("received_at", "seconds_since_scan"),
+    "since_scan": ("received_at", "ready_at", "seconds_since_scan"),
 }
 
 
@@ -115,6 +115,7 @@ def _json_body(n: Notice, now: datetime) -> dict[str, Any]:
         "slice_range": a.slice_range.model_dump() if a.slice_range is not None else None,
         "patient_location": n.location or None,
         "received_at": a.received_at.isoformat(),
+        "ready_at": a.ready_at.isoformat(),
         "alerted_at": a.alerted_at.isoformat(),
         "seconds_since_scan": max(0.0, (now - a.received_at).total_seconds()),
         "step": n.step,
