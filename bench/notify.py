@@ -80,6 +80,7 @@ def _text(message: Any) -> str:
 def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
     """`n` demo bleed studies through `radtriage up`'s stack, notified as ONCALL says."""
     import numpy as np
+    from pydantic import SecretStr
 
     from radtriage.demo import CASES, OutputWatcher, run_case
     from radtriage.settings import Settings, SmtpSettings, WebhookTarget
@@ -105,7 +106,7 @@ def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
             host="127.0.0.1", port=smtp.port, starttls=True, sender="rt@bench.example", cafile=pki.ca
         )
         settings.notify.oncall_file = oncall
-        settings.notify.ack_secret = "bench-ack"  # type: ignore[assignment]
+        settings.notify.ack_secret = SecretStr("bench-ack")
         with running_stack(settings):
             bleed = CASES[0]
             watcher = OutputWatcher(settings)
