@@ -118,7 +118,7 @@ def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
                 wait_until(
                     lambda u=uid: (
                         any(r.body["study_uid"] == u for r in hooks.received)
-                        and any(f"/operator/studies/{u}" in str(m.message.get_payload()) for m in smtp.mails)
+                        and any(f"/operator/studies/{u}" in _text(m.message) for m in smtp.mails)
                     ),
                     f"bleed study {i} at both peers",
                     120,
@@ -126,9 +126,7 @@ def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
                 if i == 0:
                     continue
                 (hook,) = [r for r in hooks.received if r.body["study_uid"] == uid]
-                (mail,) = [
-                    m for m in smtp.mails if f"/operator/studies/{uid}" in str(m.message.get_payload())
-                ]
+                (mail,) = [m for m in smtp.mails if f"/operator/studies/{uid}" in _text(m.message)]
                 ready = datetime.fromisoformat(hook.body["ready_at"]).timestamp()
                 alerted = datetime.fromisoformat(hook.body["alerted_at"]).timestamp()
                 ready_to_hook.append((hook.at - ready) * 1000)
@@ -154,10 +152,12 @@ def main() -> None:
     ap.add_argument("--alerts", type=int, default=20)
     ap.add_argument("--bleed", action="store_true", help="real bleed studies through the whole stack")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    ap.add_argument("--workdir", type=Path, help="--bleed: keep the stack's files (logs) here")
     args = ap.parse_args()
     if args.bleed:
         with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
-            bleed = bleed_studies(args.alerts, Path(tmp_name)) | {"at": datetime.now(UTC).isoformat()}
+            work = args.workdir or Path(tmp_name)
+            bleed = bleed_studies(args.alerts, work) | {"at": datetime.now(UTC).isoformat()}
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"notify-bleed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
         path.write_text(json.dumps(bleed, indent=2) + "\n")
