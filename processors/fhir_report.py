@@ -23,6 +23,7 @@ _ID_NAMESPACE = uuid.UUID("5b0c4a57-65c4-4c1e-9b1f-1c9f3f0d7a11")
 FINDING_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-finding"
 
 
+
 def _meaning(finding: Finding) -> tuple[str, tuple[str, str] | None]:
     """What the finding code means, for humans (the words of the report's sentences) and for
     coded consumers (SNOMED CT code and display, or None): from its model's spec."""
@@ -173,7 +174,7 @@ def series_text(finding: Finding) -> str:
 
 
 def report_status(finding: Finding) -> str:
-    """ "amended" when the finding replaces an earlier one of the same study and model (the
+    """"amended" when the finding replaces an earlier one of the same study and model (the
     same report id, a better series read), else "preliminary": never "final", no human
     has read it."""
     return "amended" if finding.amends_request_id else "preliminary"
