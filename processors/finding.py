@@ -79,4 +79,5 @@ def build_finding(req: TriageRequest, result: Inference, geometry: ModelGeometry
         series_description=req.series_description,
         amends_request_id=req.amends_request_id,
         order=req.order,
+        patient_class=req.patient_class,
     )

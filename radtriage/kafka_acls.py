@@ -76,7 +76,10 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
                 [t.instances, t.studies, *lanes, t.findings, t.results_fhir, *t.alert_topics()],
                 BOTH,
             ),
-            *_topics([t.audit, t.deadletter], PRODUCE),
+            # Reads the audit topic too: the notify stage's acknowledgements and its own record
+            # of who was told (streams/stages/notify.py).
+            *_topics([t.audit], BOTH),
+            *_topics([t.deadletter], PRODUCE),
             Grant("topic", f"{app}-", "prefix", ("Read", "Write", "Create", "Describe", "DescribeConfigs")),
             Grant("group", app, "literal", CONSUME),
         ],
@@ -85,6 +88,8 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
             *_topics([t.deadletter], CONSUME),
             *_topics([t.instances, t.studies, t.orders, t.encounters, *lanes, t.findings], PRODUCE),
             Grant("topic", f"{app}-studies-by-", "prefix", PRODUCE),
+            # Replayed notify dead letters (streams/stages/notify.py).
+            Grant("topic", f"{app}-notify-retry", "literal", PRODUCE),
         ],
     }
 

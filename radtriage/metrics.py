@@ -156,6 +156,19 @@ EHR_HL7 = Counter(
     ["outcome"],
 )
 DEAD_LETTERS = Counter("radtriage_dead_letters_total", "Messages sent to triage.deadletter", ["stage"])
+# The notify stage (streams/stages/notify.py): every try by channel kind (webhook, email) and
+# outcome (delivered, failed), recipients no channel reached, escalations ended by reason,
+# and audit records it could not read.
+NOTIFY_ATTEMPTS = Counter(
+    "radtriage_notify_attempts_total", "Notification tries, by channel kind and outcome", ["kind", "outcome"]
+)
+NOTIFY_UNDELIVERABLE = Counter(
+    "radtriage_notify_undeliverable_total", "Notifications no channel of the recipient took"
+)
+NOTIFY_STOPPED = Counter("radtriage_notify_stopped_total", "Escalations ended, by reason", ["reason"])
+NOTIFY_UNREADABLE = Counter(
+    "radtriage_notify_unreadable_total", "Records the notify stage could not read (skipped)", ["topic_kind"]
+)
 HL7_MESSAGES = Counter(
     "radtriage_hl7_messages_total", "HL7 v2 messages answered over MLLP", ["message_type", "ack_code"]
 )

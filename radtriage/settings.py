@@ -18,6 +18,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     Field,
@@ -433,7 +434,10 @@ class StreamSettings(BaseModel):
     ledger_lookback_s: float = 6 * 3600.0
     # Fault tests only: kill the worker right after a finding, report or alert is acked by
     # Kafka and before anything else (offset commit, audit) happened.
-    fault_injection: Literal["", "crash_after_finding", "crash_after_report", "crash_after_alert"] = ""
+    # crash_after_notify: right after a peer accepted a notification, before it is recorded.
+    fault_injection: Literal[
+        "", "crash_after_finding", "crash_after_report", "crash_after_alert", "crash_after_notify"
+    ] = ""
     # A SIGTERMed worker that has not finished stopping after this long exits hard: a stop
     # stuck in a rebalance or a process pool must not outlive the pod's grace period
     # (60 s in deploy/k8s). Nothing is lost by it: offsets of unfinished work are not
@@ -450,8 +454,15 @@ class StreamSettings(BaseModel):
         """Internal repartition topic: ready studies keyed by accession number (order join)."""
         return f"{self.app_id}-studies-by-accession"
 
+    @property
+    def notify_retry_topic(self) -> str:
+        """Where a replayed notify dead letter goes: the alert again, for the notify stage to
+        try its undeliverable recipients once more (not the alert topic: its consumers would
+        see a second alert)."""
+        return f"{self.app_id}-notify-retry"
+
     def internal_topics(self) -> list[str]:
-        return [self.studies_by_patient_topic, self.studies_by_accession_topic]
+        return [self.studies_by_patient_topic, self.studies_by_accession_topic, self.notify_retry_topic]
 
 
 class Hl7Settings(BaseModel):
@@ -529,8 +540,9 @@ class HttpAuthSettings(BaseModel):
     # (re-read when it changes; a broken edit keeps the previous tokens and is logged).
     tokens_file: Path | None = None
     # Paths served without credentials: exact, or a prefix when the entry ends with '/'.
-    # /healthz carries no PHI and Kubernetes probes cannot send a token.
-    public_paths: list[str] = Field(default_factory=lambda: ["/healthz"])
+    # /healthz carries no PHI and Kubernetes probes cannot send a token; /notify/ack checks
+    # its own signed, expiring token (connectors/http/notify_ack.py).
+    public_paths: list[str] = Field(default_factory=lambda: ["/healthz", "/notify/ack"])
 
     @field_serializer("tokens")
     def _dump_tokens(self, tokens: list[SecretStr], info: SerializationInfo) -> list[str]:
@@ -635,6 +647,84 @@ class OperatorSettings(BaseModel):
     trace_scan_bytes: int = 64 << 20
 
 
+class WebhookTarget(BaseModel):
+    """One incoming webhook the notify stage may post to (processors/notify/channels.py)."""
+
+    # What the on-call file's `webhook:` channels call it; "" = `webhook<index>` in the list.
+    name: str = ""
+    url: str
+    # HMAC-SHA256 key of the X-Radtriage-Signature header; "" = unsigned (Teams/Slack verify nothing).
+    secret: SecretStr = SecretStr("")
+    # Finding codes it carries (e.g. ["ICH"]); empty = every finding.
+    findings: list[str] = Field(default_factory=list)
+    format: Literal["json", "teams", "slack"] = "json"
+
+    @field_serializer("secret", when_used="json")
+    def _dump_secret(self, value: SecretStr, info: SerializationInfo) -> str:
+        return value.get_secret_value() if reveals_secrets(info) else str(value)
+
+
+class SmtpSettings(BaseModel):
+    """The mail relay e-mail notifications go through; `host` "" = no e-mail."""
+
+    host: str = ""
+    port: int = 587
+    # STARTTLS before anything is sent (refused if the server does not offer it).
+    starttls: bool = True
+    sender: str = Field(default="radtriage@localhost", validation_alias=AliasChoices("from", "sender"))
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    # The CA the relay's certificate is checked against; None = the system's store.
+    cafile: Path | None = None
+    timeout_s: float = 10.0
+
+    @field_serializer("password", when_used="json")
+    def _dump_password(self, value: SecretStr, info: SerializationInfo) -> str:
+        return value.get_secret_value() if reveals_secrets(info) else str(value)
+
+
+# What a hospital may leave out of notifications (minimum necessary): a message always
+# says the finding, the lane, the escalation step and the links, never a name or birth date.
+NotifyOmittable = Literal["accession", "probability", "side", "slices", "location", "since_scan"]
+
+
+class NotifySettings(BaseModel):
+    """Who hears of an alert, and how (streams/stages/notify.py; docs/OPERATIONS.md, Notification)."""
+
+    webhooks: list[WebhookTarget] = Field(default_factory=list)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    # The on-call file (schemas/oncall.py); None: every webhook whose findings match gets
+    # each alert once, with no escalation.
+    oncall_file: Path | None = None
+    # Key of the acknowledgement links' HMAC tokens; "" = messages carry no ack link.
+    ack_secret: SecretStr = SecretStr("")
+    # Base URL of the HTTP port as the recipients reach it (operator page, ack links).
+    public_url: str = "http://127.0.0.1:8080"
+    ack_ttl_s: float = 24 * 3600.0
+    # Per channel: tries, the first pause between them (doubled each time), one try's limit.
+    attempts: int = Field(default=3, ge=1)
+    backoff_s: float = 0.5
+    request_timeout_s: float = 5.0
+    # How often the escalation timer looks for steps past their timeout.
+    tick_s: float = 0.5
+    # How far back a worker taking over a partition reads the notification record.
+    lookback_s: float = 24 * 3600.0
+    # Left out of every message (env: RADTRIAGE_NOTIFY__OMIT='["accession"]').
+    omit: list[NotifyOmittable] = Field(default_factory=list)
+
+    @field_serializer("ack_secret", when_used="json")
+    def _dump_ack_secret(self, value: SecretStr, info: SerializationInfo) -> str:
+        return value.get_secret_value() if reveals_secrets(info) else str(value)
+
+    def named_webhooks(self) -> dict[str, WebhookTarget]:
+        return {w.name or f"webhook{i}": w for i, w in enumerate(self.webhooks)}
+
+    @property
+    def configured(self) -> bool:
+        """Anything to send to: a webhook, or an on-call file (whose e-mails need `smtp.host`)."""
+        return bool(self.webhooks) or self.oncall_file is not None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RADTRIAGE_",
@@ -659,6 +749,7 @@ class Settings(BaseSettings):
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
     ehr: EhrSettings = Field(default_factory=EhrSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     @classmethod
     def settings_customise_sources(

@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from radtriage.kafka_lag import lag_by_lane
-from radtriage.settings import LANES, Settings
+from radtriage.settings import LANES, NotifySettings, Settings
 
 T = TypeVar("T")
 
@@ -91,6 +91,8 @@ class Snapshot:
     models: tuple[ModelStatus, ...]
     connectors: tuple[ConnectorStatus, ...]
     alerts: tuple[AlertRow, ...]
+    # Who alerts reach (notify_summary); "" in snapshots made before notification existed.
+    notify: str = ""
 
 
 # -- pure logic ----------------------------------------------------------------------------------
@@ -197,6 +199,20 @@ def _state(up: bool) -> Text:
     return Text("UP", style="bold green") if up else Text("DOWN", style="bold red")
 
 
+def notify_summary(n: NotifySettings) -> str:
+    """Where alerts go beyond their topics (streams/stages/notify.py), in one line."""
+    if not n.configured:
+        return "OFF: nothing configured (notify.webhooks, notify.oncall_file): no alert is sent to anyone"
+    parts = [f"{len(n.webhooks)} webhook(s)"] if n.webhooks else []
+    parts.append(f"e-mail via {n.smtp.host}:{n.smtp.port}" if n.smtp.host else "no e-mail (notify.smtp.host)")
+    parts.append(
+        f"on-call file {n.oncall_file}" if n.oncall_file else "no on-call file: every webhook, no escalation"
+    )
+    if not n.ack_secret.get_secret_value():
+        parts.append("no acknowledgement links (notify.ack_secret)")
+    return ", ".join(parts)
+
+
 def render_status(snap: Snapshot) -> RenderableType:
     """The status screen for a snapshot (pure: same snapshot, same screen)."""
     now = snap.taken_at
@@ -212,6 +228,8 @@ def render_status(snap: Snapshot) -> RenderableType:
         _state(snap.triton_up),
         f" {snap.triton_url}",
         (f"  {snap.triton_detail}" if snap.triton_detail else "", "red"),
+        "\nNotify ",
+        (snap.notify, "red" if snap.notify.startswith("OFF") else ""),
     )
 
     lanes = Table(title=f"lanes (group '{snap.group}', last {window})", title_justify="left")
@@ -597,4 +615,5 @@ def gather(settings: Settings, now: datetime | None = None) -> Snapshot:
         models=tuple(models),
         connectors=connectors,
         alerts=tuple(recent_alerts(view.alerts, cfg.recent_alerts)) if view else (),
+        notify=notify_summary(settings.notify),
     )

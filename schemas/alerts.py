@@ -8,6 +8,7 @@ from pydantic import Field
 
 from schemas.base import Event, utcnow
 from schemas.findings import SliceRange
+from schemas.orders import PatientClass
 from schemas.requests import FindingCode, Lane, Laterality
 
 
@@ -37,3 +38,6 @@ class Alert(Event):
     # The slices the finding is on, for models that localise (ICH): which images the
     # radiologist opens first. Optional like the side: older alerts and other findings have none.
     slice_range: SliceRange | None = None
+    # Where the patient is (emergency, inpatient, outpatient), when the join knew it: the
+    # notify stage's on-call rules match it as the patient location.
+    patient_class: PatientClass = "unknown"

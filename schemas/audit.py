@@ -10,7 +10,11 @@ from pydantic import Field
 from schemas.base import Event, utcnow
 
 # "export": a result object sent (or not) to a PACS (streams/stages/pacs_export.py).
-AuditStage = Literal["route", "infer", "report", "alert", "ehr", "export"]
+AuditStage = Literal["route", "infer", "report", "alert", "notify", "ehr", "export"]
+
+# An alert acknowledged by a person (the operator page's button or a notification's link):
+# detail {alert_id, by, at, finding}; the notify stage stops escalating it.
+ACK_DECISION = "alert_acknowledged"
 
 
 class AuditEvent(Event):

@@ -8,6 +8,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.base import Event, utcnow
+from schemas.orders import PatientClass
 from schemas.requests import FindingCode, Lane, Laterality, OrderRef
 
 
@@ -138,6 +139,8 @@ class Finding(Event):
     # Optional too: the study's order as its request knew it (TriageRequest.order), so the
     # report can point to it and name the patient with an assigning authority.
     order: OrderRef | None = None
+    # The request's (TriageRequest.patient_class).
+    patient_class: PatientClass = "unknown"
 
     @model_validator(mode="after")
     def _nodules_agree_with_positive(self) -> Self:

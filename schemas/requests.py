@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from models import registry
 from radtriage.settings import Lane
 from schemas.base import Event, utcnow
-from schemas.orders import OrderEvent
+from schemas.orders import OrderEvent, PatientClass
 
 __all__ = ["FindingCode", "Lane", "Laterality", "OrderRef", "TriageRequest"]
 
@@ -89,3 +89,6 @@ class TriageRequest(Event):
     # Optional (schema_version unchanged): the order known when the study was routed (or
     # when a late order moved it up); None when no order had arrived by then.
     order: OrderRef | None = None
+    # Where the patient is, as the join knew it when routing (ADT or the order's patient
+    # class); carried to the finding and the alert, for the notify stage's on-call rules.
+    patient_class: PatientClass = "unknown"

@@ -102,6 +102,13 @@ def decide_for_route(
     )
 
 
+def patient_class_of(known: PatientClass, order: OrderEvent | None) -> PatientClass:
+    """Where the patient is, for the request (and so the alert): ADT's, else the order's."""
+    if known == "unknown" and order is not None:
+        return order.patient_class
+    return known
+
+
 def route_with_context(
     ctx: StudyContext,
     rules: RoutingRules,
@@ -122,6 +129,7 @@ def route_with_context(
                 "lane_reason": decision.reason,
                 "amends_request_id": amends,
                 "order": OrderRef.of(order) if order is not None else None,
+                "patient_class": patient_class_of(ctx.patient_class, order),
             }
         )
         dispatches.append(Dispatch(request, decision, "reread_better_series" if amends else "routed"))
@@ -198,6 +206,7 @@ def on_order(
                         "upgraded_from": request.lane,
                         "routed_at": now,
                         "order": OrderRef.of(state.order),
+                        "patient_class": patient_class_of(study.patient_class, state.order),
                     }
                 )
                 study.requests[rule_id] = upgraded

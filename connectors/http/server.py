@@ -20,6 +20,7 @@ from pydicom import config as pydicom_config
 
 from connectors.dicomweb import stow
 from connectors.fhir import routes as fhir
+from connectors.http import notify_ack
 from connectors.http.auth import make_auth_middleware, token_store
 from connectors.http.events import AsyncPublisher
 from connectors.http.health import healthz
@@ -78,6 +79,8 @@ def build_app(
     app.router.add_get("/metrics", metrics.metrics_handler(settings))
     fhir.add_routes(app)
     stow.add_routes(app)
+    # A notification's acknowledgement link (issue 19): public, its signed token is the credential.
+    notify_ack.add_routes(app)
     app[PAGES] = tuple(pages)
     for page in pages:
         page.add_routes(app)

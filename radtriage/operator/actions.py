@@ -18,7 +18,7 @@ from typing import Any
 from kafka import KafkaProducer
 
 from radtriage.kafka_clients import kafka_python_producer_kwargs
-from radtriage.operator.view import ACK_DECISION, AlertRow, LetterRow
+from radtriage.operator.view import AlertRow, LetterRow
 from radtriage.replay import (
     REPLAY_HEADER,
     Coordinates,
@@ -31,7 +31,7 @@ from radtriage.replay import (
     replay_record,
 )
 from radtriage.settings import Settings
-from schemas.audit import AuditEvent
+from schemas.audit import ACK_DECISION, AuditEvent
 
 MAX_NAME = 64
 MAX_ID = 512

@@ -188,7 +188,20 @@ class OperatorPage:
                 "version": snap.version,
                 "event_log": {"available": snap.status.available, "detail": snap.status.detail},
                 "alerts": [
-                    {"alert_id": a.alert_id, "acknowledged_by": ack.by if ack else None}
+                    {
+                        "alert_id": a.alert_id,
+                        "acknowledged_by": ack.by if ack else None,
+                        "notified": [
+                            {
+                                "recipient": t.recipient,
+                                "channel": t.channel,
+                                "step": t.step,
+                                "at": t.at.isoformat(),
+                            }
+                            for t in snap.notified.get(a.alert_id, ())
+                        ],
+                        "overdue": a.alert_id in snap.overdue,
+                    }
                     for a, ack in snap.alerts
                 ],
                 "worklist": {lane: [w.request_id for w in items] for lane, items in snap.lanes.items()},

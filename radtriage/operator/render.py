@@ -9,10 +9,11 @@ escaped; nothing here can reach a patient id (the view holds none).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from html import escape
 
-from radtriage.operator.view import LANES, Ack, AlertRow, LetterView, Snapshot, WorkItem
+from radtriage.operator.view import LANES, Ack, AlertRow, LetterView, Snapshot, Told, WorkItem
 from radtriage.operator.waterfall import Waterfall
 
 SECTIONS = ("status", "alerts", "worklist", "finished", "deadletters")
@@ -71,8 +72,19 @@ def status_html(snap: Snapshot) -> str:
     return text
 
 
-def _alert_html(alert: AlertRow, ack: Ack | None, now: datetime) -> str:
-    cls = "acked" if ack is not None else "unacked"
+def _told_html(told: Sequence[Told], now: datetime) -> str:
+    if not told:
+        return ""
+    items = "; ".join(
+        f"{e(t.recipient)} via {e(t.channel)} {since(t.at, now)} ago (step {t.step + 1})" for t in told
+    )
+    return f'<div class="a4 told">Notified: {items}</div>'
+
+
+def _alert_html(
+    alert: AlertRow, ack: Ack | None, now: datetime, told: Sequence[Told] = (), overdue: bool = False
+) -> str:
+    cls = "acked" if ack is not None else "unacked overdue" if overdue else "unacked"
     if ack is not None:
         ack_html = (
             f'<div class="ack-state">✓ Acknowledged by <b class="ack-by">{e(ack.by)}</b> '
@@ -96,7 +108,9 @@ def _alert_html(alert: AlertRow, ack: Ack | None, now: datetime) -> str:
         f'<div class="a3">{e(alert.model_name)} v{e(alert.model_version)} · '
         f"scan received {since(alert.received_at, now)} ago · "
         f"alerted {since(alert.alerted_at, now)} ago</div>"
-        "</div>"
+        + _told_html(told, now)
+        + ('<div class="a4 late">Not acknowledged within the escalation step</div>' if overdue else "")
+        + "</div>"
         f'<div class="alert-ack">{ack_html}</div>'
         "</article>"
     )
@@ -107,7 +121,10 @@ def alerts_html(snap: Snapshot) -> str:
         return '<p class="empty">No alerts in the lookback window.</p>'
     open_count = sum(1 for _, ack in snap.alerts if ack is None)
     head = f'<p class="count">{open_count} unacknowledged of {len(snap.alerts)}</p>'
-    return head + "".join(_alert_html(a, ack, snap.now) for a, ack in snap.alerts)
+    return head + "".join(
+        _alert_html(a, ack, snap.now, snap.notified.get(a.alert_id, ()), a.alert_id in snap.overdue)
+        for a, ack in snap.alerts
+    )
 
 
 def _work_html(item: WorkItem, now: datetime) -> str:

@@ -26,7 +26,7 @@ from radtriage.operator.decode import Observed, Unreadable
 from radtriage.replay import Action, Coordinates, classify
 from radtriage.settings import LANES
 from schemas.alerts import Alert
-from schemas.audit import AuditEvent
+from schemas.audit import ACK_DECISION, AuditEvent
 from schemas.base import EventDecodeError
 from schemas.deadletter import DeadLetter
 from schemas.findings import Finding
@@ -35,7 +35,6 @@ from schemas.results import FhirResult
 from schemas.studies import StudyEvent
 from streams.routing import request_id
 
-ACK_DECISION = "alert_acknowledged"
 # Distinct trace ids remembered per study (a re-sent study starts another trace).
 MAX_TRACES_PER_STUDY = 4
 
@@ -70,6 +69,16 @@ class AlertRow:
 @dataclass(frozen=True)
 class Ack:
     by: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Told:
+    """One notification a person received (streams/stages/notify.py `notify_delivered`)."""
+
+    recipient: str
+    channel: str
+    step: int
     at: datetime
 
 
@@ -151,6 +160,10 @@ Done = Literal["finding", "deadletter"]
 class View:
     alerts: Mapping[str, AlertRow] = field(default_factory=dict)
     acks: Mapping[str, Ack] = field(default_factory=dict)
+    # By alert id: who the notify stage told, and until when the current step has to
+    # acknowledge (None once the escalation stopped on an acknowledgement).
+    notified: Mapping[str, tuple[Told, ...]] = field(default_factory=dict)
+    due: Mapping[str, datetime | None] = field(default_factory=dict)
     open_work: Mapping[str, WorkItem] = field(default_factory=dict)
     done: Mapping[str, Done] = field(default_factory=dict)
     finished: tuple[FinishedRow, ...] = ()
@@ -332,7 +345,34 @@ def ack_of(event: AuditEvent) -> tuple[str, Ack] | None:
     return alert_key, Ack(by.strip(), _as_utc(event.detail.get("at"), event.at))
 
 
+def _notify(view: View, event: AuditEvent, limits: Limits) -> View:
+    """The notify stage's record of an alert: deliveries, and when its current step is due."""
+    alert_key = event.detail.get("alert_id")
+    if not isinstance(alert_key, str) or not alert_key:
+        return view
+    d = event.detail
+    if event.decision == "notify_delivered":
+        told = Told(str(d.get("recipient", "")), str(d.get("channel", "")), int(d.get("step", 0)), event.at)
+        before = view.notified.get(alert_key, ())
+        if any(t.recipient == told.recipient and t.step == told.step for t in before):
+            return view  # a copy re-sent after a kill: the first delivery is the one shown
+        notified = _put(view.notified, alert_key, (*before, told), limits.alerts * 4)
+        return replace(view, notified=notified)
+    if event.decision in ("notify_opened", "notify_step"):
+        due_text = d.get("due_at")
+        due = _as_utc(due_text, event.at) if isinstance(due_text, str) and due_text else None
+        current = view.due.get(alert_key)
+        if due is not None and (alert_key not in view.due or (current is not None and due > current)):
+            return replace(view, due=_put(view.due, alert_key, due, limits.alerts * 4))
+        return view
+    if event.decision == "notify_stopped" and d.get("reason") == "acknowledged":
+        return replace(view, due=_put(view.due, alert_key, None, limits.alerts * 4))
+    return view
+
+
 def _audit(view: View, event: AuditEvent, limits: Limits) -> View:
+    if event.stage == "notify":
+        return _notify(view, event, limits)
     found = ack_of(event)
     if found is None:
         return view
@@ -478,6 +518,9 @@ class Snapshot:
     status: LogStatus
     unreadable: Mapping[str, int]
     version: int
+    notified: Mapping[str, tuple[Told, ...]] = field(default_factory=dict)
+    # Unacknowledged alerts whose current escalation step is past its timeout.
+    overdue: frozenset[str] = frozenset()
 
 
 def letter_state(view: View, row: LetterRow, consumed: frozenset[str]) -> tuple[LetterState, str]:
@@ -508,4 +551,10 @@ def snapshot(view: View, now: datetime, consumed: frozenset[str]) -> Snapshot:
         status=view.status,
         unreadable=dict(view.unreadable),
         version=view.version,
+        notified={a.alert_id: view.notified[a.alert_id] for a in alerts if a.alert_id in view.notified},
+        overdue=frozenset(
+            a.alert_id
+            for a in alerts
+            if a.alert_id not in view.acks and (due := view.due.get(a.alert_id)) is not None and due < now
+        ),
     )

@@ -140,6 +140,8 @@ def co_partitioned_topics() -> list[str]:
         t.findings,
         t.alert_topic("ich"),
         t.alert_topic("stroke"),
+        # Read with the alert topics by the notify agent (streams/stages/notify.py).
+        t.audit,
     ]
 
 

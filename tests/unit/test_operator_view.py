@@ -501,3 +501,48 @@ def test_replay_button_refuses_a_letter_the_ledger_has(tmp_path: Path) -> None:
     with pytest.raises(ActionError) as err:
         replay_letter(settings, run(hl7).letters[hl7.coords])
     assert err.value.status == 409 and "cannot be replayed" in err.value.message
+
+
+def notified(decision: str, when: float, **detail: object) -> AuditEvent:
+    return AuditEvent(
+        study_uid=UID,
+        stage="notify",
+        decision=decision,
+        detail={"alert_id": f"{UID}/ICH", "at": at(when).isoformat(), **detail},  # type: ignore[dict-item]
+        at=at(when),
+    )
+
+
+def test_alerts_show_who_was_notified_and_are_highlighted_past_their_step() -> None:
+    a = alert()
+    view = run(
+        obs(TOPICS.alert_topic("ich"), a),
+        obs(TOPICS.audit, notified("notify_opened", 6, due_at=at(66).isoformat())),
+        obs(
+            TOPICS.audit,
+            notified("notify_delivered", 6.1, recipient="resident", channel="webhook:pager", step=0),
+        ),
+        # The same delivery re-sent after a kill: shown once.
+        obs(
+            TOPICS.audit,
+            notified("notify_delivered", 9, recipient="resident", channel="webhook:pager", step=0),
+        ),
+    )
+    snap = snapshot(view, at(30), CONSUMED)
+    assert [t.recipient for t in snap.notified[a.alert_id]] == ["resident"] and not snap.overdue
+    late = snapshot(view, at(70), CONSUMED)
+    assert late.overdue == {a.alert_id}
+    html = sections(late)["alerts"]
+    assert "Notified: resident via webhook:pager" in html and "overdue" in html
+    view = run(
+        obs(TOPICS.audit, notified("notify_step", 70, step=1, due_at=at(670).isoformat())),
+        obs(
+            TOPICS.audit,
+            notified("notify_delivered", 70.1, recipient="attending", channel="email:a@h", step=1),
+        ),
+        view=view,
+    )
+    assert not snapshot(view, at(80), CONSUMED).overdue
+    assert [t.step for t in snapshot(view, at(80), CONSUMED).notified[a.alert_id]] == [0, 1]
+    acked = run(obs(TOPICS.audit, ack(a.alert_id, "Dr A", 700)), view=view)
+    assert not snapshot(acked, at(800), CONSUMED).overdue

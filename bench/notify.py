@@ -1,0 +1,253 @@
+"""Time to notification: alert → signed webhook received, and alert → e-mail accepted by the
+SMTP server (STARTTLS), through a real Kafka and a real `radtriage worker` (issue 19).
+
+    python -m bench.notify --alerts 20
+    python -m bench.notify --alerts 20 --bleed   # real bleed studies through the whole stack
+
+Starts its own single-node Kafka, a worker whose notify stage tells one on-call step of two
+recipients (a JSON webhook signed with HMAC-SHA256, an e-mail), a webhook receiver that
+verifies the signature and an aiosmtpd server that requires STARTTLS (tests/support). Each
+alert comes from a positive stat ICH finding published on `triage.findings` (the escalate
+stage turns it into the alert; no model runs), one at a time. Measured per alert, from the
+alert's own `alerted_at` (written by the escalate stage) to the receipt time at each peer,
+on one clock (one machine).
+
+With `--bleed`, the whole local stack instead (`radtriage up`'s: Kafka, Triton, worker,
+listeners on free ports) and the demo's bleed study (a head CT phantom with a bleed sent
+over DICOM after its STAT order), each measured from the study's `ready_at` and from its
+alert's `alerted_at` to the receipts. Writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from rich.console import Console
+
+from radtriage.settings import REPO_ROOT
+from tests.certs import make_pki
+from tests.integration.harness import Worker, finding_bytes, make_worker_env
+from tests.support.kafka import local_kafka
+from tests.support.notify_peers import smtp_env, smtp_server, webhook_receiver
+from tests.support.wait import wait_until
+
+console = Console()
+SECRET = "bench-secret"
+ONCALL = """\
+version: 1
+recipients:
+  pager: {channels: [{webhook: pager}]}
+  mail: {channels: [{email: oncall@hospital.example}]}
+rules:
+  - chain:
+      - {recipients: [pager, mail], timeout_s: 3600}
+"""
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {
+        "n": len(xs),
+        "p50": statistics.median(xs),
+        # Nearest rank; with 20 samples p99 is the maximum.
+        "p99": xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))],
+        "min": xs[0],
+        "max": xs[-1],
+    }
+
+
+def alert_times(bootstrap: str, topic: str) -> KafkaConsumer:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    return consumer
+
+
+def _text(message: Any) -> str:
+    return str(message.get_payload(decode=True).decode())
+
+
+def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
+    """`n` demo bleed studies through `radtriage up`'s stack, notified as ONCALL says."""
+    import numpy as np
+    from pydantic import SecretStr
+
+    from radtriage.demo import CASES, OutputWatcher, run_case
+    from radtriage.settings import Settings, SmtpSettings, WebhookTarget
+    from radtriage.up import running_stack
+    from tests.support.net import free_port
+
+    pki = make_pki(tmp / "pki")
+    oncall = tmp / "oncall.yaml"
+    oncall.write_text(ONCALL)
+    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+        settings = Settings(home=tmp / "home")
+        settings.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"
+        settings.kafka.controller_port = free_port()
+        settings.triton.grpc_url = f"127.0.0.1:{free_port()}"
+        settings.triton.http_url = f"127.0.0.1:{free_port()}"
+        settings.triton.metrics_port = free_port()
+        settings.dicom.port = free_port()
+        settings.hl7.port = free_port()
+        settings.http.port = free_port()
+        settings.telemetry.exporter = "none"
+        settings.notify.webhooks = [WebhookTarget(name="pager", url=hooks.url("/pager"), secret=SECRET)]  # type: ignore[arg-type]
+        settings.notify.smtp = SmtpSettings(
+            host="127.0.0.1", port=smtp.port, starttls=True, sender="rt@bench.example", cafile=pki.ca
+        )
+        settings.notify.oncall_file = oncall
+        settings.notify.ack_secret = SecretStr("bench-ack")
+        with running_stack(settings):
+            bleed = CASES[0]
+            watcher = OutputWatcher(settings)
+            rng = np.random.default_rng(19)
+            ready_to_hook, alert_to_hook, ready_to_mail, ready_to_alert = [], [], [], []
+            for i in range(n + 1):  # the first warms up (model load, connections)
+                outcome = run_case(bleed, settings, watcher, rng, tmp, 120, 0.0)
+                uid = outcome.study_uid
+                wait_until(
+                    lambda u=uid: (
+                        any(r.body["study_uid"] == u for r in hooks.received)
+                        and any(f"/operator/studies/{u}" in _text(m.message) for m in smtp.mails)
+                    ),
+                    f"bleed study {i} at both peers",
+                    120,
+                )
+                if i == 0:
+                    continue
+                (hook,) = [r for r in hooks.received if r.body["study_uid"] == uid]
+                (mail,) = [m for m in smtp.mails if f"/operator/studies/{uid}" in _text(m.message)]
+                ready = datetime.fromisoformat(hook.body["ready_at"]).timestamp()
+                alerted = datetime.fromisoformat(hook.body["alerted_at"]).timestamp()
+                ready_to_hook.append((hook.at - ready) * 1000)
+                alert_to_hook.append((hook.at - alerted) * 1000)
+                ready_to_mail.append((mail.at - ready) * 1000)
+                ready_to_alert.append((alerted - ready) * 1000)
+            watcher.close()
+        return {
+            "benchmark": "notify_bleed_studies",
+            "studies": n,
+            "ready_to_webhook_received_ms": stats(ready_to_hook),
+            "ready_to_email_accepted_ms": stats(ready_to_mail),
+            "ready_to_alert_ms": stats(ready_to_alert),
+            "alert_to_webhook_received_ms": stats(alert_to_hook),
+            "webhook_duplicates": len(hooks.duplicates),
+            "setup": "radtriage up's stack on free ports (Kafka, Triton, worker, DICOM/HL7/HTTP), demo bleed "
+            "study after its STAT HL7 order; signed JSON webhook + SMTP STARTTLS on 127.0.0.1",
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--alerts", type=int, default=20)
+    ap.add_argument("--bleed", action="store_true", help="real bleed studies through the whole stack")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    ap.add_argument("--workdir", type=Path, help="--bleed: keep the stack's files (logs) here")
+    args = ap.parse_args()
+    if args.bleed:
+        with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
+            work = args.workdir or Path(tmp_name)
+            bleed = bleed_studies(args.alerts, work) | {"at": datetime.now(UTC).isoformat()}
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"notify-bleed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+        path.write_text(json.dumps(bleed, indent=2) + "\n")
+        console.print_json(json.dumps(bleed))
+        console.print(f"wrote {path}")
+        return
+
+    with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
+        tmp = Path(tmp_name)
+        pki = make_pki(tmp / "pki")
+        oncall = tmp / "oncall.yaml"
+        oncall.write_text(ONCALL)
+        with (
+            local_kafka(tmp / "kafka") as broker,
+            webhook_receiver(SECRET) as hooks,
+            smtp_server(pki) as smtp,
+        ):
+            bootstrap = broker.bootstrap_servers
+            (tmp / "home").mkdir()
+            setup = make_worker_env(bootstrap, tmp / "home")
+            env, settings = next(setup)
+            env.update(smtp_env(smtp, pki.ca))
+            env.update(
+                {
+                    "RADTRIAGE_NOTIFY__WEBHOOKS": json.dumps(
+                        [{"name": "pager", "url": hooks.url("/pager"), "secret": SECRET}]
+                    ),
+                    "RADTRIAGE_NOTIFY__ONCALL_FILE": str(oncall),
+                    "RADTRIAGE_NOTIFY__ACK_SECRET": "bench-ack",
+                }
+            )
+            worker = Worker(env, settings.home)
+            with console.status("starting the worker…"):
+                worker.start()
+            producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+            ich_topic = settings.topics.alert_topic("ich")
+            uids = []
+            try:
+                for i in range(args.alerts + 1):  # the first one warms up (connections, JIT)
+                    uid = f"1.2.826.0.19.9.{time.time_ns()}"
+                    producer.send(
+                        settings.topics.findings, key=uid.encode(), value=finding_bytes(uid, 0.95)
+                    ).get(10)
+                    wait_until(
+                        lambda n=i + 1: len(hooks.received) >= n and len(smtp.mails) >= n,
+                        f"alert {i} at both peers",
+                        60,
+                    )
+                    uids.append(uid)
+                    time.sleep(0.3)
+            finally:
+                worker.kill(signal.SIGTERM)
+                next(setup, None)
+            consumer = alert_times(bootstrap, ich_topic)
+            alerted: dict[str, float] = {}
+            deadline = time.monotonic() + 30
+            while len(alerted) < len(uids) and time.monotonic() < deadline:
+                for recs in consumer.poll(timeout_ms=500).values():
+                    for r in recs:
+                        value = json.loads(r.value)
+                        alerted[value["study_uid"]] = datetime.fromisoformat(value["alerted_at"]).timestamp()
+            consumer.close()
+            hook_at = {r.body["study_uid"]: r.at for r in hooks.received}
+            mail_at: dict[str, float] = {}
+            for m in smtp.mails:
+                body = m.message.get_payload(decode=True).decode()  # type: ignore[union-attr]
+                for uid in uids:
+                    if f"/operator/studies/{uid}" in body:
+                        mail_at[uid] = m.at
+            measured = uids[1:]
+            to_hook = [(hook_at[u] - alerted[u]) * 1000 for u in measured]
+            to_mail = [(mail_at[u] - alerted[u]) * 1000 for u in measured]
+            duplicates = len(hooks.duplicates)
+
+    result: dict[str, Any] = {
+        "benchmark": "notify",
+        "at": datetime.now(UTC).isoformat(),
+        "alerts": len(measured),
+        "alert_to_webhook_received_ms": stats(to_hook),
+        "alert_to_email_accepted_ms": stats(to_mail),
+        "webhook_duplicates": duplicates,
+        "setup": "1 Kafka broker, 1 worker, signed JSON webhook + SMTP STARTTLS on 127.0.0.1, "
+        "one alert at a time",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"notify-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print_json(json.dumps(result))
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
