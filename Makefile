@@ -25,5 +25,6 @@ lint: install lint-only
 
 lint-only:
 	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
 	@$(VENV)/bin/lint-imports --no-cache
 	@$(VENV)/bin/mypy radtriage connectors streams processors models schemas

@@ -183,9 +183,7 @@ def cached_templates(cache_root: Path, kind: str, count: int) -> list[Template]:
             )
             done.write_text("ok\n")
         files = tuple(sorted(folder.glob("*.dcm")))
-        out.append(
-            Template(f"{kind}-{i}", files, tuple(f.read_bytes() for f in files), MODEL_OF_KIND[kind])
-        )
+        out.append(Template(f"{kind}-{i}", files, tuple(f.read_bytes() for f in files), MODEL_OF_KIND[kind]))
     return out
 
 

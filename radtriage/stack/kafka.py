@@ -112,12 +112,16 @@ def server_properties(
     the internal topics' replication and the default for topics created without their own.
     `listeners` replaces the plaintext listener lines (the secure cluster passes its own).
     """
-    listener_lines = list(listeners) if listeners is not None else [
-        f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://{host}:{port}",
-        "inter.broker.listener.name=PLAINTEXT",
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-    ]
+    listener_lines = (
+        list(listeners)
+        if listeners is not None
+        else [
+            f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://{host}:{port}",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        ]
+    )
     lines = [
         "process.roles=broker,controller",
         f"node.id={node_id}",
@@ -338,9 +342,7 @@ class LocalKafkaCluster:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
         ports = list(ports) if ports is not None else [9092 + 2 * i for i in range(nodes)]
-        controller_ports = (
-            list(controller_ports) if controller_ports is not None else [p + 1 for p in ports]
-        )
+        controller_ports = list(controller_ports) if controller_ports is not None else [p + 1 for p in ports]
         if len(ports) != nodes or len(controller_ports) != nodes:
             raise ValueError("one client port and one controller port per node")
         self.data_dir, self.host = data_dir, host

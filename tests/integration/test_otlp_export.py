@@ -96,13 +96,7 @@ def test_spans_reach_an_otlp_receiver(
         trace_id = span.get_span_context().trace_id
     provider.shutdown()
 
-    spans = [
-        s
-        for req in received
-        for rs in req.resource_spans
-        for ss in rs.scope_spans
-        for s in ss.spans
-    ]
+    spans = [s for req in received for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
     assert [s.name for s in spans] == ["assemble"]
     assert int.from_bytes(spans[0].trace_id, "big") == trace_id
     attrs = {a.key: a.value.string_value for a in spans[0].attributes}

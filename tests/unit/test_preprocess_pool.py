@@ -238,9 +238,7 @@ def test_the_working_memory_estimate_and_the_header_fallback(series: list[Path])
         detector, "ich_classifier"
     )
     # Unknown model: the largest factor; nothing known: the minimum.
-    assert estimated_working_bytes(scanner_head, "new_model") == int(
-        max(factors.values()) * scanner_head
-    )
+    assert estimated_working_bytes(scanner_head, "new_model") == int(max(factors.values()) * scanner_head)
     assert estimated_working_bytes(0) == MIN_WORKING_BYTES
 
 
