@@ -29,7 +29,6 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
 from radtriage.blobstore import LocalBlobStore
-from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import DestinationTls, DicomDestination, Settings
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
@@ -39,8 +38,8 @@ from tests.certs import make_pki
 from tests.integration.harness import RULE, Worker
 from tests.support.dicom import Listener, send_files, storescu
 from tests.support.findings import ich_result
-from tests.support.http import Intake, http_settings, start_intake, stop_intake
-from tests.support.kafka import PARTITIONS, Tail, read_topic
+from tests.support.http import Intake, http_settings, running_intake
+from tests.support.kafka import Tail, read_topic
 from tests.support.net import free_port
 from tests.support.orthanc import Orthanc
 from tests.support.series import send_series
@@ -290,13 +289,8 @@ def test_radtriage_own_sr_sent_back_is_not_ingested(listener: Listener, tmp_path
 @pytest.fixture
 def stow_intake(kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Iterator[Intake]:
     """The HTTP intake (DICOMweb STOW-RS) in this process, on an `imaging.instances` of its own."""
-    settings = http_settings(tmp_path / "home", kafka_bootstrap, ("instances",))
-    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    server = start_intake(settings, loop)
-    try:
-        yield server
-    finally:
-        stop_intake(server)
+    with running_intake(http_settings(tmp_path / "home", kafka_bootstrap, ("instances",)), loop) as intake:
+        yield intake
 
 
 def test_radtriage_own_sr_stowed_back_is_answered_stored_and_not_ingested(
