@@ -27,7 +27,7 @@ from tests.integration.harness import Worker
 from tests.support.fhir_validator import validate
 from tests.support.kafka import Tail
 from tests.support.mllp_receiver import MllpReceiver
-from tests.support.series import send_series
+from tests.support.series import THICK, send_series
 
 pytestmark = pytest.mark.integration
 
@@ -108,10 +108,8 @@ def test_a_bleed_study_with_its_order_reaches_the_ris_as_an_oru_and_a_refusal_is
                 settings,
                 files[study],
                 study,
-                number=2,
-                description="Head 5.0 H30s",
-                thickness=5.0,
-                kernel="H30s",
+                THICK,
+                5.0,
                 accession_number=order.accession_number,
                 patient_id=order.patient_id,
             )

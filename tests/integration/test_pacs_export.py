@@ -42,7 +42,7 @@ from tests.support.http import Intake, http_settings, running_intake
 from tests.support.kafka import Tail, read_topic
 from tests.support.net import free_port
 from tests.support.orthanc import Orthanc
-from tests.support.series import send_series
+from tests.support.series import THICK, THIN, send_series
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -340,27 +340,9 @@ def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
         )
         orthanc.upload(thin + thick)
         _, tail, producer = _start_worker(env, settings, _orthanc_destination(orthanc), triton_grpc_url)
-        send_series(
-            producer,
-            settings,
-            thin,
-            study,
-            number=3,
-            description="Head 0.5x H30s",
-            thickness=dz / 2,
-            kernel="H30s",
-        )
+        send_series(producer, settings, thin, study, THIN, dz / 2)
         tail.until(lambda: len(_exports(tail, t.audit, study).get("sr", [])) == 1, timeout=180)
-        send_series(
-            producer,
-            settings,
-            thick,
-            study,
-            number=2,
-            description="Head 5.0 H30s",
-            thickness=dz,
-            kernel="H30s",
-        )
+        send_series(producer, settings, thick, study, THICK, dz)
         tail.until(lambda: len(_exports(tail, t.audit, study).get("sr", [])) == 2, timeout=180)
 
         first, second = tail.of(t.findings, study_uid=study)

@@ -19,7 +19,7 @@ from models.phantoms import head_ct_phantom
 from radtriage.settings import Settings
 from tests.integration.harness import Worker
 from tests.support.kafka import Tail
-from tests.support.series import send_series
+from tests.support.series import BONE, THICK, THIN, send_series
 
 pytestmark = pytest.mark.integration
 
@@ -51,38 +51,11 @@ def test_a_later_preferred_series_amends_and_a_worse_one_changes_nothing(
     )
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
 
-    send_series(
-        producer,
-        settings,
-        thin,
-        study,
-        number=3,
-        description="Head 0.5x H30s",
-        thickness=dz / 2,
-        kernel="H30s",
-    )
+    send_series(producer, settings, thin, study, THIN, dz / 2)
     tail.until(lambda: len(tail.of(t.results_fhir, study_uid=study)) == 1, timeout=120)
-    send_series(
-        producer,
-        settings,
-        thick,
-        study,
-        number=2,
-        description="Head 5.0 H30s",
-        thickness=dz,
-        kernel="H30s",
-    )
+    send_series(producer, settings, thick, study, THICK, dz)
     tail.until(lambda: len(tail.of(t.results_fhir, study_uid=study)) == 2, timeout=120)
-    send_series(
-        producer,
-        settings,
-        bone,
-        study,
-        number=4,
-        description="Head 5.0 H70h",
-        thickness=dz,
-        kernel="H70h",
-    )
+    send_series(producer, settings, bone, study, BONE, dz)
     tail.until(
         lambda: any(a["decision"] == "series_unchanged" for a in tail.of(t.audit, study_uid=study)),
         timeout=60,

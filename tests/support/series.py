@@ -4,6 +4,7 @@ transfer-complete marker (the integration tests that skip the listener start her
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +15,34 @@ from radtriage.settings import Settings
 from schemas.instances import InstanceEvent
 
 
+@dataclass(frozen=True)
+class Recon:
+    """A head CT reconstruction as its instance events name it (the ICH rule prefers 5 mm
+    soft tissue over thin, and reads no bone kernel)."""
+
+    number: int
+    description: str
+    kernel: str
+
+
+THIN = Recon(3, "Head 0.5x H30s", "H30s")
+THICK = Recon(2, "Head 5.0 H30s", "H30s")
+BONE = Recon(4, "Head 5.0 H70h", "H70h")
+
+
 def send_series(
     producer: KafkaProducer,
     settings: Settings,
     files: list[Path],
     study: str,
-    *,
-    number: int,
-    description: str,
+    recon: Recon,
     thickness: float,
-    kernel: str,
     **event_fields: Any,
 ) -> None:
-    """Series `number` of `study` (its UID `{study}.{number}`, instance i's `{series}.{i}`);
-    `event_fields` (e.g. the order's accession and patient id) go on every instance event."""
+    """Series `recon.number` of `study` (its UID `{study}.{number}`, instance i's
+    `{series}.{i}`); `event_fields` (e.g. the order's accession and patient id) go on every
+    instance event."""
+    number = recon.number
     series = f"{study}.{number}"
     blobs = LocalBlobStore(settings.blob_dir)
     for i, path in enumerate(files):
@@ -39,10 +54,10 @@ def send_series(
             sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
             modality="CT",
             body_part="HEAD",
-            series_description=description,
+            series_description=recon.description,
             blob_uri=blobs.put_instance(study, series, sop, path.read_bytes()),
             image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-            convolution_kernel=kernel,
+            convolution_kernel=recon.kernel,
             slice_thickness_mm=thickness,
             series_number=number,
             rows=128,
