@@ -36,6 +36,7 @@ from processors.key_images import build_key_image, build_kos, key_slice
 from radtriage.settings import REPO_ROOT, DicomDestination
 from schemas.findings import Finding, SliceRange
 from streams.dicom_send import c_store
+from tests.support.findings import ich_result
 from tests.support.orthanc import Orthanc
 
 RESULTS = REPO_ROOT / "bench" / "results" / "pacs_export.json"
@@ -44,21 +45,10 @@ RESULTS = REPO_ROOT / "bench" / "results" / "pacs_export.json"
 def _finding(study: str, series: str, sources: list[pydicom.Dataset], request: str) -> Finding:
     z = sorted(float(ds.ImagePositionPatient[2]) for ds in sources)
     first, last = len(z) // 3, len(z) // 2
-    now = datetime.now(UTC)
-    return Finding(
-        study_uid=study,
-        series_uid=series,
-        finding="ICH",
+    return ich_result(
+        study,
+        series,
         probability=0.93,
-        threshold=0.5,
-        positive=True,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id="ct-head-noncontrast-ich",
-        received_at=now,
-        ready_at=now,
-        inference_ms=1.0,
         request_id=request,
         slice_range=SliceRange(
             first_instance_number=None,

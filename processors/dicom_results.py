@@ -119,6 +119,19 @@ def device_uid(finding: Finding) -> str:
     return result_uid("device", finding.model_name, finding.model_version)
 
 
+def device_observer(finding: Finding) -> hd.sr.ObserverContext:
+    """The model as the observing device, as the SR and the KOS both name it."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(finding),
+            name=finding.model_name,
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{finding.model_name} {finding.model_version}".strip(),
+        ),
+    )
+
+
 def finding_concept(finding: Finding) -> hd.sr.CodedConcept:
     """The finding's SNOMED CT concept from its model's spec, else radtriage's own code."""
     spec = registry.for_finding(finding.finding)
@@ -216,17 +229,7 @@ def build_sr(finding: Finding, sources: Sequence[Dataset], software_version: str
         parameters=[f"threshold={finding.threshold:g}"],
         manufacturer=MANUFACTURER,
     )
-    observer = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=device_uid(finding),
-                name=finding.model_name,
-                manufacturer_name=MANUFACTURER,
-                model_name=f"{finding.model_name} {finding.model_version}".strip(),
-            ),
-        )
-    )
+    observer = hd.sr.ObservationContext(observer_device_context=device_observer(finding))
     in_range = slices_in_range(sources, finding.slice_range) if finding.slice_range is not None else []
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(

@@ -114,6 +114,11 @@ MM = "mm^millimetre^UCUM"
 SNOMED = "SCT"
 
 
+def _probability(code: str, text: str, value: float) -> Obx:
+    """A probability (or threshold) as a numeric OBX, local code, unit 1, four decimals."""
+    return Obx("NM", cwe(code, text, LOCAL), f"{value:.4f}", units=PROBABILITY_UNIT)
+
+
 def observations(finding: Finding) -> list[Obx]:
     """The OBX segments' content, in the order a reader wants them."""
     words, snomed = meaning(finding)
@@ -124,34 +129,15 @@ def observations(finding: Finding) -> list[Obx]:
     else:
         value = cwe("260385009", "Negative", SNOMED)
     out.append(Obx("CWE", cwe(code, f"AI triage: {words}", LOCAL), value))
-    out.append(
-        Obx(
-            "NM",
-            cwe(f"{code}-P", f"Probability of {words}", LOCAL),
-            f"{finding.probability:.4f}",
-            units=PROBABILITY_UNIT,
-        )
-    )
-    out.append(
-        Obx(
-            "NM",
-            cwe(f"{code}-T", "Alert threshold", LOCAL),
-            f"{finding.threshold:.4f}",
-            units=PROBABILITY_UNIT,
-        )
-    )
+    out.append(_probability(f"{code}-P", f"Probability of {words}", finding.probability))
+    out.append(_probability(f"{code}-T", "Alert threshold", finding.threshold))
     if finding.laterality in SIDES and finding.laterality_probability is not None:
         side = finding.laterality
         out.append(
             Obx("CWE", cwe("272741003", "Laterality", SNOMED), cwe(SIDES[side][0], side.capitalize(), SNOMED))
         )
         out.append(
-            Obx(
-                "NM",
-                cwe(f"{code}-SIDE-P", f"Probability of the {side} side", LOCAL),
-                f"{finding.laterality_probability:.4f}",
-                units=PROBABILITY_UNIT,
-            )
+            _probability(f"{code}-SIDE-P", f"Probability of the {side} side", finding.laterality_probability)
         )
     r = finding.slice_range
     if finding.positive and r is not None:

@@ -29,7 +29,7 @@ from models import registry
 from processors.dicom_results import (
     ResultError,
     _position_along_normal,
-    device_uid,
+    device_observer,
     request_key,
     result_uid,
     slices_in_range,
@@ -200,15 +200,7 @@ def build_kos(finding: Finding, key_images: Sequence[Dataset]) -> Dataset:
     if not key_images:
         raise ResultError("a KOS needs at least one key image")
     series_uid, sop_uid = _uids(finding, "kos")
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(finding),
-            name=finding.model_name,
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{finding.model_name} {finding.model_version}".strip(),
-        ),
-    )
+    observer = device_observer(finding)
     words = registry.for_finding(finding.finding).words
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.OfInterest,

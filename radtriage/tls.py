@@ -46,6 +46,15 @@ def readable_file(path: Path | None, setting: str) -> Path:
     return path
 
 
+def _trust(context: ssl.SSLContext, path: Path, setting: str) -> None:
+    """Verify peers against the CA certificate(s) at `path`, the setting named in errors."""
+    ca = readable_file(path, setting)
+    try:
+        context.load_verify_locations(cafile=str(ca))
+    except ssl.SSLError as exc:
+        raise TlsConfigError(f"{setting} {ca}: not a PEM CA certificate ({exc.reason or exc})") from None
+
+
 def server_context(tls: TlsSettings, where: str) -> ssl.SSLContext:
     """A TLS 1.2+ server context; `where` (e.g. "dicom.tls") prefixes every error message."""
     cert = readable_file(tls.cert_file, f"{where}.cert_file")
@@ -63,13 +72,7 @@ def server_context(tls: TlsSettings, where: str) -> ssl.SSLContext:
             "is the key the certificate's, and its password right?"
         ) from None
     if tls.client_ca_file is not None:
-        ca = readable_file(tls.client_ca_file, f"{where}.client_ca_file")
-        try:
-            context.load_verify_locations(cafile=str(ca))
-        except ssl.SSLError as exc:
-            raise TlsConfigError(
-                f"{where}.client_ca_file {ca}: not a PEM CA certificate ({exc.reason or exc})"
-            ) from None
+        _trust(context, tls.client_ca_file, f"{where}.client_ca_file")
         # Mutual TLS: no certificate, or one the CA did not sign, fails the handshake.
         context.verify_mode = ssl.CERT_REQUIRED
     return context
@@ -82,13 +85,7 @@ def client_context(tls: ClientTlsSettings, where: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.ca_file is not None:
-        ca = readable_file(tls.ca_file, f"{where}.ca_file")
-        try:
-            context.load_verify_locations(cafile=str(ca))
-        except ssl.SSLError as exc:
-            raise TlsConfigError(
-                f"{where}.ca_file {ca}: not a PEM CA certificate ({exc.reason or exc})"
-            ) from None
+        _trust(context, tls.ca_file, f"{where}.ca_file")
     if tls.cert_file is not None:
         cert = readable_file(tls.cert_file, f"{where}.cert_file")
         key = readable_file(tls.key_file, f"{where}.key_file")

@@ -183,14 +183,7 @@ class _Seg:
     def comp(self, n: int, component: int = 1, rep: int = 0) -> str:
         """Component `component` (1-based) of repetition `rep` of field `n`, unescaped;
         its first subcomponent if it has several."""
-        reps = self.reps(n)
-        if rep >= len(reps):
-            return ""
-        parts = reps[rep].split(self.header.component_sep)
-        if component > len(parts):
-            return ""
-        value = parts[component - 1].split(self.header.subcomponent_sep)[0]
-        return unescape(value, self.header).strip()
+        return self.sub(n, component, 1, rep)
 
     def sub(self, n: int, component: int, subcomponent: int, rep: int = 0) -> str:
         """Subcomponent `subcomponent` (1-based) of a component, unescaped."""

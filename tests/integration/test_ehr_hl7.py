@@ -20,15 +20,14 @@ from connectors.hl7.parse import Accepted, parse_message
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.hl7_oru import strict_parse
-from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
-from schemas.instances import InstanceEvent
 from schemas.orders import OrderEvent
 from tests.data.hl7.samples import set_field, text
 from tests.integration.harness import Worker
 from tests.support.fhir_validator import validate
 from tests.support.kafka import Tail
 from tests.support.mllp_receiver import MllpReceiver
+from tests.support.series import THICK, send_series
 
 pytestmark = pytest.mark.integration
 
@@ -50,37 +49,6 @@ def _order(stamp: int, suffix: str, study: str) -> OrderEvent:
     (event,) = outcome.events
     assert isinstance(event, OrderEvent)
     return event
-
-
-def _send_study(
-    producer: KafkaProducer, settings: Settings, files: list[Path], study: str, order: OrderEvent
-) -> None:
-    blobs = LocalBlobStore(settings.blob_dir)
-    series = study + ".2"
-    for i, path in enumerate(files):
-        sop = f"{series}.{i + 1}"
-        event = InstanceEvent(
-            study_uid=study,
-            series_uid=series,
-            sop_instance_uid=sop,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            modality="CT",
-            body_part="HEAD",
-            series_description="Head 5.0 H30s",
-            blob_uri=blobs.put_instance(study, series, sop, path.read_bytes()),
-            image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-            convolution_kernel="H30s",
-            slice_thickness_mm=5.0,
-            series_number=2,
-            rows=128,
-            columns=128,
-            bits_allocated=16,
-            accession_number=order.accession_number,
-            patient_id=order.patient_id,
-        )
-        producer.send(settings.topics.instances, key=study.encode(), value=event.to_bytes())
-    marker = InstanceEvent(kind="transfer_complete", study_uid=study, instance_count=len(files))
-    producer.send(settings.topics.instances, key=study.encode(), value=marker.to_bytes()).get(10)
 
 
 def _field(message: str, segment: str, n: int) -> str:
@@ -105,20 +73,10 @@ def test_a_bleed_study_with_its_order_reaches_the_ris_as_an_oru_and_a_refusal_is
     bleed = head_ct_phantom(rng, bleed=True, min_bleed_ml=5.0)
     other = head_ct_phantom(rng, bleed=False)
     files = {
-        accepted_study: write_ct_series(
-            bleed.hu,
-            bleed.spacing_zyx,
-            tmp_path / "a",
-            study_uid=accepted_study,
-            series_uid=accepted_study + ".2",
-        ),
-        refused_study: write_ct_series(
-            other.hu,
-            other.spacing_zyx,
-            tmp_path / "e",
-            study_uid=refused_study,
-            series_uid=refused_study + ".2",
-        ),
+        study: write_ct_series(
+            head.hu, head.spacing_zyx, tmp_path / name, study_uid=study, series_uid=study + ".2"
+        )
+        for study, head, name in ((accepted_study, bleed, "a"), (refused_study, other, "e"))
     }
     with MllpReceiver(policy) as ris:
         env = {
@@ -145,7 +103,16 @@ def test_a_bleed_study_with_its_order_reaches_the_ris_as_an_oru_and_a_refusal_is
             producer.send(t.orders, key=order.accession_number.encode(), value=order.to_bytes()).get(10)
         time.sleep(1.0)  # the orders must be in the join table before the studies ask for them
         for study, order in ((accepted_study, ok), (refused_study, ae)):
-            _send_study(producer, settings, files[study], study, order)
+            send_series(
+                producer,
+                settings,
+                files[study],
+                study,
+                THICK,
+                5.0,
+                accession_number=order.accession_number,
+                patient_id=order.patient_id,
+            )
 
         def ehr_decisions(study: str) -> list[str]:
             return [a["decision"] for a in tail.of(t.audit, study_uid=study) if a["stage"] == "ehr"]

@@ -34,7 +34,15 @@ from opentelemetry.trace import SpanKind
 from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
-from tests.support.http import Intake, healthy, http_settings, start_http_process, start_intake, stop_intake
+from tests.support.http import (
+    Intake,
+    healthy,
+    http_settings,
+    running_intake,
+    start_http_process,
+    start_intake,
+    stop_intake,
+)
 from tests.support.kafka import PARTITIONS, Record, read_topic
 from tests.support.net import free_port
 from tests.support.process import wait_ready
@@ -66,13 +74,8 @@ def _start(
 
 @pytest.fixture
 def intake(kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Iterator[Intake]:
-    settings = _settings(tmp_path / "home", kafka_bootstrap)
-    ensure_topics(kafka_bootstrap, {settings.topics.orders: PARTITIONS})
-    server = _start(settings, loop)
-    try:
+    with running_intake(_settings(tmp_path / "home", kafka_bootstrap), loop, topic_field="orders") as server:
         yield server
-    finally:
-        stop_intake(server)
 
 
 # -- resources --------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
 from radtriage.blobstore import LocalBlobStore
-from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import DestinationTls, DicomDestination, Settings
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
@@ -37,12 +36,13 @@ from schemas.routing_rules import RoutingRules
 from streams.dicom_send import c_store
 from tests.certs import make_pki
 from tests.integration.harness import RULE, Worker
-from tests.integration.test_series_reread import _send_series
 from tests.support.dicom import Listener, send_files, storescu
-from tests.support.http import Intake, http_settings, start_intake, stop_intake
-from tests.support.kafka import PARTITIONS, Tail, read_topic
+from tests.support.findings import ich_result
+from tests.support.http import Intake, http_settings, running_intake
+from tests.support.kafka import Tail, read_topic
 from tests.support.net import free_port
 from tests.support.orthanc import Orthanc
+from tests.support.series import THICK, THIN, send_series
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -113,7 +113,49 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
 
 
+def _small_ct(work: Path, slices: int) -> tuple[str, list[Path], list[pydicom.Dataset]]:
+    """A flat CT series of a new study (no reading needed: the finding is made up), its
+    files and their headers."""
+    study = pydicom.uid.generate_uid()
+    files = write_ct_series(np.full((slices, 16, 16), 40.0), (5.0, 1.0, 1.0), work, study_uid=study)
+    return study, files, read_headers(files)
+
+
 OBJECTS = ("sr", "key_image", "kos")
+
+
+def _orthanc_destination(orthanc: Orthanc, **options: Any) -> dict[str, Any]:
+    """Orthanc as the one export destination (RADTRIAGE_DISPATCH__DESTINATIONS entry)."""
+    return {
+        "name": "orthanc",
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+        "ae_title": orthanc.aet,
+        **options,
+    }
+
+
+def _start_worker(
+    env: dict[str, str],
+    settings: Settings,
+    destination: dict[str, Any],
+    triton_grpc_url: str | None = None,
+    **dispatch: str,
+) -> tuple[Worker, Tail, KafkaProducer]:
+    """A worker exporting to `destination` (with Triton when its URL is given; `dispatch`
+    sets the other RADTRIAGE_DISPATCH__* settings), a tail of the findings, audit and dead
+    letters, and a producer to feed it."""
+    if triton_grpc_url is not None:
+        env["RADTRIAGE_TRITON__GRPC_URL"] = triton_grpc_url
+        env["RADTRIAGE_TRITON__TIMEOUT_S"] = "30"
+    env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps([destination])
+    for name, value in dispatch.items():
+        env[f"RADTRIAGE_DISPATCH__{name.upper()}"] = value
+    worker = Worker(env, settings.home)
+    worker.start()
+    t = settings.topics
+    tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.audit, t.deadletter])
+    return worker, tail, KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
 
 
 def test_a_bleed_ends_as_sr_key_image_and_kos_in_orthanc_once_even_with_orthanc_down(
@@ -124,26 +166,19 @@ def test_a_bleed_ends_as_sr_key_image_and_kos_in_orthanc_once_even_with_orthanc_
     orthanc = Orthanc(tmp_path / "pacs")
     orthanc.start()
     try:
-        env["RADTRIAGE_TRITON__GRPC_URL"] = triton_grpc_url
-        env["RADTRIAGE_TRITON__TIMEOUT_S"] = "30"
-        destination = {
-            "name": "orthanc",
-            "host": "127.0.0.1",
-            "port": orthanc.dicom_port,
-            "ae_title": orthanc.aet,
-            "objects": list(OBJECTS),
-            "findings": ["ICH"],
-            "positive_only": True,
-        }
-        env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps([destination])
-        env["RADTRIAGE_DISPATCH__RETRY_INITIAL_S"] = "0.5"
-        env["RADTRIAGE_DISPATCH__RETRY_MAX_S"] = "2"
-        env["RADTRIAGE_DISPATCH__RETRY_DEADLINE_S"] = "600"
-        env["RADTRIAGE_DISPATCH__TIMEOUT_S"] = "5"
-        worker = Worker(env, settings.home)
-        worker.start()
-        tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.audit, t.deadletter])
-        producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+        destination = _orthanc_destination(
+            orthanc, objects=list(OBJECTS), findings=["ICH"], positive_only=True
+        )
+        worker, tail, producer = _start_worker(
+            env,
+            settings,
+            destination,
+            triton_grpc_url,
+            retry_initial_s="0.5",
+            retry_max_s="2",
+            retry_deadline_s="600",
+            timeout_s="5",
+        )
 
         # 1. Orthanc up: SR, key image and KOS land in the CT's study.
         study, _ = _send_bleed(settings, orthanc, producer, tmp_path / "ct", seed=1801)
@@ -227,26 +262,8 @@ def orthanc_file(orthanc: Orthanc, instance_id: str) -> bytes:
 
 
 def test_radtriage_own_sr_sent_back_is_not_ingested(listener: Listener, tmp_path: Path) -> None:
-    study = pydicom.uid.generate_uid()
-    files = write_ct_series(np.full((4, 16, 16), 40.0), (5.0, 1.0, 1.0), tmp_path / "ct", study_uid=study)
-    sources = read_headers(files)
-    now = datetime.now(UTC)
-    finding = Finding(
-        study_uid=study,
-        series_uid=str(sources[0].SeriesInstanceUID),
-        finding="ICH",
-        probability=0.9,
-        threshold=0.5,
-        positive=True,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id=RULE,
-        received_at=now,
-        ready_at=now,
-        inference_ms=1.0,
-        request_id=f"{study}/{RULE}",
-    )
+    study, files, sources = _small_ct(tmp_path / "ct", 4)
+    finding = ich_result(study, str(sources[0].SeriesInstanceUID))
     sr_path = tmp_path / "sr.dcm"
     sr_path.write_bytes(encode(build_sr(finding, sources)))
     sr_uid = str(pydicom.dcmread(sr_path).SOPInstanceUID)
@@ -272,38 +289,15 @@ def test_radtriage_own_sr_sent_back_is_not_ingested(listener: Listener, tmp_path
 @pytest.fixture
 def stow_intake(kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Iterator[Intake]:
     """The HTTP intake (DICOMweb STOW-RS) in this process, on an `imaging.instances` of its own."""
-    settings = http_settings(tmp_path / "home", kafka_bootstrap, ("instances",))
-    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    server = start_intake(settings, loop)
-    try:
-        yield server
-    finally:
-        stop_intake(server)
+    with running_intake(http_settings(tmp_path / "home", kafka_bootstrap, ("instances",)), loop) as intake:
+        yield intake
 
 
 def test_radtriage_own_sr_stowed_back_is_answered_stored_and_not_ingested(
     stow_intake: Intake, tmp_path: Path
 ) -> None:
-    study = pydicom.uid.generate_uid()
-    files = write_ct_series(np.full((3, 16, 16), 40.0), (5.0, 1.0, 1.0), tmp_path / "ct", study_uid=study)
-    sources = read_headers(files)
-    now = datetime.now(UTC)
-    finding = Finding(
-        study_uid=study,
-        series_uid=str(sources[0].SeriesInstanceUID),
-        finding="ICH",
-        probability=0.9,
-        threshold=0.5,
-        positive=True,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id=RULE,
-        received_at=now,
-        ready_at=now,
-        inference_ms=1.0,
-        request_id=f"{study}/{RULE}",
-    )
+    study, files, sources = _small_ct(tmp_path / "ct", 3)
+    finding = ich_result(study, str(sources[0].SeriesInstanceUID))
     sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(encode(build_sr(finding, sources))))
     client = DICOMwebClient(url=f"{stow_intake.base}/dicomweb")
 
@@ -330,15 +324,6 @@ def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
     orthanc = Orthanc(tmp_path / "pacs")
     orthanc.start()
     try:
-        env["RADTRIAGE_TRITON__GRPC_URL"] = triton_grpc_url
-        env["RADTRIAGE_TRITON__TIMEOUT_S"] = "30"
-        destination = {
-            "name": "orthanc",
-            "host": "127.0.0.1",
-            "port": orthanc.dicom_port,
-            "ae_title": orthanc.aet,
-        }
-        env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps([destination])
         study = f"1.2.826.0.9.{time.time_ns()}"
         phantom = head_ct_phantom(np.random.default_rng(7007), bleed=True, min_bleed_ml=5.0)
         dz, dy, dx = phantom.spacing_zyx
@@ -354,33 +339,10 @@ def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
             phantom.hu, phantom.spacing_zyx, tmp_path / "thick", series_uid=study + ".2", **kw
         )
         orthanc.upload(thin + thick)
-        worker = Worker(env, settings.home)
-        worker.start()
-        tail = Tail(settings.kafka.bootstrap_servers, [t.findings, t.audit, t.deadletter])
-        producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
-        _send_series(
-            producer,
-            settings,
-            thin,
-            study,
-            study + ".3",
-            number=3,
-            description="Head 0.5x H30s",
-            thickness=dz / 2,
-            kernel="H30s",
-        )
+        _, tail, producer = _start_worker(env, settings, _orthanc_destination(orthanc), triton_grpc_url)
+        send_series(producer, settings, thin, study, THIN, dz / 2)
         tail.until(lambda: len(_exports(tail, t.audit, study).get("sr", [])) == 1, timeout=180)
-        _send_series(
-            producer,
-            settings,
-            thick,
-            study,
-            study + ".2",
-            number=2,
-            description="Head 5.0 H30s",
-            thickness=dz,
-            kernel="H30s",
-        )
+        send_series(producer, settings, thick, study, THICK, dz)
         tail.until(lambda: len(_exports(tail, t.audit, study).get("sr", [])) == 2, timeout=180)
 
         first, second = tail.of(t.findings, study_uid=study)
@@ -418,39 +380,16 @@ def test_a_pacs_that_stays_down_past_the_deadline_gets_a_dead_letter_naming_it(
     t = settings.topics
     down_port = free_port()
     destination = {"name": "gone", "host": "127.0.0.1", "port": down_port, "ae_title": "NOPACS"}
-    env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps([destination])
-    env["RADTRIAGE_DISPATCH__RETRY_INITIAL_S"] = "0.2"
-    env["RADTRIAGE_DISPATCH__RETRY_MAX_S"] = "0.5"
-    env["RADTRIAGE_DISPATCH__RETRY_DEADLINE_S"] = "2"
-    study = pydicom.uid.generate_uid()
-    files = write_ct_series(np.full((4, 16, 16), 40.0), (5.0, 1.0, 1.0), tmp_path / "ct", study_uid=study)
-    sources = read_headers(files)
+    study, files, sources = _small_ct(tmp_path / "ct", 4)
     series = str(sources[0].SeriesInstanceUID)
     blobs = LocalBlobStore(settings.blob_dir)
     for path, ds in zip(files, sources, strict=True):
         blobs.put_instance(study, series, str(ds.SOPInstanceUID), path.read_bytes())
-    now = datetime.now(UTC)
-    finding = Finding(
-        study_uid=study,
-        series_uid=series,
-        finding="ICH",
-        probability=0.9,
-        threshold=0.5,
-        positive=True,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id=RULE,
-        received_at=now,
-        ready_at=now,
-        inference_ms=1.0,
-        request_id=f"{study}/{RULE}",
-    )
+    finding = ich_result(study, series)
     orphan = finding.model_copy(update={"study_uid": pydicom.uid.generate_uid(), "request_id": "orphan"})
-    worker = Worker(env, settings.home)
-    worker.start()
-    tail = Tail(settings.kafka.bootstrap_servers, [t.audit, t.deadletter])
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    _, tail, producer = _start_worker(
+        env, settings, destination, retry_initial_s="0.2", retry_max_s="0.5", retry_deadline_s="2"
+    )
     for f in (finding, orphan):
         producer.send(t.findings, key=f.study_uid.encode(), value=f.to_bytes()).get(10)
 
@@ -485,26 +424,8 @@ def test_dicom_tls_to_the_pacs(tmp_path: Path) -> None:
     )
     orthanc.start()
     try:
-        study = pydicom.uid.generate_uid()
-        files = write_ct_series(np.full((3, 16, 16), 40.0), (5.0, 1.0, 1.0), tmp_path / "ct", study_uid=study)
-        sources = read_headers(files)
-        now = datetime.now(UTC)
-        finding = Finding(
-            study_uid=study,
-            series_uid=str(sources[0].SeriesInstanceUID),
-            finding="ICH",
-            probability=0.9,
-            threshold=0.5,
-            positive=True,
-            model_name="ich_classifier",
-            model_version="1",
-            lane="stat",
-            rule_id=RULE,
-            received_at=now,
-            ready_at=now,
-            inference_ms=1.0,
-            request_id=f"{study}/{RULE}",
-        )
+        study, _, sources = _small_ct(tmp_path / "ct", 3)
+        finding = ich_result(study, str(sources[0].SeriesInstanceUID))
         sr = build_sr(finding, sources)
         base = {"name": "tls", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": orthanc.aet}
         mutual = DestinationTls(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)

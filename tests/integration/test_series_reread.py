@@ -16,53 +16,12 @@ from kafka import KafkaProducer
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
-from schemas.instances import InstanceEvent
 from tests.integration.harness import Worker
 from tests.support.kafka import Tail
+from tests.support.series import BONE, THICK, THIN, send_series
 
 pytestmark = pytest.mark.integration
-
-
-def _send_series(
-    producer: KafkaProducer,
-    settings: Settings,
-    files: list[Path],
-    study: str,
-    series: str,
-    *,
-    number: int,
-    description: str,
-    thickness: float,
-    kernel: str,
-) -> None:
-    """Store the series in the worker's blob store and publish it as the SCP would, then
-    the association's transfer-complete marker."""
-    blobs = LocalBlobStore(settings.blob_dir)
-    for i, path in enumerate(files):
-        sop = f"{series}.{i + 1}"
-        uri = blobs.put_instance(study, series, sop, path.read_bytes())
-        event = InstanceEvent(
-            study_uid=study,
-            series_uid=series,
-            sop_instance_uid=sop,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            modality="CT",
-            body_part="HEAD",
-            series_description=description,
-            blob_uri=uri,
-            image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-            convolution_kernel=kernel,
-            slice_thickness_mm=thickness,
-            series_number=number,
-            rows=128,
-            columns=128,
-            bits_allocated=16,
-        )
-        producer.send(settings.topics.instances, key=study.encode(), value=event.to_bytes())
-    marker = InstanceEvent(kind="transfer_complete", study_uid=study, instance_count=len(files))
-    producer.send(settings.topics.instances, key=study.encode(), value=marker.to_bytes()).get(10)
 
 
 def test_a_later_preferred_series_amends_and_a_worse_one_changes_nothing(
@@ -92,41 +51,11 @@ def test_a_later_preferred_series_amends_and_a_worse_one_changes_nothing(
     )
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
 
-    _send_series(
-        producer,
-        settings,
-        thin,
-        study,
-        study + ".3",
-        number=3,
-        description="Head 0.5x H30s",
-        thickness=dz / 2,
-        kernel="H30s",
-    )
+    send_series(producer, settings, thin, study, THIN, dz / 2)
     tail.until(lambda: len(tail.of(t.results_fhir, study_uid=study)) == 1, timeout=120)
-    _send_series(
-        producer,
-        settings,
-        thick,
-        study,
-        study + ".2",
-        number=2,
-        description="Head 5.0 H30s",
-        thickness=dz,
-        kernel="H30s",
-    )
+    send_series(producer, settings, thick, study, THICK, dz)
     tail.until(lambda: len(tail.of(t.results_fhir, study_uid=study)) == 2, timeout=120)
-    _send_series(
-        producer,
-        settings,
-        bone,
-        study,
-        study + ".4",
-        number=4,
-        description="Head 5.0 H70h",
-        thickness=dz,
-        kernel="H70h",
-    )
+    send_series(producer, settings, bone, study, BONE, dz)
     tail.until(
         lambda: any(a["decision"] == "series_unchanged" for a in tail.of(t.audit, study_uid=study)),
         timeout=60,

@@ -32,7 +32,15 @@ from models.phantoms import head_ct_phantom
 from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
-from tests.support.http import Intake, healthy, http_settings, start_http_process, start_intake, stop_intake
+from tests.support.http import (
+    Intake,
+    healthy,
+    http_settings,
+    running_intake,
+    start_http_process,
+    start_intake,
+    stop_intake,
+)
 from tests.support.kafka import PARTITIONS, read_topic
 from tests.support.net import free_port
 from tests.support.process import wait_ready
@@ -71,13 +79,8 @@ def _settings(home: Path, bootstrap: str) -> Settings:
 
 @pytest.fixture
 def intake(kafka_bootstrap: str, tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Iterator[Intake]:
-    settings = _settings(tmp_path / "home", kafka_bootstrap)
-    ensure_topics(kafka_bootstrap, {settings.topics.instances: PARTITIONS})
-    server = start_intake(settings, loop)
-    try:
+    with running_intake(_settings(tmp_path / "home", kafka_bootstrap), loop) as server:
         yield server
-    finally:
-        stop_intake(server)
 
 
 # -- DICOM test objects -----------------------------------------------------------------

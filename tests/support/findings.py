@@ -55,6 +55,50 @@ def finding(code: str = "ICH", p: float = 0.93, **update: Any) -> Finding:
     return Finding.model_validate(base.model_dump() | update)
 
 
+def plain_finding(code: str, p: float, threshold: float = 0.5, **update: Any) -> Finding:
+    """A finding without an order, the series' number and description or a request id
+    (the optional fields all absent), positive when `p` reaches `threshold`."""
+    return finding(
+        code,
+        p,
+        threshold=threshold,
+        positive=p >= threshold,
+        order=None,
+        series_number=None,
+        series_description="",
+        request_id="",
+        **update,
+    )
+
+
+ICH_RULE = "ct-head-noncontrast-ich"
+
+
+def ich_result(study_uid: str, series_uid: str, at: datetime | None = None, **fields: Any) -> Finding:
+    """A positive ICH finding on a series of the caller's own study (one it wrote, whose
+    SR, key image and KOS are built from that series' headers), read at `at` (default:
+    now); `fields` replace any of its values."""
+    now = at or datetime.now(UTC)
+    base: dict[str, Any] = {
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "finding": "ICH",
+        "probability": 0.9,
+        "threshold": 0.5,
+        "positive": True,
+        "model_name": "ich_classifier",
+        "model_version": "1",
+        "lane": "stat",
+        "rule_id": ICH_RULE,
+        "received_at": now,
+        "ready_at": now,
+        "inferred_at": now,
+        "inference_ms": 1.0,
+        "request_id": f"{study_uid}/{ICH_RULE}",
+    }
+    return Finding(**(base | fields))
+
+
 def gallery() -> dict[str, Finding]:
     """One finding per shape of report, by name."""
     nodules = (

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import requests
 
 from connectors.http.server import HttpHandle, start_http
 from connectors.publisher import EventPublisher
+from radtriage.kafka_admin import ensure_topics
 from radtriage.operator import page as operator_page
 from radtriage.settings import Settings
+from tests.support.kafka import PARTITIONS
 from tests.support.process import start_radtriage
 from tests.support.settings import isolated_settings
 
@@ -65,6 +68,24 @@ def start_intake(
 
 def stop_intake(intake: Intake) -> None:
     asyncio.run_coroutine_threadsafe(intake.handle.stop(), intake.loop).result(60)
+
+
+@contextmanager
+def running_intake(
+    settings: Settings,
+    loop: asyncio.AbstractEventLoop,
+    publisher: EventPublisher | None = None,
+    topic_field: str = "instances",
+) -> Iterator[Intake]:
+    """`start_intake` with its topic created first, stopped on the way out (the tests'
+    intake fixtures)."""
+    topic = str(getattr(settings.topics, topic_field))
+    ensure_topics(settings.kafka.bootstrap_servers, {topic: PARTITIONS})
+    intake = start_intake(settings, loop, publisher, topic_field)
+    try:
+        yield intake
+    finally:
+        stop_intake(intake)
 
 
 def http_env(home: Path, bootstrap: str, port: int, **extra: str) -> dict[str, str]:

@@ -34,8 +34,10 @@ from processors.dicom_results import (
 )
 from processors.result_marker import is_radtriage_result
 from schemas.findings import BiradsAssessment, Finding, LungNodule, SliceRange
+from tests.support.findings import ich_result
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.1001.2"
+WHEN = datetime(2026, 12, 7, 8, 0, 0, tzinfo=UTC)
 DCIODVFY = Path("/usr/bin/dciodvfy")
 
 
@@ -58,27 +60,12 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
 
 
 def finding(**fields: Any) -> Finding:
-    now = datetime(2026, 12, 7, 8, 0, 0, tzinfo=UTC)
-    base: dict[str, Any] = {
-        "study_uid": STUDY,
-        "accession_number": "ACC-18",
-        "patient_id": "MRN-18",
-        "series_uid": SERIES,
-        "finding": "ICH",
-        "probability": 0.91,
-        "threshold": 0.5,
-        "positive": True,
-        "model_name": "ich_classifier",
-        "model_version": "1",
-        "lane": "stat",
-        "rule_id": "ct-head-noncontrast-ich",
-        "received_at": now,
-        "ready_at": now,
-        "inferred_at": now,
-        "inference_ms": 12.0,
-        "request_id": f"{STUDY}/ct-head-noncontrast-ich/1",
-    }
-    return Finding(**(base | fields))
+    return ich_result(
+        STUDY,
+        SERIES,
+        WHEN,
+        **({"accession_number": "ACC-18", "patient_id": "MRN-18", "probability": 0.91} | fields),
+    )
 
 
 def parsed(ds: Dataset) -> hd.sr.Comprehensive3DSR:

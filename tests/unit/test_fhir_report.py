@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -11,30 +10,17 @@ from fhir.resources.R4B.observation import Observation
 
 from processors.fhir_report import build_result_bundle, resource_ids
 from schemas.findings import Finding, LungNodule
-from tests.support.findings import HL7_ORDER
+from tests.support.findings import HL7_ORDER, plain_finding
 from tests.support.findings import finding as shaped
-
-NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
 def finding(p: float, threshold: float = 0.5, **kw: str) -> Finding:
-    return Finding(
-        study_uid="1.2.840.99.1",
+    return plain_finding(
+        "ICH",
+        p,
+        threshold,
         accession_number=kw.get("accession", "ACC42"),
         patient_id=kw.get("patient_id", "MRN42"),
-        series_uid="1.2.840.99.1.1",
-        finding="ICH",
-        probability=p,
-        threshold=threshold,
-        positive=p >= threshold,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id="r",
-        received_at=NOW,
-        ready_at=NOW,
-        inferred_at=NOW,
-        inference_ms=12.0,
     )
 
 

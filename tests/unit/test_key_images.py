@@ -20,31 +20,14 @@ from processors.dicom_results import ResultError, encode, read_headers
 from processors.key_images import build_key_image, build_kos, key_slice
 from processors.result_marker import is_radtriage_result
 from schemas.findings import Finding, LungNodule, SliceRange
+from tests.support.findings import ich_result
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.1802", "1.2.826.0.1.3680043.8.498.1802.2"
+WHEN = datetime(2026, 12, 7, 8, 0, 0, tzinfo=UTC)
 
 
 def finding(**fields: Any) -> Finding:
-    now = datetime(2026, 12, 7, 8, 0, 0, tzinfo=UTC)
-    base: dict[str, Any] = {
-        "study_uid": STUDY,
-        "patient_id": "MRN-18",
-        "series_uid": SERIES,
-        "finding": "ICH",
-        "probability": 0.91,
-        "threshold": 0.5,
-        "positive": True,
-        "model_name": "ich_classifier",
-        "model_version": "1",
-        "lane": "stat",
-        "rule_id": "ct-head-noncontrast-ich",
-        "received_at": now,
-        "ready_at": now,
-        "inferred_at": now,
-        "inference_ms": 12.0,
-        "request_id": f"{STUDY}/ct-head-noncontrast-ich/1",
-    }
-    return Finding(**(base | fields))
+    return ich_result(STUDY, SERIES, WHEN, **({"patient_id": "MRN-18", "probability": 0.91} | fields))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from processors.triton_client import InferenceError, read_outputs
 from schemas.alerts import Alert
 from schemas.base import EventDecodeError
 from schemas.findings import Finding
+from tests.support.findings import plain_finding
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 THRESHOLD = 0.1197
@@ -95,24 +96,17 @@ def test_side_of(outputs: dict[str, float], positive: bool, side: Side) -> None:
 
 
 def lvo(p: float, laterality: str | None, side_p: float | None) -> Finding:
-    return Finding(
+    return plain_finding(
+        "LVO",
+        p,
+        THRESHOLD,
         study_uid="1.2.840.99.7",
         accession_number="ACC7",
         patient_id="MRN7",
         series_uid="1.2.840.99.7.2",
-        finding="LVO",
-        probability=p,
-        threshold=THRESHOLD,
-        positive=p >= THRESHOLD,
-        model_name="lvo_detector",
-        model_version="1",
-        lane="stat",
         rule_id="cta-head-neck-lvo",
-        received_at=NOW,
-        ready_at=NOW,
-        inferred_at=NOW,
         inference_ms=30.0,
-        laterality=laterality,  # type: ignore[arg-type]
+        laterality=laterality,
         laterality_probability=side_p,
     )
 
