@@ -82,24 +82,17 @@ def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
     import numpy as np
     from pydantic import SecretStr
 
+    from bench.lanes import own_stack_settings
     from radtriage.demo import CASES, OutputWatcher, run_case
-    from radtriage.settings import Settings, SmtpSettings, WebhookTarget
+    from radtriage.settings import SmtpSettings, WebhookTarget
     from radtriage.up import running_stack
-    from tests.support.net import free_port
 
     pki = make_pki(tmp / "pki")
     oncall = tmp / "oncall.yaml"
     oncall.write_text(ONCALL)
     with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
-        settings = Settings(home=tmp / "home")
-        settings.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"
-        settings.kafka.controller_port = free_port()
-        settings.triton.grpc_url = f"127.0.0.1:{free_port()}"
-        settings.triton.http_url = f"127.0.0.1:{free_port()}"
-        settings.triton.metrics_port = free_port()
-        settings.dicom.port = free_port()
-        settings.hl7.port = free_port()
-        settings.http.port = free_port()
+        # The stack on ports of its own, as the lanes benchmark starts it.
+        settings = own_stack_settings(tmp / "home")
         settings.telemetry.exporter = "none"
         settings.notify.webhooks = [WebhookTarget(name="pager", url=hooks.url("/pager"), secret=SECRET)]  # type: ignore[arg-type]
         settings.notify.smtp = SmtpSettings(

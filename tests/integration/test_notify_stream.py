@@ -24,11 +24,11 @@ import requests
 from kafka import KafkaProducer
 
 from radtriage.settings import Settings
-from tests.certs import make_pki
+from tests.certs import Pki, make_pki
 from tests.integration.harness import Worker, finding_bytes, listener
 from tests.support.kafka import Tail
 from tests.support.net import free_port
-from tests.support.notify_peers import smtp_env, smtp_server, webhook_receiver
+from tests.support.notify_peers import SmtpServer, WebhookReceiver, smtp_env, smtp_server, webhook_receiver
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -51,6 +51,21 @@ fallback: {recipients: [operators]}
 """
 
 
+def _notify_env(
+    env: dict[str, str], smtp: SmtpServer, pki: Pki, hooks: WebhookReceiver, oncall: Path
+) -> dict[str, str]:
+    """The worker's environment with both webhooks (pager, ops), the SMTP server and `oncall`."""
+    return {
+        **env,
+        **smtp_env(smtp, pki.ca),
+        "RADTRIAGE_NOTIFY__WEBHOOKS": (
+            f'[{{"name": "pager", "url": "{hooks.url("/pager")}", "secret": "{SECRET}"}},'
+            f' {{"name": "ops", "url": "{hooks.url("/ops")}", "secret": "{SECRET}"}}]'
+        ),
+        "RADTRIAGE_NOTIFY__ONCALL_FILE": str(oncall),
+    }
+
+
 def test_step_one_at_once_step_two_at_the_timeout_none_after_the_ack_across_a_kill(
     worker_env: tuple[dict[str, str], Settings], tmp_path: Path
 ) -> None:
@@ -62,13 +77,7 @@ def test_step_one_at_once_step_two_at_the_timeout_none_after_the_ack_across_a_ki
     http_port = free_port()
     with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
         env = {
-            **env,
-            **smtp_env(smtp, pki.ca),
-            "RADTRIAGE_NOTIFY__WEBHOOKS": (
-                f'[{{"name": "pager", "url": "{hooks.url("/pager")}", "secret": "{SECRET}"}},'
-                f' {{"name": "ops", "url": "{hooks.url("/ops")}", "secret": "{SECRET}"}}]'
-            ),
-            "RADTRIAGE_NOTIFY__ONCALL_FILE": str(oncall),
+            **_notify_env(env, smtp, pki, hooks, oncall),
             "RADTRIAGE_NOTIFY__ACK_SECRET": "ack-secret",
             "RADTRIAGE_NOTIFY__PUBLIC_URL": f"http://127.0.0.1:{http_port}",
             "RADTRIAGE_NOTIFY__TICK_S": "0.2",
@@ -156,13 +165,7 @@ def test_a_channel_down_falls_back_undeliverable_is_a_dead_letter_and_its_replay
     oncall.write_text(FALLBACK_ONCALL)
     with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
         env = {
-            **env,
-            **smtp_env(smtp, pki.ca),
-            "RADTRIAGE_NOTIFY__WEBHOOKS": (
-                f'[{{"name": "pager", "url": "{hooks.url("/pager")}", "secret": "{SECRET}"}},'
-                f' {{"name": "ops", "url": "{hooks.url("/ops")}", "secret": "{SECRET}"}}]'
-            ),
-            "RADTRIAGE_NOTIFY__ONCALL_FILE": str(oncall),
+            **_notify_env(env, smtp, pki, hooks, oncall),
             "RADTRIAGE_NOTIFY__ATTEMPTS": "2",
             "RADTRIAGE_NOTIFY__BACKOFF_S": "0.05",
         }
