@@ -58,6 +58,30 @@ class SliceCrop:
 
 
 @dataclass(frozen=True)
+class PlaneField:
+    """Which part of a slice the model input covers in-plane: rows [row_start, row_stop)
+    and columns [col_start, col_stop) of the slice's pixels (edges, continuous: pixel r
+    spans [r, r + 1)), resampled onto the model's rows and columns. The field is the head's
+    box padded square, so it may reach past the image (negative starts, stops past the size)."""
+
+    row_start: float
+    row_stop: float
+    col_start: float
+    col_stop: float
+
+    def __post_init__(self) -> None:
+        if not (self.row_start < self.row_stop and self.col_start < self.col_stop):
+            raise ValueError(f"not an in-plane field: {self}")
+
+    def scaled(self, rows: int, cols: int) -> PlaneField:
+        """The same field in pixels `rows` x `cols` times smaller (a pooled slice's pixel r
+        averages the series' pixels [r k, (r + 1) k))."""
+        return PlaneField(
+            self.row_start * rows, self.row_stop * rows, self.col_start * cols, self.col_stop * cols
+        )
+
+
+@dataclass(frozen=True)
 class SeriesGeometry:
     """What maps a model slice back to the series (small and picklable: it travels back
     from the preprocessing process with the tensor)."""
@@ -65,6 +89,9 @@ class SeriesGeometry:
     crop: SliceCrop
     positions_mm: tuple[float, ...]  # per series slice, ascending along the slice normal
     instance_numbers: tuple[int | None, ...]  # per series slice, same order
+    # In the series' own pixels; None where the preprocessing did not say (only the slice
+    # range can then be mapped back, not the cells in-plane: no SEG).
+    field: PlaneField | None = None
 
     def __post_init__(self) -> None:
         n = len(self.positions_mm)
@@ -74,7 +101,9 @@ class SeriesGeometry:
             raise ValueError(f"crop {self.crop} reaches past the series' {n} slices")
 
 
-def series_geometry(volume: Volume, crop: SliceCrop) -> SeriesGeometry | None:
+def series_geometry(
+    volume: Volume, crop: SliceCrop, field: PlaneField | None = None
+) -> SeriesGeometry | None:
     """The geometry of a loaded series and its crop; None when the volume does not carry
     per-slice positions (not loaded by `load_series`) or they do not fit the crop."""
     if len(volume.positions_mm) != volume.hu.shape[0] or crop.stop > volume.hu.shape[0]:
@@ -82,7 +111,7 @@ def series_geometry(volume: Volume, crop: SliceCrop) -> SeriesGeometry | None:
     numbers = volume.instance_numbers
     if len(numbers) != len(volume.positions_mm):
         numbers = (None,) * len(volume.positions_mm)
-    return SeriesGeometry(crop, volume.positions_mm, numbers)
+    return SeriesGeometry(crop, volume.positions_mm, numbers, field)
 
 
 def slice_profile(cell_map: np.ndarray) -> np.ndarray:
