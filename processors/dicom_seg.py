@@ -288,6 +288,11 @@ def build_seg(
         series_date=inferred.date(),
         series_time=inferred.time().replace(tzinfo=None),
     )
+    # highdicom draws a random Dimension Organization UID; derived instead, a retry is
+    # byte-identical (as the SR's).
+    organisation = result_uid("seg-dimensions", sop_uid)
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = organisation
     seg.InstanceCreationDate = DA(inferred.strftime("%Y%m%d"))
     seg.InstanceCreationTime = TM(inferred.strftime("%H%M%S"))
     for equipment in seg.get("ContributingEquipmentSequence", []):
