@@ -31,7 +31,7 @@ model, model version, request), so a retry sends the same instance.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -41,6 +41,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 
 from processors.dicom_results import device_uid, finding_concept, request_key, result_uid, sr_uids
+from processors.localisation import PlaneField
 from processors.localisation_map import StoredMap, frame_mask, marked_cells, series_slices_marked
 from processors.result_marker import MANUFACTURER, RESULTS_MODEL_NAME
 from schemas.findings import Finding, LungNodule
@@ -136,13 +137,26 @@ def _slices(sources: Sequence[Dataset]) -> list[_Slice]:
     return sorted(out, key=lambda s: s.position)
 
 
-def _ich_masks(slices: Sequence[_Slice], cell_map: StoredMap) -> dict[int, np.ndarray]:
-    """Index into `slices` → the (rows, cols) bool mask the map paints on that slice."""
+# Index into the sorted source slices → what paints a segment's mask on that slice's
+# (rows, cols) frame. Painted straight into the SEG's pixel array: no mask per slice is
+# held besides it (a 0.625 mm series' bleed is a hundred frames of 512 x 512).
+Painters = dict[int, Callable[[np.ndarray], None]]
+
+
+def _paint_cells(cells: np.ndarray, field: PlaneField) -> Callable[[np.ndarray], None]:
+    def paint(frame: np.ndarray) -> None:
+        frame |= frame_mask(cells, field, frame.shape[0], frame.shape[1])
+
+    return paint
+
+
+def _ich_masks(slices: Sequence[_Slice], cell_map: StoredMap) -> Painters:
+    """The map's painters: on each source slice a map slice touches, its marked cells."""
     g = cell_map.geometry
     assert g.field is not None  # a StoredMap has one
     by_series = series_slices_marked(cell_map, marked_cells(cell_map))
     positions = np.array([s.position for s in slices])
-    out: dict[int, np.ndarray] = {}
+    out: Painters = {}
     for k, cells in sorted(by_series.items()):
         if k >= len(g.positions_mm):
             raise SegError(f"map slice {k} past the series' {len(g.positions_mm)} slices")
@@ -152,14 +166,20 @@ def _ich_masks(slices: Sequence[_Slice], cell_map: StoredMap) -> dict[int, np.nd
                 f"no source instance at {g.positions_mm[k]:.3f} mm (the map's series slice {k}): "
                 "the stored series is not the one the model read"
             )
-        mask = frame_mask(cells, g.field, slices[i].rows, slices[i].cols)
-        if mask.any():
-            out[i] = mask
+        if frame_mask(cells, g.field, slices[i].rows, slices[i].cols).any():  # a field inside the image
+            out[i] = _paint_cells(cells, g.field)
     return out
 
 
-def _sphere_masks(slices: Sequence[_Slice], nodule: LungNodule) -> dict[int, np.ndarray]:
-    """Index into `slices` → the nodule's sphere on that slice: the pixels whose centre is
+def _paint_box(r0: int, c0: int, inside: np.ndarray) -> Callable[[np.ndarray], None]:
+    def paint(frame: np.ndarray) -> None:
+        frame[r0 : r0 + inside.shape[0], c0 : c0 + inside.shape[1]] |= inside
+
+    return paint
+
+
+def _sphere_masks(slices: Sequence[_Slice], nodule: LungNodule) -> Painters:
+    """The nodule's painters: on each source slice it crosses, the pixels whose centre is
     within the sphere. A nodule thinner than the slice gap still shows on the slice nearest
     its centre, with its full radius (its equator is between two slices)."""
     centre = np.array(nodule.centre_lps_mm, dtype=float)
@@ -169,7 +189,7 @@ def _sphere_masks(slices: Sequence[_Slice], nodule: LungNodule) -> dict[int, np.
         normal = np.cross(s.row_dir, s.col_dir)
         distances.append(float(normal @ (centre - s.origin)))
     nearest = int(np.argmin(np.abs(distances)))
-    out: dict[int, np.ndarray] = {}
+    out: Painters = {}
     for i, (s, d) in enumerate(zip(slices, distances, strict=True)):
         if abs(d) > radius and i != nearest:
             continue
@@ -189,9 +209,7 @@ def _sphere_masks(slices: Sequence[_Slice], nodule: LungNodule) -> dict[int, np.
         inside = rr * rr + cc * cc <= disc * disc
         if not inside.any():  # a disc smaller than a pixel: its nearest pixel
             inside[np.unravel_index(np.argmin(rr * rr + cc * cc), inside.shape)] = True
-        mask = np.zeros((s.rows, s.cols), dtype=bool)
-        mask[r0:r1, c0:c1] = inside
-        out[i] = mask
+        out[i] = _paint_box(r0, c0, inside)
     return out
 
 
@@ -221,7 +239,7 @@ def build_seg(
         raise SegError(f"source instances of other studies: {sorted(others)}")
     slices = _slices(sources)
     # One entry per segment: its description and its masks by slice.
-    segments: list[tuple[hd.seg.SegmentDescription, dict[int, np.ndarray]]] = []
+    segments: list[tuple[hd.seg.SegmentDescription, Painters]] = []
     if cell_map is not None:
         concept = finding_concept(finding)
         description = hd.seg.SegmentDescription(
@@ -258,11 +276,11 @@ def build_seg(
         raise SegError(f"segmented source slices of several sizes: {sorted(shapes)}")
     rows, cols = shapes.pop()
     # (frames, rows, cols, segments), one byte a pixel: the segmented slices only.
-    pixels = np.zeros((len(used), rows, cols, len(segments)), dtype=np.uint8)
+    pixels = np.zeros((len(used), rows, cols, len(segments)), dtype=bool)
     for f, i in enumerate(used):
-        for s, (_, masks) in enumerate(segments):
-            if i in masks:
-                pixels[f, :, :, s] = masks[i]
+        for s, (_, painters) in enumerate(segments):
+            if i in painters:
+                painters[i](pixels[f, :, :, s])
     series_uid, sop_uid = seg_uids(finding)
     inferred = finding.inferred_at
     seg = hd.seg.Segmentation(
