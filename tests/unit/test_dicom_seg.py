@@ -324,3 +324,48 @@ def test_dciodvfy_finds_no_error(sources: list[Dataset], tmp_path: Path, kind: s
     lines = (run.stdout + run.stderr).splitlines()
     errors = [line for line in lines if line.startswith("Error")]
     assert errors == [], "\n".join(lines)
+
+
+def _centroid_rc(mask: np.ndarray) -> np.ndarray:
+    """(row, column) centre of a (z, y, x) mask, in pixel-centre coordinates."""
+    _, rows, cols = np.nonzero(mask)
+    return np.array([rows.mean(), cols.mean()])
+
+
+def _series_rc(model_rc: np.ndarray, field: PlaneField, size: int) -> np.ndarray:
+    """Model pixel-centre coordinates → the series' (the field's edges map onto the input's)."""
+    rows = field.row_start + (model_rc[0] + 0.5) * (field.row_stop - field.row_start) / size - 0.5
+    cols = field.col_start + (model_rc[1] + 0.5) * (field.col_stop - field.col_start) / size - 0.5
+    return np.array([rows, cols])
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_the_field_maps_the_model_input_back_onto_the_series_pixels(tmp_path: Path, pooled: bool) -> None:
+    """The blood of a phantom, through the served preprocessing, lands back where it is."""
+    from models.phantoms import head_ct_phantom
+    from processors.model_inputs import prepare_input
+    from processors.preprocessing import ICH_INPUT_SHAPE, preprocess_head_ct_with_mask
+
+    ph = head_ct_phantom(np.random.default_rng(31), bleed=True, min_bleed_ml=5.0)
+    assert ph.blood_mask is not None
+    # Air on the left and above, unevenly: the head's box is off-centre and not square.
+    hu = np.pad(ph.hu, ((0, 0), (30, 0), (0, 12)), constant_values=-1000)
+    blood = np.pad(ph.blood_mask, ((0, 0), (30, 0), (0, 12)))
+    spacing = ph.spacing_zyx
+    if pooled:  # 3x finer in-plane: the loader pools it back 2x (processors.preprocessing.ich_pooling)
+        hu, blood = np.repeat(np.repeat(hu, 3, 1), 3, 2), np.repeat(np.repeat(blood, 3, 1), 3, 2)
+        spacing = (spacing[0], spacing[1] / 3, spacing[2] / 3)
+    files = write_ct_series(hu.astype(np.float32), spacing, tmp_path)
+    _, volume, geometry = prepare_input("ich_classifier", files)
+    assert isinstance(geometry, SeriesGeometry) and geometry.field is not None
+    assert (volume.pool_zyx[1] > 1) == pooled
+    # The blood's own mask through the same crop, pad and resize, at the volume's resolution.
+    k = volume.pool_zyx[1]
+    pooled_blood = blood[:, : volume.hu.shape[1] * k : k, : volume.hu.shape[2] * k : k]
+    _, model_blood = preprocess_head_ct_with_mask(volume.hu, volume.spacing_zyx, pooled_blood)
+    back = _series_rc(_centroid_rc(model_blood > 0.5), geometry.field, ICH_INPUT_SHAPE[2])
+    assert back == pytest.approx(_centroid_rc(blood), abs=2.0 * k)
+    # Square in mm: the field's rows and columns span the same millimetres.
+    rows_mm = (geometry.field.row_stop - geometry.field.row_start) * spacing[1]
+    cols_mm = (geometry.field.col_stop - geometry.field.col_start) * spacing[2]
+    assert rows_mm == pytest.approx(cols_mm, abs=2 * k * spacing[1])
