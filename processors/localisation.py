@@ -9,7 +9,9 @@ What makes a cell index mean something in the study is the preprocessing's crop
 (`SliceCrop`, made by `processors.preprocessing`: series slices [start, stop) resampled
 linearly onto the model's slices) and the loaded series' own geometry (positions and InstanceNumbers
 of its slices, sorted along the normal by `load_series`): together a `SeriesGeometry`, carried
-from the preprocessing to the finding. Everything here is pure, and light (no torch: the
+from the preprocessing to the finding. Its `PlaneField` (the in-plane part of the series the
+model input covers) maps the map's cells onto pixels too: the DICOM SEG
+(processors/localisation_map.py, processors/dicom_seg.py). Everything here is pure, and light (no torch: the
 stream worker imports it).
 
 How cells become a range: the slice profile is each map slice's strongest cell; the range
@@ -74,8 +76,8 @@ class PlaneField:
             raise ValueError(f"not an in-plane field: {self}")
 
     def scaled(self, rows: int, cols: int) -> PlaneField:
-        """The same field in pixels `rows` x `cols` times smaller (a pooled slice's pixel r
-        averages the series' pixels [r k, (r + 1) k))."""
+        """The same field counted in pixels `rows` (`cols`) times smaller: a pooled volume's
+        field in the series' own pixels (pooled pixel r averages series pixels [r k, (r + 1) k))."""
         return PlaneField(
             self.row_start * rows, self.row_stop * rows, self.col_start * cols, self.col_stop * cols
         )
