@@ -114,7 +114,7 @@ def register(ctx: PipelineContext) -> None:
                 if "kos" in wanted:
                     objects["kos"] = build_kos(finding, [objects["key_image"]])
         if "seg" in wanted:
-            # What a model localises (the ICH map, the nodules); a SEG that cannot be built
+            # What a model localises (its localisation map, nodules); a SEG that cannot be built
             # costs the SEG, never the other objects.
             cell_map: StoredMap | None = None
             try:
