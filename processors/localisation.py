@@ -9,7 +9,9 @@ What makes a cell index mean something in the study is the preprocessing's crop
 (`SliceCrop`, made by `processors.preprocessing`: series slices [start, stop) resampled
 linearly onto the model's slices) and the loaded series' own geometry (positions and InstanceNumbers
 of its slices, sorted along the normal by `load_series`): together a `SeriesGeometry`, carried
-from the preprocessing to the finding. Everything here is pure, and light (no torch: the
+from the preprocessing to the finding. Its `PlaneField` (the in-plane part of the series the
+model input covers) maps the map's cells onto pixels too: the DICOM SEG
+(processors/localisation_map.py, processors/dicom_seg.py). Everything here is pure, and light (no torch: the
 stream worker imports it).
 
 How cells become a range: the slice profile is each map slice's strongest cell; the range
@@ -58,6 +60,30 @@ class SliceCrop:
 
 
 @dataclass(frozen=True)
+class PlaneField:
+    """Which part of a slice the model input covers in-plane: rows [row_start, row_stop)
+    and columns [col_start, col_stop) of the slice's pixels (edges, continuous: pixel r
+    spans [r, r + 1)), resampled onto the model's rows and columns. The field is the head's
+    box padded square, so it may reach past the image (negative starts, stops past the size)."""
+
+    row_start: float
+    row_stop: float
+    col_start: float
+    col_stop: float
+
+    def __post_init__(self) -> None:
+        if not (self.row_start < self.row_stop and self.col_start < self.col_stop):
+            raise ValueError(f"not an in-plane field: {self}")
+
+    def scaled(self, rows: int, cols: int) -> PlaneField:
+        """The same field counted in pixels `rows` (`cols`) times smaller: a pooled volume's
+        field in the series' own pixels (pooled pixel r averages series pixels [r k, (r + 1) k))."""
+        return PlaneField(
+            self.row_start * rows, self.row_stop * rows, self.col_start * cols, self.col_stop * cols
+        )
+
+
+@dataclass(frozen=True)
 class SeriesGeometry:
     """What maps a model slice back to the series (small and picklable: it travels back
     from the preprocessing process with the tensor)."""
@@ -65,6 +91,9 @@ class SeriesGeometry:
     crop: SliceCrop
     positions_mm: tuple[float, ...]  # per series slice, ascending along the slice normal
     instance_numbers: tuple[int | None, ...]  # per series slice, same order
+    # In the series' own pixels; None where the preprocessing did not say (only the slice
+    # range can then be mapped back, not the cells in-plane: no SEG).
+    field: PlaneField | None = None
 
     def __post_init__(self) -> None:
         n = len(self.positions_mm)
@@ -74,7 +103,9 @@ class SeriesGeometry:
             raise ValueError(f"crop {self.crop} reaches past the series' {n} slices")
 
 
-def series_geometry(volume: Volume, crop: SliceCrop) -> SeriesGeometry | None:
+def series_geometry(
+    volume: Volume, crop: SliceCrop, field: PlaneField | None = None
+) -> SeriesGeometry | None:
     """The geometry of a loaded series and its crop; None when the volume does not carry
     per-slice positions (not loaded by `load_series`) or they do not fit the crop."""
     if len(volume.positions_mm) != volume.hu.shape[0] or crop.stop > volume.hu.shape[0]:
@@ -82,7 +113,7 @@ def series_geometry(volume: Volume, crop: SliceCrop) -> SeriesGeometry | None:
     numbers = volume.instance_numbers
     if len(numbers) != len(volume.positions_mm):
         numbers = (None,) * len(volume.positions_mm)
-    return SeriesGeometry(crop, volume.positions_mm, numbers)
+    return SeriesGeometry(crop, volume.positions_mm, numbers, field)
 
 
 def slice_profile(cell_map: np.ndarray) -> np.ndarray:

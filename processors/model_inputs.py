@@ -24,7 +24,7 @@ import numpy as np
 
 from models import registry
 from processors.dicom_volume import Volume, load_series
-from processors.localisation import SeriesGeometry, SliceCrop, series_geometry
+from processors.localisation import PlaneField, SeriesGeometry, SliceCrop, series_geometry
 from processors.mammogram import Mammogram, load_mammogram
 from processors.nodules import NoduleGeometry
 from processors.preprocessing import (
@@ -33,7 +33,7 @@ from processors.preprocessing import (
     nodule_pooling,
     preprocess_chest_ct,
     preprocess_cta,
-    preprocess_head_ct_with_crop,
+    preprocess_head_ct_with_field,
     preprocess_mammogram,
     preprocess_radiograph,
 )
@@ -69,26 +69,32 @@ def _volume(images: Images) -> Volume:
     return images
 
 
-def ich_geometry(volume: Volume, crop: SliceCrop) -> SeriesGeometry | None:
+def ich_geometry(volume: Volume, crop: SliceCrop, field: PlaneField | None = None) -> SeriesGeometry | None:
     """The crop of a (possibly z-pooled) volume as slices of the series itself: a finding's
     slice range must name the instances a viewer shows, not slices of the working grid.
     Pooled slice i averages series slices [i kz, (i + 1) kz), so the crop's pooled slices
     [start, stop) are series slices [start kz, stop kz) — the same extent, still resampled
-    linearly onto the model's slices."""
+    linearly onto the model's slices. The in-plane `field` (pooled pixels) becomes the
+    series' pixels the same way."""
+    _, ky, kx = volume.pool_zyx
+    series_field = field.scaled(ky, kx) if field is not None else None
     if volume.pool_zyx[0] == 1:
-        return series_geometry(volume, crop)
+        return series_geometry(volume, crop, series_field)
     start, stop = volume.series_slices(crop.start, crop.stop)
     if len(volume.hu) != len(volume.positions_mm) or stop <= start:
         return None
     return SeriesGeometry(
-        SliceCrop(start, stop, crop.depth), volume.series_positions_mm, volume.series_instance_numbers
+        SliceCrop(start, stop, crop.depth),
+        volume.series_positions_mm,
+        volume.series_instance_numbers,
+        series_field,
     )
 
 
 def _head_ct(images: Images) -> tuple[np.ndarray, ModelGeometry]:
     volume = _volume(images)
-    tensor, crop = preprocess_head_ct_with_crop(volume.hu, volume.spacing_zyx)
-    return tensor, ich_geometry(volume, crop)
+    tensor, crop, field = preprocess_head_ct_with_field(volume.hu, volume.spacing_zyx)
+    return tensor, ich_geometry(volume, crop, field)
 
 
 def _cta(images: Images) -> tuple[np.ndarray, ModelGeometry]:

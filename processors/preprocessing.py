@@ -43,7 +43,7 @@ from monai.transforms import CropForeground, Resize, ScaleIntensityRange, Spatia
 from scipy import ndimage
 
 from processors.birads import VIEWS as MAMMO_VIEWS
-from processors.localisation import SliceCrop
+from processors.localisation import PlaneField, SliceCrop
 
 if TYPE_CHECKING:
     from processors.dicom_volume import Volume
@@ -182,7 +182,7 @@ def preprocess_head_ct(volume: Volume | np.ndarray, spacing_zyx: Sequence[float]
     `load_series` returns them); spacing is validated and used to keep the in-plane
     aspect, the rest of the geometry is normalised away by crop and resize.
     """
-    x, _, _ = _head_ct(volume, spacing_zyx, None)
+    x, _, _, _ = _head_ct(volume, spacing_zyx, None)
     return x
 
 
@@ -191,8 +191,17 @@ def preprocess_head_ct_with_crop(
 ) -> tuple[np.ndarray, SliceCrop]:
     """`preprocess_head_ct`'s input (the same array) and the slices of `volume` it covers:
     what maps the ICH model's localisation back to the series' slices."""
-    x, _, crop = _head_ct(volume, spacing_zyx, None)
+    x, _, crop, _ = _head_ct(volume, spacing_zyx, None)
     return x, crop
+
+
+def preprocess_head_ct_with_field(
+    volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None = None
+) -> tuple[np.ndarray, SliceCrop, PlaneField]:
+    """`preprocess_head_ct_with_crop` and the in-plane field of `volume`'s pixels the input
+    covers: what maps the ICH blood map's cells back onto the series' pixels (the SEG)."""
+    x, _, crop, field = _head_ct(volume, spacing_zyx, None)
+    return x, crop, field
 
 
 def preprocess_head_ct_with_mask(
@@ -204,14 +213,14 @@ def preprocess_head_ct_with_mask(
     dropped: the model cannot see them."""
     if mask.shape != hu.shape:
         raise ValueError(f"mask shape {mask.shape} differs from volume shape {hu.shape}")
-    x, m, _ = _head_ct(hu, spacing_zyx, mask)
+    x, m, _, _ = _head_ct(hu, spacing_zyx, mask)
     assert m is not None
     return x, m
 
 
 def _head_ct(
     volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None, mask: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None, SliceCrop]:
+) -> tuple[np.ndarray, np.ndarray | None, SliceCrop, PlaneField]:
     if isinstance(volume, np.ndarray):
         hu = volume
         if spacing_zyx is None:
@@ -260,13 +269,19 @@ def _head_ct(
         rows_mm, cols_mm = x.shape[2] * spacing[1], x.shape[3] * spacing[2]
         side_mm = max(rows_mm, cols_mm)
         target = (-1, round(side_mm / spacing[1]), round(side_mm / spacing[2]))
+        # SpatialPad pads symmetrically (the smaller half before): the padded field starts
+        # that far before the box. The resize maps the field's edges onto the input's.
+        rows_before = max(target[1] - x.shape[2], 0) // 2
+        cols_before = max(target[2] - x.shape[3], 0) // 2
+        row0, col0 = int(box_start[1]) - rows_before, int(box_start[2]) - cols_before
+        field = PlaneField(row0, row0 + max(target[1], x.shape[2]), col0, col0 + max(target[2], x.shape[3]))
         x = SpatialPad(spatial_size=target, mode="constant")(x)
         shrink = max(n / m for n, m in zip(x.shape[1:], ICH_INPUT_SHAPE[1:], strict=True))
         x = _resize_anti_aliased(x, ICH_INPUT_SHAPE[1:]) if shrink >= ANTI_ALIAS_FROM else _resize(x)
     # Interpolation can overshoot [0, 1] by rounding error only; clip so the contract holds exactly.
     out = np.clip(np.asarray(torch.as_tensor(x), dtype=np.float32), 0.0, 1.0)
     n = ICH_INPUT_SHAPE[0]
-    return np.ascontiguousarray(out[:n]), (out[n] if mask is not None else None), crop
+    return np.ascontiguousarray(out[:n]), (out[n] if mask is not None else None), crop, field
 
 
 # --- CT angiography of the head and neck, for LVO ---------------------------------------

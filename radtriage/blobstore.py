@@ -15,6 +15,10 @@ from urllib.parse import unquote, urlparse
 
 # DICOM UID grammar (PS3.5 9.1): digits and dots, no leading zeros in components, <= 64 chars.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# A localisation map's name (processors.localisation_map.map_key: a SHA-256 in hex).
+_MAP_KEY = re.compile(r"^[0-9a-f]{64}$")
+# Next to the study's series folders (never a UID, so never one of them): purged with the study.
+MAPS_FOLDER = "localisation-maps"
 
 
 class BlobStoreError(ValueError):
@@ -74,9 +78,28 @@ class LocalBlobStore:
         A re-sent instance (same SOP Instance UID) replaces the stored one.
         """
         target = self._target(study_uid, series_uid, sop_uid)
+        self._write_atomic(target, data)
+        return target.as_uri()
+
+    def put_localisation_map(self, study_uid: str, key: str, data: bytes) -> str:
+        """Store a finding's localisation map (processors/localisation_map.py) under the
+        study, atomically; returns its `file://` URI. The same key replaces the map."""
+        if not valid_uid(study_uid):
+            raise BlobStoreError(f"StudyInstanceUID {study_uid!r} is not a valid DICOM UID")
+        if not _MAP_KEY.match(key):
+            raise BlobStoreError(f"localisation map key {key!r} is not a SHA-256 in hex")
+        target = self.root / study_uid / MAPS_FOLDER / f"{key}.json"
+        self._write_atomic(target, data)
+        return target.as_uri()
+
+    def read(self, uri: str) -> bytes:
+        """What a URI of this store holds (`path_of`'s checks first)."""
+        return self.path_of(uri).read_bytes()
+
+    def _write_atomic(self, target: Path, data: bytes) -> None:
         folder = target.parent
         self._ensure_dir(folder)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".dcm")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=target.suffix)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -87,7 +110,6 @@ class LocalBlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return target.as_uri()
 
     def series_paths(self, study_uid: str, series_uid: str) -> list[Path]:
         """Every stored instance of one series (its folder's `.dcm` files, not a write in

@@ -211,6 +211,16 @@ PACS_EXPORTS = Counter(
     "Result objects sent to a PACS (streams/stages/pacs_export.py), by destination and outcome",
     ["destination", "object", "outcome"],  # stored, retried, failed
 )
+LOCALISATION_MAPS = Counter(
+    "radtriage_localisation_maps_total",
+    "Localisation maps kept for the DICOM SEG (streams/stages/infer.py), by outcome",
+    ["outcome"],  # stored, failed
+)
+RESULTS_NOT_BUILT = Counter(
+    "radtriage_results_not_built_total",
+    "Result objects a destination wanted that could not be built (streams/stages/pacs_export.py)",
+    ["object", "reason"],
+)
 DICOM_OWN_RESULTS_IGNORED = Counter(
     "radtriage_dicom_own_results_ignored_total",
     "radtriage's own result objects sent back to its listener and not ingested (no export loop)",

@@ -335,8 +335,10 @@ class DestinationTls(BaseModel):
 
 # The result objects a destination may take: the TID 1500 SR (processors/dicom_results.py),
 # for positive findings a secondary-capture key image and the KOS that flags it
-# (processors/key_images.py). Sent in this order: a KOS after the image it references.
-ResultObject = Literal["sr", "key_image", "kos"]
+# (processors/key_images.py), and for positive findings a model localises (the ICH map,
+# lung nodules) a DICOM SEG (processors/dicom_seg.py). Sent in this order: a KOS after
+# the image it references.
+ResultObject = Literal["sr", "key_image", "kos", "seg"]
 RESULT_OBJECTS: tuple[ResultObject, ...] = get_args(ResultObject)
 
 
@@ -356,7 +358,7 @@ class DicomDestination(BaseModel):
     calling_ae_title: AeTitle = "RADTRIAGE"
     # DICOM over TLS (the PACS's TLS port, often 2762); None: plain TCP.
     tls: DestinationTls | None = None
-    # Which objects (RESULT_OBJECTS; a DICOM SEG is not built yet).
+    # Which objects (RESULT_OBJECTS).
     objects: list[ResultObject] = Field(default_factory=lambda: list[ResultObject](["sr"]), min_length=1)
     # Which findings (codes of registered models, e.g. ICH, LVO); empty: every finding.
     findings: list[str] = Field(default_factory=list)

@@ -122,6 +122,10 @@ class Finding(Event):
     # which slices of the series a positive finding is on; None for negative findings and
     # for models or series without one.
     slice_range: SliceRange | None = None
+    # Optional too: where the localisation map behind slice_range is kept (a blob store
+    # `file://` URI, processors/localisation_map.py), for the DICOM SEG; None for findings
+    # without one (negative, no map, a map that could not be stored, older findings).
+    localisation_map_uri: str | None = None
     # Optional too: a mammography model's suggested BI-RADS category. A suspicious
     # category (4, 5) is exactly a positive finding.
     birads: BiradsAssessment | None = None

@@ -22,8 +22,9 @@ from faust.types import EventT
 from opentelemetry.trace import Span, Status, StatusCode
 
 from processors.finding import build_finding
+from processors.localisation_map import map_key, stored_map, to_bytes
 from processors.preprocess_pool import LanePools
-from processors.triton_client import InferenceError, TritonModelClient
+from processors.triton_client import Inference, InferenceError, TritonModelClient
 from radtriage import metrics
 from radtriage.settings import LANES
 from radtriage.telemetry import headers_for_current_span
@@ -170,10 +171,35 @@ class Infer:
             stage = f"infer.{lane}.triton"
             await dead_letter(topics, event, stage, str(exc), req.study_uid, headers_for_current_span())
             return None
-        finding = build_finding(req, result, geometry)
+        finding = await self.keep_map(req, build_finding(req, result, geometry), result, geometry)
         span.set_attribute("radtriage.probability", finding.probability)
         span.set_attribute("radtriage.positive", finding.positive)
         return finding
+
+    async def keep_map(
+        self, req: TriageRequest, finding: Finding, result: Inference, geometry: object
+    ) -> Finding:
+        """The finding naming its localisation map, once the map is in the blob store (for
+        the DICOM SEG, streams/stages/pacs_export.py); the finding as it is when there is
+        none or it cannot be stored (a SEG is worth less than the finding: logged, counted)."""
+        if finding.slice_range is None:
+            return finding
+        try:
+            kept = stored_map(result.maps, geometry, finding.positive, req.localisation_threshold)
+            if kept is None:
+                return finding
+            uri = await asyncio.to_thread(
+                self.ctx.blobs.put_localisation_map,
+                req.study_uid,
+                map_key(req.request_id or req.series_uid),
+                to_bytes(kept),
+            )
+        except (OSError, ValueError) as exc:  # BlobStoreError and MapError are ValueErrors
+            metrics.LOCALISATION_MAPS.labels("failed").inc()
+            log.warning("localisation map of %s not kept: %s: %s", req.study_uid, type(exc).__name__, exc)
+            return finding
+        metrics.LOCALISATION_MAPS.labels("stored").inc()
+        return finding.model_copy(update={"localisation_map_uri": uri})
 
     async def publish_once(self, req: TriageRequest, lane: str, finding: Finding, partition: int) -> bool:
         """Publish the finding unless another copy of the request, or a newer read of the

@@ -30,7 +30,9 @@ from faust.types import EventT
 from pydicom.dataset import Dataset
 
 from processors.dicom_results import ResultError, build_sr, read_headers
+from processors.dicom_seg import SegError, build_seg, nothing_to_segment
 from processors.key_images import build_key_image, build_kos, key_slice
+from processors.localisation_map import StoredMap, from_bytes
 from radtriage import metrics
 from radtriage.settings import RESULT_OBJECTS, DicomDestination, DispatchSettings, ResultObject
 from schemas.findings import Finding
@@ -111,6 +113,25 @@ def register(ctx: PipelineContext) -> None:
             else:
                 if "kos" in wanted:
                     objects["kos"] = build_kos(finding, [objects["key_image"]])
+        if "seg" in wanted:
+            # What a model localises (its localisation map, nodules); a SEG that cannot be built
+            # costs the SEG, never the other objects.
+            cell_map: StoredMap | None = None
+            try:
+                if finding.positive and finding.localisation_map_uri:
+                    cell_map = from_bytes(ctx.blobs.read(finding.localisation_map_uri))
+            except (ValueError, OSError) as exc:  # BlobStoreError, MapError: ValueErrors
+                metrics.RESULTS_NOT_BUILT.labels("seg", "map_unreadable").inc()
+                log.warning("no SEG for %s: localisation map unreadable: %s", finding.study_uid, exc)
+            why_not = nothing_to_segment(finding, cell_map)
+            if why_not is not None:
+                log.debug("no SEG for %s (%s): %s", finding.study_uid, finding.finding, why_not)
+            else:
+                try:
+                    objects["seg"] = build_seg(finding, sources, cell_map, software_version=version)
+                except SegError as exc:
+                    metrics.RESULTS_NOT_BUILT.labels("seg", "no_geometry").inc()
+                    log.warning("no SEG for %s: %s", finding.study_uid, exc)
         return {what: objects[what] for what in RESULT_OBJECTS if what in objects}
 
     async def export_one(event: EventT[Any]) -> None:

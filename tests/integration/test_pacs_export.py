@@ -454,3 +454,146 @@ def test_dicom_tls_to_the_pacs(tmp_path: Path) -> None:
         assert found["Type"] == "Instance"
     finally:
         orthanc.stop()
+
+
+def _send_chest_nodule(
+    settings: Settings, orthanc: Orthanc, producer: KafkaProducer, work: Path
+) -> tuple[str, list[Path]]:
+    """The demo's chest CT with one solid nodule (radtriage/demo.py), in Orthanc and the blob
+    store, and its routine-lane request for the lung-nodule rule."""
+    from models.nodule_detector.phantoms import chest_ct_phantom
+    from radtriage.demo import NODULE_MIN_MM, NODULE_SEED
+
+    phantom = chest_ct_phantom(
+        np.random.default_rng(NODULE_SEED), nodules=1, kinds=("solid",), min_diameter_mm=NODULE_MIN_MM
+    )
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    files = write_ct_series(
+        phantom.hu, phantom.spacing_zyx, work, study_uid=study, series_uid=series, body_part="CHEST"
+    )
+    orthanc.upload(files)
+    blobs = LocalBlobStore(settings.blob_dir)
+    uris = tuple(
+        blobs.put_instance(
+            study, series, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f.read_bytes()
+        )
+        for f in files
+    )
+    rule_id = "ct-chest-lung-nodule"
+    (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == rule_id]
+    now = datetime.now(UTC)
+    request = TriageRequest(
+        study_uid=study,
+        series_uid=series,
+        instance_uris=uris,
+        lane="routine",
+        rule_id=rule_id,
+        model_name=rule.model,
+        finding=rule.finding,
+        threshold=rule.threshold,
+        received_at=now,
+        ready_at=now,
+        request_id=f"{study}/{rule_id}",
+    )
+    producer.send(settings.topics.lane_topic("routine"), key=study.encode(), value=request.to_bytes()).get(10)
+    return study, files
+
+
+def _frames_lps(seg: hd.seg.Segmentation, segment: int) -> np.ndarray:
+    """(n, 3) patient coordinates (mm) of the pixels of one segment, over every frame."""
+    points = []
+    pixels = seg.pixel_array
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    orientation = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
+    dy, dx = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        # With one segment, highdicom names it once for all frames (shared groups).
+        which = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+        if int(which[0].ReferencedSegmentNumber) != segment:
+            continue
+        origin = np.array(item.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        rows, cols = np.nonzero(frame)
+        points.append(origin + cols[:, None] * dx * orientation[:3] + rows[:, None] * dy * orientation[3:])
+    return np.concatenate(points) if points else np.zeros((0, 3))
+
+
+def test_a_bleed_and_a_chest_nodule_end_as_segs_on_their_ct_in_orthanc(
+    worker_env: tuple[dict[str, str], Settings], triton_grpc_url: str, tmp_path: Path
+) -> None:
+    """The bleed's SEG covers the slices of its slice range and references the CT's
+    instances; the nodule's SEG has a sphere where the SR's SCOORD3D point is."""
+    env, settings = worker_env
+    t = settings.topics
+    orthanc = Orthanc(tmp_path / "pacs")
+    orthanc.start()
+    try:
+        destination = _orthanc_destination(orthanc, objects=["sr", "seg"], positive_only=True)
+        _, tail, producer = _start_worker(env, settings, destination, triton_grpc_url)
+        bleed, bleed_files = _send_bleed(settings, orthanc, producer, tmp_path / "ct", seed=1801)
+        chest, chest_files = _send_chest_nodule(settings, orthanc, producer, tmp_path / "chest")
+        for study in (bleed, chest):
+            tail.until(lambda s=study: len(_exports(tail, t.audit, s)) == 2, timeout=240)
+
+        # The bleed.
+        (finding,) = tail.of(t.findings, study_uid=bleed)
+        assert finding["positive"] and finding["slice_range"] and finding["localisation_map_uri"], finding
+        exports = {what: only for what, (only,) in _exports(tail, t.audit, bleed).items()}
+        assert exports["seg"]["decision"] == "seg_stored", exports["seg"]
+        stored = _results_in_orthanc(orthanc, bleed)
+        raw = orthanc_file(orthanc, stored[exports["seg"]["detail"]["sop_instance_uid"]])
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw)))
+        ct = {str(ds.SOPInstanceUID): ds for ds in read_headers(bleed_files)}
+        assert seg.StudyInstanceUID == bleed
+        assert seg.FrameOfReferenceUID == next(iter(ct.values())).FrameOfReferenceUID
+        frames_z = sorted(
+            float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+            for f in seg.PerFrameFunctionalGroupsSequence
+        )
+        bleed_range = finding["slice_range"]
+        # The frames are on the bleed's slices, the first and last exactly on its ends.
+        assert frames_z[0] == pytest.approx(bleed_range["first_position_mm"], abs=0.01)
+        assert frames_z[-1] == pytest.approx(bleed_range["last_position_mm"], abs=0.01)
+        # Its references resolve to CT instances that were sent and that Orthanc holds.
+        (series_ref,) = seg.ReferencedSeriesSequence
+        referenced = {str(r.ReferencedSOPInstanceUID) for r in series_ref.ReferencedInstanceSequence}
+        in_orthanc = {
+            i["MainDicomTags"]["SOPInstanceUID"]
+            for i in orthanc.rest("GET", f"/studies/{orthanc.study_id(bleed)}/instances")
+        }
+        assert referenced and referenced <= set(ct) and referenced <= in_orthanc
+        assert sorted(float(ct[uid].ImagePositionPatient[2]) for uid in referenced) == pytest.approx(frames_z)
+        (tmp_path / "bleed-seg.dcm").write_bytes(raw)
+        assert _dciodvfy_errors(tmp_path / "bleed-seg.dcm") == []
+
+        # The nodule: a sphere segment per nodule, centred on the SR's SCOORD3D point.
+        (nodule_finding,) = tail.of(t.findings, study_uid=chest)
+        assert nodule_finding["positive"] and nodule_finding["nodules"], nodule_finding
+        exports = {what: only for what, (only,) in _exports(tail, t.audit, chest).items()}
+        stored = _results_in_orthanc(orthanc, chest)
+        raw_seg = orthanc_file(orthanc, stored[exports["seg"]["detail"]["sop_instance_uid"]])
+        raw_sr = orthanc_file(orthanc, stored[exports["sr"]["detail"]["sop_instance_uid"]])
+        seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw_seg)))
+        sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw_sr)))
+        assert len(seg.SegmentSequence) == len(nodule_finding["nodules"])
+        (first_group, *_) = sr.content.get_planar_roi_measurement_groups()
+        point = np.array(first_group.roi.value, dtype=float).reshape(3)
+        nodule = nodule_finding["nodules"][0]
+        assert point == pytest.approx(nodule["centre_lps_mm"], abs=0.01)
+        sphere = _frames_lps(seg, 1)
+        spacing = next(iter(read_headers(chest_files[:1]))).PixelSpacing
+        # Centred on the point: in-plane within a pixel, along z within half a slice (5 mm).
+        assert np.abs(sphere.mean(axis=0)[:2] - point[:2]).max() <= float(spacing[0])
+        assert abs(sphere.mean(axis=0)[2] - point[2]) <= 2.5
+        # As wide as the nodule: its widest frame is at most half a slice (2.5 mm) off its
+        # equator, and pixel centres lose up to a pixel at each side.
+        widest = max(np.ptp(sphere[np.isclose(sphere[:, 2], z), 0]) for z in np.unique(sphere[:, 2]))
+        radius, pixel = nodule["diameter_mm"] / 2, float(spacing[1])
+        assert 2 * np.sqrt(radius**2 - 2.5**2) - 2 * pixel <= widest <= 2 * radius
+        assert str(seg.SegmentSequence[0].TrackingUID) == str(first_group.tracking_uid)
+        (tmp_path / "nodule-seg.dcm").write_bytes(raw_seg)
+        assert _dciodvfy_errors(tmp_path / "nodule-seg.dcm") == []
+        assert not [d for d in tail.of(t.deadletter) if d["stage"] == "pacs-export"]
+    finally:
+        orthanc.stop()

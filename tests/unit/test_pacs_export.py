@@ -45,7 +45,7 @@ def test_nothing_configured_sends_nothing() -> None:
     ("fields", "message"),
     [
         ({"findings": ["BLEED"]}, "unknown finding"),
-        ({"objects": ["seg"]}, "objects"),
+        ({"objects": ["pdf"]}, "objects"),
         ({"ae_title": "A" * 17}, "AE title"),
         ({"kind": "stow"}, "kind"),
         ({"port": 0}, "port"),

@@ -71,6 +71,19 @@ def test_findings_carry_an_optional_slice_range_compatibly() -> None:
     assert Finding.from_bytes(new.to_bytes()) == new
 
 
+def test_findings_carry_an_optional_localisation_map_reference_compatibly() -> None:
+    import json
+
+    from schemas.findings import Finding
+
+    old = Finding.from_bytes(json.dumps(_finding_json()).encode())
+    assert old.localisation_map_uri is None and old.schema_version == 1
+    uri = "file:///var/lib/radtriage/blobs/1.2.3/localisation-maps/" + "0" * 64 + ".json"
+    new = Finding.from_bytes(json.dumps(_finding_json(localisation_map_uri=uri)).encode())
+    assert new.localisation_map_uri == uri and new.schema_version == 1
+    assert Finding.from_bytes(new.to_bytes()) == new
+
+
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
