@@ -184,7 +184,8 @@ def test_the_fhir_server_is_read_from_json_in_the_environment(monkeypatch: pytes
     assert Settings().ehr.fhir is None
     monkeypatch.setenv(
         "RADTRIAGE_EHR__FHIR",
-        '{"base_url": "https://ehr.example/fhir", "auth": {"bearer_token": "s3cret"}, "retry_deadline_s": 60}',
+        '{"base_url": "https://ehr.example/fhir", "auth": {"bearer_token": "s3cret"},'
+        ' "retry_deadline_s": 60}',
     )
     fhir = Settings().ehr.fhir
     assert fhir is not None

@@ -64,7 +64,8 @@ def test_the_original_identifiers_and_references_are_kept_and_the_bundle_is_unto
 
 def test_an_amended_report_has_the_same_key_as_the_one_it_amends() -> None:
     first, amended = finding(), finding(amends_request_id="earlier")
-    (_, a), (tx, b) = build_transaction(build_result_bundle(first)), build_transaction(build_result_bundle(amended))
+    _, a = build_transaction(build_result_bundle(first))
+    tx, b = build_transaction(build_result_bundle(amended))
     assert a == b
     assert tx["entry"][0]["resource"]["status"] == "amended"
 
