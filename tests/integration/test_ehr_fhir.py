@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from processors.fhir_report import resource_ids
+from processors.fhir_report import build_result_bundle, resource_ids
 from processors.fhir_transaction import URI_SYSTEM
 from radtriage.settings import REPO_ROOT, Settings
 from schemas.findings import Finding
@@ -117,7 +117,7 @@ def test_a_bleed_report_is_stored_once_updated_when_amended_and_a_refusal_is_dea
     (result,) = tail.of(t.results_fhir, study_uid=study)
     ours = result["bundle"]["entry"][0]["resource"]
     assert report["status"] == "preliminary"
-    assert report["conclusion"] == ours["conclusion"] and "hemorrhage" in report["conclusion"].lower()
+    assert report["conclusion"] == ours["conclusion"] and "haemorrhage" in report["conclusion"]
     assert report["basedOn"][0]["identifier"]["value"] == f"PL{stamp}1"
     assert report["subject"]["identifier"]["system"] == AUTHORITY
     assert report["subject"]["identifier"]["value"] == bleed.patient_id
@@ -149,7 +149,7 @@ def test_a_bleed_report_is_stored_once_updated_when_amended_and_a_refusal_is_dea
     # 4. A report the server refuses (an invalid status): dead-lettered with its
     # OperationOutcome, nothing stored.
     bad = _bleed(stamp, "2")
-    broken = json.loads(json.dumps(result["bundle"]).replace(study, bad.study_uid))
+    broken = build_result_bundle(bad)
     broken["entry"][0]["resource"]["status"] = "bogus"
     refused = FhirResult(study_uid=bad.study_uid, finding="ICH", bundle=broken)
     _send(producer, t.results_fhir, bad.study_uid, refused.to_bytes())
