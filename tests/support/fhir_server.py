@@ -157,7 +157,8 @@ class HapiFhirServer:
         query: dict[str, str] | None = {**params, "_count": "100"}
         out: list[dict[str, Any]] = []
         while url is not None:
-            page = requests.get(url, params=query, timeout=30)
+            # no-cache: HAPI runs the search again rather than reuse a recent one's results.
+            page = requests.get(url, params=query, headers={"Cache-Control": "no-cache"}, timeout=30)
             page.raise_for_status()
             body = page.json()
             entries = body.get("entry", [])

@@ -67,6 +67,9 @@ public class FhirServer {
             settings.setAllowExternalReferences(true);
             settings.setEnforceReferentialIntegrityOnWrite(false);
             settings.setAutoCreatePlaceholderReferenceTargets(false);
+            // Every search runs afresh: a test reads back what it has just stored, so a
+            // search's results reused from a minute ago (HAPI's default) would miss it.
+            settings.setReuseCachedSearchResultsForMillis(null);
             return settings;
         }
 
