@@ -109,6 +109,8 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
             Grant("topic", f"{app}-studies-by-", "prefix", PRODUCE),
             # Replayed notify dead letters (streams/stages/notify.py).
             Grant("topic", f"{app}-notify-retry", "literal", PRODUCE),
+            # Replayed ehr-fhir dead letters: the report, back on its topic (streams/stages/ehr_fhir.py).
+            *_topics([t.results_fhir], PRODUCE),
         ],
     }
 

@@ -155,6 +155,12 @@ EHR_HL7 = Counter(
     "ORU^R01 results for the EHR/RIS over MLLP, by outcome (acknowledged, refused, undelivered, unbuildable)",
     ["outcome"],
 )
+EHR_FHIR = Counter(
+    "radtriage_ehr_fhir_total",
+    "FHIR transactions of reports to the EHR's FHIR server, by outcome (stored, refused, undelivered,"
+    " unsendable)",
+    ["outcome"],
+)
 DEAD_LETTERS = Counter("radtriage_dead_letters_total", "Messages sent to triage.deadletter", ["stage"])
 # The notify stage (streams/stages/notify.py): every try by channel kind (webhook, email) and
 # outcome (delivered, failed), recipients no channel reached, escalations ended by reason,
@@ -402,6 +408,10 @@ def observe_report(finding: Finding, result: FhirResult) -> None:
 
 def observe_ehr_hl7(outcome: str) -> None:
     EHR_HL7.labels(outcome).inc()
+
+
+def observe_ehr_fhir(outcome: str) -> None:
+    EHR_FHIR.labels(outcome).inc()
 
 
 def observe_preprocess(lane: str, model: str, seconds: float) -> None:

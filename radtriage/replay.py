@@ -102,10 +102,13 @@ def consumed_topics(settings: Settings) -> frozenset[str]:
     originals are quarantined files).
     """
     t = settings.topics
+    # The reports are read only by the ehr-fhir stage, when a FHIR server is configured.
+    reports = [t.results_fhir] if settings.ehr.fhir is not None else []
     return frozenset(
         [t.instances, t.studies, t.orders, t.encounters, t.findings]
         + [t.lane_topic(lane) for lane in LANES]
         + settings.streams.internal_topics()
+        + reports
     )
 
 

@@ -520,6 +520,40 @@ class EhrHl7Settings(BaseModel):
     retry_max_s: float = Field(default=30.0, gt=0)
 
 
+class EhrFhirAuthSettings(BaseModel):
+    """How radtriage identifies itself to the FHIR server: nothing, a bearer token, or HTTP
+    basic (env: RADTRIAGE_EHR__FHIR='{"base_url": ..., "auth": {"bearer_token": "..."}}')."""
+
+    bearer_token: SecretStr | None = None
+    username: str = ""
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EhrFhirAuthSettings:
+        if self.bearer_token is not None and self.username:
+            raise ValueError("auth is a bearer_token or a username/password, not both")
+        if bool(self.username) != (self.password is not None):
+            raise ValueError("username and password are set together or not at all")
+        return self
+
+
+class EhrFhirSettings(BaseModel):
+    """Where results go as FHIR transactions (streams/stages/ehr_fhir.py)."""
+
+    # The server's base, e.g. https://ehr.example.org/fhir (the transaction is POSTed to it).
+    base_url: str = Field(pattern=r"^https?://")
+    auth: EhrFhirAuthSettings = Field(default_factory=EhrFhirAuthSettings)
+    # https only: check the server's certificate (against ca_file, else the system's CAs).
+    tls_verify: bool = True
+    ca_file: Path | None = None
+    # One attempt's limit, and how long a report is retried (with backoff) on 5xx, a
+    # timeout or a refused connection before it is dead-lettered as undelivered.
+    timeout_s: float = Field(default=30.0, gt=0)
+    retry_deadline_s: float = Field(default=600.0, gt=0)
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=30.0, gt=0)
+
+
 class EhrSettings(BaseModel):
     """Results to the EHR and RIS (docs/ARCHITECTURE.md "Results to the EHR")."""
 
@@ -528,6 +562,8 @@ class EhrSettings(BaseModel):
     patient_id_system: str = "https://radtriage.dev/fhir/sid/patient-id"
     # None: no HL7 endpoint, nothing is sent (env RADTRIAGE_EHR__HL7 as JSON).
     hl7: EhrHl7Settings | None = None
+    # None: no FHIR server, the ehr-fhir stage is not registered (env RADTRIAGE_EHR__FHIR as JSON).
+    fhir: EhrFhirSettings | None = None
 
 
 class HttpAuthSettings(BaseModel):

@@ -1,10 +1,10 @@
 """The pipeline: every stage's agents on one Faust app (docs/ARCHITECTURE.md, Stages and
 their topics).
 
-assemble -> route -> join (patient, order) -> infer (one agent per lane) -> report / escalate
-(-> notify) / ehr-hl7 / pacs-export, one module each under `streams/stages/`. This module only
-builds what they share (the app, topics, rules, blob store, published-output ledgers) and
-registers them.
+assemble -> route -> join (patient, order) -> infer (one agent per lane) -> report (-> ehr-fhir,
+when a FHIR server is configured) / escalate (-> notify) / ehr-hl7 / pacs-export, one module
+each under `streams/stages/`. This module only builds what they share (the app, topics,
+rules, blob store, published-output ledgers) and registers them.
 """
 
 from __future__ import annotations
@@ -22,13 +22,24 @@ from radtriage.settings import Settings
 from schemas.routing_rules import RoutingRules
 from streams.app import TriageTopics, create_app, declare_topics
 from streams.published_ledger import PublishedLedger, alert_key, finding_key, report_key
-from streams.stages import assemble, ehr_hl7, escalate, infer, join, notify, pacs_export, report, route
+from streams.stages import (
+    assemble,
+    ehr_fhir,
+    ehr_hl7,
+    escalate,
+    infer,
+    join,
+    notify,
+    pacs_export,
+    report,
+    route,
+)
 from streams.stages.context import PipelineContext
 
 log = logging.getLogger(__name__)
 
 # The stages in the order a study meets them; each registers its agents.
-STAGES = (assemble, route, join, infer, report, escalate, notify, ehr_hl7, pacs_export)
+STAGES = (assemble, route, join, infer, report, escalate, notify, ehr_hl7, ehr_fhir, pacs_export)
 
 
 @dataclass
@@ -95,6 +106,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
     escalate.register(ctx)
     notify.register(ctx)
     ehr_hl7.register(ctx)
+    ehr_fhir.register(ctx)  # only when ehr.fhir is configured
     pacs_export.register(ctx)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]

@@ -6,14 +6,26 @@ from __future__ import annotations
 import asyncio
 import re
 
-from radtriage.settings import REPO_ROOT, Settings
+import pytest
+
+from radtriage.settings import REPO_ROOT, EhrFhirSettings, Settings
 from streams.agents import build_pipeline
 
 LANES = ("stat", "urgent", "routine")
+# An agents cell ending "(only with `<setting>`)": registered only when that setting is set.
+ONLY_WITH = re.compile(r"\(only with `([a-z_.]+)`\)")
 
 
-def _table() -> dict[str, tuple[str, set[str]]]:
-    """agent -> (stage module, its input topics) from the doc's 'Stages and their topics'."""
+def _settings(configured: frozenset[str]) -> Settings:
+    settings = Settings()
+    if "ehr.fhir" in configured:
+        settings.ehr.fhir = EhrFhirSettings(base_url="http://127.0.0.1:1/fhir")
+    return settings
+
+
+def _table(configured: frozenset[str] = frozenset()) -> dict[str, tuple[str, set[str]]]:
+    """agent -> (stage module, its input topics) from the doc's 'Stages and their topics',
+    the rows of optional stages included when their setting is in `configured`."""
     text = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text()
     section = text.split("## Stages and their topics", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, tuple[str, set[str]]] = {}
@@ -21,9 +33,12 @@ def _table() -> dict[str, tuple[str, set[str]]]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 5 or not cells[0].startswith("`"):
             continue
+        condition = ONLY_WITH.search(cells[1])
+        if condition is not None and condition.group(1) not in configured:
+            continue
         module, agents, inputs = (
             cells[0],
-            re.findall(r"`([^`]+)`", cells[1]),
+            re.findall(r"`([^`]+)`", ONLY_WITH.sub("", cells[1])),
             re.findall(r"`([^`]+)`", cells[2]),
         )
         for agent in agents:
@@ -32,8 +47,11 @@ def _table() -> dict[str, tuple[str, set[str]]]:
     return rows
 
 
-def test_the_documented_stages_are_the_registered_agents_with_their_topics() -> None:
-    settings = Settings()
+@pytest.mark.parametrize("configured", [frozenset(), frozenset({"ehr.fhir"})], ids=["default", "ehr.fhir"])
+def test_the_documented_stages_are_the_registered_agents_with_their_topics(
+    configured: frozenset[str],
+) -> None:
+    settings = _settings(configured)
     # Building the pipeline makes the lanes' gRPC aio client, which wants the thread's event
     # loop: a loop of its own, whatever earlier tests of the session left set or closed.
     loop = asyncio.new_event_loop()
@@ -43,7 +61,7 @@ def test_the_documented_stages_are_the_registered_agents_with_their_topics() -> 
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-    documented = _table()
+    documented = _table(configured)
     registered = {}
     for name, agent in app.agents.items():
         short = name.rsplit(".", 1)[-1] if name not in documented else name
