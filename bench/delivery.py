@@ -347,6 +347,9 @@ def main() -> None:
         send(warm, port)
         wait_delivered([warm], w, hooks, mllp, orthanc, args.timeout)
         results: list[Delivered] = []
+        partial = out_path.with_suffix(".partial.jsonl")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)
         direct_oru_ms: list[float] = []
         direct_sr_ms: list[float] = []
         rcs: list[int] = []
@@ -355,6 +358,9 @@ def main() -> None:
             wait_delivered([m], w, hooks, mllp, orthanc, args.timeout)
             d = collect(m, "normal", w, hooks, mllp, orthanc)
             results.append(d)
+            # One line per study as it is measured: a run that dies later keeps its data.
+            with partial.open("a") as fh:
+                fh.write(json.dumps(asdict(d)) + "\n")
             console.print(
                 f"study {i + 1}/{len(measured)}: alert {_fmt(d.ready_to_alert_ms)}, "
                 f"webhook {_fmt(d.ready_to_webhook_ms)}, ORU {_fmt(d.ready_to_oru_ms)}, "
@@ -400,9 +406,11 @@ def main() -> None:
             results += outage_results
         worker_hwm = vmhwm_mb(worker)
         all_controls = Counter(control_id(msg) for _, msg in mllp.arrivals)
+        # Before the studies' temporary folder goes with the stack.
+        files = measured[0].files() if measured else []
+        study_bytes = sum(p.stat().st_size for p in files)
 
     normal = [d for d in results if d.phase == "normal"]
-    files = measured[0].files() if measured else []
 
     def p50(xs: list[float | None]) -> float | None:
         return stats(xs)["p50"]
@@ -415,7 +423,7 @@ def main() -> None:
         "commit": _git_commit(),
         "config": {"studies": len(measured), "thin": args.thin, "axial": args.axial, "bone": args.bone,
                    "outage_s": args.outage, "during": len(during) if args.outage else 0},
-        "study_files": {"per_study": len(files), "bytes_per_study": sum(p.stat().st_size for p in files)},
+        "study_files": {"per_study": len(files), "bytes_per_study": study_bytes},
         "storescu_failures": sum(1 for rc in rcs if rc),
         "ready_to_alert_ms": stats([d.ready_to_alert_ms for d in normal]),
         "ready_to_webhook_received_ms": stats([d.ready_to_webhook_ms for d in normal]),
