@@ -52,86 +52,90 @@ RESULTS = REPO_ROOT / "bench" / "results" / "fhir_search.json"
 T0 = datetime(2026, 11, 24, 0, 0, tzinfo=UTC)
 PARTITIONS = 3
 
-# Each child prints one JSON line; peak RSS from /proc (VmHWM), before and after.
-_MEM = r"""
-def mem():
+
+def _mem() -> dict[str, float]:
+    """This process's resident memory now and at its peak (VmRSS, VmHWM), in MiB."""
     out = {}
-    for line in open("/proc/self/status"):
-        k, _, v = line.partition(":")
-        if k in ("VmHWM", "VmRSS"):
-            out[k] = int(v.split()[0]) / 1024
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            out[key] = int(value.split()[0]) / 1024
     return out
-"""
 
-BASELINE_CHILD = (
-    _MEM
-    + r"""
-import json, sys, time
-from kafka import KafkaConsumer, TopicPartition
-bootstrap, topic = sys.argv[1], sys.argv[2]
-before = mem()
-t = time.perf_counter()
-c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
-c.assign(parts)
-c.seek_to_beginning(*parts)
-ends = c.end_offsets(parts)
-n = nbytes = 0
-while any(c.position(tp) < ends[tp] for tp in parts):
-    for records in c.poll(timeout_ms=200, max_records=2000).values():
-        n += len(records)
-        nbytes += sum(len(r.value) for r in records)
-elapsed = time.perf_counter() - t
-c.close()
-print(json.dumps({"records": n, "bytes": nbytes, "seconds": elapsed, "mem_before": before, "mem_after": mem()}))
-"""
-)
 
-VIEW_CHILD = (
-    _MEM
-    + r"""
-import json, random, sys, time
-from datetime import datetime, timedelta
-from radtriage.settings import Settings
-from connectors.fhir.results_view import ResultsView
-from connectors.fhir.search import parse_query, searchset
-bootstrap, topic, reports, t0, span_s, samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), int(sys.argv[6])
-accessions = [f"ACC{i:07d}" for i in range(reports)]  # as _records names them
-settings = Settings()
-settings.kafka.bootstrap_servers = bootstrap
-settings.topics.results_fhir = topic
-settings.fhir_search.max_resources = 10_000_000
-before = mem()
-view = ResultsView(settings)
-t = time.perf_counter()
-view.start()
-assert view.wait_ready(600), "not ready"
-rebuild = time.perf_counter() - t
-after = mem()
-counts = view.index.counts()
-rng = random.Random(7)
-start = datetime.fromisoformat(t0)
+def baseline_child(bootstrap: str, topic: str) -> dict[str, Any]:
+    """The topic read raw from the beginning to its end: no decoding, nothing kept."""
+    from kafka import KafkaConsumer, TopicPartition
 
-def timed(items):
-    q = parse_query("DiagnosticReport", items, strict=False, default_count=50, max_count=500)
+    before = _mem()
     t = time.perf_counter()
-    total, body = view.locked(lambda index: (lambda r: (r[0], json.dumps(searchset("http://h", q, r[0], [s.resource for s in r[1]]))))(index.search(q)))
-    return (time.perf_counter() - t) * 1000, total
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+    c.assign(parts)
+    c.seek_to_beginning(*parts)
+    ends = c.end_offsets(parts)
+    n = nbytes = 0
+    while any(c.position(tp) < ends[tp] for tp in parts):
+        for records in c.poll(timeout_ms=200, max_records=2000).values():
+            n += len(records)
+            nbytes += sum(len(r.value) for r in records)
+    elapsed = time.perf_counter() - t
+    c.close()
+    return {"records": n, "bytes": nbytes, "seconds": elapsed, "mem_before": before, "mem_after": _mem()}
 
-by_id, by_date, totals = [], [], []
-for _ in range(samples):
-    ms, total = timed([("identifier", rng.choice(accessions))])
-    assert total == 1, total
-    by_id.append(ms)
-    lo = start + timedelta(seconds=rng.uniform(0, span_s - 600))
-    ms, total = timed([("_lastUpdated", "ge" + lo.isoformat()), ("_lastUpdated", "lt" + (lo + timedelta(minutes=10)).isoformat()), ("_count", "50")])
-    by_date.append(ms)
-    totals.append(total)
-view.stop()
-print(json.dumps({"records": view.records, "resources": counts, "seconds": rebuild, "mem_before": before, "mem_after": after,
-                  "search_ms": {"identifier": by_id, "last_updated": by_date}, "last_updated_totals": totals}))
-"""
-)
+
+def view_child(bootstrap: str, topic: str, reports: int, samples: int) -> dict[str, Any]:
+    """The view rebuilt, then searched in process (index + searchset + JSON text)."""
+    from connectors.fhir.results_index import ResultsIndex
+    from connectors.fhir.results_view import ResultsView
+    from connectors.fhir.search import parse_query, searchset
+
+    accessions = [f"ACC{i:07d}" for i in range(reports)]  # as _records names them
+    settings = Settings()
+    settings.kafka.bootstrap_servers = bootstrap
+    settings.topics.results_fhir = topic
+    settings.fhir_search.max_resources = 10_000_000
+    before = _mem()
+    view = ResultsView(settings)
+    t = time.perf_counter()
+    view.start()
+    assert view.wait_ready(600), "the view was not ready in 600 s"
+    rebuild = time.perf_counter() - t
+    after = _mem()
+    rng = random.Random(7)
+
+    def timed(items: list[tuple[str, str]]) -> tuple[float, int]:
+        query = parse_query("DiagnosticReport", items, strict=False, default_count=50, max_count=500)
+
+        def run(index: ResultsIndex) -> int:
+            total, page = index.search(query)
+            json.dumps(searchset("http://h", query, total, [s.resource for s in page]))
+            return total
+
+        t = time.perf_counter()
+        total = view.locked(run)
+        return (time.perf_counter() - t) * 1000, total
+
+    by_id, by_date, totals = [], [], []
+    for _ in range(samples):
+        ms, total = timed([("identifier", rng.choice(accessions))])
+        assert total == 1, total
+        by_id.append(ms)
+        lo = T0 + timedelta(seconds=rng.uniform(0, reports - 600))
+        hi = lo + timedelta(minutes=10)
+        ms, total = timed([("_lastUpdated", "ge" + lo.isoformat()), ("_lastUpdated", "lt" + hi.isoformat())])
+        by_date.append(ms)
+        totals.append(total)
+    view.stop()
+    return {
+        "records": view.records,
+        "resources": view.index.counts(),
+        "seconds": rebuild,
+        "mem_before": before,
+        "mem_after": after,
+        "search_ms": {"identifier": by_id, "last_updated": by_date},
+        "last_updated_totals": totals,
+    }
 
 
 def quantiles(values: Sequence[float]) -> dict[str, float]:
@@ -144,10 +148,16 @@ def quantiles(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _child(code: str, *args: str) -> dict[str, Any]:
+def _child(kind: str, *args: str) -> dict[str, Any]:
+    """`--child kind args` in a fresh process (its own peak memory); its JSON line."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1800
+        [sys.executable, "-m", "bench.fhir_search", "--child", kind, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
@@ -195,7 +205,9 @@ def _publish(bootstrap: str, topic: str, records: Sequence[tuple[str, bytes]]) -
     producer.close()
 
 
-def _http(bootstrap: str, topic: str, home: Path, accessions: Sequence[str], samples: int, lag_samples: int) -> dict[str, Any]:
+def _http(
+    bootstrap: str, topic: str, home: Path, accessions: Sequence[str], samples: int, lag_samples: int
+) -> dict[str, Any]:
     from processors.fhir_report import build_result_bundle
     from schemas.results import FhirResult
     from tests.support.findings import finding
@@ -219,7 +231,13 @@ def _http(bootstrap: str, topic: str, home: Path, accessions: Sequence[str], sam
     session = requests.Session()
     log = (home / "http.log").open("ab")
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "radtriage.cli", "http"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radtriage.cli", "http"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         healthy_s = None
         while True:
@@ -237,13 +255,18 @@ def _http(bootstrap: str, topic: str, home: Path, accessions: Sequence[str], sam
         by_id, by_date = [], []
         for _ in range(samples):
             t = time.perf_counter()
-            r = session.get(f"{base}/fhir/DiagnosticReport", params={"identifier": rng.choice(accessions)}, timeout=5)
+            r = session.get(
+                f"{base}/fhir/DiagnosticReport", params={"identifier": rng.choice(accessions)}, timeout=5
+            )
             by_id.append((time.perf_counter() - t) * 1000)
             assert r.status_code == 200 and r.json()["total"] == 1
             lo = T0 + timedelta(seconds=rng.uniform(0, len(accessions) - 600))
-            params = [("_lastUpdated", "ge" + lo.isoformat()), ("_lastUpdated", "lt" + (lo + timedelta(minutes=10)).isoformat())]
+            params = [
+                ("_lastUpdated", "ge" + lo.isoformat()),
+                ("_lastUpdated", "lt" + (lo + timedelta(minutes=10)).isoformat()),
+            ]
             t = time.perf_counter()
-            r = session.get(f"{base}/fhir/DiagnosticReport", params=params + [("_count", "50")], timeout=5)
+            r = session.get(f"{base}/fhir/DiagnosticReport", params=[*params, ("_count", "50")], timeout=5)
             by_date.append((time.perf_counter() - t) * 1000)
             assert r.status_code == 200, r.text
         from kafka import KafkaProducer
@@ -252,13 +275,25 @@ def _http(bootstrap: str, topic: str, home: Path, accessions: Sequence[str], sam
         lags = []
         for i in range(lag_samples):
             f = finding(study_uid=f"1.2.826.0.1.3680043.11.{i}", accession_number=f"LAG{i:05d}")
-            value = FhirResult(study_uid=f.study_uid, finding=f.finding, bundle=build_result_bundle(f)).to_bytes()
+            value = FhirResult(
+                study_uid=f.study_uid, finding=f.finding, bundle=build_result_bundle(f)
+            ).to_bytes()
             t = time.perf_counter()
             producer.send(topic, key=f.study_uid.encode(), value=value).get(10)
             acked = time.perf_counter()
-            while session.get(f"{base}/fhir/DiagnosticReport", params={"identifier": f.accession_number}, timeout=5).json()["total"] == 0:
+            while (
+                session.get(
+                    f"{base}/fhir/DiagnosticReport", params={"identifier": f.accession_number}, timeout=5
+                ).json()["total"]
+                == 0
+            ):
                 time.sleep(0.005)
-            lags.append({"acked_to_found_ms": (time.perf_counter() - acked) * 1000, "send_to_found_ms": (time.perf_counter() - t) * 1000})
+            lags.append(
+                {
+                    "acked_to_found_ms": (time.perf_counter() - acked) * 1000,
+                    "send_to_found_ms": (time.perf_counter() - t) * 1000,
+                }
+            )
         producer.close()
         proc.terminate()
         proc.wait(30)
@@ -283,7 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=500, help="searches of each kind")
     ap.add_argument("--lag-samples", type=int, default=50)
     ap.add_argument("--json", action="store_true", help="print the JSON instead of writing it")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # the measured processes
     args = ap.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        if kind == "baseline":
+            print(json.dumps(baseline_child(rest[0], rest[1])))
+        else:
+            print(json.dumps(view_child(rest[0], rest[1], int(rest[2]), int(rest[3]))))
+        return 0
     settings = Settings()
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-fhir-") as tmp, ExitStack() as stack:
         work = Path(tmp)
@@ -307,12 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         published_s = time.perf_counter() - t
         topic_bytes = sum(len(v) for _, v in records)
         del records
-        print(f"{args.reports} records built in {built_s:.1f} s, published in {published_s:.1f} s", file=sys.stderr)
-        baseline = _child(BASELINE_CHILD, bootstrap, topic)
-        print(f"baseline: {baseline['seconds']:.2f} s", file=sys.stderr)
-        view = _child(
-            VIEW_CHILD, bootstrap, topic, str(args.reports), T0.isoformat(), str(args.reports), str(args.samples)
+        print(
+            f"{args.reports} records built in {built_s:.1f} s, published in {published_s:.1f} s",
+            file=sys.stderr,
         )
+        baseline = _child("baseline", bootstrap, topic)
+        print(f"baseline: {baseline['seconds']:.2f} s", file=sys.stderr)
+        view = _child("view", bootstrap, topic, str(args.reports), str(args.samples))
         print(f"view: {view['seconds']:.2f} s", file=sys.stderr)
         home = work / "home"
         home.mkdir()

@@ -68,7 +68,7 @@ async def read(request: web.Request) -> web.StreamResponse:
     resource_type = request.match_info["type"]
     resource_id = request.match_info["id"]
     view = _view(request, resource_type)
-    stored = view.locked(lambda index: index.get(resource_type, resource_id))
+    stored = await asyncio.to_thread(view.locked, lambda index: index.get(resource_type, resource_id))
     if stored is None:
         raise _refuse(
             resource_type,

@@ -11,8 +11,8 @@ creates the topic) are picked up on the next refresh.
 saw them: until then a read or search would miss results that exist, so the routes
 answer 503 (connectors/fhir/read.py). Kafka down after that: the view keeps serving
 what it holds (it says so in the log) and reconnects, continuing from where it was.
-Searches and the consumer share the index under a lock: the consumer applies a poll's
-records, a search runs on the event loop between two polls.
+Searches and the consumer share the index under a lock, taken by the consumer for one
+record at a time; reads and searches take it on a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -134,12 +134,14 @@ class ResultsView:
                 self._stop.wait(0.5)
                 continue
             batch = consumer.poll(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
-            with self._lock:
-                for tp, records in batch.items():
-                    for record in records:
+            for tp, records in batch.items():
+                for record in records:
+                    # One record at a time under the lock: a search waits for one apply
+                    # (well under a millisecond), never for a whole poll's worth.
+                    with self._lock:
                         self._apply(record)
-                    if records:
-                        self._positions[tp] = records[-1].offset + 1
+                if records:
+                    self._positions[tp] = records[-1].offset + 1
             self._check_ready(consumer, assigned)
 
     def _refresh(self, consumer: Any, assigned: set[TopicPartition]) -> None:

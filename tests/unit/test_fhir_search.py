@@ -357,3 +357,11 @@ def test_capability_statement_lists_exactly_the_implemented_parameters() -> None
             assert listed["type"] == p.type
     off = capability_statement("http://h", "1", read_search=False)
     assert {r["type"] for r in off["rest"][0]["resource"]} == {"ServiceRequest", "ImagingStudy"}
+
+
+def test_prefer_handling_strict() -> None:
+    from connectors.fhir.read import strict_handling
+
+    assert strict_handling("handling=strict")
+    assert strict_handling("return=minimal, handling = strict")
+    assert not strict_handling("handling=lenient") and not strict_handling("")
