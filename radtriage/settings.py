@@ -630,9 +630,10 @@ class FhirSearchSettings(BaseModel):
     in-memory view of `topics.results_fhir`, rebuilt from the topic at every start."""
 
     enabled: bool = True
-    # DiagnosticReports + Observations kept; past it the oldest reports (with their
-    # Observations) are dropped and no longer found (docs/ARCHITECTURE.md "FHIR read and search").
-    max_resources: int = Field(default=200_000, ge=10)
+    # DiagnosticReports + Observations kept (≈23 KB each in memory, bench/RESULTS.md); past
+    # it the oldest reports (with their Observations) are dropped and no longer found
+    # (docs/ARCHITECTURE.md "FHIR read and search").
+    max_resources: int = Field(default=40_000, ge=10)
     # Page size when a search gives no _count, and the largest _count honoured.
     default_count: int = Field(default=50, ge=1)
     max_count: int = Field(default=500, ge=1)
