@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from connectors.fhir.outcome import FhirError, Issue, error, transient
+from connectors.fhir.outcome import FHIR_JSON, FhirError, Issue, error, transient
 from connectors.fhir.results_index import ResultsIndex
 from connectors.fhir.results_view import RESULTS_VIEW, ResultsView
 from connectors.fhir.routes import fhir_handler, fhir_response
@@ -84,7 +84,9 @@ async def read(request: web.Request) -> web.StreamResponse:
         "ETag": f'W/"{stored.version}"',
         "Last-Modified": format_datetime(stored.last_updated, usegmt=True),
     }
-    return fhir_response(200, stored.resource, headers)
+    return web.Response(
+        status=200, body=stored.body, content_type=FHIR_JSON, charset="utf-8", headers=headers
+    )
 
 
 def _search(index: ResultsIndex, query: Query, base: str, ignored_note: str) -> dict[str, Any]:

@@ -33,11 +33,18 @@ URN_UUID = "urn:uuid:"
 @dataclass(frozen=True)
 class Stored:
     key: Key
-    resource: dict[str, Any]  # as served: references made relative, meta set
+    # The resource as served (references made relative, meta set), as its JSON text: a
+    # third of the memory the same resource takes as Python dicts (bench/RESULTS.md).
+    body: bytes
     last_updated: datetime
     version: int
     digest: str
     tokens: frozenset[TokenKey]
+
+    @property
+    def resource(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.body)
+        return parsed
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,8 @@ class ResultsIndex:
         }
         if old is not None:
             self._unindex(old)
-        entry = Stored(key, resource, produced_at, version, digest, index_keys(key[0], resource))
+        body = json.dumps(resource, ensure_ascii=False, separators=(",", ":")).encode()
+        entry = Stored(key, body, produced_at, version, digest, index_keys(key[0], resource))
         self._resources[key] = entry
         self._by_type[key[0]][key[1]] = entry
         for token in entry.tokens:
