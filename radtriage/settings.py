@@ -630,7 +630,7 @@ class FhirSearchSettings(BaseModel):
     in-memory view of `topics.results_fhir`, rebuilt from the topic at every start."""
 
     enabled: bool = True
-    # DiagnosticReports + Observations kept (≈23 KB each in memory, bench/RESULTS.md); past
+    # DiagnosticReports + Observations kept (≈10 KB each in memory, bench/RESULTS.md); past
     # it the oldest reports (with their Observations) are dropped and no longer found
     # (docs/ARCHITECTURE.md "FHIR read and search").
     max_resources: int = Field(default=40_000, ge=10)
