@@ -231,6 +231,21 @@ DICOM_OWN_RESULTS_IGNORED = Counter(
     "radtriage_dicom_own_results_ignored_total",
     "radtriage's own result objects sent back to its listener and not ingested (no export loop)",
 )
+FHIR_READ_REFUSALS = Counter(
+    "radtriage_fhir_read_refusals_total",
+    "FHIR reads and searches of results refused (400, 404, 503), by reason",
+    ["resource_type", "reason"],  # FHIR_READ_REFUSAL_REASONS
+)
+FHIR_VIEW_RECORDS = Counter(
+    "radtriage_fhir_view_records_total",
+    "Results-topic records the FHIR read/search view consumed, by outcome",
+    ["outcome"],  # applied, unchanged, unreadable
+)
+FHIR_VIEW_EVICTED = Counter(
+    "radtriage_fhir_view_evicted_total",
+    "Resources the FHIR read/search view dropped to stay within fhir_search.max_resources",
+    ["resource_type"],
+)
 HL7_CONNECTIONS_REFUSED = Counter(
     "radtriage_hl7_connections_refused_total",
     "MLLP connections closed unread: source address not allowed, or TLS handshake failed",
@@ -258,6 +273,18 @@ DICOM_OPEN_ASSOCIATIONS = Gauge(
     # One association per TCP connection (PS3.8), so it is counted by connection: a link that
     # drops fires neither release nor abort, but always closes.
     "Open DICOM associations (TCP connections to the SCP)",
+    multiprocess_mode="livesum",
+)
+
+FHIR_VIEW_RESOURCES = Gauge(
+    "radtriage_fhir_view_resources",
+    "Resources the FHIR read/search view holds (latest versions), by type",
+    ["resource_type"],
+    multiprocess_mode="livesum",
+)
+FHIR_VIEW_READY = Gauge(
+    "radtriage_fhir_view_ready",
+    "1 once the FHIR read/search view has read the results topic up to where it ended at start",
     multiprocess_mode="livesum",
 )
 
@@ -301,7 +328,11 @@ def hl7_message_type_label(message_type: str) -> str:
     return bounded(label, HL7_MESSAGE_TYPES)
 
 
-FHIR_RESOURCE_TYPES = frozenset({"ServiceRequest", "ImagingStudy"})
+FHIR_RESOURCE_TYPES = frozenset({"ServiceRequest", "ImagingStudy", "DiagnosticReport", "Observation"})
+FHIR_READ_REFUSAL_REASONS = frozenset(
+    {"unknown_parameter", "unsupported_modifier", "invalid_value", "not_found", "view_loading", "disabled"}
+)
+FHIR_VIEW_OUTCOMES = frozenset({"applied", "unchanged", "unreadable"})
 
 
 def fhir_resource_label(path: str, resource_type: str | None) -> str:
@@ -334,6 +365,24 @@ def observe_http_request(path: str, resource_type: str | None, status: int) -> N
 
 def count_http_auth_refusal(reason: str) -> None:
     HTTP_AUTH_REFUSALS.labels(bounded(reason, HTTP_AUTH_REFUSAL_REASONS)).inc()
+
+
+def count_fhir_read_refusal(resource_type: str, reason: str) -> None:
+    FHIR_READ_REFUSALS.labels(
+        bounded(resource_type, FHIR_RESOURCE_TYPES), bounded(reason, FHIR_READ_REFUSAL_REASONS)
+    ).inc()
+
+
+def observe_fhir_view(
+    outcome: str, evicted: Mapping[str, int], resources: Mapping[str, int], ready: bool
+) -> None:
+    """One record the results view consumed: its outcome, what it evicted, what it holds now."""
+    FHIR_VIEW_RECORDS.labels(bounded(outcome, FHIR_VIEW_OUTCOMES)).inc()
+    for resource_type, n in evicted.items():
+        FHIR_VIEW_EVICTED.labels(bounded(resource_type, FHIR_RESOURCE_TYPES)).inc(n)
+    for resource_type, n in resources.items():
+        FHIR_VIEW_RESOURCES.labels(bounded(resource_type, FHIR_RESOURCE_TYPES)).set(n)
+    FHIR_VIEW_READY.set(1.0 if ready else 0.0)
 
 
 def count_stow_instances(stored: int, failed_statuses: Iterable[int]) -> None:

@@ -663,6 +663,22 @@ class MetricsSettings(BaseModel):
     probe_timeout_s: float = 2.0
 
 
+class FhirSearchSettings(BaseModel):
+    """FHIR read/search of the results on `/fhir` (connectors/fhir/results_view.py): an
+    in-memory view of `topics.results_fhir`, rebuilt from the topic at every start."""
+
+    enabled: bool = True
+    # DiagnosticReports + Observations kept (≈10 KB each in memory, bench/RESULTS.md); past
+    # it the oldest reports (with their Observations) are dropped and no longer found
+    # (docs/ARCHITECTURE.md "FHIR read and search").
+    max_resources: int = Field(default=40_000, ge=10)
+    # Page size when a search gives no _count, and the largest _count honoured.
+    default_count: int = Field(default=50, ge=1)
+    max_count: int = Field(default=500, ge=1)
+    # After a Kafka error the reader reconnects after this long (the view keeps serving).
+    retry_s: float = Field(default=3.0, gt=0)
+
+
 class OperatorSettings(BaseModel):
     """The live operator page at `/` on the HTTP port (radtriage/operator/)."""
 
@@ -785,6 +801,7 @@ class Settings(BaseSettings):
     status: StatusSettings = Field(default_factory=StatusSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
+    fhir_search: FhirSearchSettings = Field(default_factory=FhirSearchSettings)
     ehr: EhrSettings = Field(default_factory=EhrSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)

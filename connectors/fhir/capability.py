@@ -1,8 +1,11 @@
 """The CapabilityStatement served at `GET /fhir/metadata` (pure).
 
-It states exactly what this intake does and nothing more: create ServiceRequest and
-ImagingStudy, transaction and batch Bundles, JSON only. No read or search: the
-intake turns resources into events, it is not a FHIR store.
+It states exactly what this server does and nothing more: create ServiceRequest and
+ImagingStudy, transaction and batch Bundles, JSON only (the intake turns those into
+events, it does not store them); and, when the results view is on, read and search of
+the DiagnosticReports and Observations radtriage reported, with the search parameters
+connectors/fhir/search.py implements (listed from its PARAMETERS, so the two cannot
+drift; tests/unit/test_fhir_search.py checks it).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
 from connectors.fhir.mapping import DICOM_UID_SYSTEM, V2_0203
+from connectors.fhir.search import PARAMETERS
 
 FHIR_VERSION = "4.0.1"
 # The date this statement last changed (CapabilityStatement.date is required).
@@ -36,8 +40,56 @@ RESOURCE_DOCS = {
 }
 
 
-def capability_statement(base_url: str, software_version: str) -> dict[str, Any]:
-    """The statement as JSON, validated against R4B on the way out."""
+RESULT_DOCS = {
+    "DiagnosticReport": (
+        "radtriage's AI triage reports, read-only: the latest version of each (an amended "
+        "re-read replaces the preliminary report, same id). Eventually consistent with the "
+        "results topic; only the newest fhir_search.max_resources resources are kept."
+    ),
+    "Observation": (
+        "The findings' Observations (probability, side, slices, BI-RADS, nodules), read-only, "
+        "as kept with their report."
+    ),
+}
+RESULT_PAGING = (
+    " Results are sorted by _lastUpdated (ascending; _sort=-_lastUpdated for newest first) and "
+    "paged with _count (default and maximum set by fhir_search) and the next link. Unknown "
+    "parameters are ignored (the self link shows what was applied) unless the request says "
+    "Prefer: handling=strict; an unsupported modifier or an unreadable value is a 400."
+)
+
+
+def result_resources() -> list[dict[str, Any]]:
+    """read + search-type for each searchable type, with exactly the implemented parameters."""
+    out = []
+    for resource_type, params in PARAMETERS.items():
+        search_params: dict[str, dict[str, Any]] = {}
+        for param in params.values():
+            search_params.setdefault(
+                param.base,
+                {
+                    "name": param.base,
+                    "definition": param.definition,
+                    "type": param.type,
+                    "documentation": param.documentation,
+                },
+            )
+        out.append(
+            {
+                "type": resource_type,
+                "documentation": RESULT_DOCS[resource_type] + RESULT_PAGING,
+                "interaction": [{"code": "read"}, {"code": "search-type"}],
+                "versioning": "versioned",
+                "readHistory": False,
+                "searchParam": list(search_params.values()),
+            }
+        )
+    return out
+
+
+def capability_statement(base_url: str, software_version: str, read_search: bool = True) -> dict[str, Any]:
+    """The statement as JSON, validated against R4B on the way out. `read_search`: whether
+    the results view is on (fhir_search.enabled)."""
     statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -55,9 +107,9 @@ def capability_statement(base_url: str, software_version: str) -> dict[str, Any]
             {
                 "mode": "server",
                 "documentation": (
-                    "Create only. A 201 means the order event is durably in Kafka (acks=all); "
-                    "503 with Retry-After means retry. Resources are not stored: read and "
-                    "search are not supported."
+                    "Orders: create only. A 201 means the order event is durably in Kafka "
+                    "(acks=all); 503 with Retry-After means retry. Orders are not stored: not "
+                    "read nor searched. Results: read and search only, when listed below."
                 ),
                 "resource": [
                     {
@@ -68,7 +120,8 @@ def capability_statement(base_url: str, software_version: str) -> dict[str, Any]
                         "conditionalCreate": False,
                     }
                     for resource_type, doc in RESOURCE_DOCS.items()
-                ],
+                ]
+                + (result_resources() if read_search else []),
                 "interaction": [
                     {
                         "code": "transaction",

@@ -27,6 +27,7 @@ from connectors.fhir.capability import capability_statement
 from connectors.fhir.mapping import accept
 from connectors.fhir.outcome import FHIR_JSON, FhirError, Issue, error, outcome_bytes, transient
 from connectors.fhir.parsing import SUPPORTED_TYPES, parse_json
+from connectors.fhir.results_view import RESULTS_VIEW
 from connectors.http.body import read_limited
 from connectors.http.events import PublishError
 from connectors.http.state import PUBLISHER, SETTINGS, base_url
@@ -252,7 +253,8 @@ async def transaction_or_batch(request: web.Request) -> web.StreamResponse:
 
 @fhir_handler
 async def metadata(request: web.Request) -> web.StreamResponse:
-    statement = capability_statement(base_url(request), _software_version())
+    read_search = RESULTS_VIEW in request.app
+    statement = capability_statement(base_url(request), _software_version(), read_search)
     return fhir_response(200, statement)
 
 

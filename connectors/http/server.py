@@ -19,7 +19,9 @@ from aiohttp import web
 from pydicom import config as pydicom_config
 
 from connectors.dicomweb import stow
+from connectors.fhir import read as fhir_read
 from connectors.fhir import routes as fhir
+from connectors.fhir.results_view import RESULTS_VIEW, ResultsView
 from connectors.http import notify_ack
 from connectors.http.auth import make_auth_middleware, token_store
 from connectors.http.events import AsyncPublisher
@@ -49,11 +51,14 @@ def build_app(
     owns_publisher: bool = False,
     tokens: TokenStore | None = None,
     pages: Sequence[Page] = (),
+    results_view: ResultsView | None = None,
 ) -> web.Application:
     """The application; closes `publisher` on cleanup only if `owns_publisher`.
 
     `tokens`: the accepted bearer tokens (loaded from the settings when not given).
     `pages`: served beside the intake (radtriage/cli.py adds the operator page).
+    `results_view`: what FHIR read/search answers from (None: they answer 404 not-supported);
+    started and stopped with the app.
     """
     areas = [
         Area("/fhir", settings.http.max_fhir_bytes, fhir.render_error),
@@ -77,6 +82,9 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     # Prometheus text format: every local process's metrics, lag and model readiness.
     app.router.add_get("/metrics", metrics.metrics_handler(settings))
+    if results_view is not None:
+        app[RESULTS_VIEW] = results_view
+    fhir_read.add_routes(app)  # before fhir's: its patterns would match these paths
     fhir.add_routes(app)
     stow.add_routes(app)
     # A notification's acknowledgement link (issue 19): public, its signed token is the credential.
@@ -90,6 +98,17 @@ def build_app(
         await asyncio.to_thread(app[PUBLISHER].close)
 
     app.on_cleanup.append(close_publisher)
+    if results_view is not None:
+        view = results_view
+
+        async def start_view(app: web.Application) -> None:
+            view.start()
+
+        async def stop_view(app: web.Application) -> None:
+            await asyncio.to_thread(view.stop)
+
+        app.on_startup.append(start_view)
+        app.on_cleanup.append(stop_view)
     return app
 
 
@@ -142,6 +161,7 @@ async def start_http(
         owns_publisher=owns,
         tokens=tokens,
         pages=pages,
+        results_view=ResultsView(settings) if settings.fhir_search.enabled else None,
     )
     grace_s = settings.kafka.produce_timeout_s + SHUTDOWN_GRACE_S
     runner = web.AppRunner(

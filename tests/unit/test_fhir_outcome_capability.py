@@ -52,6 +52,9 @@ def test_capability_statement_says_exactly_what_is_supported() -> None:
     assert [(r.type, [i.code for i in r.interaction]) for r in rest.resource] == [
         ("ServiceRequest", ["create"]),
         ("ImagingStudy", ["create"]),
+        # The results (tests/unit/test_fhir_search.py checks their search parameters).
+        ("DiagnosticReport", ["read", "search-type"]),
+        ("Observation", ["read", "search-type"]),
     ]
     assert [i.code for i in rest.interaction] == ["transaction", "batch"]
     assert not rest.operation and not rest.searchParam
