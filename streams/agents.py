@@ -22,13 +22,24 @@ from radtriage.settings import Settings
 from schemas.routing_rules import RoutingRules
 from streams.app import TriageTopics, create_app, declare_topics
 from streams.published_ledger import PublishedLedger, alert_key, finding_key, report_key
-from streams.stages import assemble, ehr_hl7, escalate, infer, join, notify, pacs_export, report, route
+from streams.stages import (
+    assemble,
+    ehr_hl7,
+    escalate,
+    infer,
+    join,
+    notify,
+    notify_ops,
+    pacs_export,
+    report,
+    route,
+)
 from streams.stages.context import PipelineContext
 
 log = logging.getLogger(__name__)
 
 # The stages in the order a study meets them; each registers its agents.
-STAGES = (assemble, route, join, infer, report, escalate, notify, ehr_hl7, pacs_export)
+STAGES = (assemble, route, join, infer, report, escalate, notify, notify_ops, ehr_hl7, pacs_export)
 
 
 @dataclass
@@ -94,6 +105,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
     report.register(ctx)
     escalate.register(ctx)
     notify.register(ctx)
+    notify_ops.register(ctx)
     ehr_hl7.register(ctx)
     pacs_export.register(ctx)
 

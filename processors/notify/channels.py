@@ -14,6 +14,7 @@ import json
 import ssl
 import time
 from datetime import datetime
+from email.message import EmailMessage
 
 import aiohttp
 import aiosmtplib
@@ -58,7 +59,14 @@ async def post_webhook(
     session: aiohttp.ClientSession, target: WebhookTarget, notice: message.Notice, timeout_s: float
 ) -> None:
     body = webhook_payload(target, notice, datetime.now(notice.alert.alerted_at.tzinfo))
-    headers = webhook_headers(target, body, notice.key, int(time.time()))
+    await post_json(session, target, body, notice.key, timeout_s)
+
+
+async def post_json(
+    session: aiohttp.ClientSession, target: WebhookTarget, body: bytes, key: str, timeout_s: float
+) -> None:
+    """POST one message body to a webhook, signed when it has a secret."""
+    headers = webhook_headers(target, body, key, int(time.time()))
     try:
         async with session.post(
             target.url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
@@ -77,7 +85,13 @@ def smtp_tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
 
 
 async def send_email(smtp: SmtpSettings, notice: message.Notice, to: str) -> None:
-    mail = message.email(notice, datetime.now(notice.alert.alerted_at.tzinfo), smtp.sender, to)
+    await send_mail(
+        smtp, message.email(notice, datetime.now(notice.alert.alerted_at.tzinfo), smtp.sender, to)
+    )
+
+
+async def send_mail(smtp: SmtpSettings, mail: EmailMessage) -> None:
+    """Hand one message to the relay (STARTTLS as configured)."""
     try:
         await aiosmtplib.send(
             mail,

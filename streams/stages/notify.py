@@ -6,7 +6,7 @@ moment it opened (processors/notify/rota.py); step 1 is told at once, and a time
 unacknowledged alert to the next step when the step's timeout passes, then to the fallback.
 An acknowledgement on `triage.audit` (the operator page's button, or a notification's link
 through the HTTP intake) stops it. With nothing configured (`notify.webhooks`,
-`notify.oncall_file`) nothing is sent and the agent only reads.
+`notify.oncall_file`) no agent is registered: nothing is read, nothing is sent.
 
 State survives a SIGKILL and a rebalance because it is the audit topic itself
 (streams/notify_state.py): what the stage does is written there (acks=all) and folded in
@@ -376,6 +376,13 @@ class Notifier:
 
 def register(ctx: PipelineContext) -> None:
     oncall = load_oncall(ctx.settings.notify)
+    if oncall is None:
+        # No agent at all: a consumer that only reads would still fetch every audit record
+        # and alert, and hold partitions of them, for nothing (`radtriage status` says OFF).
+        log.info(
+            "notify: nothing configured (notify.webhooks, notify.oncall_file): no alert is sent to anyone"
+        )
+        return
     retry = ctx.settings.streams.notify_retry_topic
     topics = [t.get_topic_name() for t in ctx.topics.alerts.values()] + [
         ctx.topics.audit.get_topic_name(),
@@ -386,21 +393,6 @@ def register(ctx: PipelineContext) -> None:
     source = ctx.app.topic(
         *topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-
-    if oncall is None:
-        log.info(
-            "notify: nothing configured (notify.webhooks, notify.oncall_file): no alert is sent to anyone"
-        )
-
-        async def ignore(event: EventT[Any]) -> None:
-            return None
-
-        @ctx.app.agent(source, name="notify")
-        async def idle(stream: faust.StreamT[Any]) -> None:
-            await each(ctx, stream, "notify", ignore)
-
-        _ = idle
-        return
 
     notifier = Notifier(ctx, oncall)
 
