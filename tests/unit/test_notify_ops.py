@@ -133,7 +133,7 @@ def test_operators_are_an_oncall_recipient_and_or_named_channels() -> None:
     r = operators_recipient(ops, oncall, hooks)
     assert r is not None
     assert r.channels == (Channel(email="ops@example.org"), Channel(webhook="ops"), Channel(email="b@x.org"))
-    with pytest.raises(OncallError, match="not in notify.webhooks"):
+    with pytest.raises(OncallError, match=r"not in notify\.webhooks"):
         operators_recipient(OperatorNotifySettings(webhooks=["nope"]), None, hooks)
     with pytest.raises(OncallError, match="not a recipient"):
         operators_recipient(OperatorNotifySettings(recipient="nobody"), oncall, hooks)
