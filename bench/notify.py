@@ -5,6 +5,7 @@ SMTP server (STARTTLS), through a real Kafka and a real `radtriage worker` (issu
     python -m bench.notify --alerts 20 --bleed   # real bleed studies through the whole stack
     python -m bench.notify --alerts 20 --flood 50 --cost   # + 3 floods of 50 alerts at once,
                                                            # and the notify stage's cost per alert
+    python -m bench.notify --lanes-flood "--burst 40 --stat-count 8"   # stat alerts, idle vs routine flood
 
 Starts its own single-node Kafka, a worker whose notify stage tells one on-call step of two
 recipients (a JSON webhook signed with HMAC-SHA256, an e-mail), a webhook receiver that
@@ -144,16 +145,117 @@ def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
         }
 
 
+def lanes_flood(lanes_argv: list[str], tmp: Path) -> dict[str, Any]:
+    """bench/lanes.py's run (idle stat studies, then stat studies in a routine flood) with
+    notification on: its stat bleed studies alert, and each alert goes to a signed webhook
+    and an e-mail as ONCALL says. Per phase: alert → webhook received, ready → webhook."""
+    from pydantic import SecretStr
+
+    import bench.lanes as lanes
+    from radtriage.settings import Settings, SmtpSettings, WebhookTarget
+
+    pki = make_pki(tmp / "pki")
+    oncall = tmp / "oncall.yaml"
+    oncall.write_text(ONCALL)
+    out = tmp / "lanes"
+    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+        plain = lanes.own_stack_settings
+
+        def with_notify(home: Path) -> Settings:
+            settings = plain(home)
+            settings.notify.webhooks = [WebhookTarget(name="pager", url=hooks.url("/pager"), secret=SECRET)]  # type: ignore[arg-type]
+            settings.notify.smtp = SmtpSettings(
+                host="127.0.0.1", port=smtp.port, starttls=True, sender="rt@bench.example", cafile=pki.ca
+            )
+            settings.notify.oncall_file = oncall
+            settings.notify.ack_secret = SecretStr("bench-ack")
+            return settings
+
+        lanes.own_stack_settings = with_notify
+        try:
+            lanes.main([*lanes_argv, "--out", str(out)])
+        finally:
+            lanes.own_stack_settings = plain
+        time.sleep(3.0)  # the last alerts' notifications
+        received = {r.body["study_uid"]: r.at for r in hooks.received}
+        mails: dict[str, float] = {}
+        for m in smtp.mails:
+            found = re.search(r"/operator/studies/(\S+)", _text(m.message))
+            if found:
+                mails[found.group(1)] = m.at
+        duplicates = len(hooks.duplicates)
+    (path,) = sorted(out.glob("lanes-*.json"))
+    run = json.loads(path.read_text())
+    phases: dict[str, dict[str, list[float]]] = {}
+    missing: list[str] = []
+    for study in run["studies"]:
+        if not study.get("alerted_at") or study["phase"] not in ("idle", "flood"):
+            continue
+        uid = study["study_uid"]
+        if uid not in received:
+            missing.append(uid)
+            continue
+        alerted = datetime.fromisoformat(study["alerted_at"]).timestamp()
+        ready = datetime.fromisoformat(study["ready_at"]).timestamp()
+        got = phases.setdefault(study["phase"], {"alert": [], "ready": [], "mail": []})
+        got["alert"].append((received[uid] - alerted) * 1000)
+        got["ready"].append((received[uid] - ready) * 1000)
+        if uid in mails:
+            got["mail"].append((mails[uid] - alerted) * 1000)
+    summary = {
+        phase: {
+            "alert_to_webhook_received_ms": stats(v["alert"]),
+            "ready_to_webhook_received_ms": stats(v["ready"]),
+            "alert_to_email_accepted_ms": stats(v["mail"]) if v["mail"] else None,
+        }
+        for phase, v in phases.items()
+    }
+    ratio = None
+    if "idle" in summary and "flood" in summary:
+        ratio = round(
+            summary["flood"]["alert_to_webhook_received_ms"]["p99"]
+            / summary["idle"]["alert_to_webhook_received_ms"]["p99"],
+            2,
+        )
+    return {
+        "benchmark": "notify_lanes_flood",
+        "lanes_command": " ".join(["python -m bench.lanes", *lanes_argv]),
+        "phases": summary,
+        "flood_over_idle_p99_alert_to_webhook": ratio,
+        "alerted_but_not_received": missing,
+        "webhook_duplicates": duplicates,
+        "lanes_headline_stat_lane": run.get("headline_stat_lane"),
+        "setup": "bench/lanes.py's own stack (Kafka, Triton, worker, listeners) with notify on: one step, "
+        "signed JSON webhook + SMTP STARTTLS on 127.0.0.1",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alerts", type=int, default=20)
     ap.add_argument("--bleed", action="store_true", help="real bleed studies through the whole stack")
     ap.add_argument("--flood", type=int, default=0, help="then N alerts published at once")
     ap.add_argument("--flood-rounds", type=int, default=3, help="--flood: how many such floods")
+    ap.add_argument(
+        "--lanes-flood",
+        metavar="LANES_ARGS",
+        help="bench/lanes.py's idle and routine-flood phases with notification on, e.g. '--burst 40'",
+    )
     ap.add_argument("--cost", action="store_true", help="also a run with nothing configured (notify cost)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     ap.add_argument("--workdir", type=Path, help="--bleed: keep the stack's files (logs) here")
     args = ap.parse_args()
+    if args.lanes_flood is not None:
+        with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
+            flood = lanes_flood(args.lanes_flood.split(), Path(tmp_name)) | {
+                "at": datetime.now(UTC).isoformat()
+            }
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"notify-lanes-flood-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+        path.write_text(json.dumps(flood, indent=2) + "\n")
+        console.print_json(json.dumps(flood))
+        console.print(f"wrote {path}")
+        return
     if args.bleed:
         with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
             work = args.workdir or Path(tmp_name)

@@ -10,6 +10,7 @@ is not) and why, for the audit trail.
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 import time
@@ -81,7 +82,15 @@ async def post_json(
 
 
 def smtp_tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(smtp.cafile) if smtp.cafile else None)
+    return _tls_context(str(smtp.cafile) if smtp.cafile else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(cafile: str | None) -> ssl.SSLContext:
+    """One context per CA file, made once: building one reads and parses the CA file (the
+    system's whole store without one) on the event loop, per e-mail, under a flood too.
+    A changed CA file takes a worker restart, as every setting does."""
+    return ssl.create_default_context(cafile=cafile)
 
 
 async def send_email(smtp: SmtpSettings, notice: message.Notice, to: str) -> None:

@@ -37,7 +37,7 @@ from radtriage import metrics
 from radtriage.settings import NotifySettings
 from radtriage.telemetry import headers_for_current_span
 from schemas.alerts import Alert
-from schemas.audit import AuditEvent
+from schemas.audit import ACK_DECISION, AuditEvent
 from schemas.base import EventDecodeError
 from schemas.deadletter import DeadLetter
 from schemas.oncall import Channel, Oncall, OncallError
@@ -54,6 +54,17 @@ def subject(alert: Alert) -> Subject:
     """What the on-call rules match: the finding, and the patient class as the location
     (no site is carried on alerts yet)."""
     return Subject(alert.finding, location="" if alert.patient_class == "unknown" else alert.patient_class)
+
+
+# What the stream needs of `triage.audit`: acknowledgements, and notify records (its own,
+# already folded when written; another worker's around a rebalance). Every other stage's
+# records are most of the topic: skipped by a substring test instead of a JSON decode.
+_ACK = ACK_DECISION.encode()
+_NOTIFY = b"notify_"
+
+
+def relevant_audit(value: bytes | None) -> bool:
+    return value is not None and (_ACK in value or _NOTIFY in value)
 
 
 def _due(start: datetime, timeout_s: float) -> str:
@@ -170,6 +181,7 @@ class Notifier:
         alert, which opens again and re-sends step 1 under the same idempotency keys."""
         event = self._record(alert, ns.OPENED)
         chain = recipients_for(subject(alert), self.oncall, event.at)
+        self.chains[alert.alert_id] = chain  # what `plan` would compute again from the same time
         if chain and chain[0].timeout_s is not None:
             # For the operator page: when this step is overdue without an acknowledgement.
             due = _due(event.at, chain[0].timeout_s)
@@ -184,6 +196,8 @@ class Notifier:
         topic, partition = event.message.topic, event.message.partition
         await self.ready(partition)
         if topic == self.audit_topic:
+            if not relevant_audit(event.value):
+                return
             try:
                 record = AuditEvent.from_bytes(event.value)
             except EventDecodeError as exc:

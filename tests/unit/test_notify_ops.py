@@ -195,3 +195,19 @@ def test_operators_alone_register_only_the_operators_agent() -> None:
         {"notify": {"operators": {"emails": ["o@x.org"], "deadletters": False, "stuck_after_s": {}}}}
     )
     assert "notify-ops" not in _agents(nothing_to_watch)
+
+
+def test_the_notify_stream_decodes_only_acknowledgements_and_notify_records() -> None:
+    from schemas.audit import ACK_DECISION, AuditEvent, AuditStage
+    from streams.stages.notify import relevant_audit
+
+    def raw(stage: AuditStage, decision: str) -> bytes:
+        return AuditEvent(
+            study_uid="1.2", stage=stage, decision=decision, detail={"alert_id": "1.2/ICH"}
+        ).to_bytes()
+
+    assert relevant_audit(raw("alert", ACK_DECISION))
+    assert relevant_audit(raw("notify", "notify_delivered"))
+    assert not relevant_audit(raw("route", "routed"))
+    assert not relevant_audit(raw("alert", "alert_sent"))
+    assert not relevant_audit(None)
