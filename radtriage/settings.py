@@ -740,6 +740,10 @@ class NotifySettings(BaseModel):
     tick_s: float = 0.5
     # How far back a worker taking over a partition reads the notification record.
     lookback_s: float = 24 * 3600.0
+    # An alert older than this when first read opens no escalation (`notify_skipped`,
+    # reason too_old): notification turned on reads the alert topics from their start
+    # (no agent read them while it was off), and must not page anyone for yesterday's alerts.
+    max_alert_age_s: float = Field(default=3600.0, gt=0)
     # Left out of every message (env: RADTRIAGE_NOTIFY__OMIT='["accession"]').
     omit: list[NotifyOmittable] = Field(default_factory=list)
     operators: OperatorNotifySettings = Field(default_factory=OperatorNotifySettings)

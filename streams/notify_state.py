@@ -16,7 +16,8 @@ Decisions (stage "notify", detail always has `alert_id`):
 - notify_step: step `step` starts at `at` (the previous one timed out);
 - notify_attempt: one try of `channel` for `recipient` at `step` (`error` "" = it worked);
 - notify_delivered / notify_undeliverable: `key` (alert+recipient+step) is done;
-- notify_stopped: `reason` acknowledged | exhausted | no_recipients: nothing more is sent.
+- notify_stopped: `reason` acknowledged | exhausted | no_recipients: nothing more is sent;
+- notify_skipped: `reason` too_old: the alert was older than notify.max_alert_age_s when read.
 Acknowledgements are stage "alert", decision ACK_DECISION (the operator page's record).
 """
 
@@ -37,6 +38,8 @@ ATTEMPT = "notify_attempt"
 DELIVERED = "notify_delivered"
 UNDELIVERABLE = "notify_undeliverable"
 STOPPED = "notify_stopped"
+# An alert read too late to page anyone for (notify.max_alert_age_s): no escalation opens.
+SKIPPED = "notify_skipped"
 
 
 def _at(event: AuditEvent) -> datetime:

@@ -67,6 +67,11 @@ def relevant_audit(value: bytes | None) -> bool:
     return value is not None and (_ACK in value or _NOTIFY in value)
 
 
+def age_s(alert: Alert, now: datetime) -> float:
+    """How old the alert is: too old (notify.max_alert_age_s) when first read, nobody is paged."""
+    return (now - alert.alerted_at).total_seconds()
+
+
 def _due(start: datetime, timeout_s: float) -> str:
     return (start + timedelta(seconds=timeout_s)).isoformat()
 
@@ -214,6 +219,17 @@ class Notifier:
         self.state.add_alert(alert)
         esc = self.state.escalations.get(alert.alert_id)
         if esc is None:
+            age = age_s(alert, datetime.now(UTC))
+            if age > self.n.max_alert_age_s:
+                log.warning(
+                    "notify: %s is %.0f s old (notify.max_alert_age_s %.0f): not notified",
+                    alert.alert_id,
+                    age,
+                    self.n.max_alert_age_s,
+                )
+                metrics.NOTIFY_STOPPED.labels("too_old").inc()
+                await self.note(alert, ns.SKIPPED, reason="too_old", age_s=round(age, 1))
+                return
             await self.open(alert)
             return
         if topic == self.retry_topic:
