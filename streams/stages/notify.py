@@ -115,6 +115,8 @@ class Notifier:
         # Escalations being worked on now (one worker at a time per alert).
         self.busy: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        # Open records sent and not yet known to be in Kafka: (study UID, record, headers, send).
+        self.opening: dict[str, tuple[str, AuditEvent, Any, asyncio.Future[None]]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     # -- state -------------------------------------------------------------------------------
@@ -141,6 +143,7 @@ class Notifier:
         for task in list(self.tasks):
             task.cancel()
         self.busy.clear()
+        self.opening.clear()  # the next owner finds an open that did not make it (unopened)
         self.record.forget_assignment()
         self.owned.clear()
         self.state = ns.NotifyState()
@@ -179,11 +182,30 @@ class Notifier:
         await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
         self.state.apply(event)
 
-    async def open(self, alert: Alert) -> None:
-        """Open the escalation and start telling step 1 while its record is written, not
-        after (one acks=all round trip less on the way to the first person). The alert's
-        offset is committed once the record is in Kafka; a kill before that replays the
-        alert, which opens again and re-sends step 1 under the same idempotency keys."""
+    async def admit(self, alert: Alert) -> None:
+        """A new alert: open its escalation, unless it is too old to page anyone for."""
+        age = age_s(alert, datetime.now(UTC))
+        if age > self.n.max_alert_age_s:
+            log.warning(
+                "notify: %s is %.0f s old (notify.max_alert_age_s %.0f): not notified",
+                alert.alert_id,
+                age,
+                self.n.max_alert_age_s,
+            )
+            metrics.NOTIFY_STOPPED.labels("too_old").inc()
+            await self.note(alert, ns.SKIPPED, reason="too_old", age_s=round(age, 1))
+            return
+        self.open(alert)
+
+    def open(self, alert: Alert) -> None:
+        """Open the escalation and start telling step 1 while its record is written: the
+        stream does not wait for the record's ack either, so a burst of alerts is not one
+        acks=all round trip apart each on the way to the first person. The record is sent
+        in order (before the step's own records, same key); one that failed is sent again
+        by the timer (`resend_opens`). A kill after the alert's offset was committed and
+        before the record reached Kafka is found on takeover: the alert is read back with
+        no escalation (`NotifyState.unopened`) and opened then; step 1 goes out again under
+        the same idempotency keys."""
         event = self._record(alert, ns.OPENED)
         chain = recipients_for(subject(alert), self.oncall, event.at)
         self.chains[alert.alert_id] = chain  # what `plan` would compute again from the same time
@@ -192,8 +214,24 @@ class Notifier:
             due = _due(event.at, chain[0].timeout_s)
             event = event.model_copy(update={"detail": {**event.detail, "steps": len(chain), "due_at": due}})
         self.state.apply(event)
+        # Sent first: its record is queued before any record of the step's own work.
+        self._send_open(alert.alert_id, alert.study_uid, event, headers_for_current_span())
         self.spawn(alert.alert_id)
-        await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
+
+    def _send_open(self, alert_id: str, study_uid: str, event: AuditEvent, headers: Any) -> None:
+        sent = asyncio.ensure_future(publish(self.ctx.topics.audit, study_uid, event, headers))
+        self.opening[alert_id] = (study_uid, event, headers, sent)
+
+    def resend_opens(self) -> None:
+        """Open records whose send failed go again; acknowledged ones are forgotten."""
+        for alert_id, (study_uid, event, headers, sent) in list(self.opening.items()):
+            if not sent.done():
+                continue
+            del self.opening[alert_id]
+            error = None if sent.cancelled() else sent.exception()
+            if sent.cancelled() or error is not None:
+                log.warning("notify: the open record of %s was not written (%s): again", alert_id, error)
+                self._send_open(alert_id, study_uid, event, headers)
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -219,18 +257,8 @@ class Notifier:
         self.state.add_alert(alert)
         esc = self.state.escalations.get(alert.alert_id)
         if esc is None:
-            age = age_s(alert, datetime.now(UTC))
-            if age > self.n.max_alert_age_s:
-                log.warning(
-                    "notify: %s is %.0f s old (notify.max_alert_age_s %.0f): not notified",
-                    alert.alert_id,
-                    age,
-                    self.n.max_alert_age_s,
-                )
-                metrics.NOTIFY_STOPPED.labels("too_old").inc()
-                await self.note(alert, ns.SKIPPED, reason="too_old", age_s=round(age, 1))
-                return
-            await self.open(alert)
+            if alert.alert_id not in self.state.skipped:
+                await self.admit(alert)
             return
         if topic == self.retry_topic:
             # A dead letter replayed: try the undeliverable recipients of the current step
@@ -281,6 +309,9 @@ class Notifier:
         for partition in sorted(self.owned):
             await self.ready(partition)
         self.state.prune(datetime.now(UTC), self.n.lookback_s)
+        self.resend_opens()
+        for alert in self.state.unopened():
+            await self.admit(alert)
         for alert_id in [a for a in self.chains if a not in self.state.alerts]:
             del self.chains[alert_id]
         for action in list(ns.due(self.state, self.plan, datetime.now(UTC))):
