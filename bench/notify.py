@@ -3,6 +3,9 @@ SMTP server (STARTTLS), through a real Kafka and a real `radtriage worker` (issu
 
     python -m bench.notify --alerts 20
     python -m bench.notify --alerts 20 --bleed   # real bleed studies through the whole stack
+    python -m bench.notify --alerts 20 --flood 50 --cost   # + 3 floods of 50 alerts at once,
+                                                           # and the notify stage's cost per alert
+    python -m bench.notify --lanes-flood "--burst 40 --stat-count 8"   # stat alerts, idle vs routine flood
 
 Starts its own single-node Kafka, a worker whose notify stage tells one on-call step of two
 recipients (a JSON webhook signed with HMAC-SHA256, an e-mail), a webhook receiver that
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import signal
 import statistics
 import tempfile
@@ -140,13 +145,117 @@ def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
         }
 
 
+def lanes_flood(lanes_argv: list[str], tmp: Path) -> dict[str, Any]:
+    """bench/lanes.py's run (idle stat studies, then stat studies in a routine flood) with
+    notification on: its stat bleed studies alert, and each alert goes to a signed webhook
+    and an e-mail as ONCALL says. Per phase: alert → webhook received, ready → webhook."""
+    from pydantic import SecretStr
+
+    import bench.lanes as lanes
+    from radtriage.settings import Settings, SmtpSettings, WebhookTarget
+
+    pki = make_pki(tmp / "pki")
+    oncall = tmp / "oncall.yaml"
+    oncall.write_text(ONCALL)
+    out = tmp / "lanes"
+    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+        plain = lanes.own_stack_settings
+
+        def with_notify(home: Path) -> Settings:
+            settings = plain(home)
+            settings.notify.webhooks = [WebhookTarget(name="pager", url=hooks.url("/pager"), secret=SECRET)]  # type: ignore[arg-type]
+            settings.notify.smtp = SmtpSettings(
+                host="127.0.0.1", port=smtp.port, starttls=True, sender="rt@bench.example", cafile=pki.ca
+            )
+            settings.notify.oncall_file = oncall
+            settings.notify.ack_secret = SecretStr("bench-ack")
+            return settings
+
+        lanes.own_stack_settings = with_notify
+        try:
+            lanes.main([*lanes_argv, "--out", str(out)])
+        finally:
+            lanes.own_stack_settings = plain
+        time.sleep(3.0)  # the last alerts' notifications
+        received = {r.body["study_uid"]: r.at for r in hooks.received}
+        mails: dict[str, float] = {}
+        for m in smtp.mails:
+            found = re.search(r"/operator/studies/(\S+)", _text(m.message))
+            if found:
+                mails[found.group(1)] = m.at
+        duplicates = len(hooks.duplicates)
+    (path,) = sorted(out.glob("lanes-*.json"))
+    run = json.loads(path.read_text())
+    phases: dict[str, dict[str, list[float]]] = {}
+    missing: list[str] = []
+    for study in run["studies"]:
+        if not study.get("alerted_at") or study["phase"] not in ("idle", "flood"):
+            continue
+        uid = study["study_uid"]
+        if uid not in received:
+            missing.append(uid)
+            continue
+        alerted = datetime.fromisoformat(study["alerted_at"]).timestamp()
+        ready = datetime.fromisoformat(study["ready_at"]).timestamp()
+        got = phases.setdefault(study["phase"], {"alert": [], "ready": [], "mail": []})
+        got["alert"].append((received[uid] - alerted) * 1000)
+        got["ready"].append((received[uid] - ready) * 1000)
+        if uid in mails:
+            got["mail"].append((mails[uid] - alerted) * 1000)
+    summary = {
+        phase: {
+            "alert_to_webhook_received_ms": stats(v["alert"]),
+            "ready_to_webhook_received_ms": stats(v["ready"]),
+            "alert_to_email_accepted_ms": stats(v["mail"]) if v["mail"] else None,
+        }
+        for phase, v in phases.items()
+    }
+    ratio = None
+    if "idle" in summary and "flood" in summary:
+        ratio = round(
+            summary["flood"]["alert_to_webhook_received_ms"]["p99"]
+            / summary["idle"]["alert_to_webhook_received_ms"]["p99"],
+            2,
+        )
+    return {
+        "benchmark": "notify_lanes_flood",
+        "lanes_command": " ".join(["python -m bench.lanes", *lanes_argv]),
+        "phases": summary,
+        "flood_over_idle_p99_alert_to_webhook": ratio,
+        "alerted_but_not_received": missing,
+        "webhook_duplicates": duplicates,
+        "lanes_headline_stat_lane": run.get("headline_stat_lane"),
+        "setup": "bench/lanes.py's own stack (Kafka, Triton, worker, listeners) with notify on: one step, "
+        "signed JSON webhook + SMTP STARTTLS on 127.0.0.1",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alerts", type=int, default=20)
     ap.add_argument("--bleed", action="store_true", help="real bleed studies through the whole stack")
+    ap.add_argument("--flood", type=int, default=0, help="then N alerts published at once")
+    ap.add_argument("--flood-rounds", type=int, default=3, help="--flood: how many such floods")
+    ap.add_argument(
+        "--lanes-flood",
+        metavar="LANES_ARGS",
+        help="bench/lanes.py's idle and routine-flood phases with notification on, e.g. '--burst 40'",
+    )
+    ap.add_argument("--cost", action="store_true", help="also a run with nothing configured (notify cost)")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     ap.add_argument("--workdir", type=Path, help="--bleed: keep the stack's files (logs) here")
     args = ap.parse_args()
+    if args.lanes_flood is not None:
+        with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
+            flood = lanes_flood(args.lanes_flood.split(), Path(tmp_name)) | {
+                "at": datetime.now(UTC).isoformat()
+            }
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"notify-lanes-flood-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+        path.write_text(json.dumps(flood, indent=2) + "\n")
+        console.print_json(json.dumps(flood))
+        console.print(f"wrote {path}")
+        return
     if args.bleed:
         with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
             work = args.workdir or Path(tmp_name)
@@ -158,6 +267,45 @@ def main() -> None:
         console.print(f"wrote {path}")
         return
 
+    result: dict[str, Any] = {"benchmark": "notify", "at": datetime.now(UTC).isoformat()}
+    result |= worker_bench(args.alerts, args.flood, args.flood_rounds, notify=True)
+    if args.cost:
+        # The same alerts with nothing configured (no notify agent): the worker's CPU and the
+        # audit records without the notify stage, for its cost per alert.
+        off = worker_bench(args.alerts, 0, 0, notify=False)
+        result["notify_off"] = off
+        result["notify_cost_per_alert"] = {
+            "worker_cpu_ms": round(result["worker_cpu_ms_per_alert"] - off["worker_cpu_ms_per_alert"], 2),
+            "audit_records_read": result["audit_records_per_alert"],
+            "audit_records_written": round(
+                result["audit_records_per_alert"] - off["audit_records_per_alert"], 2
+            ),
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"notify-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print_json(json.dumps(result))
+    console.print(f"wrote {path}")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def end_offsets(bootstrap: str, topic: str) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
+    total = sum(consumer.end_offsets(parts).values())
+    consumer.close()
+    return int(total)
+
+
+def worker_bench(alerts: int, flood: int, rounds: int, *, notify: bool) -> dict[str, Any]:
+    """One broker, one worker: `alerts` one at a time, then `rounds` floods of `flood` alerts
+    published at once. Without `notify`, nothing is configured (no notify agent) and each
+    alert is waited for on its topic instead of at the peers."""
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
         tmp = Path(tmp_name)
         pki = make_pki(tmp / "pki")
@@ -172,74 +320,115 @@ def main() -> None:
             (tmp / "home").mkdir()
             setup = make_worker_env(bootstrap, tmp / "home")
             env, settings = next(setup)
-            env.update(smtp_env(smtp, pki.ca))
-            env.update(
-                {
-                    "RADTRIAGE_NOTIFY__WEBHOOKS": json.dumps(
-                        [{"name": "pager", "url": hooks.url("/pager"), "secret": SECRET}]
-                    ),
-                    "RADTRIAGE_NOTIFY__ONCALL_FILE": str(oncall),
-                    "RADTRIAGE_NOTIFY__ACK_SECRET": "bench-ack",
-                }
-            )
+            if notify:
+                env.update(smtp_env(smtp, pki.ca))
+                env.update(
+                    {
+                        "RADTRIAGE_NOTIFY__WEBHOOKS": json.dumps(
+                            [{"name": "pager", "url": hooks.url("/pager"), "secret": SECRET}]
+                        ),
+                        "RADTRIAGE_NOTIFY__ONCALL_FILE": str(oncall),
+                        "RADTRIAGE_NOTIFY__ACK_SECRET": "bench-ack",
+                    }
+                )
             worker = Worker(env, settings.home)
-            with console.status("starting the worker…"):
+            with console.status(f"starting the worker (notify {'on' if notify else 'off'})…"):
                 worker.start()
+            assert worker.proc is not None
             producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
             ich_topic = settings.topics.alert_topic("ich")
-            uids = []
-            try:
-                for i in range(args.alerts + 1):  # the first one warms up (connections, JIT)
-                    uid = f"1.2.826.0.19.9.{time.time_ns()}"
-                    producer.send(
-                        settings.topics.findings, key=uid.encode(), value=finding_bytes(uid, 0.95)
-                    ).get(10)
-                    wait_until(
-                        lambda n=i + 1: len(hooks.received) >= n and len(smtp.mails) >= n,
-                        f"alert {i} at both peers",
-                        60,
-                    )
-                    uids.append(uid)
-                    time.sleep(0.3)
-            finally:
-                worker.kill(signal.SIGTERM)
-                next(setup, None)
-            consumer = alert_times(bootstrap, ich_topic)
+            seen = alert_times(bootstrap, ich_topic)
             alerted: dict[str, float] = {}
-            deadline = time.monotonic() + 30
-            while len(alerted) < len(uids) and time.monotonic() < deadline:
-                for recs in consumer.poll(timeout_ms=500).values():
+
+            def read_alerts() -> int:
+                for recs in seen.poll(timeout_ms=50).values():
                     for r in recs:
                         value = json.loads(r.value)
                         alerted[value["study_uid"]] = datetime.fromisoformat(value["alerted_at"]).timestamp()
-            consumer.close()
+                return len(alerted)
+
+            def arrived(n: int) -> bool:
+                if notify:
+                    return len(hooks.received) >= n and len(smtp.mails) >= n
+                return read_alerts() >= n
+
+            uids: list[str] = []
+            floods: list[list[str]] = []
+            cpu_used = 0.0
+            try:
+                for i in range(alerts + 1):  # the first one warms up (connections, JIT)
+                    uid = f"1.2.826.0.19.9.{time.time_ns()}"
+                    before = cpu_s(worker.proc.pid)
+                    producer.send(
+                        settings.topics.findings, key=uid.encode(), value=finding_bytes(uid, 0.95)
+                    ).get(10)
+                    wait_until(lambda n=i + 1: arrived(n), f"alert {i} arrived", 60)
+                    if i > 0:
+                        cpu_used += cpu_s(worker.proc.pid) - before
+                    uids.append(uid)
+                    time.sleep(0.3)
+                for r in range(rounds):
+                    batch = [f"1.2.826.0.19.10.{r}.{j}.{time.time_ns()}" for j in range(flood)]
+                    for uid in batch:  # all at once: sent without waiting, then flushed
+                        producer.send(
+                            settings.topics.findings, key=uid.encode(), value=finding_bytes(uid, 0.95)
+                        )
+                    producer.flush(30)
+                    total = len(uids) + sum(map(len, floods)) + flood
+                    wait_until(lambda n=total: arrived(n), f"flood {r} arrived", 120)
+                    floods.append(batch)
+                    time.sleep(1.0)
+                audit_records = end_offsets(bootstrap, settings.topics.audit)
+            finally:
+                worker.kill(signal.SIGTERM)
+                next(setup, None)
+            deadline = time.monotonic() + 30
+            everything = uids + [u for b in floods for u in b]
+            while len(alerted) < len(everything) and time.monotonic() < deadline:
+                read_alerts()
+            seen.close()
             hook_at = {r.body["study_uid"]: r.at for r in hooks.received}
             mail_at: dict[str, float] = {}
+            wanted = set(everything)
             for m in smtp.mails:
-                body = m.message.get_payload(decode=True).decode()  # type: ignore[union-attr]
-                for uid in uids:
-                    if f"/operator/studies/{uid}" in body:
-                        mail_at[uid] = m.at
+                found = re.search(r"/operator/studies/(\S+)", _text(m.message))
+                if found and found.group(1) in wanted:
+                    mail_at[found.group(1)] = m.at
             measured = uids[1:]
-            to_hook = [(hook_at[u] - alerted[u]) * 1000 for u in measured]
-            to_mail = [(mail_at[u] - alerted[u]) * 1000 for u in measured]
-            duplicates = len(hooks.duplicates)
-
-    result: dict[str, Any] = {
-        "benchmark": "notify",
-        "at": datetime.now(UTC).isoformat(),
-        "alerts": len(measured),
-        "alert_to_webhook_received_ms": stats(to_hook),
-        "alert_to_email_accepted_ms": stats(to_mail),
-        "webhook_duplicates": duplicates,
-        "setup": "1 Kafka broker, 1 worker, signed JSON webhook + SMTP STARTTLS on 127.0.0.1, "
-        "one alert at a time",
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"notify-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    console.print_json(json.dumps(result))
-    console.print(f"wrote {path}")
+            result: dict[str, Any] = {
+                "notify": notify,
+                "alerts": len(measured),
+                "worker_cpu_ms_per_alert": round(cpu_used * 1000 / max(1, len(measured)), 2),
+                "audit_records_per_alert": round(audit_records / max(1, len(everything)), 2),
+                "setup": "1 Kafka broker, 1 worker, signed JSON webhook + SMTP STARTTLS on 127.0.0.1, "
+                "one alert at a time" + (f", then {rounds} x {flood} alerts at once" if rounds else ""),
+            }
+            if notify:
+                result["alert_to_webhook_received_ms"] = stats(
+                    [(hook_at[u] - alerted[u]) * 1000 for u in measured]
+                )
+                result["alert_to_email_accepted_ms"] = stats(
+                    [(mail_at[u] - alerted[u]) * 1000 for u in measured]
+                )
+                result["webhook_duplicates"] = len(hooks.duplicates)
+                if floods:
+                    flooded = [u for b in floods for u in b]
+                    result["flood"] = {
+                        "alerts_at_once": flood,
+                        "rounds": rounds,
+                        "alert_to_webhook_received_ms": stats(
+                            [(hook_at[u] - alerted[u]) * 1000 for u in flooded]
+                        ),
+                        "alert_to_email_accepted_ms": stats(
+                            [(mail_at[u] - alerted[u]) * 1000 for u in flooded]
+                        ),
+                        # From the flood's first alert: how long the last one waited in total.
+                        "last_webhook_after_first_alert_ms": [
+                            round((max(hook_at[u] for u in b) - min(alerted[u] for u in b)) * 1000, 1)
+                            for b in floods
+                        ],
+                    }
+            return result
 
 
 if __name__ == "__main__":

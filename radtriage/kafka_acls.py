@@ -98,7 +98,8 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
             # Reads the audit topic too: the notify stage's acknowledgements and its own record
             # of who was told (streams/stages/notify.py).
             *_topics([t.audit], BOTH),
-            *_topics([t.deadletter], PRODUCE),
+            # Reads dead letters too: the operators' digests (streams/stages/notify_ops.py).
+            *_topics([t.deadletter], BOTH),
             Grant("topic", f"{app}-", "prefix", ("Read", "Write", "Create", "Describe", "DescribeConfigs")),
             Grant("group", app, "literal", CONSUME),
         ],

@@ -175,6 +175,14 @@ NOTIFY_STOPPED = Counter("radtriage_notify_stopped_total", "Escalations ended, b
 NOTIFY_UNREADABLE = Counter(
     "radtriage_notify_unreadable_total", "Records the notify stage could not read (skipped)", ["topic_kind"]
 )
+# Operator notifications (streams/stages/notify_ops.py): items gathered (dead letters,
+# stuck requests) and digests sent, by kind and outcome (delivered, undeliverable).
+NOTIFY_OPS_ITEMS = Counter(
+    "radtriage_notify_ops_items_total", "Dead letters and stuck requests gathered for operators", ["kind"]
+)
+NOTIFY_OPS_DIGESTS = Counter(
+    "radtriage_notify_ops_digests_total", "Operator digests, by kind and outcome", ["kind", "outcome"]
+)
 HL7_MESSAGES = Counter(
     "radtriage_hl7_messages_total", "HL7 v2 messages answered over MLLP", ["message_type", "ack_code"]
 )

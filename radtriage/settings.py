@@ -742,6 +742,37 @@ class SmtpSettings(BaseModel):
 NotifyOmittable = Literal["accession", "probability", "side", "slices", "location", "since_scan"]
 
 
+def _stuck_after_defaults() -> dict[Lane, float]:
+    return {"stat": 120.0, "urgent": 900.0, "routine": 3600.0}
+
+
+class OperatorNotifySettings(BaseModel):
+    """Operators told of dead letters and stuck studies, in digests (streams/stages/notify_ops.py;
+    env e.g. RADTRIAGE_NOTIFY__OPERATORS__WEBHOOKS='["ops"]'). Nothing named: nothing sent."""
+
+    # A recipient of the on-call file (its channels, in order), and/or channels named here:
+    # webhooks of `notify.webhooks` by name, e-mail addresses (need `notify.smtp.host`).
+    recipient: str = ""
+    webhooks: list[str] = Field(default_factory=list)
+    emails: list[str] = Field(default_factory=list)
+    # Tell them of dead letters (any stage's, triage.deadletter).
+    deadletters: bool = True
+    # A request routed on a lane with no finding after this long is stuck; a lane left out
+    # is not watched ({} = no stuck-study notifications).
+    stuck_after_s: dict[Lane, float] = Field(default_factory=_stuck_after_defaults)
+    # At most one message per cause per `digest_s` (a flood of dead letters is one digest
+    # listing `examples` of them and the count), sent when the period ends.
+    digest_s: float = Field(default=60.0, gt=0)
+    examples: int = Field(default=5, ge=0)
+    # Bounded memory: requests watched for a finding, causes held per period.
+    max_watched: int = Field(default=20000, ge=1)
+    max_causes: int = Field(default=100, ge=1)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.recipient or self.webhooks or self.emails)
+
+
 class NotifySettings(BaseModel):
     """Who hears of an alert, and how (streams/stages/notify.py; docs/OPERATIONS.md, Notification)."""
 
@@ -763,8 +794,13 @@ class NotifySettings(BaseModel):
     tick_s: float = 0.5
     # How far back a worker taking over a partition reads the notification record.
     lookback_s: float = 24 * 3600.0
+    # An alert older than this when first read opens no escalation (`notify_skipped`,
+    # reason too_old): notification turned on reads the alert topics from their start
+    # (no agent read them while it was off), and must not page anyone for yesterday's alerts.
+    max_alert_age_s: float = Field(default=3600.0, gt=0)
     # Left out of every message (env: RADTRIAGE_NOTIFY__OMIT='["accession"]').
     omit: list[NotifyOmittable] = Field(default_factory=list)
+    operators: OperatorNotifySettings = Field(default_factory=OperatorNotifySettings)
 
     @field_serializer("ack_secret", when_used="json")
     def _dump_ack_secret(self, value: SecretStr, info: SerializationInfo) -> str:

@@ -202,7 +202,8 @@ def _state(up: bool) -> Text:
 def notify_summary(n: NotifySettings) -> str:
     """Where alerts go beyond their topics (streams/stages/notify.py), in one line."""
     if not n.configured:
-        return "OFF: nothing configured (notify.webhooks, notify.oncall_file): no alert is sent to anyone"
+        off = "OFF: nothing configured (notify.webhooks, notify.oncall_file): no alert is sent to anyone"
+        return off + ("; " + _operators_summary(n) if n.operators.configured else "")
     parts = [f"{len(n.webhooks)} webhook(s)"] if n.webhooks else []
     parts.append(f"e-mail via {n.smtp.host}:{n.smtp.port}" if n.smtp.host else "no e-mail (notify.smtp.host)")
     parts.append(
@@ -210,7 +211,18 @@ def notify_summary(n: NotifySettings) -> str:
     )
     if not n.ack_secret.get_secret_value():
         parts.append("no acknowledgement links (notify.ack_secret)")
+    parts.append(_operators_summary(n))
     return ", ".join(parts)
+
+
+def _operators_summary(n: NotifySettings) -> str:
+    ops = n.operators
+    if not ops.configured:
+        return "operators not notified (notify.operators)"
+    watched = "dead letters" if ops.deadletters else ""
+    if ops.stuck_after_s:
+        watched += (" and " if watched else "") + "stuck studies"
+    return f"operators told of {watched or 'nothing'} every {ops.digest_s:g} s at most"
 
 
 def render_status(snap: Snapshot) -> RenderableType:

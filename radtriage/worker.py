@@ -48,13 +48,15 @@ def run_worker(settings: Settings) -> None:
                 arm_shutdown_deadline(settings.streams.shutdown_timeout_s)
             super()._schedule_shutdown(signum)
 
+    from processors.notify.rota import operators_recipient
     from schemas.oncall import OncallError
     from streams.agents import build_pipeline
     from streams.stages.notify import load_oncall
 
     try:
         # Before anything starts: a broken on-call file is the operator's to fix, named by line.
-        load_oncall(settings.notify)
+        oncall = load_oncall(settings.notify)
+        operators_recipient(settings.notify.operators, oncall, settings.notify.named_webhooks())
     except OncallError as exc:
         log.error("worker not started: %s", exc)
         raise SystemExit(2) from None

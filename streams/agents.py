@@ -30,6 +30,7 @@ from streams.stages import (
     infer,
     join,
     notify,
+    notify_ops,
     pacs_export,
     report,
     route,
@@ -39,7 +40,7 @@ from streams.stages.context import PipelineContext
 log = logging.getLogger(__name__)
 
 # The stages in the order a study meets them; each registers its agents.
-STAGES = (assemble, route, join, infer, report, escalate, notify, ehr_hl7, ehr_fhir, pacs_export)
+STAGES = (assemble, route, join, infer, report, escalate, notify, notify_ops, ehr_hl7, ehr_fhir, pacs_export)
 
 
 @dataclass
@@ -105,6 +106,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
     report.register(ctx)
     escalate.register(ctx)
     notify.register(ctx)
+    notify_ops.register(ctx)
     ehr_hl7.register(ctx)
     ehr_fhir.register(ctx)  # only when ehr.fhir is configured
     pacs_export.register(ctx)

@@ -16,7 +16,8 @@ Decisions (stage "notify", detail always has `alert_id`):
 - notify_step: step `step` starts at `at` (the previous one timed out);
 - notify_attempt: one try of `channel` for `recipient` at `step` (`error` "" = it worked);
 - notify_delivered / notify_undeliverable: `key` (alert+recipient+step) is done;
-- notify_stopped: `reason` acknowledged | exhausted | no_recipients: nothing more is sent.
+- notify_stopped: `reason` acknowledged | exhausted | no_recipients: nothing more is sent;
+- notify_skipped: `reason` too_old: the alert was older than notify.max_alert_age_s when read.
 Acknowledgements are stage "alert", decision ACK_DECISION (the operator page's record).
 """
 
@@ -37,6 +38,8 @@ ATTEMPT = "notify_attempt"
 DELIVERED = "notify_delivered"
 UNDELIVERABLE = "notify_undeliverable"
 STOPPED = "notify_stopped"
+# An alert read too late to page anyone for (notify.max_alert_age_s): no escalation opens.
+SKIPPED = "notify_skipped"
 
 
 def _at(event: AuditEvent) -> datetime:
@@ -79,6 +82,8 @@ class NotifyState:
     alerts: dict[str, Alert] = field(default_factory=dict)
     # Acknowledgements read before their alert's escalation opened (the ack may be read first).
     early_acks: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+    # Alerts read too late to page anyone for (SKIPPED), by when.
+    skipped: dict[str, datetime] = field(default_factory=dict)
 
     def add_alert(self, alert: Alert) -> None:
         self.alerts.setdefault(alert.alert_id, alert)
@@ -95,6 +100,9 @@ class NotifyState:
         if event.stage != "notify":
             return
         at = _at(event)
+        if event.decision == SKIPPED:
+            self.skipped.setdefault(alert_id, at)
+            return
         if event.decision == OPENED:
             esc = self.escalations.get(alert_id)
             if esc is None:
@@ -143,6 +151,18 @@ class NotifyState:
             del self.alerts[alert_id]
         for alert_id in [a for a, (_, at) in self.early_acks.items() if at < horizon]:
             del self.early_acks[alert_id]
+        for alert_id in [a for a, at in self.skipped.items() if at < horizon]:
+            del self.skipped[alert_id]
+
+    def unopened(self) -> list[Alert]:
+        """Alerts read with neither an escalation nor a skip: on a partition's takeover, those
+        whose open record never reached Kafka (the worker died after the alert's offset was
+        committed, before the record's ack) and those the stream has not delivered yet."""
+        return [
+            a
+            for a in self.alerts.values()
+            if a.alert_id not in self.escalations and a.alert_id not in self.skipped
+        ]
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,12 @@ is not) and why, for the audit trail.
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 import time
 from datetime import datetime
+from email.message import EmailMessage
 
 import aiohttp
 import aiosmtplib
@@ -58,7 +60,14 @@ async def post_webhook(
     session: aiohttp.ClientSession, target: WebhookTarget, notice: message.Notice, timeout_s: float
 ) -> None:
     body = webhook_payload(target, notice, datetime.now(notice.alert.alerted_at.tzinfo))
-    headers = webhook_headers(target, body, notice.key, int(time.time()))
+    await post_json(session, target, body, notice.key, timeout_s)
+
+
+async def post_json(
+    session: aiohttp.ClientSession, target: WebhookTarget, body: bytes, key: str, timeout_s: float
+) -> None:
+    """POST one message body to a webhook, signed when it has a secret."""
+    headers = webhook_headers(target, body, key, int(time.time()))
     try:
         async with session.post(
             target.url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
@@ -73,11 +82,25 @@ async def post_webhook(
 
 
 def smtp_tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(smtp.cafile) if smtp.cafile else None)
+    return _tls_context(str(smtp.cafile) if smtp.cafile else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(cafile: str | None) -> ssl.SSLContext:
+    """One context per CA file, made once: building one reads and parses the CA file (the
+    system's whole store without one) on the event loop, per e-mail, under a flood too.
+    A changed CA file takes a worker restart, as every setting does."""
+    return ssl.create_default_context(cafile=cafile)
 
 
 async def send_email(smtp: SmtpSettings, notice: message.Notice, to: str) -> None:
-    mail = message.email(notice, datetime.now(notice.alert.alerted_at.tzinfo), smtp.sender, to)
+    await send_mail(
+        smtp, message.email(notice, datetime.now(notice.alert.alerted_at.tzinfo), smtp.sender, to)
+    )
+
+
+async def send_mail(smtp: SmtpSettings, mail: EmailMessage) -> None:
+    """Hand one message to the relay (STARTTLS as configured)."""
     try:
         await aiosmtplib.send(
             mail,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from radtriage.settings import WebhookTarget
-from schemas.oncall import Channel, Oncall, Recipient, Rule, Step
+from radtriage.settings import OperatorNotifySettings, WebhookTarget
+from schemas.oncall import Channel, Oncall, OncallError, Recipient, Rule, Step
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,27 @@ def webhooks_only(webhooks: Mapping[str, WebhookTarget]) -> Oncall | None:
         recipients=recipients,
         rules=(Rule(chain=(Step(recipients=tuple(recipients), timeout_s=NO_ESCALATION_S),)),),
     )
+
+
+def operators_recipient(
+    operators: OperatorNotifySettings, oncall: Oncall | None, webhooks: Mapping[str, WebhookTarget]
+) -> Recipient | None:
+    """Who operator digests go to: the on-call file's recipient `operators.recipient` (its
+    channels first), then the webhooks and addresses `operators` names. None: not configured.
+    A name that is not there is an OncallError (the worker refuses to start on it)."""
+    if not operators.configured:
+        return None
+    found: list[Channel] = []
+    if operators.recipient:
+        if oncall is None or operators.recipient not in oncall.recipients:
+            raise OncallError(
+                f"notify.operators.recipient {operators.recipient!r} is not a recipient of the on-call file"
+            )
+        found.extend(oncall.recipients[operators.recipient].channels)
+    missing = sorted(set(operators.webhooks) - set(webhooks))
+    if missing:
+        raise OncallError(f"notify.operators.webhooks {missing} are not in notify.webhooks")
+    found.extend(Channel(webhook=name) for name in operators.webhooks)
+    found.extend(Channel(email=address) for address in operators.emails)
+    unique = tuple(dict.fromkeys(found))
+    return Recipient(display=operators.recipient or "radtriage operators", channels=unique)

@@ -6,7 +6,7 @@ moment it opened (processors/notify/rota.py); step 1 is told at once, and a time
 unacknowledged alert to the next step when the step's timeout passes, then to the fallback.
 An acknowledgement on `triage.audit` (the operator page's button, or a notification's link
 through the HTTP intake) stops it. With nothing configured (`notify.webhooks`,
-`notify.oncall_file`) nothing is sent and the agent only reads.
+`notify.oncall_file`) no agent is registered: nothing is read, nothing is sent.
 
 State survives a SIGKILL and a rebalance because it is the audit topic itself
 (streams/notify_state.py): what the stage does is written there (acks=all) and folded in
@@ -37,7 +37,7 @@ from radtriage import metrics
 from radtriage.settings import NotifySettings
 from radtriage.telemetry import headers_for_current_span
 from schemas.alerts import Alert
-from schemas.audit import AuditEvent
+from schemas.audit import ACK_DECISION, AuditEvent
 from schemas.base import EventDecodeError
 from schemas.deadletter import DeadLetter
 from schemas.oncall import Channel, Oncall, OncallError
@@ -54,6 +54,22 @@ def subject(alert: Alert) -> Subject:
     """What the on-call rules match: the finding, and the patient class as the location
     (no site is carried on alerts yet)."""
     return Subject(alert.finding, location="" if alert.patient_class == "unknown" else alert.patient_class)
+
+
+# What the stream needs of `triage.audit`: acknowledgements, and notify records (its own,
+# already folded when written; another worker's around a rebalance). Every other stage's
+# records are most of the topic: skipped by a substring test instead of a JSON decode.
+_ACK = ACK_DECISION.encode()
+_NOTIFY = b"notify_"
+
+
+def relevant_audit(value: bytes | None) -> bool:
+    return value is not None and (_ACK in value or _NOTIFY in value)
+
+
+def age_s(alert: Alert, now: datetime) -> float:
+    """How old the alert is: too old (notify.max_alert_age_s) when first read, nobody is paged."""
+    return (now - alert.alerted_at).total_seconds()
 
 
 def _due(start: datetime, timeout_s: float) -> str:
@@ -99,6 +115,8 @@ class Notifier:
         # Escalations being worked on now (one worker at a time per alert).
         self.busy: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        # Open records sent and not yet known to be in Kafka: (study UID, record, headers, send).
+        self.opening: dict[str, tuple[str, AuditEvent, Any, asyncio.Future[None]]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     # -- state -------------------------------------------------------------------------------
@@ -125,6 +143,7 @@ class Notifier:
         for task in list(self.tasks):
             task.cancel()
         self.busy.clear()
+        self.opening.clear()  # the next owner finds an open that did not make it (unopened)
         self.record.forget_assignment()
         self.owned.clear()
         self.state = ns.NotifyState()
@@ -163,20 +182,60 @@ class Notifier:
         await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
         self.state.apply(event)
 
-    async def open(self, alert: Alert) -> None:
-        """Open the escalation and start telling step 1 while its record is written, not
-        after (one acks=all round trip less on the way to the first person). The alert's
-        offset is committed once the record is in Kafka; a kill before that replays the
-        alert, which opens again and re-sends step 1 under the same idempotency keys."""
+    async def admit(self, alert: Alert) -> None:
+        """A new alert: open its escalation, unless it is too old to page anyone for."""
+        age = age_s(alert, datetime.now(UTC))
+        if age > self.n.max_alert_age_s:
+            log.warning(
+                "notify: %s is %.0f s old (notify.max_alert_age_s %.0f): not notified",
+                alert.alert_id,
+                age,
+                self.n.max_alert_age_s,
+            )
+            metrics.NOTIFY_STOPPED.labels("too_old").inc()
+            await self.note(alert, ns.SKIPPED, reason="too_old", age_s=round(age, 1))
+            return
+        self.open(alert)
+        # Let step 1's sends start now: the stream goes on without suspending while its
+        # buffer holds records (the audit topic's, in bursts), and the tasks just made
+        # would wait for it to run dry (~20 ms more to the webhook in the full stack).
+        await asyncio.sleep(0)
+
+    def open(self, alert: Alert) -> None:
+        """Open the escalation and start telling step 1 while its record is written: the
+        stream does not wait for the record's ack either, so a burst of alerts is not one
+        acks=all round trip apart each on the way to the first person. The record is sent
+        in order (before the step's own records, same key); one that failed is sent again
+        by the timer (`resend_opens`). A kill after the alert's offset was committed and
+        before the record reached Kafka is found on takeover: the alert is read back with
+        no escalation (`NotifyState.unopened`) and opened then; step 1 goes out again under
+        the same idempotency keys."""
         event = self._record(alert, ns.OPENED)
         chain = recipients_for(subject(alert), self.oncall, event.at)
+        self.chains[alert.alert_id] = chain  # what `plan` would compute again from the same time
         if chain and chain[0].timeout_s is not None:
             # For the operator page: when this step is overdue without an acknowledgement.
             due = _due(event.at, chain[0].timeout_s)
             event = event.model_copy(update={"detail": {**event.detail, "steps": len(chain), "due_at": due}})
         self.state.apply(event)
+        # Sent first: its record is queued before any record of the step's own work.
+        self._send_open(alert.alert_id, alert.study_uid, event, headers_for_current_span())
         self.spawn(alert.alert_id)
-        await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
+
+    def _send_open(self, alert_id: str, study_uid: str, event: AuditEvent, headers: Any) -> None:
+        sent = asyncio.ensure_future(publish(self.ctx.topics.audit, study_uid, event, headers))
+        self.opening[alert_id] = (study_uid, event, headers, sent)
+
+    def resend_opens(self) -> None:
+        """Open records whose send failed go again; acknowledged ones are forgotten."""
+        for alert_id, (study_uid, event, headers, sent) in list(self.opening.items()):
+            if not sent.done():
+                continue
+            del self.opening[alert_id]
+            error = None if sent.cancelled() else sent.exception()
+            if sent.cancelled() or error is not None:
+                log.warning("notify: the open record of %s was not written (%s): again", alert_id, error)
+                self._send_open(alert_id, study_uid, event, headers)
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -184,6 +243,8 @@ class Notifier:
         topic, partition = event.message.topic, event.message.partition
         await self.ready(partition)
         if topic == self.audit_topic:
+            if not relevant_audit(event.value):
+                return
             try:
                 record = AuditEvent.from_bytes(event.value)
             except EventDecodeError as exc:
@@ -200,7 +261,8 @@ class Notifier:
         self.state.add_alert(alert)
         esc = self.state.escalations.get(alert.alert_id)
         if esc is None:
-            await self.open(alert)
+            if alert.alert_id not in self.state.skipped:
+                await self.admit(alert)
             return
         if topic == self.retry_topic:
             # A dead letter replayed: try the undeliverable recipients of the current step
@@ -251,6 +313,9 @@ class Notifier:
         for partition in sorted(self.owned):
             await self.ready(partition)
         self.state.prune(datetime.now(UTC), self.n.lookback_s)
+        self.resend_opens()
+        for alert in self.state.unopened():
+            await self.admit(alert)
         for alert_id in [a for a in self.chains if a not in self.state.alerts]:
             del self.chains[alert_id]
         for action in list(ns.due(self.state, self.plan, datetime.now(UTC))):
@@ -376,6 +441,13 @@ class Notifier:
 
 def register(ctx: PipelineContext) -> None:
     oncall = load_oncall(ctx.settings.notify)
+    if oncall is None:
+        # No agent at all: a consumer that only reads would still fetch every audit record
+        # and alert, and hold partitions of them, for nothing (`radtriage status` says OFF).
+        log.info(
+            "notify: nothing configured (notify.webhooks, notify.oncall_file): no alert is sent to anyone"
+        )
+        return
     retry = ctx.settings.streams.notify_retry_topic
     topics = [t.get_topic_name() for t in ctx.topics.alerts.values()] + [
         ctx.topics.audit.get_topic_name(),
@@ -386,21 +458,6 @@ def register(ctx: PipelineContext) -> None:
     source = ctx.app.topic(
         *topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-
-    if oncall is None:
-        log.info(
-            "notify: nothing configured (notify.webhooks, notify.oncall_file): no alert is sent to anyone"
-        )
-
-        async def ignore(event: EventT[Any]) -> None:
-            return None
-
-        @ctx.app.agent(source, name="notify")
-        async def idle(stream: faust.StreamT[Any]) -> None:
-            await each(ctx, stream, "notify", ignore)
-
-        _ = idle
-        return
 
     notifier = Notifier(ctx, oncall)
 

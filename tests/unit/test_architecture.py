@@ -5,22 +5,51 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import pytest
 
-from radtriage.settings import REPO_ROOT, EhrFhirSettings, Settings
+from radtriage.settings import REPO_ROOT, Settings
 from streams.agents import build_pipeline
 
 LANES = ("stat", "urgent", "routine")
 # An agents cell ending "(only with `<setting>`)": registered only when that setting is set.
 ONLY_WITH = re.compile(r"\(only with `([a-z_.]+)`\)")
+# The least configuration that sets each condition the table names.
+CONDITIONS: dict[str, dict[str, Any]] = {
+    "ehr.fhir": {"ehr": {"fhir": {"base_url": "http://127.0.0.1:1/fhir"}}},
+    "notify": {"notify": {"webhooks": [{"name": "ed", "url": "http://127.0.0.1:9/hook"}]}},
+    "notify.operators": {
+        "notify": {
+            "webhooks": [{"name": "ops", "url": "http://127.0.0.1:9/hook"}],
+            "operators": {"webhooks": ["ops"]},
+        }
+    },
+}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + [v for v in value if v not in out[key]]
+        else:
+            out[key] = value
+    return out
 
 
 def _settings(configured: frozenset[str]) -> Settings:
-    settings = Settings()
-    if "ehr.fhir" in configured:
-        settings.ehr.fhir = EhrFhirSettings(base_url="http://127.0.0.1:1/fhir")
-    return settings
+    data: dict[str, Any] = {}
+    for condition in sorted(configured):
+        data = _merge(data, CONDITIONS[condition])
+    return Settings.model_validate(data)
+
+
+def _conditions() -> set[str]:
+    text = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    return set(ONLY_WITH.findall(text.split("## Stages and their topics", 1)[1].split("\n## ", 1)[0]))
 
 
 def _table(configured: frozenset[str] = frozenset()) -> dict[str, tuple[str, set[str]]]:
@@ -47,7 +76,15 @@ def _table(configured: frozenset[str] = frozenset()) -> dict[str, tuple[str, set
     return rows
 
 
-@pytest.mark.parametrize("configured", [frozenset(), frozenset({"ehr.fhir"})], ids=["default", "ehr.fhir"])
+def test_every_condition_the_table_names_can_be_configured_here() -> None:
+    assert _conditions() <= set(CONDITIONS), sorted(_conditions() - set(CONDITIONS))
+
+
+@pytest.mark.parametrize(
+    "configured",
+    [frozenset(), *(frozenset({c}) for c in sorted(CONDITIONS)), frozenset(CONDITIONS)],
+    ids=["default", *sorted(CONDITIONS), "all"],
+)
 def test_the_documented_stages_are_the_registered_agents_with_their_topics(
     configured: frozenset[str],
 ) -> None:
@@ -61,7 +98,9 @@ def test_the_documented_stages_are_the_registered_agents_with_their_topics(
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-    documented = _table(configured)
+    # "notify.operators" needs a webhook, which is "notify" too.
+    implied = configured | ({"notify"} if "notify.operators" in configured else set())
+    documented = _table(frozenset(implied))
     registered = {}
     for name, agent in app.agents.items():
         short = name.rsplit(".", 1)[-1] if name not in documented else name

@@ -464,3 +464,21 @@ def test_a_worker_with_a_broken_oncall_file_does_not_start_and_names_the_line(tm
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"{broken}:22: fallback.recipients.0: no recipient 'nobody'" in done.stderr
+
+
+def test_alerts_read_back_without_an_open_or_skip_record_are_the_unopened() -> None:
+    """A takeover finds the alerts whose open record never reached Kafka; a skipped alert
+    (too old when read) is not one of them, and the skip survives the fold and is pruned."""
+    t0 = datetime.now(UTC)
+    state = ns.NotifyState()
+    state.add_alert(alert(alerted_at=t0))
+    state.add_alert(alert(alert_id="1.2.4/ICH", study_uid="1.2.4", alerted_at=t0))
+    state.add_alert(alert(alert_id="1.2.5/ICH", study_uid="1.2.5", alerted_at=t0))
+    assert sorted(a.alert_id for a in state.unopened()) == ["1.2.3/ICH", "1.2.4/ICH", "1.2.5/ICH"]
+    state.apply(record(ns.OPENED, t0))
+    skip = record(ns.SKIPPED, t0, reason="too_old")
+    state.apply(skip.model_copy(update={"detail": {**skip.detail, "alert_id": "1.2.4/ICH"}}))
+    assert [a.alert_id for a in state.unopened()] == ["1.2.5/ICH"]
+    assert "1.2.4/ICH" not in state.escalations
+    state.prune(t0 + timedelta(days=2), 3600)
+    assert state.skipped == {} and state.unopened() == []

@@ -1,0 +1,260 @@
+"""Notify operators: `triage.deadletter` + `triage.requests.<lane>` + `triage.findings` ->
+the operators' channel (webhooks, e-mail) in digests, `triage.audit` (every try and outcome).
+
+Registered only when `notify.operators` names someone (docs/ARCHITECTURE.md, Notification):
+- every dead letter (any stage's) is an item, grouped by its cause;
+- a request routed on a lane and without a finding (or dead letter) past the lane's
+  `notify.operators.stuck_after_s` is a stuck study, grouped by lane (processors/notify/stuck.py);
+- items are gathered per cause over `digest_s` and each cause's bucket is one message when
+  the period ends (processors/notify/digest.py): a flood is a bounded number of messages.
+
+A digest goes out as the alert notifications do (processors/notify/deliver.py): the
+recipient's channels in order, each retried with backoff, every try on `triage.audit`
+(stage "notify", decisions `ops_attempt`, `ops_delivered`, `ops_undeliverable`), with an
+idempotency key (kind, cause, period, the partitions read) as the Idempotency-Key header or
+Message-ID. An undeliverable digest is not dead-lettered (it would only feed itself): it is
+on the audit trail, logged and counted; the dead letters it summarised stay on their topic.
+
+What is gathered lives in memory: a worker killed inside a period does not send that
+period's digest (the dead letters themselves are on `triage.deadletter` and the operator
+page), and requests routed before a worker took its partitions over are not watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import faust
+from faust.types import EventT
+
+from processors.notify import channels, ops_message
+from processors.notify.deliver import Try, deliver
+from processors.notify.digest import Bucket, Digests, deadletter_item
+from processors.notify.rota import operators_recipient
+from processors.notify.stuck import StuckWatch, Watched, stuck_item
+from radtriage import metrics
+from radtriage.settings import LANES
+from schemas.audit import AuditEvent
+from schemas.base import EventDecodeError
+from schemas.deadletter import DeadLetter
+from schemas.findings import Finding
+from schemas.oncall import Channel, Recipient
+from schemas.requests import TriageRequest
+from streams.app import publish
+from streams.stages.common import each
+from streams.stages.context import PipelineContext
+from streams.stages.notify import load_oncall
+
+log = logging.getLogger(__name__)
+
+ATTEMPT = "ops_attempt"
+DELIVERED = "ops_delivered"
+UNDELIVERABLE = "ops_undeliverable"
+
+
+def source_topics(ctx: PipelineContext) -> list[str]:
+    """What the stage reads under its settings: nothing when there is nothing to watch."""
+    ops = ctx.settings.notify.operators
+    topics = [ctx.topics.deadletter.get_topic_name()] if ops.deadletters else []
+    watched = [lane for lane in LANES if lane in ops.stuck_after_s]
+    if watched:
+        topics += [ctx.topics.lanes[lane].get_topic_name() for lane in watched]
+        topics.append(ctx.topics.findings.get_topic_name())
+    return topics
+
+
+class OpsNotifier:
+    def __init__(self, ctx: PipelineContext, recipient: Recipient) -> None:
+        self.ctx = ctx
+        self.n = ctx.settings.notify
+        self.ops = self.n.operators
+        self.recipient = recipient
+        self.webhooks = self.n.named_webhooks()
+        self.digests = Digests(self.ops.digest_s, self.ops.examples, self.ops.max_causes)
+        self.watch = StuckWatch({str(k): v for k, v in self.ops.stuck_after_s.items()}, self.ops.max_watched)
+        self.deadletter_topic = ctx.topics.deadletter.get_topic_name()
+        self.findings_topic = ctx.topics.findings.get_topic_name()
+        # The partitions read: part of a digest's identity (each worker sends its own share).
+        self.scope = ""
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+
+    def assigned(self, partitions: set[int]) -> None:
+        self.scope = ",".join(map(str, sorted(partitions)))
+
+    def revoked(self) -> None:
+        self.watch.forget()
+
+    async def handle(self, event: EventT[Any]) -> None:
+        topic = event.message.topic
+        now = datetime.now(UTC)
+        if topic == self.deadletter_topic:
+            letter = DeadLetter.from_bytes(event.value)  # unreadable: dead-lettered by `each`
+            self.digests.add(deadletter_item(letter, now))
+            metrics.NOTIFY_OPS_ITEMS.labels("deadletter").inc()
+            # A request dead-lettered is not stuck: it is in this digest already.
+            try:
+                req = TriageRequest.from_bytes(letter.payload.encode())
+                self.watch.done(req.request_id, req.study_uid)
+            except EventDecodeError:
+                pass
+        elif topic == self.findings_topic:
+            finding = Finding.from_bytes(event.value)
+            self.watch.done(finding.request_id, finding.study_uid)
+        else:
+            req = TriageRequest.from_bytes(event.value)
+            self.watch.routed(
+                Watched(
+                    req.request_id, req.study_uid, req.accession_number, req.lane, req.finding, req.routed_at
+                )
+            )
+
+    async def tick(self) -> None:
+        now = datetime.now(UTC)
+        for w in self.watch.stuck(now):
+            self.digests.add(stuck_item(w, self.watch.after_s[w.lane], now))
+            metrics.NOTIFY_OPS_ITEMS.labels("stuck").inc()
+            log.warning("notify-ops: %s stuck on %s since %s", w.request_id, w.lane, w.routed_at)
+        for bucket in self.digests.due(now):
+            task = asyncio.ensure_future(self.send(bucket))
+            self.tasks.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("notify-ops: digest failed", exc_info=task.exception())
+
+    async def note(self, bucket: Bucket, decision: str, **detail: str | float | int | bool) -> None:
+        study = bucket.examples[0].study_uid if bucket.examples else ""
+        now = datetime.now(UTC)
+        event = AuditEvent(
+            study_uid=study,
+            stage="notify",
+            decision=decision,
+            detail={
+                "kind": bucket.kind,
+                "cause": bucket.cause,
+                "count": bucket.count,
+                "period_start": bucket.starts.isoformat(),
+                "at": now.isoformat(),
+                **detail,
+            },
+            at=now,
+        )
+        await publish(self.ctx.topics.audit, study, event)
+
+    async def send(self, bucket: Bucket) -> None:
+        notice = ops_message.OpsNotice(
+            bucket, bucket.key(self.scope), self.recipient.display, ops_message.page_url(self.n.public_url)
+        )
+        usable = tuple(
+            c
+            for c in self.recipient.channels
+            if (c.webhook is not None and c.webhook in self.webhooks)
+            or (c.email is not None and self.n.smtp.host)
+        )
+
+        async def attempt(channel: Channel) -> None:
+            if channel.webhook is not None:
+                target = self.webhooks[channel.webhook]
+                body = json.dumps(ops_message.body(notice, target.format), separators=(",", ":")).encode()
+                await channels.post_json(self.session(), target, body, notice.key, self.n.request_timeout_s)
+            else:
+                assert channel.email is not None
+                await channels.send_mail(
+                    self.n.smtp, ops_message.email(notice, self.n.smtp.sender, channel.email)
+                )
+
+        last_error = "no usable channel (webhook not configured, or no SMTP host)"
+
+        async def on_attempt(t: Try) -> None:
+            nonlocal last_error
+            if t.error:
+                last_error = f"{t.channel}: {t.error}"
+                log.warning(
+                    "notify-ops: digest %s via %s failed (try %d): %s",
+                    notice.key,
+                    t.channel,
+                    t.attempt,
+                    t.error,
+                )
+            metrics.NOTIFY_ATTEMPTS.labels(
+                "ops-" + t.channel.split(":", 1)[0], "failed" if t.error else "delivered"
+            ).inc()
+            await self.note(
+                bucket, ATTEMPT, key=notice.key, channel=t.channel, attempt=t.attempt, error=t.error
+            )
+
+        took = await deliver(
+            usable, attempt, on_attempt, attempts=self.n.attempts, backoff_s=self.n.backoff_s
+        )
+        if took is not None:
+            await self.note(bucket, DELIVERED, key=notice.key, channel=took)
+            metrics.NOTIFY_OPS_DIGESTS.labels(bucket.kind, "delivered").inc()
+            log.info("notify-ops: %d %s (%s) told via %s", bucket.count, bucket.kind, bucket.cause, took)
+            return
+        await self.note(bucket, UNDELIVERABLE, key=notice.key, error=last_error[:500])
+        metrics.NOTIFY_OPS_DIGESTS.labels(bucket.kind, "undeliverable").inc()
+        log.error(
+            "notify-ops: digest of %d %s (%s) undeliverable: %s",
+            bucket.count,
+            bucket.kind,
+            bucket.cause,
+            last_error,
+        )
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def register(ctx: PipelineContext) -> None:
+    n = ctx.settings.notify
+    recipient = operators_recipient(
+        n.operators, load_oncall(n) if n.oncall_file else None, n.named_webhooks()
+    )
+    topics = source_topics(ctx) if recipient is not None else []
+    if recipient is None or not topics:
+        return  # nobody to tell, or nothing to watch: no agent, nothing read
+    notifier = OpsNotifier(ctx, recipient)
+    source = ctx.app.topic(
+        *topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+
+    @ctx.app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+        notifier.revoked()
+
+    @ctx.app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def _assigned(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
+        notifier.assigned({tp.partition for tp in assigned if tp.topic in topics})
+
+    @ctx.app.agent(source, name="notify-ops")
+    async def notify_ops(stream: faust.StreamT[Any]) -> None:
+        await each(ctx, stream, "notify-ops", notifier.handle)
+
+    # Digests are due at the end of their period: look a few times a period.
+    @ctx.app.timer(interval=min(n.tick_s * 2, n.operators.digest_s / 4))
+    async def _digest() -> None:
+        try:
+            await notifier.tick()
+        except Exception:  # the timer must keep running
+            log.exception("notify-ops: tick failed")
+
+    @ctx.app.on_before_shutdown.connect  # type: ignore[arg-type]
+    def _close(sender: Any, **kwargs: Any) -> None:
+        if notifier._session is not None and not notifier._session.closed:
+            notifier.tasks.add(asyncio.ensure_future(notifier.close()))
+
+    _ = (notify_ops, _digest)
