@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from radtriage.settings import KafkaSettings, Settings
+from radtriage.settings import OUTBOX_STAGES, KafkaSettings, Settings
 
 ResourceKind = Literal["topic", "group"]
 PatternKind = Literal["literal", "prefix"]
@@ -90,6 +90,8 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
             Grant("topic", f"{app}-studies-by-", "prefix", PRODUCE),
             # Replayed notify dead letters (streams/stages/notify.py).
             Grant("topic", f"{app}-notify-retry", "literal", PRODUCE),
+            # Replayed delivery dead letters go back on the stage's outbox (streams/stages/outbox.py).
+            *(Grant("topic", settings.streams.outbox_topic(s), "literal", PRODUCE) for s in OUTBOX_STAGES),
         ],
     }
 

@@ -211,6 +211,12 @@ PACS_EXPORTS = Counter(
     "Result objects sent to a PACS (streams/stages/pacs_export.py), by destination and outcome",
     ["destination", "object", "outcome"],  # stored, retried, failed
 )
+OUTBOX_FINDINGS = Counter(
+    "radtriage_outbox_findings_total",
+    "Findings a delivery stage's forwarder put on its outbox topic, or skipped as not wanted "
+    "by its configuration (streams/stages/outbox.py)",
+    ["stage", "outcome"],  # forwarded, skipped
+)
 DICOM_OWN_RESULTS_IGNORED = Counter(
     "radtriage_dicom_own_results_ignored_total",
     "radtriage's own result objects sent back to its listener and not ingested (no export loop)",
