@@ -21,6 +21,7 @@ from pydantic import (
     AliasChoices,
     BaseModel,
     BeforeValidator,
+    ConfigDict,
     Discriminator,
     Field,
     SecretStr,
@@ -344,6 +345,10 @@ RESULT_OBJECTS: tuple[ResultObject, ...] = get_args(ResultObject)
 
 class _Destination(BaseModel):
     """What every destination has: its name and its rules (which objects, which findings)."""
+
+    # A field of the other kind (a `host` on a STOW destination) is a mistake to say, not
+    # to drop silently.
+    model_config = ConfigDict(extra="forbid")
 
     # Names the destination in the audit trail, the dead letters and the metrics.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

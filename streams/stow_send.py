@@ -102,8 +102,8 @@ def parse_answer(body: bytes) -> dict[str, object]:
     return answer if isinstance(answer, dict) else {}
 
 
-def outcome_of(http_status: int, body: bytes, sop_instance_uid: str) -> StowOutcome:
-    """The outcome of one object's STOW-RS answer (pure)."""
+def outcome_of(http_status: int, body: bytes, sop_instance_uid: str, phrase: str = "") -> StowOutcome:
+    """The outcome of one object's STOW-RS answer (pure); `phrase`: the HTTP reason phrase."""
     answer = parse_answer(body)
     failed = [i for i in _items(answer, _FAILED) if _first(i, _SOP_INSTANCE) == sop_instance_uid]
     referenced = [i for i in _items(answer, _REFERENCED) if _first(i, _SOP_INSTANCE) == sop_instance_uid]
@@ -121,7 +121,7 @@ def outcome_of(http_status: int, body: bytes, sop_instance_uid: str) -> StowOutc
         return StowOutcome(409, None, "conflict: the service refused the instance", False)
     if 300 <= http_status < 400:
         return StowOutcome(http_status, None, "redirected (not followed: check the destination's url)", False)
-    text = body[:200].decode("utf-8", errors="replace").strip()
+    text = body[:200].decode("utf-8", errors="replace").strip() or phrase
     return StowOutcome(http_status, None, f"refused{': ' + text if text else ''}", False)
 
 
@@ -179,7 +179,7 @@ async def stow(destination: StowDestination, ds: Dataset, timeout_s: float) -> S
             ) as response,
         ):
             answer = await response.content.read(MAX_ANSWER_BYTES)
-            return outcome_of(response.status, answer, str(ds.SOPInstanceUID))
+            return outcome_of(response.status, answer, str(ds.SOPInstanceUID), response.reason or "")
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         why = f"no answer from {destination.url}: {type(exc).__name__}: {exc}"
         return StowOutcome(None, None, why, False)
