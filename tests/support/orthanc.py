@@ -25,7 +25,6 @@ from radtriage.stack.process import port_in_use
 from tests.support.net import free_port
 from tests.support.wait import wait_until
 
-
 # Where Debian's orthanc-dicomweb puts the plugin (`dpkg -L orthanc-dicomweb`).
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
