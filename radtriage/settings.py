@@ -412,6 +412,13 @@ class StowDestination(_Destination):
     tls_verify: bool = True
     ca_file: Path | None = None
 
+    @field_serializer("bearer_token", "password", when_used="json")
+    def _dump_secret(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        # Revealed only for a child process of `radtriage up` (inheritable_json).
+        if value is None:
+            return None
+        return value.get_secret_value() if reveals_secrets(info) else str(value)
+
     @model_validator(mode="after")
     def _one_auth(self) -> StowDestination:
         if (self.username is None) != (self.password is None):

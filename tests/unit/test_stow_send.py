@@ -142,3 +142,14 @@ def test_destination_settings() -> None:
             DispatchSettings.model_validate({"destinations": [base | bad]})
     with pytest.raises(ValidationError):
         DispatchSettings.model_validate({"destinations": [{"name": "x", "kind": "ftp", "url": "http://a"}]})
+
+
+def test_a_child_of_up_inherits_the_credentials_a_dump_masks_them() -> None:
+    from radtriage.settings import Settings
+
+    web = {"name": "w", "kind": "stow", "url": "https://pacs/dicom-web", "bearer_token": "t0k"}
+    settings = Settings.model_validate({"dispatch": {"destinations": [web]}})
+    assert "t0k" not in settings.model_dump_json()
+    (inherited,) = Settings.model_validate_json(settings.inheritable_json()).dispatch.destinations
+    assert isinstance(inherited, StowDestination) and inherited.bearer_token is not None
+    assert inherited.bearer_token.get_secret_value() == "t0k"
