@@ -63,8 +63,9 @@ def stats(xs: list[float]) -> dict[str, float]:
     }
 
 
-def findings(settings: Settings, work: Path, n: int, tag: str) -> list[tuple[str, bytes]]:
-    """`n` positive ICH findings, each on a 4-slice CT of its own study in the blob store."""
+def findings(settings: Settings, work: Path, n: int, tag: int) -> list[tuple[str, bytes]]:
+    """`n` positive ICH findings, each on a 4-slice CT of its own study in the blob store
+    (`tag`, a number, tells the phases' studies apart)."""
     blobs = LocalBlobStore(settings.blob_dir)
     out = []
     for i in range(n):
@@ -160,9 +161,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         env["RADTRIAGE_DISPATCH__RETRY_DEADLINE_S"] = "600"
         env["RADTRIAGE_DISPATCH__TIMEOUT_S"] = "5"
         worker = Worker(env, settings.home)
-        single = findings(settings, tmp / "ct", args.single + 1, "s")
-        up = findings(settings, tmp / "ct", args.burst, "u")
-        down = findings(settings, tmp / "ct", args.burst, "d")
+        single = findings(settings, tmp / "ct", args.single + 1, 1)
+        up = findings(settings, tmp / "ct", args.burst, 2)
+        down = findings(settings, tmp / "ct", args.burst, 3)
         worker.start()
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
         t = settings.topics
