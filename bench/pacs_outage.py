@@ -138,8 +138,21 @@ def burst(producer: KafkaProducer, topic: str, batch: list[tuple[str, bytes]]) -
     return [study for study, _ in batch]
 
 
-def count_alerts(bootstrap: str, topic: str, studies: set[str]) -> int:
-    return len({json.loads(r.value)["study_uid"] for r in read_all(bootstrap, [topic])} & studies)
+class AlertWatch:
+    """The studies alerted so far, read by one consumer as the alerts come (not a new
+    consumer per look: that would load the box being measured)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or {0})]
+        self.consumer.assign(parts)
+        self.consumer.seek_to_beginning(*parts)
+        self.seen: set[str] = set()
+
+    def count(self, studies: set[str]) -> int:
+        for records in self.consumer.poll(timeout_ms=200).values():
+            self.seen.update(json.loads(r.value)["study_uid"] for r in records)
+        return len(self.seen & studies)
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -167,7 +180,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         worker.start()
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
         t = settings.topics
-        alerts = t.alert_topic("ich")
+        watch = AlertWatch(bootstrap, t.alert_topic("ich"))
         try:
             # 1. One at a time (the first warms up connections and imports).
             singles = []
@@ -177,9 +190,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 singles.append(study)
             # 2. A burst with Orthanc up; every alert out, every object stored.
             up_studies = burst(producer, t.findings, up)
-            wait_until(
-                lambda: count_alerts(bootstrap, alerts, set(up_studies)) == len(up_studies), "up alerts", 600
-            )
+            wait_until(lambda: watch.count(set(up_studies)) == len(up_studies), "up alerts", 600)
             total = 3 * (len(single) + len(up))
             wait_until(lambda: orthanc.instance_count() >= total, "up burst stored", 1800)
             # 3. Orthanc down, the same burst; then back, and everything stored once.
@@ -187,9 +198,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             down_at = time.monotonic()
             down_studies = burst(producer, t.findings, down)
             wait_until(
-                lambda: count_alerts(bootstrap, alerts, set(down_studies)) == len(down_studies),
-                "alerts with the PACS down",
-                600,
+                lambda: watch.count(set(down_studies)) == len(down_studies), "alerts with the PACS down", 600
             )
             alerts_done_s = time.monotonic() - down_at
             orthanc.start()
@@ -197,6 +206,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             wait_until(lambda: orthanc.instance_count() >= total, "down burst stored", 1800)
             held = orthanc.instance_count()
         finally:
+            watch.consumer.close()
             worker.kill(signal.SIGTERM)
             orthanc.stop()
             next(setup, None)
