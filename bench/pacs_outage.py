@@ -186,7 +186,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             singles = []
             for i, (study, value) in enumerate(single):
                 producer.send(t.findings, key=study.encode(), value=value).get(10)
-                wait_until(lambda n=i + 1: orthanc.instance_count() >= 3 * n, f"finding {i} in Orthanc", 120)
+                stored = 3 * (i + 1)  # SR, key image, KOS of each finding so far
+                wait_until(lambda: orthanc.instance_count() >= stored, f"finding {i} in Orthanc", 120)
                 singles.append(study)
             # 2. A burst with Orthanc up; every alert out, every object stored.
             up_studies = burst(producer, t.findings, up)
