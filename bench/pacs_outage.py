@@ -30,7 +30,7 @@ import signal
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,10 @@ class AlertWatch:
         return len(self.seen & studies)
 
 
+def holds(orthanc: Orthanc, n: int) -> Callable[[], bool]:
+    return lambda: orthanc.instance_count() >= n
+
+
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with local_kafka(tmp / "kafka") as broker:
         bootstrap = broker.bootstrap_servers
@@ -186,8 +190,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             singles = []
             for i, (study, value) in enumerate(single):
                 producer.send(t.findings, key=study.encode(), value=value).get(10)
-                stored = 3 * (i + 1)  # SR, key image, KOS of each finding so far
-                wait_until(lambda: orthanc.instance_count() >= stored, f"finding {i} in Orthanc", 120)
+                # SR, key image, KOS of each finding so far.
+                wait_until(holds(orthanc, 3 * (i + 1)), f"finding {i} in Orthanc", 120)
                 singles.append(study)
             # 2. A burst with Orthanc up; every alert out, every object stored.
             up_studies = burst(producer, t.findings, up)
