@@ -59,6 +59,7 @@ from rich.table import Table
 from models.realistic_study import ALL_KINDS, SeriesKind, StudyManifest, write_realistic_head_study
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, Settings
+from tests.support.dicom import dcmtk_tool
 
 # Wide enough for the result table when stdout is a log file, not a terminal (rich: 80).
 console = Console(width=int(os.environ.get("COLUMNS", "160")))
@@ -236,11 +237,11 @@ class RssSampler:
 class Watcher:
     """Reads the outputs from 'now' on and files them under their study UID."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, extra_topics: Sequence[str] = ()) -> None:
         t = settings.topics
         # The head CT's alerts: the channel of the model the realistic study is routed to.
         self.alerts = t.alert_topic("ich")
-        self.topics = [t.studies, t.findings, t.results_fhir, self.alerts, t.deadletter]
+        self.topics = [t.studies, t.findings, t.results_fhir, self.alerts, t.deadletter, *extra_topics]
         self.t = t
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
@@ -314,14 +315,16 @@ class Sample:
         return self.alerts == 1 and not self.dead_letters and all(rc == 0 for rc in self.send_rcs)
 
 
-def storescu(port: int, files: Sequence[Path]) -> subprocess.Popen[bytes]:
-    exe = shutil.which("storescu")
-    if exe is None:
-        raise SystemExit("dcmtk's storescu is required (apt-get install dcmtk)")
+def storescu(port: int, files: Sequence[Path], options: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """dcmtk's storescu sending `files` to the listener. `options`, e.g. `-xt`: storescu
+    proposes only uncompressed syntaxes unless told, and cannot decompress JPEG-LS itself
+    (each such C-STORE then fails, and storescu still exits 0)."""
+    # dcmtk's, not the venv's pynetdicom app of the same name (first on PATH when activated).
+    exe = dcmtk_tool("storescu")
     # TCP_NODELAY: without it dcmtk waits for a delayed ACK (~45 ms) on every C-STORE.
     env = {**os.environ, "TCP_NODELAY": "1"}
     return subprocess.Popen(
-        [exe, "-aec", "RADTRIAGE", "-aet", "BENCH_REAL", "127.0.0.1", str(port), *map(str, files)],
+        [exe, *options, "-aec", "RADTRIAGE", "-aet", "BENCH_REAL", "127.0.0.1", str(port), *map(str, files)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,

@@ -3,7 +3,12 @@
 Applied by an admin to the local secure cluster (`apply_acls`) and checked against the
 Strimzi KafkaUsers of deploy/k8s/kafka/users.yaml (tests/unit/test_kafka_acls.py), so the
 two cannot drift apart. Least privilege:
-- connectors (dicom, hl7, http) only Write/Describe the intake topics they feed;
+- connectors (dicom, hl7, http) only Write/Describe the intake topics they feed; the
+  http process also serves the operator page and the FHIR read API, so it reads what
+  those show (`http_reads`, without a consumer group) and writes `triage.audit`, where an
+  acknowledgement (ack link or the page's button) is recorded: Kafka cannot restrict a
+  producer to one kind of record, so the audit topic's readers trust an "ack" only as far
+  as the http process's authentication (docs/ARCHITECTURE.md "Kafka roles");
 - the worker reads intake (and writes imaging.instances: the quiet-period nudges of the
   studies it assembles) + its own intermediate topics, writes its outputs, owns the
   topics prefixed `<app_id>-` (join repartition topics, Faust changelogs and assignor) and
@@ -20,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from radtriage.settings import OUTBOX_STAGES, KafkaSettings, Settings
+from radtriage.settings import OUTBOX_STAGES, KafkaSettings, Settings, Topics
 
 ResourceKind = Literal["topic", "group"]
 PatternKind = Literal["literal", "prefix"]
@@ -57,6 +62,15 @@ def _topics(names: Iterable[str], ops: tuple[Operation, ...]) -> list[Grant]:
     return [Grant("topic", n, "literal", ops) for n in names]
 
 
+def http_reads(topics: Topics) -> list[str]:
+    """What the http process reads: the operator page's topics (radtriage/operator/decode.py
+    `topic_kinds`, kept a subset by tests/unit/test_kafka_acls.py) and the results topic
+    for the FHIR read API. Never the intake topics: what was sent in is not shown raw."""
+    t = topics
+    lanes = [t.requests_stat, t.requests_urgent, t.requests_routine]
+    return [*t.alert_topics(), t.findings, t.results_fhir, *lanes, t.audit, t.deadletter, t.studies]
+
+
 def role_grants(settings: Settings) -> dict[str, list[Grant]]:
     """role -> its grants (admin: none, it is a super user)."""
     t, app = settings.topics, settings.streams.app_id
@@ -66,7 +80,12 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
         "dicom": _topics([t.instances], PRODUCE),
         # The HL7 listener dead-letters the PHI-free summary of a refused message itself.
         "hl7": _topics([t.orders, t.encounters, t.deadletter], PRODUCE),
-        "http": _topics([t.instances, t.orders], PRODUCE),
+        "http": [
+            *_topics([t.instances, t.orders], PRODUCE),
+            *_topics([r for r in http_reads(t) if r != t.audit], CONSUME),
+            # Acknowledgements (connectors/http/notify_ack.py, the operator page's button).
+            *_topics([t.audit], BOTH),
+        ],
         "worker": [
             *_topics([t.orders, t.encounters], CONSUME),
             # Writes to the intake topic too: the quiet-period nudge of an assembling study

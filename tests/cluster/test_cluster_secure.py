@@ -52,6 +52,28 @@ def test_a_connector_produces_to_its_intake_topic_only(secure_kafka_cluster: Clu
     assert b"a forged alert" not in b"".join(_read(secure_kafka_cluster, TOPICS.alert_topic("ich")))
 
 
+def test_the_http_role_reads_the_pages_topics_and_writes_acknowledgements_only(
+    secure_kafka_cluster: ClusterUnderTest,
+) -> None:
+    """The operator page and the ack link run in the http process: it reads the topics the
+    page shows without a consumer group and records an acknowledgement on the audit topic,
+    and still cannot forge a finding or an alert."""
+    http = secure_kafka_cluster.kafka_settings("http")
+    marker = f"ack-{uuid.uuid4().hex}"
+    publisher = _publisher(http)
+    try:
+        publisher.publish(TOPICS.audit, "study-ack", _event(marker))
+        for forged in (TOPICS.findings, TOPICS.alert_topic("ich")):
+            with pytest.raises(PublishError, match="TopicAuthorizationFailed"):
+                publisher.publish(forged, "study-ack", _event(f"forged {marker}"))
+    finally:
+        publisher.close()
+    assert any(marker.encode() in v for v in read_to_end(http, TOPICS.audit))
+    read_to_end(http, TOPICS.alert_topic("ich"))  # allowed: no authorization error raised
+    with pytest.raises(Exception, match="TopicAuthorizationFailed"):
+        read_to_end(http, TOPICS.instances)
+
+
 def test_a_wrong_password_is_an_authentication_error(
     secure_kafka_cluster: ClusterUnderTest, tmp_path: os.PathLike[str]
 ) -> None:

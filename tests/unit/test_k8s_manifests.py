@@ -32,6 +32,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from radtriage.kafka_acls import ROLE_USERS, http_reads
 from radtriage.settings import REPO_ROOT, Settings, StreamSettings, Topics
 
 K8S = REPO_ROOT / "deploy" / "k8s"
@@ -505,14 +506,21 @@ def check_kafka_users(docs: list[Doc], settings: Settings) -> list[str]:
             problems.append(f"{name}: SASL user {usernames} and password Secret {user} differ")
         acls = users[user]["spec"]["authorization"]["acls"]
         if component == "connector":
+            # The http process also serves the operator page and the FHIR read API: it may
+            # read what they show and record acknowledgements on the audit topic, no more.
+            http = user == ROLE_USERS["http"]
+            shown = set(http_reads(settings.topics)) if http else set()
             for acl in acls:
                 res, ops = acl["resource"], set(acl["operations"])
-                if (
-                    res["type"] != "topic"
-                    or res.get("patternType", "literal") != "literal"
-                    or res["name"] not in intake
-                    or not ops <= {"Write", "Describe"}
-                ):
+                literal_topic = res["type"] == "topic" and res.get("patternType", "literal") == "literal"
+                allowed: set[str] = set()
+                if literal_topic and res["name"] in intake:
+                    allowed |= {"Write", "Describe"}
+                if literal_topic and res["name"] in shown:
+                    allowed |= {"Read", "Describe"}
+                if http and literal_topic and res["name"] == settings.topics.audit:
+                    allowed |= {"Write"}
+                if not ops <= allowed:
                     problems.append(
                         f"KafkaUser {user} ({name}): connectors may only Write/Describe intake "
                         f"topics, not {sorted(ops)} on {res['type']} {res.get('name')}"

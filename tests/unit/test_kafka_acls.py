@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from radtriage.kafka_acls import ROLE_USERS, ROLES, Grant, kafka_python_acls, role_grants
+from radtriage.operator.decode import topic_kinds
 from radtriage.settings import REPO_ROOT, Settings
 
 USERS = REPO_ROOT / "deploy" / "k8s" / "kafka" / "users.yaml"
@@ -42,10 +43,24 @@ def test_every_kafka_user_in_k8s_is_a_role_with_the_same_grants() -> None:
 def test_connectors_only_write_intake_topics() -> None:
     t = Settings().topics
     intake = {t.instances, t.orders, t.encounters, t.deadletter}
-    for role in ("dicom", "hl7", "http"):
+    for role in ("dicom", "hl7"):
         for g in role_grants(Settings())[role]:
             assert g.resource == "topic" and g.pattern == "literal" and g.name in intake
             assert set(g.operations) <= {"Write", "Describe"}
+
+
+def test_the_http_role_reads_what_its_pages_show_and_writes_intake_and_acknowledgements_only() -> None:
+    t = Settings().topics
+    grants = role_grants(Settings())["http"]
+    assert all(g.resource == "topic" and g.pattern == "literal" for g in grants)
+    writes = {g.name for g in grants if "Write" in g.operations}
+    assert writes == {t.instances, t.orders, t.audit}
+    reads = {g.name for g in grants if "Read" in g.operations}
+    # Everything the operator page decodes, and the results for the FHIR read API.
+    assert set(topic_kinds(t)) <= reads
+    assert t.results_fhir in reads
+    # Never the raw intake: what was sent in is not shown as it came.
+    assert not reads & {t.instances, t.orders, t.encounters}
 
 
 def test_the_worker_cannot_write_orders_or_adt_and_owns_its_prefix_and_group() -> None:
