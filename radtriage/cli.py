@@ -43,9 +43,26 @@ def main() -> None:
     type=click.IntRange(1, 9),
     help="Start this many local Kafka brokers (e.g. 3: replication 3, min.insync.replicas 2).",
 )
-def up(bootstrap_servers: str | None, triton_url: str | None, cluster_nodes: int | None) -> None:
+@click.option(
+    "--pacs",
+    is_flag=True,
+    help="Also start a local Orthanc as the PACS the results (SR, key image, KOS) are sent to.",
+)
+@click.option("--pacs-dicom-port", default=4242, show_default=True, help="--pacs: Orthanc's DICOM port.")
+@click.option(
+    "--pacs-http-port", default=8042, show_default=True, help="--pacs: Orthanc's web UI and REST port."
+)
+def up(
+    bootstrap_servers: str | None,
+    triton_url: str | None,
+    cluster_nodes: int | None,
+    pacs: bool,
+    pacs_dicom_port: int,
+    pacs_http_port: int,
+) -> None:
     """Start the whole local stack (Kafka, Triton, workers, DICOM/HL7/HTTP listeners); Ctrl-C stops it."""
     from radtriage.kafka_admin import KafkaUnavailable
+    from radtriage.stack.orthanc import LocalOrthanc, destination
     from radtriage.stack.process import ServiceError
     from radtriage.up import run_up
 
@@ -56,7 +73,12 @@ def up(bootstrap_servers: str | None, triton_url: str | None, cluster_nodes: int
             if bootstrap_servers:
                 raise click.UsageError("--cluster starts local brokers: not with --bootstrap-servers")
             settings.kafka.embedded_nodes = cluster_nodes
-        run_up(settings)
+        local_pacs = None
+        if pacs:
+            # Before the worker starts: its settings (passed on whole) name the destination.
+            settings.dispatch.destinations.append(destination(pacs_dicom_port))
+            local_pacs = LocalOrthanc(settings.home / "pacs", pacs_dicom_port, pacs_http_port)
+        run_up(settings, local_pacs)
     except (ServiceError, KafkaUnavailable) as exc:
         click.echo(f"radtriage up failed: {exc}", err=True)
         sys.exit(1)

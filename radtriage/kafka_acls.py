@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from radtriage.settings import KafkaSettings, Settings, Topics
+from radtriage.settings import OUTBOX_STAGES, KafkaSettings, Settings, Topics
 
 ResourceKind = Literal["topic", "group"]
 PatternKind = Literal["literal", "prefix"]
@@ -112,6 +112,8 @@ def role_grants(settings: Settings) -> dict[str, list[Grant]]:
             Grant("topic", f"{app}-notify-retry", "literal", PRODUCE),
             # Replayed ehr-fhir dead letters: the report, back on its topic (streams/stages/ehr_fhir.py).
             *_topics([t.results_fhir], PRODUCE),
+            # Replayed delivery dead letters go back on the stage's outbox (streams/stages/outbox.py).
+            *(Grant("topic", settings.streams.outbox_topic(s), "literal", PRODUCE) for s in OUTBOX_STAGES),
         ],
     }
 

@@ -235,6 +235,12 @@ RESULTS_NOT_BUILT = Counter(
     "Result objects a destination wanted that could not be built (streams/stages/pacs_export.py)",
     ["object", "reason"],
 )
+OUTBOX_FINDINGS = Counter(
+    "radtriage_outbox_findings_total",
+    "Findings a delivery stage's forwarder put on its outbox topic, or skipped as not wanted "
+    "by its configuration (streams/stages/outbox.py)",
+    ["stage", "outcome"],  # forwarded, skipped
+)
 DICOM_OWN_RESULTS_IGNORED = Counter(
     "radtriage_dicom_own_results_ignored_total",
     "radtriage's own result objects sent back to its listener and not ingested (no export loop)",

@@ -21,9 +21,12 @@ from pydantic import (
     AliasChoices,
     BaseModel,
     BeforeValidator,
+    ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
     SerializationInfo,
+    Tag,
     field_serializer,
     model_validator,
 )
@@ -342,22 +345,15 @@ ResultObject = Literal["sr", "key_image", "kos", "seg"]
 RESULT_OBJECTS: tuple[ResultObject, ...] = get_args(ResultObject)
 
 
-class DicomDestination(BaseModel):
-    """One PACS the pacs-export stage sends results to by C-STORE (docs/INTEGRATION.md,
-    "Results to the PACS")."""
+class _Destination(BaseModel):
+    """What every destination has: its name and its rules (which objects, which findings)."""
+
+    # A field of the other kind (a `host` on a STOW destination) is a mistake to say, not
+    # to drop silently.
+    model_config = ConfigDict(extra="forbid")
 
     # Names the destination in the audit trail, the dead letters and the metrics.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    # STOW-RS ("stow") is not yet implemented (issue 18).
-    kind: Literal["dicom"] = "dicom"
-    host: str = Field(min_length=1)
-    port: int = Field(default=104, ge=1, le=65535)
-    # The PACS's AE title (called) and the one radtriage calls from (what the PACS's list
-    # of known modalities must name).
-    ae_title: AeTitle
-    calling_ae_title: AeTitle = "RADTRIAGE"
-    # DICOM over TLS (the PACS's TLS port, often 2762); None: plain TCP.
-    tls: DestinationTls | None = None
     # Which objects (RESULT_OBJECTS).
     objects: list[ResultObject] = Field(default_factory=lambda: list[ResultObject](["sr"]), min_length=1)
     # Which findings (codes of registered models, e.g. ICH, LVO); empty: every finding.
@@ -366,7 +362,7 @@ class DicomDestination(BaseModel):
     positive_only: bool = False
 
     @model_validator(mode="after")
-    def _known_findings(self) -> DicomDestination:
+    def _known_findings(self) -> _Destination:
         unknown = sorted(set(self.findings) - set(registry.finding_codes()))
         if unknown:
             known = ", ".join(sorted(registry.finding_codes()))
@@ -383,11 +379,78 @@ class DicomDestination(BaseModel):
         return (not self.findings or finding in self.findings) and (positive or not self.positive_only)
 
 
+class DicomDestination(_Destination):
+    """One PACS the pacs-export stage sends results to by C-STORE (docs/INTEGRATION.md,
+    "Results to the PACS")."""
+
+    kind: Literal["dicom"] = "dicom"
+    host: str = Field(min_length=1)
+    port: int = Field(default=104, ge=1, le=65535)
+    # The PACS's AE title (called) and the one radtriage calls from (what the PACS's list
+    # of known modalities must name).
+    ae_title: AeTitle
+    calling_ae_title: AeTitle = "RADTRIAGE"
+    # DICOM over TLS (the PACS's TLS port, often 2762); None: plain TCP.
+    tls: DestinationTls | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class StowDestination(_Destination):
+    """One DICOMweb service the pacs-export stage sends results to by STOW-RS (PS3.18
+    10.5): `POST {url}/studies`, one object per request (streams/stow_send.py)."""
+
+    kind: Literal["stow"]
+    # The service's base URL (e.g. http://pacs:8042/dicom-web for Orthanc's plugin).
+    url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
+    # Either a bearer token or HTTP basic (username + password); neither: no Authorization.
+    bearer_token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    # HTTPS: the service's certificate is verified (against `ca_file`, else the system's
+    # CAs) unless `tls_verify` is false (a test bench's self-signed peer only).
+    tls_verify: bool = True
+    ca_file: Path | None = None
+
+    @field_serializer("bearer_token", "password", when_used="json")
+    def _dump_secret(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
+        # Revealed only for a child process of `radtriage up` (inheritable_json).
+        if value is None:
+            return None
+        return value.get_secret_value() if reveals_secrets(info) else str(value)
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> StowDestination:
+        if (self.username is None) != (self.password is None):
+            raise ValueError(f"destination {self.name}: username and password are set together or not at all")
+        if self.bearer_token is not None and self.username is not None:
+            raise ValueError(f"destination {self.name}: bearer_token or username/password, not both")
+        return self
+
+    @property
+    def where(self) -> str:
+        return self.url
+
+
+def _destination_kind(value: object) -> str:
+    # `kind` may be left out for a C-STORE destination (what every earlier configuration says).
+    kind = value.get("kind", "dicom") if isinstance(value, dict) else getattr(value, "kind", "dicom")
+    return str(kind)
+
+
+Destination = Annotated[
+    Annotated[DicomDestination, Tag("dicom")] | Annotated[StowDestination, Tag("stow")],
+    Discriminator(_destination_kind),
+]
+
+
 class DispatchSettings(BaseModel):
     """Results sent back to the PACS (streams/stages/pacs_export.py). No destination: nothing
     is sent. Env: RADTRIAGE_DISPATCH__DESTINATIONS='[{"name": ..., "host": ...}]'."""
 
-    destinations: list[DicomDestination] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
     # A destination that keeps failing (down, refusing with Out of Resources) is retried
     # with exponential backoff from retry_initial_s up to retry_max_s between tries, until
     # retry_deadline_s after the first try; then the finding is dead-lettered for replay.
@@ -404,6 +467,10 @@ class DispatchSettings(BaseModel):
         if duplicates:
             raise ValueError(f"dispatch.destinations: duplicate name(s) {duplicates}")
         return self
+
+
+# The delivery stages that read an outbox topic of their own (streams/stages/outbox.py).
+OUTBOX_STAGES = ("pacs-export", "ehr-hl7")
 
 
 class StreamSettings(BaseModel):
@@ -463,8 +530,19 @@ class StreamSettings(BaseModel):
         see a second alert)."""
         return f"{self.app_id}-notify-retry"
 
+    def outbox_topic(self, stage: str) -> str:
+        """The internal topic a delivery stage's slow agent reads (streams/stages/outbox.py):
+        the findings its configuration wants, forwarded off `triage.findings` so a peer that
+        is down holds only this topic's partitions, never the alert path's."""
+        return f"{self.app_id}-{stage}-outbox"
+
     def internal_topics(self) -> list[str]:
-        return [self.studies_by_patient_topic, self.studies_by_accession_topic, self.notify_retry_topic]
+        return [
+            self.studies_by_patient_topic,
+            self.studies_by_accession_topic,
+            self.notify_retry_topic,
+            *(self.outbox_topic(stage) for stage in OUTBOX_STAGES),
+        ]
 
 
 class Hl7Settings(BaseModel):

@@ -32,6 +32,7 @@ from radtriage.worker import ready_file
 
 if TYPE_CHECKING:
     from radtriage.stack.kafka import LocalKafkaCluster
+    from radtriage.stack.orthanc import LocalOrthanc
 
 console = Console(stderr=True)
 
@@ -61,8 +62,9 @@ def spawn(name: str, args: list[str], settings: Settings) -> ServiceProcess:
 
 
 @contextlib.contextmanager
-def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
-    """Start everything `settings` asks for; stop it all on exit, in reverse order."""
+def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Iterator[list[tuple[str, str]]]:
+    """Start everything `settings` asks for (and `pacs`, a local Orthanc the settings
+    already name as a destination: `up --pacs`); stop it all on exit, in reverse order."""
     stoppers: list[tuple[str, object]] = []
     endpoints: list[tuple[str, str]] = []
     children: list[ServiceProcess] = []
@@ -127,6 +129,15 @@ def running_stack(settings: Settings) -> Iterator[list[tuple[str, str]]]:
             )
         else:
             endpoints.append(("Triton", f"gRPC {settings.triton.grpc_url} (external)"))
+
+        if pacs is not None:
+            with console.status("starting Orthanc (the local PACS)…"):
+                pacs.start()
+            stoppers.append(("orthanc", pacs))
+            web = f", DICOMweb {pacs.web_ui.rsplit('/app/', 1)[0]}/dicom-web" if pacs.dicomweb else ""
+            endpoints.append(
+                ("PACS (Orthanc)", f"web UI {pacs.web_ui}, C-STORE port {pacs.dicom_port} AE ORTHANC{web}")
+            )
 
         ready_file(settings).unlink(missing_ok=True)
         worker = spawn("worker", ["worker"], settings)
@@ -240,7 +251,7 @@ def _tail_outputs(settings: Settings, stop: threading.Event) -> None:
         consumer.close()
 
 
-def run_up(settings: Settings) -> None:
+def run_up(settings: Settings, pacs: LocalOrthanc | None = None) -> None:
     started = time.monotonic()
     stop = threading.Event()
 
@@ -252,7 +263,7 @@ def run_up(settings: Settings) -> None:
     # Ctrl-C (or `kill -INT`) must still stop the stack.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with running_stack(settings) as endpoints:
+        with running_stack(settings, pacs) as endpoints:
             table = Table(title=f"radtriage is up ({time.monotonic() - started:.1f}s)")
             table.add_column("component")
             table.add_column("endpoint")

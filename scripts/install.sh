@@ -21,6 +21,14 @@ apt_updated=0
 need_pkg() {  # need_pkg COMMAND PACKAGE...
   command -v "$1" >/dev/null && return 0
   shift
+  apt_install "$@"
+}
+need_file() {  # need_file PATH PACKAGE...: for a package that installs no command (a plugin)
+  [ -e "$1" ] && return 0
+  shift
+  apt_install "$@"
+}
+apt_install() {  # apt_install PACKAGE...
   if [ "$(id -u)" != 0 ]; then
     log "missing $* and not root: install them with your package manager"; exit 1
   fi
@@ -38,6 +46,8 @@ if [ "${1:-}" = "--test" ]; then
   need_pkg gdcmconv libgdcm-tools
   need_pkg ojph_compress openjph-tools  # HTJ2K: neither dcmtk 3.6.7 nor GDCM 3.0 encode it
   need_pkg Orthanc orthanc
+  # Orthanc's DICOMweb plugin: the STOW-RS destination the PACS export is tested against.
+  need_file /usr/share/orthanc/plugins/libOrthancDicomWeb.so orthanc-dicomweb
   need_pkg dciodvfy dicom3tools
   need_pkg chromium chromium  # the operator page's browser test (Playwright drives it)
 fi

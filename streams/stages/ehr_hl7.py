@@ -1,4 +1,5 @@
-"""Results to the EHR as HL7 v2: `triage.findings` -> ORU^R01 over MLLP to `ehr.hl7`.
+"""Results to the EHR as HL7 v2: `triage.findings` -> `<app>-ehr-hl7-outbox` -> ORU^R01 over
+MLLP to `ehr.hl7`.
 
 Reads the findings, not the FHIR results: the ORU is built from the finding's typed
 fields (processors/hl7_oru.py), not read back out of a FHIR Bundle, and it goes out as
@@ -8,8 +9,10 @@ soon as the finding exists. Every outcome is on `triage.audit` (stage "ehr"); a 
 At-least-once like every stage: after a worker kill between the ACK and the offset
 commit the same ORU is sent again with the same MSH-10 (processors/hl7_oru.control_id
 is derived from the report's identity), so the receiver can recognise the repeat; no
-ledger is kept here (docs/ARCHITECTURE.md "Results to the EHR"). With no `ehr.hl7`
-configured nothing is sent.
+ledger is kept here (docs/ARCHITECTURE.md "Results to the EHR"). The agent reads an
+outbox topic of its own (streams/stages/outbox.py), so an EHR that is down holds this
+agent only, never the report and alert agents. With no `ehr.hl7` configured there is no
+agent at all.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from streams.app import dead_letter
 from streams.hl7_sender import Delivered, Peer, Refused, Retry, deliver, exchange
 from streams.stages.common import Detail, audit, consumer_span, each
 from streams.stages.context import PipelineContext
+from streams.stages.outbox import outbox
 
 STAGE = "ehr.hl7"
 log = logging.getLogger(__name__)
@@ -43,11 +47,11 @@ def _peer(config: EhrHl7Settings) -> Peer:
 
 def register(ctx: PipelineContext) -> None:
     config = ctx.settings.ehr.hl7
-    peer = _peer(config) if config is not None else None
+    if config is None:
+        return  # no HL7 endpoint configured: no agent
+    peer = _peer(config)
 
     async def send_one(event: EventT[Any]) -> None:
-        if config is None or peer is None:
-            return  # no HL7 endpoint configured: nothing is sent
         finding = Finding.from_bytes(event.value)
         endpoint = Endpoint(
             config.sending_application,
@@ -106,7 +110,8 @@ def register(ctx: PipelineContext) -> None:
             metrics.observe_ehr_hl7(decision.removeprefix("oru_"))
             await audit(ctx, finding.study_uid, finding.accession_number, "ehr", decision, detail)
 
-    @ctx.app.agent(ctx.topics.findings, name="ehr-hl7")
+    # Every finding has an ORU: the forwarder takes them all.
+    @ctx.app.agent(outbox(ctx, "ehr-hl7", lambda finding: True), name="ehr-hl7")
     async def ehr_hl7(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, STAGE, send_one)
 

@@ -1,19 +1,24 @@
-"""PACS export: `triage.findings` -> the PACS (C-STORE), `triage.audit`, `triage.deadletter`.
+"""PACS export: `triage.findings` -> `<app>-pacs-export-outbox` -> the PACS (C-STORE or
+STOW-RS), `triage.audit`, `triage.deadletter`.
 
 For every destination of `dispatch.destinations` whose rules take the finding (its
 findings, positive only or not), the finding's result objects it asks for (the TID 1500
 SR, processors/dicom_results.py; for a positive finding a key image and its KOS,
 processors/key_images.py) are built from the headers of the series it was read on
-(the blob store) and C-STOREd (streams/dicom_send.py, in a thread). A destination that
-is down or out of resources is retried with exponential backoff until
-`dispatch.retry_deadline_s`; then, or at once for a final refusal, the finding is
-dead-lettered naming the destination and its DICOM status (`radtriage replay --stage
-pacs-export` sends it again). Every object sent, or given up on, is on `triage.audit`
-(stage "export") with the destination's status. See docs/ARCHITECTURE.md, "Results to
-the PACS".
+(the blob store) and C-STOREd (streams/dicom_send.py, in a thread) or STOWed
+(streams/stow_send.py). A destination that is down or out of resources is retried with
+exponential backoff until `dispatch.retry_deadline_s` (the first retry of an object is on
+`triage.audit` as `<object>_retrying`); then, or at once for a final refusal, the finding
+is dead-lettered naming the destination and its status (`radtriage replay --stage
+pacs-export` puts it back on the outbox). Every object sent, or given up on, is on
+`triage.audit` (stage "export") with the destination's status. See docs/ARCHITECTURE.md,
+"Results to the PACS".
 
-A finding replayed after a kill is sent again under the same SOP Instance UID: the PACS
-keeps one instance. Nothing configured: the agent reads the findings and sends nothing.
+The agent reads an outbox topic of its own, fed by a forwarder that takes off the
+findings only what some destination wants (streams/stages/outbox.py): a PACS down for
+minutes holds this agent, never the report and alert agents. A finding replayed after a
+kill is sent again under the same SOP Instance UID: the PACS keeps one instance.
+Nothing configured: no agent at all.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol
 
 import faust
 import pydicom
@@ -34,12 +40,20 @@ from processors.dicom_seg import SegError, build_seg, nothing_to_segment
 from processors.key_images import build_key_image, build_kos, key_slice
 from processors.localisation_map import StoredMap, from_bytes
 from radtriage import metrics
-from radtriage.settings import RESULT_OBJECTS, DicomDestination, DispatchSettings, ResultObject
+from radtriage.settings import (
+    RESULT_OBJECTS,
+    DicomDestination,
+    DispatchSettings,
+    ResultObject,
+    StowDestination,
+)
 from schemas.findings import Finding
 from streams.app import dead_letter
-from streams.dicom_send import StoreOutcome, c_store
+from streams.dicom_send import c_store
 from streams.stages.common import Detail, audit, consumer_span, each
 from streams.stages.context import PipelineContext
+from streams.stages.outbox import outbox
+from streams.stow_send import stow
 
 log = logging.getLogger(__name__)
 STAGE = "pacs-export"
@@ -64,15 +78,43 @@ def backoff_delays(settings: DispatchSettings) -> list[float]:
     return delays
 
 
+class Outcome(Protocol):
+    """One try's outcome, C-STORE (streams/dicom_send.StoreOutcome) or STOW-RS
+    (streams/stow_send.StowOutcome)."""
+
+    @property
+    def stored(self) -> bool: ...
+    @property
+    def retryable(self) -> bool: ...
+    @property
+    def status_text(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+
+
+def sender(
+    destination: DicomDestination | StowDestination, ds: Dataset, timeout_s: float
+) -> Callable[[], Awaitable[Outcome]]:
+    """One try of sending `ds` to `destination`, by its kind."""
+    if isinstance(destination, StowDestination):
+        return lambda: stow(destination, ds, timeout_s)
+    return lambda: asyncio.to_thread(c_store, destination, ds, timeout_s)
+
+
 async def send_until_deadline(
-    destination: DicomDestination, ds: Dataset, settings: DispatchSettings, what: str
-) -> tuple[StoreOutcome, int]:
-    """C-STORE `ds`, retrying what may succeed later; the last outcome and the tries made."""
+    destination: DicomDestination | StowDestination,
+    ds: Dataset,
+    settings: DispatchSettings,
+    what: str,
+    on_first_retry: Callable[[Outcome], Awaitable[None]] | None = None,
+) -> tuple[Outcome, int]:
+    """Send `ds`, retrying what may succeed later; the last outcome and the tries made."""
     waits = iter(backoff_delays(settings))
+    send = sender(destination, ds, settings.timeout_s)
     tries = 0
     while True:
         tries += 1
-        outcome = await asyncio.to_thread(c_store, destination, ds, settings.timeout_s)
+        outcome = await send()
         if outcome.stored or not outcome.retryable:
             return outcome, tries
         wait = next(waits, None)
@@ -88,11 +130,15 @@ async def send_until_deadline(
             tries + 1,
             wait,
         )
+        if tries == 1 and on_first_retry is not None:
+            await on_first_retry(outcome)
         await asyncio.sleep(wait)
 
 
 def register(ctx: PipelineContext) -> None:
     dispatch = ctx.settings.dispatch
+    if not dispatch.destinations:
+        return  # nothing configured: no agent, no outbox read
     version = _software_version()
 
     def build(finding: Finding, wanted: set[ResultObject]) -> dict[ResultObject, Dataset]:
@@ -159,20 +205,36 @@ def register(ctx: PipelineContext) -> None:
                     if what not in destination.objects:
                         continue
                     started = time.monotonic()
-                    outcome, tries = await send_until_deadline(destination, ds, dispatch, what)
+                    base: Detail = {
+                        "destination": destination.name,
+                        "kind": destination.kind,
+                        "where": destination.where,
+                        "object": what,
+                        "sop_instance_uid": str(ds.SOPInstanceUID),
+                        "request_id": finding.request_id,
+                    }
+                    if isinstance(destination, DicomDestination):
+                        base["ae_title"] = destination.ae_title
+
+                    async def retrying(first: Outcome, base: Detail = base, what: str = what) -> None:
+                        # Once per object: the operator sees the PACS is not answering now,
+                        # not only when the deadline is past.
+                        detail = base | {"status": first.status_text, "status_detail": first.detail}
+                        decision = f"{what}_retrying"
+                        await audit(
+                            ctx, finding.study_uid, finding.accession_number, "export", decision, detail
+                        )
+
+                    outcome, tries = await send_until_deadline(destination, ds, dispatch, what, retrying)
                     result = "stored" if outcome.stored else "failed"
                     metrics.PACS_EXPORTS.labels(destination.name, what, result).inc()
                     detail: Detail = {
-                        "destination": destination.name,
-                        "ae_title": destination.ae_title,
-                        "object": what,
-                        "sop_instance_uid": str(ds.SOPInstanceUID),
+                        **base,
                         "series_uid": str(ds.SeriesInstanceUID),
                         "status": outcome.status_text,
                         "status_detail": outcome.detail,
                         "tries": tries,
                         "seconds": round(time.monotonic() - started, 3),
-                        "request_id": finding.request_id,
                     }
                     if finding.amends_request_id:
                         detail["amends_request_id"] = finding.amends_request_id
@@ -189,15 +251,18 @@ def register(ctx: PipelineContext) -> None:
                             ctx.topics,
                             event,
                             STAGE,
-                            f"destination {destination.name} ({destination.ae_title}@{destination.host}:"
-                            f"{destination.port}): {what} not stored after {tries} tries, DICOM status "
-                            f"{outcome.status_text}: {outcome.detail}",
+                            f"destination {destination.name} ({destination.where}): {what} not stored "
+                            f"after {tries} tries, {'STOW' if destination.kind == 'stow' else 'DICOM'} "
+                            f"status {outcome.status_text}: {outcome.detail}",
                             study_uid=finding.study_uid,
                         )
                         # Its other objects would meet the same PACS: the replay sends them all.
                         break
 
-    @ctx.app.agent(ctx.topics.findings, name=STAGE)
+    def for_some_destination(finding: Finding) -> bool:
+        return any(d.wants(finding.finding, finding.positive) for d in dispatch.destinations)
+
+    @ctx.app.agent(outbox(ctx, STAGE, for_some_destination), name=STAGE)
     async def pacs_export(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, STAGE, export_one)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
 from radtriage.blobstore import LocalBlobStore
-from radtriage.settings import DestinationTls, DicomDestination, Settings
+from radtriage.settings import REPO_ROOT, DestinationTls, DicomDestination, Settings
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
 from schemas.routing_rules import RoutingRules
@@ -99,12 +100,18 @@ def _results_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, str]:
     return {uid: oid for uid, oid in uids.items() if uid.startswith("2.25.")}
 
 
-def _exports(tail: Tail, audit_topic: str, study: str) -> dict[str, list[dict[str, Any]]]:
-    """The export audit events of a study, by object (sr, key_image, kos)."""
+def _exports(
+    tail: Tail, audit_topic: str, study: str, *, retrying: bool = False, destination: str = ""
+) -> dict[str, list[dict[str, Any]]]:
+    """The export audit events of a study, by object (sr, key_image, kos): the outcomes
+    (stored, failed), or with `retrying` the first-retry events; of one destination if named."""
     found: dict[str, list[dict[str, Any]]] = {}
     for a in tail.of(audit_topic, study_uid=study):
-        if a["stage"] == "export":
-            found.setdefault(a["detail"]["object"], []).append(a)
+        if a["stage"] != "export" or a["decision"].endswith("_retrying") != retrying:
+            continue
+        if destination and a["detail"]["destination"] != destination:
+            continue
+        found.setdefault(a["detail"]["object"], []).append(a)
     return found
 
 
@@ -138,17 +145,18 @@ def _orthanc_destination(orthanc: Orthanc, **options: Any) -> dict[str, Any]:
 def _start_worker(
     env: dict[str, str],
     settings: Settings,
-    destination: dict[str, Any],
+    destination: dict[str, Any] | list[dict[str, Any]],
     triton_grpc_url: str | None = None,
     **dispatch: str,
 ) -> tuple[Worker, Tail, KafkaProducer]:
-    """A worker exporting to `destination` (with Triton when its URL is given; `dispatch`
-    sets the other RADTRIAGE_DISPATCH__* settings), a tail of the findings, audit and dead
-    letters, and a producer to feed it."""
+    """A worker exporting to `destination` (or each of a list; with Triton when its URL is
+    given; `dispatch` sets the other RADTRIAGE_DISPATCH__* settings), a tail of the
+    findings, audit and dead letters, and a producer to feed it."""
     if triton_grpc_url is not None:
         env["RADTRIAGE_TRITON__GRPC_URL"] = triton_grpc_url
         env["RADTRIAGE_TRITON__TIMEOUT_S"] = "30"
-    env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps([destination])
+    destinations = destination if isinstance(destination, list) else [destination]
+    env["RADTRIAGE_DISPATCH__DESTINATIONS"] = json.dumps(destinations)
     for name, value in dispatch.items():
         env[f"RADTRIAGE_DISPATCH__{name.upper()}"] = value
     worker = Worker(env, settings.home)
@@ -237,6 +245,8 @@ def test_a_bleed_ends_as_sr_key_image_and_kos_in_orthanc_once_even_with_orthanc_
         tail.until(lambda: len(_exports(tail, t.audit, second)) == 3, timeout=120)
         exports2 = {what: only for what, (only,) in _exports(tail, t.audit, second).items()}
         assert exports2["sr"]["decision"] == "sr_stored" and exports2["sr"]["detail"]["tries"] >= 3, exports2
+        (retried,) = _exports(tail, t.audit, second, retrying=True)["sr"]
+        assert retried["detail"]["status"] == "no response"
         uid2 = {what: exports2[what]["detail"]["sop_instance_uid"] for what in OBJECTS}
         assert set(_results_in_orthanc(orthanc, second)) == set(uid2.values())
 
@@ -349,6 +359,7 @@ def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
         assert second["amends_request_id"] == first["request_id"]
         sent = [e["detail"]["sop_instance_uid"] for e in _exports(tail, t.audit, study)["sr"]]
         assert all(e["decision"] == "sr_stored" for e in _exports(tail, t.audit, study)["sr"])
+        assert _exports(tail, t.audit, study)["sr"][1]["detail"]["amends_request_id"] == first["request_id"]
         stored = _results_in_orthanc(orthanc, study)
         assert set(stored) == set(sent) and len(set(sent)) == 2
         amended = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc_file(orthanc, stored[sent[1]])))
@@ -452,6 +463,193 @@ def test_dicom_tls_to_the_pacs(tmp_path: Path) -> None:
         assert outcome.stored, outcome
         (found,) = orthanc.rest("POST", "/tools/lookup", str(sr.SOPInstanceUID))
         assert found["Type"] == "Instance"
+    finally:
+        orthanc.stop()
+
+
+def _finding_on_a_stored_series(settings: Settings, work: Path) -> tuple[Finding, list[Path]]:
+    """A positive ICH finding (as the stat lane would publish it) on a small CT of a new
+    study that is in the worker's blob store, and the CT's files."""
+    study, files, sources = _small_ct(work, 4)
+    series = str(sources[0].SeriesInstanceUID)
+    blobs = LocalBlobStore(settings.blob_dir)
+    for path, ds in zip(files, sources, strict=True):
+        blobs.put_instance(study, series, str(ds.SOPInstanceUID), path.read_bytes())
+    return ich_result(study, series), files
+
+
+def _study_instances(orthanc: Orthanc, study: str) -> list[str]:
+    """Every SOP Instance UID Orthanc holds in the study (a second copy would be listed twice)."""
+    instances = orthanc.rest("GET", f"/studies/{orthanc.study_id(study)}/instances")
+    return [i["MainDicomTags"]["SOPInstanceUID"] for i in instances]
+
+
+def test_orthanc_down_and_back_within_the_deadline_loses_nothing_and_duplicates_nothing(
+    worker_env: tuple[dict[str, str], Settings], tmp_path: Path
+) -> None:
+    """Orthanc stopped, a bleed finding produced, Orthanc back after an outage shorter than
+    `retry_deadline_s` (60 s here; the real figure is the setting, 600 s by default): the
+    SR is audited as retrying, then SR, key image and KOS stored, each exactly once."""
+    env, settings = worker_env
+    t = settings.topics
+    orthanc = Orthanc(tmp_path / "pacs")
+    orthanc.start()
+    try:
+        finding, files = _finding_on_a_stored_series(settings, tmp_path / "ct")
+        study = finding.study_uid
+        orthanc.upload(files)
+        destination = _orthanc_destination(orthanc, objects=list(OBJECTS))
+        _, tail, producer = _start_worker(
+            env,
+            settings,
+            destination,
+            retry_initial_s="1",
+            retry_max_s="4",
+            retry_deadline_s="60",
+            timeout_s="5",
+        )
+        orthanc.stop()
+        down_at = time.monotonic()
+        producer.send(t.findings, key=study.encode(), value=finding.to_bytes()).get(10)
+        tail.until(lambda: _exports(tail, t.audit, study, retrying=True).get("sr"), timeout=60)
+        assert not _exports(tail, t.audit, study)  # nothing stored nor given up on yet
+        # The outage lasts ~20 s of retries; then the PACS is back, same storage and ports.
+        time.sleep(max(0.0, 20.0 - (time.monotonic() - down_at)))
+        orthanc.start()
+        tail.until(lambda: len(_exports(tail, t.audit, study)) == 3, timeout=90)
+
+        decisions = [a["decision"] for a in tail.of(t.audit, study_uid=study) if a["stage"] == "export"]
+        assert decisions == ["sr_retrying", "sr_stored", "key_image_stored", "kos_stored"], decisions
+        exports = {what: only for what, (only,) in _exports(tail, t.audit, study).items()}
+        assert exports["sr"]["detail"]["tries"] > 1 and exports["sr"]["detail"]["status"] == "0x0000"
+        sent = {exports[what]["detail"]["sop_instance_uid"] for what in OBJECTS}
+        held = _study_instances(orthanc, study)
+        # Exactly one instance per object, beside the CT's own.
+        assert len(held) == len(set(held)) == len(files) + len(OBJECTS)
+        assert set(_results_in_orthanc(orthanc, study)) == sent
+        assert not [d for d in tail.of(t.deadletter) if d["stage"].startswith("pacs-export")]
+    finally:
+        orthanc.stop()
+
+
+def test_past_the_deadline_a_dead_letter_and_a_replay_sends_each_object_once(
+    worker_env: tuple[dict[str, str], Settings], tmp_path: Path
+) -> None:
+    """Orthanc down past `retry_deadline_s`: the finding is dead-lettered naming the
+    destination and the status, with the outbox as its source; Orthanc back, `radtriage
+    replay --stage pacs-export` resends it there and the objects arrive once; a second
+    replay sends nothing."""
+    env, settings = worker_env
+    t = settings.topics
+    orthanc = Orthanc(tmp_path / "pacs")
+    orthanc.start()
+    try:
+        finding, files = _finding_on_a_stored_series(settings, tmp_path / "ct")
+        study = finding.study_uid
+        orthanc.upload(files)
+        destination = _orthanc_destination(orthanc, objects=list(OBJECTS))
+        _, tail, producer = _start_worker(
+            env,
+            settings,
+            destination,
+            retry_initial_s="0.5",
+            retry_max_s="1",
+            retry_deadline_s="3",
+            timeout_s="2",
+        )
+        orthanc.stop()
+        producer.send(t.findings, key=study.encode(), value=finding.to_bytes()).get(10)
+
+        def letters() -> list[dict[str, Any]]:
+            return [d for d in tail.of(t.deadletter, study_uid=study) if d["stage"] == "pacs-export"]
+
+        tail.until(letters, timeout=90)
+        (letter,) = letters()
+        assert f"destination orthanc (ORTHANC@127.0.0.1:{orthanc.dicom_port})" in letter["error"]
+        assert "sr not stored" in letter["error"] and "DICOM status no response" in letter["error"]
+        assert letter["source_topic"] == settings.streams.outbox_topic("pacs-export")
+        assert Finding.from_bytes(letter["payload"]) == finding
+        (failed,) = _exports(tail, t.audit, study)["sr"]
+        assert failed["decision"] == "sr_failed"
+
+        orthanc.start()
+        assert _results_in_orthanc(orthanc, study) == {}
+        replayed = _replay(env, "--stage", "pacs-export")
+        assert replayed.returncode == 0 and "replayed" in replayed.stdout, replayed.stdout + replayed.stderr
+        tail.until(lambda: all(what in _exports(tail, t.audit, study) for what in OBJECTS), timeout=90)
+        exports = _exports(tail, t.audit, study)
+        assert [a["decision"] for a in exports["sr"]] == ["sr_failed", "sr_stored"]
+        assert [a["decision"] for a in exports["key_image"]] == ["key_image_stored"]
+        assert [a["decision"] for a in exports["kos"]] == ["kos_stored"]
+        again = _replay(env, "--stage", "pacs-export")
+        assert again.returncode == 0 and "already replayed" in again.stdout, again.stdout
+        held = _study_instances(orthanc, study)
+        assert len(held) == len(set(held)) == len(files) + len(OBJECTS)
+        assert set(_results_in_orthanc(orthanc, study)) == {
+            exports[w][-1]["detail"]["sop_instance_uid"] for w in OBJECTS
+        }
+        # The replay went to the outbox only: report and escalate did not see the finding again.
+        assert len(tail.of(t.findings, study_uid=study)) == 1
+    finally:
+        orthanc.stop()
+
+
+def _replay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `radtriage replay` command on the worker's settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "radtriage.cli", "replay", *args],
+        env={**env, "COLUMNS": "250"},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_stow_rs_to_orthanc_dicomweb_with_basic_auth(
+    worker_env: tuple[dict[str, str], Settings], tmp_path: Path
+) -> None:
+    """Orthanc's DICOMweb plugin (Debian orthanc-dicomweb) behind HTTP basic auth as a STOW-RS
+    destination: SR, key image and KOS stored there; a second destination with a wrong
+    password is refused at once (401, final: no retry) and dead-lettered naming it."""
+    env, settings = worker_env
+    t = settings.topics
+    orthanc = Orthanc(tmp_path / "pacs", dicomweb=True, users={"radtriage": "s3cret"})
+    orthanc.start()
+    try:
+        finding, _ = _finding_on_a_stored_series(settings, tmp_path / "ct")
+        study = finding.study_uid
+        web = {"kind": "stow", "url": orthanc.dicomweb_url, "username": "radtriage", "objects": list(OBJECTS)}
+        destinations = [
+            {"name": "web", **web, "password": "s3cret"},
+            {"name": "wrong-password", **web, "password": "nope"},
+        ]
+        _, tail, producer = _start_worker(env, settings, destinations, retry_deadline_s="60", timeout_s="10")
+        producer.send(t.findings, key=study.encode(), value=finding.to_bytes()).get(10)
+
+        def letters() -> list[dict[str, Any]]:
+            return [d for d in tail.of(t.deadletter, study_uid=study) if d["stage"] == "pacs-export"]
+
+        tail.until(letters, timeout=90)
+        stored = {w: only for w, (only,) in _exports(tail, t.audit, study, destination="web").items()}
+        assert set(stored) == set(OBJECTS)
+        for what, event in stored.items():
+            assert event["decision"] == f"{what}_stored" and event["detail"]["status"] == "HTTP 200", event
+            assert event["detail"]["kind"] == "stow" and event["detail"]["where"] == orthanc.dicomweb_url
+        held = _results_in_orthanc(orthanc, study)
+        assert set(held) == {stored[w]["detail"]["sop_instance_uid"] for w in OBJECTS}
+        classes = {
+            orthanc.rest("GET", f"/instances/{oid}/simplified-tags")["SOPClassUID"] for oid in held.values()
+        }
+        assert Comprehensive3DSRStorage in classes and SecondaryCaptureImageStorage in classes
+
+        (letter,) = letters()
+        assert f"destination wrong-password ({orthanc.dicomweb_url})" in letter["error"]
+        assert "STOW status HTTP 401" in letter["error"] and "after 1 tries" in letter["error"]
+        (refused,) = _exports(tail, t.audit, study, destination="wrong-password")["sr"]
+        assert refused["decision"] == "sr_failed" and refused["detail"]["tries"] == 1
+        assert not _exports(tail, t.audit, study, destination="wrong-password", retrying=True)
     finally:
         orthanc.stop()
 

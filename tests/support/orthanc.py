@@ -3,11 +3,15 @@ PACS that forwards studies to radtriage in the tests, and the PACS radtriage's i
 measured against in bench/intake.py.
 
 Its own JSON config: its own ports on 127.0.0.1, storage in a given directory, no auth, no
-plugins; optionally radtriage (or any SCP) as a DICOM modality it can C-STORE to.
+plugins; optionally radtriage (or any SCP) as a DICOM modality it can C-STORE to, and
+optionally Debian's DICOMweb plugin (`orthanc-dicomweb`, installed by scripts/install.sh
+--test) at `/dicom-web/`: the STOW-RS destination of the PACS export tests, with HTTP basic
+auth when `users` are given.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -20,6 +24,9 @@ from typing import Any
 from radtriage.stack.process import port_in_use
 from tests.support.net import free_port
 from tests.support.wait import wait_until
+
+# Where Debian's orthanc-dicomweb puts the plugin (`dpkg -L orthanc-dicomweb`).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def orthanc_binary() -> str | None:
@@ -38,7 +45,13 @@ class Orthanc:
         modalities: dict[str, tuple[str, str, int]] | None = None,
         aet: str = "ORTHANC",
         extra_config: dict[str, Any] | None = None,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
     ) -> None:
+        if dicomweb and not DICOMWEB_PLUGIN.exists():
+            raise FileNotFoundError(
+                f"{DICOMWEB_PLUGIN} missing: orthanc-dicomweb is not installed (scripts/install.sh --test)"
+            )
         self.dicom_port, self.http_port = free_port(), free_port()
         self.aet = aet
         storage = work / "orthanc-storage"
@@ -54,9 +67,11 @@ class Orthanc:
                     "DicomPort": self.dicom_port,
                     "HttpPort": self.http_port,
                     "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False,
+                    "AuthenticationEnabled": bool(users),
+                    "RegisteredUsers": users or {},
                     "DicomCheckCalledAet": False,
-                    "Plugins": [],
+                    "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+                    "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
                     "StorageCompression": False,
                     "ConcurrentJobs": 2,
                     "LogLevel": "default",
@@ -67,6 +82,7 @@ class Orthanc:
                 }
             )
         )
+        self.users = users or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = work / "orthanc.log"
         self.log = self.log_path.open("wb")
@@ -86,10 +102,17 @@ class Orthanc:
         for port in (self.http_port, self.dicom_port):
             wait_until(lambda p=port: port_in_use(p), f"Orthanc listening on {port}", timeout=60)
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
     def rest(self, method: str, path: str, body: Any = None, timeout_s: float = 300) -> Any:
         # A str goes as it is (Orthanc's /tools/lookup takes the bare UID), anything else as JSON.
         data = None if body is None else body.encode() if isinstance(body, str) else json.dumps(body).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        for user, password in list(self.users.items())[:1]:
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             answer = response.read()
         return json.loads(answer) if answer else None

@@ -14,9 +14,15 @@ from streams.agents import build_pipeline
 
 LANES = ("stat", "urgent", "routine")
 # An agents cell ending "(only with `<setting>`)": registered only when that setting is set.
-ONLY_WITH = re.compile(r"\(only with `([a-z_.]+)`\)")
+ONLY_WITH = re.compile(r"\(only with `([a-z0-9_.]+)`\)")
 # The least configuration that sets each condition the table names.
 CONDITIONS: dict[str, dict[str, Any]] = {
+    "dispatch.destinations": {
+        "dispatch": {
+            "destinations": [{"name": "pacs", "host": "127.0.0.1", "port": 11112, "ae_title": "PACS"}]
+        }
+    },
+    "ehr.hl7": {"ehr": {"hl7": {"host": "127.0.0.1", "port": 2575}}},
     "ehr.fhir": {"ehr": {"fhir": {"base_url": "http://127.0.0.1:1/fhir"}}},
     "notify": {"notify": {"webhooks": [{"name": "ed", "url": "http://127.0.0.1:9/hook"}]}},
     "notify.operators": {
