@@ -194,7 +194,8 @@ PARAMETERS: dict[str, dict[str, Param]] = {
                 "code",
                 "token",
                 SPEC + "clinical-code",
-                "The finding code (https://radtriage.dev/fhir/CodeSystem/ai-finding|ICH, ...) or SNOMED CT.",
+                "The finding code (system https://radtriage.dev/fhir/CodeSystem/ai-finding, "
+                "a model's finding) or SNOMED CT.",
                 _codes,
             ),
         )
