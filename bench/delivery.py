@@ -327,6 +327,9 @@ def main() -> None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
         from radtriage.up import running_stack
 
+        # The code the stack runs is the checkout's when it starts, not when the run ends.
+        commit = _git_commit()
+
         hooks = stack.enter_context(webhook_receiver(SECRET))
         mllp = TimedMllp()
         mllp.start()
@@ -420,7 +423,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "benchmark": "delivery",
         "at": datetime.now(UTC).isoformat(),
-        "commit": _git_commit(),
+        "commit": commit,
         "config": {"studies": len(measured), "thin": args.thin, "axial": args.axial, "bone": args.bone,
                    "outage_s": args.outage, "during": len(during) if args.outage else 0},
         "study_files": {"per_study": len(files), "bytes_per_study": study_bytes},
