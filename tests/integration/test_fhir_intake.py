@@ -265,9 +265,12 @@ def test_metadata_is_a_valid_r4_capability_statement(intake: Intake) -> None:
     cs = CapabilityStatement.model_validate(r.json())
     assert cs.fhirVersion == "4.0.1" and cs.format == ["application/fhir+json", "json"]
     (rest,) = cs.rest
+    # Orders in; results read and searched (the view of triage.results.fhir, on by default).
     assert {(res.type, tuple(i.code for i in res.interaction)) for res in rest.resource} == {
         ("ServiceRequest", ("create",)),
         ("ImagingStudy", ("create",)),
+        ("DiagnosticReport", ("read", "search-type")),
+        ("Observation", ("read", "search-type")),
     }
     assert sorted(i.code for i in rest.interaction) == ["batch", "transaction"]
 
