@@ -63,6 +63,9 @@ from schemas.findings import Finding
 console = Console()
 # SNOMED CT 272741003 |Laterality|: the Observation component that names a finding's side.
 LATERALITY_SNOMED = "272741003"
+# How long the demo waits after its last case for result objects still on their way to a
+# PACS (they follow the report: the SEG and key image are built after it).
+PACS_GRACE_S = 5.0
 
 
 @dataclass
@@ -109,6 +112,9 @@ class Outcome:
     report: bool = False
     unrouted: bool = False
     dead_letter: str = ""
+    # Result objects the pacs-export stage stored in (or gave up on for) a PACS, as its
+    # audit records say: "sr", "seg", ... ("sr failed"), with the destination's name.
+    pacs: list[str] = field(default_factory=list)
     sent_s: float = 0.0
     ready_to_alert_ms: float | None = None
     ready_to_report_ms: float | None = None
@@ -398,8 +404,22 @@ def _apply(outcome: Outcome, topic: str, data: dict[str, Any], settings: Setting
             outcome.lane_reason = str(data["detail"].get("lane_reason", ""))
         elif data["stage"] == "infer" and data["decision"] in ("positive", "negative"):
             outcome.inferred_on = str(data["detail"].get("lane", ""))
+        elif data["stage"] == "export":
+            outcome.pacs += pacs_entry(data["decision"], data["detail"])
     elif topic == t.deadletter:
         outcome.dead_letter = f"{data['stage']}: {data['error']}"
+
+
+def pacs_entry(decision: str, detail: dict[str, Any]) -> list[str]:
+    """What one export audit record adds to the demo's PACS column ("sr", "seg failed", ...):
+    stored and failed objects; a retry says nothing yet."""
+    what = str(detail.get("object", "?"))
+    where = f"@{detail['destination']}" if detail.get("destination") else ""
+    if decision.endswith("_stored"):
+        return [f"{what}{where}"]
+    if decision.endswith("_failed"):
+        return [f"{what}{where} failed"]
+    return []
 
 
 def _finished(outcome: Outcome) -> bool:
@@ -463,6 +483,19 @@ def run_case(
     return outcome
 
 
+def _collect_late(
+    watcher: OutputWatcher, outcomes: list[Outcome], settings: Settings, seconds: float
+) -> None:
+    """Records of earlier studies that arrived after their case was done (result objects
+    in the PACS follow the report), filed under their outcomes."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        watcher.poll()
+    for outcome in outcomes:
+        for topic, data in watcher.seen.pop(outcome.study_uid, []):
+            _apply(outcome, topic, data, settings)
+
+
 def _poll_into(watcher: OutputWatcher, outcome: Outcome, settings: Settings) -> None:
     watcher.poll()
     for topic, data in watcher.seen.pop(outcome.study_uid, []):
@@ -502,6 +535,10 @@ def run_demo(
                     progress.update(task, description=f"{case.name}")
                     outcomes.append(run_case(case, settings, watcher, rng, Path(tmp), timeout_s, grace_s=1.0))
                     progress.advance(task)
+        if any(o.pacs for o in outcomes):
+            # A PACS is configured (`radtriage up --pacs`): its objects follow the report;
+            # give the last ones a few seconds to land before the table.
+            _collect_late(watcher, outcomes, settings, PACS_GRACE_S)
     finally:
         watcher.close()
 
@@ -518,6 +555,7 @@ def run_demo(
         "report",
         "ready→alert",
         "ready→report",
+        "PACS",
         "result",
     ):
         table.add_column(col)
@@ -534,6 +572,7 @@ def run_demo(
             "yes" if o.report else ("unrouted" if o.unrouted else "no"),
             _fmt(o.ready_to_alert_ms),
             _fmt(o.ready_to_report_ms),
+            ", ".join(o.pacs) or "-",
             "[green]as expected[/]" if o.ok else "[red]UNEXPECTED[/]",
         )
     console.print(table)
@@ -544,6 +583,14 @@ def run_demo(
                 # Honest about the race: an idle routine lane may finish before the order lands.
                 note = f" (the {o.inferred_on} lane had already run the model when the order arrived)"
             console.print(f"[dim]{o.case}: {o.final_lane} lane — {o.lane_reason}{note}[/]")
+    if any(o.pacs for o in outcomes):
+        console.print(
+            "[dim]Result objects in the PACS: open its viewer on these studies "
+            '(`radtriage up --pacs`: Orthanc\'s web UI, README "Results in a PACS"):[/]'
+        )
+        for o in outcomes[-len(CASES) :] if runs > 1 else outcomes:
+            if o.pacs:
+                console.print(f"[dim]  {o.case}: {o.study_uid}[/]")
     for o in outcomes:
         if o.dead_letter:
             console.print(f"[red]dead letter[/] for {o.case} ({o.study_uid}): {o.dead_letter[:300]}")

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from radtriage.settings import DicomDestination
+from radtriage.settings import RESULT_OBJECTS, DicomDestination
 from radtriage.stack.process import ServiceError, ServiceProcess, port_in_use
 
 # Where Debian's orthanc-dicomweb puts the plugin (`dpkg -L orthanc-dicomweb`).
@@ -55,7 +55,7 @@ def destination(dicom_port: int) -> DicomDestination:
         host="127.0.0.1",
         port=dicom_port,
         ae_title=AE_TITLE,
-        objects=["sr", "key_image", "kos"],
+        objects=list(RESULT_OBJECTS),
     )
 
 

@@ -38,7 +38,7 @@ def test_the_local_pacs_takes_the_results_and_shows_them(tmp_path: Path) -> None
         sources = read_headers(files)
         sr = build_sr(ich_result(study, str(sources[0].SeriesInstanceUID)), sources)
         target = destination(pacs.dicom_port)
-        assert target.name == DESTINATION and target.objects == ["sr", "key_image", "kos"]
+        assert target.name == DESTINATION and set(target.objects) == {"sr", "seg", "key_image", "kos"}
         outcome = c_store(target, sr, 10.0)
         assert outcome.stored, outcome
         base = f"http://127.0.0.1:{pacs.http_port}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from radtriage.settings import DispatchSettings
+from radtriage.settings import RESULT_OBJECTS, DispatchSettings
 from radtriage.stack.orthanc import AE_TITLE, DICOMWEB_PLUGIN, destination, orthanc_config
 
 
@@ -20,6 +20,7 @@ def test_local_only_no_auth_its_own_ports_and_storage() -> None:
 
 def test_the_destination_takes_every_object_of_every_finding() -> None:
     target = destination(4242)
+    assert set(target.objects) == set(RESULT_OBJECTS)
     assert target.where == f"{AE_TITLE}@127.0.0.1:4242"
     assert target.wants("ICH", positive=False) and target.wants("LVO", positive=True)
     # As `up --pacs` hands it to the worker: through the settings, JSON and back.
