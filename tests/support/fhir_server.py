@@ -11,8 +11,6 @@ Transactions, conditional create/update and search are HAPI's own, unchanged.
 
 from __future__ import annotations
 
-import fcntl
-import shutil
 import signal
 import subprocess
 import threading
@@ -25,6 +23,7 @@ from typing import Any
 import requests
 
 from radtriage.settings import Settings
+from tests.support.java_build import built_classpath
 from tests.support.net import free_port
 
 VERSION = "8.8.0"
@@ -39,43 +38,14 @@ class FhirServerUnavailable(RuntimeError):
 
 def _ensure(cache: Path) -> str:
     """The classpath of the compiled server, fetched and built once per cache."""
-    home = cache / f"hapi-fhir-jpa-{VERSION}"
-    libs, classes, marker = home / "libs", home / "classes", home / ".complete"
-    source = HERE / "FhirServer.java"
-    stamp = source.read_text() + (HERE / "pom.xml").read_text()
-    classpath = f"{libs}/*:{classes}"
-    if marker.exists() and marker.read_text() == stamp:
-        return classpath
-    for tool in ("mvn", "javac", "java"):
-        if shutil.which(tool) is None:
-            raise FhirServerUnavailable(
-                f"the HAPI FHIR server needs {tool}: apt-get install openjdk-17-jdk maven"
-            )
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and marker.read_text() == stamp:
-            return classpath
-        shutil.rmtree(libs, ignore_errors=True)
-        shutil.rmtree(classes, ignore_errors=True)
-        steps = [
-            [
-                "mvn",
-                "-q",
-                "-B",
-                "-f",
-                str(HERE / "pom.xml"),
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={libs}",
-            ],
-            ["javac", "-cp", f"{libs}/*", "-d", str(classes), str(source)],
-        ]
-        for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True, timeout=1800)
-            if done.returncode != 0:
-                raise FhirServerUnavailable(f"{step[0]} failed:\n{(done.stdout + done.stderr)[-2000:]}")
-        marker.write_text(stamp)
-    return classpath
+    return built_classpath(
+        cache / f"hapi-fhir-jpa-{VERSION}",
+        HERE,
+        HERE / "FhirServer.java",
+        "the HAPI FHIR server",
+        FhirServerUnavailable,
+        timeout_s=1800,
+    )
 
 
 class HapiFhirServer:

@@ -10,9 +10,7 @@ SNOMED CT codes come out as warnings ("CodeSystem is unknown"), never errors.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from radtriage.settings import Settings
+from tests.support.java_build import built_classpath
 
 VERSION = "8.8.1"
 HERE = Path(__file__).parent / "hapi"
@@ -41,43 +40,14 @@ class ValidatorUnavailable(RuntimeError):
 
 def _ensure(cache: Path) -> str:
     """The classpath of the compiled validator, fetched and built once per cache."""
-    home = cache / f"hapi-fhir-{VERSION}"
-    libs, classes, marker = home / "libs", home / "classes", home / ".complete"
-    source = HERE / "Validate.java"
-    stamp = source.read_text() + (HERE / "pom.xml").read_text()
-    classpath = f"{libs}/*:{classes}"
-    if marker.exists() and marker.read_text() == stamp:
-        return classpath
-    for tool in ("mvn", "javac", "java"):
-        if shutil.which(tool) is None:
-            raise ValidatorUnavailable(
-                f"the HAPI validator needs {tool}: apt-get install openjdk-17-jdk maven"
-            )
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and marker.read_text() == stamp:
-            return classpath
-        shutil.rmtree(libs, ignore_errors=True)
-        shutil.rmtree(classes, ignore_errors=True)
-        steps = [
-            [
-                "mvn",
-                "-q",
-                "-B",
-                "-f",
-                str(HERE / "pom.xml"),
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={libs}",
-            ],
-            ["javac", "-cp", f"{libs}/*", "-d", str(classes), str(source)],
-        ]
-        for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True, timeout=900)
-            if done.returncode != 0:
-                raise ValidatorUnavailable(f"{step[0]} failed:\n{(done.stdout + done.stderr)[-2000:]}")
-        marker.write_text(stamp)
-    return classpath
+    return built_classpath(
+        cache / f"hapi-fhir-{VERSION}",
+        HERE,
+        HERE / "Validate.java",
+        "the HAPI validator",
+        ValidatorUnavailable,
+        timeout_s=900,
+    )
 
 
 def validate(resources: Sequence[dict[str, Any]], cache: Path | None = None) -> list[Message]:
