@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
 from radtriage.blobstore import LocalBlobStore
-from radtriage.settings import REPO_ROOT, DestinationTls, DicomDestination, Settings
+from radtriage.settings import DestinationTls, DicomDestination, Settings
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
 from schemas.routing_rules import RoutingRules
@@ -43,6 +42,7 @@ from tests.support.http import Intake, http_settings, running_intake
 from tests.support.kafka import Tail, read_topic
 from tests.support.net import free_port
 from tests.support.orthanc import Orthanc
+from tests.support.process import run_replay
 from tests.support.series import THICK, THIN, send_series
 from tests.support.wait import wait_until
 
@@ -574,14 +574,14 @@ def test_past_the_deadline_a_dead_letter_and_a_replay_sends_each_object_once(
 
         orthanc.start()
         assert _results_in_orthanc(orthanc, study) == {}
-        replayed = _replay(env, "--stage", "pacs-export")
+        replayed = run_replay(env, "--stage", "pacs-export")
         assert replayed.returncode == 0 and "replayed" in replayed.stdout, replayed.stdout + replayed.stderr
         tail.until(lambda: all(what in _exports(tail, t.audit, study) for what in OBJECTS), timeout=90)
         exports = _exports(tail, t.audit, study)
         assert [a["decision"] for a in exports["sr"]] == ["sr_failed", "sr_stored"]
         assert [a["decision"] for a in exports["key_image"]] == ["key_image_stored"]
         assert [a["decision"] for a in exports["kos"]] == ["kos_stored"]
-        again = _replay(env, "--stage", "pacs-export")
+        again = run_replay(env, "--stage", "pacs-export")
         assert again.returncode == 0 and "already replayed" in again.stdout, again.stdout
         held = _study_instances(orthanc, study)
         assert len(held) == len(set(held)) == len(files) + len(OBJECTS)
@@ -592,19 +592,6 @@ def test_past_the_deadline_a_dead_letter_and_a_replay_sends_each_object_once(
         assert len(tail.of(t.findings, study_uid=study)) == 1
     finally:
         orthanc.stop()
-
-
-def _replay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """The real `radtriage replay` command on the worker's settings."""
-    return subprocess.run(
-        [sys.executable, "-m", "radtriage.cli", "replay", *args],
-        env={**env, "COLUMNS": "250"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_stow_rs_to_orthanc_dicomweb_with_basic_auth(
