@@ -230,7 +230,7 @@ def direct_sr(orthanc: Orthanc, instance_id: str, tmp: Path) -> float:
     from pynetdicom import AE
 
     path = tmp / f"{instance_id}.dcm"
-    path.write_bytes(_orthanc_bytes(orthanc, f"/instances/{instance_id}/file"))
+    path.write_bytes(orthanc.file(instance_id))
     ds = pydicom.dcmread(path)
     ae = AE(ae_title="BENCHDIRECT")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -244,13 +244,6 @@ def direct_sr(orthanc: Orthanc, instance_id: str, tmp: Path) -> float:
     if getattr(status, "Status", None) != 0:
         raise RuntimeError(f"direct C-STORE to Orthanc failed: {status}")
     return elapsed
-
-
-def _orthanc_bytes(orthanc: Orthanc, path: str) -> bytes:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}{path}", timeout=60) as r:
-        return bytes(r.read())
 
 
 def vmhwm_mb(pid: int | None) -> float | None:

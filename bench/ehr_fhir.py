@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ import requests
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from rich.console import Console
 
+from bench.notify import stats
 from processors.fhir_report import build_result_bundle
 from processors.fhir_transaction import build_transaction, encode
 from radtriage.settings import REPO_ROOT
@@ -44,17 +44,6 @@ from tests.support.findings import ich_result
 from tests.support.kafka import local_kafka
 
 console = Console()
-
-
-def stats(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    return {
-        "n": len(xs),
-        "p50": statistics.median(xs),
-        "p99": xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))],
-        "min": xs[0],
-        "max": xs[-1],
-    }
 
 
 def _result(prefix: int, i: int) -> FhirResult:

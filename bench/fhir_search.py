@@ -45,7 +45,7 @@ import requests
 
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
-from radtriage.stack.kafka import LocalKafka
+from tests.support.kafka import local_kafka
 from tests.support.net import free_port
 
 RESULTS = REPO_ROOT / "bench" / "results" / "fhir_search.json"
@@ -327,18 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(json.dumps(view_child(rest[0], rest[1], int(rest[2]), int(rest[3]))))
         return 0
-    settings = Settings()
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-fhir-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        kafka = LocalKafka(
-            data_dir=work / "kafka",
-            port=free_port(),
-            controller_port=free_port(),
-            version=settings.kafka.embedded_version,
-            cache_root=settings.cache,
-        )
-        kafka.start()
-        stack.callback(kafka.stop)
+        kafka = stack.enter_context(local_kafka(work / "kafka"))
         bootstrap = str(kafka.bootstrap_servers)
         topic = "triage.results.fhir.bench"
         ensure_topics(bootstrap, {topic: PARTITIONS})

@@ -27,6 +27,7 @@ import io
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -98,20 +99,38 @@ def request_key(finding: Finding) -> str:
     return finding.request_id or finding.series_uid
 
 
-def sr_uids(finding: Finding, request: str | None = None) -> ResultUids:
-    """The SR's UIDs for this finding, or for the one of `request` (its predecessor)."""
-    base = (
+def finding_uids(finding: Finding, kind: str, request: str | None = None) -> tuple[str, str]:
+    """(series, SOP instance) UIDs of the finding's result object of `kind` ("sr", "seg",
+    "sc", ...), or of the one answering `request`: the same study, finding, model version
+    and request always give the same UIDs, so a retry sends the same instance."""
+    base = _identity(finding, request)
+    return result_uid(f"{kind}-series", *base), result_uid(kind, *base)
+
+
+def _identity(finding: Finding, request: str | None) -> tuple[str, ...]:
+    return (
         finding.study_uid,
         finding.finding,
         finding.model_name,
         finding.model_version,
         request if request is not None else request_key(finding),
     )
-    return ResultUids(
-        series_uid=result_uid("sr-series", *base),
-        sop_uid=result_uid("sr", *base),
-        tracking_uid=result_uid("sr-tracking", *base),
-    )
+
+
+def sr_uids(finding: Finding, request: str | None = None) -> ResultUids:
+    """The SR's UIDs for this finding, or for the one of `request` (its predecessor)."""
+    series_uid, sop_uid = finding_uids(finding, "sr", request)
+    return ResultUids(series_uid, sop_uid, result_uid("sr-tracking", *_identity(finding, request)))
+
+
+def stamp_creation(ds: Dataset, inferred: datetime) -> None:
+    """highdicom stamps the build time (instance creation, its own contribution as
+    processing equipment); the finding's time instead keeps a retry byte-identical."""
+    ds.InstanceCreationDate = DA(inferred.strftime("%Y%m%d"))
+    ds.InstanceCreationTime = TM(inferred.strftime("%H%M%S"))
+    for equipment in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in equipment:
+            equipment.ContributionDateTime = inferred.strftime("%Y%m%d%H%M%S")
 
 
 def device_uid(finding: Finding) -> str:
@@ -292,13 +311,7 @@ def build_sr(finding: Finding, sources: Sequence[Dataset], software_version: str
         series_date=inferred.date(),
         series_time=inferred.time().replace(tzinfo=None),
     )
-    # highdicom stamps the build time (instance creation, its own contribution as processing
-    # equipment); the finding's time keeps a retry byte-identical.
-    sr.InstanceCreationDate = DA(inferred.strftime("%Y%m%d"))
-    sr.InstanceCreationTime = TM(inferred.strftime("%H%M%S"))
-    for equipment in sr.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in equipment:
-            equipment.ContributionDateTime = inferred.strftime("%Y%m%d%H%M%S")
+    stamp_creation(sr, inferred)
     return sr
 
 

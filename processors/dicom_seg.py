@@ -38,9 +38,15 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import DA, TM
 
-from processors.dicom_results import device_uid, finding_concept, request_key, result_uid, sr_uids
+from processors.dicom_results import (
+    device_uid,
+    finding_concept,
+    finding_uids,
+    result_uid,
+    sr_uids,
+    stamp_creation,
+)
 from processors.localisation import PlaneField
 from processors.localisation_map import StoredMap, frame_mask, marked_cells, series_slices_marked
 from processors.result_marker import MANUFACTURER, RESULTS_MODEL_NAME
@@ -63,14 +69,7 @@ class SegError(ValueError):
 
 def seg_uids(finding: Finding) -> tuple[str, str]:
     """(series, SOP instance) UIDs of the finding's SEG."""
-    base = (
-        finding.study_uid,
-        finding.finding,
-        finding.model_name,
-        finding.model_version,
-        request_key(finding),
-    )
-    return result_uid("seg-series", *base), result_uid("seg", *base)
+    return finding_uids(finding, "seg")
 
 
 def nothing_to_segment(finding: Finding, cell_map: StoredMap | None) -> str | None:
@@ -311,9 +310,5 @@ def build_seg(
     organisation = result_uid("seg-dimensions", sop_uid)
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = organisation
-    seg.InstanceCreationDate = DA(inferred.strftime("%Y%m%d"))
-    seg.InstanceCreationTime = TM(inferred.strftime("%H%M%S"))
-    for equipment in seg.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in equipment:
-            equipment.ContributionDateTime = inferred.strftime("%Y%m%d%H%M%S")
+    stamp_creation(seg, inferred)
     return seg

@@ -30,8 +30,7 @@ from processors.dicom_results import (
     ResultError,
     _position_along_normal,
     device_observer,
-    request_key,
-    result_uid,
+    finding_uids,
     slices_in_range,
 )
 from processors.result_marker import MANUFACTURER, RESULTS_MODEL_NAME
@@ -44,17 +43,6 @@ KOS_SERIES_NUMBER = 9903
 # brain window, nodules in the lung window.
 _WINDOWS = {"ICH": (40.0, 80.0), "LVO": (40.0, 80.0), "NODULE": (-600.0, 1500.0)}
 _RED = (255, 40, 40)
-
-
-def _uids(finding: Finding, kind: str) -> tuple[str, str]:
-    base = (
-        finding.study_uid,
-        finding.finding,
-        finding.model_name,
-        finding.model_version,
-        request_key(finding),
-    )
-    return result_uid(f"{kind}-series", *base), result_uid(kind, *base)
 
 
 def key_slice(finding: Finding, sources: Sequence[Dataset]) -> Dataset:
@@ -161,7 +149,7 @@ def build_key_image(finding: Finding, source: Dataset) -> Dataset:
     """The key image of a positive finding, drawn on `source` (a full instance, pixels included)."""
     if not finding.positive:
         raise ResultError("a key image is made for a positive finding only")
-    series_uid, sop_uid = _uids(finding, "sc")
+    series_uid, sop_uid = finding_uids(finding, "sc")
     rgb = _draw(finding, source, _to_rgb(finding, source))
     spacing = source.get("PixelSpacing")
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -199,7 +187,7 @@ def build_kos(finding: Finding, key_images: Sequence[Dataset]) -> Dataset:
     """The Key Object Selection ("Of Interest") of a finding's key images."""
     if not key_images:
         raise ResultError("a KOS needs at least one key image")
-    series_uid, sop_uid = _uids(finding, "kos")
+    series_uid, sop_uid = finding_uids(finding, "kos")
     observer = device_observer(finding)
     words = registry.for_finding(finding.finding).words
     content = hd.ko.KeyObjectSelection(

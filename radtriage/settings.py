@@ -468,6 +468,11 @@ class DispatchSettings(BaseModel):
             raise ValueError(f"dispatch.destinations: duplicate name(s) {duplicates}")
         return self
 
+    def wants_object(self, what: ResultObject) -> bool:
+        """Whether some destination asks for `what` (e.g. the infer stage keeps a finding's
+        localisation map only when a destination wants its SEG)."""
+        return any(what in d.objects for d in self.destinations)
+
 
 # The delivery stages that read an outbox topic of their own (streams/stages/outbox.py).
 OUTBOX_STAGES = ("pacs-export", "ehr-hl7")

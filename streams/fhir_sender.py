@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from processors.fhir_transaction import outcome_text, stored_locations
-from streams.hl7_sender import Retry
+from streams.retry import Retry, Undelivered, until_answered
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,6 @@ class Stored:
 class Rejected:
     status: int
     reason: str  # the OperationOutcome's issues, else the body's start
-    attempts: int
-
-
-@dataclass(frozen=True)
-class Undelivered:
-    reason: str  # the last attempt's failure
     attempts: int
 
 
@@ -119,19 +113,10 @@ async def deliver(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Outcome:
     """`send` until the server answers for good (stored or refused), or the deadline passes."""
-    give_up = clock() + retry.deadline_s
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            answer = await send()
-        except NotStored as exc:
-            wait = retry.delay(attempts)
-            if clock() + wait >= give_up:
-                return Undelivered(f"{exc} (after {attempts} attempt(s) in {retry.deadline_s:g} s)", attempts)
-            log.warning("FHIR transaction attempt %d failed (%s); again in %.1f s", attempts, exc, wait)
-            await sleep(wait)
-            continue
-        if isinstance(answer, Stored):
-            return Stored(answer.status, answer.locations, attempts)
-        return Rejected(answer.status, answer.reason, attempts)
+    answered = await until_answered(send, retry, NotStored, "FHIR transaction", clock=clock, sleep=sleep)
+    if isinstance(answered, Undelivered):
+        return answered
+    answer, attempts = answered
+    if isinstance(answer, Stored):
+        return Stored(answer.status, answer.locations, attempts)
+    return Rejected(answer.status, answer.reason, attempts)

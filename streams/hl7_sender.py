@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from processors.hl7_oru import AckAnswer, read_ack
 from radtriage.mllp_framing import Frame, FrameDecoder, Oversized, frame
+from streams.retry import Retry, Undelivered, until_answered
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ class Delivered:
 @dataclass(frozen=True)
 class Refused:
     ack: AckAnswer
-    attempts: int
-
-
-@dataclass(frozen=True)
-class Undelivered:
-    reason: str  # the last attempt's failure
     attempts: int
 
 
@@ -111,17 +106,6 @@ async def exchange(peer: Peer, payload: bytes, control_id: str, ack_timeout_s: f
         raise NoAnswer(f"no ACK within {ack_timeout_s:g} s") from None
 
 
-@dataclass(frozen=True)
-class Retry:
-    deadline_s: float
-    initial_s: float
-    max_s: float
-
-    def delay(self, attempt: int) -> float:
-        """Backoff after failed attempt `attempt` (1-based): doubling, capped."""
-        return float(min(self.max_s, self.initial_s * 2 ** (attempt - 1)))
-
-
 async def deliver(
     send: Callable[[], Awaitable[AckAnswer]],
     retry: Retry,
@@ -130,17 +114,8 @@ async def deliver(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Outcome:
     """`send` until it is answered, or the deadline passes."""
-    give_up = clock() + retry.deadline_s
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            ack = await send()
-        except NoAnswer as exc:
-            wait = retry.delay(attempts)
-            if clock() + wait >= give_up:
-                return Undelivered(f"{exc} (after {attempts} attempt(s) in {retry.deadline_s:g} s)", attempts)
-            log.warning("ORU attempt %d failed (%s); again in %.1f s", attempts, exc, wait)
-            await sleep(wait)
-            continue
-        return Delivered(ack, attempts) if ack.accepted else Refused(ack, attempts)
+    answered = await until_answered(send, retry, NoAnswer, "ORU", clock=clock, sleep=sleep)
+    if isinstance(answered, Undelivered):
+        return answered
+    ack, attempts = answered
+    return Delivered(ack, attempts) if ack.accepted else Refused(ack, attempts)

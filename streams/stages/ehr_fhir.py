@@ -32,7 +32,7 @@ from radtriage.settings import EhrFhirSettings
 from schemas.results import FhirResult
 from streams.app import dead_letter
 from streams.fhir_sender import Rejected, Server, Stored, deliver, post_transaction
-from streams.hl7_sender import Retry
+from streams.retry import Retry
 from streams.stages.common import Detail, audit, consumer_span, each
 from streams.stages.context import PipelineContext
 

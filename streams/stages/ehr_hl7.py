@@ -30,7 +30,8 @@ from radtriage.settings import EhrHl7Settings
 from radtriage.tls import client_context
 from schemas.findings import Finding
 from streams.app import dead_letter
-from streams.hl7_sender import Delivered, Peer, Refused, Retry, deliver, exchange
+from streams.hl7_sender import Delivered, Peer, Refused, deliver, exchange
+from streams.retry import Retry
 from streams.stages.common import Detail, audit, consumer_span, each
 from streams.stages.context import PipelineContext
 from streams.stages.outbox import outbox

@@ -181,8 +181,9 @@ class Infer:
     ) -> Finding:
         """The finding naming its localisation map, once the map is in the blob store (for
         the DICOM SEG, streams/stages/pacs_export.py); the finding as it is when there is
-        none or it cannot be stored (a SEG is worth less than the finding: logged, counted)."""
-        if finding.slice_range is None:
+        none or it cannot be stored (a SEG is worth less than the finding: logged, counted).
+        Only when a destination wants a SEG: the write (two fsyncs) is on the alert's path."""
+        if finding.slice_range is None or not self.ctx.settings.dispatch.wants_object("seg"):
             return finding
         try:
             kept = stored_map(result.maps, geometry, finding.positive, req.localisation_threshold)

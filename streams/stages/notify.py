@@ -25,8 +25,6 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
-import faust
 from faust.types import EventT
 
 from processors.notify import channels, message
@@ -44,8 +42,8 @@ from schemas.oncall import Channel, Oncall, OncallError
 from streams import notify_state as ns
 from streams.app import publish
 from streams.published_ledger import PublishedLedger
-from streams.stages.common import each
 from streams.stages.context import PipelineContext
+from streams.stages.notifying import Notifying, register_notifier
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +90,11 @@ def load_oncall(n: NotifySettings) -> Oncall | None:
     return oncall
 
 
-class Notifier:
+class Notifier(Notifying):
+    what = "notify"
+
     def __init__(self, ctx: PipelineContext, oncall: Oncall) -> None:
+        super().__init__()
         self.ctx = ctx
         self.n = ctx.settings.notify
         self.oncall = oncall
@@ -114,10 +115,8 @@ class Notifier:
         self.chains: dict[str, tuple[PlannedStep, ...]] = {}
         # Escalations being worked on now (one worker at a time per alert).
         self.busy: set[str] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
         # Open records sent and not yet known to be in Kafka: (study UID, record, headers, send).
         self.opening: dict[str, tuple[str, AuditEvent, Any, asyncio.Future[None]]] = {}
-        self._session: aiohttp.ClientSession | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -331,14 +330,7 @@ class Notifier:
         on the worker that takes the partition over."""
         if alert_id in self.busy:
             return
-        task = asyncio.ensure_future(self.work(alert_id))
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("notify: escalation work failed", exc_info=task.exception())
+        self.run_beside(self.work(alert_id))
 
     def notice(self, alert: Alert, step: PlannedStep, recipient: str) -> message.Notice:
         key = idempotency_key(alert.alert_id, recipient, step.index)
@@ -429,15 +421,6 @@ class Notifier:
         await publish(self.ctx.topics.deadletter, alert.study_uid, letter, headers_for_current_span())
         metrics.count_dead_letter("notify")
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
 
 def register(ctx: PipelineContext) -> None:
     oncall = load_oncall(ctx.settings.notify)
@@ -455,34 +438,4 @@ def register(ctx: PipelineContext) -> None:
     ]
     # Alerts, the audit trail and replayed dead letters: co-partitioned by study UID, so one
     # worker sees an alert, its notifications and its acknowledgements.
-    source = ctx.app.topic(
-        *topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
-
-    notifier = Notifier(ctx, oncall)
-
-    @ctx.app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def _revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
-        notifier.revoked()
-
-    @ctx.app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def _assigned(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
-        notifier.assigned({tp.partition for tp in assigned if tp.topic in topics})
-
-    @ctx.app.agent(source, name="notify")
-    async def notify(stream: faust.StreamT[Any]) -> None:
-        await each(ctx, stream, "notify", notifier.handle)
-
-    @ctx.app.timer(interval=ctx.settings.notify.tick_s)
-    async def _escalate() -> None:
-        try:
-            await notifier.tick()
-        except Exception:  # the timer must keep running
-            log.exception("notify: escalation tick failed")
-
-    @ctx.app.on_before_shutdown.connect  # type: ignore[arg-type]
-    def _close(sender: Any, **kwargs: Any) -> None:
-        if notifier._session is not None and not notifier._session.closed:
-            notifier.tasks.add(asyncio.ensure_future(notifier.close()))
-
-    _ = (notify, _escalate)
+    register_notifier(ctx, Notifier(ctx, oncall), "notify", topics, ctx.settings.notify.tick_s)

@@ -22,14 +22,11 @@ page), and requests routed before a worker took its partitions over are not watc
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
-import faust
 from faust.types import EventT
 
 from processors.notify import channels, ops_message
@@ -46,9 +43,9 @@ from schemas.findings import Finding
 from schemas.oncall import Channel, Recipient
 from schemas.requests import TriageRequest
 from streams.app import publish
-from streams.stages.common import each
 from streams.stages.context import PipelineContext
 from streams.stages.notify import load_oncall
+from streams.stages.notifying import Notifying, register_notifier
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +65,11 @@ def source_topics(ctx: PipelineContext) -> list[str]:
     return topics
 
 
-class OpsNotifier:
+class OpsNotifier(Notifying):
+    what = "notify-ops"
+
     def __init__(self, ctx: PipelineContext, recipient: Recipient) -> None:
+        super().__init__()
         self.ctx = ctx
         self.n = ctx.settings.notify
         self.ops = self.n.operators
@@ -81,8 +81,6 @@ class OpsNotifier:
         self.findings_topic = ctx.topics.findings.get_topic_name()
         # The partitions read: part of a digest's identity (each worker sends its own share).
         self.scope = ""
-        self.tasks: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
 
     def assigned(self, partitions: set[int]) -> None:
         self.scope = ",".join(map(str, sorted(partitions)))
@@ -121,14 +119,7 @@ class OpsNotifier:
             metrics.NOTIFY_OPS_ITEMS.labels("stuck").inc()
             log.warning("notify-ops: %s stuck on %s since %s", w.request_id, w.lane, w.routed_at)
         for bucket in self.digests.due(now):
-            task = asyncio.ensure_future(self.send(bucket))
-            self.tasks.add(task)
-            task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("notify-ops: digest failed", exc_info=task.exception())
+            self.run_beside(self.send(bucket))
 
     async def note(self, bucket: Bucket, decision: str, **detail: str | float | int | bool) -> None:
         study = bucket.examples[0].study_uid if bucket.examples else ""
@@ -209,15 +200,6 @@ class OpsNotifier:
             last_error,
         )
 
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
 
 def register(ctx: PipelineContext) -> None:
     n = ctx.settings.notify
@@ -227,34 +209,6 @@ def register(ctx: PipelineContext) -> None:
     topics = source_topics(ctx) if recipient is not None else []
     if recipient is None or not topics:
         return  # nobody to tell, or nothing to watch: no agent, nothing read
-    notifier = OpsNotifier(ctx, recipient)
-    source = ctx.app.topic(
-        *topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-    )
-
-    @ctx.app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def _revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
-        notifier.revoked()
-
-    @ctx.app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def _assigned(sender: Any, assigned: Any = (), **kwargs: Any) -> None:
-        notifier.assigned({tp.partition for tp in assigned if tp.topic in topics})
-
-    @ctx.app.agent(source, name="notify-ops")
-    async def notify_ops(stream: faust.StreamT[Any]) -> None:
-        await each(ctx, stream, "notify-ops", notifier.handle)
-
     # Digests are due at the end of their period: look a few times a period.
-    @ctx.app.timer(interval=min(n.tick_s * 2, n.operators.digest_s / 4))
-    async def _digest() -> None:
-        try:
-            await notifier.tick()
-        except Exception:  # the timer must keep running
-            log.exception("notify-ops: tick failed")
-
-    @ctx.app.on_before_shutdown.connect  # type: ignore[arg-type]
-    def _close(sender: Any, **kwargs: Any) -> None:
-        if notifier._session is not None and not notifier._session.closed:
-            notifier.tasks.add(asyncio.ensure_future(notifier.close()))
-
-    _ = (notify_ops, _digest)
+    tick_s = min(n.tick_s * 2, n.operators.digest_s / 4)
+    register_notifier(ctx, OpsNotifier(ctx, recipient), "notify-ops", topics, tick_s)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +24,7 @@ from kafka import KafkaProducer
 
 from processors.fhir_report import build_result_bundle, resource_ids
 from processors.fhir_transaction import URI_SYSTEM
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.settings import Settings
 from schemas.findings import Finding
 from schemas.requests import OrderRef
 from schemas.results import FhirResult
@@ -34,6 +32,7 @@ from tests.integration.harness import Worker
 from tests.support.fhir_server import HapiFhirServer
 from tests.support.findings import ich_result
 from tests.support.kafka import Tail
+from tests.support.process import run_replay
 
 pytestmark = pytest.mark.integration
 
@@ -197,14 +196,7 @@ def test_with_the_server_down_a_report_waits_for_it_and_one_past_the_deadline_is
 
     # The dead-lettered one, replayed by the operator: stored once.
     assert _reports_of(ehr, late.study_uid) == []
-    replay = subprocess.run(
-        [sys.executable, "-m", "radtriage.cli", "replay", "--stage", "ehr-fhir"],
-        env={**env, "COLUMNS": "250"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    replay = run_replay(env, "--stage", "ehr-fhir")
     assert replay.returncode == 0, replay.stdout + replay.stderr
     tail.until(lambda: len(_decisions(tail, settings, late.study_uid)) == 2, timeout=60)
     assert _decisions(tail, settings, late.study_uid) == ["fhir_undelivered", "fhir_stored"]

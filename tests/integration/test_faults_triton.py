@@ -7,8 +7,6 @@ a `radtriage worker` process, Kafka, DICOM series in the worker's blob store, an
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +19,7 @@ from radtriage.stack.triton import LocalTriton
 from tests.integration.harness import Studies, Worker
 from tests.support.kafka import Tail
 from tests.support.net import free_port
+from tests.support.process import run_replay
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -154,14 +153,7 @@ def test_triton_down_past_the_deadline_dead_letters_then_replay_recovers_once(
     assert tail.of(t.findings) == []
 
     own_triton.start()
-    replay = subprocess.run(
-        [sys.executable, "-m", "radtriage.cli", "replay", "--stage", "infer"],
-        env={**env, "COLUMNS": "250"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    replay = run_replay(env, "--stage", "infer")
     assert replay.returncode == 0, replay.stderr
     tail.until(
         lambda: all(
@@ -180,14 +172,7 @@ def test_triton_down_past_the_deadline_dead_letters_then_replay_recovers_once(
     assert len(lane_messages) == 2 * len(sent)  # the originals and one replay of each
     assert len([h for h in lane_messages if REPLAY_HEADER in h]) == len(sent)
 
-    again = subprocess.run(
-        [sys.executable, "-m", "radtriage.cli", "replay", "--stage", "infer"],
-        env={**env, "COLUMNS": "250"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_replay(env, "--stage", "infer")
     assert again.returncode == 0, again.stderr
     assert "already replayed" in again.stdout
     tail.drain(3.0)

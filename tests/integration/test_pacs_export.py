@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +28,7 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
 from radtriage.blobstore import LocalBlobStore
-from radtriage.settings import REPO_ROOT, DestinationTls, DicomDestination, Settings
+from radtriage.settings import DestinationTls, DicomDestination, Settings
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
 from schemas.routing_rules import RoutingRules
@@ -43,6 +41,7 @@ from tests.support.http import Intake, http_settings, running_intake
 from tests.support.kafka import Tail, read_topic
 from tests.support.net import free_port
 from tests.support.orthanc import Orthanc
+from tests.support.process import run_replay
 from tests.support.series import THICK, THIN, send_series
 from tests.support.wait import wait_until
 
@@ -200,7 +199,7 @@ def test_a_bleed_ends_as_sr_key_image_and_kos_in_orthanc_once_even_with_orthanc_
         stored = _results_in_orthanc(orthanc, study)
         uid = {what: exports[what]["detail"]["sop_instance_uid"] for what in OBJECTS}
         assert set(stored) == set(uid.values())
-        raw = {what: orthanc_file(orthanc, stored[uid[what]]) for what in OBJECTS}
+        raw = {what: orthanc.file(stored[uid[what]]) for what in OBJECTS}
         sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw["sr"])))
         assert sr.SOPClassUID == Comprehensive3DSRStorage and sr.StudyInstanceUID == study
         (group,) = sr.content.get_image_measurement_groups()
@@ -262,13 +261,6 @@ def test_a_bleed_ends_as_sr_key_image_and_kos_in_orthanc_once_even_with_orthanc_
         assert not [d for d in tail.of(t.deadletter) if d["stage"] == "pacs-export"]
     finally:
         orthanc.stop()
-
-
-def orthanc_file(orthanc: Orthanc, instance_id: str) -> bytes:
-    """The instance's Part 10 file as Orthanc stored it (REST `/instances/{id}/file`)."""
-    url = f"http://127.0.0.1:{orthanc.http_port}/instances/{instance_id}/file"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return bytes(response.read())
 
 
 def test_radtriage_own_sr_sent_back_is_not_ingested(listener: Listener, tmp_path: Path) -> None:
@@ -362,19 +354,19 @@ def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
         assert _exports(tail, t.audit, study)["sr"][1]["detail"]["amends_request_id"] == first["request_id"]
         stored = _results_in_orthanc(orthanc, study)
         assert set(stored) == set(sent) and len(set(sent)) == 2
-        amended = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc_file(orthanc, stored[sent[1]])))
+        amended = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.file(stored[sent[1]])))
         (predecessor_study,) = amended.PredecessorDocumentsSequence
         (predecessor_series,) = predecessor_study.ReferencedSeriesSequence
         (predecessor,) = predecessor_series.ReferencedSOPSequence
         assert predecessor.ReferencedSOPInstanceUID == sent[0]
-        original = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc_file(orthanc, stored[sent[0]])))
+        original = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.file(stored[sent[0]])))
         assert predecessor_series.SeriesInstanceUID == original.SeriesInstanceUID
         assert "PredecessorDocumentsSequence" not in original
         # Each SR references the series it was read on.
         for sr, series in ((original, study + ".3"), (amended, study + ".2")):
             (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
             assert [s.SeriesInstanceUID for s in evidence.ReferencedSeriesSequence] == [series]
-        (tmp_path / "amended.dcm").write_bytes(orthanc_file(orthanc, stored[sent[1]]))
+        (tmp_path / "amended.dcm").write_bytes(orthanc.file(stored[sent[1]]))
         assert _dciodvfy_errors(tmp_path / "amended.dcm") == []
     finally:
         orthanc.stop()
@@ -574,14 +566,14 @@ def test_past_the_deadline_a_dead_letter_and_a_replay_sends_each_object_once(
 
         orthanc.start()
         assert _results_in_orthanc(orthanc, study) == {}
-        replayed = _replay(env, "--stage", "pacs-export")
+        replayed = run_replay(env, "--stage", "pacs-export")
         assert replayed.returncode == 0 and "replayed" in replayed.stdout, replayed.stdout + replayed.stderr
         tail.until(lambda: all(what in _exports(tail, t.audit, study) for what in OBJECTS), timeout=90)
         exports = _exports(tail, t.audit, study)
         assert [a["decision"] for a in exports["sr"]] == ["sr_failed", "sr_stored"]
         assert [a["decision"] for a in exports["key_image"]] == ["key_image_stored"]
         assert [a["decision"] for a in exports["kos"]] == ["kos_stored"]
-        again = _replay(env, "--stage", "pacs-export")
+        again = run_replay(env, "--stage", "pacs-export")
         assert again.returncode == 0 and "already replayed" in again.stdout, again.stdout
         held = _study_instances(orthanc, study)
         assert len(held) == len(set(held)) == len(files) + len(OBJECTS)
@@ -592,19 +584,6 @@ def test_past_the_deadline_a_dead_letter_and_a_replay_sends_each_object_once(
         assert len(tail.of(t.findings, study_uid=study)) == 1
     finally:
         orthanc.stop()
-
-
-def _replay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """The real `radtriage replay` command on the worker's settings."""
-    return subprocess.run(
-        [sys.executable, "-m", "radtriage.cli", "replay", *args],
-        env={**env, "COLUMNS": "250"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_stow_rs_to_orthanc_dicomweb_with_basic_auth(
@@ -740,7 +719,7 @@ def test_a_bleed_and_a_chest_nodule_end_as_segs_on_their_ct_in_orthanc(
         exports = {what: only for what, (only,) in _exports(tail, t.audit, bleed).items()}
         assert exports["seg"]["decision"] == "seg_stored", exports["seg"]
         stored = _results_in_orthanc(orthanc, bleed)
-        raw = orthanc_file(orthanc, stored[exports["seg"]["detail"]["sop_instance_uid"]])
+        raw = orthanc.file(stored[exports["seg"]["detail"]["sop_instance_uid"]])
         seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw)))
         ct = {str(ds.SOPInstanceUID): ds for ds in read_headers(bleed_files)}
         assert seg.StudyInstanceUID == bleed
@@ -770,8 +749,8 @@ def test_a_bleed_and_a_chest_nodule_end_as_segs_on_their_ct_in_orthanc(
         assert nodule_finding["positive"] and nodule_finding["nodules"], nodule_finding
         exports = {what: only for what, (only,) in _exports(tail, t.audit, chest).items()}
         stored = _results_in_orthanc(orthanc, chest)
-        raw_seg = orthanc_file(orthanc, stored[exports["seg"]["detail"]["sop_instance_uid"]])
-        raw_sr = orthanc_file(orthanc, stored[exports["sr"]["detail"]["sop_instance_uid"]])
+        raw_seg = orthanc.file(stored[exports["seg"]["detail"]["sop_instance_uid"]])
+        raw_sr = orthanc.file(stored[exports["sr"]["detail"]["sop_instance_uid"]])
         seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw_seg)))
         sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw_sr)))
         assert len(seg.SegmentSequence) == len(nodule_finding["nodules"])

@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from kafka import KafkaProducer
 
 from radtriage.replay import REPLAY_HEADER, replay_record
-from radtriage.settings import REPO_ROOT, Settings
+from radtriage.settings import Settings
 from schemas.deadletter import DeadLetter
 from tests.support.kafka import Tail
+from tests.support.process import run_replay
 
 pytestmark = pytest.mark.integration
 
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-def _replay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "radtriage.cli", "replay", *args],
-        env={**env, "COLUMNS": "250"},
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_replay_republishes_chosen_letters_once_with_key_header_and_trace(
@@ -80,14 +68,14 @@ def test_replay_republishes_chosen_letters_once_with_key_header_and_trace(
         coords[name] = f"{t.deadletter}:{meta.partition}:{meta.offset}"
     tail = Tail(settings.kafka.bootstrap_servers, [t.requests_stat, t.requests_routine, t.studies])
 
-    dry = _replay(env, "--stage", "infer", "--dry-run")
+    dry = run_replay(env, "--stage", "infer", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "1.2.826.0.9.1" in dry.stdout and "1.2.826.0.9.2" in dry.stdout and "would replay" in dry.stdout
     tail.drain(2.0)
     assert tail.seen == []
     assert not replay_record(settings).exists() or replay_record(settings).read_text() == ""
 
-    first = _replay(env, "--stage", "infer")
+    first = run_replay(env, "--stage", "infer")
     assert first.returncode == 0, first.stderr
     tail.until(lambda: len(tail.seen) == 2)
     by_topic = {topic: (value, headers) for topic, value, headers in tail.seen}
@@ -100,14 +88,14 @@ def test_replay_republishes_chosen_letters_once_with_key_header_and_trace(
     assert raw == []  # nothing else arrived
 
     # Everything else, and the two already replayed: only the route letter goes.
-    rest = _replay(env)
+    rest = run_replay(env)
     assert rest.returncode == 0, rest.stderr
     assert "already replayed" in rest.stdout and "hl7.mllp is not a Kafka topic" in rest.stdout
     tail.until(lambda: len(tail.seen) == 3)
     ((value, headers),) = [(v, h) for topic, v, h in tail.seen if topic == t.studies]
     assert value["schema_version"] == 7 and headers[REPLAY_HEADER] == coords["route"].encode()
 
-    again = _replay(env)
+    again = run_replay(env)
     assert again.returncode == 0, again.stderr
     assert "would replay" not in again.stdout and "→" not in again.stdout
     tail.drain(2.0)

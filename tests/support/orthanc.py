@@ -117,6 +117,12 @@ class Orthanc:
             answer = response.read()
         return json.loads(answer) if answer else None
 
+    def file(self, instance_id: str) -> bytes:
+        """The instance's Part 10 file as Orthanc stored it (REST `/instances/{id}/file`)."""
+        url = f"http://127.0.0.1:{self.http_port}/instances/{instance_id}/file"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return bytes(response.read())
+
     def upload(self, files: Sequence[Path]) -> None:
         """Store files as they are (their own transfer syntax) through the REST API, as an
         administrator imports an archive; storescu would offer only uncompressed syntaxes."""

@@ -29,6 +29,20 @@ def start_radtriage(
         )
 
 
+def run_replay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `radtriage replay <args>` as an operator runs it, with `env`'s settings; its
+    output captured (wide: its table is not wrapped)."""
+    return subprocess.run(
+        [sys.executable, "-m", "radtriage.cli", "replay", *args],
+        env={**env, "COLUMNS": "250"},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def wait_ready(
     proc: subprocess.Popen[bytes],
     ready: Callable[[], object],

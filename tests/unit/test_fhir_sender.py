@@ -19,8 +19,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from radtriage.settings import EhrFhirSettings, Settings
-from streams.fhir_sender import Rejected, Server, Stored, Undelivered, deliver, post_transaction
-from streams.hl7_sender import Retry
+from streams.fhir_sender import Rejected, Server, Stored, deliver, post_transaction
+from streams.retry import Retry, Undelivered
 from streams.stages.ehr_fhir import auth_headers, server_for
 from tests.support.net import free_port
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from processors.hl7_oru import Endpoint, build_oru, control_id, strict_parse
 from radtriage.settings import ClientTlsSettings
 from radtriage.tls import client_context
-from streams.hl7_sender import Delivered, NoAnswer, Peer, Refused, Retry, Undelivered, deliver, exchange
+from streams.hl7_sender import Delivered, NoAnswer, Peer, Refused, deliver, exchange
+from streams.retry import Retry, Undelivered
 from tests.certs import make_pki
 from tests.support.findings import finding
 from tests.support.mllp_receiver import MllpReceiver

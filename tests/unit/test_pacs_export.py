@@ -65,6 +65,15 @@ def test_destination_names_are_unique() -> None:
         DispatchSettings.model_validate({"destinations": [one, one]})
 
 
+def test_a_seg_is_wanted_only_when_a_destination_asks_for_it() -> None:
+    """The infer stage keeps localisation maps only then (streams/stages/infer.py keep_map)."""
+    sr_only = DicomDestination(name="a", host="h", ae_title="A", objects=["sr"])
+    with_seg = DicomDestination(name="b", host="h", ae_title="B", objects=["sr", "seg"])
+    assert not DispatchSettings().wants_object("seg")
+    assert not DispatchSettings(destinations=[sr_only]).wants_object("seg")
+    assert DispatchSettings(destinations=[sr_only, with_seg]).wants_object("seg")
+
+
 def test_backoff_doubles_to_its_cap_and_stops_at_the_deadline() -> None:
     delays = backoff_delays(DispatchSettings(retry_initial_s=1, retry_max_s=8, retry_deadline_s=30))
     assert delays == [1, 2, 4, 8, 8, 7]
