@@ -459,6 +459,10 @@ class DispatchSettings(BaseModel):
     retry_deadline_s: float = Field(default=600.0, gt=0.0)
     # ACSE, DIMSE and network timeouts of one association.
     timeout_s: float = Field(default=30.0, gt=0.0)
+    # How long the export waits for a finding's localisation map (the infer stage writes it
+    # just after publishing the finding, and again when a kill came between the two); then
+    # the SEG goes without it (`seg_map_missing` on triage.audit).
+    map_wait_s: float = Field(default=30.0, ge=0.0)
 
     @model_validator(mode="after")
     def _unique_names(self) -> DispatchSettings:
