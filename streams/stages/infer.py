@@ -145,14 +145,7 @@ class Infer:
         if self.latest.superseded(req):
             await self.skip(req, lane, "skipped_superseded")
             return
-        priority = self.ctx.settings.triton.lane_priority[req.lane]
-        attrs = {
-            "radtriage.study_uid": req.study_uid,
-            "radtriage.lane": lane,
-            "radtriage.rule": req.rule_id,
-            "radtriage.model": req.model_name,
-            "triton.priority": priority,
-        }
+        priority, attrs = self.span_attrs(req, lane)
         with consumer_span(self.ctx, "infer", event, attrs=attrs) as span:
             ran = await self.run_model(event, lane, req, priority, span)
             if ran is None:
@@ -180,6 +173,18 @@ class Infer:
                 }
                 decision = "positive" if finding.positive else "negative"
                 await audit(self.ctx, req.study_uid, req.accession_number, "infer", decision, detail)
+
+    def span_attrs(self, req: TriageRequest, lane: str) -> tuple[int, dict[str, Any]]:
+        """The request's Triton priority and the attributes of the span its model run is in."""
+        priority = self.ctx.settings.triton.lane_priority[req.lane]
+        attrs = {
+            "radtriage.study_uid": req.study_uid,
+            "radtriage.lane": lane,
+            "radtriage.rule": req.rule_id,
+            "radtriage.model": req.model_name,
+            "triton.priority": priority,
+        }
+        return priority, attrs
 
     async def run_model(
         self, event: EventT[Any], lane: str, req: TriageRequest, priority: int, span: Span
@@ -273,12 +278,7 @@ class Infer:
         window, or a negative finding of a localising model replayed: nothing to write)."""
         if not self.map_owed(req):
             return
-        priority = self.ctx.settings.triton.lane_priority[req.lane]
-        attrs = {
-            "radtriage.study_uid": req.study_uid,
-            "radtriage.lane": lane,
-            "radtriage.model": req.model_name,
-        }
+        priority, attrs = self.span_attrs(req, lane)
         with consumer_span(self.ctx, "infer.restore_map", event, attrs=attrs) as span:
             ran = await self.run_model(event, lane, req, priority, span)
         if ran is None or ran[1] is None:
