@@ -15,8 +15,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-FILE = "model.py"
-SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "triton" / "python_backend" / FILE
+from radtriage.settings import PYTHON_BACKEND, default_data_dir
+
+FILE = PYTHON_BACKEND.name
+# deploy/ of a checkout, or its copy in an installed wheel (radtriage.settings.default_data_dir).
+SOURCE = default_data_dir() / PYTHON_BACKEND
 HEADER = (
     "# GENERATED from deploy/triton/python_backend/model.py by models/backend.py; edit that file,\n"
     "# not this copy (it is not committed, and is rewritten whenever the repository is served).\n"

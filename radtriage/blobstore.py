@@ -81,14 +81,22 @@ class LocalBlobStore:
         self._write_atomic(target, data)
         return target.as_uri()
 
-    def put_localisation_map(self, study_uid: str, key: str, data: bytes) -> str:
-        """Store a finding's localisation map (processors/localisation_map.py) under the
-        study, atomically; returns its `file://` URI. The same key replaces the map."""
+    def _map_target(self, study_uid: str, key: str) -> Path:
         if not valid_uid(study_uid):
             raise BlobStoreError(f"StudyInstanceUID {study_uid!r} is not a valid DICOM UID")
         if not _MAP_KEY.match(key):
             raise BlobStoreError(f"localisation map key {key!r} is not a SHA-256 in hex")
-        target = self.root / study_uid / MAPS_FOLDER / f"{key}.json"
+        return self.root / study_uid / MAPS_FOLDER / f"{key}.json"
+
+    def localisation_map_uri(self, study_uid: str, key: str) -> str:
+        """The URI `put_localisation_map` stores this map under, known before it is stored
+        (the finding naming it is published first, streams/stages/infer.py)."""
+        return self._map_target(study_uid, key).as_uri()
+
+    def put_localisation_map(self, study_uid: str, key: str, data: bytes) -> str:
+        """Store a finding's localisation map (processors/localisation_map.py) under the
+        study, atomically; returns its `file://` URI. The same key replaces the map."""
+        target = self._map_target(study_uid, key)
         self._write_atomic(target, data)
         return target.as_uri()
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from functools import cached_property
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -39,7 +40,29 @@ from pydantic_settings import (
 
 from models import registry
 
+# Where the radtriage packages are imported from: a checkout's root, or the site-packages of
+# an installed wheel (`up` runs its children there; Triton's Python backend imports the
+# models from there). Never where data is found: that is `Settings.data_dir`. Tests and the
+# development tools (training, export) use it as the checkout.
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Under `Settings.data_dir`: what the running product reads (setup.py ships these in the wheel).
+ROUTING_RULES = Path("routing", "rules.yaml")
+MODEL_REPOSITORY = Path("triton", "model_repository")
+KAFKA_POM = Path("kafka", "pom.xml")
+PYTHON_BACKEND = Path("triton", "python_backend", "model.py")
+
+
+def default_data_dir() -> Path:
+    """The default `Settings.data_dir`: the copy of deploy/ an installed wheel carries as
+    package data (radtriage/deploy, put there by setup.py at build time), else, in a
+    checkout (or an editable install), deploy/ itself."""
+    packaged = resources.files("radtriage") / "deploy"
+    if packaged.is_dir():
+        # A wheel is installed as plain files: the resource is a real directory.
+        return Path(str(packaged))
+    return REPO_ROOT / "deploy"
+
+
 SETTINGS_JSON_ENV = "RADTRIAGE_SETTINGS_JSON"
 # Serialization context under which secrets are written out in clear (the settings that
 # `radtriage up` hands its children); every other dump masks them.
@@ -158,7 +181,8 @@ class TritonSettings(BaseModel):
     http_url: str = "127.0.0.1:8000"
     metrics_port: int = 8002
     embedded: bool = True
-    model_repository: Path = REPO_ROOT / "deploy" / "triton" / "model_repository"
+    # Default: under Settings.data_dir (which moves it when set).
+    model_repository: Path = Field(default_factory=lambda: default_data_dir() / MODEL_REPOSITORY)
     timeout_s: float = 20.0
     # Triton priority levels (1 is highest) per lane; the model config declares 3 levels.
     lane_priority: dict[str, int] = Field(default_factory=lambda: {"stat": 1, "urgent": 2, "routine": 3})
@@ -459,6 +483,10 @@ class DispatchSettings(BaseModel):
     retry_deadline_s: float = Field(default=600.0, gt=0.0)
     # ACSE, DIMSE and network timeouts of one association.
     timeout_s: float = Field(default=30.0, gt=0.0)
+    # How long the export waits for a finding's localisation map (the infer stage writes it
+    # just after publishing the finding, and again when a kill came between the two); then
+    # the SEG goes without it (`seg_map_missing` on triage.audit).
+    map_wait_s: float = Field(default=30.0, ge=0.0)
 
     @model_validator(mode="after")
     def _unique_names(self) -> DispatchSettings:
@@ -907,7 +935,12 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=_default_home)
     cache: Path = Field(default_factory=_default_cache)
-    routing_rules: Path = REPO_ROOT / "deploy" / "routing" / "rules.yaml"
+    # The one root of everything radtriage reads that is data, not code (env
+    # RADTRIAGE_DATA_DIR): deploy/ of a checkout, or its copy in an installed wheel
+    # (`default_data_dir`). The routing rules and Triton's model repository default under it
+    # (set either to move it alone); the local Kafka broker's POM is found there.
+    data_dir: Path = Field(default_factory=default_data_dir)
+    routing_rules: Path = Field(default_factory=lambda: default_data_dir() / ROUTING_RULES)
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     orders: OrderSettings = Field(default_factory=OrderSettings)
@@ -940,6 +973,20 @@ class Settings(BaseSettings):
             env_settings,
             YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file),
         )
+
+    @model_validator(mode="after")
+    def _data_under_data_dir(self) -> Settings:
+        """The data paths not set on their own follow data_dir."""
+        if "routing_rules" not in self.model_fields_set:
+            self.routing_rules = self.data_dir / ROUTING_RULES
+        if "model_repository" not in self.triton.model_fields_set:
+            self.triton.model_repository = self.data_dir / MODEL_REPOSITORY
+        return self
+
+    @property
+    def kafka_pom(self) -> Path:
+        """The Maven POM the local Kafka broker's jars are fetched with (radtriage/stack/kafka.py)."""
+        return self.data_dir / KAFKA_POM
 
     def inheritable_json(self) -> str:
         """These settings, secrets included, for a child process (`SETTINGS_JSON_ENV`)."""

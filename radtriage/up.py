@@ -93,6 +93,7 @@ def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Itera
                     controller_port=settings.kafka.controller_port,
                     version=settings.kafka.embedded_version,
                     cache_root=settings.cache,
+                    pom=settings.kafka_pom,
                 )
                 kafka.start()
             stoppers.append(("kafka", kafka))
@@ -193,6 +194,7 @@ def _start_cluster(settings: Settings) -> LocalKafkaCluster:
         controller_ports=[k.controller_port + 2 * i for i in range(n)],
         version=k.embedded_version,
         cache_root=settings.cache,
+        pom=settings.kafka_pom,
     )
     with console.status(f"starting Apache Kafka (KRaft, {n} brokers)…"):
         cluster.start()

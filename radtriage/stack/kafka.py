@@ -24,10 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from radtriage.settings import REPO_ROOT, KafkaSettings
+from radtriage.settings import KAFKA_POM, KafkaSettings, default_data_dir
 from radtriage.stack.process import ServiceError, ServiceProcess, port_in_use
 
-POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
 DEFAULT_VERSION = "3.9.1"
 
 LOG4J = """\
@@ -44,8 +43,10 @@ log4j.logger.state.change.logger=WARN
 """
 
 
-def ensure_kafka_jars(version: str, cache_root: Path) -> Path:
-    """The broker's jars in `<cache>/kafka-<version>/libs`, fetched once."""
+def ensure_kafka_jars(version: str, cache_root: Path, pom: Path | None = None) -> Path:
+    """The broker's jars in `<cache>/kafka-<version>/libs`, fetched once with `pom` (default:
+    the one under the default data_dir; `up` passes `Settings.kafka_pom`)."""
+    pom = pom or default_data_dir() / KAFKA_POM
     home = cache_root / f"kafka-{version}"
     libs, marker = home / "libs", home / ".complete"
     if marker.exists():
@@ -64,7 +65,7 @@ def ensure_kafka_jars(version: str, cache_root: Path) -> Path:
                 "-q",
                 "-B",
                 "-f",
-                str(POM),
+                str(pom),
                 f"-Dkafka.version={version}",
                 "dependency:copy-dependencies",
                 f"-DoutputDirectory={libs}",
@@ -169,7 +170,9 @@ class LocalKafka:
         extra_properties: Sequence[str] = (),
         format_args: Sequence[str] = (),
         ready_kwargs: Mapping[str, Any] | None = None,
+        pom: Path | None = None,
     ) -> None:
+        self.pom = pom
         self.data_dir, self.port, self.controller_port = data_dir, port, controller_port
         self.version, self.cache_root, self.heap, self.host = version, cache_root, heap, host
         self.node_id = node_id
@@ -268,7 +271,7 @@ class LocalKafka:
         for port in (self.port, self.controller_port):
             if port_in_use(port, self.host):
                 raise ServiceError(f"Kafka: port {port} is already in use (another broker running?)")
-        libs = ensure_kafka_jars(self.version, self.cache_root)
+        libs = ensure_kafka_jars(self.version, self.cache_root, self.pom)
         props = self._write_config()
         self._format_storage(libs, props)
         argv = [
@@ -338,6 +341,7 @@ class LocalKafkaCluster:
         cache_root: Path,
         heap: str = "384m",
         host: str = "127.0.0.1",
+        pom: Path | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
@@ -359,6 +363,7 @@ class LocalKafkaCluster:
                 cache_root=cache_root,
                 heap=heap,
                 host=host,
+                pom=pom,
                 node_id=i + 1,
                 voters=voters,
                 cluster_id=self.cluster_id,

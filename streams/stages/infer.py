@@ -21,6 +21,7 @@ import faust
 from faust.types import EventT
 from opentelemetry.trace import Span, Status, StatusCode
 
+from models import registry
 from processors.finding import build_finding
 from processors.localisation_map import map_key, stored_map, to_bytes
 from processors.preprocess_pool import LanePools
@@ -65,6 +66,29 @@ class LatestReads:
         return newest is not None and newest > req.ready_at
 
 
+@dataclass(frozen=True)
+class PendingMap:
+    """A finding's localisation map, to be written once the finding naming it is out."""
+
+    study_uid: str
+    key: str
+    data: bytes
+
+
+def map_key_of(req: TriageRequest) -> str:
+    """The blob key of a request's localisation map: a replay and an upgraded copy of the
+    request name (and write) the same map."""
+    return map_key(req.request_id or req.series_uid)
+
+
+def localises(model_name: str) -> bool:
+    """Whether the model's findings can name a localisation map (its slice range extra)."""
+    try:
+        return "slice_range" in registry.get(model_name).extras
+    except KeyError:
+        return False
+
+
 @dataclass
 class Lanes:
     """What the lanes share with the worker: warmed before it says ready, stopped with it."""
@@ -91,6 +115,9 @@ class Infer:
         # Request ids whose finding is being published right now (this worker owns every lane
         # partition of a study: the lane topics are co-partitioned by study UID).
         self.finishing: set[str] = set()
+        # Request ids whose map is being written (after their finding went out): a copy of
+        # the request seeing the finding already out must not take the map as lost.
+        self.writing_maps: set[str] = set()
 
     async def already_done(self, req: TriageRequest, partition: int) -> bool:
         # An upgraded copy of work on a faster lane and the original, or a request replayed
@@ -111,23 +138,31 @@ class Infer:
             await dead_letter(self.ctx.topics, event, f"infer.{lane}", str(exc))
             return
         if await self.already_done(req, event.message.partition):
+            await self.restore_map(event, lane, req)
             await self.skip(req, lane)
             return
         self.latest.note(req)
         if self.latest.superseded(req):
             await self.skip(req, lane, "skipped_superseded")
             return
-        priority = self.ctx.settings.triton.lane_priority[req.lane]
-        attrs = {
-            "radtriage.study_uid": req.study_uid,
-            "radtriage.lane": lane,
-            "radtriage.rule": req.rule_id,
-            "radtriage.model": req.model_name,
-            "triton.priority": priority,
-        }
+        priority, attrs = self.span_attrs(req, lane)
         with consumer_span(self.ctx, "infer", event, attrs=attrs) as span:
-            finding = await self.run_model(event, lane, req, priority, span)
-            if finding is not None and await self.publish_once(req, lane, finding, event.message.partition):
+            ran = await self.run_model(event, lane, req, priority, span)
+            if ran is None:
+                return
+            finding, pending = ran
+            if pending is not None and req.request_id:
+                self.writing_maps.add(req.request_id)
+            try:
+                published = await self.publish_once(req, lane, finding, event.message.partition)
+                # After the finding, off the alert's path; written whether or not this copy
+                # published: another copy's finding names the same map (docs/ARCHITECTURE.md,
+                # "Results to the PACS").
+                if pending is not None:
+                    await self.write_map(req, pending)
+            finally:
+                self.writing_maps.discard(req.request_id)
+            if published:
                 detail: Detail = {
                     "model": finding.model_name,
                     "model_version": finding.model_version,
@@ -139,10 +174,23 @@ class Infer:
                 decision = "positive" if finding.positive else "negative"
                 await audit(self.ctx, req.study_uid, req.accession_number, "infer", decision, detail)
 
+    def span_attrs(self, req: TriageRequest, lane: str) -> tuple[int, dict[str, Any]]:
+        """The request's Triton priority and the attributes of the span its model run is in."""
+        priority = self.ctx.settings.triton.lane_priority[req.lane]
+        attrs = {
+            "radtriage.study_uid": req.study_uid,
+            "radtriage.lane": lane,
+            "radtriage.rule": req.rule_id,
+            "radtriage.model": req.model_name,
+            "triton.priority": priority,
+        }
+        return priority, attrs
+
     async def run_model(
         self, event: EventT[Any], lane: str, req: TriageRequest, priority: int, span: Span
-    ) -> Finding | None:
-        """Preprocess, infer, build the finding; None (and a dead letter) when it cannot."""
+    ) -> tuple[Finding, PendingMap | None] | None:
+        """Preprocess, infer, build the finding (and its localisation map, to be written after
+        it is published); None (and a dead letter) when it cannot."""
         topics, triton = self.ctx.topics, self.ctx.settings.triton
         try:
             prep_attrs: dict[str, Any] = {
@@ -171,36 +219,77 @@ class Infer:
             stage = f"infer.{lane}.triton"
             await dead_letter(topics, event, stage, str(exc), req.study_uid, headers_for_current_span())
             return None
-        finding = await self.keep_map(req, build_finding(req, result, geometry), result, geometry)
+        finding, pending = self.plan_map(req, build_finding(req, result, geometry), result, geometry)
         span.set_attribute("radtriage.probability", finding.probability)
         span.set_attribute("radtriage.positive", finding.positive)
-        return finding
+        return finding, pending
 
-    async def keep_map(
+    def plan_map(
         self, req: TriageRequest, finding: Finding, result: Inference, geometry: object
-    ) -> Finding:
-        """The finding naming its localisation map, once the map is in the blob store (for
-        the DICOM SEG, streams/stages/pacs_export.py); the finding as it is when there is
-        none or it cannot be stored (a SEG is worth less than the finding: logged, counted).
-        Only when a destination wants a SEG: the write (two fsyncs) is on the alert's path."""
+    ) -> tuple[Finding, PendingMap | None]:
+        """The finding naming its localisation map (for the DICOM SEG,
+        streams/stages/pacs_export.py) by the URI the map will have, and the map to write
+        once the finding is out: no write (a thread hop, two fsyncs) on the alert's path.
+        Only when a destination wants a SEG; the finding as it is when there is no map or it
+        cannot be kept (a SEG is worth less than the finding: logged, counted)."""
         if finding.slice_range is None or not self.ctx.settings.dispatch.wants_object("seg"):
-            return finding
+            return finding, None
         try:
             kept = stored_map(result.maps, geometry, finding.positive, req.localisation_threshold)
             if kept is None:
-                return finding
-            uri = await asyncio.to_thread(
-                self.ctx.blobs.put_localisation_map,
-                req.study_uid,
-                map_key(req.request_id or req.series_uid),
-                to_bytes(kept),
-            )
-        except (OSError, ValueError) as exc:  # BlobStoreError and MapError are ValueErrors
+                return finding, None
+            pending = PendingMap(req.study_uid, map_key_of(req), to_bytes(kept))
+            uri = self.ctx.blobs.localisation_map_uri(pending.study_uid, pending.key)
+        except ValueError as exc:  # BlobStoreError and MapError are ValueErrors
             metrics.LOCALISATION_MAPS.labels("failed").inc()
             log.warning("localisation map of %s not kept: %s: %s", req.study_uid, type(exc).__name__, exc)
-            return finding
+            return finding, None
+        return finding.model_copy(update={"localisation_map_uri": uri}), pending
+
+    async def write_map(self, req: TriageRequest, pending: PendingMap) -> None:
+        """Write the map the published finding names; a failure costs the SEG (the export
+        waits `dispatch.map_wait_s` for it, then sends the rest: audited), never the finding."""
+        try:
+            await asyncio.to_thread(
+                self.ctx.blobs.put_localisation_map, pending.study_uid, pending.key, pending.data
+            )
+        except (OSError, ValueError) as exc:
+            metrics.LOCALISATION_MAPS.labels("failed").inc()
+            log.warning("localisation map of %s not kept: %s: %s", req.study_uid, type(exc).__name__, exc)
+            return
         metrics.LOCALISATION_MAPS.labels("stored").inc()
-        return finding.model_copy(update={"localisation_map_uri": uri})
+
+    def map_owed(self, req: TriageRequest) -> bool:
+        """A finding already out may name a map that was never written: the worker was killed
+        between publishing it and writing the map (the request came back, uncommitted)."""
+        if not self.ctx.settings.dispatch.wants_object("seg") or not localises(req.model_name):
+            return False
+        if req.request_id and req.request_id in self.writing_maps:
+            return False  # this worker's other copy is writing it now
+        try:
+            uri = self.ctx.blobs.localisation_map_uri(req.study_uid, map_key_of(req))
+            return not self.ctx.blobs.path_of(uri).is_file()
+        except ValueError:
+            return False
+
+    async def restore_map(self, event: EventT[Any], lane: str, req: TriageRequest) -> None:
+        """Run the model again for the map alone when a published finding may be owed one
+        (`map_owed`): deterministic, so the same map under the same URI. Rare (a kill in that
+        window, or a negative finding of a localising model replayed: nothing to write)."""
+        if not self.map_owed(req):
+            return
+        priority, attrs = self.span_attrs(req, lane)
+        with consumer_span(self.ctx, "infer.restore_map", event, attrs=attrs) as span:
+            ran = await self.run_model(event, lane, req, priority, span)
+        if ran is None or ran[1] is None:
+            return
+        await self.write_map(req, ran[1])
+        detail: Detail = {
+            "request_id": req.request_id,
+            "lane": lane,
+            "map_uri": ran[0].localisation_map_uri or "",
+        }
+        await audit(self.ctx, req.study_uid, req.accession_number, "infer", "map_restored", detail)
 
     async def publish_once(self, req: TriageRequest, lane: str, finding: Finding, partition: int) -> bool:
         """Publish the finding unless another copy of the request, or a newer read of the

@@ -28,32 +28,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faust
-import pydicom
 from faust.types import EventT
-from pydicom.dataset import Dataset
 
-from processors.dicom_results import ResultError, build_sr, read_headers
-from processors.dicom_seg import SegError, build_seg, nothing_to_segment
-from processors.key_images import build_key_image, build_kos, key_slice
-from processors.localisation_map import StoredMap, from_bytes
 from radtriage import metrics
-from radtriage.settings import (
-    RESULT_OBJECTS,
-    DicomDestination,
-    DispatchSettings,
-    ResultObject,
-    StowDestination,
-)
+from radtriage.settings import DicomDestination, DispatchSettings, ResultObject, StowDestination
 from schemas.findings import Finding
 from streams.app import dead_letter
-from streams.dicom_send import c_store
 from streams.stages.common import Detail, audit, consumer_span, each
 from streams.stages.context import PipelineContext
 from streams.stages.outbox import outbox
-from streams.stow_send import stow
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 STAGE = "pacs-export"
@@ -96,9 +85,31 @@ def sender(
     destination: DicomDestination | StowDestination, ds: Dataset, timeout_s: float
 ) -> Callable[[], Awaitable[Outcome]]:
     """One try of sending `ds` to `destination`, by its kind."""
+    # Imported here, not at the worker's start: pynetdicom and the Part 10 encoder are
+    # needed only where a destination is configured (see `register`).
     if isinstance(destination, StowDestination):
+        from streams.stow_send import stow
+
         return lambda: stow(destination, ds, timeout_s)
+    from streams.dicom_send import c_store
+
     return lambda: asyncio.to_thread(c_store, destination, ds, timeout_s)
+
+
+async def arrives(there: Callable[[], bool], wait_s: float, first_s: float = 0.02) -> bool:
+    """Whether `there()` is true within `wait_s`, looking again after 20 ms, 40 ms, … (at
+    most 1 s apart). The infer stage writes a finding's localisation map just after it
+    publishes the finding (docs/ARCHITECTURE.md, "Results to the PACS"): this stage may read
+    the finding first."""
+    deadline = time.monotonic() + wait_s
+    pause = first_s
+    while not there():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, 1.0)
+    return True
 
 
 async def send_until_deadline(
@@ -139,46 +150,47 @@ def register(ctx: PipelineContext) -> None:
     dispatch = ctx.settings.dispatch
     if not dispatch.destinations:
         return  # nothing configured: no agent, no outbox read
+    # highdicom (~0.2 s to import) only where results are built: never at every worker's start.
+    from processors.result_objects import ResultError, build_results
+
     version = _software_version()
 
-    def build(finding: Finding, wanted: set[ResultObject]) -> dict[ResultObject, Dataset]:
-        """The objects wanted by some destination, in sending order. File reads and
-        highdicom's work: called off the event loop."""
-        sources = read_headers(ctx.blobs.series_paths(finding.study_uid, finding.series_uid))
-        objects: dict[ResultObject, Dataset] = {}
-        if "sr" in wanted:
-            objects["sr"] = build_sr(finding, sources, software_version=version)
-        if finding.positive and wanted & {"key_image", "kos"}:
-            # Only a positive finding has something to show. A slice that cannot be drawn
-            # (a multi-frame or colour source) costs the key image, never the SR.
-            try:
-                source = pydicom.dcmread(key_slice(finding, sources).filename)
-                objects["key_image"] = build_key_image(finding, source)
-            except (ValueError, OSError) as exc:
-                log.warning("no key image for %s: %s", finding.study_uid, exc)
-            else:
-                if "kos" in wanted:
-                    objects["kos"] = build_kos(finding, [objects["key_image"]])
-        if "seg" in wanted:
-            # What a model localises (its localisation map, nodules); a SEG that cannot be built
-            # costs the SEG, never the other objects.
-            cell_map: StoredMap | None = None
-            try:
-                if finding.positive and finding.localisation_map_uri:
-                    cell_map = from_bytes(ctx.blobs.read(finding.localisation_map_uri))
-            except (ValueError, OSError) as exc:  # BlobStoreError, MapError: ValueErrors
-                metrics.RESULTS_NOT_BUILT.labels("seg", "map_unreadable").inc()
-                log.warning("no SEG for %s: localisation map unreadable: %s", finding.study_uid, exc)
-            why_not = nothing_to_segment(finding, cell_map)
-            if why_not is not None:
-                log.debug("no SEG for %s (%s): %s", finding.study_uid, finding.finding, why_not)
-            else:
-                try:
-                    objects["seg"] = build_seg(finding, sources, cell_map, software_version=version)
-                except SegError as exc:
-                    metrics.RESULTS_NOT_BUILT.labels("seg", "no_geometry").inc()
-                    log.warning("no SEG for %s: %s", finding.study_uid, exc)
-        return {what: objects[what] for what in RESULT_OBJECTS if what in objects}
+    def map_there(uri: str) -> bool:
+        try:
+            return ctx.blobs.path_of(uri).is_file()
+        except ValueError:  # not a URI of this store: reading it says why (map_unreadable)
+            return True
+
+    async def map_reader(finding: Finding, wanted: set[ResultObject]) -> Callable[[str], bytes] | None:
+        """How the SEG reads the finding's localisation map; None when it has not arrived
+        within `dispatch.map_wait_s` (the SEG is built without it: audited, counted)."""
+        uri = finding.localisation_map_uri
+        if "seg" not in wanted or not finding.positive or not uri:
+            return ctx.blobs.read
+        if await arrives(lambda: map_there(uri), dispatch.map_wait_s):
+            return ctx.blobs.read
+        metrics.RESULTS_NOT_BUILT.labels("seg", "map_missing").inc()
+        log.warning(
+            "no localisation map for %s after %.0f s (%s): its SEG goes without it",
+            finding.study_uid,
+            dispatch.map_wait_s,
+            uri,
+        )
+        detail: Detail = {
+            "object": "seg",
+            "reason": "map_missing",
+            "map_uri": uri,
+            "waited_s": dispatch.map_wait_s,
+            "request_id": finding.request_id,
+        }
+        await audit(ctx, finding.study_uid, finding.accession_number, "export", "seg_map_missing", detail)
+        return None
+
+    def build(
+        finding: Finding, wanted: set[ResultObject], read_map: Callable[[str], bytes] | None
+    ) -> dict[ResultObject, Dataset]:
+        series = ctx.blobs.series_paths(finding.study_uid, finding.series_uid)
+        return build_results(finding, wanted, series, read_map, version)
 
     async def export_one(event: EventT[Any]) -> None:
         finding = Finding.from_bytes(event.value)
@@ -192,8 +204,9 @@ def register(ctx: PipelineContext) -> None:
         }
         with consumer_span(ctx, STAGE, event, attrs=attrs) as span:
             wanted = {what for d in targets for what in d.objects}
+            read_map = await map_reader(finding, wanted)
             try:
-                objects = await asyncio.to_thread(build, finding, wanted)
+                objects = await asyncio.to_thread(build, finding, wanted, read_map)
             except ResultError as exc:
                 # Nothing to reference (the series is not in the blob store): the finding
                 # goes to the dead letters with its study, for a replay once it is there.
