@@ -493,7 +493,10 @@ def main() -> None:
             if ids:
                 direct_sr_ms.append(direct_sr(orthanc, ids[0], tmp))
             for r in w.of(settings.topics.results_fhir, m.study_uid)[:1]:
-                direct_fhir_ms.append(direct_fhir(hapi.base_url, r["bundle"], m.accession))
+                try:
+                    direct_fhir_ms.append(direct_fhir(hapi.base_url, r["bundle"], m.accession))
+                except requests.RequestException as exc:  # the baseline is lost, not the run
+                    console.print(f"[red]direct POST to HAPI failed: {exc}[/]")
         mllp_direct = len(direct_oru_ms)  # these repeats are ours, not the pipeline's
         worker_hwm = vmhwm_mb(worker)
         hapi_memory = memory_mb(hapi.proc.pid if hapi.proc else None)
