@@ -172,7 +172,12 @@ class Delivered:
 
     @property
     def complete(self) -> bool:
-        return bool(self.alerts and self.webhooks and self.orus and self.srs_in_pacs and self.fhir_readable)
+        # The stage's audit events too: a study found on the peers before its events were
+        # read would miss its stored times (seen once for an SR, once for a FHIR report).
+        return bool(
+            self.alerts and self.webhooks and self.orus and self.srs_in_pacs and self.fhir_readable
+            and self.sr_stored_events and self.fhir_stored_events
+        )  # fmt: skip
 
 
 def stats(xs: list[float | None]) -> dict[str, float | None]:
