@@ -657,12 +657,25 @@ class EhrFhirSettings(BaseModel):
     # https only: check the server's certificate (against ca_file, else the system's CAs).
     tls_verify: bool = True
     ca_file: Path | None = None
+    # https only, for a server that wants a client certificate (mutual TLS): radtriage's
+    # certificate (PEM, its chain after it) and its unencrypted key (omitted: in the
+    # certificate's file). Loaded when the stage registers: unreadable, the worker stops.
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
     # One attempt's limit, and how long a report is retried (with backoff) on 5xx, a
     # timeout or a refused connection before it is dead-lettered as undelivered.
     timeout_s: float = Field(default=30.0, gt=0)
     retry_deadline_s: float = Field(default=600.0, gt=0)
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> EhrFhirSettings:
+        if self.client_key_file is not None and self.client_cert_file is None:
+            raise ValueError("client_key_file needs client_cert_file")
+        if self.client_cert_file is not None and not self.base_url.startswith("https://"):
+            raise ValueError("a client certificate is sent only over https: base_url is http")
+        return self
 
 
 class EhrSettings(BaseModel):

@@ -6,7 +6,8 @@
 #
 #   scripts/install.sh          runtime needs (Java, Maven, Python deps)
 #   scripts/install.sh --test   also the test peers (dcmtk's storescu and codecs, gdcmconv,
-#                               ojph_compress, Orthanc for the intake bench, dciodvfy)
+#                               ojph_compress, Orthanc for the intake bench, dciodvfy,
+#                               nginx as a mutual-TLS front)
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -50,6 +51,7 @@ if [ "${1:-}" = "--test" ]; then
   need_file /usr/share/orthanc/plugins/libOrthancDicomWeb.so orthanc-dicomweb
   need_pkg dciodvfy dicom3tools
   need_pkg chromium chromium  # the operator page's browser test (Playwright drives it)
+  need_pkg nginx nginx-light  # the FHIR server's TLS front wanting a client certificate (mutual TLS)
 fi
 
 mkdir -p "$cache"

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import logging
 import ssl
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -50,11 +51,47 @@ def auth_headers(config: EhrFhirSettings) -> dict[str, str]:
     return {}
 
 
+class ClientCertificateError(ValueError):
+    """ehr.fhir's client certificate or key cannot be used (the message says which and why)."""
+
+
+def _encrypted(key_file: Path) -> bool:
+    try:
+        return b"ENCRYPTED" in key_file.read_bytes()[:4096]
+    except OSError:
+        return False
+
+
 def server_for(config: EhrFhirSettings) -> Server:
-    """Built at registration, so a missing CA file stops the worker's start, not a send."""
+    """Built at registration, so a missing CA file or an unreadable client certificate stops
+    the worker's start, not a send."""
     tls: ssl.SSLContext | bool | None = None
     if config.base_url.startswith("https://"):
-        tls = ssl.create_default_context(cafile=config.ca_file) if config.tls_verify else False
+        if config.tls_verify:
+            tls = ssl.create_default_context(cafile=config.ca_file)
+        elif config.client_cert_file is not None:
+            # Unchecked server, but a certificate to show it: a context that checks nothing.
+            tls = ssl.create_default_context()
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE
+        else:
+            tls = False
+        if isinstance(tls, ssl.SSLContext) and config.client_cert_file is not None:
+            try:
+                # An encrypted key would prompt on the terminal: refused with no password instead.
+                tls.load_cert_chain(config.client_cert_file, config.client_key_file, password=lambda: "")
+            except (OSError, ssl.SSLError) as exc:
+                key = config.client_key_file or config.client_cert_file
+                # OpenSSL says only "PEM lib" for a key it cannot decrypt: say it.
+                hint = (
+                    "; an encrypted key is not supported (decrypt it: openssl pkey)"
+                    if _encrypted(key)
+                    else ""
+                )
+                raise ClientCertificateError(
+                    f"ehr.fhir client certificate {config.client_cert_file} "
+                    f"(key {config.client_key_file or 'in the same file'}) cannot be loaded: {exc}{hint}"
+                ) from exc
     return Server(config.base_url, auth_headers(config), tls, config.timeout_s)
 
 
