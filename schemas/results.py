@@ -121,6 +121,8 @@ HEADER_NAMES: dict[str, str] = {
     "produced_at": "radtriage-produced-at",
 }
 _FIELDS = {name: field for field, name in HEADER_NAMES.items()}
+# Names only radtriage's records carry (`content-type` is anyone's).
+_OURS = frozenset(name for name in _FIELDS if name.startswith("radtriage-"))
 REQUIRED = ("schema_version", "content_type", "study_uid", "finding", "produced_at")
 # Printable ASCII but '%' (the escape itself) goes out as it is; anything else as %XX of UTF-8.
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -193,6 +195,16 @@ def read_result(value: bytes | str | None, headers: Headers = ()) -> ResultRecor
     if "bundle" in data and "schema_version" in data:
         return _read_envelope(data)
     raise EventDecodeError("result record: value is neither a FHIR Bundle nor a version-1 envelope")
+
+
+def read_result_meta(value: bytes | str | None, headers: Headers = ()) -> ResultHeaders:
+    """A record's metadata alone: from its headers when it has radtriage's (the value is not
+    parsed: the reports ledger and the operator page read every record of the topic and
+    need no Bundle), else from a version-1 envelope. EventDecodeError as `read_result`."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    if any(str(name).lower() in _OURS for name, _ in items):
+        return ResultHeaders.from_headers(headers)
+    return read_result(value, headers).meta
 
 
 def _check_bundle(data: Mapping[str, Any], what: str) -> None:

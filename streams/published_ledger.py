@@ -45,7 +45,7 @@ from radtriage.settings import KafkaSettings
 from schemas.alerts import Alert
 from schemas.base import EventDecodeError
 from schemas.findings import Finding
-from schemas.results import read_result
+from schemas.results import read_result_meta
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def finding_key(value: bytes | None, headers: Headers = ()) -> str | None:
 
 
 def report_key(value: bytes | None, headers: Headers = ()) -> str | None:
-    # Either format: a plain Bundle with headers, or an envelope written before the upgrade.
-    return read_result(value, headers).meta.request_id or None
+    # Either format: the id from the headers (the Bundle is not parsed), or from an envelope
+    # written before the upgrade.
+    return read_result_meta(value, headers).request_id or None
 
 
 class PublishedLedger:

@@ -19,14 +19,14 @@ from schemas.base import Event, EventDecodeError
 from schemas.deadletter import DeadLetter
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
-from schemas.results import ResultHeaders, read_result
+from schemas.results import ResultHeaders, read_result_meta
 from schemas.studies import StudyEvent
 
 Kind = Literal["alert", "finding", "result", "request", "audit", "deadletter", "study"]
 Headers = Sequence[tuple[str, bytes]]
 
 # The results topic's records are a plain FHIR Bundle with radtriage's metadata in headers
-# (schemas/results.py `read_result`); the page needs only the metadata.
+# (schemas/results.py `read_result_meta`); the page needs only the metadata.
 SCHEMAS: dict[Kind, type[Event]] = {
     "alert": Alert,
     "finding": Finding,
@@ -115,7 +115,7 @@ def decode(record: Record, kinds: dict[str, Kind]) -> Observed | Unreadable:
         return Unreadable(coords, "not a topic the operator page reads")
     try:
         event: PageEvent = (
-            read_result(record.value, record.headers).meta
+            read_result_meta(record.value, record.headers)
             if kind == "result"
             else SCHEMAS[kind].from_bytes(record.value)  # type: ignore[assignment]
         )

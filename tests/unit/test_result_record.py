@@ -23,6 +23,7 @@ from schemas.results import (
     FhirResult,
     ResultHeaders,
     read_result,
+    read_result_meta,
     result_record,
 )
 from streams.app import header_text
@@ -159,6 +160,22 @@ def test_missing_or_invalid_headers_are_named() -> None:
     ok = read_result(value, changed("content-type", b"Application/FHIR+json"))
     assert ok.meta.content_type == "Application/FHIR+json"
     assert CONTENT_TYPE == "application/fhir+json; fhirVersion=4.0"
+
+
+def test_the_metadata_alone_is_read_from_the_headers_without_the_bundle() -> None:
+    bundle, value, headers = _record()
+    assert read_result_meta(value, headers) == META
+    # The value is not parsed when radtriage's headers are there...
+    assert read_result_meta(b"not even json", headers) == META
+    # ...but they must be complete; without them the value must be an envelope.
+    with pytest.raises(EventDecodeError, match="missing header"):
+        read_result_meta(value, [h for h in headers if h[0] != "radtriage-finding"])
+    with pytest.raises(EventDecodeError, match="missing header"):
+        read_result_meta(value, [("content-type", b"application/fhir+json")])
+    old = FhirResult(study_uid="1.2.840.99.1", finding="ICH", bundle=bundle, request_id="r").to_bytes()
+    assert read_result_meta(old).request_id == "r"
+    with pytest.raises(EventDecodeError, match="not JSON"):
+        read_result_meta(b"\x00garbage")
 
 
 def test_the_reports_ledger_knows_both_formats_and_skips_the_rest() -> None:
