@@ -74,14 +74,23 @@ def baseline_child(bootstrap: str, topic: str) -> dict[str, Any]:
     c.assign(parts)
     c.seek_to_beginning(*parts)
     ends = c.end_offsets(parts)
-    n = nbytes = 0
+    n = nbytes = header_bytes = 0
     while any(c.position(tp) < ends[tp] for tp in parts):
         for records in c.poll(timeout_ms=200, max_records=2000).values():
             n += len(records)
             nbytes += sum(len(r.value) for r in records)
+            header_bytes += sum(len(k) + len(v or b"") for r in records for k, v in r.headers or ())
     elapsed = time.perf_counter() - t
     c.close()
-    return {"records": n, "bytes": nbytes, "seconds": elapsed, "mem_before": before, "mem_after": _mem()}
+    return {
+        "records": n,
+        "bytes": nbytes,
+        # The results' metadata travels in headers (schemas/results.py): counted apart.
+        "header_bytes": header_bytes,
+        "seconds": elapsed,
+        "mem_before": before,
+        "mem_after": _mem(),
+    }
 
 
 def view_child(bootstrap: str, topic: str, reports: int, samples: int) -> dict[str, Any]:
@@ -165,9 +174,12 @@ def _child(kind: str, *args: str) -> dict[str, Any]:
     return result
 
 
-def _records(n: int) -> tuple[list[tuple[str, bytes]], list[str]]:
+Headers = list[tuple[str, bytes]]
+
+
+def _records(n: int) -> tuple[list[tuple[str, bytes, Headers]], list[str]]:
     from processors.fhir_report import build_result_bundle
-    from schemas.results import FhirResult
+    from schemas.results import ResultHeaders, result_record
     from tests.support.findings import gallery
 
     shapes = list(gallery().values())
@@ -182,25 +194,25 @@ def _records(n: int) -> tuple[list[tuple[str, bytes]], list[str]]:
                 "inferred_at": T0 + timedelta(seconds=i),
             }
         )
-        record = FhirResult(
+        meta = ResultHeaders(
             study_uid=f.study_uid,
             accession_number=f.accession_number,
             finding=f.finding,
-            bundle=build_result_bundle(f),
             request_id=f.request_id,
             produced_at=T0 + timedelta(seconds=i),
         )
-        out.append((f.study_uid, record.to_bytes()))
+        value, headers = result_record(build_result_bundle(f), meta)
+        out.append((f.study_uid, value, headers))
         accessions.append(f.accession_number)
     return out, accessions
 
 
-def _publish(bootstrap: str, topic: str, records: Sequence[tuple[str, bytes]]) -> None:
+def _publish(bootstrap: str, topic: str, records: Sequence[tuple[str, bytes, Headers]]) -> None:
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_request_size=4 << 20)
-    for key, value in records:
-        producer.send(topic, key=key.encode(), value=value)
+    for key, value, headers in records:
+        producer.send(topic, key=key.encode(), value=value, headers=headers)
     producer.flush(120)
     producer.close()
 
@@ -209,7 +221,7 @@ def _http(
     bootstrap: str, topic: str, home: Path, accessions: Sequence[str], samples: int, lag_samples: int
 ) -> dict[str, Any]:
     from processors.fhir_report import build_result_bundle
-    from schemas.results import FhirResult
+    from schemas.results import ResultHeaders, result_record
     from tests.support.findings import finding
 
     port = free_port()
@@ -275,11 +287,11 @@ def _http(
         lags = []
         for i in range(lag_samples):
             f = finding(study_uid=f"1.2.826.0.1.3680043.11.{i}", accession_number=f"LAG{i:05d}")
-            value = FhirResult(
-                study_uid=f.study_uid, finding=f.finding, bundle=build_result_bundle(f)
-            ).to_bytes()
+            value, headers = result_record(
+                build_result_bundle(f), ResultHeaders(study_uid=f.study_uid, finding=f.finding)
+            )
             t = time.perf_counter()
-            producer.send(topic, key=f.study_uid.encode(), value=value).get(10)
+            producer.send(topic, key=f.study_uid.encode(), value=value, headers=headers).get(10)
             acked = time.perf_counter()
             while (
                 session.get(
@@ -339,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         _publish(bootstrap, topic, records)
         published_s = time.perf_counter() - t
-        topic_bytes = sum(len(v) for _, v in records)
+        topic_bytes = sum(len(v) for _, v, _ in records)
+        # The metadata's headers (names and values), apart from the values above.
+        header_bytes = sum(len(k) + len(v) for _, _, headers in records for k, v in headers)
         del records
         print(
             f"{args.reports} records built in {built_s:.1f} s, published in {published_s:.1f} s",
@@ -358,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
         "reports": args.reports,
-        "topic": {"partitions": PARTITIONS, "bytes": topic_bytes},
+        "topic": {"partitions": PARTITIONS, "bytes": topic_bytes, "header_bytes": header_bytes},
         "baseline_raw_read": {
             "seconds": round(baseline["seconds"], 3),
             "records": baseline["records"],

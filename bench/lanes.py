@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -88,6 +88,7 @@ from bench.lane_stats import (
 from radtriage.demo_messages import hl7_order, post_fhir, send_hl7, service_request
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, Settings
+from schemas.results import read_result
 
 console = Console()
 
@@ -303,14 +304,15 @@ class Collector:
             while not self.stop.is_set():
                 for records in self.consumer.poll(timeout_ms=200).values():
                     for record in records:
-                        self._one(self.kinds[record.topic], record.value)
+                        self._one(self.kinds[record.topic], record.value, record.headers or ())
         except BaseException as exc:  # surfaced by the main thread: a silent collector lies
             self.error = exc
 
-    def _one(self, kind: str, value: bytes | None) -> None:
+    def _one(self, kind: str, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> None:
         try:
-            data = json.loads(value or b"")
-        except ValueError:
+            # A report is a plain Bundle, its study and times in headers (schemas/results.py).
+            data = read_result(value, headers).fields() if kind == "report" else json.loads(value or b"")
+        except ValueError:  # EventDecodeError included
             return
         if not isinstance(data, dict):
             return

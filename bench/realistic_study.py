@@ -59,6 +59,8 @@ from rich.table import Table
 from models.realistic_study import ALL_KINDS, SeriesKind, StudyManifest, write_realistic_head_study
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, Settings
+from schemas.base import EventDecodeError
+from schemas.results import read_result
 from tests.support.dicom import dcmtk_tool
 
 # Wide enough for the result table when stdout is a log file, not a terminal (rich: 80).
@@ -262,8 +264,13 @@ class Watcher:
         for records in self.consumer.poll(timeout_ms=timeout_ms).values():
             for r in records:
                 try:
-                    data = json.loads(r.value)
-                except (ValueError, TypeError):
+                    # The results topic: a plain Bundle, its study and finding in headers.
+                    data = (
+                        read_result(r.value, r.headers or ()).fields()
+                        if r.topic == self.t.results_fhir
+                        else json.loads(r.value)
+                    )
+                except (EventDecodeError, ValueError, TypeError):
                     continue
                 uid = data.get("study_uid") or ""
                 if r.topic == self.t.deadletter and not uid:

@@ -242,14 +242,28 @@ def build_device(finding: Finding) -> dict[str, Any]:
     }
 
 
+# RFC 3986 URIs as identifiers (FHIR R4 datatypes.html#Identifier).
+URI_SYSTEM = "urn:ietf:rfc:3986"
+
+
+def resource_identifier(resource_id: str) -> dict[str, str]:
+    """A resource's radtriage identifier: its id (derived from the study, the finding and the
+    resource's role, so the same for a re-run or an amended report) as a `urn:uuid:` URI.
+    The one an EHR's server finds it by (processors/fhir_transaction.py), and what
+    `/fhir/Observation?identifier=` matches."""
+    return {"system": URI_SYSTEM, "value": f"urn:uuid:{resource_id}"}
+
+
 def _observation_base(
     finding: Finding, observation_id: str, patient_id_system: str, narrative: str
 ) -> dict[str, Any]:
-    """What every Observation of a finding says the same way: status, category, time, the
-    model (name and version) that made it, the study it is derived from, the patient."""
+    """What every Observation of a finding says the same way: its identifier, status,
+    category, time, the model (name and version) that made it, the study it is derived
+    from, the patient."""
     body: dict[str, Any] = {
         "resourceType": "Observation",
         "id": observation_id,
+        "identifier": [resource_identifier(observation_id)],
         "status": report_status(finding),
         "category": IMAGING_CATEGORY,
         "effectiveDateTime": finding.inferred_at.isoformat(),

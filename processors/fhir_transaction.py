@@ -4,7 +4,8 @@ radtriage's report (processors/fhir_report.py) is a `collection` Bundle whose re
 have ids radtriage derived from the study and finding (the same for a re-run, so an amended
 report has the id of the one it amends). A FHIR server owns its own ids, so the transaction
 carries ours as an identifier instead (`urn:ietf:rfc:3986` | `urn:uuid:<id>`, the standard
-way to write a URI as an identifier) and every entry is conditional on it:
+way to write a URI as an identifier; the report's Observations carry it already,
+processors/fhir_report.py `resource_identifier`) and every entry is conditional on it:
 
 - the DiagnosticReport and its Observations: `PUT <type>?identifier=<ours>`, a conditional
   update: created the first time, updated afterwards (a retry, a replay: the same content
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-# RFC 3986 URIs as identifiers (FHIR R4 datatypes.html#Identifier, "urn:ietf:rfc:3986").
-URI_SYSTEM = "urn:ietf:rfc:3986"
+from processors.fhir_report import resource_identifier
+
 # Created once and never changed by radtriage: the model that made the finding.
 CREATE_ONCE = frozenset({"Device"})
 
@@ -46,10 +47,6 @@ class ReportKey:
         return f"{self.system}|{self.value}"
 
 
-def our_identifier(resource_id: str) -> dict[str, str]:
-    return {"system": URI_SYSTEM, "value": f"urn:uuid:{resource_id}"}
-
-
 def conditional_query(key: dict[str, str]) -> str:
     """`identifier=<system>|<value>`, escaped for a URL (`|` included, `:` kept readable)."""
     return "identifier=" + quote(f"{key['system']}|{key['value']}", safe=":")
@@ -67,7 +64,7 @@ def _entry(entry: Any, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
     # The server assigns its own id; ours travels as an identifier (a conditional update
     # carrying an id the server does not know would be refused by most servers).
     del body["id"]
-    key = our_identifier(rid)
+    key = resource_identifier(rid)
     identifiers = body.setdefault("identifier", [])
     if not isinstance(identifiers, list):
         raise UnsendableBundle(f"entry {index} ({kind}) has an identifier that is not a list")

@@ -58,7 +58,9 @@ from radtriage.demo_messages import (
 )
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import Settings
+from schemas.base import EventDecodeError
 from schemas.findings import Finding
+from schemas.results import read_result
 
 console = Console()
 # SNOMED CT 272741003 |Laterality|: the Observation component that names a finding's side.
@@ -309,6 +311,7 @@ class OutputWatcher:
 
     def __init__(self, settings: Settings) -> None:
         t = settings.topics
+        self.results_topic = t.results_fhir
         self.topics = [*t.alert_topics(), t.results_fhir, t.findings, t.audit, t.deadletter]
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
@@ -328,8 +331,12 @@ class OutputWatcher:
         for records in self.consumer.poll(timeout_ms=timeout_ms).values():
             for record in records:
                 try:
-                    data = json.loads(record.value)
-                except (ValueError, TypeError):
+                    if record.topic == self.results_topic:
+                        # A plain Bundle, its study and finding in headers: as one object.
+                        data = read_result(record.value, record.headers or ()).fields()
+                    else:
+                        data = json.loads(record.value)
+                except (EventDecodeError, ValueError, TypeError):
                     continue
                 uid = data.get("study_uid") or ""
                 self.seen.setdefault(uid, []).append((record.topic, data))

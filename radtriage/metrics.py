@@ -64,7 +64,7 @@ from radtriage.settings import LANES, KafkaSettings, Settings  # noqa: E402
 from schemas.alerts import Alert  # noqa: E402
 from schemas.findings import Finding  # noqa: E402
 from schemas.requests import TriageRequest  # noqa: E402
-from schemas.results import FhirResult  # noqa: E402
+from schemas.results import ResultHeaders  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ RECEIVED_TO_ALERT = Histogram(
 )
 READY_TO_REPORT = Histogram(
     "radtriage_ready_to_report_seconds",
-    "End to end: study ready to FHIR report published (FhirResult.produced_at - Finding.ready_at)",
+    "End to end: study ready to FHIR report published (the result's produced_at - Finding.ready_at)",
     ["lane", "model"],
     buckets=LATENCY_BUCKETS,
 )
@@ -462,7 +462,7 @@ def observe_alert(alert: Alert) -> None:
     )
 
 
-def observe_report(finding: Finding, result: FhirResult) -> None:
+def observe_report(finding: Finding, result: ResultHeaders) -> None:
     REPORTS.labels(result.finding).inc()
     READY_TO_REPORT.labels(lane_label(finding.lane), model_label(finding.model_name)).observe(
         seconds_between(finding.ready_at, result.produced_at)

@@ -240,6 +240,20 @@ def _header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> bytes | N
     return None
 
 
+def replay_headers(
+    letter: DeadLetter, coords: Coordinates, traceparent: bytes | None
+) -> list[tuple[str, bytes]]:
+    """A replay's headers: the failed record's own (the results topic keeps its metadata
+    there), then the replay's mark and the trace context the dead letter was written in."""
+    own = [
+        (k, v.encode("latin-1"))
+        for k, v in letter.headers.items()
+        if k.lower() not in (REPLAY_HEADER, "traceparent", "tracestate")
+    ]
+    mark = [(REPLAY_HEADER, str(coords).encode())]
+    return own + mark + ([("traceparent", traceparent)] if traceparent else [])
+
+
 def read_dead_letters(
     kafka: KafkaSettings | str, topic: str, timeout_s: float = 60.0
 ) -> tuple[list[StoredLetter], int]:
@@ -293,9 +307,7 @@ def run_replay(settings: Settings, criteria: Criteria, *, dry_run: bool) -> Repo
         try:
             for decision in todo:
                 stored, letter = decision.stored, decision.stored.letter
-                headers = [(REPLAY_HEADER, str(stored.coords).encode())]
-                if stored.traceparent:
-                    headers.append(("traceparent", stored.traceparent))
+                headers = replay_headers(letter, stored.coords, stored.traceparent)
                 try:
                     meta = producer.send(
                         letter.source_topic,

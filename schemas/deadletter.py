@@ -19,4 +19,8 @@ class DeadLetter(Event):
     study_uid: str = ""
     # The undecodable or failed payload, as text (utf-8 with replacement), for replay and forensics.
     payload: str = ""
+    # The failed record's Kafka headers (values as latin-1 text, so any bytes survive): a
+    # replay sends them again, since some topics keep their metadata there (the results
+    # topic's plain FHIR Bundle, schemas/results.py).
+    headers: dict[str, str] = Field(default_factory=dict)
     at: datetime = Field(default_factory=utcnow)

@@ -9,6 +9,7 @@ reason instead of an exception inside Faust's deserializer that stalls a partiti
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,15 +107,33 @@ async def publish(topic: TopicT, key: str, event: Event, headers: HeaderList | N
     Waiting per message costs a few milliseconds but means the source offset is
     never committed ahead of what we produced from it.
     """
+    await publish_value(topic, key, event.to_bytes(), headers, about=event)
+
+
+async def publish_value(
+    topic: TopicT, key: str, value: bytes, headers: HeaderList | None = None, *, about: object | None = None
+) -> None:
+    """`publish` for a value that is not an Event (the results topic's plain FHIR Bundle,
+    its metadata in `headers`): the same send, acknowledgement and PRODUCER span, the
+    trace context added to `headers`. `about`: what the span's ids (study UID, accession
+    number) are read from."""
     carrier = {
         k: v.decode("latin-1") if isinstance(v, bytes | bytearray) else str(v) for k, v in headers or []
     }
     # A PRODUCER span per record ("send <topic>"), whose context the record carries on.
-    with send_span(topic.get_topic_name(), key, carrier, event) as (span, carried):
+    with send_span(topic.get_topic_name(), key, carrier, about) as (span, carried):
         sent = [(k, v.encode("latin-1")) for k, v in carried.items()]
-        fut = await topic.send(key=key.encode(), value=event.to_bytes(), headers=sent)
+        fut = await topic.send(key=key.encode(), value=value, headers=sent)
         meta = await fut
         record_ack(span, getattr(meta, "partition", None), getattr(meta, "offset", None))
+
+
+def header_text(headers: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> dict[str, str]:
+    """A record's headers as text (latin-1: every byte kept), whichever shape the client gave."""
+    items = headers.items() if isinstance(headers, Mapping) else headers or ()
+    return {
+        str(k): v.decode("latin-1") if isinstance(v, bytes | bytearray) else str(v or "") for k, v in items
+    }
 
 
 def event_key(event: EventT[Any]) -> str:
@@ -144,6 +163,7 @@ async def dead_letter(
         offset=message.offset,
         study_uid=study_uid,
         payload=payload[:DEADLETTER_PAYLOAD_LIMIT],
+        headers=header_text(event.headers),
     )
     log.warning(
         "dead letter from %s[%s]@%s stage=%s: %s",

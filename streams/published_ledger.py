@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -45,23 +45,27 @@ from radtriage.settings import KafkaSettings
 from schemas.alerts import Alert
 from schemas.base import EventDecodeError
 from schemas.findings import Finding
-from schemas.results import FhirResult
+from schemas.results import read_result_meta
 
 log = logging.getLogger(__name__)
 
-IdOf = Callable[[bytes | None], str | None]
+Headers = Sequence[tuple[str, bytes]]
+# A record's id from its value and headers (the results topic keeps its ids in headers).
+IdOf = Callable[[bytes | None, Headers], str | None]
 
 
-def alert_key(value: bytes | None) -> str | None:
+def alert_key(value: bytes | None, headers: Headers = ()) -> str | None:
     return Alert.from_bytes(value).alert_id
 
 
-def finding_key(value: bytes | None) -> str | None:
+def finding_key(value: bytes | None, headers: Headers = ()) -> str | None:
     return Finding.from_bytes(value).request_id or None
 
 
-def report_key(value: bytes | None) -> str | None:
-    return FhirResult.from_bytes(value).request_id or None
+def report_key(value: bytes | None, headers: Headers = ()) -> str | None:
+    # Either format: the id from the headers (the Bundle is not parsed), or from an envelope
+    # written before the upgrade.
+    return read_result_meta(value, headers).request_id or None
 
 
 class PublishedLedger:
@@ -164,7 +168,7 @@ class PublishedLedger:
                     for records in batch.values():
                         for record in records:
                             read += 1
-                            self._add(record.value)
+                            self._add(record.value, record.headers or ())
                     for tp in list(remaining):
                         if await consumer.position(tp) >= ends[tp]:
                             remaining.discard(tp)
@@ -181,9 +185,9 @@ class PublishedLedger:
             len(self._sent),
         )
 
-    def _add(self, value: bytes | None) -> None:
+    def _add(self, value: bytes | None, headers: Headers = ()) -> None:
         try:
-            key = self._id_of(value)
+            key = self._id_of(value, headers)
         except EventDecodeError:
             # Not ours to judge here: whatever else is on the topic is not something we sent.
             return

@@ -1,22 +1,20 @@
 """A `triage.results.fhir` record -> the FHIR Bundle it carries and when it was made (pure).
 
-The one place that knows the record's format, so that the FHIR read/search view
-(connectors/fhir/results_view.py) follows the topic when its format changes: today a
-radtriage JSON envelope (schemas/results.py `FhirResult`) holding the Bundle; a later
-change puts the plain Bundle on the topic with radtriage's metadata in headers, and only
-`decode_result` changes with it.
+What the FHIR read/search view (connectors/fhir/results_view.py) needs of a record, read
+by the one reader of the topic's format (schemas/results.py `read_result`): the plain
+Bundle with radtriage's metadata in headers, or, for records written before the upgrade,
+the radtriage JSON envelope holding the Bundle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
-
-from schemas.results import FhirResult
+from schemas.base import EventDecodeError
+from schemas.results import read_result
 
 
 class UnreadableResult(ValueError):
@@ -35,21 +33,12 @@ def decode_result(
 ) -> DecodedResult:
     """The Bundle of one record; UnreadableResult with the cause otherwise.
 
-    `headers` and `timestamp_ms` (the Kafka record's) are unused by the envelope format but
-    are what the plain-Bundle format will carry its metadata in."""
-    del headers, timestamp_ms
-    if not value:
-        raise UnreadableResult("empty record (a tombstone or nothing)")
+    Either format (schemas/results.py `read_result`): the plain Bundle with radtriage's
+    headers, or the envelope of records written before the upgrade. `timestamp_ms` (the
+    Kafka record's) is not needed: both formats say when the report was produced."""
+    del timestamp_ms
     try:
-        result = FhirResult.model_validate_json(value)
-    except ValidationError as exc:
-        raise UnreadableResult(
-            f"not a FhirResult envelope: {exc.error_count()} validation error(s)"
-        ) from None
-    bundle = result.bundle
-    if bundle.get("resourceType") != "Bundle" or not isinstance(bundle.get("entry"), list):
-        raise UnreadableResult("the envelope's bundle is not a Bundle with entries")
-    produced = result.produced_at
-    if produced.tzinfo is None:
-        produced = produced.replace(tzinfo=UTC)
-    return DecodedResult(bundle, produced)
+        record = read_result(value, headers)
+    except EventDecodeError as exc:
+        raise UnreadableResult(str(exc)) from None
+    return DecodedResult(record.bundle, record.meta.produced_at)

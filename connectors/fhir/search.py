@@ -165,7 +165,8 @@ PARAMETERS: dict[str, dict[str, Param]] = {
                 "identifier",
                 "token",
                 SPEC + "clinical-identifier",
-                "[system|]value (radtriage's Observations carry none today: matches nothing).",
+                "[system|]value: each Observation's urn:ietf:rfc:3986|urn:uuid:<its id> (the same for "
+                "an amended report; what an EHR's server stores it under).",
                 _own_identifiers,
             ),
             Param(

@@ -20,7 +20,6 @@ from kafka import KafkaProducer
 from radtriage.kafka_clients import kafka_python_producer_kwargs
 from radtriage.operator.view import AlertRow, LetterRow
 from radtriage.replay import (
-    REPLAY_HEADER,
     Coordinates,
     append_record,
     classify,
@@ -28,6 +27,7 @@ from radtriage.replay import (
     locked_record,
     read_record,
     record_line,
+    replay_headers,
     replay_record,
 )
 from radtriage.settings import Settings
@@ -122,9 +122,7 @@ def replay_letter(settings: Settings, row: LetterRow) -> tuple[Coordinates, froz
         if action != "replay":
             raise ActionError(409, f"cannot be replayed: {reason}")
         timeout_ms = int(settings.kafka.produce_timeout_s * 1000)
-        headers = [(REPLAY_HEADER, str(row.coords).encode())]
-        if row.traceparent:
-            headers.append(("traceparent", row.traceparent.encode()))
+        headers = replay_headers(letter, row.coords, row.traceparent.encode() if row.traceparent else None)
         try:
             producer = KafkaProducer(
                 # acks=all + idempotence: replayed only once every in-sync replica has it.

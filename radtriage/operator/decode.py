@@ -19,23 +19,24 @@ from schemas.base import Event, EventDecodeError
 from schemas.deadletter import DeadLetter
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
-from schemas.results import FhirResult
+from schemas.results import ResultHeaders, read_result_meta
 from schemas.studies import StudyEvent
 
 Kind = Literal["alert", "finding", "result", "request", "audit", "deadletter", "study"]
 Headers = Sequence[tuple[str, bytes]]
 
+# The results topic's records are a plain FHIR Bundle with radtriage's metadata in headers
+# (schemas/results.py `read_result_meta`); the page needs only the metadata.
 SCHEMAS: dict[Kind, type[Event]] = {
     "alert": Alert,
     "finding": Finding,
-    "result": FhirResult,
     "request": TriageRequest,
     "audit": AuditEvent,
     "deadletter": DeadLetter,
     "study": StudyEvent,
 }
 
-PageEvent = Alert | Finding | FhirResult | TriageRequest | AuditEvent | DeadLetter | StudyEvent
+PageEvent = Alert | Finding | ResultHeaders | TriageRequest | AuditEvent | DeadLetter | StudyEvent
 
 
 def topic_kinds(topics: Topics) -> dict[str, Kind]:
@@ -113,7 +114,11 @@ def decode(record: Record, kinds: dict[str, Kind]) -> Observed | Unreadable:
     if kind is None:
         return Unreadable(coords, "not a topic the operator page reads")
     try:
-        event = SCHEMAS[kind].from_bytes(record.value)
+        event: PageEvent = (
+            read_result_meta(record.value, record.headers)
+            if kind == "result"
+            else SCHEMAS[kind].from_bytes(record.value)  # type: ignore[assignment]
+        )
     except EventDecodeError as exc:
         return Unreadable(coords, str(exc))
     except (UnicodeDecodeError, ValueError) as exc:  # not even text
@@ -122,7 +127,7 @@ def decode(record: Record, kinds: dict[str, Kind]) -> Observed | Unreadable:
     replay_of = parse_coordinates(replay.decode("utf-8", errors="replace")) if replay else None
     traceparent = _header(record.headers, "traceparent")
     return Observed(
-        event,  # type: ignore[arg-type]
+        event,
         coords,
         trace_id_of(record.headers),
         replay_of,

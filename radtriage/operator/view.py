@@ -31,7 +31,7 @@ from schemas.base import EventDecodeError
 from schemas.deadletter import DeadLetter
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
-from schemas.results import FhirResult
+from schemas.results import ResultHeaders
 from schemas.studies import StudyEvent
 from streams.routing import request_id
 
@@ -274,7 +274,7 @@ def _fold_event(view: View, obs: Observed, limits: Limits) -> View:
             return _request(view, event, obs, limits)
         case Finding():
             return _finding(view, event, obs, limits)
-        case FhirResult():
+        case ResultHeaders():
             return _track(
                 view,
                 event.study_uid,

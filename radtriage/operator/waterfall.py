@@ -4,7 +4,7 @@ JSON lines) when there is one.
 
 received (StudyEvent / request / finding / alert `received_at`: first instance in) →
 ready (`ready_at`) → routed (TriageRequest `routed_at`) → inferred (Finding
-`inferred_at`) → reported (FhirResult `produced_at`) → alerted (Alert `alerted_at`).
+`inferred_at`) → reported (the result's `produced_at` header) → alerted (Alert `alerted_at`).
 
 Spans of one name are grouped (a CT study is hundreds of `dicom.c_store` spans): first
 start to last end, and how many. Only names, services and times are shown: attributes

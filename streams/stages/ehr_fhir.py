@@ -30,7 +30,7 @@ from faust.types import EventT
 from processors.fhir_transaction import UnsendableBundle, build_transaction, encode
 from radtriage import metrics
 from radtriage.settings import EhrFhirSettings
-from schemas.results import FhirResult
+from schemas.results import read_result
 from streams.app import dead_letter
 from streams.fhir_sender import Rejected, Server, Stored, deliver, post_transaction
 from streams.retry import Retry
@@ -111,11 +111,13 @@ def register(ctx: PipelineContext) -> None:
         return sessions[0]
 
     async def send_one(event: EventT[Any]) -> None:
-        result = FhirResult.from_bytes(event.value)
+        # The plain Bundle and its headers, or a record of the old envelope (schemas/results.py).
+        record = read_result(event.value, event.headers or ())
+        result = record.meta
         attrs = {"radtriage.study_uid": result.study_uid, "radtriage.finding": result.finding}
         with consumer_span(ctx, STAGE, event, attrs=attrs) as span:
             try:
-                transaction, key = build_transaction(result.bundle)
+                transaction, key = build_transaction(record.bundle)
             except UnsendableBundle as exc:
                 why = f"report of {result.study_uid}/{result.finding} cannot be sent: {exc}"
                 log.warning("%s", why)

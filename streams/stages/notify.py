@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -120,7 +121,7 @@ class Notifier(Notifying):
 
     # -- state -------------------------------------------------------------------------------
 
-    def _fold_bytes(self, value: bytes | None) -> str | None:
+    def _fold_bytes(self, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()) -> str | None:
         """The takeover read: audit records and alerts of one partition into the state."""
         try:
             self.state.apply(AuditEvent.from_bytes(value))

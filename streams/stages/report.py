@@ -16,8 +16,8 @@ from processors.fhir_report import build_result_bundle
 from radtriage import metrics
 from radtriage.telemetry import headers_for_current_span
 from schemas.findings import Finding
-from schemas.results import FhirResult
-from streams.app import publish
+from schemas.results import ResultHeaders, result_record
+from streams.app import publish_value
 from streams.stages.common import consumer_span, each
 from streams.stages.context import PipelineContext
 
@@ -37,18 +37,27 @@ def register(ctx: PipelineContext) -> None:
                 # Replayed after a kill: its report is already on the results topic.
                 span.set_attribute("radtriage.duplicate", True)
                 return
-            result = FhirResult(
+            meta = ResultHeaders(
                 study_uid=finding.study_uid,
                 accession_number=finding.accession_number,
                 finding=finding.finding,
-                bundle=build_result_bundle(finding, ctx.settings.ehr.patient_id_system),
                 request_id=finding.request_id,
             )
-            await publish(ctx.topics.results_fhir, finding.study_uid, result, headers_for_current_span())
+            # The plain Bundle as the value, radtriage's metadata in headers (schemas/results.py).
+            value, headers = result_record(
+                build_result_bundle(finding, ctx.settings.ehr.patient_id_system), meta
+            )
+            await publish_value(
+                ctx.topics.results_fhir,
+                finding.study_uid,
+                value,
+                [*headers, *headers_for_current_span()],
+                about=meta,
+            )
             ctx.crash_if("crash_after_report", finding.request_id)
             if finding.request_id:
                 ctx.reports_ledger.record(finding.request_id)
-            metrics.observe_report(finding, result)
+            metrics.observe_report(finding, meta)
 
     @ctx.app.agent(ctx.topics.findings, name="report")
     async def report(stream: faust.StreamT[Any]) -> None:

@@ -22,12 +22,11 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from processors.fhir_report import build_result_bundle, resource_ids
-from processors.fhir_transaction import URI_SYSTEM
+from processors.fhir_report import URI_SYSTEM, build_result_bundle, resource_ids
 from radtriage.settings import Settings
 from schemas.findings import Finding
 from schemas.requests import OrderRef
-from schemas.results import FhirResult
+from schemas.results import FhirResult, ResultHeaders, result_record
 from tests.integration.harness import Worker
 from tests.support.fhir_server import HapiFhirServer
 from tests.support.findings import ich_result
@@ -85,8 +84,13 @@ def _decisions(tail: Tail, settings: Settings, study: str) -> list[str]:
     return [a["decision"] for a in tail.of(settings.topics.audit, study_uid=study) if a["stage"] == "ehr"]
 
 
-def _send(producer: KafkaProducer, topic: str, key: str, value: bytes) -> None:
-    producer.send(topic, key=key.encode(), value=value).get(10)
+Headers = list[tuple[str, bytes]]
+
+
+def _send(
+    producer: KafkaProducer, topic: str, key: str, value: bytes, headers: Headers | None = None
+) -> None:
+    producer.send(topic, key=key.encode(), value=value, headers=headers or []).get(10)
 
 
 def test_a_bleed_report_is_stored_once_updated_when_amended_and_a_refusal_is_dead_lettered(
@@ -114,6 +118,11 @@ def test_a_bleed_report_is_stored_once_updated_when_amended_and_a_refusal_is_dea
     (by_accession,) = ehr.search("DiagnosticReport", identifier=bleed.accession_number)
     assert by_accession["id"] == report["id"] == stored["detail"]["report_location"].split("/")[1]
     (result,) = tail.of(t.results_fhir, study_uid=study)
+    (record,) = [r for r in tail.records if r.topic == t.results_fhir and r.value["study_uid"] == study]
+    # On the topic: the plain Bundle, radtriage's metadata in headers.
+    assert json.loads(record.raw) == result["bundle"] and result["bundle"]["resourceType"] == "Bundle"
+    assert record.headers["content-type"] == b"application/fhir+json; fhirVersion=4.0"
+    assert record.headers["radtriage-request-id"] == bleed.request_id.encode()
     ours = result["bundle"]["entry"][0]["resource"]
     assert report["status"] == "preliminary"
     assert report["conclusion"] == ours["conclusion"] and "haemorrhage" in report["conclusion"]
@@ -125,13 +134,23 @@ def test_a_bleed_report_is_stored_once_updated_when_amended_and_a_refusal_is_dea
     observation = ehr.read(reference["reference"])
     assert observation["resourceType"] == "Observation" and observation["status"] == "preliminary"
 
-    # 2. The same report again (as a replay or a worker killed before its commit sends it):
-    # still one report, one Observation.
-    _send(producer, t.results_fhir, study, FhirResult.model_validate(result).to_bytes())
-    tail.until(lambda: len(_decisions(tail, settings, study)) == 2, timeout=60)
-    assert _decisions(tail, settings, study) == ["fhir_stored", "fhir_stored"]
+    # The Observation carries radtriage's identifier on the topic already: the one the
+    # server's conditional update found it by.
+    ours_observation = result["bundle"]["entry"][1]["resource"]
+    our_id = {"system": URI_SYSTEM, "value": f"urn:uuid:{ours_observation['id']}"}
+    assert ours_observation["identifier"] == [our_id] and our_id in observation["identifier"]
+
+    # 2. The same report again (as a replay or a worker killed before its commit sends it),
+    # then as a record of the old envelope (written before the upgrade): still one report,
+    # one Observation.
+    _send(producer, t.results_fhir, study, record.raw, list(record.headers.items()))
+    old = FhirResult.model_validate({k: v for k, v in result.items() if k != "schema_version"})
+    _send(producer, t.results_fhir, study, old.to_bytes())
+    tail.until(lambda: len(_decisions(tail, settings, study)) == 3, timeout=60)
+    assert _decisions(tail, settings, study) == ["fhir_stored"] * 3
     assert [r["id"] for r in _reports_of(ehr, study)] == [report["id"]]
     assert len(ehr.search("Observation", identifier=observation["identifier"][0]["value"])) == 1
+    assert len(ehr.search("Observation", identifier=f"{URI_SYSTEM}|urn:uuid:{ours_observation['id']}")) == 1
 
     # 3. Amended (a better series read of the same study and model): the server's report
     # is updated, not doubled.
@@ -139,7 +158,7 @@ def test_a_bleed_report_is_stored_once_updated_when_amended_and_a_refusal_is_dea
         update={"request_id": bleed.request_id + "/amended", "amends_request_id": bleed.request_id}
     )
     _send(producer, t.findings, study, amended.to_bytes())
-    tail.until(lambda: len(_decisions(tail, settings, study)) == 3, timeout=60)
+    tail.until(lambda: len(_decisions(tail, settings, study)) == 4, timeout=60)
     assert _decisions(tail, settings, study)[-1] == "fhir_stored"
     (updated,) = _reports_of(ehr, study)
     assert updated["id"] == report["id"] and updated["status"] == "amended"
@@ -150,8 +169,8 @@ def test_a_bleed_report_is_stored_once_updated_when_amended_and_a_refusal_is_dea
     bad = _bleed(stamp, "2")
     broken = build_result_bundle(bad)
     broken["entry"][0]["resource"]["status"] = "bogus"
-    refused = FhirResult(study_uid=bad.study_uid, finding="ICH", bundle=broken)
-    _send(producer, t.results_fhir, bad.study_uid, refused.to_bytes())
+    refused, headers = result_record(broken, ResultHeaders(study_uid=bad.study_uid, finding="ICH"))
+    _send(producer, t.results_fhir, bad.study_uid, refused, headers)
     tail.until(lambda: _decisions(tail, settings, bad.study_uid), timeout=60)
     assert _decisions(tail, settings, bad.study_uid) == ["fhir_refused"]
     (letter,) = tail.of(t.deadletter, study_uid=bad.study_uid)
@@ -181,6 +200,8 @@ def test_with_the_server_down_a_report_waits_for_it_and_one_past_the_deadline_is
         assert _decisions(tail, settings, late.study_uid) == ["fhir_undelivered"]
         (letter,) = tail.of(t.deadletter, study_uid=late.study_uid)
         assert letter["stage"] == "ehr-fhir" and "cannot reach" in letter["error"]
+        # The record's metadata is in its headers: the letter keeps them for the replay.
+        assert letter["headers"]["radtriage-study-uid"] == late.study_uid
         # Down, then back within the deadline: retried until stored.
         _send(producer, t.findings, waiting.study_uid, waiting.to_bytes())
         # Not a timing assertion: room for a few refused attempts before the server is back

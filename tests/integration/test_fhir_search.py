@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 import requests
+from kafka import KafkaProducer
 
-from connectors.publisher import EventPublisher
 from processors.fhir_report import build_result_bundle
 from radtriage.kafka_admin import ensure_topics
+from radtriage.kafka_clients import kafka_python_producer_kwargs
 from radtriage.settings import Settings
 from schemas.findings import Finding
-from schemas.results import FhirResult
+from schemas.results import FhirResult, ResultHeaders, result_record
 from tests.support.fhir_validator import validate
 from tests.support.findings import finding, gallery
 from tests.support.http import healthy, http_env, http_settings
@@ -59,15 +60,32 @@ def _studies() -> list[Finding]:
     return out
 
 
-def _record(f: Finding, produced_at: datetime) -> FhirResult:
-    return FhirResult(
-        study_uid=f.study_uid,
-        accession_number=f.accession_number,
-        finding=f.finding,
-        bundle=build_result_bundle(f),
-        request_id=f.request_id,
-        produced_at=produced_at,
-    )
+class Publisher:
+    """Report records as the report stage writes them (the plain Bundle, metadata in headers),
+    or, `legacy`, as the envelope records written before the upgrade."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.topics.results_fhir
+        self.producer = KafkaProducer(**kafka_python_producer_kwargs(settings.kafka))
+
+    def publish(self, f: Finding, produced_at: datetime, *, legacy: bool = False) -> None:
+        meta = ResultHeaders(
+            study_uid=f.study_uid,
+            accession_number=f.accession_number,
+            finding=f.finding,
+            request_id=f.request_id,
+            produced_at=produced_at,
+        )
+        bundle = build_result_bundle(f)
+        if legacy:
+            value = FhirResult(**meta.model_dump(exclude={"schema_version", "content_type"}), bundle=bundle)
+            record, headers = value.to_bytes(), []
+        else:
+            record, headers = result_record(bundle, meta)
+        self.producer.send(self.topic, key=f.study_uid.encode(), value=record, headers=headers).get(10)
+
+    def close(self) -> None:
+        self.producer.close(10)
 
 
 class Server:
@@ -150,12 +168,11 @@ def _all_pages(server: Server, resource_type: str, params: dict[str, str]) -> li
 
 def test_reports_are_read_and_searched_and_found_again_after_a_restart(server: Server) -> None:
     studies = _studies()
-    publisher = EventPublisher(server.settings.kafka, timeout_s=10, client_id="test-fhir-search")
+    publisher = Publisher(server.settings)
     try:
         for n, f in enumerate(studies):
-            publisher.publish(
-                server.settings.topics.results_fhir, f.study_uid, _record(f, T0 + timedelta(minutes=n))
-            )
+            # The last few as a topic written before the upgrade holds them: both are read.
+            publisher.publish(f, T0 + timedelta(minutes=n), legacy=n >= len(studies) - 3)
         server.start()
 
         # Authorization as for the rest of /fhir.
@@ -200,6 +217,10 @@ def test_reports_are_read_and_searched_and_found_again_after_a_restart(server: S
         assert observation.status_code == 200 and observation.json()["resourceType"] == "Observation"
         derived = server.search("Observation", {"derived-from:identifier": f"{DICOM}|urn:oid:1.2.840.99.0"})
         assert observation.json()["id"] in _ids(derived)
+        # An Observation by its own identifier (urn:ietf:rfc:3986|urn:uuid:<id>).
+        (own,) = observation.json()["identifier"]
+        by_own = server.search("Observation", {"identifier": f"{own['system']}|{own['value']}"})
+        assert _ids(by_own) == [observation.json()["id"]]
 
         # Refusals: unknown resource id, strict handling of an unknown parameter, a bad date.
         missing = server.get("/fhir/DiagnosticReport/no-such-report")
@@ -234,9 +255,7 @@ def test_reports_are_read_and_searched_and_found_again_after_a_restart(server: S
         again = first_read.model_copy(
             update={"amends_request_id": first_read.request_id, "probability": 0.99}
         )
-        publisher.publish(
-            server.settings.topics.results_fhir, again.study_uid, _record(again, T0 + timedelta(hours=1))
-        )
+        publisher.publish(again, T0 + timedelta(hours=1))
         wait_until(
             lambda: (
                 server.get(f"/fhir/DiagnosticReport/{by_acc['ACC-0']['id']}").json()["status"] == "amended"
@@ -277,9 +296,9 @@ def test_a_finding_is_readable_soon_after_it_is_reported(server: Server) -> None
     server.start()
     assert server.search("DiagnosticReport", {})["total"] == 0  # an empty topic: ready, nothing found
     f = finding(study_uid="1.2.840.99.77", accession_number="ACC-77")
-    publisher = EventPublisher(server.settings.kafka, timeout_s=10, client_id="test-fhir-search")
+    publisher = Publisher(server.settings)
     try:
-        publisher.publish(server.settings.topics.results_fhir, f.study_uid, _record(f, T0))
+        publisher.publish(f, T0)
     finally:
         publisher.close()
     wait_until(

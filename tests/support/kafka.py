@@ -25,6 +25,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import KafkaSettings, Settings
+from schemas.results import HEADER_NAMES, MEDIA_TYPE, read_result
 from tests.support.net import free_port
 
 if TYPE_CHECKING:
@@ -45,7 +46,11 @@ class Record:
 
     @cached_property
     def value(self) -> dict[str, Any]:
-        """The value decoded as a JSON object."""
+        """The value decoded as a JSON object; a results record (a plain FHIR Bundle, its
+        metadata in headers) as its metadata's fields plus `bundle` (schemas/results.py)."""
+        content_type = self.headers.get(HEADER_NAMES["content_type"], b"")
+        if content_type.startswith(MEDIA_TYPE.encode()):
+            return read_result(self.raw, list(self.headers.items())).fields()
         return dict(json.loads(self.raw))
 
     @classmethod

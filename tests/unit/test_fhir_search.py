@@ -24,9 +24,9 @@ from connectors.fhir.search import (
     split_values,
     token_key,
 )
-from processors.fhir_report import build_result_bundle
+from processors.fhir_report import URI_SYSTEM, build_result_bundle
 from schemas.findings import LungNodule
-from schemas.results import FhirResult
+from schemas.results import FhirResult, ResultHeaders, result_record
 from tests.support.findings import FHIR_ORDER, finding, gallery
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -264,6 +264,36 @@ def test_self_link_shows_only_what_was_applied() -> None:
 # -- versions, amendments, bounds --------------------------------------------------------
 
 
+def test_observation_found_by_its_identifier_the_same_after_an_amendment() -> None:
+    index = ResultsIndex(1000)
+    first = finding(
+        "NODULE",
+        nodules=(LungNodule(lung="left", diameter_mm=8, centre_lps_mm=(1, 2, 3), probability=0.9),) * 2,
+    )
+    bundle = build_result_bundle(first)
+    observations = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert len(observations) == 3
+    tokens = []
+    for o in observations:
+        (ident,) = o["identifier"]
+        assert ident == {"system": URI_SYSTEM, "value": f"urn:uuid:{o['id']}"}
+        tokens.append(f"{URI_SYSTEM}|{ident['value']}")
+    index.apply(bundle, T0)
+    for token, o in zip(tokens, observations, strict=True):
+        assert ids(index, q("Observation", ("identifier", token))) == [o["id"]]
+        assert ids(index, q("Observation", ("identifier", token.partition("|")[2]))) == [o["id"]]
+    assert ids(index, q("Observation", ("identifier", f"{URI_SYSTEM}|urn:uuid:nope"))) == []
+    # An amended report (a new request id, a re-read): the same identifiers, found again.
+    amended = first.model_copy(update={"request_id": "r-2", "amends_request_id": first.request_id})
+    again = build_result_bundle(amended)
+    assert [e["resource"].get("identifier") for e in again["entry"]] == [
+        e["resource"].get("identifier") for e in bundle["entry"]
+    ]
+    index.apply(again, T0 + timedelta(minutes=1))
+    found = index.get("Observation", ids(index, q("Observation", ("identifier", tokens[0])))[0])
+    assert found is not None and found.version == 2 and found.resource["status"] == "amended"
+
+
 def test_served_resources_have_meta_and_relative_references(index: ResultsIndex) -> None:
     report = index.get("DiagnosticReport", report_id(index, "ACC2"))
     assert report is not None
@@ -333,13 +363,22 @@ def test_every_report_shape_is_indexed() -> None:
 # -- the record and the statement --------------------------------------------------------
 
 
-def test_decode_result_reads_the_envelope() -> None:
+def test_decode_result_reads_the_plain_bundle_and_the_old_envelope() -> None:
     bundle = build_result_bundle(finding())
-    record = FhirResult(study_uid="1.2", finding="ICH", bundle=bundle, produced_at=T0).to_bytes()
-    decoded = decode_result(record)
+    value, headers = result_record(bundle, ResultHeaders(study_uid="1.2", finding="ICH", produced_at=T0))
+    decoded = decode_result(value, headers)
     assert decoded.bundle == bundle and decoded.produced_at == T0
-    for bad in (b"", b"{", b'{"study_uid": "1"}'):
-        with pytest.raises(UnreadableResult):
+    # A record written before the upgrade: the envelope, no headers.
+    old = FhirResult(study_uid="1.2", finding="ICH", bundle=bundle, produced_at=T0).to_bytes()
+    decoded = decode_result(old)
+    assert decoded.bundle == bundle and decoded.produced_at == T0
+    for bad, why in (
+        (b"", "empty"),
+        (b"{", "not JSON"),
+        (b'{"study_uid": "1"}', "neither"),
+        (value, "missing header"),  # the Bundle without its headers
+    ):
+        with pytest.raises(UnreadableResult, match=why):
             decode_result(bad)
     with pytest.raises(ValueError):
         ResultsIndex(10).apply({"resourceType": "Bundle", "entry": []}, T0)

@@ -9,9 +9,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from processors.fhir_report import build_result_bundle, resource_ids
+from processors.fhir_report import URI_SYSTEM, build_result_bundle, resource_ids
 from processors.fhir_transaction import (
-    URI_SYSTEM,
     UnsendableBundle,
     build_transaction,
     encode,

@@ -11,7 +11,7 @@ from radtriage import metrics
 from schemas.alerts import Alert
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
-from schemas.results import FhirResult
+from schemas.results import ResultHeaders
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -166,7 +166,7 @@ def test_recording_helpers_use_the_events_timestamps() -> None:
         alerted_at=T0 + timedelta(seconds=6),
     )
     metrics.observe_alert(alert)
-    result = FhirResult(study_uid="1.2.3", finding="ICH", bundle={}, produced_at=T0 + timedelta(seconds=5))
+    result = ResultHeaders(study_uid="1.2.3", finding="ICH", produced_at=T0 + timedelta(seconds=5))
     metrics.observe_report(finding, result)
 
     assert _value("radtriage_routed_to_inferred_seconds_sum", **labels) - before["inferred"] == 1.5

@@ -37,7 +37,7 @@ from schemas.base import Event
 from schemas.deadletter import DeadLetter
 from schemas.findings import Finding
 from schemas.requests import Lane, TriageRequest
-from schemas.results import FhirResult
+from schemas.results import ResultHeaders
 from schemas.studies import SeriesRef, StudyEvent
 from streams.join import request_id
 
@@ -55,7 +55,9 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def obs(topic: str, event: Event, *, trace: str = "", replay_of: Coordinates | None = None) -> Observed:
+def obs(
+    topic: str, event: Event | ResultHeaders, *, trace: str = "", replay_of: Coordinates | None = None
+) -> Observed:
     offset = _offsets[topic] = _offsets.get(topic, -1) + 1
     return Observed(event, Coordinates(topic, 0, offset), trace, replay_of)  # type: ignore[arg-type]
 
@@ -375,7 +377,7 @@ def test_waterfall_stages_and_grouped_spans(tmp_path: Path) -> None:
         obs(TOPICS.studies, study()),
         obs(TOPICS.requests_stat, request(lane="stat", routed=3)),
         obs(TOPICS.findings, finding(inferred=5)),
-        obs(TOPICS.results_fhir, FhirResult(study_uid=UID, finding="ICH", bundle={}, produced_at=at(5.5))),
+        obs(TOPICS.results_fhir, ResultHeaders(study_uid=UID, finding="ICH", produced_at=at(5.5))),
         obs(TOPICS.alert_topic("ich"), alert(alerted=6)),
     )
     track = view.studies[UID]
@@ -405,7 +407,7 @@ def test_waterfall_stages_and_grouped_spans(tmp_path: Path) -> None:
     assert html.count('class="wf-stage"') == 6 and "dicom.c_store ×2" in html
     # the alert may go out before the report (two agents): said so, not a negative step
     view = run(
-        obs(TOPICS.results_fhir, FhirResult(study_uid=UID, finding="ICH", bundle={}, produced_at=at(6.5))),
+        obs(TOPICS.results_fhir, ResultHeaders(study_uid=UID, finding="ICH", produced_at=at(6.5))),
         view=view,
     )
     assert "500 ms before" in waterfall_html(waterfall(view.studies[UID], []))
