@@ -381,7 +381,7 @@ class Notifier(Notifying):
                 )
             else:
                 assert channel.email is not None
-                await channels.send_email(self.n.smtp, notice, channel.email)
+                await channels.send_email(self.relay(self.n.smtp), notice, channel.email)
 
         async def on_attempt(t: Try) -> None:
             nonlocal last_error

@@ -159,7 +159,7 @@ class OpsNotifier(Notifying):
             else:
                 assert channel.email is not None
                 await channels.send_mail(
-                    self.n.smtp, ops_message.email(notice, self.n.smtp.sender, channel.email)
+                    self.relay(self.n.smtp), ops_message.email(notice, self.n.smtp.sender, channel.email)
                 )
 
         last_error = "no usable channel (webhook not configured, or no SMTP host)"
