@@ -44,7 +44,7 @@ from schemas.oncall import Channel, Recipient
 from schemas.requests import TriageRequest
 from streams.app import publish
 from streams.stages.context import PipelineContext
-from streams.stages.notify import load_oncall
+from streams.stages.notify_oncall import load_oncall
 from streams.stages.notifying import Notifying, register_notifier
 
 log = logging.getLogger(__name__)

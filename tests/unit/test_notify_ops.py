@@ -199,7 +199,7 @@ def test_operators_alone_register_only_the_operators_agent() -> None:
 
 def test_the_notify_stream_decodes_only_acknowledgements_and_notify_records() -> None:
     from schemas.audit import ACK_DECISION, AuditEvent, AuditStage
-    from streams.stages.notify import relevant_audit
+    from streams.notify_state import relevant_audit
 
     def raw(stage: AuditStage, decision: str) -> bytes:
         return AuditEvent(
