@@ -132,8 +132,11 @@ class OpsNotifier(Notifying):
             return
         if offset <= self.high.get((topic, partition), -1):
             return
+        self._gather(topic, (topic, partition, offset), value)
+        # Only once read: an unreadable record is left to the stream, which dead-letters it.
         self.high[(topic, partition)] = offset
-        where = (topic, partition, offset)
+
+    def _gather(self, topic: str, where: tuple[str, int, int], value: bytes | None) -> None:
         now = datetime.now(UTC)
         if topic == self.deadletter_topic:
             letter = DeadLetter.from_bytes(value)  # unreadable: dead-lettered by `each`
