@@ -10,7 +10,9 @@ benches' clock):
 - {"gc": gen, "ms": ms, "at": t}: a garbage collection of `ms` (>= 5 ms);
 - {"busy": thread, "ms": ms, "at": t, "stacks": [...]}: a thread running Python code (its
   top frame not a wait) for `ms` (>= 20 ms) straight, sampled every 2 ms, with its most
-  frequent stacks: who held the GIL while the loop was late.
+  frequent stacks: who held the GIL while the loop was late;
+- {"admit": alert_id, "alerted_at": t0, "at": t} and {"post": alert_id, "alerted_at": t0,
+  "at": t, "end": t2}: the notify stage admitting an alert, and its webhook POST.
 Only in the worker process (argv names `worker`) and only with the variable set. The
 sampler costs a little GIL time itself; it is for finding a cause, not for figures.
 """
@@ -62,6 +64,43 @@ def _stack(frame: Any, depth: int = 8) -> str:
         parts.append(f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno}")
         frame = frame.f_back
     return " < ".join(parts)
+
+
+def _trace_notify(fh: Any, lock: threading.Lock) -> None:
+    """The notify stage's steps for each alert, on the same clock: when the stream admitted
+    it and when its webhook POST started and ended (the alert's `alerted_at` with them)."""
+    channels = sys.modules.get("processors.notify.channels")
+    notify = sys.modules.get("streams.stages.notify")
+    if channels is None or notify is None or getattr(notify, "_probed", False):
+        return
+    notify._probed = True
+    post = channels.post_webhook
+    admit = notify.Notifier.admit
+
+    async def traced_post(session: Any, target: Any, notice: Any, timeout_s: float) -> None:
+        start = time.time()
+        try:
+            await post(session, target, notice, timeout_s)
+        finally:
+            _emit(
+                fh,
+                lock,
+                {
+                    "post": notice.alert.alert_id,
+                    "alerted_at": notice.alert.alerted_at.timestamp(),
+                    "at": start,
+                    "end": time.time(),
+                },
+            )
+
+    async def traced_admit(self: Any, alert: Any) -> None:
+        _emit(
+            fh, lock, {"admit": alert.alert_id, "alerted_at": alert.alerted_at.timestamp(), "at": time.time()}
+        )
+        await admit(self, alert)
+
+    channels.post_webhook = traced_post
+    notify.Notifier.admit = traced_admit
 
 
 def _start() -> None:
@@ -130,6 +169,7 @@ def _start() -> None:
             self.call_later(period, beat, time.monotonic() + period)
 
         self.call_soon(beat, time.monotonic())
+        _trace_notify(fh, lock)
         run_forever(self)
 
     asyncio.BaseEventLoop.run_forever = probed  # type: ignore[method-assign]

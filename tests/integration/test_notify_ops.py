@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from radtriage.settings import Settings
 from schemas.deadletter import DeadLetter
@@ -116,13 +116,14 @@ def test_a_flood_of_dead_letters_is_one_digest_per_cause_then_email_when_the_web
 
 
 def _committed(bootstrap: str, group: str, topic: str) -> int:
-    """The consumer group's committed offsets on `topic`, summed over its partitions."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    """The consumer group's committed offsets on `topic`, summed over its partitions (an
+    OffsetFetch: this consumer never joins the group)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
-        offsets = admin.list_consumer_group_offsets(group)
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return sum(consumer.committed(tp) or 0 for tp in parts)
     finally:
-        admin.close()
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+        consumer.close()
 
 
 def test_a_digest_period_in_progress_survives_a_worker_kill_and_is_told_once(
