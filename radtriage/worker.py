@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -62,12 +61,6 @@ def run_worker(settings: Settings) -> None:
         log.error("worker not started: %s", exc)
         raise SystemExit(2) from None
 
-    # The event loop shares the GIL with threads doing CPU work (the pacs-export stage builds
-    # an SR from a series' headers in a thread for 130-250 ms, right when the same finding's
-    # alert goes out): at each wake-up the loop waits for the GIL up to the switch interval,
-    # 5 ms by default, dozens of times on an alert's way to its webhook (bench/RESULTS.md,
-    # "alert -> webhook on real-shaped studies"). 1 ms bounds each wait 5x lower.
-    sys.setswitchinterval(0.001)
     setup_tracing(settings, "streams")
     ensure_topics(
         settings.kafka,
