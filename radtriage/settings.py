@@ -855,6 +855,10 @@ class SmtpSettings(BaseModel):
     # The CA the relay's certificate is checked against; None = the system's store.
     cafile: Path | None = None
     timeout_s: float = 10.0
+    # Kept connections to the relay (processors/notify/smtp_relay.py): at most this many
+    # open at once, each closed and made again after `idle_s` unused.
+    connections: int = Field(default=4, ge=1)
+    idle_s: float = 30.0
 
     @field_serializer("password", when_used="json")
     def _dump_password(self, value: SecretStr, info: SerializationInfo) -> str:

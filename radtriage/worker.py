@@ -51,7 +51,7 @@ def run_worker(settings: Settings) -> None:
     from processors.notify.rota import operators_recipient
     from schemas.oncall import OncallError
     from streams.agents import build_pipeline
-    from streams.stages.notify import load_oncall
+    from streams.stages.notify_oncall import load_oncall
 
     try:
         # Before anything starts: a broken on-call file is the operator's to fix, named by line.

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from processors.notify.rota import PlannedStep
 from processors.notify.signing import idempotency_key
@@ -227,3 +227,37 @@ def due(state: NotifyState, plan: Plan, now: datetime) -> Iterator[Action]:
         action = next_action(esc, chain, now)
         if action is not None:
             yield action
+
+
+# What the stream needs of `triage.audit`: acknowledgements, and notify records (its own,
+# already folded when written; another worker's around a rebalance). Every other stage's
+# records are most of the topic: skipped by a substring test instead of a JSON decode.
+_ACK = ACK_DECISION.encode()
+_NOTIFY = b"notify_"
+
+
+def relevant_audit(value: bytes | None) -> bool:
+    return value is not None and (_ACK in value or _NOTIFY in value)
+
+
+def age_s(alert: Alert, now: datetime) -> float:
+    """How old the alert is: too old (notify.max_alert_age_s) when first read, nobody is paged."""
+    return (now - alert.alerted_at).total_seconds()
+
+
+def due_at(start: datetime, timeout_s: float) -> str:
+    """When a step started at `start` is overdue (for the operator page)."""
+    return (start + timedelta(seconds=timeout_s)).isoformat()
+
+
+def record(alert: Alert, decision: str, **detail: str | float | int | bool) -> AuditEvent:
+    """The notify record of `decision` about `alert`, stamped now (folded by `NotifyState.apply`)."""
+    now = datetime.now(UTC)
+    return AuditEvent(
+        study_uid=alert.study_uid,
+        accession_number=alert.accession_number,
+        stage="notify",
+        decision=decision,
+        detail={"alert_id": alert.alert_id, "at": now.isoformat(), "finding": alert.finding, **detail},
+        at=now,
+    )

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from radtriage.kafka_clients import aiokafka_kwargs
 from radtriage.settings import KafkaSettings
@@ -154,7 +154,7 @@ class PublishedLedger:
         try:
             # Co-partitioned with the inputs (radtriage creates them all with one partition
             # count), so the input's partition exists on each.
-            parts = [TopicPartition(t, partition) for t in self._topics]
+            parts = self._parts(partition)
             if parts:
                 consumer.assign(parts)
                 # Seek first, then ask for the end: asked right after `assign`, the end
@@ -168,7 +168,7 @@ class PublishedLedger:
                     for records in batch.values():
                         for record in records:
                             read += 1
-                            self._add(record.value, record.headers or ())
+                            self._add_record(record)
                     for tp in list(remaining):
                         if await consumer.position(tp) >= ends[tp]:
                             remaining.discard(tp)
@@ -184,6 +184,13 @@ class PublishedLedger:
             read,
             len(self._sent),
         )
+
+    def _parts(self, partition: int) -> list[TopicPartition]:
+        """What one partition's read covers (streams/notify_ops_state.py reads more)."""
+        return [TopicPartition(t, partition) for t in self._topics]
+
+    def _add_record(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        self._add(record.value, record.headers or ())
 
     def _add(self, value: bytes | None, headers: Headers = ()) -> None:
         try:

@@ -1,5 +1,6 @@
 """The channels a notification goes out through: an incoming webhook (JSON signed with
-HMAC-SHA256, Teams, Slack) over aiohttp, and e-mail over SMTP with STARTTLS (aiosmtplib).
+HMAC-SHA256, Teams, Slack) over aiohttp, and e-mail over SMTP with STARTTLS (aiosmtplib, over
+kept connections: processors/notify/smtp_relay.py).
 
 Hand-written rather than apprise: the signed webhook (signature, timestamp and
 Idempotency-Key headers) is ours whatever the library, Teams and Slack are one JSON POST
@@ -27,6 +28,7 @@ from processors.notify.signing import (
     TIMESTAMP_HEADER,
     webhook_signature,
 )
+from processors.notify.smtp_relay import SmtpRelay
 from radtriage.settings import SmtpSettings, WebhookTarget
 
 
@@ -93,27 +95,21 @@ def _tls_context(cafile: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile)
 
 
-async def send_email(smtp: SmtpSettings, notice: message.Notice, to: str) -> None:
+def smtp_relay(smtp: SmtpSettings) -> SmtpRelay:
+    """The kept connections to the relay of these settings (one per notifier, made on first use)."""
+    return SmtpRelay(smtp, smtp_tls_context)
+
+
+async def send_email(relay: SmtpRelay, notice: message.Notice, to: str) -> None:
     await send_mail(
-        smtp, message.email(notice, datetime.now(notice.alert.alerted_at.tzinfo), smtp.sender, to)
+        relay, message.email(notice, datetime.now(notice.alert.alerted_at.tzinfo), relay.smtp.sender, to)
     )
 
 
-async def send_mail(smtp: SmtpSettings, mail: EmailMessage) -> None:
-    """Hand one message to the relay (STARTTLS as configured)."""
+async def send_mail(relay: SmtpRelay, mail: EmailMessage) -> None:
+    """Hand one message to the relay (STARTTLS as configured), over a kept connection."""
     try:
-        await aiosmtplib.send(
-            mail,
-            hostname=smtp.host,
-            port=smtp.port,
-            # True: STARTTLS is required (a relay not offering it is an error, not plain text).
-            start_tls=smtp.starttls,
-            use_tls=False,
-            tls_context=smtp_tls_context(smtp) if smtp.starttls else None,
-            username=smtp.username or None,
-            password=smtp.password.get_secret_value() or None,
-            timeout=smtp.timeout_s,
-        )
+        await relay.send(mail)
     except aiosmtplib.SMTPRecipientsRefused as exc:
         raise ChannelError(f"recipient refused: {exc}"[:300], retryable=False) from exc
     except aiosmtplib.SMTPResponseException as exc:

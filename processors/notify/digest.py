@@ -12,6 +12,7 @@ whatever arrives.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -36,6 +37,16 @@ class Item:
     # One line for the operator: what happened to this one.
     detail: str
     at: datetime
+    # Where it was read (topic, partition, offset; "" / -1: unknown). A digest told records
+    # the last offset it covered per cause and partition, so a worker that reads the same
+    # partitions again after a kill gathers only what was not told (streams/notify_ops_state.py).
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+# What a told digest covered: (the items' own cause, topic, partition) -> the last offset.
+Covered = dict[tuple[str, str, int], int]
 
 
 @dataclass
@@ -49,6 +60,7 @@ class Bucket:
     first_at: datetime | None = None
     last_at: datetime | None = None
     examples: list[Item] = field(default_factory=list)
+    covered: Covered = field(default_factory=dict)
 
     @property
     def starts(self) -> datetime:
@@ -73,7 +85,9 @@ def deadletter_cause(letter: DeadLetter) -> str:
     return f"{letter.stage or 'unknown stage'}: {head}"[:_CAUSE_LEN]
 
 
-def deadletter_item(letter: DeadLetter, read_at: datetime) -> Item:
+def deadletter_item(
+    letter: DeadLetter, read_at: datetime, where_read: tuple[str, int, int] = ("", -1, -1)
+) -> Item:
     where = f"{letter.source_topic}" + (
         f"[{letter.partition}]@{letter.offset}" if letter.partition is not None else ""
     )
@@ -84,6 +98,9 @@ def deadletter_item(letter: DeadLetter, read_at: datetime) -> Item:
         accession_number="",
         detail=f"{where}: {letter.error.strip()[:300]}",
         at=read_at,
+        topic=where_read[0],
+        partition=where_read[1],
+        offset=where_read[2],
     )
 
 
@@ -93,11 +110,21 @@ class Digests:
     examples: int
     max_causes: int
     buckets: dict[tuple[Kind, str, int], Bucket] = field(default_factory=dict)
+    # Per (kind, cause, topic, partition): the last offset a told digest covered.
+    told: dict[tuple[Kind, str, str, int], int] = field(default_factory=dict)
 
     def period_of(self, at: datetime) -> int:
         return math.floor(at.timestamp() / self.period_s)
 
-    def add(self, item: Item) -> Bucket:
+    def was_told(self, item: Item) -> bool:
+        if item.offset < 0:
+            return False
+        return item.offset <= self.told.get((item.kind, item.cause, item.topic, item.partition), -1)
+
+    def add(self, item: Item) -> Bucket | None:
+        """Gather the item into its bucket; None when a digest told already covered it."""
+        if self.was_told(item):
+            return None
         period = self.period_of(item.at)
         cause = item.cause
         if (item.kind, cause, period) not in self.buckets:
@@ -109,6 +136,9 @@ class Digests:
             bucket = Bucket(item.kind, cause, period, self.period_s)
             self.buckets[(item.kind, cause, period)] = bucket
         bucket.count += 1
+        if item.offset >= 0:
+            where = (item.cause, item.topic, item.partition)
+            bucket.covered[where] = max(bucket.covered.get(where, -1), item.offset)
         bucket.first_at = item.at if bucket.first_at is None else min(bucket.first_at, item.at)
         bucket.last_at = item.at if bucket.last_at is None else max(bucket.last_at, item.at)
         if len(bucket.examples) < self.examples:
@@ -120,3 +150,30 @@ class Digests:
         current = self.period_of(now)
         ready = sorted((k for k in self.buckets if k[2] < current), key=lambda k: (k[2], k[0], k[1]))
         return [self.buckets.pop(k) for k in ready]
+
+    def mark_told(self, kind: Kind, covered: Covered) -> None:
+        """A digest was delivered (or given up on): what it covered is not gathered again."""
+        for (cause, topic, partition), offset in covered.items():
+            key = (kind, cause, topic, partition)
+            self.told[key] = max(self.told.get(key, -1), offset)
+
+    def forget(self) -> None:
+        """Partitions moved: what was gathered is read again by whoever owns them next."""
+        self.buckets.clear()
+        self.told.clear()
+
+
+def covered_text(covered: Covered) -> str:
+    """A bucket's coverage as the audit record carries it (a detail value is a scalar)."""
+    return json.dumps(sorted([c, t, p, o] for (c, t, p), o in covered.items()), separators=(",", ":"))
+
+
+def covered_of(text: object) -> Covered:
+    """The coverage from an audit record (anything unreadable: nothing)."""
+    if not isinstance(text, str):
+        return {}
+    try:
+        rows = json.loads(text)
+        return {(str(c), str(t), int(p)): int(o) for c, t, p, o in rows}
+    except (ValueError, TypeError):
+        return {}

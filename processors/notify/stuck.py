@@ -28,6 +28,10 @@ class Watched:
     lane: str
     finding: str
     routed_at: datetime
+    # Where the request was read (see digest.Item: what a told digest covered).
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
 
 
 def _rank(lane: str) -> int:
@@ -91,4 +95,7 @@ def stuck_item(w: Watched, limit_s: float, now: datetime) -> Item:
         detail=f"{w.finding} on {w.lane}, routed {w.routed_at.isoformat(timespec='seconds')}, "
         f"waiting {waited} s (request {w.request_id})",
         at=now,
+        topic=w.topic,
+        partition=w.partition,
+        offset=w.offset,
     )

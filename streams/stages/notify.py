@@ -16,6 +16,10 @@ audit and alert topics, over `notify.lookback_s`, reusing the published ledgers'
 `notify_delivered` record: a kill in the milliseconds between a peer accepting it and
 Kafka acknowledging that record sends it once more, with the same Idempotency-Key header
 (webhooks) or Message-ID (e-mail), by which the receiver recognises the copy.
+
+Here: the state, the stream and the escalation's actions. Telling one recipient is
+streams/stages/notify_tell.py, who is on call streams/stages/notify_oncall.py, the pure
+folding and records streams/notify_state.py.
 """
 
 from __future__ import annotations
@@ -23,75 +27,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from faust.types import EventT
 
-from processors.notify import channels, message
-from processors.notify.deliver import Try, deliver
-from processors.notify.rota import PlannedStep, Subject, recipients_for, usable_channels, webhooks_only
-from processors.notify.signing import AckClaim, idempotency_key, make_ack_token
+from processors.notify.rota import PlannedStep, recipients_for
 from radtriage import metrics
-from radtriage.settings import NotifySettings
 from radtriage.telemetry import headers_for_current_span
 from schemas.alerts import Alert
-from schemas.audit import ACK_DECISION, AuditEvent
+from schemas.audit import AuditEvent
 from schemas.base import EventDecodeError
-from schemas.deadletter import DeadLetter
-from schemas.oncall import Channel, Oncall, OncallError
+from schemas.oncall import Oncall
 from streams import notify_state as ns
 from streams.app import publish
 from streams.published_ledger import PublishedLedger
 from streams.stages.context import PipelineContext
-from streams.stages.notifying import Notifying, register_notifier
+from streams.stages.notify_oncall import load_oncall, subject
+from streams.stages.notify_tell import Telling
+from streams.stages.notifying import register_notifier
 
 log = logging.getLogger(__name__)
 
 
-def subject(alert: Alert) -> Subject:
-    """What the on-call rules match: the finding, and the patient class as the location
-    (no site is carried on alerts yet)."""
-    return Subject(alert.finding, location="" if alert.patient_class == "unknown" else alert.patient_class)
-
-
-# What the stream needs of `triage.audit`: acknowledgements, and notify records (its own,
-# already folded when written; another worker's around a rebalance). Every other stage's
-# records are most of the topic: skipped by a substring test instead of a JSON decode.
-_ACK = ACK_DECISION.encode()
-_NOTIFY = b"notify_"
-
-
-def relevant_audit(value: bytes | None) -> bool:
-    return value is not None and (_ACK in value or _NOTIFY in value)
-
-
-def age_s(alert: Alert, now: datetime) -> float:
-    """How old the alert is: too old (notify.max_alert_age_s) when first read, nobody is paged."""
-    return (now - alert.alerted_at).total_seconds()
-
-
-def _due(start: datetime, timeout_s: float) -> str:
-    return (start + timedelta(seconds=timeout_s)).isoformat()
-
-
-def load_oncall(n: NotifySettings) -> Oncall | None:
-    """The on-call picture: the file, else the webhooks alone, else None (nothing configured).
-    A broken file or a webhook it names that is not configured stops the worker's start
-    (OncallError naming the file and line; radtriage/worker.py checks it first)."""
-    webhooks = n.named_webhooks()
-    if n.oncall_file is None:
-        return webhooks_only(webhooks)
-    oncall = Oncall.load(n.oncall_file)
-    missing = sorted(oncall.webhook_names() - set(webhooks))
-    if missing:
-        raise OncallError(f"{n.oncall_file}: webhook(s) {missing} are not in notify.webhooks")
-    if not n.smtp.host and any(c.email for r in oncall.recipients.values() for c in r.channels):
-        log.warning("notify: the on-call file names e-mail addresses but notify.smtp.host is empty")
-    return oncall
-
-
-class Notifier(Notifying):
+class Notifier(Telling):
     what = "notify"
 
     def __init__(self, ctx: PipelineContext, oncall: Oncall) -> None:
@@ -164,27 +123,15 @@ class Notifier(Notifying):
 
     # -- records -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _record(alert: Alert, decision: str, **detail: str | float | int | bool) -> AuditEvent:
-        now = datetime.now(UTC)
-        return AuditEvent(
-            study_uid=alert.study_uid,
-            accession_number=alert.accession_number,
-            stage="notify",
-            decision=decision,
-            detail={"alert_id": alert.alert_id, "at": now.isoformat(), "finding": alert.finding, **detail},
-            at=now,
-        )
-
     async def note(self, alert: Alert, decision: str, **detail: str | float | int | bool) -> None:
         """One notify record on `triage.audit`, acknowledged, then folded into the state."""
-        event = self._record(alert, decision, **detail)
+        event = ns.record(alert, decision, **detail)
         await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
         self.state.apply(event)
 
     async def admit(self, alert: Alert) -> None:
         """A new alert: open its escalation, unless it is too old to page anyone for."""
-        age = age_s(alert, datetime.now(UTC))
+        age = ns.age_s(alert, datetime.now(UTC))
         if age > self.n.max_alert_age_s:
             log.warning(
                 "notify: %s is %.0f s old (notify.max_alert_age_s %.0f): not notified",
@@ -210,12 +157,12 @@ class Notifier(Notifying):
         before the record reached Kafka is found on takeover: the alert is read back with
         no escalation (`NotifyState.unopened`) and opened then; step 1 goes out again under
         the same idempotency keys."""
-        event = self._record(alert, ns.OPENED)
+        event = ns.record(alert, ns.OPENED)
         chain = recipients_for(subject(alert), self.oncall, event.at)
         self.chains[alert.alert_id] = chain  # what `plan` would compute again from the same time
         if chain and chain[0].timeout_s is not None:
             # For the operator page: when this step is overdue without an acknowledgement.
-            due = _due(event.at, chain[0].timeout_s)
+            due = ns.due_at(event.at, chain[0].timeout_s)
             event = event.model_copy(update={"detail": {**event.detail, "steps": len(chain), "due_at": due}})
         self.state.apply(event)
         # Sent first: its record is queued before any record of the step's own work.
@@ -243,7 +190,7 @@ class Notifier(Notifying):
         topic, partition = event.message.topic, event.message.partition
         await self.ready(partition)
         if topic == self.audit_topic:
-            if not relevant_audit(event.value):
+            if not ns.relevant_audit(event.value):
                 return
             try:
                 record = AuditEvent.from_bytes(event.value)
@@ -300,7 +247,7 @@ class Notifier(Notifying):
                     log.info("notify: %s stopped (%s)", alert_id, action.reason)
                 elif isinstance(action, ns.Escalate):
                     timeout = chain[action.step].timeout_s
-                    due = {"due_at": _due(datetime.now(UTC), timeout)} if timeout is not None else {}
+                    due = {"due_at": ns.due_at(datetime.now(UTC), timeout)} if timeout is not None else {}
                     await self.note(alert, ns.STEP, step=action.step, **due)
                     log.info("notify: %s unacknowledged, step %d", alert_id, action.step + 1)
                 else:
@@ -332,95 +279,6 @@ class Notifier(Notifying):
         if alert_id in self.busy:
             return
         self.run_beside(self.work(alert_id))
-
-    def notice(self, alert: Alert, step: PlannedStep, recipient: str) -> message.Notice:
-        key = idempotency_key(alert.alert_id, recipient, step.index)
-        secret = self.n.ack_secret.get_secret_value()
-        ack = ""
-        if secret:
-            expires = int(datetime.now(UTC).timestamp() + self.n.ack_ttl_s)
-            claim = AckClaim(
-                alert.alert_id,
-                alert.study_uid,
-                alert.accession_number,
-                alert.finding,
-                recipient,
-                step.index,
-                expires,
-            )
-            ack = message.ack_url(self.n.public_url, make_ack_token(secret, claim))
-        display = self.oncall.recipients[recipient].display or recipient
-        return message.Notice(
-            alert=alert,
-            step=step.index,
-            recipient=recipient,
-            recipient_display=display,
-            key=key,
-            study_url=message.study_url(self.n.public_url, alert.study_uid),
-            ack_url=ack,
-            fallback=step.fallback,
-            location="" if alert.patient_class == "unknown" else alert.patient_class,
-            omit=frozenset(self.n.omit),
-        )
-
-    async def tell(self, alert: Alert, step: PlannedStep, recipient: str) -> None:
-        notice = self.notice(alert, step, recipient)
-        where: dict[str, str | float | int | bool] = {
-            "step": step.index,
-            "recipient": recipient,
-            "key": notice.key,
-        }
-        usable = usable_channels(
-            self.oncall.recipients[recipient], alert.finding, self.webhooks, bool(self.n.smtp.host)
-        )
-        last_error = "no usable channel (webhook not configured or not for this finding, or no SMTP host)"
-
-        async def send(channel: Channel) -> None:
-            if channel.webhook is not None:
-                await channels.post_webhook(
-                    self.session(), self.webhooks[channel.webhook], notice, self.n.request_timeout_s
-                )
-            else:
-                assert channel.email is not None
-                await channels.send_email(self.n.smtp, notice, channel.email)
-
-        async def on_attempt(t: Try) -> None:
-            nonlocal last_error
-            if not t.error:
-                # Fault tests: the peer has it, the record of it is not written yet.
-                self.ctx.crash_if("crash_after_notify", notice.key)
-            if t.error:
-                last_error = f"{t.channel}: {t.error}"
-                log.warning(
-                    "notify: %s to %s via %s failed (try %d): %s",
-                    alert.alert_id,
-                    recipient,
-                    t.channel,
-                    t.attempt,
-                    t.error,
-                )
-            kind = t.channel.split(":", 1)[0]
-            metrics.NOTIFY_ATTEMPTS.labels(kind, "failed" if t.error else "delivered").inc()
-            await self.note(alert, ns.ATTEMPT, channel=t.channel, attempt=t.attempt, error=t.error, **where)
-
-        took = await deliver(usable, send, on_attempt, attempts=self.n.attempts, backoff_s=self.n.backoff_s)
-        if took is not None:
-            await self.note(alert, ns.DELIVERED, channel=took, **where)
-            log.info("notify: %s step %d told %s via %s", alert.alert_id, step.index + 1, recipient, took)
-            return
-        await self.note(alert, ns.UNDELIVERABLE, error=last_error[:500], **where)
-        metrics.NOTIFY_UNDELIVERABLE.inc()
-        letter = DeadLetter(
-            source_topic=self.retry_topic,
-            stage="notify",
-            error=f"undeliverable to {recipient} (step {step.index + 1}): {last_error}"[:1000],
-            key=alert.study_uid,
-            study_uid=alert.study_uid,
-            # The alert itself: replayed (onto the retry topic), it makes the stage try again.
-            payload=alert.to_bytes().decode(),
-        )
-        await publish(self.ctx.topics.deadletter, alert.study_uid, letter, headers_for_current_span())
-        metrics.count_dead_letter("notify")
 
 
 def register(ctx: PipelineContext) -> None:

@@ -15,9 +15,10 @@ idempotency key (kind, cause, period, the partitions read) as the Idempotency-Ke
 Message-ID. An undeliverable digest is not dead-lettered (it would only feed itself): it is
 on the audit trail, logged and counted; the dead letters it summarised stay on their topic.
 
-What is gathered lives in memory: a worker killed inside a period does not send that
-period's digest (the dead letters themselves are on `triage.deadletter` and the operator
-page), and requests routed before a worker took its partitions over are not watched.
+What is gathered survives a worker kill and a rebalance: the worker taking the partitions
+over reads them back from Kafka (streams/notify_ops_state.py), with the digests already
+told (each delivered or undeliverable digest's record says what it covered), over
+`ops_lookback_s`: the period in progress is told after the restart, once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from faust.types import EventT
 
 from processors.notify import channels, ops_message
 from processors.notify.deliver import Try, deliver
-from processors.notify.digest import Bucket, Digests, deadletter_item
+from processors.notify.digest import Bucket, Digests, covered_of, covered_text, deadletter_item
 from processors.notify.rota import operators_recipient
 from processors.notify.stuck import StuckWatch, Watched, stuck_item
 from radtriage import metrics
@@ -43,8 +44,9 @@ from schemas.findings import Finding
 from schemas.oncall import Channel, Recipient
 from schemas.requests import TriageRequest
 from streams.app import publish
+from streams.notify_ops_state import OpsReadBack
 from streams.stages.context import PipelineContext
-from streams.stages.notify import load_oncall
+from streams.stages.notify_oncall import load_oncall
 from streams.stages.notifying import Notifying, register_notifier
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,14 @@ def source_topics(ctx: PipelineContext) -> list[str]:
     return topics
 
 
+def ops_lookback_s(ctx: PipelineContext) -> float:
+    """How far back a takeover reads: the period in progress and the one before it (with
+    its sends' retries), the longest stuck limit watched, and ten minutes for the restart."""
+    ops = ctx.settings.notify.operators
+    stuck = max((ops.stuck_after_s[lane] for lane in LANES if lane in ops.stuck_after_s), default=0.0)
+    return 3 * ops.digest_s + stuck + 600.0
+
+
 class OpsNotifier(Notifying):
     what = "notify-ops"
 
@@ -79,22 +89,59 @@ class OpsNotifier(Notifying):
         self.watch = StuckWatch({str(k): v for k, v in self.ops.stuck_after_s.items()}, self.ops.max_watched)
         self.deadletter_topic = ctx.topics.deadletter.get_topic_name()
         self.findings_topic = ctx.topics.findings.get_topic_name()
+        self.audit_topic = ctx.topics.audit.get_topic_name()
         # The partitions read: part of a digest's identity (each worker sends its own share).
         self.scope = ""
+        self.owned: set[int] = set()
+        # Per (topic, partition): the last offset gathered (the stream may read it again).
+        self.high: dict[tuple[str, int], int] = {}
+        self.readback = OpsReadBack(
+            ctx.settings.kafka,
+            source_topics(ctx),
+            self.audit_topic,
+            self.fold,
+            lookback_s=ops_lookback_s(ctx),
+        )
 
     def assigned(self, partitions: set[int]) -> None:
         self.scope = ",".join(map(str, sorted(partitions)))
+        self.owned = set(partitions)
+        self.readback.preload(partitions)
 
     def revoked(self) -> None:
+        """Partitions may move: forget what was gathered; it is read back on assignment."""
+        self.readback.forget_assignment()
+        self.owned.clear()
+        self.high.clear()
+        self.digests.forget()
         self.watch.forget()
 
     async def handle(self, event: EventT[Any]) -> None:
-        topic = event.message.topic
+        m = event.message
+        await self.readback.ready(m.partition)
+        self.fold(m.topic, m.partition, m.offset, event.value)
+
+    def fold(self, topic: str, partition: int, offset: int, value: bytes | None) -> None:
+        """One record read, by the stream or read back: into the digests or the watch."""
+        if topic == self.audit_topic:
+            if value is not None and (b'"ops_delivered"' in value or b'"ops_undeliverable"' in value):
+                told = AuditEvent.from_bytes(value)
+                kind = told.detail.get("kind")
+                if told.stage == "notify" and kind in ("deadletter", "stuck"):
+                    self.digests.mark_told(kind, covered_of(told.detail.get("covered")))  # type: ignore[arg-type]
+            return
+        if offset <= self.high.get((topic, partition), -1):
+            return
+        self._gather(topic, (topic, partition, offset), value)
+        # Only once read: an unreadable record is left to the stream, which dead-letters it.
+        self.high[(topic, partition)] = offset
+
+    def _gather(self, topic: str, where: tuple[str, int, int], value: bytes | None) -> None:
         now = datetime.now(UTC)
         if topic == self.deadletter_topic:
-            letter = DeadLetter.from_bytes(event.value)  # unreadable: dead-lettered by `each`
-            self.digests.add(deadletter_item(letter, now))
-            metrics.NOTIFY_OPS_ITEMS.labels("deadletter").inc()
+            letter = DeadLetter.from_bytes(value)  # unreadable: dead-lettered by `each`
+            if self.digests.add(deadletter_item(letter, now, where)) is not None:
+                metrics.NOTIFY_OPS_ITEMS.labels("deadletter").inc()
             # A request dead-lettered is not stuck: it is in this digest already.
             try:
                 req = TriageRequest.from_bytes(letter.payload.encode())
@@ -102,20 +149,29 @@ class OpsNotifier(Notifying):
             except EventDecodeError:
                 pass
         elif topic == self.findings_topic:
-            finding = Finding.from_bytes(event.value)
+            finding = Finding.from_bytes(value)
             self.watch.done(finding.request_id, finding.study_uid)
         else:
-            req = TriageRequest.from_bytes(event.value)
+            req = TriageRequest.from_bytes(value)
             self.watch.routed(
                 Watched(
-                    req.request_id, req.study_uid, req.accession_number, req.lane, req.finding, req.routed_at
+                    req.request_id,
+                    req.study_uid,
+                    req.accession_number,
+                    req.lane,
+                    req.finding,
+                    req.routed_at,
+                    *where,
                 )
             )
 
     async def tick(self) -> None:
+        for partition in sorted(self.owned):
+            await self.readback.ready(partition)
         now = datetime.now(UTC)
         for w in self.watch.stuck(now):
-            self.digests.add(stuck_item(w, self.watch.after_s[w.lane], now))
+            if self.digests.add(stuck_item(w, self.watch.after_s[w.lane], now)) is None:
+                continue  # told before a kill or a rebalance
             metrics.NOTIFY_OPS_ITEMS.labels("stuck").inc()
             log.warning("notify-ops: %s stuck on %s since %s", w.request_id, w.lane, w.routed_at)
         for bucket in self.digests.due(now):
@@ -159,7 +215,7 @@ class OpsNotifier(Notifying):
             else:
                 assert channel.email is not None
                 await channels.send_mail(
-                    self.n.smtp, ops_message.email(notice, self.n.smtp.sender, channel.email)
+                    self.relay(self.n.smtp), ops_message.email(notice, self.n.smtp.sender, channel.email)
                 )
 
         last_error = "no usable channel (webhook not configured, or no SMTP host)"
@@ -186,11 +242,19 @@ class OpsNotifier(Notifying):
             usable, attempt, on_attempt, attempts=self.n.attempts, backoff_s=self.n.backoff_s
         )
         if took is not None:
-            await self.note(bucket, DELIVERED, key=notice.key, channel=took)
+            await self.note(
+                bucket, DELIVERED, key=notice.key, channel=took, covered=covered_text(bucket.covered)
+            )
             metrics.NOTIFY_OPS_DIGESTS.labels(bucket.kind, "delivered").inc()
             log.info("notify-ops: %d %s (%s) told via %s", bucket.count, bucket.kind, bucket.cause, took)
             return
-        await self.note(bucket, UNDELIVERABLE, key=notice.key, error=last_error[:500])
+        await self.note(
+            bucket,
+            UNDELIVERABLE,
+            key=notice.key,
+            error=last_error[:500],
+            covered=covered_text(bucket.covered),
+        )
         metrics.NOTIFY_OPS_DIGESTS.labels(bucket.kind, "undeliverable").inc()
         log.error(
             "notify-ops: digest of %d %s (%s) undeliverable: %s",

@@ -14,6 +14,9 @@ import aiohttp
 import faust
 from faust.types import EventT
 
+from processors.notify import channels
+from processors.notify.smtp_relay import SmtpRelay
+from radtriage.settings import SmtpSettings
 from streams.stages.common import each
 from streams.stages.context import PipelineContext
 
@@ -21,14 +24,15 @@ log = logging.getLogger(__name__)
 
 
 class Background:
-    """Sends that run beside the stream (a slow peer must not hold the partition), and the
-    one aiohttp session they share."""
+    """Sends that run beside the stream (a slow peer must not hold the partition), the one
+    aiohttp session they share and the kept connections to the mail relay."""
 
     what = "notify"  # names its failures in the log
 
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        self._relay: SmtpRelay | None = None
 
     def run_beside(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
@@ -45,12 +49,19 @@ class Background:
             self._session = aiohttp.ClientSession()
         return self._session
 
+    def relay(self, smtp: SmtpSettings) -> SmtpRelay:
+        if self._relay is None:
+            self._relay = channels.smtp_relay(smtp)
+        return self._relay
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._relay is not None:
+            await self._relay.close()
 
     def close_soon(self) -> None:
-        if self._session is not None and not self._session.closed:
+        if (self._session is not None and not self._session.closed) or self._relay is not None:
             self.tasks.add(asyncio.ensure_future(self.close()))
 
 

@@ -108,7 +108,7 @@ def test_email_goes_through_starttls_and_carries_the_idempotency_key(smtp: SmtpS
     settings = SmtpSettings(
         host="127.0.0.1", port=smtp.port, starttls=True, sender="rt@test.example", cafile=pki.ca
     )
-    asyncio.run(channels.send_email(settings, notice(), "neuro@h.example"))
+    asyncio.run(email(settings, notice(), "neuro@h.example"))
     (mail,) = smtp.mails
     assert mail.tls and mail.to == ["neuro@h.example"]
     assert mail.message["Message-ID"] == "<key-1@radtriage>"
@@ -116,16 +116,57 @@ def test_email_goes_through_starttls_and_carries_the_idempotency_key(smtp: SmtpS
     assert "Accession: ACC42" in text and "Acknowledge: http://rt.example/notify/ack?t=abc" in text
 
 
+async def email(settings: SmtpSettings, n: message.Notice, to: str) -> None:
+    relay = channels.smtp_relay(settings)
+    try:
+        await channels.send_email(relay, n, to)
+    finally:
+        await relay.close()
+
+
+def test_emails_share_kept_connections_and_reconnect_when_dropped_or_idle(smtp: SmtpServer, pki: Pki) -> None:
+    settings = SmtpSettings(
+        host="127.0.0.1", port=smtp.port, starttls=True, cafile=pki.ca, connections=2, idle_s=0.3
+    )
+
+    async def run() -> int:
+        relay = channels.smtp_relay(settings)
+        # A burst of 10 at once: at most 2 sessions, each used again.
+        await asyncio.gather(
+            *(channels.send_email(relay, notice(f"b-{i}"), "a@h.example") for i in range(10))
+        )
+        burst = relay.opened
+        # The relay drops its clients (a restart): the next mail still goes, on a new session.
+        for client, _ in relay._idle:
+            client.transport.abort()  # type: ignore[union-attr]
+        await asyncio.sleep(0.05)
+        await channels.send_email(relay, notice("after-drop"), "a@h.example")
+        # Idle past idle_s: closed and made again rather than trusted.
+        await asyncio.sleep(0.4)
+        await channels.send_email(relay, notice("after-idle"), "a@h.example")
+        await relay.close()
+        return burst
+
+    burst = asyncio.run(run())
+    mails = smtp.mails
+    assert len(mails) == 12 and all(m.tls for m in mails)
+    assert sorted(str(m.message["Message-ID"]) for m in mails) == sorted(
+        [f"<b-{i}@radtriage>" for i in range(10)] + ["<after-drop@radtriage>", "<after-idle@radtriage>"]
+    )
+    assert burst <= 2 and len({m.peer for m in mails[:10]}) == burst
+    assert len({m.peer for m in mails}) == burst + 2
+
+
 def test_email_refuses_a_server_it_cannot_verify(smtp: SmtpServer, pki: Pki) -> None:
     untrusted = SmtpSettings(
         host="127.0.0.1", port=smtp.port, starttls=True, cafile=pki.other_ca, timeout_s=5
     )
     with pytest.raises(channels.ChannelError):
-        asyncio.run(channels.send_email(untrusted, notice(), "neuro@h.example"))
+        asyncio.run(email(untrusted, notice(), "neuro@h.example"))
     # Without STARTTLS the server (require_starttls) refuses the mail: nothing goes in clear.
     plain = SmtpSettings(host="127.0.0.1", port=smtp.port, starttls=False, timeout_s=5)
     with pytest.raises(channels.ChannelError):
-        asyncio.run(channels.send_email(plain, notice(), "neuro@h.example"))
+        asyncio.run(email(plain, notice(), "neuro@h.example"))
     assert smtp.mails == []
 
 
@@ -136,13 +177,14 @@ def test_a_webhook_down_falls_back_to_email_then_recovers(smtp: SmtpServer, pki:
         tries: list[Try] = []
 
         async def run(n: message.Notice) -> str | None:
+            relay = channels.smtp_relay(settings)
             async with aiohttp.ClientSession() as session:
 
                 async def send(channel: Channel) -> None:
                     if channel.webhook is not None:
                         await channels.post_webhook(session, target, n, timeout_s=5)
                     else:
-                        await channels.send_email(settings, n, str(channel.email))
+                        await channels.send_email(relay, n, str(channel.email))
 
                 async def record(t: Try) -> None:
                     tries.append(t)

@@ -5,17 +5,20 @@ operator notifications):
 - a flood of dead letters of two causes is one digest per cause per period, whose counts
   add up to the flood, each on `triage.audit` as delivered under the key the receiver got;
 - the operators' webhook down: the digest falls back to their e-mail address, every try
-  on the audit trail.
+  on the audit trail;
+- a worker SIGKILLed inside a period (its dead letters read and committed): the next one
+  reads them back and the period's digest still arrives, once.
 """
 
 from __future__ import annotations
 
 import signal
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from radtriage.settings import Settings
 from schemas.deadletter import DeadLetter
@@ -110,3 +113,59 @@ def test_a_flood_of_dead_letters_is_one_digest_per_cause_then_email_when_the_web
             ("webhook:ops", True),
         ]
         worker.kill(signal.SIGTERM)
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    """The consumer group's committed offsets on `topic`, summed over its partitions (an
+    OffsetFetch: this consumer never joins the group)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return sum(consumer.committed(tp) or 0 for tp in parts)
+    finally:
+        consumer.close()
+
+
+def test_a_digest_period_in_progress_survives_a_worker_kill_and_is_told_once(
+    worker_env: tuple[dict[str, str], Settings], tmp_path: Path
+) -> None:
+    """Dead letters read and their offsets committed, the worker SIGKILLed before the period
+    ends: the next worker reads them back and the digest arrives, once, with every item."""
+    env, settings = worker_env
+    t = settings.topics
+    digest_s = 20.0
+    with webhook_receiver(SECRET) as hooks:
+        ops_hook = f'{{"name": "ops", "url": "{hooks.url("/ops")}", "secret": "{SECRET}"}}'
+        env = {
+            **env,
+            "RADTRIAGE_NOTIFY__WEBHOOKS": f"[{ops_hook}]",
+            "RADTRIAGE_NOTIFY__OPERATORS__WEBHOOKS": '["ops"]',
+            "RADTRIAGE_NOTIFY__OPERATORS__DIGEST_S": str(digest_s),
+        }
+        tail = Tail(settings.kafka.bootstrap_servers, [t.audit])
+        worker = Worker(env, settings.home)
+        worker.start()
+        # Early in a period, so the kill below comes before its end.
+        wait_until(lambda: time.time() % digest_s < 2.0, "the start of a digest period", digest_s + 5)
+        producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+        _letters(producer, t.deadletter, TRITON, "infer-stat", 7, "k")
+        group = settings.streams.app_id
+        wait_until(
+            lambda: _committed(settings.kafka.bootstrap_servers, group, t.deadletter) >= 7,
+            "the dead letters read and committed",
+            digest_s / 2,
+        )
+        assert hooks.on("/ops") == []  # the period is not over: nothing told yet
+        worker.kill(signal.SIGKILL)
+
+        restarted = Worker(env, settings.home)
+        restarted.start()
+        wait_until(lambda: sum(r.body["count"] for r in hooks.on("/ops")) >= 7, "the digest", 3 * digest_s)
+        tail.drain(digest_s + 3)  # a second period: nothing more
+        (digest,) = hooks.on("/ops")
+        assert digest.body["cause"] == "infer-stat: TritonUnavailable" and digest.body["count"] == 7
+        assert not hooks.duplicates
+        delivered = tail.of(t.audit, decision="ops_delivered")
+        assert [d["detail"]["key"] for d in delivered] == [digest.key]
+        assert "notify-ops ledger: partition" in restarted.log_file.read_text()
+        restarted.kill(signal.SIGTERM)

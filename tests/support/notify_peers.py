@@ -118,6 +118,8 @@ class Mail:
     message: Message
     tls: bool
     at: float
+    # The client's address and port: one per SMTP connection (to count sessions).
+    peer: str = ""
 
 
 class _Inbox:
@@ -130,7 +132,11 @@ class _Inbox:
         with self.lock:
             self.mails.append(
                 Mail(
-                    list(envelope.rcpt_tos), message_from_bytes(content), session.ssl is not None, time.time()
+                    list(envelope.rcpt_tos),
+                    message_from_bytes(content),
+                    session.ssl is not None,
+                    time.time(),
+                    str(session.peer),
                 )
             )
         return "250 OK"

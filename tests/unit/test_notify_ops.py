@@ -9,7 +9,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from processors.notify import ops_message
-from processors.notify.digest import OTHER_CAUSES, Digests, deadletter_cause, deadletter_item
+from processors.notify.digest import (
+    OTHER_CAUSES,
+    Digests,
+    covered_of,
+    covered_text,
+    deadletter_cause,
+    deadletter_item,
+)
 from processors.notify.rota import operators_recipient
 from processors.notify.stuck import StuckWatch, Watched, stuck_item
 from radtriage.settings import NotifySettings, OperatorNotifySettings, Settings, WebhookTarget
@@ -199,7 +206,7 @@ def test_operators_alone_register_only_the_operators_agent() -> None:
 
 def test_the_notify_stream_decodes_only_acknowledgements_and_notify_records() -> None:
     from schemas.audit import ACK_DECISION, AuditEvent, AuditStage
-    from streams.stages.notify import relevant_audit
+    from streams.notify_state import relevant_audit
 
     def raw(stage: AuditStage, decision: str) -> bytes:
         return AuditEvent(
@@ -211,3 +218,29 @@ def test_the_notify_stream_decodes_only_acknowledgements_and_notify_records() ->
     assert not relevant_audit(raw("route", "routed"))
     assert not relevant_audit(raw("alert", "alert_sent"))
     assert not relevant_audit(None)
+
+
+def test_a_told_digest_s_coverage_keeps_its_items_out_when_they_are_read_again() -> None:
+    """After a kill, the next worker reads the partitions again: what a told digest covered
+    (per cause and partition, the last offset; carried by its audit record as text) is not
+    gathered again, what came after it is."""
+    d = Digests(period_s=60, examples=2, max_causes=10)
+    for offset in range(5):
+        d.add(deadletter_item(letter("X: a"), T0, ("triage.deadletter", 1, offset)))
+    d.add(deadletter_item(letter("Y: b"), T0, ("triage.deadletter", 1, 5)))
+    told = [b for b in d.due(T0 + timedelta(seconds=60)) if b.cause == "infer-stat: X"]
+    (bucket,) = told
+    assert bucket.covered == {("infer-stat: X", "triage.deadletter", 1): 4}
+
+    again = Digests(period_s=60, examples=2, max_causes=10)
+    again.mark_told("deadletter", covered_of(covered_text(bucket.covered)))
+    later = T0 + timedelta(seconds=90)
+    for offset in range(5):
+        assert again.add(deadletter_item(letter("X: a"), later, ("triage.deadletter", 1, offset))) is None
+    # Another cause at an earlier offset, another partition, a later offset: all still gathered.
+    assert again.add(deadletter_item(letter("Y: b"), later, ("triage.deadletter", 1, 5))) is not None
+    assert again.add(deadletter_item(letter("X: a"), later, ("triage.deadletter", 2, 0))) is not None
+    assert again.add(deadletter_item(letter("X: a"), later, ("triage.deadletter", 1, 6))) is not None
+    out = again.due(T0 + timedelta(seconds=180))
+    assert sorted((b.cause, b.count) for b in out) == [("infer-stat: X", 2), ("infer-stat: Y", 1)]
+    assert covered_of("not json") == {} and covered_of(None) == {}
