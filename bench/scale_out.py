@@ -193,23 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict[str, Any]] = []
     with ExitStack() as stack:
         with console.status("starting Kafka and Triton…"):
-            kafka = LocalKafka(
-                data_dir=home / "kafka",
-                port=int(base.kafka.bootstrap_servers.rsplit(":", 1)[1]),
-                controller_port=base.kafka.controller_port,
-                version=base.kafka.embedded_version,
-                cache_root=base.cache,
-            )
+            kafka = LocalKafka.for_settings(base, home / "kafka")
             kafka.start()
             stack.callback(kafka.stop)
-            triton = LocalTriton(
-                base.triton.model_repository,
-                http_port=int(base.triton.http_url.rsplit(":", 1)[1]),
-                grpc_port=int(base.triton.grpc_url.rsplit(":", 1)[1]),
-                metrics_port=base.triton.metrics_port,
-                log_file=home / "triton.log",
-                extra_pythonpath=[REPO_ROOT],
-            )
+            triton = LocalTriton.for_settings(base, home / "triton.log")
             triton.start()
             stack.callback(triton.stop)
         for workers in args.workers:

@@ -55,24 +55,11 @@ def _start_services(base: Settings, stack: ExitStack) -> None:
     from radtriage.stack.kafka import LocalKafka
     from radtriage.stack.triton import LocalTriton
 
-    kafka = LocalKafka(
-        data_dir=base.home / "kafka",
-        port=int(base.kafka.bootstrap_servers.rsplit(":", 1)[1]),
-        controller_port=base.kafka.controller_port,
-        version=base.kafka.embedded_version,
-        cache_root=base.cache,
-    )
+    kafka = LocalKafka.for_settings(base, base.home / "kafka")
     with console.status("starting Kafka…"):
         kafka.start()
     stack.callback(kafka.stop)
-    triton = LocalTriton(
-        base.triton.model_repository,
-        http_port=int(base.triton.http_url.rsplit(":", 1)[1]),
-        grpc_port=int(base.triton.grpc_url.rsplit(":", 1)[1]),
-        metrics_port=base.triton.metrics_port,
-        log_file=base.home / "logs" / "triton.log",
-        extra_pythonpath=[REPO_ROOT],
-    )
+    triton = LocalTriton.for_settings(base, base.home / "logs" / "triton.log")
     with console.status("starting Triton…"):
         triton.start()
     stack.callback(triton.stop)

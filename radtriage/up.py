@@ -85,16 +85,8 @@ def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Itera
         elif settings.kafka.embedded:
             from radtriage.stack.kafka import LocalKafka
 
-            port = settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1]
             with console.status("starting Apache Kafka (KRaft, single node)…"):
-                kafka = LocalKafka(
-                    data_dir=settings.home / "kafka",
-                    port=int(port),
-                    controller_port=settings.kafka.controller_port,
-                    version=settings.kafka.embedded_version,
-                    cache_root=settings.cache,
-                    pom=settings.kafka_pom,
-                )
+                kafka = LocalKafka.for_settings(settings, settings.home / "kafka")
                 kafka.start()
             stoppers.append(("kafka", kafka))
             endpoints.append(
@@ -111,18 +103,8 @@ def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Itera
         if settings.triton.embedded:
             from radtriage.stack.triton import LocalTriton
 
-            http_port = int(settings.triton.http_url.rsplit(":", 1)[1])
-            grpc_port = int(settings.triton.grpc_url.rsplit(":", 1)[1])
             with console.status("starting Triton Inference Server (CPU)…"):
-                triton = LocalTriton(
-                    settings.triton.model_repository,
-                    http_port=http_port,
-                    grpc_port=grpc_port,
-                    metrics_port=settings.triton.metrics_port,
-                    log_file=settings.home / "logs" / "triton.log",
-                    extra_pythonpath=[REPO_ROOT],
-                    restricted=settings.triton.auth_headers(),
-                )
+                triton = LocalTriton.for_settings(settings, settings.home / "logs" / "triton.log")
                 triton.start()
             stoppers.append(("triton", triton))
             endpoints.append(

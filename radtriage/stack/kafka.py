@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from radtriage.settings import KAFKA_POM, KafkaSettings, default_data_dir
+from radtriage.settings import KAFKA_POM, KafkaSettings, Settings, default_data_dir
 from radtriage.stack.process import ServiceError, ServiceProcess, port_in_use
 
 DEFAULT_VERSION = "3.9.1"
@@ -185,6 +185,19 @@ class LocalKafka:
         # How the readiness probe connects (security options of kafka-python), plaintext by default.
         self.ready_kwargs = dict(ready_kwargs or {"bootstrap_servers": self.bootstrap_servers})
         self._service: ServiceProcess | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings, data_dir: Path) -> LocalKafka:
+        """The broker `settings.kafka` describes (its first bootstrap port, the controller
+        port, the embedded version and POM): what `radtriage up` and the benches start."""
+        return cls(
+            data_dir=data_dir,
+            port=int(settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1]),
+            controller_port=settings.kafka.controller_port,
+            version=settings.kafka.embedded_version,
+            cache_root=settings.cache,
+            pom=settings.kafka_pom,
+        )
 
     @property
     def bootstrap_servers(self) -> str:

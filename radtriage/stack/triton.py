@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from models import backend
+from radtriage.settings import REPO_ROOT, Settings
 from radtriage.stack.process import ServiceError, ServiceProcess, port_in_use
 
 
@@ -96,6 +97,21 @@ class LocalTriton:
             os.environ.get("RADTRIAGE_CACHE", Path.home() / ".cache" / "radtriage")
         )
         self._service: ServiceProcess | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings, log_file: Path) -> LocalTriton:
+        """The server `settings.triton` describes (its ports, repository and API key), with the
+        checkout's packages importable by the Python backend: what `radtriage up` and the
+        benches start."""
+        return cls(
+            settings.triton.model_repository,
+            http_port=int(settings.triton.http_url.rsplit(":", 1)[1]),
+            grpc_port=int(settings.triton.grpc_url.rsplit(":", 1)[1]),
+            metrics_port=settings.triton.metrics_port,
+            log_file=log_file,
+            extra_pythonpath=[REPO_ROOT],
+            restricted=settings.triton.auth_headers(),
+        )
 
     @property
     def grpc_url(self) -> str:
