@@ -5,7 +5,8 @@ run the model in Triton with the lane's priority (streams/triton_retry.py), buil
 finding (processors/finding.py) and publish it once: an upgraded copy on a faster lane,
 a request replayed after a kill, or an older read a better series overtook is skipped
 with an audit event instead. An unreadable series or a Triton that never answers is a
-dead letter with the cause.
+dead letter with the cause. A localising model's map (for the PACS's SEG) is named by
+the finding and written after it (streams/stages/infer_maps.py).
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ import faust
 from faust.types import EventT
 from opentelemetry.trace import Span, Status, StatusCode
 
-from models import registry
 from processors.finding import build_finding
-from processors.localisation_map import map_key, stored_map, to_bytes
 from processors.preprocess_pool import LanePools
-from processors.triton_client import Inference, InferenceError, TritonModelClient
+from processors.triton_client import InferenceError, TritonModelClient
 from radtriage import metrics
 from radtriage.settings import LANES
 from radtriage.telemetry import headers_for_current_span
@@ -35,6 +34,7 @@ from schemas.requests import TriageRequest
 from streams.app import dead_letter, publish
 from streams.stages.common import Detail, audit, consumer_span, each, tracer
 from streams.stages.context import PipelineContext
+from streams.stages.infer_maps import LocalisationMaps, PendingMap
 from streams.triton_retry import GaveUp, LaneRetryGate, infer_with_retry
 
 log = logging.getLogger("streams.agents")
@@ -66,29 +66,6 @@ class LatestReads:
         return newest is not None and newest > req.ready_at
 
 
-@dataclass(frozen=True)
-class PendingMap:
-    """A finding's localisation map, to be written once the finding naming it is out."""
-
-    study_uid: str
-    key: str
-    data: bytes
-
-
-def map_key_of(req: TriageRequest) -> str:
-    """The blob key of a request's localisation map: a replay and an upgraded copy of the
-    request name (and write) the same map."""
-    return map_key(req.request_id or req.series_uid)
-
-
-def localises(model_name: str) -> bool:
-    """Whether the model's findings can name a localisation map (its slice range extra)."""
-    try:
-        return "slice_range" in registry.get(model_name).extras
-    except KeyError:
-        return False
-
-
 @dataclass
 class Lanes:
     """What the lanes share with the worker: warmed before it says ready, stopped with it."""
@@ -115,9 +92,7 @@ class Infer:
         # Request ids whose finding is being published right now (this worker owns every lane
         # partition of a study: the lane topics are co-partitioned by study UID).
         self.finishing: set[str] = set()
-        # Request ids whose map is being written (after their finding went out): a copy of
-        # the request seeing the finding already out must not take the map as lost.
-        self.writing_maps: set[str] = set()
+        self.maps = LocalisationMaps(settings, ctx.blobs)
 
     async def already_done(self, req: TriageRequest, partition: int) -> bool:
         # An upgraded copy of work on a faster lane and the original, or a request replayed
@@ -152,16 +127,16 @@ class Infer:
                 return
             finding, pending = ran
             if pending is not None and req.request_id:
-                self.writing_maps.add(req.request_id)
+                self.maps.writing.add(req.request_id)
             try:
                 published = await self.publish_once(req, lane, finding, event.message.partition)
                 # After the finding, off the alert's path; written whether or not this copy
                 # published: another copy's finding names the same map (docs/ARCHITECTURE.md,
                 # "Results to the PACS").
                 if pending is not None:
-                    await self.write_map(req, pending)
+                    await self.maps.write(req, pending)
             finally:
-                self.writing_maps.discard(req.request_id)
+                self.maps.writing.discard(req.request_id)
             if published:
                 detail: Detail = {
                     "model": finding.model_name,
@@ -219,71 +194,23 @@ class Infer:
             stage = f"infer.{lane}.triton"
             await dead_letter(topics, event, stage, str(exc), req.study_uid, headers_for_current_span())
             return None
-        finding, pending = self.plan_map(req, build_finding(req, result, geometry), result, geometry)
+        finding, pending = self.maps.plan(req, build_finding(req, result, geometry), result, geometry)
         span.set_attribute("radtriage.probability", finding.probability)
         span.set_attribute("radtriage.positive", finding.positive)
         return finding, pending
 
-    def plan_map(
-        self, req: TriageRequest, finding: Finding, result: Inference, geometry: object
-    ) -> tuple[Finding, PendingMap | None]:
-        """The finding naming its localisation map (for the DICOM SEG,
-        streams/stages/pacs_export.py) by the URI the map will have, and the map to write
-        once the finding is out: no write (a thread hop, two fsyncs) on the alert's path.
-        Only when a destination wants a SEG; the finding as it is when there is no map or it
-        cannot be kept (a SEG is worth less than the finding: logged, counted)."""
-        if finding.slice_range is None or not self.ctx.settings.dispatch.wants_object("seg"):
-            return finding, None
-        try:
-            kept = stored_map(result.maps, geometry, finding.positive, req.localisation_threshold)
-            if kept is None:
-                return finding, None
-            pending = PendingMap(req.study_uid, map_key_of(req), to_bytes(kept))
-            uri = self.ctx.blobs.localisation_map_uri(pending.study_uid, pending.key)
-        except ValueError as exc:  # BlobStoreError and MapError are ValueErrors
-            metrics.LOCALISATION_MAPS.labels("failed").inc()
-            log.warning("localisation map of %s not kept: %s: %s", req.study_uid, type(exc).__name__, exc)
-            return finding, None
-        return finding.model_copy(update={"localisation_map_uri": uri}), pending
-
-    async def write_map(self, req: TriageRequest, pending: PendingMap) -> None:
-        """Write the map the published finding names; a failure costs the SEG (the export
-        waits `dispatch.map_wait_s` for it, then sends the rest: audited), never the finding."""
-        try:
-            await asyncio.to_thread(
-                self.ctx.blobs.put_localisation_map, pending.study_uid, pending.key, pending.data
-            )
-        except (OSError, ValueError) as exc:
-            metrics.LOCALISATION_MAPS.labels("failed").inc()
-            log.warning("localisation map of %s not kept: %s: %s", req.study_uid, type(exc).__name__, exc)
-            return
-        metrics.LOCALISATION_MAPS.labels("stored").inc()
-
-    def map_owed(self, req: TriageRequest) -> bool:
-        """A finding already out may name a map that was never written: the worker was killed
-        between publishing it and writing the map (the request came back, uncommitted)."""
-        if not self.ctx.settings.dispatch.wants_object("seg") or not localises(req.model_name):
-            return False
-        if req.request_id and req.request_id in self.writing_maps:
-            return False  # this worker's other copy is writing it now
-        try:
-            uri = self.ctx.blobs.localisation_map_uri(req.study_uid, map_key_of(req))
-            return not self.ctx.blobs.path_of(uri).is_file()
-        except ValueError:
-            return False
-
     async def restore_map(self, event: EventT[Any], lane: str, req: TriageRequest) -> None:
         """Run the model again for the map alone when a published finding may be owed one
-        (`map_owed`): deterministic, so the same map under the same URI. Rare (a kill in that
+        (`LocalisationMaps.owed`): deterministic, so the same map under the same URI. Rare (a kill in that
         window, or a negative finding of a localising model replayed: nothing to write)."""
-        if not self.map_owed(req):
+        if not self.maps.owed(req):
             return
         priority, attrs = self.span_attrs(req, lane)
         with consumer_span(self.ctx, "infer.restore_map", event, attrs=attrs) as span:
             ran = await self.run_model(event, lane, req, priority, span)
         if ran is None or ran[1] is None:
             return
-        await self.write_map(req, ran[1])
+        await self.maps.write(req, ran[1])
         detail: Detail = {
             "request_id": req.request_id,
             "lane": lane,

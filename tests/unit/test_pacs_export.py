@@ -66,7 +66,7 @@ def test_destination_names_are_unique() -> None:
 
 
 def test_a_seg_is_wanted_only_when_a_destination_asks_for_it() -> None:
-    """The infer stage keeps localisation maps only then (streams/stages/infer.py plan_map)."""
+    """The infer stage keeps localisation maps only then (streams/stages/infer_maps.py)."""
     sr_only = DicomDestination(name="a", host="h", ae_title="A", objects=["sr"])
     with_seg = DicomDestination(name="b", host="h", ae_title="B", objects=["sr", "seg"])
     assert not DispatchSettings().wants_object("seg")

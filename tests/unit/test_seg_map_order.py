@@ -1,4 +1,4 @@
-"""The SEG's localisation map off the alert's path (streams/stages/infer.py, docs/ARCHITECTURE.md
+"""The SEG's localisation map off the alert's path (streams/stages/infer_maps.py, docs/ARCHITECTURE.md
 "Results to the PACS"): the finding names the map by the URI it will have, the map is
 written only after, a finding already out whose map never came is owed one, and the
 pacs-export stage waits a bounded time for it (streams/stages/pacs_export.arrives). And the
@@ -11,7 +11,6 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from processors.triton_client import Inference
 from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import REPO_ROOT, DicomDestination, DispatchSettings, Settings
 from schemas.requests import TriageRequest
-from streams.stages.infer import Infer, localises, map_key_of
+from streams.stages.infer_maps import LocalisationMaps, localises, map_key_of
 from streams.stages.pacs_export import arrives
 from tests.support.findings import ich_result
 
@@ -57,14 +56,11 @@ def _request(model: str = "ich_classifier") -> TriageRequest:
     )
 
 
-def _stage(tmp_path: Path, objects: list[Any]) -> Infer:
+def _stage(tmp_path: Path, objects: list[Any]) -> LocalisationMaps:
     """The infer stage's map steps on a real blob store; no Triton, no preprocessing pools."""
     destination = DicomDestination(name="pacs", host="h", ae_title="PACS", objects=objects)
     settings = Settings(dispatch=DispatchSettings(destinations=[destination]))
-    stage = Infer.__new__(Infer)
-    stage.ctx = SimpleNamespace(settings=settings, blobs=LocalBlobStore(tmp_path / "blobs"))  # type: ignore[assignment]
-    stage.writing_maps = set()
-    return stage
+    return LocalisationMaps(settings, LocalBlobStore(tmp_path / "blobs"))
 
 
 def _bleed() -> tuple[Inference, dict[str, np.ndarray]]:
@@ -80,42 +76,42 @@ def test_the_finding_names_its_map_by_the_uri_it_will_have_and_nothing_is_writte
     stage, req = _stage(tmp_path, ["sr", "seg"]), _request()
     result, maps = _bleed()
     built = ich_result(STUDY, SERIES, slice_range=localise(maps, GEOMETRY, True), request_id=req.request_id)
-    finding, pending = stage.plan_map(req, built, result, GEOMETRY)
+    finding, pending = stage.plan(req, built, result, GEOMETRY)
     assert pending is not None and finding.localisation_map_uri is not None
-    blobs = stage.ctx.blobs
+    blobs = stage.blobs
     # Deterministic: a replay and the other lane's copy of the request name the same map.
     assert pending.key == map_key(f"{STUDY}/{RULE}/1") == map_key_of(req)
     assert finding.localisation_map_uri == blobs.localisation_map_uri(STUDY, pending.key)
     # Nothing on disk until the finding is out: no thread hop, no fsync on the alert's path.
     assert not blobs.path_of(finding.localisation_map_uri).exists()
-    assert stage.map_owed(req)  # what a kill right after publishing leaves
-    asyncio.run(stage.write_map(req, pending))
+    assert stage.owed(req)  # what a kill right after publishing leaves
+    asyncio.run(stage.write(req, pending))
     # Written where the published finding said, readable as the map.
     kept = from_bytes(blobs.read(finding.localisation_map_uri))
     assert kept.first <= 5 and kept.last >= 7
-    assert not stage.map_owed(req)
+    assert not stage.owed(req)
 
 
 def test_no_seg_wanted_no_map_and_nothing_owed(tmp_path: Path) -> None:
     stage, req = _stage(tmp_path, ["sr"]), _request()
     result, maps = _bleed()
     built = ich_result(STUDY, SERIES, slice_range=localise(maps, GEOMETRY, True))
-    finding, pending = stage.plan_map(req, built, result, GEOMETRY)
+    finding, pending = stage.plan(req, built, result, GEOMETRY)
     assert pending is None and finding.localisation_map_uri is None
-    assert not stage.map_owed(req)
+    assert not stage.owed(req)
 
 
 def test_a_map_being_written_by_the_other_copy_is_not_owed(tmp_path: Path) -> None:
     stage, req = _stage(tmp_path, ["sr", "seg"]), _request()
-    assert stage.map_owed(req)
-    stage.writing_maps.add(req.request_id or "")
-    assert not stage.map_owed(req)
+    assert stage.owed(req)
+    stage.writing.add(req.request_id or "")
+    assert not stage.owed(req)
 
 
 def test_only_a_model_with_a_slice_range_can_owe_a_map(tmp_path: Path) -> None:
     assert localises("ich_classifier")
     assert not localises("cxr_triage") and not localises("no_such_model")
-    assert not _stage(tmp_path, ["sr", "seg"]).map_owed(_request("cxr_triage"))
+    assert not _stage(tmp_path, ["sr", "seg"]).owed(_request("cxr_triage"))
 
 
 def test_the_export_waits_for_a_late_map_and_gives_up_after_its_wait(tmp_path: Path) -> None:
