@@ -38,29 +38,35 @@ def ensure_topics(
     replicas = k.replication_factor if replication_factor is None else replication_factor
     deadline = time.monotonic() + timeout_s
     while True:
+        admin = _admin_client(k, deadline)
         try:
-            admin = KafkaAdminClient(request_timeout_ms=10000, **kafka_python_kwargs(k))
-            break
+            _create_missing(admin, k, topics, replicas, config)
+            return
+        except TopicAlreadyExistsError:
+            return  # another process created them meanwhile
+        except KafkaError as exc:
+            # A cluster just started may not have every broker in its metadata yet
+            # (UnknownBrokerId, NotController...): retried until the deadline, each time with a
+            # new client, because kafka-python's admin keeps the controller id and brokers it
+            # bootstrapped with (a client made before the controller registered asked it for
+            # 120 s and never learnt of it: CI's 3-node cluster, 2026-12-07).
+            retriable = getattr(exc, "retriable", False) or type(exc).__name__ in _TRANSIENT
+            if not retriable or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+        finally:
+            admin.close()
+
+
+def _admin_client(k: KafkaSettings, deadline: float) -> KafkaAdminClient:
+    """An admin client, retried until `deadline` while the cluster cannot be reached."""
+    while True:
+        try:
+            return KafkaAdminClient(request_timeout_ms=10000, **kafka_python_kwargs(k))
         except KafkaError as exc:
             if time.monotonic() > deadline:
                 raise KafkaUnavailable(f"Kafka at {k.bootstrap_servers} unreachable: {exc}") from exc
             time.sleep(1)
-    try:
-        while True:
-            try:
-                _create_missing(admin, k, topics, replicas, config)
-                return
-            except TopicAlreadyExistsError:
-                return  # another process created them meanwhile
-            except KafkaError as exc:
-                # A cluster just started may not have every broker in its metadata yet
-                # (UnknownBrokerId, NotController...): retried until the deadline.
-                retriable = getattr(exc, "retriable", False) or type(exc).__name__ in _TRANSIENT
-                if not retriable or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-    finally:
-        admin.close()
 
 
 _TRANSIENT = {"UnknownBrokerIdError", "NodeNotReadyError", "NotControllerError", "KafkaConnectionError"}
