@@ -11,7 +11,6 @@ Transactions, conditional create/update and search are HAPI's own, unchanged.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import threading
 import time
@@ -25,6 +24,7 @@ import requests
 from radtriage.settings import Settings
 from tests.support.java_build import built_classpath
 from tests.support.net import free_port
+from tests.support.process import stop_process
 
 VERSION = "8.8.0"
 HERE = Path(__file__).parent / "hapi_server"
@@ -103,14 +103,7 @@ class HapiFhirServer:
     def stop(self) -> None:
         """SIGTERM (H2 closes its file on the JVM's shutdown), SIGKILL if it lingers."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)
 
     def __enter__(self) -> HapiFhirServer:
         self.start()

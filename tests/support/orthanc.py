@@ -23,6 +23,7 @@ from typing import Any
 
 from radtriage.stack.process import port_in_use
 from tests.support.net import free_port
+from tests.support.process import stop_process
 from tests.support.wait import wait_until
 
 # Where Debian's orthanc-dicomweb puts the plugin (`dpkg -L orthanc-dicomweb`).
@@ -158,10 +159,5 @@ class Orthanc:
         return answer
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, 30)
         self.log.close()

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from radtriage.settings import REPO_ROOT
 from radtriage.stack.process import port_in_use
@@ -63,3 +64,16 @@ def wait_ready(
 def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 60) -> None:
     """`wait_ready` until something accepts connections on the loopback `port`."""
     wait_ready(proc, lambda: port_in_use(port), log, f"{proc.args!r} never opened port {port}", timeout)
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace_s`: a test peer's stop
+    (HAPI's JVM needs the SIGTERM to close its H2 file; nginx and Orthanc exit on it)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.support.net import free_port
+from tests.support.process import stop_process
 from tests.support.wait import wait_until
 
 
@@ -86,14 +87,7 @@ http {{
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 10)
 
     def __enter__(self) -> MutualTlsProxy:
         self.start()
