@@ -541,6 +541,22 @@ def own_stack_settings(home: Path) -> Settings:
     return settings
 
 
+def start_services(base: Settings, stack: ExitStack, triton_log: Path) -> None:
+    """The Kafka broker and the Triton server `base` describes, stopped when `stack` closes:
+    what the benches that run their own workers start once for the whole run."""
+    from radtriage.stack.kafka import LocalKafka
+    from radtriage.stack.triton import LocalTriton
+
+    kafka = LocalKafka.for_settings(base, base.home / "kafka")
+    with console.status("starting Kafka…"):
+        kafka.start()
+    stack.callback(kafka.stop)
+    triton = LocalTriton.for_settings(base, triton_log)
+    with console.status("starting Triton…"):
+        triton.start()
+    stack.callback(triton.stop)
+
+
 def run_sends(
     sender: Sender,
     jobs: list[tuple[float, str, Template]],

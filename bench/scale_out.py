@@ -46,6 +46,7 @@ from bench.lanes import (
     cached_templates,
     own_stack_settings,
     restamp,
+    start_services,
     wait_complete,
 )
 from bench.proc_cpu import delta, descendants_cpu
@@ -182,9 +183,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers[0] != 1:
         ap.error("the first worker count is the baseline and must be 1")
 
-    from radtriage.stack.kafka import LocalKafka
-    from radtriage.stack.triton import LocalTriton
-
     home = Path(tempfile.mkdtemp(prefix="radtriage-scale-"))
     base = own_stack_settings(home)
     base.telemetry.exporter = "none"
@@ -192,13 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     templates = cached_templates(base.cache, "normal", 2) + cached_templates(base.cache, "bleed", 2)
     runs: list[dict[str, Any]] = []
     with ExitStack() as stack:
-        with console.status("starting Kafka and Triton…"):
-            kafka = LocalKafka.for_settings(base, home / "kafka")
-            kafka.start()
-            stack.callback(kafka.stop)
-            triton = LocalTriton.for_settings(base, home / "triton.log")
-            triton.start()
-            stack.callback(triton.stop)
+        start_services(base, stack, home / "triton.log")
         for workers in args.workers:
             run = f"{workers}w-{int(time.time())}"
             settings = run_settings(base, run, args.partitions)

@@ -31,6 +31,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from bench.lanes import start_services
 from bench.latency import _free_port, stats
 from radtriage.demo import CASES, OutputWatcher, run_case
 from radtriage.settings import REPO_ROOT, Settings
@@ -48,21 +49,6 @@ def _base_settings(tmp: Path) -> Settings:
     s.triton.metrics_port = _free_port()
     s.dicom.port, s.hl7.port, s.http.port = _free_port(), _free_port(), _free_port()
     return s
-
-
-def _start_services(base: Settings, stack: ExitStack) -> None:
-    """Kafka and Triton for the whole run (the phases' processes come and go)."""
-    from radtriage.stack.kafka import LocalKafka
-    from radtriage.stack.triton import LocalTriton
-
-    kafka = LocalKafka.for_settings(base, base.home / "kafka")
-    with console.status("starting Kafka…"):
-        kafka.start()
-    stack.callback(kafka.stop)
-    triton = LocalTriton.for_settings(base, base.home / "logs" / "triton.log")
-    with console.status("starting Triton…"):
-        triton.start()
-    stack.callback(triton.stop)
 
 
 def run_phase(base: Settings, mode: str, index: int, runs: int, tmp: Path) -> dict[str, Any]:
@@ -137,7 +123,7 @@ def main() -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="radtriage-bench-tracing-") as tmp_name:
         tmp = Path(tmp_name)
         base = _base_settings(tmp)
-        _start_services(base, stack)
+        start_services(base, stack, base.home / "logs" / "triton.log")
         phases = [run_phase(base, mode, i, args.runs, tmp) for i, mode in enumerate(SCHEDULE)]
 
     summary = summarize(phases)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.lanes import own_stack_settings
+from bench.lanes import own_stack_settings, start_services
 from processors.localisation import LOCALISATION_OUTPUT, PlaneField, SeriesGeometry, SliceCrop
 from processors.localisation_map import StoredMap, map_key, stored_map, to_bytes
 from radtriage.blobstore import LocalBlobStore
@@ -179,18 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         result["map"] = map_path(home, args.map_runs)
         print("map on the alert's path (ms):", json.dumps(result["map"]))
         if not args.skip_ready:
-            from radtriage.stack.kafka import LocalKafka
-            from radtriage.stack.triton import LocalTriton
-
             base = own_stack_settings(home)
             base.telemetry.exporter = "none"
             with ExitStack() as stack:
-                kafka = LocalKafka.for_settings(base, home / "kafka")
-                kafka.start()
-                stack.callback(kafka.stop)
-                triton = LocalTriton.for_settings(base, home / "triton.log")
-                triton.start()
-                stack.callback(triton.stop)
+                start_services(base, stack, home / "triton.log")
                 ready_once(REPO_ROOT, base, f"warm-{int(time.time())}")
                 ready: dict[str, list[float]] = {k: [] for k in trees}
                 for i in range(args.ready_runs):
