@@ -117,9 +117,7 @@ async def publish_value(
     its metadata in `headers`): the same send, acknowledgement and PRODUCER span, the
     trace context added to `headers`. `about`: what the span's ids (study UID, accession
     number) are read from."""
-    carrier = {
-        k: v.decode("latin-1") if isinstance(v, bytes | bytearray) else str(v) for k, v in headers or []
-    }
+    carrier = header_text(headers)
     # A PRODUCER span per record ("send <topic>"), whose context the record carries on.
     with send_span(topic.get_topic_name(), key, carrier, about) as (span, carried):
         sent = [(k, v.encode("latin-1")) for k, v in carried.items()]
