@@ -133,6 +133,16 @@ TRITON_INFER = Histogram(
 STUDIES_ASSEMBLED = Counter(
     "radtriage_studies_assembled_total", "Studies complete and published for routing", ["ready_reason"]
 )
+ASSEMBLY_REREADS = Counter(
+    "radtriage_assembly_rereads_total",
+    "Release markers counting more instances than the assembly held, by what reading the"
+    " log back found (restored: the missing ones folded in; nothing_missing: a resend's"
+    " count; not_in_log; failed: the log could not be read)",
+    ["outcome"],
+)
+ASSEMBLY_REREAD_INSTANCES = Counter(
+    "radtriage_assembly_reread_instances_total", "Instances the assembly lacked and read back from the log"
+)
 STUDIES_UNROUTED = Counter("radtriage_studies_unrouted_total", "Studies no routing rule takes")
 REQUESTS_ROUTED = Counter(
     "radtriage_requests_routed_total",

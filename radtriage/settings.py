@@ -511,6 +511,12 @@ class StreamSettings(BaseModel):
     # A study with no association-release marker is ready after this much silence.
     assembly_quiet_s: float = 10.0
     assembly_scan_interval_s: float = 1.0
+    # When a release marker counts more instances than the assembly holds, the log is read
+    # back from the association's start less this margin (the connector's clock stamped the
+    # start, the broker may stamp records), at most this many records.
+    assembly_reread_margin_s: float = Field(default=5.0, ge=0)
+    assembly_reread_max_records: int = Field(default=200_000, gt=0)
+    assembly_reread_timeout_s: float = Field(default=30.0, gt=0)
     # A killed worker's partitions move to the survivors after this long without heartbeats
     # (Faust's default is 60 s: far too long for a stat lane).
     session_timeout_s: float = 10.0

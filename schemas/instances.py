@@ -55,4 +55,7 @@ class InstanceEvent(Event):
     association_id: str = ""
     # Number of instances of this study the association carried (transfer_complete only).
     instance_count: int = Field(default=0, ge=0)
+    # When the association began storing this study (transfer_complete only): the assemble
+    # stage re-reads the log from here when it lacks some of the instances counted above.
+    association_started_at: datetime | None = None
     received_at: datetime = Field(default_factory=utcnow)

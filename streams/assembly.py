@@ -51,6 +51,11 @@ class AssemblyState(BaseModel):
     # that way). Replaying a completion finds its ready time here, so a worker that
     # takes over repeats the same request ids for the ledgers to recognise.
     emissions: dict[str, datetime] = Field(default_factory=dict)
+    # Per association (or STOW request) id, how many of the study's instances it delivered
+    # first. Its release marker says how many it stored (`instance_count`); fewer here means
+    # the table lost instance events it had folded, and the assemble stage re-reads them
+    # from the log before emitting (`shortfall`, streams/assembly_reread.py).
+    delivered: dict[str, int] = Field(default_factory=dict)
 
 
 # How many emissions' ready times a study keeps (a study re-opens a few times at most).
@@ -84,8 +89,39 @@ def add_instance(state: AssemblyState | None, event: InstanceEvent, traceparent:
     series = state.series.setdefault(event.series_uid, SeriesState(**headers))
     if event.sop_instance_uid not in series.instances:
         series.frames += event.frames
+        if event.association_id:
+            state.delivered[event.association_id] = state.delivered.get(event.association_id, 0) + 1
     series.instances[event.sop_instance_uid] = event.blob_uri
     return state
+
+
+def shortfall(state: AssemblyState | None, marker: InstanceEvent) -> int:
+    """How many of the instances a release marker announces the state does not account for.
+
+    Counted per association, so a study sent one series per association (as scanners do)
+    is checked association by association. An instance re-sent in a second association
+    counts for the first, so a resend can report a shortfall the log then disproves;
+    `missing_instances` is the exact check.
+    """
+    if marker.kind != "transfer_complete" or not marker.association_id:
+        return 0
+    have = state.delivered.get(marker.association_id, 0) if state is not None else 0
+    return max(0, marker.instance_count - have)
+
+
+def missing_instances(state: AssemblyState | None, events: list[InstanceEvent]) -> list[InstanceEvent]:
+    """The instance events (read back from the log) whose instance the state does not hold,
+    first copy of each."""
+    seen: set[str] = set()
+    missing: list[InstanceEvent] = []
+    for event in events:
+        if event.kind != "instance" or event.sop_instance_uid in seen:
+            continue
+        seen.add(event.sop_instance_uid)
+        series = state.series.get(event.series_uid) if state is not None else None
+        if series is None or event.sop_instance_uid not in series.instances:
+            missing.append(event)
+    return missing
 
 
 def _already_has(state: AssemblyState, event: InstanceEvent) -> bool:

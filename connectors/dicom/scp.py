@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal, cast
 
 from opentelemetry import propagate, trace
@@ -64,6 +65,7 @@ from radtriage import metrics
 from radtriage.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from radtriage.settings import Settings
 from radtriage.tls import server_context
+from schemas.base import utcnow
 from schemas.instances import InstanceEvent
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ class _Study:
     span: Span
     context: Context
     count: int = 0
+    # Before its first instance is published: the marker's association_started_at.
+    started_at: datetime = field(default_factory=utcnow)
 
 
 @dataclass
@@ -435,6 +439,7 @@ class StoreSCP:
                     kind="transfer_complete",
                     study_uid=study_uid,
                     instance_count=study.count,
+                    association_started_at=study.started_at,
                     association_id=assoc.id,
                     calling_ae=assoc.calling_ae,
                 )

@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
@@ -42,6 +43,7 @@ from connectors.http.state import BLOBS, PUBLISHER, SETTINGS, base_url
 from processors.result_marker import is_radtriage_result
 from radtriage import metrics
 from radtriage.blobstore import BlobStoreError, valid_uid
+from schemas.base import utcnow
 from schemas.instances import InstanceEvent
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class _Study:
     span: Span
     context: Context
     count: int = 0
+    # Before its first instance is published: the marker's association_started_at.
+    started_at: datetime = field(default_factory=utcnow)
 
 
 @dataclass
@@ -181,6 +185,7 @@ class StowRequest:
                     kind="transfer_complete",
                     study_uid=study_uid,
                     instance_count=study.count,
+                    association_started_at=study.started_at,
                     association_id=self.request_id,
                     source="dicomweb",
                 )

@@ -3,7 +3,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from schemas.instances import InstanceEvent
-from streams.assembly import add_instance, complete_study, completion_key, expired, is_quiet, mark_emitted
+from streams.assembly import (
+    add_instance,
+    complete_study,
+    completion_key,
+    expired,
+    is_quiet,
+    mark_emitted,
+    missing_instances,
+    shortfall,
+)
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -19,7 +28,14 @@ def inst(sop: str, series: str = "1.2.1", at: datetime = T0, **kw: str) -> Insta
         accession_number=kw.get("accession", "A1"),
         patient_id="MRN1",
         blob_uri=f"file:///b/{series}/{sop}.dcm",
+        association_id=kw.get("association", "assoc-1"),
         received_at=at,
+    )
+
+
+def released(count: int, association: str = "assoc-1") -> InstanceEvent:
+    return InstanceEvent(
+        kind="transfer_complete", study_uid="1.2", association_id=association, instance_count=count
     )
 
 
@@ -137,3 +153,42 @@ def test_a_nudge_is_judged_at_the_time_it_was_sent_not_when_a_lagging_worker_rea
     state = add_instance(state, inst("2", at=T0 + timedelta(seconds=2)), "")
     assert not is_quiet(state, nudge(T0 + timedelta(seconds=4)).received_at, 10)
     assert is_quiet(state, nudge(T0 + timedelta(seconds=12)).received_at, 10)
+
+
+def test_a_marker_is_checked_against_the_instances_its_own_association_delivered() -> None:
+    # One series per association, as scanners send: each marker counts its own.
+    s = add_instance(None, inst("1", association="a"), "")
+    s = add_instance(s, inst("2", association="a"), "")
+    s = add_instance(s, inst("9", series="1.2.2", association="b"), "")
+    assert s.delivered == {"a": 2, "b": 1}
+    assert shortfall(s, released(2, "a")) == 0
+    assert shortfall(s, released(1, "b")) == 0
+    assert shortfall(s, released(3, "a")) == 1  # the table lost one of a's instances
+    assert shortfall(None, released(4, "c")) == 4  # lost the whole state
+    # A re-folded instance (a replay after a crash) is not counted twice.
+    assert add_instance(s, inst("1", association="a"), "").delivered == {"a": 2, "b": 1}
+
+
+def test_nudges_and_markers_without_an_association_are_not_checked() -> None:
+    s = add_instance(None, inst("1"), "")
+    assert shortfall(s, InstanceEvent(kind="quiet_period", study_uid="1.2")) == 0
+    assert shortfall(s, released(5, association="")) == 0
+
+
+def test_a_resend_counts_for_the_association_that_delivered_first_and_the_log_settles_it() -> None:
+    s = add_instance(None, inst("1", association="first"), "")
+    s = add_instance(s, inst("2", association="first"), "")
+    for sop in ("1", "2", "3"):
+        s = add_instance(s, inst(sop, association="resend"), "")
+    assert shortfall(s, released(3, "resend")) == 2  # only "3" was new in it
+    read_back = [inst(sop, association="resend") for sop in ("1", "2", "3")]
+    assert missing_instances(s, read_back) == []
+
+
+def test_missing_instances_are_those_the_state_lacks_once_each() -> None:
+    s = add_instance(None, inst("1"), "")
+    read_back = [inst("1"), inst("2"), inst("2"), inst("7", series="1.2.9")]
+    assert [e.sop_instance_uid for e in missing_instances(s, read_back)] == ["2", "7"]
+    assert [e.sop_instance_uid for e in missing_instances(None, read_back)] == ["1", "2", "7"]
+    marker = released(1)
+    assert missing_instances(s, [marker]) == []
