@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import faust
@@ -46,6 +47,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STAGE = "pacs-export"
+Destination = DicomDestination | StowDestination
+# processors/result_objects.build_results, handed in when the stage registers (highdicom).
+BuildResults = Callable[
+    [Finding, set[ResultObject], Sequence[Path], Callable[[str], bytes] | None, str],
+    "dict[ResultObject, Dataset]",
+]
 
 
 def _software_version() -> str:
@@ -146,55 +153,59 @@ async def send_until_deadline(
         await asyncio.sleep(wait)
 
 
-def register(ctx: PipelineContext) -> None:
-    dispatch = ctx.settings.dispatch
-    if not dispatch.destinations:
-        return  # nothing configured: no agent, no outbox read
-    # highdicom (~0.2 s to import) only where results are built: never at every worker's start.
-    from processors.result_objects import ResultError, build_results
+class Export:
+    """One worker's export: the steps of one finding, from its objects built to each sent."""
 
-    version = _software_version()
+    def __init__(
+        self, ctx: PipelineContext, build_results: BuildResults, result_error: type[Exception]
+    ) -> None:
+        self.ctx = ctx
+        self.dispatch = ctx.settings.dispatch
+        self.build_results, self.result_error = build_results, result_error
+        self.version = _software_version()
 
-    def map_there(uri: str) -> bool:
+    def map_there(self, uri: str) -> bool:
         try:
-            return ctx.blobs.path_of(uri).is_file()
+            return self.ctx.blobs.path_of(uri).is_file()
         except ValueError:  # not a URI of this store: reading it says why (map_unreadable)
             return True
 
-    async def map_reader(finding: Finding, wanted: set[ResultObject]) -> Callable[[str], bytes] | None:
+    async def map_reader(self, finding: Finding, wanted: set[ResultObject]) -> Callable[[str], bytes] | None:
         """How the SEG reads the finding's localisation map; None when it has not arrived
         within `dispatch.map_wait_s` (the SEG is built without it: audited, counted)."""
-        uri = finding.localisation_map_uri
+        uri, wait_s = finding.localisation_map_uri, self.dispatch.map_wait_s
         if "seg" not in wanted or not finding.positive or not uri:
-            return ctx.blobs.read
-        if await arrives(lambda: map_there(uri), dispatch.map_wait_s):
-            return ctx.blobs.read
+            return self.ctx.blobs.read
+        if await arrives(lambda: self.map_there(uri), wait_s):
+            return self.ctx.blobs.read
         metrics.RESULTS_NOT_BUILT.labels("seg", "map_missing").inc()
         log.warning(
             "no localisation map for %s after %.0f s (%s): its SEG goes without it",
             finding.study_uid,
-            dispatch.map_wait_s,
+            wait_s,
             uri,
         )
         detail: Detail = {
             "object": "seg",
             "reason": "map_missing",
             "map_uri": uri,
-            "waited_s": dispatch.map_wait_s,
+            "waited_s": wait_s,
             "request_id": finding.request_id,
         }
-        await audit(ctx, finding.study_uid, finding.accession_number, "export", "seg_map_missing", detail)
+        await audit(
+            self.ctx, finding.study_uid, finding.accession_number, "export", "seg_map_missing", detail
+        )
         return None
 
     def build(
-        finding: Finding, wanted: set[ResultObject], read_map: Callable[[str], bytes] | None
+        self, finding: Finding, wanted: set[ResultObject], read_map: Callable[[str], bytes] | None
     ) -> dict[ResultObject, Dataset]:
-        series = ctx.blobs.series_paths(finding.study_uid, finding.series_uid)
-        return build_results(finding, wanted, series, read_map, version)
+        series = self.ctx.blobs.series_paths(finding.study_uid, finding.series_uid)
+        return self.build_results(finding, wanted, series, read_map, self.version)
 
-    async def export_one(event: EventT[Any]) -> None:
+    async def one(self, event: EventT[Any]) -> None:
         finding = Finding.from_bytes(event.value)
-        targets = [d for d in dispatch.destinations if d.wants(finding.finding, finding.positive)]
+        targets = [d for d in self.dispatch.destinations if d.wants(finding.finding, finding.positive)]
         if not targets:
             return
         attrs = {
@@ -202,81 +213,90 @@ def register(ctx: PipelineContext) -> None:
             "radtriage.finding": finding.finding,
             "radtriage.model": finding.model_name,
         }
-        with consumer_span(ctx, STAGE, event, attrs=attrs) as span:
+        with consumer_span(self.ctx, STAGE, event, attrs=attrs) as span:
             wanted = {what for d in targets for what in d.objects}
-            read_map = await map_reader(finding, wanted)
+            read_map = await self.map_reader(finding, wanted)
             try:
-                objects = await asyncio.to_thread(build, finding, wanted, read_map)
-            except ResultError as exc:
+                objects = await asyncio.to_thread(self.build, finding, wanted, read_map)
+            except self.result_error as exc:
                 # Nothing to reference (the series is not in the blob store): the finding
                 # goes to the dead letters with its study, for a replay once it is there.
-                await dead_letter(ctx.topics, event, STAGE, f"not built: {exc}", study_uid=finding.study_uid)
+                await dead_letter(
+                    self.ctx.topics, event, STAGE, f"not built: {exc}", study_uid=finding.study_uid
+                )
                 return
             span.set_attribute("radtriage.objects", ",".join(objects))
             for destination in targets:
                 for what, ds in objects.items():
-                    if what not in destination.objects:
-                        continue
-                    started = time.monotonic()
-                    base: Detail = {
-                        "destination": destination.name,
-                        "kind": destination.kind,
-                        "where": destination.where,
-                        "object": what,
-                        "sop_instance_uid": str(ds.SOPInstanceUID),
-                        "request_id": finding.request_id,
-                    }
-                    if isinstance(destination, DicomDestination):
-                        base["ae_title"] = destination.ae_title
+                    if what in destination.objects and not await self.send(
+                        event, finding, destination, what, ds
+                    ):
+                        break  # its other objects would meet the same PACS: the replay sends them all
 
-                    async def retrying(first: Outcome, base: Detail = base, what: str = what) -> None:
-                        # Once per object: the operator sees the PACS is not answering now,
-                        # not only when the deadline is past.
-                        detail = base | {"status": first.status_text, "status_detail": first.detail}
-                        decision = f"{what}_retrying"
-                        await audit(
-                            ctx, finding.study_uid, finding.accession_number, "export", decision, detail
-                        )
+    async def send(
+        self, event: EventT[Any], finding: Finding, destination: Destination, what: ResultObject, ds: Dataset
+    ) -> bool:
+        """One object to one destination until stored or given up on (dead-lettered naming the
+        destination and its status); every try's outcome audited. True when stored."""
+        ctx = self.ctx
+        started = time.monotonic()
+        base: Detail = {
+            "destination": destination.name,
+            "kind": destination.kind,
+            "where": destination.where,
+            "object": what,
+            "sop_instance_uid": str(ds.SOPInstanceUID),
+            "request_id": finding.request_id,
+        }
+        if isinstance(destination, DicomDestination):
+            base["ae_title"] = destination.ae_title
 
-                    outcome, tries = await send_until_deadline(destination, ds, dispatch, what, retrying)
-                    result = "stored" if outcome.stored else "failed"
-                    metrics.PACS_EXPORTS.labels(destination.name, what, result).inc()
-                    detail: Detail = {
-                        **base,
-                        "series_uid": str(ds.SeriesInstanceUID),
-                        "status": outcome.status_text,
-                        "status_detail": outcome.detail,
-                        "tries": tries,
-                        "seconds": round(time.monotonic() - started, 3),
-                    }
-                    if finding.amends_request_id:
-                        detail["amends_request_id"] = finding.amends_request_id
-                    await audit(
-                        ctx,
-                        finding.study_uid,
-                        finding.accession_number,
-                        "export",
-                        f"{what}_{result}",
-                        detail,
-                    )
-                    if not outcome.stored:
-                        await dead_letter(
-                            ctx.topics,
-                            event,
-                            STAGE,
-                            f"destination {destination.name} ({destination.where}): {what} not stored "
-                            f"after {tries} tries, {'STOW' if destination.kind == 'stow' else 'DICOM'} "
-                            f"status {outcome.status_text}: {outcome.detail}",
-                            study_uid=finding.study_uid,
-                        )
-                        # Its other objects would meet the same PACS: the replay sends them all.
-                        break
+        async def retrying(first: Outcome) -> None:
+            # Once per object: the operator sees the PACS is not answering now, not only
+            # when the deadline is past.
+            detail = base | {"status": first.status_text, "status_detail": first.detail}
+            await audit(
+                ctx, finding.study_uid, finding.accession_number, "export", f"{what}_retrying", detail
+            )
+
+        outcome, tries = await send_until_deadline(destination, ds, self.dispatch, what, retrying)
+        result = "stored" if outcome.stored else "failed"
+        metrics.PACS_EXPORTS.labels(destination.name, what, result).inc()
+        detail: Detail = {
+            **base,
+            "series_uid": str(ds.SeriesInstanceUID),
+            "status": outcome.status_text,
+            "status_detail": outcome.detail,
+            "tries": tries,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        if finding.amends_request_id:
+            detail["amends_request_id"] = finding.amends_request_id
+        await audit(ctx, finding.study_uid, finding.accession_number, "export", f"{what}_{result}", detail)
+        if not outcome.stored:
+            protocol = "STOW" if destination.kind == "stow" else "DICOM"
+            cause = (
+                f"destination {destination.name} ({destination.where}): {what} not stored "
+                f"after {tries} tries, {protocol} status {outcome.status_text}: {outcome.detail}"
+            )
+            await dead_letter(ctx.topics, event, STAGE, cause, study_uid=finding.study_uid)
+        return outcome.stored
+
+
+def register(ctx: PipelineContext) -> None:
+    dispatch = ctx.settings.dispatch
+    if not dispatch.destinations:
+        return  # nothing configured: no agent, no outbox read
+    # highdicom (~0.2 s to import) only where results are built: never at every worker's start.
+    from processors.result_objects import ResultError, build_results
+
+    stage = Export(ctx, build_results, ResultError)
 
     def for_some_destination(finding: Finding) -> bool:
         return any(d.wants(finding.finding, finding.positive) for d in dispatch.destinations)
 
     @ctx.app.agent(outbox(ctx, STAGE, for_some_destination), name=STAGE)
     async def pacs_export(stream: faust.StreamT[Any]) -> None:
-        await each(ctx, stream, STAGE, export_one)
+        await each(ctx, stream, STAGE, stage.one)
 
     _ = pacs_export
