@@ -30,7 +30,6 @@ import logging
 import math
 import multiprocessing
 import os
-import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models import registry
+from processors.child_process import exit_with_parent
 from radtriage.settings import LANES
 
 if TYPE_CHECKING:  # the stream worker must not import torch/MONAI: model_inputs does
@@ -166,22 +166,8 @@ def _default_budget() -> int:
     return int(StreamSettings.model_fields["preprocess_memory_budget_bytes"].default)
 
 
-def _exit_with_parent() -> None:
-    """A SIGKILLed worker cannot shut its pool down, and a spawned child holds both ends of
-    its call queue, so it would never see EOF: it watches its parent and leaves with it."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        parent.join()
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def _init_process(niceness: int) -> None:
-    _exit_with_parent()
+    exit_with_parent()
     if niceness:
         os.nice(niceness)
     # One thread each: parallelism comes from the pool, and a routine process must not

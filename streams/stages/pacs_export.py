@@ -26,9 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import faust
@@ -45,14 +44,11 @@ from streams.stages.outbox import outbox
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+    from processors.result_objects import BuildPool
+
 log = logging.getLogger(__name__)
 STAGE = "pacs-export"
 Destination = DicomDestination | StowDestination
-# processors/result_objects.build_results, handed in when the stage registers (highdicom).
-BuildResults = Callable[
-    [Finding, set[ResultObject], Sequence[Path], Callable[[str], bytes] | None, str],
-    "dict[ResultObject, Dataset]",
-]
 
 
 def _software_version() -> str:
@@ -156,13 +152,11 @@ async def send_until_deadline(
 class Export:
     """One worker's export: the steps of one finding, from its objects built to each sent."""
 
-    def __init__(
-        self, ctx: PipelineContext, build_results: BuildResults, result_error: type[Exception]
-    ) -> None:
+    def __init__(self, ctx: PipelineContext, pool: BuildPool, result_error: type[Exception]) -> None:
         self.ctx = ctx
         self.dispatch = ctx.settings.dispatch
-        self.build_results, self.result_error = build_results, result_error
-        self.version = _software_version()
+        # processors/result_objects, handed in when the stage registers (highdicom).
+        self.pool, self.result_error = pool, result_error
 
     def map_there(self, uri: str) -> bool:
         try:
@@ -170,14 +164,14 @@ class Export:
         except ValueError:  # not a URI of this store: reading it says why (map_unreadable)
             return True
 
-    async def map_reader(self, finding: Finding, wanted: set[ResultObject]) -> Callable[[str], bytes] | None:
-        """How the SEG reads the finding's localisation map; None when it has not arrived
+    async def with_map(self, finding: Finding, wanted: set[ResultObject]) -> bool:
+        """Whether the SEG reads the finding's localisation map; False when it has not arrived
         within `dispatch.map_wait_s` (the SEG is built without it: audited, counted)."""
         uri, wait_s = finding.localisation_map_uri, self.dispatch.map_wait_s
         if "seg" not in wanted or not finding.positive or not uri:
-            return self.ctx.blobs.read
+            return True
         if await arrives(lambda: self.map_there(uri), wait_s):
-            return self.ctx.blobs.read
+            return True
         metrics.RESULTS_NOT_BUILT.labels("seg", "map_missing").inc()
         log.warning(
             "no localisation map for %s after %.0f s (%s): its SEG goes without it",
@@ -195,13 +189,7 @@ class Export:
         await audit(
             self.ctx, finding.study_uid, finding.accession_number, "export", "seg_map_missing", detail
         )
-        return None
-
-    def build(
-        self, finding: Finding, wanted: set[ResultObject], read_map: Callable[[str], bytes] | None
-    ) -> dict[ResultObject, Dataset]:
-        series = self.ctx.blobs.series_paths(finding.study_uid, finding.series_uid)
-        return self.build_results(finding, wanted, series, read_map, self.version)
+        return False
 
     async def one(self, event: EventT[Any]) -> None:
         finding = Finding.from_bytes(event.value)
@@ -215,9 +203,9 @@ class Export:
         }
         with consumer_span(self.ctx, STAGE, event, attrs=attrs) as span:
             wanted = {what for d in targets for what in d.objects}
-            read_map = await self.map_reader(finding, wanted)
+            with_map = await self.with_map(finding, wanted)
             try:
-                objects = await asyncio.to_thread(self.build, finding, wanted, read_map)
+                built = await self.pool.build(finding, wanted, with_map)
             except self.result_error as exc:
                 # Nothing to reference (the series is not in the blob store): the finding
                 # goes to the dead letters with its study, for a replay once it is there.
@@ -225,9 +213,12 @@ class Export:
                     self.ctx.topics, event, STAGE, f"not built: {exc}", study_uid=finding.study_uid
                 )
                 return
-            span.set_attribute("radtriage.objects", ",".join(objects))
+            for missed in built.not_built:
+                metrics.RESULTS_NOT_BUILT.labels(missed.object, missed.reason).inc()
+                log.warning("no %s for %s: %s", missed.object, finding.study_uid, missed.message)
+            span.set_attribute("radtriage.objects", ",".join(built.objects))
             for destination in targets:
-                for what, ds in objects.items():
+                for what, ds in built.objects.items():
                     if what in destination.objects and not await self.send(
                         event, finding, destination, what, ds
                     ):
@@ -288,9 +279,21 @@ def register(ctx: PipelineContext) -> None:
     if not dispatch.destinations:
         return  # nothing configured: no agent, no outbox read
     # highdicom (~0.2 s to import) only where results are built: never at every worker's start.
-    from processors.result_objects import ResultError, build_results
+    from processors.result_objects import BuildPool, ResultError
 
-    stage = Export(ctx, build_results, ResultError)
+    pool = BuildPool(ctx.blobs, _software_version())
+    stage = Export(ctx, pool, ResultError)
+
+    @ctx.app.task
+    async def _warm_build() -> None:
+        try:
+            await pool.warm()
+        except Exception:  # the first finding starts it again and says why if it cannot
+            log.exception("the result objects' build process did not start")
+
+    @ctx.app.on_before_shutdown.connect  # type: ignore[arg-type]
+    def _stop_build(sender: Any, **kwargs: Any) -> None:
+        pool.shutdown()
 
     def for_some_destination(finding: Finding) -> bool:
         return any(d.wants(finding.finding, finding.positive) for d in dispatch.destinations)
@@ -299,4 +302,4 @@ def register(ctx: PipelineContext) -> None:
     async def pacs_export(stream: faust.StreamT[Any]) -> None:
         await each(ctx, stream, STAGE, stage.one)
 
-    _ = pacs_export
+    _ = (pacs_export, _warm_build, _stop_build)
