@@ -142,10 +142,15 @@ async def fill_from_log(
     )
     metrics.ASSEMBLY_REREADS.labels(outcome).inc()
     metrics.ASSEMBLY_REREAD_INSTANCES.inc(len(missing))
+    said = {
+        "restored": f"{len(missing)} were missing: read back and folded in",
+        "nothing_missing": "none was missing (an instance re-sent later counts for the first association)",
+        "not_in_log": f"the log holds {in_log} of them: the study goes out short",
+    }[outcome]
     log.log(
         logging.INFO if outcome == "nothing_missing" else logging.WARNING,
-        "study %s: association %s stored %d instances, the assembly held %d; read back %d records from %s[%d]"
-        " (%s the marker): %d of its instances in the log, %d were missing and are folded in",
+        "study %s: association %s stored %d instances, the assembly held %d; read %d records of %s[%d]"
+        " back %s the marker: %s",
         marker.study_uid,
         marker.association_id[:8],
         marker.instance_count,
@@ -153,9 +158,8 @@ async def fill_from_log(
         found.scanned,
         where.topic,
         where.partition,
-        "up to" if found.reached_marker else "stopped short of",
-        in_log,
-        len(missing),
+        "up to" if found.reached_marker else "short of",
+        said,
     )
     return state
 

@@ -155,4 +155,4 @@ def test_a_worker_emits_the_instance_its_group_had_committed_past(
     assert study["ready_reason"] == "transfer_complete"
     assert len(study["series"][0]["instance_uris"]) == 6
     assert f"file:///nowhere/{STUDY}/3.dcm" in study["series"][0]["instance_uris"]
-    assert "were missing and are folded in" in worker.log_file.read_text()
+    assert "read back and folded in" in worker.log_file.read_text()
