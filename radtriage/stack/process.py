@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -27,6 +29,30 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# prctl(2) option: the signal a child gets when the thread that started it dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def terminate_with_parent() -> Callable[[], None] | None:
+    """A Popen `preexec_fn` that has the child SIGTERMed when the process starting it dies,
+    even by SIGKILL (Linux's PR_SET_PDEATHSIG), so a killed `radtriage up` or test run leaves
+    no Kafka, Triton or worker behind holding its ports. The signal follows the *thread* that
+    started the child: every caller starts its services from its main thread. None where
+    prctl is not there (the child then outlives a killed parent, as before)."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name or os.uname().sysname != "Linux":
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 class ServiceProcess:
@@ -56,6 +82,7 @@ class ServiceProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=terminate_with_parent(),
             )
 
     def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import requests
 
 from radtriage.settings import Settings
+from radtriage.stack.process import terminate_with_parent
 from tests.support.java_build import built_classpath
 from tests.support.net import free_port
 from tests.support.process import stop_process
@@ -83,6 +84,7 @@ class HapiFhirServer:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            preexec_fn=terminate_with_parent(),
         )
         ready = threading.Event()
         threading.Thread(target=self._read, args=(self.proc, ready), daemon=True).start()

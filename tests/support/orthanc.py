@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from radtriage.stack.process import port_in_use
+from radtriage.stack.process import port_in_use, terminate_with_parent
 from tests.support.net import free_port
 from tests.support.process import stop_process
 from tests.support.wait import wait_until
@@ -98,7 +98,11 @@ class Orthanc:
         if self.log.closed:  # started again after stop(): same ports, same storage
             self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [binary, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, env=env
+            [binary, str(self.config)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=terminate_with_parent(),
         )
         for port in (self.http_port, self.dicom_port):
             wait_until(lambda p=port: port_in_use(p), f"Orthanc listening on {port}", timeout=60)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from radtriage.settings import REPO_ROOT
-from radtriage.stack.process import port_in_use
+from radtriage.stack.process import port_in_use, terminate_with_parent
 
 
 def start_radtriage(
@@ -27,6 +27,8 @@ def start_radtriage(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=new_session,
+            # An interrupted test run leaves no worker or listener reconnecting to dead peers.
+            preexec_fn=terminate_with_parent(),
         )
 
 

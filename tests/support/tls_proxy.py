@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from types import TracebackType
 
+from radtriage.stack.process import terminate_with_parent
 from tests.support.net import free_port
 from tests.support.process import stop_process
 from tests.support.wait import wait_until
@@ -80,6 +81,7 @@ http {{
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=terminate_with_parent(),
         )
         wait_until(lambda: self._listening() or self.proc is None or self.proc.poll() is not None,
                    "nginx listening", timeout=30)  # fmt: skip
