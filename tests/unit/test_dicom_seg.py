@@ -50,19 +50,22 @@ FIELD = PlaneField(-2.0, 62.0, 0.0, 64.0)
 DCIODVFY = Path("/usr/bin/dciodvfy")
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+def write_series(folder: Path) -> list[Path]:
     """A 30-slice CT, 5 mm apart, 64 x 64 pixels of 1 mm, InstanceNumbers shuffled."""
-    files = write_ct_series(
+    return write_ct_series(
         np.full((SLICES, MATRIX, MATRIX), 40.0),
         (5.0, 1.0, 1.0),
-        tmp_path_factory.mktemp("ct"),
+        folder,
         study_uid=STUDY,
         series_uid=SERIES,
         shuffle_files=True,
         rng=np.random.default_rng(18),
     )
-    return read_headers(files)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
+    return read_headers(write_series(tmp_path_factory.mktemp("ct")))
 
 
 def _z(ds: Dataset) -> float:

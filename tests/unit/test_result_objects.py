@@ -10,7 +10,6 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom.uid import (
     Comprehensive3DSRStorage,
@@ -19,13 +18,12 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
-from models.dicom_writer import write_ct_series
 from processors.dicom_results import read_headers
 from processors.localisation_map import map_key, to_bytes
 from processors.result_objects import BuildPool, NotBuilt, ResultError
 from radtriage.blobstore import LocalBlobStore
 from schemas.findings import Finding
-from tests.unit.test_dicom_seg import MATRIX, SERIES, SLICES, STUDY, _bleed_map, _ich
+from tests.unit.test_dicom_seg import SERIES, STUDY, _bleed_map, _ich, write_series
 
 ALL = {"sr", "key_image", "kos", "seg"}
 
@@ -34,15 +32,7 @@ ALL = {"sr", "key_image", "kos", "seg"}
 def blobs(tmp_path_factory: pytest.TempPathFactory) -> LocalBlobStore:
     """The CT of tests/unit/test_dicom_seg.py, stored as the DICOM listener stores it."""
     store = LocalBlobStore(tmp_path_factory.mktemp("blobs"))
-    files = write_ct_series(
-        np.full((SLICES, MATRIX, MATRIX), 40.0),
-        (5.0, 1.0, 1.0),
-        tmp_path_factory.mktemp("ct"),
-        study_uid=STUDY,
-        series_uid=SERIES,
-        shuffle_files=True,
-        rng=np.random.default_rng(18),
-    )
+    files = write_series(tmp_path_factory.mktemp("ct"))
     for path in files:
         ds = read_headers([path])[0]
         store.put_instance(STUDY, SERIES, str(ds.SOPInstanceUID), path.read_bytes())
