@@ -19,6 +19,7 @@ import asyncio
 import io
 import logging
 import multiprocessing
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -120,8 +121,10 @@ def _seg(
 # -- in a process of its own -------------------------------------------------------------------
 
 
-def _init_process() -> None:
+def _init_process(niceness: int) -> None:
     exit_with_parent()
+    if niceness:
+        os.nice(niceness)
     import highdicom  # noqa: F401  # before the first finding, not during it
 
 
@@ -143,8 +146,8 @@ def _build_encoded(
 class BuildPool:
     """One process building result objects, started on first use (or `warm`), replaced if it dies."""
 
-    def __init__(self, blobs: LocalBlobStore, software_version: str) -> None:
-        self.blobs, self.software_version = blobs, software_version
+    def __init__(self, blobs: LocalBlobStore, software_version: str, niceness: int = 0) -> None:
+        self.blobs, self.software_version, self.niceness = blobs, software_version, niceness
         self._pool: ProcessPoolExecutor | None = None
         # "spawn": forking a process that runs an event loop, Kafka clients and threads is unsafe.
         self._context = multiprocessing.get_context("spawn")
@@ -152,7 +155,7 @@ class BuildPool:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=self._context, initializer=_init_process
+                max_workers=1, mp_context=self._context, initializer=_init_process, initargs=(self.niceness,)
             )
         return self._pool
 

@@ -487,6 +487,10 @@ class DispatchSettings(BaseModel):
     # just after publishing the finding, and again when a kill came between the two); then
     # the SEG goes without it (`seg_map_missing` on triage.audit).
     map_wait_s: float = Field(default=30.0, ge=0.0)
+    # The result objects' build process runs at this nice value: the SR, key image and SEG
+    # are not on the alert path, and on a 2-core box a build at the worker's own priority
+    # took the core the alert's deliveries needed (bench/RESULTS.md, issue 19).
+    build_niceness: int = Field(default=10, ge=0, le=19)
 
     @model_validator(mode="after")
     def _unique_names(self) -> DispatchSettings:

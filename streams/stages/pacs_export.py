@@ -281,7 +281,7 @@ def register(ctx: PipelineContext) -> None:
     # highdicom (~0.2 s to import) only where results are built: never at every worker's start.
     from processors.result_objects import BuildPool, ResultError
 
-    pool = BuildPool(ctx.blobs, _software_version())
+    pool = BuildPool(ctx.blobs, _software_version(), dispatch.build_niceness)
     stage = Export(ctx, pool, ResultError)
 
     @ctx.app.task

@@ -101,3 +101,15 @@ def test_a_killed_build_process_is_replaced_and_the_finding_built(
         assert list(built.objects) == ["sr"]
     finally:
         own.shutdown()
+
+
+def test_the_build_process_runs_at_the_configured_nice_value(blobs: LocalBlobStore) -> None:
+    own = BuildPool(blobs, "radtriage test", niceness=7)
+    try:
+        asyncio.run(own.warm())
+        assert own._pool is not None
+        (pid,) = own._pool._processes  # type: ignore[attr-defined]
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + 7)
+    finally:
+        own.shutdown()
