@@ -5,8 +5,8 @@ For every destination of `dispatch.destinations` whose rules take the finding (i
 findings, positive only or not), the finding's result objects it asks for (the TID 1500
 SR, processors/dicom_results.py; for a positive finding a key image and its KOS,
 processors/key_images.py) are built from the headers of the series it was read on
-(the blob store) and C-STOREd (streams/dicom_send.py, in a thread) or STOWed
-(streams/stow_send.py). A destination that is down or out of resources is retried with
+(the blob store) and sent (streams/pacs_send.py): C-STOREd (streams/dicom_send.py) or
+STOWed (streams/stow_send.py). A destination that is down or out of resources is retried with
 exponential backoff until `dispatch.retry_deadline_s` (the first retry of an object is on
 `triage.audit` as `<object>_retrying`); then, or at once for a final refusal, the finding
 is dead-lettered naming the destination and its status (`radtriage replay --stage
@@ -26,17 +26,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import faust
 from faust.types import EventT
 
 from radtriage import metrics
-from radtriage.settings import DicomDestination, DispatchSettings, ResultObject, StowDestination
+from radtriage.settings import DicomDestination, ResultObject, StowDestination
 from schemas.findings import Finding
 from streams.app import dead_letter
+from streams.pacs_send import Outcome, send_until_deadline
 from streams.stages.common import Detail, audit, consumer_span, each
 from streams.stages.context import PipelineContext
 from streams.stages.outbox import outbox
@@ -58,47 +59,6 @@ def _software_version() -> str:
         return "radtriage"
 
 
-def backoff_delays(settings: DispatchSettings) -> list[float]:
-    """The waits between tries, in order, whose sum stays within the deadline (pure)."""
-    delays: list[float] = []
-    delay, total = settings.retry_initial_s, 0.0
-    while total < settings.retry_deadline_s:
-        wait = min(delay, settings.retry_max_s, settings.retry_deadline_s - total)
-        delays.append(wait)
-        total += wait
-        delay *= 2
-    return delays
-
-
-class Outcome(Protocol):
-    """One try's outcome, C-STORE (streams/dicom_send.StoreOutcome) or STOW-RS
-    (streams/stow_send.StowOutcome)."""
-
-    @property
-    def stored(self) -> bool: ...
-    @property
-    def retryable(self) -> bool: ...
-    @property
-    def status_text(self) -> str: ...
-    @property
-    def detail(self) -> str: ...
-
-
-def sender(
-    destination: DicomDestination | StowDestination, ds: Dataset, timeout_s: float
-) -> Callable[[], Awaitable[Outcome]]:
-    """One try of sending `ds` to `destination`, by its kind."""
-    # Imported here, not at the worker's start: pynetdicom and the Part 10 encoder are
-    # needed only where a destination is configured (see `register`).
-    if isinstance(destination, StowDestination):
-        from streams.stow_send import stow
-
-        return lambda: stow(destination, ds, timeout_s)
-    from streams.dicom_send import c_store
-
-    return lambda: asyncio.to_thread(c_store, destination, ds, timeout_s)
-
-
 async def arrives(there: Callable[[], bool], wait_s: float, first_s: float = 0.02) -> bool:
     """Whether `there()` is true within `wait_s`, looking again after 20 ms, 40 ms, … (at
     most 1 s apart). The infer stage writes a finding's localisation map just after it
@@ -113,40 +73,6 @@ async def arrives(there: Callable[[], bool], wait_s: float, first_s: float = 0.0
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, 1.0)
     return True
-
-
-async def send_until_deadline(
-    destination: DicomDestination | StowDestination,
-    ds: Dataset,
-    settings: DispatchSettings,
-    what: str,
-    on_first_retry: Callable[[Outcome], Awaitable[None]] | None = None,
-) -> tuple[Outcome, int]:
-    """Send `ds`, retrying what may succeed later; the last outcome and the tries made."""
-    waits = iter(backoff_delays(settings))
-    send = sender(destination, ds, settings.timeout_s)
-    tries = 0
-    while True:
-        tries += 1
-        outcome = await send()
-        if outcome.stored or not outcome.retryable:
-            return outcome, tries
-        wait = next(waits, None)
-        if wait is None:
-            return outcome, tries
-        metrics.PACS_EXPORTS.labels(destination.name, what, "retried").inc()
-        log.warning(
-            "%s to %s: %s %s; try %d again in %.1f s",
-            what,
-            destination.name,
-            outcome.status_text,
-            outcome.detail,
-            tries + 1,
-            wait,
-        )
-        if tries == 1 and on_first_retry is not None:
-            await on_first_retry(outcome)
-        await asyncio.sleep(wait)
 
 
 class Export:

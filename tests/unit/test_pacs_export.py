@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 
 from radtriage.settings import DicomDestination, DispatchSettings, Settings
 from streams.dicom_send import outcome_of
-from streams.stages.pacs_export import backoff_delays
+from streams.pacs_send import backoff_delays
 
 
 def test_destinations_from_the_environment_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
