@@ -2,11 +2,14 @@
 for a positive finding the key image and its KOS (processors/key_images.py), and the SEG of
 what a model localises (processors/dicom_seg.py).
 
-Built in a process of their own (`BuildPool`), not a thread of the worker: reading a
-series' headers with pydicom and highdicom's work held the worker's GIL for 130-250 ms per
-finding, right when the notify stage was posting the same finding's alert (bench/RESULTS.md,
-"notify-latency": the 353 ms webhook outlier). What could not be built comes back as values
-(`NotBuilt`) that the stage logs and counts: a child's counters would never reach /metrics.
+Built where `dispatch.build_in` says: a thread of the worker (`ThreadBuilder`, the default)
+or a process of their own (`BuildPool`). In a thread, reading a series' headers with pydicom
+and highdicom's work hold the worker's GIL for 130-250 ms per finding, across the notify
+stage's POST of the same alert; in a process they do not, but on the 2-core bench box the
+process's build took the core the alert's deliveries needed and the webhook came later,
+not sooner (bench/RESULTS.md, "Result objects in a process"). Either way, what could not be
+built comes back as values (`NotBuilt`) that the stage logs and counts: a child's counters
+would never reach /metrics.
 
 Its own module so that only a worker with a PACS destination imports highdicom (~0.2 s,
 with pydicom's SR code dictionaries): streams/stages/pacs_export.py imports it when the
@@ -40,7 +43,7 @@ from schemas.findings import Finding
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BuildPool", "Built", "NotBuilt", "ResultError", "build_results"]
+__all__ = ["BuildPool", "Built", "NotBuilt", "ResultError", "ThreadBuilder", "build_results", "builder"]
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,27 @@ def _seg(
         return None
 
 
-# -- in a process of its own -------------------------------------------------------------------
+# -- where they are built: a thread of the worker, or a process of their own ----------------------
+
+
+class ThreadBuilder:
+    """`build_results` in a thread of the worker (the default, `dispatch.build_in: thread`)."""
+
+    def __init__(self, blobs: LocalBlobStore, software_version: str) -> None:
+        self.blobs, self.software_version = blobs, software_version
+
+    async def warm(self) -> None:
+        return None
+
+    async def build(self, finding: Finding, wanted: set[ResultObject], with_map: bool) -> Built:
+        series = self.blobs.series_paths(finding.study_uid, finding.series_uid)
+        read_map = self.blobs.read if with_map else None
+        return await asyncio.to_thread(
+            build_results, finding, wanted, series, read_map, self.software_version
+        )
+
+    def shutdown(self) -> None:
+        return None
 
 
 def _init_process(niceness: int) -> None:
@@ -144,7 +167,8 @@ def _build_encoded(
 
 
 class BuildPool:
-    """One process building result objects, started on first use (or `warm`), replaced if it dies."""
+    """One process building result objects (`dispatch.build_in: process`), started on first
+    use (or `warm`), replaced if it dies."""
 
     def __init__(self, blobs: LocalBlobStore, software_version: str, niceness: int = 0) -> None:
         self.blobs, self.software_version, self.niceness = blobs, software_version, niceness
@@ -183,3 +207,12 @@ class BuildPool:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def builder(
+    blobs: LocalBlobStore, software_version: str, build_in: str, niceness: int
+) -> ThreadBuilder | BuildPool:
+    """Where the stage builds its objects (`dispatch.build_in`; ARCHITECTURE "Results to the PACS")."""
+    if build_in == "process":
+        return BuildPool(blobs, software_version, niceness)
+    return ThreadBuilder(blobs, software_version)

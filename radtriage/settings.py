@@ -487,9 +487,12 @@ class DispatchSettings(BaseModel):
     # just after publishing the finding, and again when a kill came between the two); then
     # the SEG goes without it (`seg_map_missing` on triage.audit).
     map_wait_s: float = Field(default=30.0, ge=0.0)
-    # The result objects' build process runs at this nice value: the SR, key image and SEG
-    # are not on the alert path, and on a 2-core box a build at the worker's own priority
-    # took the core the alert's deliveries needed (bench/RESULTS.md, issue 19).
+    # Where the SR, key image, KOS and SEG are built: a thread of the worker, or a process of
+    # their own (at `build_niceness`). On the 2-core bench box the thread was faster for
+    # the alert's other deliveries too: the process's build took the core they needed
+    # (bench/RESULTS.md, "Result objects in a process"). A box with cores to spare keeps
+    # the build's GIL time off the worker's event loop with "process".
+    build_in: Literal["thread", "process"] = "thread"
     build_niceness: int = Field(default=10, ge=0, le=19)
 
     @model_validator(mode="after")

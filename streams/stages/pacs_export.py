@@ -45,7 +45,7 @@ from streams.stages.outbox import outbox
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from processors.result_objects import BuildPool
+    from processors.result_objects import BuildPool, ThreadBuilder
 
 log = logging.getLogger(__name__)
 STAGE = "pacs-export"
@@ -78,7 +78,9 @@ async def arrives(there: Callable[[], bool], wait_s: float, first_s: float = 0.0
 class Export:
     """One worker's export: the steps of one finding, from its objects built to each sent."""
 
-    def __init__(self, ctx: PipelineContext, pool: BuildPool, result_error: type[Exception]) -> None:
+    def __init__(
+        self, ctx: PipelineContext, pool: ThreadBuilder | BuildPool, result_error: type[Exception]
+    ) -> None:
         self.ctx = ctx
         self.dispatch = ctx.settings.dispatch
         # processors/result_objects, handed in when the stage registers (highdicom).
@@ -205,9 +207,9 @@ def register(ctx: PipelineContext) -> None:
     if not dispatch.destinations:
         return  # nothing configured: no agent, no outbox read
     # highdicom (~0.2 s to import) only where results are built: never at every worker's start.
-    from processors.result_objects import BuildPool, ResultError
+    from processors.result_objects import ResultError, builder
 
-    pool = BuildPool(ctx.blobs, _software_version(), dispatch.build_niceness)
+    pool = builder(ctx.blobs, _software_version(), dispatch.build_in, dispatch.build_niceness)
     stage = Export(ctx, pool, ResultError)
 
     @ctx.app.task

@@ -20,7 +20,7 @@ from pydicom.uid import (
 
 from processors.dicom_results import read_headers
 from processors.localisation_map import map_key, to_bytes
-from processors.result_objects import BuildPool, NotBuilt, ResultError
+from processors.result_objects import BuildPool, NotBuilt, ResultError, ThreadBuilder, builder
 from radtriage.blobstore import LocalBlobStore
 from schemas.findings import Finding
 from tests.unit.test_dicom_seg import SERIES, STUDY, _bleed_map, _ich, write_series
@@ -113,3 +113,12 @@ def test_the_build_process_runs_at_the_configured_nice_value(blobs: LocalBlobSto
         assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, mine + 7)
     finally:
         own.shutdown()
+
+
+def test_the_thread_builder_builds_the_same_objects_in_the_worker(blobs: LocalBlobStore) -> None:
+    built = asyncio.run(
+        ThreadBuilder(blobs, "radtriage test").build(_finding_with_map(blobs), ALL, with_map=True)
+    )
+    assert built.not_built == [] and list(built.objects) == ["sr", "key_image", "kos", "seg"]
+    assert isinstance(builder(blobs, "v", "thread", 10), ThreadBuilder)
+    assert isinstance(builder(blobs, "v", "process", 10), BuildPool)
