@@ -62,14 +62,17 @@ class Assemble:
             new = assembly.add_instance(state, inst, traceparent_of(event.headers))
             self.table[inst.study_uid] = new.model_dump(mode="json")
             return
+        if assembly.shortfall(state, inst) > 0:
+            # Also for a study already emitted: a quiet-period nudge may have emitted it before
+            # its release marker came (a sender stalled by a broker failover), short of what it
+            # lost; the instances read back re-open it and it is emitted whole.
+            state = await self.fill_from_log(event, inst, state)
         if state is not None and state.emitted_at is not None:
             if assembly.expired(state, datetime.now(UTC)):
                 del self.table[inst.study_uid]  # no late instance is expected any more
                 self.nudged.pop(inst.study_uid, None)
             # Already emitted (a duplicate marker, or a nudge that raced the release).
             return
-        if assembly.shortfall(state, inst) > 0:
-            state = await self.fill_from_log(event, inst, state)
         if state is None:
             return
         if inst.kind == "quiet_period" and not assembly.is_quiet(

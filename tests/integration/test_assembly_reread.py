@@ -124,16 +124,19 @@ def test_a_log_that_cannot_be_read_leaves_the_state_as_it_was() -> None:
     assert count("failed") == before + 1
 
 
-def test_a_worker_emits_the_instance_its_group_had_committed_past(
+def test_a_worker_emits_the_instances_its_group_had_committed_past(
     worker_env: tuple[dict[str, str], Settings], kafka_bootstrap: str, tmp_path: Path
 ) -> None:
+    """STUDY's marker comes right after its instances; OTHER's only after the quiet period
+    (2 s here) emitted it short: the marker's read-back re-opens it and it goes out whole."""
     env, settings = worker_env
     topic = settings.topics.instances
     publisher = EventPublisher(kafka_bootstrap, timeout_s=30, client_id="test-reread-worker")
     started = utcnow()
-    # Instance 3 is in the log, and the group's committed offsets are past it: what a worker
-    # restored without that instance's table write would see.
-    publisher.publish(topic, STUDY, instance(STUDY, 3, "assoc-a"))
+    # Instance 3 of each is in the log, and the group's committed offsets are past it: what a
+    # worker whose consumer skipped those records would see.
+    for study in (STUDY, OTHER):
+        publisher.publish(topic, study, instance(study, 3, "assoc-a"))
     committer = KafkaConsumer(
         bootstrap_servers=kafka_bootstrap, group_id=settings.streams.app_id, enable_auto_commit=False
     )
@@ -145,14 +148,26 @@ def test_a_worker_emits_the_instance_its_group_had_committed_past(
     tail = Tail(kafka_bootstrap, [settings.topics.studies])
     worker = Worker(env, tmp_path)
     worker.start()
-    for n in (1, 2, 4, 5, 6):
-        publisher.publish(topic, STUDY, instance(STUDY, n, "assoc-a"))
+    for study in (STUDY, OTHER):
+        for n in (1, 2, 4, 5, 6):
+            publisher.publish(topic, study, instance(study, n, "assoc-a"))
     publisher.publish(topic, STUDY, marker(STUDY, 6, "assoc-a", started))
-    publisher.close()
 
-    tail.until(lambda: tail.of(settings.topics.studies, study_uid=STUDY), timeout=90)
-    (study,) = tail.of(settings.topics.studies, study_uid=STUDY)
-    assert study["ready_reason"] == "transfer_complete"
-    assert len(study["series"][0]["instance_uris"]) == 6
-    assert f"file:///nowhere/{STUDY}/3.dcm" in study["series"][0]["instance_uris"]
-    assert "read back and folded in" in worker.log_file.read_text()
+    def uris(study: str) -> list[int]:
+        return [
+            len(s["series"][0]["instance_uris"]) for s in tail.of(settings.topics.studies, study_uid=study)
+        ]
+
+    tail.until(lambda: uris(STUDY) and uris(OTHER), timeout=90)
+    assert uris(STUDY) == [6]
+    (whole,) = tail.of(settings.topics.studies, study_uid=STUDY)
+    assert whole["ready_reason"] == "transfer_complete"
+    assert f"file:///nowhere/{STUDY}/3.dcm" in whole["series"][0]["instance_uris"]
+    assert uris(OTHER) == [5]  # the quiet period's emission, short
+
+    publisher.publish(topic, OTHER, marker(OTHER, 6, "assoc-a", started))
+    publisher.close()
+    tail.until(lambda: len(uris(OTHER)) == 2, timeout=60)
+    assert uris(OTHER) == [5, 6]
+    assert tail.of(settings.topics.studies, study_uid=OTHER)[1]["ready_reason"] == "transfer_complete"
+    assert worker.log_file.read_text().count("read back and folded in") == 2
