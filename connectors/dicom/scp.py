@@ -31,11 +31,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Literal, cast
 
-from opentelemetry import propagate, trace
-from opentelemetry.context import Context
+from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
@@ -59,13 +57,13 @@ from connectors.dicom.callers import (
     Refusal,
     check_association,
 )
+from connectors.dicom.received_study import ReceivedStudy
 from connectors.publisher import EventPublisher, PublishError
 from processors.result_marker import is_radtriage_result
 from radtriage import metrics
 from radtriage.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from radtriage.settings import Settings
 from radtriage.tls import server_context
-from schemas.base import utcnow
 from schemas.instances import InstanceEvent
 
 log = logging.getLogger(__name__)
@@ -82,19 +80,24 @@ Ending = Literal["released", "aborted", "lost", "stopped"]
 
 
 @dataclass
-class _Study:
-    span: Span
-    context: Context
-    count: int = 0
-    # Before its first instance is published: the marker's association_started_at.
-    started_at: datetime = field(default_factory=utcnow)
-
-
-@dataclass
 class _Association:
     id: str
     calling_ae: str
-    studies: dict[str, _Study] = field(default_factory=dict)
+    studies: dict[str, ReceivedStudy] = field(default_factory=dict)
+
+
+def _decode_and_check(event: Any, request_class: str, request_sop: str) -> Dataset | v.Refusal:
+    """The C-STORE's dataset, fully decoded, or why it is refused."""
+    try:
+        # pynetdicom decodes lazily: a corrupt byte stream raises here, or (element by
+        # element) in fully_decode; nothing undecodable reaches the store.
+        ds = event.dataset
+    except Exception as exc:  # pydicom raises many types on a corrupt byte stream
+        return v.undecodable(exc)
+    refusal = v.fully_decode(ds) or v.check_instance(
+        ds, request_sop_class=request_class, request_sop_instance=request_sop
+    )
+    return ds if refusal is None else refusal
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -132,12 +135,6 @@ def _syntax_name(uid: object) -> str:
     return f"{name} ({text})" if name and name != text else text or "?"
 
 
-def _traceparent(ctx: Context) -> dict[str, str]:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=ctx)
-    return carrier
-
-
 class StoreSCP:
     """The event handlers of the listener, and the per-association state they share."""
 
@@ -171,22 +168,21 @@ class StoreSCP:
         with self._lock:
             return self._assocs.pop(assoc, None)
 
-    def _study(self, assoc: _Association, instance: InstanceEvent) -> _Study:
+    def _study(self, assoc: _Association, instance: InstanceEvent) -> ReceivedStudy:
         """The study's state in this association; its span starts with its first instance."""
         with self._lock:
             study = assoc.studies.get(instance.study_uid)
             if study is None:
-                span = tracer.start_span(
+                study = ReceivedStudy.start(
                     "dicom.receive_study",
-                    kind=SpanKind.SERVER,
-                    attributes={
+                    {
                         "radtriage.study_uid": instance.study_uid,
                         "radtriage.association_id": assoc.id,
                         "dicom.calling_ae": assoc.calling_ae,
                         "dicom.modality": instance.modality,
                     },
+                    kind=SpanKind.SERVER,
                 )
-                study = _Study(span=span, context=trace.set_span_in_context(span))
                 assoc.studies[instance.study_uid] = study
             return study
 
@@ -322,24 +318,19 @@ class StoreSCP:
         request_class = str(request.AffectedSOPClassUID or "")
         request_sop = str(request.AffectedSOPInstanceUID or "")
         sop_uid = _safe_uid(request_sop)
-        refusal: v.Refusal | None
-        try:
-            # pynetdicom decodes lazily: a corrupt byte stream raises here, or (element by
-            # element) in fully_decode; nothing undecodable reaches the store.
-            ds = event.dataset
-        except Exception as exc:  # pydicom raises many types on a corrupt byte stream
-            refusal = v.undecodable(exc)
-        else:
-            refusal = v.fully_decode(ds) or v.check_instance(
-                ds, request_sop_class=request_class, request_sop_instance=request_sop
-            )
+        ds = _decode_and_check(event, request_class, request_sop)
         base_attrs: dict[str, str | int] = {
             "dicom.sop_instance_uid": sop_uid,
             "dicom.sop_class_uid": _safe_uid(request_class),
             "dicom.calling_ae": assoc.calling_ae,
             "radtriage.association_id": assoc.id,
         }
-        if refusal is None and is_radtriage_result(ds):
+        if isinstance(ds, v.Refusal):
+            # Not part of any study's trace: a refused object does not belong to the study
+            # we will announce (and may not even have a readable study UID).
+            with tracer.start_as_current_span("dicom.c_store", attributes=base_attrs) as span:
+                return self._refuse(assoc, span, sop_uid, ds)
+        if is_radtriage_result(ds):
             # radtriage's own result, forwarded back by a PACS: success, so the PACS does not
             # retry, and nothing stored or published, so it is never assembled, routed or
             # exported again (no export loop; processors/result_marker.py).
@@ -347,11 +338,6 @@ class StoreSCP:
             metrics.DICOM_OWN_RESULTS_IGNORED.inc()
             metrics.count_c_store(v.SUCCESS)
             return v.SUCCESS
-        if refusal is not None:
-            # Not part of any study's trace: a refused object does not belong to the study
-            # we will announce (and may not even have a readable study UID).
-            with tracer.start_as_current_span("dicom.c_store", attributes=base_attrs) as span:
-                return self._refuse(assoc, span, sop_uid, refusal)
 
         instance = v.instance_event(
             ds,
@@ -371,57 +357,69 @@ class StoreSCP:
                 "dicom.modality": instance.modality,
             },
         ) as span:
-            try:
-                uri = self.blobs.uri_of(instance.study_uid, instance.series_uid, instance.sop_instance_uid)
-                # The event goes out first and the instance is written while it travels:
-                # Kafka's round trip (acks=all) and the two fsyncs overlap instead of
-                # adding up. Success is still answered only once both are done. If the
-                # write fails, the event may be acknowledged all the same, naming a blob
-                # that is not there: the sender is told to retry (0xA701), and its retry
-                # writes the blob and publishes again (consumers take instances
-                # at-least-once, keyed by SOP Instance UID).
-                with self.publisher.publishing(
-                    self.settings.topics.instances,
-                    instance.study_uid,
-                    instance.model_copy(update={"blob_uri": uri}),
-                    _traceparent(study.context),
-                ) as pending:
-                    try:
-                        # The bytes as received, behind a file meta header: a valid Part 10
-                        # file in the negotiated transfer syntax, never re-encoded. The
-                        # header is pynetdicom's `encoded_dataset()` one, written directly.
-                        header = v.part10_header(
-                            request_class,
-                            request_sop,
-                            str(event.context.transfer_syntax),
-                            PYNETDICOM_IMPLEMENTATION_UID,
-                            PYNETDICOM_IMPLEMENTATION_VERSION,
-                        )
-                        self.blobs.put_instance(
-                            instance.study_uid,
-                            instance.series_uid,
-                            instance.sop_instance_uid,
-                            header + event.encoded_dataset(include_meta=False),
-                        )
-                    except (OSError, BlobStoreError) as exc:
-                        # The exception's type and errno only: its message holds a path of
-                        # UIDs at most, but nothing is gained by risking more.
-                        cause = f"blob store: {type(exc).__name__} {getattr(exc, 'errno', '') or ''}".strip()
-                        refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
-                        return self._refuse(assoc, span, sop_uid, refusal, cause)
-                    pending.wait()
-            except BlobStoreError as exc:  # uri_of: the UIDs were validated already; belt and braces
-                refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
-                return self._refuse(assoc, span, sop_uid, refusal, f"blob store: {type(exc).__name__}")
-            except PublishError as exc:
-                # Out of Resources, never success: the sender keeps the object and retries.
-                refusal = v.Refusal(v.OUT_OF_RESOURCES_KAFKA, "event log unavailable, retry later")
-                return self._refuse(assoc, span, sop_uid, refusal, str(exc))
+            refused = self._store(event, instance, study)
+            if refused is not None:
+                return self._refuse(assoc, span, sop_uid, *refused)
             span.set_attribute("dicom.status", v.SUCCESS)
         with self._lock:
             study.count += 1
         metrics.count_c_store(v.SUCCESS)
         return v.SUCCESS
+
+    def _store(
+        self, event: Any, instance: InstanceEvent, study: ReceivedStudy
+    ) -> tuple[v.Refusal, str] | None:
+        """Publish the instance's event and write its bytes; None once both are done.
+
+        The event goes out first and the instance is written while it travels: Kafka's
+        round trip (acks=all) and the two fsyncs overlap instead of adding up. Success is
+        still answered only once both are done. If the write fails, the event may be
+        acknowledged all the same, naming a blob that is not there: the sender is told to
+        retry (0xA701), and its retry writes the blob and publishes again (consumers take
+        instances at-least-once, keyed by SOP Instance UID).
+        """
+        try:
+            uri = self.blobs.uri_of(instance.study_uid, instance.series_uid, instance.sop_instance_uid)
+            with self.publisher.publishing(
+                self.settings.topics.instances,
+                instance.study_uid,
+                instance.model_copy(update={"blob_uri": uri}),
+                study.traceparent(),
+            ) as pending:
+                try:
+                    self._write_blob(event, instance)
+                except (OSError, BlobStoreError) as exc:
+                    # The exception's type and errno only: its message holds a path of
+                    # UIDs at most, but nothing is gained by risking more.
+                    cause = f"blob store: {type(exc).__name__} {getattr(exc, 'errno', '') or ''}".strip()
+                    return v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later"), cause
+                pending.wait()
+        except BlobStoreError as exc:  # uri_of: the UIDs were validated already; belt and braces
+            refusal = v.Refusal(v.OUT_OF_RESOURCES_STORAGE, "storage unavailable, retry later")
+            return refusal, f"blob store: {type(exc).__name__}"
+        except PublishError as exc:
+            # Out of Resources, never success: the sender keeps the object and retries.
+            return v.Refusal(v.OUT_OF_RESOURCES_KAFKA, "event log unavailable, retry later"), str(exc)
+        return None
+
+    def _write_blob(self, event: Any, instance: InstanceEvent) -> None:
+        # The bytes as received, behind a file meta header: a valid Part 10 file in the
+        # negotiated transfer syntax, never re-encoded. The header is pynetdicom's
+        # `encoded_dataset()` one, written directly.
+        request = event.request
+        header = v.part10_header(
+            str(request.AffectedSOPClassUID or ""),
+            str(request.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax),
+            PYNETDICOM_IMPLEMENTATION_UID,
+            PYNETDICOM_IMPLEMENTATION_VERSION,
+        )
+        self.blobs.put_instance(
+            instance.study_uid,
+            instance.series_uid,
+            instance.sop_instance_uid,
+            header + event.encoded_dataset(include_meta=False),
+        )
 
     # -- end of association --------------------------------------------------------------
 
@@ -435,26 +433,15 @@ class StoreSCP:
             # A study none of whose instances was stored gets no marker: it would complete
             # (empty) a study another association may be sending right now.
             if ending == "released" and study.count > 0:
-                marker = InstanceEvent(
-                    kind="transfer_complete",
-                    study_uid=study_uid,
-                    instance_count=study.count,
-                    association_started_at=study.started_at,
-                    association_id=assoc.id,
-                    calling_ae=assoc.calling_ae,
-                )
+                marker = study.marker(study_uid, assoc.id, "dicom", calling_ae=assoc.calling_ae)
                 try:
-                    self.publisher.publish(
-                        self.settings.topics.instances, study_uid, marker, _traceparent(study.context)
-                    )
+                    topic = self.settings.topics.instances
+                    self.publisher.publish(topic, study_uid, marker, study.traceparent())
                 except PublishError as exc:
                     # The study still completes after the quiet period; nothing is lost.
                     log.warning("transfer-complete marker for %s not published (%s)", study_uid, exc)
-            study.span.set_attribute("dicom.instances", study.count)
-            study.span.set_attribute("dicom.association_end", ending)
-            if ending != "released":
-                study.span.set_status(Status(StatusCode.ERROR, f"association {ending}"))
-            study.span.end()
+            error = "" if ending == "released" else f"association {ending}"
+            study.end(error, **{"dicom.association_end": ending})
         summary = ", ".join(f"{uid} ({s.count} instances)" for uid, s in studies)
         level = logging.INFO if ending == "released" else logging.WARNING
         log.log(

@@ -18,15 +18,14 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.helpers import parse_mimetype
-from opentelemetry import propagate, trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from connectors.dicom import validation as v
+from connectors.dicom.received_study import ReceivedStudy
 from connectors.dicomweb.parts import Identity, Part, read_part
 from connectors.dicomweb.response import (
     DICOM_JSON,
@@ -43,7 +42,6 @@ from connectors.http.state import BLOBS, PUBLISHER, SETTINGS, base_url
 from processors.result_marker import is_radtriage_result
 from radtriage import metrics
 from radtriage.blobstore import BlobStoreError, valid_uid
-from schemas.base import utcnow
 from schemas.instances import InstanceEvent
 
 log = logging.getLogger(__name__)
@@ -56,15 +54,6 @@ BlobPut = Callable[[str, str, str, bytes], str]
 
 
 @dataclass
-class _Study:
-    span: Span
-    context: Context
-    count: int = 0
-    # Before its first instance is published: the marker's association_started_at.
-    started_at: datetime = field(default_factory=utcnow)
-
-
-@dataclass
 class StowRequest:
     """One STOW-RS request's state: what was stored and refused, per-study spans."""
 
@@ -74,23 +63,22 @@ class StowRequest:
     publisher: AsyncPublisher
     stored: list[Stored] = field(default_factory=list)
     failed: list[Failed] = field(default_factory=list)
-    studies: dict[str, _Study] = field(default_factory=dict)
+    studies: dict[str, ReceivedStudy] = field(default_factory=dict)
     # Once Kafka failed in this request, later parts are refused at once: the sender will
     # retry them anyway, and waiting a produce timeout per part would stall it for minutes.
     kafka_failed: bool = False
 
-    def _study(self, instance: InstanceEvent) -> _Study:
+    def _study(self, instance: InstanceEvent) -> ReceivedStudy:
         study = self.studies.get(instance.study_uid)
         if study is None:
-            span = tracer.start_span(
+            study = ReceivedStudy.start(
                 "dicomweb.receive_study",
-                attributes={
+                {
                     "radtriage.study_uid": instance.study_uid,
                     "radtriage.association_id": self.request_id,
                     "dicom.modality": instance.modality,
                 },
             )
-            study = _Study(span, trace.set_span_in_context(span))
             self.studies[instance.study_uid] = study
         return study
 
@@ -162,7 +150,7 @@ class StowRequest:
                     self.topic,
                     instance.study_uid,
                     instance.model_copy(update={"blob_uri": uri}),
-                    _traceparent(study.context),
+                    study.traceparent(),
                 )
             except PublishError as exc:
                 self.kafka_failed = True
@@ -181,29 +169,13 @@ class StowRequest:
         metrics.count_stow_instances(len(self.stored), (f.status for f in self.failed))
         for study_uid, study in self.studies.items():
             if completed and study.count > 0:
-                marker = InstanceEvent(
-                    kind="transfer_complete",
-                    study_uid=study_uid,
-                    instance_count=study.count,
-                    association_started_at=study.started_at,
-                    association_id=self.request_id,
-                    source="dicomweb",
-                )
+                marker = study.marker(study_uid, self.request_id, "dicomweb")
                 try:
-                    await self.publisher.publish(self.topic, study_uid, marker, _traceparent(study.context))
+                    await self.publisher.publish(self.topic, study_uid, marker, study.traceparent())
                 except PublishError as exc:
                     # The study still completes after the quiet period; nothing is lost.
                     log.warning("transfer-complete marker for %s not published (%s)", study_uid, exc)
-            study.span.set_attribute("dicom.instances", study.count)
-            if not completed:
-                study.span.set_status(Status(StatusCode.ERROR, "request incomplete"))
-            study.span.end()
-
-
-def _traceparent(ctx: Context) -> dict[str, str]:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=ctx)
-    return carrier
+            study.end("" if completed else "request incomplete")
 
 
 def _check_content_type(request: web.Request) -> None:
