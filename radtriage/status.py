@@ -225,6 +225,17 @@ def _operators_summary(n: NotifySettings) -> str:
     return f"operators told of {watched or 'nothing'} every {ops.digest_s:g} s at most"
 
 
+def _table(title: str, *columns: str) -> Table:
+    """A left-titled table; a column named ">name" is right-justified (a number)."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        if column.startswith(">"):
+            table.add_column(column[1:], justify="right")
+        else:
+            table.add_column(column)
+    return table
+
+
 def render_status(snap: Snapshot) -> RenderableType:
     """The status screen for a snapshot (pure: same snapshot, same screen)."""
     now = snap.taken_at
@@ -244,17 +255,16 @@ def render_status(snap: Snapshot) -> RenderableType:
         (snap.notify, "red" if snap.notify.startswith("OFF") else ""),
     )
 
-    lanes = Table(title=f"lanes (group '{snap.group}', last {window})", title_justify="left")
-    for col, justify in (
-        ("lane", "left"),
-        ("topic", "left"),
-        ("lag", "right"),
-        ("in flight", "right"),
-        ("findings", "right"),
-        ("ready→finding p50", "right"),
-        ("p99", "right"),
-    ):
-        lanes.add_column(col, justify=justify)  # type: ignore[arg-type]
+    lanes = _table(
+        f"lanes (group '{snap.group}', last {window})",
+        "lane",
+        "topic",
+        ">lag",
+        ">in flight",
+        ">findings",
+        ">ready→finding p50",
+        ">p99",
+    )
     for ln in snap.lanes:
         lag_style = "red" if ln.lag else ""
         lanes.add_row(
@@ -267,32 +277,21 @@ def render_status(snap: Snapshot) -> RenderableType:
             _num(ln.p99_ms, " ms"),
         )
 
-    models = Table(title="models (Triton)", title_justify="left")
-    for col in ("model", "state", "version", "detail"):
-        models.add_column(col)
+    models = _table("models (Triton)", "model", "state", "version", "detail")
     for m in snap.models:
         models.add_row(m.name, _state(m.up), m.version or "-", m.detail)
     if not snap.models:
         models.add_row("(no model known)", _state(False), "-", snap.triton_detail)
 
-    connectors = Table(title="connectors", title_justify="left")
-    for col in ("connector", "listening on", "state", "last message", "topic"):
-        connectors.add_column(col)
+    connectors = _table("connectors", "connector", "listening on", "state", "last message", "topic")
     for c in snap.connectors:
         last = _ago(c.last_message_at, now) if snap.kafka_up else "- (Kafka DOWN)"
         connectors.add_row(c.name, c.address, _state(c.reachable), last, c.topic)
 
-    alerts = Table(title=f"recent alerts (last {len(snap.alerts)})", title_justify="left")
-    for col, justify in (
-        ("when", "left"),
-        ("study", "left"),
-        ("finding", "left"),
-        ("p", "right"),
-        ("lane", "left"),
-        ("model", "left"),
-        ("ready→alert", "right"),
-    ):
-        alerts.add_column(col, justify=justify)  # type: ignore[arg-type]
+    alerts = _table(
+        f"recent alerts (last {len(snap.alerts)})",
+        *("when", "study", "finding", ">p", "lane", "model", ">ready→alert"),
+    )
     for a in snap.alerts:
         alerts.add_row(
             _ago(a.alerted_at, now),
@@ -517,70 +516,87 @@ def _local(bind_address: str) -> str:
     return "127.0.0.1" if bind_address in ("0.0.0.0", "", "::") else bind_address
 
 
-def gather(settings: Settings, now: datetime | None = None) -> Snapshot:
-    """Probe everything in parallel; anything that fails or times out is DOWN in the snapshot."""
-    cfg = settings.status
-    now = now or datetime.now(UTC)
-    since = now - timedelta(seconds=cfg.window_s)
-    timeout = cfg.probe_timeout_s
+def _in_parallel(probes: Mapping[str, Callable[[], Any]], deadline_s: float) -> dict[str, Any]:
+    """Run each probe on a daemon thread and wait for all of them at most `deadline_s`.
+
+    The result maps a probe's name to its value, or `<name>_error` to what it raised; a
+    probe still running at the deadline is in neither (its thread is abandoned).
+    """
     results: dict[str, Any] = {}
 
-    def kafka() -> None:
-        # Kafka's reads are several round trips: their own budget, within a hard deadline.
-        results["kafka"] = bounded(lambda: read_kafka(settings, since, timeout), timeout * 4, "Kafka")
+    def run(name: str, probe: Callable[[], Any]) -> None:
+        try:
+            results[name] = probe()
+        except BaseException as exc:  # reported as the probe's error
+            results[f"{name}_error"] = exc
 
-    def triton() -> None:
-        results["triton"] = bounded(lambda: read_models(settings, timeout), timeout * 2, "Triton")
-
-    def ports() -> None:
-        checks = {
-            "DICOM C-STORE": (_local(settings.dicom.bind_address), settings.dicom.main_port),
-            "HL7 MLLP": (_local(settings.hl7.bind_address), settings.hl7.port),
-            "HTTP (FHIR, STOW-RS)": (_local(settings.http.bind_address), settings.http.port),
-        }
-        results["ports"] = {name: port_open(h, p, timeout) for name, (h, p) in checks.items()}
-
-    threads = []
-    for name, fn in (("kafka", kafka), ("triton", triton), ("ports", ports)):
-
-        def run(fn: Callable[[], None] = fn, name: str = name) -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                results[f"{name}_error"] = exc
-
-        th = threading.Thread(target=run, daemon=True)
+    threads = [
+        threading.Thread(target=run, args=(name, probe), name=f"status-{name}", daemon=True)
+        for name, probe in probes.items()
+    ]
+    for th in threads:
         th.start()
-        threads.append(th)
-    deadline = time.monotonic() + timeout * 4 + 1.0
+    deadline = time.monotonic() + deadline_s
     for th in threads:
         th.join(max(deadline - time.monotonic(), 0.0))
+    return results
 
-    view: KafkaView | None = results.get("kafka")
-    kafka_error = results.get("kafka_error")
-    kafka_up = view is not None
-    kafka_detail = "" if kafka_up else _reason(kafka_error) if kafka_error else "no answer"
-    models: list[ModelStatus] | None = results.get("triton")
-    triton_error = results.get("triton_error")
-    triton_up = models is not None
-    triton_detail = "" if triton_up else _reason(triton_error) if triton_error else "no answer"
-    if models is None:
-        try:
-            from schemas.routing_rules import RoutingRules
 
-            names = dict.fromkeys(r.model for r in RoutingRules.load(settings.routing_rules).rules)
-        except Exception:
-            names = {}
-        models = [ModelStatus(n, False, "", "Triton unreachable") for n in names]
+def _down_detail(value: object, error: BaseException | None) -> str:
+    """Why a probe's service counts as DOWN ("" when it answered)."""
+    if value is not None:
+        return ""
+    return _reason(error) if error else "no answer"
 
+
+def _models_known_offline(settings: Settings) -> list[ModelStatus]:
+    """With Triton unreachable: the models the routing rules name, each DOWN."""
+    try:
+        from schemas.routing_rules import RoutingRules
+
+        names = dict.fromkeys(r.model for r in RoutingRules.load(settings.routing_rules).rules)
+    except Exception:
+        names = {}
+    return [ModelStatus(n, False, "", "Triton unreachable") for n in names]
+
+
+def _listeners(settings: Settings) -> dict[str, tuple[str, int, tuple[str, ...]]]:
+    """The intake listeners: name -> (host to probe, port, the topics they publish to)."""
     t = settings.topics
+    return {
+        "DICOM C-STORE": (_local(settings.dicom.bind_address), settings.dicom.main_port, (t.instances,)),
+        "HL7 MLLP": (_local(settings.hl7.bind_address), settings.hl7.port, (t.orders,)),
+        "HTTP (FHIR, STOW-RS)": (
+            _local(settings.http.bind_address),
+            settings.http.port,
+            (t.orders, t.instances),
+        ),
+    }
+
+
+def _connectors(
+    settings: Settings, open_ports: Mapping[str, bool], last: Mapping[str, datetime | None]
+) -> tuple[ConnectorStatus, ...]:
+    return tuple(
+        ConnectorStatus(
+            name,
+            f"{host}:{port}",
+            open_ports.get(name, False),
+            ", ".join(topics),
+            max((x for x in (last.get(topic) for topic in topics) if x), default=None),
+        )
+        for name, (host, port, topics) in _listeners(settings).items()
+    )
+
+
+def _lanes(settings: Settings, view: KafkaView | None, since: datetime) -> tuple[LaneStatus, ...]:
     latencies = ready_to_finding_ms(view.findings, since) if view else {}
     flying = in_flight(view.requests, view.findings, view.dead_letters) if view else {}
-    lanes = tuple(
+    return tuple(
         LaneStatus(
             lane=lane,
-            topic=t.lane_topic(lane),
-            lag=view.lag.get(t.lane_topic(lane)) if view else None,
+            topic=settings.topics.lane_topic(lane),
+            lag=view.lag.get(settings.topics.lane_topic(lane)) if view else None,
             in_flight=flying.get(lane, 0) if view else None,
             findings=len(latencies.get(lane, [])),
             p50_ms=percentile(latencies.get(lane, []), 50),
@@ -588,44 +604,39 @@ def gather(settings: Settings, now: datetime | None = None) -> Snapshot:
         )
         for lane in LANES
     )
-    open_ports: dict[str, bool] = results.get("ports", {})
-    last = view.last_message if view else {}
-    connectors = (
-        ConnectorStatus(
-            "DICOM C-STORE",
-            f"{_local(settings.dicom.bind_address)}:{settings.dicom.main_port}",
-            open_ports.get("DICOM C-STORE", False),
-            t.instances,
-            last.get(t.instances),
-        ),
-        ConnectorStatus(
-            "HL7 MLLP",
-            f"{_local(settings.hl7.bind_address)}:{settings.hl7.port}",
-            open_ports.get("HL7 MLLP", False),
-            t.orders,
-            last.get(t.orders),
-        ),
-        ConnectorStatus(
-            "HTTP (FHIR, STOW-RS)",
-            f"{_local(settings.http.bind_address)}:{settings.http.port}",
-            open_ports.get("HTTP (FHIR, STOW-RS)", False),
-            f"{t.orders}, {t.instances}",
-            max((x for x in (last.get(t.orders), last.get(t.instances)) if x), default=None),
-        ),
+
+
+def gather(settings: Settings, now: datetime | None = None) -> Snapshot:
+    """Probe everything in parallel; anything that fails or times out is DOWN in the snapshot."""
+    cfg = settings.status
+    now = now or datetime.now(UTC)
+    since = now - timedelta(seconds=cfg.window_s)
+    timeout = cfg.probe_timeout_s
+    listeners = _listeners(settings)
+    results = _in_parallel(
+        {
+            # Kafka's reads are several round trips: their own budget, within a hard deadline.
+            "kafka": lambda: bounded(lambda: read_kafka(settings, since, timeout), timeout * 4, "Kafka"),
+            "triton": lambda: bounded(lambda: read_models(settings, timeout), timeout * 2, "Triton"),
+            "ports": lambda: {name: port_open(h, p, timeout) for name, (h, p, _) in listeners.items()},
+        },
+        timeout * 4 + 1.0,
     )
+    view: KafkaView | None = results.get("kafka")
+    models: list[ModelStatus] | None = results.get("triton")
     return Snapshot(
         taken_at=now,
         window_s=cfg.window_s,
         bootstrap_servers=settings.kafka.bootstrap_servers,
         group=settings.streams.app_id,
-        kafka_up=kafka_up,
-        kafka_detail=kafka_detail,
+        kafka_up=view is not None,
+        kafka_detail=_down_detail(view, results.get("kafka_error")),
         triton_url=settings.triton.grpc_url,
-        triton_up=triton_up,
-        triton_detail=triton_detail,
-        lanes=lanes,
-        models=tuple(models),
-        connectors=connectors,
+        triton_up=models is not None,
+        triton_detail=_down_detail(models, results.get("triton_error")),
+        lanes=_lanes(settings, view, since),
+        models=tuple(models if models is not None else _models_known_offline(settings)),
+        connectors=_connectors(settings, results.get("ports", {}), view.last_message if view else {}),
         alerts=tuple(recent_alerts(view.alerts, cfg.recent_alerts)) if view else (),
         notify=notify_summary(settings.notify),
     )
