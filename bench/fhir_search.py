@@ -43,6 +43,7 @@ from typing import Any
 
 import requests
 
+from bench.output import print_or_write
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from tests.support.kafka import local_kafka
@@ -395,14 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "http": http,
     }
-    text = json.dumps(result, indent=2)
-    if args.json:
-        print(text)
-    else:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-        print(text)
-        print(f"written to {RESULTS}", file=sys.stderr)
+    print_or_write(result, RESULTS, print_only=args.json)
     return 0
 
 

@@ -19,7 +19,6 @@ Writes JSON to bench/results/hl7_ack-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -40,6 +39,7 @@ from kafka import KafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from bench.output import stamped_path, write_json
 from connectors.hl7.parse import Accepted, parse_message
 from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
@@ -48,15 +48,10 @@ from radtriage.mllp_framing import frame
 from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
 from schemas.orders import OrderEvent
 from tests.data.hl7.samples import set_field, text
+from tests.support.net import free_port
 
 console = Console()
 ORM = text("orm_o01_v2.5.hl7")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -330,9 +325,8 @@ def main() -> None:
         "lost": lost,
         "duplicated": duplicated,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"hl7_ack-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = stamped_path(args.out, "hl7_ack")
+    write_json(path, result)
     console.print(f"JSON: {path}")
     if lost or duplicated:
         raise SystemExit(1)

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.output import print_or_write
 from models.dicom_writer import write_ct_series
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
@@ -330,13 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "scp_peak_rss_mb_single_association": round(peak_mb, 1),
         "scp_peak_rss_mb_all_runs": round(peak_all_mb, 1),
     }
-    text = json.dumps(result, indent=2)
-    if args.json:
-        print(text)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+    print_or_write(result, args.out, print_only=args.json, echo=False)
     return 0
 
 

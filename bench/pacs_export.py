@@ -17,7 +17,6 @@ Writes JSON to bench/results/pacs_export.json (or stdout with --json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from bench.output import print_or_write
 from models.dicom_writer import write_ct_series
 from processors.dicom_results import build_sr, encode, read_headers
 from processors.key_images import build_key_image, build_kos, key_slice
@@ -134,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    if args.json:
-        print(text)
-    else:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-        print(text)
+    print_or_write(report, RESULTS, print_only=args.json)
     return 0
 
 

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +38,8 @@ import numpy as np
 import pydicom
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from bench.output import print_or_write
+from bench.summary import spread
 from models.dicom_writer import write_ct_series
 from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import REPO_ROOT, Settings
@@ -53,14 +54,9 @@ OBJECTS = ["sr", "key_image", "kos"]
 
 
 def stats(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    return {
-        "n": len(xs),
-        "p50": round(statistics.median(xs), 1),
-        # Nearest rank; with 20 samples p99 is the maximum.
-        "p99": round(xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))], 1),
-        "max": round(xs[-1], 1),
-    }
+    """n, p50, p99 (nearest rank: with 20 samples the maximum), max, to 0.1 ms."""
+    s = spread(xs, tail=0.99)
+    return {"n": s["n"], "p50": round(s["p50"], 1), "p99": round(s["p99"], 1), "max": round(s["max"], 1)}
 
 
 def findings(settings: Settings, work: Path, n: int, tag: int) -> list[tuple[str, bytes]]:
@@ -243,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    if not args.json:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-    print(text)
+    print_or_write(report, RESULTS, print_only=args.json)
     return 0
 
 

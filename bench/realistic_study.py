@@ -38,8 +38,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -52,10 +50,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
+from bench.kafka_tail import read_from_end
+from bench.lanes import own_stack_settings
+from bench.output import stamped_path, write_json
+from bench.summary import spread_measured
 from models.realistic_study import ALL_KINDS, SeriesKind, StudyManifest, write_realistic_head_study
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, Settings
@@ -74,23 +76,8 @@ AXIAL_ONLY: list[list[SeriesKind]] = [["axial"]]
 NO_STUDY_GIVE_UP_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stats(xs: Sequence[float | None]) -> dict[str, float | int | None]:
-    vals = sorted(x for x in xs if x is not None)
-    if not vals:
-        return {"n": 0, "p50": None, "p95": None, "min": None, "max": None}
-    return {
-        "n": len(vals),
-        "p50": statistics.median(vals),
-        "p95": vals[min(len(vals) - 1, round(0.95 * (len(vals) - 1)))],
-        "min": vals[0],
-        "max": vals[-1],
-    }
+def stats(xs: Sequence[float | None]) -> dict[str, float | None]:
+    return spread_measured(xs, tail=0.95)
 
 
 # --- the worker's preprocessing processes, from /proc ------------------------------------
@@ -248,15 +235,7 @@ class Watcher:
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
         )
-        parts = [
-            TopicPartition(topic, p)
-            for topic in self.topics
-            for p in sorted(self.consumer.partitions_for_topic(topic) or {0})
-        ]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_end(*parts)
-        for tp in parts:
-            self.consumer.position(tp)
+        read_from_end(self.consumer, self.topics)
         self.seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self.unkeyed_dead: list[dict[str, Any]] = []
 
@@ -527,10 +506,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.runs < 1:
         raise SystemExit("--runs must be >= 1")
-    out_path = (
-        args.json
-        or REPO_ROOT / "bench" / "results" / f"realistic_study-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    )
+    out_path = args.json or stamped_path(REPO_ROOT / "bench" / "results", "realistic_study")
 
     with ExitStack() as stack:
         tmp = Path(
@@ -574,15 +550,7 @@ def main() -> None:
         if not args.running:
             from radtriage.up import running_stack
 
-            settings = Settings(home=tmp / "home")
-            settings.kafka.bootstrap_servers = f"127.0.0.1:{_free_port()}"
-            settings.kafka.controller_port = _free_port()
-            settings.triton.grpc_url = f"127.0.0.1:{_free_port()}"
-            settings.triton.http_url = f"127.0.0.1:{_free_port()}"
-            settings.triton.metrics_port = _free_port()
-            settings.dicom.port = _free_port()
-            settings.hl7.port = _free_port()
-            settings.http.port = _free_port()
+            settings = own_stack_settings(tmp / "home")
             # Spans cost a little CPU per stage: off unless asked for (to see where time goes).
             settings.telemetry.exporter = "jsonl" if args.traces else "none"
             stack.enter_context(running_stack(settings))
@@ -662,8 +630,7 @@ def main() -> None:
         "worker_log_trouble": trouble[:20],
         "samples": [asdict(s) for s in samples],
     }  # fmt: skip
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(out_path, result)
 
     def f(v: float | int | None) -> str:
         return "-" if v is None else f"{v:,.0f}"

@@ -20,7 +20,6 @@ Writes JSON to bench/results/seg_build.json (or stdout with --json).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.output import print_or_write
 from radtriage.settings import REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results" / "seg_build.json"
@@ -206,13 +206,7 @@ def main() -> None:
         "bleed_map_slices": [args.bleed_first, args.bleed_last],
         "results": results,
     }
-    text = json.dumps(doc, indent=2)
-    if args.json:
-        print(text)
-    else:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-        print(f"wrote {RESULTS}")
+    print_or_write(doc, RESULTS, print_only=args.json, echo=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""bench/output.py and bench/kafka_tail.py: how the benches write their JSON and start reading."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from kafka import TopicPartition
+
+from bench.kafka_tail import read_from_end
+from bench.output import print_or_write, stamped_path, write_json
+
+
+def test_stamped_path_names_the_run_by_its_utc_time(tmp_path: Path) -> None:
+    path = stamped_path(tmp_path, "latency")
+    assert path.parent == tmp_path
+    assert re.fullmatch(r"latency-\d{8}T\d{6}Z\.json", path.name)
+
+
+def test_write_json_creates_the_folder_and_ends_with_a_newline(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "run.json"
+    at = datetime(2026, 12, 8, tzinfo=UTC)
+    text = write_json(path, {"n": 1, "at": at})
+    assert path.read_text() == text + "\n"
+    assert json.loads(text) == {"n": 1, "at": str(at)}
+    assert text.startswith('{\n  "n": 1')  # indented, as the results were before
+
+
+def test_print_or_write_with_json_prints_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "out.json"
+    print_or_write({"bench": "x"}, path, print_only=True)
+    assert not path.exists()
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"bench": "x"}
+    assert out.err == ""
+
+
+@pytest.mark.parametrize("echo", [True, False])
+def test_print_or_write_writes_and_says_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], echo: bool
+) -> None:
+    path = tmp_path / "results" / "out.json"
+    print_or_write({"bench": "x"}, path, print_only=False, echo=echo)
+    assert json.loads(path.read_text()) == {"bench": "x"}
+    out = capsys.readouterr()
+    if echo:
+        assert json.loads(out.out) == {"bench": "x"}
+    else:
+        assert out.out == ""
+    assert out.err == f"wrote {path}\n"
+
+
+class FakeConsumer:
+    """What read_from_end asks of a KafkaConsumer, recorded."""
+
+    def __init__(self, partitions: dict[str, set[int]]) -> None:
+        self.partitions = partitions
+        self.calls: list[tuple[str, list[TopicPartition]]] = []
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        return self.partitions.get(topic)
+
+    def assign(self, parts: list[TopicPartition]) -> None:
+        self.calls.append(("assign", list(parts)))
+
+    def seek_to_end(self, *parts: TopicPartition) -> None:
+        self.calls.append(("seek_to_end", list(parts)))
+
+    def position(self, tp: TopicPartition) -> int:
+        self.calls.append(("position", [tp]))
+        return 0
+
+
+def test_read_from_end_assigns_every_partition_and_resolves_the_end_now() -> None:
+    consumer = FakeConsumer({"a": {1, 0}})
+    parts = read_from_end(consumer, ["a", "unknown"])  # type: ignore[arg-type]
+    expected = [TopicPartition("a", 0), TopicPartition("a", 1), TopicPartition("unknown", 0)]
+    assert parts == expected
+    assert consumer.calls == [
+        ("assign", expected),
+        ("seek_to_end", expected),
+        *(("position", [tp]) for tp in expected),
+    ]
