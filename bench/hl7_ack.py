@@ -48,6 +48,7 @@ from radtriage.mllp_framing import frame
 from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
 from schemas.orders import OrderEvent
 from tests.data.hl7.samples import set_field, text
+from tests.support.kafka import local_kafka
 from tests.support.net import free_port
 
 console = Console()
@@ -177,19 +178,9 @@ def count_on_topic(
     return seen
 
 
-def start_kafka(stack: ExitStack, tmp: Path, settings: Settings) -> str:
-    from radtriage.stack.kafka import LocalKafka
-
-    broker = LocalKafka(
-        data_dir=tmp / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        version=settings.kafka.embedded_version,
-        cache_root=settings.cache,
-    )
+def start_kafka(stack: ExitStack, tmp: Path) -> str:
     with console.status("starting Kafka…"):
-        broker.start()
-    stack.callback(broker.stop)
+        broker = stack.enter_context(local_kafka(tmp / "kafka"))
     return str(broker.bootstrap_servers)
 
 
@@ -251,7 +242,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         settings = Settings(home=tmp / "home")
         settings.home.mkdir(parents=True)
-        settings.kafka.bootstrap_servers = args.bootstrap or start_kafka(stack, tmp, settings)
+        settings.kafka.bootstrap_servers = args.bootstrap or start_kafka(stack, tmp)
         suffix = f"bench-{run}-{free_port()}"
         for name in ("orders", "encounters", "deadletter"):
             setattr(settings.topics, name, f"{getattr(settings.topics, name)}.{suffix}")

@@ -45,8 +45,8 @@ import numpy as np
 from bench.output import print_or_write
 from models.dicom_writer import write_ct_series
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
-from radtriage.stack.kafka import LocalKafka
+from radtriage.settings import REPO_ROOT
+from tests.support.kafka import local_kafka
 from tests.support.net import free_port
 from tests.support.orthanc import Orthanc
 
@@ -238,20 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    settings = Settings()
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-intake-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         files = write_series(work / "series", args.slices, args.size)
         series_mb = sum(f.stat().st_size for f in files) / 1e6
-        kafka = LocalKafka(
-            data_dir=work / "kafka",
-            port=free_port(),
-            controller_port=free_port(),
-            version=settings.kafka.embedded_version,
-            cache_root=settings.cache,
-        )
-        kafka.start()
-        stack.callback(kafka.stop)
+        kafka = stack.enter_context(local_kafka(work / "kafka"))
         orthanc = Orthanc(work, args.max_pdu)
         orthanc.start()
         stack.callback(orthanc.stop)

@@ -3,16 +3,28 @@ written the same way (indented, newline-terminated, its folder created) and name
 
 Two conventions live here. Benches that keep every run write a time-stamped file under an
 output folder (`stamped_path` + `write_json`). Benches that keep one current result take
-`--json` to mean "print it, write nothing" (`print_or_write`).
+`--json` to mean "print it, write nothing" (`print_or_write`). `run_header` is the
+bench / at / machine opening that newer result files share.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+
+def run_header(bench: str) -> dict[str, Any]:
+    """What a result file says first about its run: which bench, when, on what machine."""
+    return {
+        "bench": bench,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
+    }
 
 
 def stamped_path(folder: Path, name: str) -> Path:

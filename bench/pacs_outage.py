@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +35,7 @@ import numpy as np
 import pydicom
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from bench.output import print_or_write
+from bench.output import print_or_write, run_header
 from bench.summary import spread
 from models.dicom_writer import write_ct_series
 from radtriage.blobstore import LocalBlobStore
@@ -233,13 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-pacs-outage-") as tmp:
         results = run(args, Path(tmp))
-    report = {
-        "bench": "pacs_outage",
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
-        "results": results,
-    }
-    print_or_write(report, RESULTS, print_only=args.json)
+    print_or_write(run_header("pacs_outage") | {"results": results}, RESULTS, print_only=args.json)
     return 0
 
 

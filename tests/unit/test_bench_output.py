@@ -11,7 +11,7 @@ import pytest
 from kafka import TopicPartition
 
 from bench.kafka_tail import read_from_end
-from bench.output import print_or_write, stamped_path, write_json
+from bench.output import print_or_write, run_header, stamped_path, write_json
 
 
 def test_stamped_path_names_the_run_by_its_utc_time(tmp_path: Path) -> None:
@@ -86,3 +86,10 @@ def test_read_from_end_assigns_every_partition_and_resolves_the_end_now() -> Non
         ("seek_to_end", expected),
         *(("position", [tp]) for tp in expected),
     ]
+
+
+def test_run_header_says_which_bench_when_and_where() -> None:
+    header = run_header("pacs_export")
+    assert header["bench"] == "pacs_export"
+    assert datetime.fromisoformat(header["at"]).tzinfo is not None
+    assert set(header["machine"]) == {"cpus", "arch", "python"}
