@@ -53,44 +53,10 @@ from tests.support.orthanc import Orthanc
 RESULTS = REPO_ROOT / "bench" / "results" / "intake.json"
 
 # The SCP process: only start_scp and Settings, so any checkout's SCP can be measured.
-SCP_CHILD = r"""
+# Both children (plain and profiled) begin with the SCP's settings from the JSON config in
+# argv[1] ...
+_CHILD_SETTINGS = r"""
 import json, signal, sys, threading
-from pathlib import Path
-cfg = json.loads(sys.argv[1])
-from radtriage.settings import Settings
-from connectors.dicom.scp import start_scp
-settings = Settings(home=Path(cfg["home"]))
-settings.kafka.bootstrap_servers = cfg["bootstrap"]
-settings.dicom.port = cfg["port"]
-settings.dicom.bind_address = "127.0.0.1"
-settings.topics.instances = cfg["topic"]
-settings.telemetry.exporter = "none"
-if cfg.get("max_pdu"):
-    settings.dicom.max_pdu = cfg["max_pdu"]
-if cfg.get("dul_delay"):
-    # Experiment: pynetdicom's DUL reactor sleeps _run_loop_delay (1 ms) whenever it finds
-    # nothing to do; set per association as it opens.
-    from pynetdicom import evt
-    from connectors.dicom import scp as scp_module
-    handlers = scp_module.StoreSCP.handlers
-    def with_delay(self):
-        def conn_open(event):
-            event.assoc.dul._run_loop_delay = cfg["dul_delay"]
-        return [*handlers(self), (evt.EVT_CONN_OPEN, conn_open)]
-    scp_module.StoreSCP.handlers = with_delay
-done = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: done.set())
-_servers, stop = start_scp(settings)
-print("ready", flush=True)
-done.wait()
-stop()
-"""
-
-# A cProfile run must see the association threads: pynetdicom starts one per association,
-# and cProfile.Profile only profiles the thread it was enabled in. So the profiled child
-# wraps the per-association handler instead.
-SCP_CHILD_PROFILED = r"""
-import json, sys, signal, threading, cProfile, pstats
 from pathlib import Path
 cfg = json.loads(sys.argv[1])
 from radtriage.settings import Settings
@@ -101,6 +67,43 @@ settings.dicom.port = cfg["port"]
 settings.dicom.bind_address = "127.0.0.1"
 settings.topics.instances = cfg["topic"]
 settings.telemetry.exporter = "none"
+"""
+# ... and serve until the bench sends SIGTERM, saying "ready" once the SCP listens.
+_CHILD_SERVE = r"""
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+_servers, stop = scp_module.start_scp(settings)
+print("ready", flush=True)
+done.wait()
+stop()
+"""
+
+SCP_CHILD = (
+    _CHILD_SETTINGS
+    + r"""
+if cfg.get("max_pdu"):
+    settings.dicom.max_pdu = cfg["max_pdu"]
+if cfg.get("dul_delay"):
+    # Experiment: pynetdicom's DUL reactor sleeps _run_loop_delay (1 ms) whenever it finds
+    # nothing to do; set per association as it opens.
+    from pynetdicom import evt
+    handlers = scp_module.StoreSCP.handlers
+    def with_delay(self):
+        def conn_open(event):
+            event.assoc.dul._run_loop_delay = cfg["dul_delay"]
+        return [*handlers(self), (evt.EVT_CONN_OPEN, conn_open)]
+    scp_module.StoreSCP.handlers = with_delay
+"""
+    + _CHILD_SERVE
+)
+
+# A cProfile run must see the association threads: pynetdicom starts one per association,
+# and cProfile.Profile only profiles the thread it was enabled in. So the profiled child
+# wraps the per-association handler instead.
+SCP_CHILD_PROFILED = (
+    _CHILD_SETTINGS
+    + r"""
+import cProfile, pstats
 profiles = []
 original = scp_module.StoreSCP.handle_store
 def handle_store(self, event):
@@ -112,17 +115,15 @@ def handle_store(self, event):
         p.disable()
         profiles.append(p)
 scp_module.StoreSCP.handle_store = handle_store
-done = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: done.set())
-_servers, stop = scp_module.start_scp(settings)
-print("ready", flush=True)
-done.wait()
-stop()
+"""
+    + _CHILD_SERVE
+    + r"""
 stats = pstats.Stats(profiles[0])
 for p in profiles[1:]:
     stats.add(p)
 stats.dump_stats(cfg["profile"])
 """
+)
 
 
 def dcmtk(name: str) -> str:
