@@ -99,6 +99,16 @@ def _upsampled(hu: np.ndarray, slices: int, matrix: int) -> np.ndarray:
     return out
 
 
+def _scanner_sized_ct(hu: np.ndarray, spacing_zyx: tuple[float, float, float], out: Path) -> list[Path]:
+    """A phantom CT written as 400 slices of 512 x 512, upsampled with its extent kept (the
+    spacing shrinks by the same factor)."""
+    from models.dicom_writer import write_ct_series
+
+    n, rows, _ = hu.shape
+    spacing = (n * spacing_zyx[0] / 400, rows * spacing_zyx[1] / 512, rows * spacing_zyx[2] / 512)
+    return write_ct_series(_upsampled(hu, 400, 512), spacing, out)
+
+
 def other_model_series(model: str, out: Path) -> tuple[str, list[Path]]:
     """A scanner-sized series for each other model, from its phantom (upsampled where the
     phantom is smaller than what scanners send): what the memory estimate must cover."""
@@ -106,29 +116,15 @@ def other_model_series(model: str, out: Path) -> tuple[str, list[Path]]:
 
     rng = np.random.default_rng(17)
     if model == "lvo_detector":
-        from models.dicom_writer import write_ct_series
         from models.lvo_detector.phantoms import cta_phantom
 
         cta = cta_phantom(rng, lvo=True)
-        n, rows, _ = cta.hu.shape
-        spacing = (
-            n * cta.spacing_zyx[0] / 400,
-            rows * cta.spacing_zyx[1] / 512,
-            rows * cta.spacing_zyx[2] / 512,
-        )
-        return "CTA 400 x 512 x 512", write_ct_series(_upsampled(cta.hu, 400, 512), spacing, out)
+        return "CTA 400 x 512 x 512", _scanner_sized_ct(cta.hu, cta.spacing_zyx, out)
     if model == "nodule_detector":
-        from models.dicom_writer import write_ct_series
         from models.nodule_detector.phantoms import chest_ct_phantom
 
         chest = chest_ct_phantom(rng, nodules=2)
-        n, rows, _ = chest.hu.shape
-        spacing = (
-            n * chest.spacing_zyx[0] / 400,
-            rows * chest.spacing_zyx[1] / 512,
-            rows * chest.spacing_zyx[2] / 512,
-        )
-        return "chest CT 400 x 512 x 512", write_ct_series(_upsampled(chest.hu, 400, 512), spacing, out)
+        return "chest CT 400 x 512 x 512", _scanner_sized_ct(chest.hu, chest.spacing_zyx, out)
     if model == "cxr_triage":
         from models.cxr_triage.phantoms import chest_radiograph_phantom
         from models.cxr_triage.writer import write_radiograph
