@@ -88,7 +88,8 @@ from bench.fhir_readable import (
 )
 from bench.lanes import own_stack_settings
 from bench.output import stamped_path, write_json
-from bench.realistic_study import PER_SERIES, Watcher, _git_commit, _status_kb, storescu, worker_pid
+from bench.proc_status import status_kb
+from bench.realistic_study import PER_SERIES, Watcher, _git_commit, storescu, worker_pid
 from bench.summary import spread_measured
 from models.realistic_study import StudyManifest, write_realistic_head_study
 from radtriage.mllp_framing import Frame, FrameDecoder, frame
@@ -325,7 +326,7 @@ def direct_sr(orthanc: Orthanc, instance_id: str, tmp: Path) -> float:
 
 
 def vmhwm_mb(pid: int | None) -> float | None:
-    return None if pid is None else round(_status_kb(pid, "VmHWM") / 1024, 1)
+    return None if pid is None else round(status_kb("VmHWM", pid) / 1024, 1)
 
 
 def write_studies(args: argparse.Namespace, tmp: Path) -> list[StudyManifest]:
@@ -384,7 +385,7 @@ def memory_mb(pid: int | None) -> dict[str, float | None]:
     """A process's resident memory now and at its peak (VmRSS, VmHWM)."""
     if pid is None:
         return {"vmrss_mb": None, "vmhwm_mb": None}
-    return {k.lower() + "_mb": round(_status_kb(pid, k) / 1024, 1) for k in ("VmRSS", "VmHWM")}
+    return {k.lower() + "_mb": round(status_kb(k, pid) / 1024, 1) for k in ("VmRSS", "VmHWM")}
 
 
 def replay_fhir(settings: Settings) -> int:

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench.output import print_or_write
+from bench.proc_status import status_kb
 from models.dicom_writer import write_ct_series
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT
@@ -145,13 +146,6 @@ def write_series(out: Path, slices: int, size: int) -> list[Path]:
     plane[r > 1.0] = -2000.0  # padding outside the reconstruction circle
     volume = plane[None, :, :] + rng.normal(0, 8, (slices, size, size))
     return write_ct_series(volume, (1.0, 0.45, 0.45), out, accession="BENCH", patient_id="BENCH")
-
-
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 @contextmanager
@@ -278,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(json.dumps(runs[-1]), file=sys.stderr)
-        peak_mb = vm_hwm_mb(rt_proc.pid)
+        peak_mb = status_kb("VmHWM", rt_proc.pid) / 1024
 
         scaling: list[dict[str, Any]] = []
         for senders in args.concurrency:
@@ -295,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(json.dumps(scaling[-1]), file=sys.stderr)
-        peak_all_mb = vm_hwm_mb(rt_proc.pid)
+        peak_all_mb = status_kb("VmHWM", rt_proc.pid) / 1024
 
     result = {
         "bench": "intake",

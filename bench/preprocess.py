@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.proc_status import status_kb
 from processors.preprocess_pool import pixel_bytes_from_header
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,13 +166,6 @@ def _round_hu(values: np.ndarray, rng: np.random.Generator, noise_hu: float) -> 
     return np.clip(np.round(values), -1024, 3071).astype(np.int16)
 
 
-def _vm(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 # The last commit before issue 16's loader work (pinned: the merge-base with main moves once
 # this work is merged).
 BEFORE_ISSUE_16 = "89bf3b5b2fc68ee7f171c0077c1d536bc5ce9795"
@@ -215,13 +209,13 @@ def child(model: str, directory: Path, impl: str, forward: bool) -> dict[str, An
             return old_preprocessing.preprocess_head_ct_with_crop(volume.hu, volume.spacing_zyx)  # type: ignore[no-any-return]
 
     files = sorted(directory.glob("*.dcm"))
-    baseline = _vm("VmRSS")
+    baseline = status_kb("VmRSS") * 1024
     t0 = time.perf_counter()
     volume = load(files)
     t1 = time.perf_counter()
     tensor, _geometry = preprocess(volume)
     t2 = time.perf_counter()
-    peak = _vm("VmHWM")
+    peak = status_kb("VmHWM") * 1024
     result: dict[str, Any] = {
         "load_s": round(t1 - t0, 3),
         "preprocess_s": round(t2 - t1, 3),

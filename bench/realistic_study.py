@@ -57,6 +57,7 @@ from rich.table import Table
 from bench.kafka_tail import read_from_end
 from bench.lanes import own_stack_settings
 from bench.output import stamped_path, write_json
+from bench.proc_status import children, cmdline, status_kb
 from bench.summary import spread_measured
 from models.realistic_study import ALL_KINDS, SeriesKind, StudyManifest, write_realistic_head_study
 from radtriage.kafka_clients import kafka_python_kwargs
@@ -86,45 +87,16 @@ def stats(xs: Sequence[float | None]) -> dict[str, float | None]:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return out
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _status_kb(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def worker_pid(root: int) -> int | None:
     """The Faust worker (`radtriage.cli worker`) among `root`'s descendants."""
-    kids = _children()
+    kids = children()
     todo, seen = [root], set()
     while todo:
         for pid in kids.get(todo.pop(), []):
             if pid in seen:
                 continue
             seen.add(pid)
-            argv = _cmdline(pid)
+            argv = cmdline(pid)
             if "radtriage.cli" in argv and argv[argv.index("radtriage.cli") + 1 :][:1] == ["worker"]:
                 return pid
             todo.append(pid)
@@ -136,10 +108,10 @@ def pool_pids(worker: int) -> list[int]:
     tracker is one too, but holds no pixels)."""
     out = []
     todo = [worker]
-    kids = _children()
+    kids = children()
     while todo:
         for pid in kids.get(todo.pop(), []):
-            argv = " ".join(_cmdline(pid))
+            argv = " ".join(cmdline(pid))
             if "multiprocessing" in argv and "resource_tracker" not in argv:
                 out.append(pid)
             todo.append(pid)
@@ -203,7 +175,7 @@ class RssSampler:
             if self.worker is not None:
                 pids = pool_pids(self.worker)
                 self.pids |= set(pids)
-                rss = [_status_kb(p, "VmRSS") for p in pids]
+                rss = [status_kb("VmRSS", p) for p in pids]
                 self.peak_sum_kb = max(self.peak_sum_kb, sum(rss))
                 self.peak_one_kb = max([self.peak_one_kb, *rss])
             self._stop.wait(self.interval_s)
@@ -214,7 +186,7 @@ class RssSampler:
             "pool_peak_rss_sum_mb": round(self.peak_sum_kb / 1024, 1),
             "pool_peak_rss_one_mb": round(self.peak_one_kb / 1024, 1),
             # VmHWM: each process's high-water mark since it started (not only this case).
-            "pool_vmhwm_mb": {str(p): round(_status_kb(p, "VmHWM") / 1024, 1) for p in alive},
+            "pool_vmhwm_mb": {str(p): round(status_kb("VmHWM", p) / 1024, 1) for p in alive},
             "pool_processes_seen": len(self.pids),
             "pool_processes_gone": len(self.pids) - len(alive),
         }

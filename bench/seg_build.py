@@ -32,16 +32,10 @@ from typing import Any
 import numpy as np
 
 from bench.output import print_or_write
+from bench.proc_status import status_kb
 from radtriage.settings import REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results" / "seg_build.json"
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def _geometry(files: list[Path]) -> Any:
@@ -89,7 +83,7 @@ def _measure(what: str, files: list[str], map_bytes: bytes, finding_json: bytes)
     _warm_up()
     finding = Finding.from_bytes(finding_json)
     sources = read_headers([Path(f) for f in files])
-    base_hwm = _status_kb("VmHWM")
+    base_hwm = status_kb("VmHWM")
     tracemalloc.start()
     wall, cpu = time.perf_counter(), time.process_time()
     if what == "sr":
@@ -102,7 +96,7 @@ def _measure(what: str, files: list[str], map_bytes: bytes, finding_json: bytes)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    hwm = _status_kb("VmHWM")
+    hwm = status_kb("VmHWM")
     return {
         "object": what,
         "wall_ms": round(wall * 1000, 1),
