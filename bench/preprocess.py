@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.output import write_json
 from bench.proc_status import status_kb
 from processors.preprocess_pool import pixel_bytes_from_header
 
@@ -475,6 +476,15 @@ def agreement(n: int, slices: int = 240, matrix: int = 512, noise_hu: float = 5.
     }
 
 
+def with_working_set(row: dict[str, Any]) -> dict[str, Any]:
+    """A measured case (`pixel_bytes` and a child's RSS figures) with its working set added:
+    peak over baseline RSS, also per byte of pixel data; shown on stderr as the run goes."""
+    row["working_rss_bytes"] = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
+    row["working_bytes_per_pixel_byte"] = round(row["working_rss_bytes"] / row["pixel_bytes"], 2)
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "DIR", "IMPL"), help=argparse.SUPPRESS)
@@ -527,10 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pixel_bytes": pixel_bytes,
                     **run_child("ich_classifier", d, impl, forward=True),
                 }
-                row["working_rss_bytes"] = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
-                row["working_bytes_per_pixel_byte"] = round(row["working_rss_bytes"] / pixel_bytes, 2)
-                result["cases"].append(row)
-                print(json.dumps(row), file=sys.stderr)
+                result["cases"].append(with_working_set(row))
             shutil.rmtree(d)
     if args.other_models:
         result["other_models"] = []
@@ -540,17 +547,13 @@ def main(argv: list[str] | None = None) -> int:
                 label, files = other_model_series(model, d)
                 pixel_bytes = pixel_bytes_from_header(files)
                 row = {"model": model, "series": label, "pixel_bytes": pixel_bytes, **run_child(model, d)}
-                row["working_rss_bytes"] = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
-                row["working_bytes_per_pixel_byte"] = round(row["working_rss_bytes"] / pixel_bytes, 2)
-                result["other_models"].append(row)
-                print(json.dumps(row), file=sys.stderr)
+                result["other_models"].append(with_working_set(row))
                 shutil.rmtree(d)
     if args.decode:
         result["decode"] = decode_costs()
     if args.agreement:
         result["agreement"] = agreement(args.agreement)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     print(f"wrote {args.json}")
     return 0
 

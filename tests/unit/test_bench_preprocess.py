@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +34,13 @@ def test_scanner_sized_ct_upsamples_to_400_x_512_and_scales_the_spacing(
     # 100 slices of 2 mm over 400 slices; 128 pixels of 1 and 0.5 mm over 512.
     assert seen["spacing"] == (0.5, 0.25, 0.125)
     assert seen["out"] == tmp_path
+
+
+def test_with_working_set_is_peak_over_baseline_also_per_pixel_byte(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    row = {"series": "x", "pixel_bytes": 1000, "peak_rss_bytes": 5000, "baseline_rss_bytes": 2000}
+    assert preprocess.with_working_set(row) is row
+    assert row["working_rss_bytes"] == 3000
+    assert row["working_bytes_per_pixel_byte"] == 3.0
+    assert json.loads(capsys.readouterr().err) == row  # progress, one JSON line per case
