@@ -33,7 +33,7 @@ import requests
 from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
 
-from bench.kafka_tail import read_from_end
+from bench.kafka_read import read_from_end
 from bench.notify import stats
 from bench.output import stamped_path, write_json
 from processors.fhir_report import build_result_bundle

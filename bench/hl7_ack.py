@@ -35,10 +35,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
+from bench.kafka_read import read_from_start
 from bench.output import stamped_path, write_json
 from connectors.hl7.parse import Accepted, parse_message
 from connectors.publisher import EventPublisher
@@ -161,9 +162,7 @@ def count_on_topic(
     consumer = KafkaConsumer(
         group_id=None, enable_auto_commit=False, **kafka_python_kwargs(as_kafka_settings(kafka))
     )
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
+    read_from_start(consumer, [topic])
     seen: Counter[str] = Counter()
     deadline = time.monotonic() + timeout
     quiet_until = None

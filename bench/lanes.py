@@ -69,7 +69,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench import proc_cpu
-from bench.kafka_tail import read_from_end
+from bench.kafka_read import read_from_end
 from bench.lane_stats import (
     END_TO_END,
     STAGES,

@@ -27,7 +27,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
 from rich.table import Table
 
-from bench.kafka_tail import read_from_end
+from bench.kafka_read import read_from_end
 from bench.lanes import own_stack_settings
 from bench.output import stamped_path, write_json
 from bench.summary import spread

@@ -34,9 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
 
+from bench.kafka_read import partitions, read_from_start
 from bench.output import stamped_path, write_json
 from bench.summary import spread
 from radtriage.settings import REPO_ROOT
@@ -66,9 +67,7 @@ def stats(xs: list[float]) -> dict[str, float]:
 
 def alert_times(bootstrap: str, topic: str) -> KafkaConsumer:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
+    read_from_start(consumer, [topic])
     return consumer
 
 
@@ -284,8 +283,7 @@ def cpu_s(pid: int) -> float:
 
 def end_offsets(bootstrap: str, topic: str) -> int:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-    total = sum(consumer.end_offsets(parts).values())
+    total = sum(consumer.end_offsets(partitions(consumer, [topic])).values())
     consumer.close()
     return int(total)
 

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 
+from bench.kafka_read import read_from_start
 from bench.output import print_or_write, run_header
 from bench.summary import spread
 from models.dicom_writer import write_ct_series
@@ -81,11 +82,7 @@ def read_all(bootstrap: str, topics: list[str]) -> Iterator[Any]:
     """Every record of `topics` up to their ends as of now."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
-        parts = [
-            TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or {0})
-        ]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
+        parts = read_from_start(consumer, topics)
         ends = consumer.end_offsets(parts)
         deadline = time.monotonic() + 60
         while any(consumer.position(tp) < ends[tp] for tp in parts) and time.monotonic() < deadline:
@@ -137,9 +134,7 @@ class AlertWatch:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-        parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or {0})]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_beginning(*parts)
+        read_from_start(self.consumer, [topic])
         self.seen: set[str] = set()
 
     def count(self, studies: set[str]) -> int:

@@ -1,4 +1,4 @@
-"""bench/output.py and bench/kafka_tail.py: how the benches write their JSON and start reading."""
+"""bench/output.py: how the benches write their JSON."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from kafka import TopicPartition
 
-from bench.kafka_tail import read_from_end
 from bench.output import print_or_write, run_header, stamped_path, write_json
 
 
@@ -53,39 +51,6 @@ def test_print_or_write_writes_and_says_where(
     else:
         assert out.out == ""
     assert out.err == f"wrote {path}\n"
-
-
-class FakeConsumer:
-    """What read_from_end asks of a KafkaConsumer, recorded."""
-
-    def __init__(self, partitions: dict[str, set[int]]) -> None:
-        self.partitions = partitions
-        self.calls: list[tuple[str, list[TopicPartition]]] = []
-
-    def partitions_for_topic(self, topic: str) -> set[int] | None:
-        return self.partitions.get(topic)
-
-    def assign(self, parts: list[TopicPartition]) -> None:
-        self.calls.append(("assign", list(parts)))
-
-    def seek_to_end(self, *parts: TopicPartition) -> None:
-        self.calls.append(("seek_to_end", list(parts)))
-
-    def position(self, tp: TopicPartition) -> int:
-        self.calls.append(("position", [tp]))
-        return 0
-
-
-def test_read_from_end_assigns_every_partition_and_resolves_the_end_now() -> None:
-    consumer = FakeConsumer({"a": {1, 0}})
-    parts = read_from_end(consumer, ["a", "unknown"])  # type: ignore[arg-type]
-    expected = [TopicPartition("a", 0), TopicPartition("a", 1), TopicPartition("unknown", 0)]
-    assert parts == expected
-    assert consumer.calls == [
-        ("assign", expected),
-        ("seek_to_end", expected),
-        *(("position", [tp]) for tp in expected),
-    ]
 
 
 def test_run_header_says_which_bench_when_and_where() -> None:
