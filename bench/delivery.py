@@ -87,8 +87,10 @@ from bench.fhir_readable import (
     reports_on_server,
 )
 from bench.lanes import own_stack_settings
-from bench.notify import stats as _stats
-from bench.realistic_study import PER_SERIES, Watcher, _git_commit, _status_kb, storescu, worker_pid
+from bench.output import stamped_path, write_json
+from bench.proc_status import status_kb
+from bench.realistic_study import PER_SERIES, Watcher, _git_commit, storescu, worker_pid
+from bench.summary import spread_measured
 from models.realistic_study import StudyManifest, write_realistic_head_study
 from radtriage.mllp_framing import Frame, FrameDecoder, frame
 from radtriage.settings import (
@@ -182,8 +184,7 @@ class Delivered:
 
 def stats(xs: list[float | None]) -> dict[str, float | None]:
     """n, p50, p99 (nearest rank), min, max of what was measured (None: not measured)."""
-    vals = [x for x in xs if x is not None]
-    return dict(_stats(vals)) if vals else {"n": 0, "p50": None, "p99": None, "min": None, "max": None}
+    return spread_measured(xs, tail=0.99)
 
 
 def _ts(iso: str) -> float:
@@ -325,7 +326,7 @@ def direct_sr(orthanc: Orthanc, instance_id: str, tmp: Path) -> float:
 
 
 def vmhwm_mb(pid: int | None) -> float | None:
-    return None if pid is None else round(_status_kb(pid, "VmHWM") / 1024, 1)
+    return None if pid is None else round(status_kb("VmHWM", pid) / 1024, 1)
 
 
 def write_studies(args: argparse.Namespace, tmp: Path) -> list[StudyManifest]:
@@ -384,7 +385,7 @@ def memory_mb(pid: int | None) -> dict[str, float | None]:
     """A process's resident memory now and at its peak (VmRSS, VmHWM)."""
     if pid is None:
         return {"vmrss_mb": None, "vmhwm_mb": None}
-    return {k.lower() + "_mb": round(_status_kb(pid, k) / 1024, 1) for k in ("VmRSS", "VmHWM")}
+    return {k.lower() + "_mb": round(status_kb(k, pid) / 1024, 1) for k in ("VmRSS", "VmHWM")}
 
 
 def replay_fhir(settings: Settings) -> int:
@@ -419,9 +420,7 @@ def main() -> None:
     down = {p.strip() for p in args.down.split(",") if p.strip()}
     if not down <= set(PEERS):
         ap.error(f"--down takes {','.join(PEERS)}, not {args.down}")
-    out_path = (
-        args.json or REPO_ROOT / "bench" / "results" / f"delivery-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    )
+    out_path = args.json or stamped_path(REPO_ROOT / "bench" / "results", "delivery")
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="radtriage-deliv-")))
@@ -637,8 +636,7 @@ def main() -> None:
         "outage": outage,
         "samples": [asdict(d) for d in normal],
     }  # fmt: skip
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(out_path, result)
     print_report(result)
     console.print(f"wrote {out_path}")
 

@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
 
+from bench.kafka_read import read_from_end
 from bench.notify import stats
+from bench.output import stamped_path, write_json
 from processors.fhir_report import build_result_bundle
 from processors.fhir_transaction import build_transaction, encode
 from radtriage.settings import REPO_ROOT
@@ -64,11 +66,7 @@ class StoredWatch:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-        parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or {0})]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_end(*parts)
-        for part in parts:  # resolve "the end" now, not at the first poll (after a report's event)
-            self.consumer.position(part)
+        read_from_end(self.consumer, [topic])
         self.stored: dict[str, float] = {}
         self.other: dict[str, str] = {}
 
@@ -158,10 +156,8 @@ def main() -> None:
         "setup": "1 Kafka broker, 1 worker, HAPI FHIR JPA 8.8.0 (H2 file, -Xmx384m) on 127.0.0.1, "
         "one report at a time, alternating direct POST and radtriage",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"ehr_fhir-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result_json, indent=2) + "\n")
-    console.print_json(json.dumps(result_json))
+    path = stamped_path(args.out, "ehr_fhir")
+    console.print_json(write_json(path, result_json))
     console.print(f"wrote {path}")
 
 

@@ -43,6 +43,8 @@ from typing import Any
 
 import requests
 
+from bench.output import print_or_write
+from bench.proc_status import status_kb
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
 from tests.support.kafka import local_kafka
@@ -55,12 +57,7 @@ PARTITIONS = 3
 
 def _mem() -> dict[str, float]:
     """This process's resident memory now and at its peak (VmRSS, VmHWM), in MiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            out[key] = int(value.split()[0]) / 1024
-    return out
+    return {key: status_kb(key) / 1024 for key in ("VmHWM", "VmRSS")}
 
 
 def baseline_child(bootstrap: str, topic: str) -> dict[str, Any]:
@@ -395,14 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "http": http,
     }
-    text = json.dumps(result, indent=2)
-    if args.json:
-        print(text)
-    else:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-        print(text)
-        print(f"written to {RESULTS}", file=sys.stderr)
+    print_or_write(result, RESULTS, print_only=args.json)
     return 0
 
 

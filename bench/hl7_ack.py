@@ -19,7 +19,6 @@ Writes JSON to bench/results/hl7_ack-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -36,10 +35,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
+from bench.kafka_read import read_from_start
+from bench.output import stamped_path, write_json
 from connectors.hl7.parse import Accepted, parse_message
 from connectors.publisher import EventPublisher
 from radtriage.kafka_admin import ensure_topics
@@ -48,15 +49,11 @@ from radtriage.mllp_framing import frame
 from radtriage.settings import REPO_ROOT, KafkaSettings, Settings
 from schemas.orders import OrderEvent
 from tests.data.hl7.samples import set_field, text
+from tests.support.kafka import local_kafka
+from tests.support.net import free_port
 
 console = Console()
 ORM = text("orm_o01_v2.5.hl7")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -165,9 +162,7 @@ def count_on_topic(
     consumer = KafkaConsumer(
         group_id=None, enable_auto_commit=False, **kafka_python_kwargs(as_kafka_settings(kafka))
     )
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
+    read_from_start(consumer, [topic])
     seen: Counter[str] = Counter()
     deadline = time.monotonic() + timeout
     quiet_until = None
@@ -182,19 +177,9 @@ def count_on_topic(
     return seen
 
 
-def start_kafka(stack: ExitStack, tmp: Path, settings: Settings) -> str:
-    from radtriage.stack.kafka import LocalKafka
-
-    broker = LocalKafka(
-        data_dir=tmp / "kafka",
-        port=free_port(),
-        controller_port=free_port(),
-        version=settings.kafka.embedded_version,
-        cache_root=settings.cache,
-    )
+def start_kafka(stack: ExitStack, tmp: Path) -> str:
     with console.status("starting Kafka…"):
-        broker.start()
-    stack.callback(broker.stop)
+        broker = stack.enter_context(local_kafka(tmp / "kafka"))
     return str(broker.bootstrap_servers)
 
 
@@ -256,7 +241,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         settings = Settings(home=tmp / "home")
         settings.home.mkdir(parents=True)
-        settings.kafka.bootstrap_servers = args.bootstrap or start_kafka(stack, tmp, settings)
+        settings.kafka.bootstrap_servers = args.bootstrap or start_kafka(stack, tmp)
         suffix = f"bench-{run}-{free_port()}"
         for name in ("orders", "encounters", "deadletter"):
             setattr(settings.topics, name, f"{getattr(settings.topics, name)}.{suffix}")
@@ -330,9 +315,8 @@ def main() -> None:
         "lost": lost,
         "duplicated": duplicated,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"hl7_ack-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = stamped_path(args.out, "hl7_ack")
+    write_json(path, result)
     console.print(f"JSON: {path}")
     if lost or duplicated:
         raise SystemExit(1)

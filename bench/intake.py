@@ -42,54 +42,22 @@ from typing import Any
 
 import numpy as np
 
+from bench.output import print_or_write
+from bench.proc_status import status_kb
 from models.dicom_writer import write_ct_series
 from radtriage.kafka_admin import ensure_topics
-from radtriage.settings import REPO_ROOT, Settings
-from radtriage.stack.kafka import LocalKafka
+from radtriage.settings import REPO_ROOT
+from tests.support.kafka import local_kafka
 from tests.support.net import free_port
 from tests.support.orthanc import Orthanc
 
 RESULTS = REPO_ROOT / "bench" / "results" / "intake.json"
 
 # The SCP process: only start_scp and Settings, so any checkout's SCP can be measured.
-SCP_CHILD = r"""
+# Both children (plain and profiled) begin with the SCP's settings from the JSON config in
+# argv[1] ...
+_CHILD_SETTINGS = r"""
 import json, signal, sys, threading
-from pathlib import Path
-cfg = json.loads(sys.argv[1])
-from radtriage.settings import Settings
-from connectors.dicom.scp import start_scp
-settings = Settings(home=Path(cfg["home"]))
-settings.kafka.bootstrap_servers = cfg["bootstrap"]
-settings.dicom.port = cfg["port"]
-settings.dicom.bind_address = "127.0.0.1"
-settings.topics.instances = cfg["topic"]
-settings.telemetry.exporter = "none"
-if cfg.get("max_pdu"):
-    settings.dicom.max_pdu = cfg["max_pdu"]
-if cfg.get("dul_delay"):
-    # Experiment: pynetdicom's DUL reactor sleeps _run_loop_delay (1 ms) whenever it finds
-    # nothing to do; set per association as it opens.
-    from pynetdicom import evt
-    from connectors.dicom import scp as scp_module
-    handlers = scp_module.StoreSCP.handlers
-    def with_delay(self):
-        def conn_open(event):
-            event.assoc.dul._run_loop_delay = cfg["dul_delay"]
-        return [*handlers(self), (evt.EVT_CONN_OPEN, conn_open)]
-    scp_module.StoreSCP.handlers = with_delay
-done = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: done.set())
-_servers, stop = start_scp(settings)
-print("ready", flush=True)
-done.wait()
-stop()
-"""
-
-# A cProfile run must see the association threads: pynetdicom starts one per association,
-# and cProfile.Profile only profiles the thread it was enabled in. So the profiled child
-# wraps the per-association handler instead.
-SCP_CHILD_PROFILED = r"""
-import json, sys, signal, threading, cProfile, pstats
 from pathlib import Path
 cfg = json.loads(sys.argv[1])
 from radtriage.settings import Settings
@@ -100,6 +68,43 @@ settings.dicom.port = cfg["port"]
 settings.dicom.bind_address = "127.0.0.1"
 settings.topics.instances = cfg["topic"]
 settings.telemetry.exporter = "none"
+"""
+# ... and serve until the bench sends SIGTERM, saying "ready" once the SCP listens.
+_CHILD_SERVE = r"""
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+_servers, stop = scp_module.start_scp(settings)
+print("ready", flush=True)
+done.wait()
+stop()
+"""
+
+SCP_CHILD = (
+    _CHILD_SETTINGS
+    + r"""
+if cfg.get("max_pdu"):
+    settings.dicom.max_pdu = cfg["max_pdu"]
+if cfg.get("dul_delay"):
+    # Experiment: pynetdicom's DUL reactor sleeps _run_loop_delay (1 ms) whenever it finds
+    # nothing to do; set per association as it opens.
+    from pynetdicom import evt
+    handlers = scp_module.StoreSCP.handlers
+    def with_delay(self):
+        def conn_open(event):
+            event.assoc.dul._run_loop_delay = cfg["dul_delay"]
+        return [*handlers(self), (evt.EVT_CONN_OPEN, conn_open)]
+    scp_module.StoreSCP.handlers = with_delay
+"""
+    + _CHILD_SERVE
+)
+
+# A cProfile run must see the association threads: pynetdicom starts one per association,
+# and cProfile.Profile only profiles the thread it was enabled in. So the profiled child
+# wraps the per-association handler instead.
+SCP_CHILD_PROFILED = (
+    _CHILD_SETTINGS
+    + r"""
+import cProfile, pstats
 profiles = []
 original = scp_module.StoreSCP.handle_store
 def handle_store(self, event):
@@ -111,17 +116,15 @@ def handle_store(self, event):
         p.disable()
         profiles.append(p)
 scp_module.StoreSCP.handle_store = handle_store
-done = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: done.set())
-_servers, stop = scp_module.start_scp(settings)
-print("ready", flush=True)
-done.wait()
-stop()
+"""
+    + _CHILD_SERVE
+    + r"""
 stats = pstats.Stats(profiles[0])
 for p in profiles[1:]:
     stats.add(p)
 stats.dump_stats(cfg["profile"])
 """
+)
 
 
 def dcmtk(name: str) -> str:
@@ -143,13 +146,6 @@ def write_series(out: Path, slices: int, size: int) -> list[Path]:
     plane[r > 1.0] = -2000.0  # padding outside the reconstruction circle
     volume = plane[None, :, :] + rng.normal(0, 8, (slices, size, size))
     return write_ct_series(volume, (1.0, 0.45, 0.45), out, accession="BENCH", patient_id="BENCH")
-
-
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 @contextmanager
@@ -237,20 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    settings = Settings()
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-intake-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         files = write_series(work / "series", args.slices, args.size)
         series_mb = sum(f.stat().st_size for f in files) / 1e6
-        kafka = LocalKafka(
-            data_dir=work / "kafka",
-            port=free_port(),
-            controller_port=free_port(),
-            version=settings.kafka.embedded_version,
-            cache_root=settings.cache,
-        )
-        kafka.start()
-        stack.callback(kafka.stop)
+        kafka = stack.enter_context(local_kafka(work / "kafka"))
         orthanc = Orthanc(work, args.max_pdu)
         orthanc.start()
         stack.callback(orthanc.stop)
@@ -285,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(json.dumps(runs[-1]), file=sys.stderr)
-        peak_mb = vm_hwm_mb(rt_proc.pid)
+        peak_mb = status_kb("VmHWM", rt_proc.pid) / 1024
 
         scaling: list[dict[str, Any]] = []
         for senders in args.concurrency:
@@ -302,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(json.dumps(scaling[-1]), file=sys.stderr)
-        peak_all_mb = vm_hwm_mb(rt_proc.pid)
+        peak_all_mb = status_kb("VmHWM", rt_proc.pid) / 1024
 
     result = {
         "bench": "intake",
@@ -330,13 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "scp_peak_rss_mb_single_association": round(peak_mb, 1),
         "scp_peak_rss_mb_all_runs": round(peak_all_mb, 1),
     }
-    text = json.dumps(result, indent=2)
-    if args.json:
-        print(text)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+    print_or_write(result, args.out, print_only=args.json, echo=False)
     return 0
 
 

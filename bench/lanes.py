@@ -45,7 +45,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -60,7 +59,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -70,6 +69,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench import proc_cpu
+from bench.kafka_read import read_from_end
 from bench.lane_stats import (
     END_TO_END,
     STAGES,
@@ -85,10 +85,12 @@ from bench.lane_stats import (
     summarize,
     throughput_per_min,
 )
+from bench.output import write_json
 from radtriage.demo_messages import hl7_order, post_fhir, send_hl7, service_request
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, Settings
 from schemas.results import read_result
+from tests.support.net import free_port
 
 console = Console()
 
@@ -107,12 +109,6 @@ CACHE_VERSION = "v1"
 # The model each template kind is routed to (deploy/routing/rules.yaml), for the direct baseline.
 MODEL_OF_KIND = {"bleed": "ich_classifier", "normal": "ich_classifier", "cxr": "cxr_triage"}
 HEADLINE_STAGES = ("ready→finding", "ready→alert")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def now() -> datetime:
@@ -278,15 +274,7 @@ class Collector:
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
         )
-        parts = [
-            TopicPartition(topic, p)
-            for topic in self.kinds
-            for p in sorted(self.consumer.partitions_for_topic(topic) or {0})
-        ]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_end(*parts)
-        for tp in parts:  # resolve the end offsets now, before anything is sent
-            self.consumer.position(tp)
+        read_from_end(self.consumer, self.kinds)
         self.studies: dict[str, StudyTimes] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -811,9 +799,8 @@ def main(argv: list[str] | None = None) -> None:
 
     result = build_result(args, mode, settings, studies, phases, direct, spans_matched, n_stat, sender.errors)
     result["stack_log_warnings"] = log_tails
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"lanes-{stamp}.json"
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(path, result)
     print_report(result)
     console.print(f"wrote {path}")
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
 import tempfile
 import time
 from contextlib import ExitStack
@@ -25,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
 from rich.table import Table
 
+from bench.kafka_read import read_from_end
+from bench.lanes import own_stack_settings
+from bench.output import stamped_path, write_json
+from bench.summary import spread
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.model_inputs import prepare_input
@@ -40,34 +42,15 @@ from radtriage.settings import REPO_ROOT, Settings
 console = Console()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def stats(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    return {
-        "n": len(xs),
-        "p50": statistics.median(xs),
-        "p95": xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))],
-        "min": xs[0],
-        "max": xs[-1],
-    }
+    return spread(xs, tail=0.95)
 
 
 def kafka_round_trip_ms(settings: Settings, n: int) -> list[float]:
     topic = settings.topics.audit
     producer = KafkaProducer(linger_ms=0, **kafka_python_producer_kwargs(settings.kafka))
     consumer = KafkaConsumer(group_id=None, **kafka_python_kwargs(settings.kafka))
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-    consumer.assign(parts)
-    consumer.seek_to_end(*parts)
-    for tp in parts:
-        consumer.position(tp)
+    read_from_end(consumer, [topic])
     out = []
     for i in range(n):
         marker = f"bench-{time.time_ns()}-{i}".encode()
@@ -118,13 +101,7 @@ def main() -> None:
         if not args.running:
             from radtriage.up import running_stack
 
-            settings = Settings(home=Path(tmp) / "home")
-            settings.kafka.bootstrap_servers = f"127.0.0.1:{_free_port()}"
-            settings.kafka.controller_port = _free_port()
-            settings.triton.grpc_url = f"127.0.0.1:{_free_port()}"
-            settings.triton.http_url = f"127.0.0.1:{_free_port()}"
-            settings.triton.metrics_port = _free_port()
-            settings.dicom.port = _free_port()
+            settings = own_stack_settings(Path(tmp) / "home")
             settings.telemetry.exporter = "none"
             stack.enter_context(running_stack(settings))
 
@@ -160,9 +137,8 @@ def main() -> None:
         "ratio_ready_to_alert_over_floor_p50": r["p50"] / floor,
         "floor_definition": "model work p50 + 4 x Kafka round trip p50",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"latency-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = stamped_path(args.out, "latency")
+    write_json(path, result)
 
     table = Table(title=f"radtriage latency, {args.runs} bleed studies")
     for col in ("measure", "p50 ms", "p95 ms", "max ms"):

@@ -28,16 +28,18 @@ import json
 import os
 import re
 import signal
-import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 from rich.console import Console
 
+from bench.kafka_read import partitions, read_from_start
+from bench.output import stamped_path, write_json
+from bench.summary import spread
 from radtriage.settings import REPO_ROOT
 from tests.certs import make_pki
 from tests.integration.harness import Worker, finding_bytes, make_worker_env
@@ -59,22 +61,13 @@ rules:
 
 
 def stats(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    return {
-        "n": len(xs),
-        "p50": statistics.median(xs),
-        # Nearest rank; with 20 samples p99 is the maximum.
-        "p99": xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))],
-        "min": xs[0],
-        "max": xs[-1],
-    }
+    # Nearest rank; with 20 samples p99 is the maximum.
+    return spread(xs, tail=0.99)
 
 
 def alert_times(bootstrap: str, topic: str) -> KafkaConsumer:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
+    read_from_start(consumer, [topic])
     return consumer
 
 
@@ -250,21 +243,13 @@ def main() -> None:
             flood = lanes_flood(args.lanes_flood.split(), Path(tmp_name)) | {
                 "at": datetime.now(UTC).isoformat()
             }
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"notify-lanes-flood-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-        path.write_text(json.dumps(flood, indent=2) + "\n")
-        console.print_json(json.dumps(flood))
-        console.print(f"wrote {path}")
+        save_and_show(flood, stamped_path(args.out, "notify-lanes-flood"))
         return
     if args.bleed:
         with tempfile.TemporaryDirectory(prefix="radtriage-bench-notify-") as tmp_name:
             work = args.workdir or Path(tmp_name)
             bleed = bleed_studies(args.alerts, work) | {"at": datetime.now(UTC).isoformat()}
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"notify-bleed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-        path.write_text(json.dumps(bleed, indent=2) + "\n")
-        console.print_json(json.dumps(bleed))
-        console.print(f"wrote {path}")
+        save_and_show(bleed, stamped_path(args.out, "notify-bleed"))
         return
 
     result: dict[str, Any] = {"benchmark": "notify", "at": datetime.now(UTC).isoformat()}
@@ -281,10 +266,12 @@ def main() -> None:
                 result["audit_records_per_alert"] - off["audit_records_per_alert"], 2
             ),
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"notify-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    console.print_json(json.dumps(result))
+    save_and_show(result, stamped_path(args.out, "notify"))
+
+
+def save_and_show(doc: dict[str, Any], path: Path) -> None:
+    """Each of the three runs' ending: its JSON written to `path` and shown on the console."""
+    console.print_json(write_json(path, doc))
     console.print(f"wrote {path}")
 
 
@@ -296,8 +283,7 @@ def cpu_s(pid: int) -> float:
 
 def end_offsets(bootstrap: str, topic: str) -> int:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-    total = sum(consumer.end_offsets(parts).values())
+    total = sum(consumer.end_offsets(partitions(consumer, [topic])).values())
     consumer.close()
     return int(total)
 

@@ -17,19 +17,16 @@ Writes JSON to bench/results/pacs_export.json (or stdout with --json).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 
+from bench.output import print_or_write, run_header
 from models.dicom_writer import write_ct_series
 from processors.dicom_results import build_sr, encode, read_headers
 from processors.key_images import build_key_image, build_kos, key_slice
@@ -128,19 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             results = [measure(n, args.runs, orthanc, Path(tmp)) for n in args.slices]
         finally:
             orthanc.stop()
-    report = {
-        "bench": "pacs_export",
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    if args.json:
-        print(text)
-    else:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-        print(text)
+    print_or_write(run_header("pacs_export") | {"results": results}, RESULTS, print_only=args.json)
     return 0
 
 

@@ -24,21 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 
+from bench.kafka_read import read_from_start
+from bench.output import print_or_write, run_header
+from bench.summary import spread
 from models.dicom_writer import write_ct_series
 from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import REPO_ROOT, Settings
@@ -53,14 +52,9 @@ OBJECTS = ["sr", "key_image", "kos"]
 
 
 def stats(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    return {
-        "n": len(xs),
-        "p50": round(statistics.median(xs), 1),
-        # Nearest rank; with 20 samples p99 is the maximum.
-        "p99": round(xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))], 1),
-        "max": round(xs[-1], 1),
-    }
+    """n, p50, p99 (nearest rank: with 20 samples the maximum), max, to 0.1 ms."""
+    s = spread(xs, tail=0.99)
+    return {"n": s["n"], "p50": round(s["p50"], 1), "p99": round(s["p99"], 1), "max": round(s["max"], 1)}
 
 
 def findings(settings: Settings, work: Path, n: int, tag: int) -> list[tuple[str, bytes]]:
@@ -88,11 +82,7 @@ def read_all(bootstrap: str, topics: list[str]) -> Iterator[Any]:
     """Every record of `topics` up to their ends as of now."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
-        parts = [
-            TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or {0})
-        ]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
+        parts = read_from_start(consumer, topics)
         ends = consumer.end_offsets(parts)
         deadline = time.monotonic() + 60
         while any(consumer.position(tp) < ends[tp] for tp in parts) and time.monotonic() < deadline:
@@ -144,9 +134,7 @@ class AlertWatch:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-        parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or {0})]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_beginning(*parts)
+        read_from_start(self.consumer, [topic])
         self.seen: set[str] = set()
 
     def count(self, studies: set[str]) -> int:
@@ -237,17 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="radtriage-bench-pacs-outage-") as tmp:
         results = run(args, Path(tmp))
-    report = {
-        "bench": "pacs_outage",
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "python": platform.python_version()},
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    if not args.json:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-    print(text)
+    print_or_write(run_header("pacs_outage") | {"results": results}, RESULTS, print_only=args.json)
     return 0
 
 

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.output import write_json
+from bench.proc_status import status_kb
 from processors.preprocess_pool import pixel_bytes_from_header
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,6 +101,16 @@ def _upsampled(hu: np.ndarray, slices: int, matrix: int) -> np.ndarray:
     return out
 
 
+def _scanner_sized_ct(hu: np.ndarray, spacing_zyx: tuple[float, float, float], out: Path) -> list[Path]:
+    """A phantom CT written as 400 slices of 512 x 512, upsampled with its extent kept (the
+    spacing shrinks by the same factor)."""
+    from models.dicom_writer import write_ct_series
+
+    n, rows, _ = hu.shape
+    spacing = (n * spacing_zyx[0] / 400, rows * spacing_zyx[1] / 512, rows * spacing_zyx[2] / 512)
+    return write_ct_series(_upsampled(hu, 400, 512), spacing, out)
+
+
 def other_model_series(model: str, out: Path) -> tuple[str, list[Path]]:
     """A scanner-sized series for each other model, from its phantom (upsampled where the
     phantom is smaller than what scanners send): what the memory estimate must cover."""
@@ -106,29 +118,15 @@ def other_model_series(model: str, out: Path) -> tuple[str, list[Path]]:
 
     rng = np.random.default_rng(17)
     if model == "lvo_detector":
-        from models.dicom_writer import write_ct_series
         from models.lvo_detector.phantoms import cta_phantom
 
         cta = cta_phantom(rng, lvo=True)
-        n, rows, _ = cta.hu.shape
-        spacing = (
-            n * cta.spacing_zyx[0] / 400,
-            rows * cta.spacing_zyx[1] / 512,
-            rows * cta.spacing_zyx[2] / 512,
-        )
-        return "CTA 400 x 512 x 512", write_ct_series(_upsampled(cta.hu, 400, 512), spacing, out)
+        return "CTA 400 x 512 x 512", _scanner_sized_ct(cta.hu, cta.spacing_zyx, out)
     if model == "nodule_detector":
-        from models.dicom_writer import write_ct_series
         from models.nodule_detector.phantoms import chest_ct_phantom
 
         chest = chest_ct_phantom(rng, nodules=2)
-        n, rows, _ = chest.hu.shape
-        spacing = (
-            n * chest.spacing_zyx[0] / 400,
-            rows * chest.spacing_zyx[1] / 512,
-            rows * chest.spacing_zyx[2] / 512,
-        )
-        return "chest CT 400 x 512 x 512", write_ct_series(_upsampled(chest.hu, 400, 512), spacing, out)
+        return "chest CT 400 x 512 x 512", _scanner_sized_ct(chest.hu, chest.spacing_zyx, out)
     if model == "cxr_triage":
         from models.cxr_triage.phantoms import chest_radiograph_phantom
         from models.cxr_triage.writer import write_radiograph
@@ -167,13 +165,6 @@ def _round_hu(values: np.ndarray, rng: np.random.Generator, noise_hu: float) -> 
     if noise_hu:
         values = values + rng.normal(0.0, noise_hu, values.shape).astype(np.float32)
     return np.clip(np.round(values), -1024, 3071).astype(np.int16)
-
-
-def _vm(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 # The last commit before issue 16's loader work (pinned: the merge-base with main moves once
@@ -219,13 +210,13 @@ def child(model: str, directory: Path, impl: str, forward: bool) -> dict[str, An
             return old_preprocessing.preprocess_head_ct_with_crop(volume.hu, volume.spacing_zyx)  # type: ignore[no-any-return]
 
     files = sorted(directory.glob("*.dcm"))
-    baseline = _vm("VmRSS")
+    baseline = status_kb("VmRSS") * 1024
     t0 = time.perf_counter()
     volume = load(files)
     t1 = time.perf_counter()
     tensor, _geometry = preprocess(volume)
     t2 = time.perf_counter()
-    peak = _vm("VmHWM")
+    peak = status_kb("VmHWM") * 1024
     result: dict[str, Any] = {
         "load_s": round(t1 - t0, 3),
         "preprocess_s": round(t2 - t1, 3),
@@ -485,6 +476,15 @@ def agreement(n: int, slices: int = 240, matrix: int = 512, noise_hu: float = 5.
     }
 
 
+def with_working_set(row: dict[str, Any]) -> dict[str, Any]:
+    """A measured case (`pixel_bytes` and a child's RSS figures) with its working set added:
+    peak over baseline RSS, also per byte of pixel data; shown on stderr as the run goes."""
+    row["working_rss_bytes"] = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
+    row["working_bytes_per_pixel_byte"] = round(row["working_rss_bytes"] / row["pixel_bytes"], 2)
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "DIR", "IMPL"), help=argparse.SUPPRESS)
@@ -537,10 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                     "pixel_bytes": pixel_bytes,
                     **run_child("ich_classifier", d, impl, forward=True),
                 }
-                row["working_rss_bytes"] = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
-                row["working_bytes_per_pixel_byte"] = round(row["working_rss_bytes"] / pixel_bytes, 2)
-                result["cases"].append(row)
-                print(json.dumps(row), file=sys.stderr)
+                result["cases"].append(with_working_set(row))
             shutil.rmtree(d)
     if args.other_models:
         result["other_models"] = []
@@ -550,17 +547,13 @@ def main(argv: list[str] | None = None) -> int:
                 label, files = other_model_series(model, d)
                 pixel_bytes = pixel_bytes_from_header(files)
                 row = {"model": model, "series": label, "pixel_bytes": pixel_bytes, **run_child(model, d)}
-                row["working_rss_bytes"] = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
-                row["working_bytes_per_pixel_byte"] = round(row["working_rss_bytes"] / pixel_bytes, 2)
-                result["other_models"].append(row)
-                print(json.dumps(row), file=sys.stderr)
+                result["other_models"].append(with_working_set(row))
                 shutil.rmtree(d)
     if args.decode:
         result["decode"] = decode_costs()
     if args.agreement:
         result["agreement"] = agreement(args.agreement)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     print(f"wrote {args.json}")
     return 0
 

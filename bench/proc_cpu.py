@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bench.proc_status import cmdline
+
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -28,11 +30,7 @@ def _stat(pid: int) -> tuple[int, float] | None:
 
 
 def _label(pid: int) -> str:
-    try:
-        argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
-        return "?"
-    words = [a.decode(errors="replace") for a in argv]
+    words = cmdline(pid)
     if not words:
         return "?"
     exe = os.path.basename(words[0])

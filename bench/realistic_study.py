@@ -38,8 +38,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -52,10 +50,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
+from bench.kafka_read import read_from_end
+from bench.lanes import own_stack_settings
+from bench.output import stamped_path, write_json
+from bench.proc_status import children, cmdline, status_kb
+from bench.summary import spread_measured
 from models.realistic_study import ALL_KINDS, SeriesKind, StudyManifest, write_realistic_head_study
 from radtriage.kafka_clients import kafka_python_kwargs
 from radtriage.settings import REPO_ROOT, Settings
@@ -74,23 +77,8 @@ AXIAL_ONLY: list[list[SeriesKind]] = [["axial"]]
 NO_STUDY_GIVE_UP_S = 60.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stats(xs: Sequence[float | None]) -> dict[str, float | int | None]:
-    vals = sorted(x for x in xs if x is not None)
-    if not vals:
-        return {"n": 0, "p50": None, "p95": None, "min": None, "max": None}
-    return {
-        "n": len(vals),
-        "p50": statistics.median(vals),
-        "p95": vals[min(len(vals) - 1, round(0.95 * (len(vals) - 1)))],
-        "min": vals[0],
-        "max": vals[-1],
-    }
+def stats(xs: Sequence[float | None]) -> dict[str, float | None]:
+    return spread_measured(xs, tail=0.95)
 
 
 # --- the worker's preprocessing processes, from /proc ------------------------------------
@@ -99,45 +87,16 @@ def stats(xs: Sequence[float | None]) -> dict[str, float | int | None]:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return out
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _status_kb(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def worker_pid(root: int) -> int | None:
     """The Faust worker (`radtriage.cli worker`) among `root`'s descendants."""
-    kids = _children()
+    kids = children()
     todo, seen = [root], set()
     while todo:
         for pid in kids.get(todo.pop(), []):
             if pid in seen:
                 continue
             seen.add(pid)
-            argv = _cmdline(pid)
+            argv = cmdline(pid)
             if "radtriage.cli" in argv and argv[argv.index("radtriage.cli") + 1 :][:1] == ["worker"]:
                 return pid
             todo.append(pid)
@@ -149,10 +108,10 @@ def pool_pids(worker: int) -> list[int]:
     tracker is one too, but holds no pixels)."""
     out = []
     todo = [worker]
-    kids = _children()
+    kids = children()
     while todo:
         for pid in kids.get(todo.pop(), []):
-            argv = " ".join(_cmdline(pid))
+            argv = " ".join(cmdline(pid))
             if "multiprocessing" in argv and "resource_tracker" not in argv:
                 out.append(pid)
             todo.append(pid)
@@ -216,7 +175,7 @@ class RssSampler:
             if self.worker is not None:
                 pids = pool_pids(self.worker)
                 self.pids |= set(pids)
-                rss = [_status_kb(p, "VmRSS") for p in pids]
+                rss = [status_kb("VmRSS", p) for p in pids]
                 self.peak_sum_kb = max(self.peak_sum_kb, sum(rss))
                 self.peak_one_kb = max([self.peak_one_kb, *rss])
             self._stop.wait(self.interval_s)
@@ -227,7 +186,7 @@ class RssSampler:
             "pool_peak_rss_sum_mb": round(self.peak_sum_kb / 1024, 1),
             "pool_peak_rss_one_mb": round(self.peak_one_kb / 1024, 1),
             # VmHWM: each process's high-water mark since it started (not only this case).
-            "pool_vmhwm_mb": {str(p): round(_status_kb(p, "VmHWM") / 1024, 1) for p in alive},
+            "pool_vmhwm_mb": {str(p): round(status_kb("VmHWM", p) / 1024, 1) for p in alive},
             "pool_processes_seen": len(self.pids),
             "pool_processes_gone": len(self.pids) - len(alive),
         }
@@ -248,15 +207,7 @@ class Watcher:
         self.consumer = KafkaConsumer(
             enable_auto_commit=False, group_id=None, **kafka_python_kwargs(settings.kafka)
         )
-        parts = [
-            TopicPartition(topic, p)
-            for topic in self.topics
-            for p in sorted(self.consumer.partitions_for_topic(topic) or {0})
-        ]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_end(*parts)
-        for tp in parts:
-            self.consumer.position(tp)
+        read_from_end(self.consumer, self.topics)
         self.seen: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self.unkeyed_dead: list[dict[str, Any]] = []
 
@@ -527,10 +478,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.runs < 1:
         raise SystemExit("--runs must be >= 1")
-    out_path = (
-        args.json
-        or REPO_ROOT / "bench" / "results" / f"realistic_study-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    )
+    out_path = args.json or stamped_path(REPO_ROOT / "bench" / "results", "realistic_study")
 
     with ExitStack() as stack:
         tmp = Path(
@@ -574,15 +522,7 @@ def main() -> None:
         if not args.running:
             from radtriage.up import running_stack
 
-            settings = Settings(home=tmp / "home")
-            settings.kafka.bootstrap_servers = f"127.0.0.1:{_free_port()}"
-            settings.kafka.controller_port = _free_port()
-            settings.triton.grpc_url = f"127.0.0.1:{_free_port()}"
-            settings.triton.http_url = f"127.0.0.1:{_free_port()}"
-            settings.triton.metrics_port = _free_port()
-            settings.dicom.port = _free_port()
-            settings.hl7.port = _free_port()
-            settings.http.port = _free_port()
+            settings = own_stack_settings(tmp / "home")
             # Spans cost a little CPU per stage: off unless asked for (to see where time goes).
             settings.telemetry.exporter = "jsonl" if args.traces else "none"
             stack.enter_context(running_stack(settings))
@@ -662,8 +602,7 @@ def main() -> None:
         "worker_log_trouble": trouble[:20],
         "samples": [asdict(s) for s in samples],
     }  # fmt: skip
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(out_path, result)
 
     def f(v: float | int | None) -> str:
         return "-" if v is None else f"{v:,.0f}"

@@ -20,7 +20,6 @@ which reads either), in microseconds; no Kafka involved.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bench.output import print_or_write
 from processors.fhir_report import build_result_bundle
 from radtriage.settings import REPO_ROOT
 from schemas.findings import Finding, SliceRange
@@ -126,13 +126,7 @@ def main() -> None:
         "total_bytes_change": after - before,
         "total_bytes_change_pct": round(100.0 * (after - before) / before, 2),
     }
-    text = json.dumps(result, indent=2)
-    if args.json:
-        print(text)
-        return
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text + "\n")
-    print(text)
+    print_or_write(result, RESULTS, print_only=args.json)
 
 
 if __name__ == "__main__":

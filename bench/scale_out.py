@@ -23,7 +23,6 @@ bench/results/scale-out-<timestamp>.json. Never run in tests.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -49,6 +48,7 @@ from bench.lanes import (
     start_services,
     wait_complete,
 )
+from bench.output import stamped_path, write_json
 from bench.proc_cpu import delta, descendants_cpu
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import REPO_ROOT, Settings
@@ -230,9 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "args": vars(args),
         "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"scale-out-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps(result, indent=2))
+    out = stamped_path(RESULTS, "scale-out")
+    write_json(out, result)
     table = Table(title=f"scale-out: {args.studies} routine head CTs per run, {args.partitions} partitions")
     for col in ("workers", "studies/min", "ratio", "reported", "unfinished", "dup reports", "dup alerts"):
         table.add_column(col, justify="right")

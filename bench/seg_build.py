@@ -20,7 +20,6 @@ Writes JSON to bench/results/seg_build.json (or stdout with --json).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -32,16 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from bench.output import print_or_write
+from bench.proc_status import status_kb
 from radtriage.settings import REPO_ROOT
 
 RESULTS = REPO_ROOT / "bench" / "results" / "seg_build.json"
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def _geometry(files: list[Path]) -> Any:
@@ -89,7 +83,7 @@ def _measure(what: str, files: list[str], map_bytes: bytes, finding_json: bytes)
     _warm_up()
     finding = Finding.from_bytes(finding_json)
     sources = read_headers([Path(f) for f in files])
-    base_hwm = _status_kb("VmHWM")
+    base_hwm = status_kb("VmHWM")
     tracemalloc.start()
     wall, cpu = time.perf_counter(), time.process_time()
     if what == "sr":
@@ -102,7 +96,7 @@ def _measure(what: str, files: list[str], map_bytes: bytes, finding_json: bytes)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    hwm = _status_kb("VmHWM")
+    hwm = status_kb("VmHWM")
     return {
         "object": what,
         "wall_ms": round(wall * 1000, 1),
@@ -206,13 +200,7 @@ def main() -> None:
         "bleed_map_slices": [args.bleed_first, args.bleed_last],
         "results": results,
     }
-    text = json.dumps(doc, indent=2)
-    if args.json:
-        print(text)
-    else:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text + "\n")
-        print(f"wrote {RESULTS}")
+    print_or_write(doc, RESULTS, print_only=args.json, echo=False)
 
 
 if __name__ == "__main__":

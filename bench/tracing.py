@@ -19,7 +19,6 @@ JSON-lines file), not of instrumentation as a whole. Writes JSON to bench/result
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from contextlib import ExitStack
@@ -31,24 +30,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench.lanes import start_services
-from bench.latency import _free_port, stats
+from bench.lanes import own_stack_settings, start_services
+from bench.latency import stats
+from bench.output import stamped_path, write_json
 from radtriage.demo import CASES, OutputWatcher, run_case
 from radtriage.settings import REPO_ROOT, Settings
 
 console = Console()
 SCHEDULE = ("none", "jsonl", "jsonl", "none")
-
-
-def _base_settings(tmp: Path) -> Settings:
-    s = Settings(home=tmp / "services")
-    s.kafka.bootstrap_servers = f"127.0.0.1:{_free_port()}"
-    s.kafka.controller_port = _free_port()
-    s.triton.grpc_url = f"127.0.0.1:{_free_port()}"
-    s.triton.http_url = f"127.0.0.1:{_free_port()}"
-    s.triton.metrics_port = _free_port()
-    s.dicom.port, s.hl7.port, s.http.port = _free_port(), _free_port(), _free_port()
-    return s
 
 
 def run_phase(base: Settings, mode: str, index: int, runs: int, tmp: Path) -> dict[str, Any]:
@@ -122,7 +111,7 @@ def main() -> None:
 
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="radtriage-bench-tracing-") as tmp_name:
         tmp = Path(tmp_name)
-        base = _base_settings(tmp)
+        base = own_stack_settings(tmp / "services")
         start_services(base, stack, base.home / "logs" / "triton.log")
         phases = [run_phase(base, mode, i, args.runs, tmp) for i, mode in enumerate(SCHEDULE)]
 
@@ -137,9 +126,8 @@ def main() -> None:
         "summary": summary,
         "phases": phases,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tracing-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = stamped_path(args.out, "tracing")
+    write_json(path, result)
 
     table = Table(title=f"tracing overhead, {2 * args.runs} studies per exporter (ABBA)")
     for col in ("measure", "exporter", "p50 ms", "p95 ms", "mean ms"):

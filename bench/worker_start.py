@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from bench.lanes import own_stack_settings, start_services
+from bench.output import stamped_path, write_json
 from processors.localisation import LOCALISATION_OUTPUT, PlaneField, SeriesGeometry, SliceCrop
 from processors.localisation_map import StoredMap, map_key, stored_map, to_bytes
 from radtriage.blobstore import LocalBlobStore
@@ -190,9 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                         ready[name].append(ready_once(tree, base, f"{name}-{i}-{int(time.time())}"))
                 result["ready_s"] = {k: summary(v) for k, v in ready.items()}
                 print("start to ready (s):", json.dumps(result["ready_s"]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"worker-start-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = stamped_path(RESULTS, "worker-start")
+    write_json(out, result)
     print(out)
 
 
