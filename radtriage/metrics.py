@@ -185,6 +185,14 @@ NOTIFY_STOPPED = Counter("radtriage_notify_stopped_total", "Escalations ended, b
 NOTIFY_UNREADABLE = Counter(
     "radtriage_notify_unreadable_total", "Records the notify stage could not read (skipped)", ["topic_kind"]
 )
+# Alerts first (streams/alert_first.py): how long a report, ORU or result-object build of
+# a finding that alerts waited for the alert to be told; "bound" = notify.alert_first_s ran out.
+ALERT_FIRST_WAIT = Histogram(
+    "radtriage_alert_first_wait_seconds",
+    "A finding's other deliveries waiting for its alert to be told first",
+    ["outcome"],
+    buckets=LATENCY_BUCKETS,
+)
 # Operator notifications (streams/stages/notify_ops.py): items gathered (dead letters,
 # stuck requests) and digests sent, by kind and outcome (delivered, undeliverable).
 NOTIFY_OPS_ITEMS = Counter(

@@ -939,6 +939,10 @@ class NotifySettings(BaseModel):
     # reason too_old): notification turned on reads the alert topics from their start
     # (no agent read them while it was off), and must not page anyone for yesterday's alerts.
     max_alert_age_s: float = Field(default=3600.0, gt=0)
+    # Alerts first (streams/alert_first.py): in a worker that notifies, the report, ORU and
+    # result objects of a finding that alerts wait until its first step was told, at most
+    # this long. 0: they never wait.
+    alert_first_s: float = Field(default=0.5, ge=0)
     # Left out of every message (env: RADTRIAGE_NOTIFY__OMIT='["accession"]').
     omit: list[NotifyOmittable] = Field(default_factory=list)
     operators: OperatorNotifySettings = Field(default_factory=OperatorNotifySettings)

@@ -20,6 +20,7 @@ from radtriage import metrics
 from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
 from schemas.routing_rules import RoutingRules
+from streams.alert_first import AlertFirst
 from streams.app import TriageTopics, create_app, declare_topics
 from streams.published_ledger import PublishedLedger, alert_key, finding_key, report_key
 from streams.stages import (
@@ -82,6 +83,7 @@ def build_pipeline(settings: Settings) -> Pipeline:
         findings_ledger=findings_ledger,
         reports_ledger=reports_ledger,
         alerts_ledger=alerts_ledger,
+        alert_first=AlertFirst({r.model: r.alert != "none" for r in rules.rules}),
     )
     ledgers = (findings_ledger, reports_ledger, alerts_ledger)
     # The topics whose partition numbers say which output partitions this worker owns

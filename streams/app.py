@@ -101,18 +101,19 @@ def declare_topics(app: faust.App, settings: Settings) -> TriageTopics:
     )
 
 
-async def publish(topic: TopicT, key: str, event: Event, headers: HeaderList | None = None) -> None:
-    """Send and wait for the broker's acknowledgement before the stream moves on.
+async def publish(topic: TopicT, key: str, event: Event, headers: HeaderList | None = None) -> int | None:
+    """Send and wait for the broker's acknowledgement before the stream moves on; the
+    partition it was written to (None if the client did not say).
 
     Waiting per message costs a few milliseconds but means the source offset is
     never committed ahead of what we produced from it.
     """
-    await publish_value(topic, key, event.to_bytes(), headers, about=event)
+    return await publish_value(topic, key, event.to_bytes(), headers, about=event)
 
 
 async def publish_value(
     topic: TopicT, key: str, value: bytes, headers: HeaderList | None = None, *, about: object | None = None
-) -> None:
+) -> int | None:
     """`publish` for a value that is not an Event (the results topic's plain FHIR Bundle,
     its metadata in `headers`): the same send, acknowledgement and PRODUCER span, the
     trace context added to `headers`. `about`: what the span's ids (study UID, accession
@@ -123,7 +124,9 @@ async def publish_value(
         sent = [(k, v.encode("latin-1")) for k, v in carried.items()]
         fut = await topic.send(key=key.encode(), value=value, headers=sent)
         meta = await fut
-        record_ack(span, getattr(meta, "partition", None), getattr(meta, "offset", None))
+        partition = getattr(meta, "partition", None)
+        record_ack(span, partition, getattr(meta, "offset", None))
+        return partition if isinstance(partition, int) else None
 
 
 def header_text(headers: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> dict[str, str]:

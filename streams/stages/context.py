@@ -16,6 +16,7 @@ import faust
 from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
 from schemas.routing_rules import RoutingRules
+from streams.alert_first import AlertFirst
 from streams.app import TriageTopics
 from streams.published_ledger import PublishedLedger
 
@@ -34,6 +35,8 @@ class PipelineContext:
     findings_ledger: PublishedLedger
     reports_ledger: PublishedLedger
     alerts_ledger: PublishedLedger
+    # Which findings alert, and the gates that let their alert out first (streams/alert_first.py).
+    alert_first: AlertFirst
     # Faust tables by name, created by the stage that writes them.
     tables: dict[str, Any] = field(default_factory=dict)
 

@@ -63,6 +63,7 @@ def register(ctx: PipelineContext) -> None:
         cid = control_id(finding)
         attrs = {"radtriage.study_uid": finding.study_uid, "radtriage.hl7_control_id": cid}
         with consumer_span(ctx, STAGE, event, attrs=attrs) as span:
+            await ctx.alert_first.before_delivering(finding)
             try:
                 payload = build_oru(finding, endpoint, datetime.now(UTC)).encode("utf-8")
             except Exception as exc:  # hl7apy's own exception types; the message names the field

@@ -14,11 +14,11 @@ from typing import Any
 import faust
 from faust.types import EventT
 
-from models import registry
 from radtriage import metrics
 from radtriage.telemetry import current_trace_id, headers_for_current_span
 from schemas.alerts import Alert, alert_id
 from schemas.findings import Finding
+from streams.alert_first import alert_channel
 from streams.app import publish
 from streams.stages.common import audit, consumer_span, each
 from streams.stages.context import PipelineContext
@@ -31,16 +31,11 @@ def alert_of(finding: Finding, key: str, trace_id: str) -> Alert:
     return Alert(alert_id=key, trace_id=trace_id, **{k: getattr(finding, k) for k in _FROM_FINDING})
 
 
-def alert_channel(finding: Finding, rule_alerts: bool) -> str | None:
-    """The channel a finding is alerted on, or None: a negative finding, a finding whose
-    model's rule does not alert, or of a model whose spec names no channel."""
-    if not finding.positive or not rule_alerts:
-        return None
-    return registry.get(finding.model_name).alert
+__all__ = ["alert_channel", "alert_of", "register"]
 
 
 def register(ctx: PipelineContext) -> None:
-    alerts = {r.model: r.alert != "none" for r in ctx.rules.rules}
+    alerts = ctx.alert_first.rule_alerts
 
     async def escalate_one(event: EventT[Any]) -> None:
         finding = Finding.from_bytes(event.value)
@@ -62,9 +57,11 @@ def register(ctx: PipelineContext) -> None:
                 span.set_attribute("radtriage.duplicate", True)
                 decision = "alert_suppressed_duplicate"
                 metrics.ALERTS_SUPPRESSED.labels(finding.finding).inc()
+                ctx.alert_first.release(key)
             else:
                 alert = alert_of(finding, key, current_trace_id())
-                await publish(topic, finding.study_uid, alert, headers_for_current_span())
+                partition = await publish(topic, finding.study_uid, alert, headers_for_current_span())
+                ctx.alert_first.published(key, partition)
                 ctx.crash_if("crash_after_alert", key)
                 ctx.alerts_ledger.record(key)
                 decision = "alert_sent"

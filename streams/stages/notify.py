@@ -76,7 +76,7 @@ class Notifier(Telling):
         # Escalations being worked on now (one worker at a time per alert).
         self.busy: set[str] = set()
         # Open records sent and not yet known to be in Kafka: (study UID, record, headers, send).
-        self.opening: dict[str, tuple[str, AuditEvent, Any, asyncio.Future[None]]] = {}
+        self.opening: dict[str, tuple[str, AuditEvent, Any, asyncio.Future[int | None]]] = {}
 
     # -- state -------------------------------------------------------------------------------
 
@@ -141,6 +141,7 @@ class Notifier(Telling):
             )
             metrics.NOTIFY_STOPPED.labels("too_old").inc()
             await self.note(alert, ns.SKIPPED, reason="too_old", age_s=round(age, 1))
+            self.ctx.alert_first.release(alert.alert_id)
             return
         self.open(alert)
         # Let step 1's sends start now: the stream goes on without suspending while its
@@ -254,6 +255,8 @@ class Notifier(Telling):
                     await asyncio.gather(*(self.tell(alert, action.step, r) for r in action.recipients))
         finally:
             self.busy.discard(alert_id)
+            # Told (or nothing to tell now): the finding's report, ORU and SR may go on.
+            self.ctx.alert_first.release(alert_id)
 
     async def tick(self) -> None:
         """The escalation timer: every owned escalation that has something due."""
@@ -297,4 +300,6 @@ def register(ctx: PipelineContext) -> None:
     ]
     # Alerts, the audit trail and replayed dead letters: co-partitioned by study UID, so one
     # worker sees an alert, its notifications and its acknowledgements.
-    register_notifier(ctx, Notifier(ctx, oncall), "notify", topics, ctx.settings.notify.tick_s)
+    notifier = Notifier(ctx, oncall)
+    ctx.alert_first.enable(ctx.settings.notify.alert_first_s, lambda partition: partition in notifier.owned)
+    register_notifier(ctx, notifier, "notify", topics, ctx.settings.notify.tick_s)

@@ -132,6 +132,7 @@ class Export:
         with consumer_span(self.ctx, STAGE, event, attrs=attrs) as span:
             wanted = {what for d in targets for what in d.objects}
             with_map = await self.with_map(finding, wanted)
+            await self.ctx.alert_first.before_delivering(finding)
             try:
                 built = await self.pool.build(finding, wanted, with_map)
             except self.result_error as exc:

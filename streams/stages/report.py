@@ -37,6 +37,7 @@ def register(ctx: PipelineContext) -> None:
                 # Replayed after a kill: its report is already on the results topic.
                 span.set_attribute("radtriage.duplicate", True)
                 return
+            await ctx.alert_first.before_delivering(finding)
             meta = ResultHeaders(
                 study_uid=finding.study_uid,
                 accession_number=finding.accession_number,
