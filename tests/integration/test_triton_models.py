@@ -24,8 +24,8 @@ from processors.birads import birads_of
 from processors.model_inputs import prepare_input
 from processors.nodules import NoduleGeometry, nodules_of
 from processors.preprocessing import CXR_INPUT_SHAPE, LVO_INPUT_SHAPE, MAMMO_INPUT_SHAPE, NODULE_INPUT_SHAPE
-from processors.triton_client import Inference, TritonModelClient
 from radtriage.settings import REPO_ROOT
+from tests.support.triton_lanes import lane_results
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def _cxr_cases(tmp_path: Path) -> list[tuple[int, np.ndarray]]:
 async def _through_the_lane_client(
     url: str, model: str, tensors: list[np.ndarray]
 ) -> list[tuple[float, str]]:
-    return [(r.probability, r.model_version) for r in await _lane_results(url, model, tensors)]
+    return [(r.probability, r.model_version) for r in await lane_results(url, model, tensors)]
 
 
 def _assert_ready(url: str, model: str) -> None:
@@ -96,18 +96,6 @@ def _assert_ready(url: str, model: str) -> None:
         assert client.is_model_ready(model)
     finally:
         client.close()
-
-
-async def _lane_results(url: str, model: str, tensors: list[np.ndarray]) -> list[Inference]:
-    client = TritonModelClient(url, timeout_s=60)
-    try:
-        return list(
-            await asyncio.gather(
-                *(client.infer_probability(model, t, priority=1 + i % 3) for i, t in enumerate(tensors))
-            )
-        )
-    finally:
-        await client.close()
 
 
 def _batch(url: str, model: str, tensors: list[np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
@@ -140,7 +128,7 @@ def test_lvo_detector_loads_answers_a_batch_and_separates_lvo(triton_grpc_url: s
     served = _batch(triton_grpc_url, "lvo_detector", tensors[:8], ["probability", "side_left_probability"])
     assert served["probability"].shape == (8, 1) and served["side_left_probability"].shape == (8, 1)
     # The lanes' client brings the model's second output back by name, unasked.
-    lane = asyncio.run(_lane_results(triton_grpc_url, "lvo_detector", tensors[:8]))
+    lane = asyncio.run(lane_results(triton_grpc_url, "lvo_detector", tensors[:8]))
     assert all(set(r.outputs) == {"side_left_probability"} for r in lane)
     np.testing.assert_allclose(
         [r.outputs["side_left_probability"] for r in lane],
@@ -184,7 +172,7 @@ def test_cxr_triage_loads_answers_a_batch_and_separates_pneumothorax(
     assert all(t.shape == CXR_INPUT_SHAPE for t in tensors)
     served = _batch(triton_grpc_url, "cxr_triage", tensors[:8], ["probability"])
     assert served["probability"].shape == (8, 1)
-    lane = asyncio.run(_lane_results(triton_grpc_url, "cxr_triage", tensors))
+    lane = asyncio.run(lane_results(triton_grpc_url, "cxr_triage", tensors))
     assert all(r.outputs == {} for r in lane)  # one output: nothing extra
     results = [(r.probability, r.model_version) for r in lane]
     probs = np.array([p for p, _ in results])
@@ -216,7 +204,7 @@ def test_mammo_birads_loads_answers_a_batch_and_separates_suspicious_studies(
     assert all(t.shape == MAMMO_INPUT_SHAPE for t in tensors)
     served = _batch(triton_grpc_url, "mammo_birads", tensors[:6], ["probability", "birads_probabilities"])
     assert served["probability"].shape == (6, 1) and served["birads_probabilities"].shape == (6, 4, 6)
-    lane = asyncio.run(_lane_results(triton_grpc_url, "mammo_birads", tensors))
+    lane = asyncio.run(lane_results(triton_grpc_url, "mammo_birads", tensors))
     probs = np.array([r.probability for r in lane])
     assert {r.model_version for r in lane} == {"1"}
     np.testing.assert_allclose(served["probability"].reshape(-1), probs[:6], atol=1e-4)
@@ -260,7 +248,7 @@ def test_nodule_detector_loads_answers_a_batch_and_finds_nodules_where_they_are(
     assert served["nodule_map"].shape == (2, 1, *NODULE_INPUT_SHAPE[1:])
     peaks = served["nodule_map"].max(axis=(1, 2, 3, 4))
     np.testing.assert_allclose(peaks, served["probability"][:, 0], atol=1e-6)
-    lane = asyncio.run(_lane_results(triton_grpc_url, "nodule_detector", tensors))
+    lane = asyncio.run(lane_results(triton_grpc_url, "nodule_detector", tensors))
     probs = np.array([r.probability for r in lane])
     assert {r.model_version for r in lane} == {"1"}
     np.testing.assert_allclose(served["probability"].reshape(-1), probs[:2], atol=1e-4)
