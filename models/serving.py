@@ -88,29 +88,12 @@ instance_group [
   }}
 ]
 
-parameters: {{{shape_note}
-  key: "input_shape"
-  value: {{ string_value: "{dims}" }}
-}}
-parameters: {{
-  key: "display_name"
-  value: {{ string_value: "{display}" }}
-}}
-parameters: {{
-  key: "model_version"
-  value: {{ string_value: "{version}" }}
-}}
-parameters: {{
-  key: "finding"
-  value: {{ string_value: "{finding}" }}
-}}
-parameters: {{
-  key: "recommended_threshold"
-  value: {{ string_value: "{threshold}" }}
-}}
-parameters: {{
-  key: "threshold_rule"
-  value: {{ string_value: "{rule}" }}
+"""
+# One string parameter of the config; `note` is comment lines under its opening brace.
+PARAMETER = """\
+parameters: {{{note}
+  key: "{key}"
+  value: {{ string_value: "{value}" }}
 }}
 """
 # Where a model's input dims may one day be relaxed (Serving.trained_shape_note): what the
@@ -204,17 +187,17 @@ def triton_config(
         inputs=_tensor(served.input),
         outputs=",\n".join(_tensor(o) for o in served.outputs),
     )
-    tail = CONFIG_TAIL.format(
-        count=1,
-        kind=kind,
-        shape_note=TRAINED_SHAPE_NOTE if served.trained_shape_note else "",
-        dims=_dims(served.input.dims),
-        display=served.display,
-        version=version,
-        finding=spec.finding,
-        threshold=f"{threshold:.4f}",
-        rule=rule,
+    tail = CONFIG_TAIL.format(count=1, kind=kind)
+    # The parameters the pipeline and the model card read, in this order.
+    parameters = (
+        ("input_shape", _dims(served.input.dims), TRAINED_SHAPE_NOTE if served.trained_shape_note else ""),
+        ("display_name", served.display, ""),
+        ("model_version", version, ""),
+        ("finding", spec.finding, ""),
+        ("recommended_threshold", f"{threshold:.4f}", ""),
+        ("threshold_rule", rule, ""),
     )
+    tail += "".join(PARAMETER.format(key=key, value=value, note=note) for key, value, note in parameters)
     return head + tail + VERSION_POLICY
 
 

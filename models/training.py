@@ -173,6 +173,11 @@ class Run:
         phantom is in two of them."""
         return self.split(lambda n, seed: make(n, seed, "train"), make)
 
+    def phantom_sets(self, make: Callable[[int, int, Progress, str, int], T]) -> tuple[T, T, T]:
+        """`sets` of a recipe whose `make(n, seed, progress, label, workers)` draws a set's
+        phantoms in `--workers` processes (`phantoms`), ticking the run's progress display."""
+        return self.sets(lambda n, seed, label: make(n, seed, self.progress, label, self.args.workers))
+
     def split(
         self, make_train: Callable[[int, int], U], make: Callable[[int, int, str], T]
     ) -> tuple[U, T, T]:

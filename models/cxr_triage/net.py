@@ -25,9 +25,8 @@ and output contract.
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import DenseNet
 
-from models.network_parts import pooled_with_map
+from models.network_parts import Served, dense_features, pooled_with_map
 from processors.preprocessing import CXR_INPUT_SHAPE
 
 INIT_FEATURES = 16
@@ -40,19 +39,14 @@ MAP_STRIDE = 32  # input pixels per air-map cell
 class CxrNet(torch.nn.Module):
     def __init__(self, dropout: float = 0.1) -> None:
         super().__init__()
-        dense = DenseNet(
-            spatial_dims=2,
-            in_channels=CXR_INPUT_SHAPE[0],
-            out_channels=1,
+        self.features, channels = dense_features(
+            CXR_INPUT_SHAPE[0],
+            1,
             init_features=INIT_FEATURES,
             growth_rate=GROWTH_RATE,
-            block_config=BLOCK_CONFIG,
             bn_size=BN_SIZE,
+            block_config=BLOCK_CONFIG,
         )
-        self.features = dense.features
-        classifier = dense.class_layers.out
-        assert isinstance(classifier, torch.nn.Linear)
-        channels = classifier.in_features
         self.air_map = torch.nn.Conv2d(channels, 1, kernel_size=1)
         self.dropout = torch.nn.Dropout(dropout)
         self.head = torch.nn.Linear(2 * channels + 1, 1)
@@ -70,12 +64,8 @@ def build_cxr_net() -> CxrNet:
     return CxrNet()
 
 
-class CxrWithSigmoid(torch.nn.Module):
+class CxrWithSigmoid(Served):
     """What Triton serves: (N, 1) P(critical finding: pneumothorax)."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(image))

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     with training.run(args) as r:
-        train, val, test = r.sets(lambda n, seed, label: make_set(n, seed, r.progress, label, args.workers))
+        train, val, test = r.phantom_sets(make_set)
         model = build_cxr_net()
         loss_fn = torch.nn.BCEWithLogitsLoss()
         map_loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(MAP_POS_WEIGHT))

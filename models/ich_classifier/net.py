@@ -24,22 +24,21 @@ from __future__ import annotations
 
 import torch
 
-from models.network_parts import residual_backbone
+from models.network_parts import ResidualBackboneNet, Served
 from processors.preprocessing import ICH_INPUT_SHAPE
 
 MODEL_CHANNELS: tuple[int, int, int] = (16, 32, 64)
 
 
-class IchNet(torch.nn.Module):
+class IchNet(ResidualBackboneNet):
     def __init__(
         self,
         in_channels: int = ICH_INPUT_SHAPE[0],
         channels: tuple[int, int, int] = MODEL_CHANNELS,
         dropout: float = 0.2,
     ) -> None:
-        super().__init__()
+        super().__init__(in_channels, channels)
         _, c1, c2 = channels
-        self.stem, self.stage1, self.stage2 = residual_backbone(in_channels, channels)
         # Blood map at stage-1 resolution (1/2, 1/4, 1/4), supervised in training by the
         # phantoms' ground truth: dense supervision teaches the early features to be blood
         # detectors from far fewer studies than the single study-level label would.
@@ -51,8 +50,7 @@ class IchNet(torch.nn.Module):
 
     def forward_with_map(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, C, D, H, W) → ((N, 1) study logits, (N, 1, D/2, H/4, W/4) blood-map logits)."""
-        f1 = self.stage1(self.stem(volume))
-        f2 = self.stage2(f1)
+        f1, f2 = self.backbone(volume)
         blood_map = self.blood_map(f1)
         pooled = torch.cat(
             [
@@ -73,7 +71,7 @@ def build_ich_net() -> IchNet:
     return IchNet()
 
 
-class IchWithSigmoid(torch.nn.Module):
+class IchWithSigmoid(Served):
     """What Triton serves, in its config's output order: probabilities, not logits, so every
     client reads the same scale.
 
@@ -82,9 +80,10 @@ class IchWithSigmoid(torch.nn.Module):
       this cell), what processors/localisation.py turns into the finding's slice range.
     """
 
+    net: IchNet
+
     def __init__(self, net: IchNet) -> None:
-        super().__init__()
-        self.net = net
+        super().__init__(net)
 
     def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, blood_map = self.net.forward_with_map(volume)

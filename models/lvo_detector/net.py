@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from models.network_parts import residual_backbone
+from models.network_parts import ResidualBackboneNet, Served
 from processors.preprocessing import LVO_INPUT_SHAPE
 
 MODEL_CHANNELS: tuple[int, int, int] = (16, 32, 64)
@@ -35,16 +35,15 @@ def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t[..., :w], t[..., w:]
 
 
-class LvoNet(torch.nn.Module):
+class LvoNet(ResidualBackboneNet):
     def __init__(
         self,
         in_channels: int = LVO_INPUT_SHAPE[0],
         channels: tuple[int, int, int] = MODEL_CHANNELS,
         dropout: float = 0.2,
     ) -> None:
-        super().__init__()
+        super().__init__(in_channels, channels)
         _, c1, c2 = channels
-        self.stem, self.stage1, self.stage2 = residual_backbone(in_channels, channels)
         self.clot_map = torch.nn.Conv3d(c1, 1, kernel_size=1)
         self.dropout = torch.nn.Dropout(dropout)
         self.lvo_head = torch.nn.Linear(2 * 2 * c2 + 1, 1)
@@ -52,8 +51,7 @@ class LvoNet(torch.nn.Module):
 
     def forward_with_map(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N, C, D, H, W) → ((N, 1) LVO logits, (N, 1) left-vs-right logits, clot-map logits)."""
-        f1 = self.stage1(self.stem(volume))
-        f2 = self.stage2(f1)
+        f1, f2 = self.backbone(volume)
         clot = self.clot_map(f1)
         right, left = _halves(f2)
 
@@ -82,12 +80,8 @@ def build_lvo_net() -> LvoNet:
     return LvoNet()
 
 
-class LvoWithSigmoid(torch.nn.Module):
+class LvoWithSigmoid(Served):
     """What Triton serves: (N, 1) P(LVO) and (N, 1) P(left | LVO), probabilities not logits."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
 
     def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lvo, side = self.net(volume)

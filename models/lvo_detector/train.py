@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     with training.run(args) as r:
-        train, val, test = r.sets(lambda n, seed, label: make_set(n, seed, r.progress, label, args.workers))
+        train, val, test = r.phantom_sets(make_set)
         model = build_lvo_net()
         bce = torch.nn.BCEWithLogitsLoss()
         side_bce = torch.nn.BCEWithLogitsLoss(reduction="none")

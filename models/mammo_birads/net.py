@@ -23,9 +23,8 @@ Category 6 (known biopsy-proven cancer) is clinical and has no output.
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import DenseNet
 
-from models.network_parts import pooled_with_map
+from models.network_parts import Served, dense_features, pooled_with_map
 
 CATEGORIES = 6  # BI-RADS 0..5
 INIT_FEATURES = 16
@@ -57,19 +56,14 @@ class MammoViewNet(torch.nn.Module):
     def __init__(self, dropout: float = 0.1) -> None:
         super().__init__()
         self.register_buffer("blur", _gaussian_kernel(HIGH_PASS_SIGMA))
-        dense = DenseNet(
-            spatial_dims=2,
-            in_channels=2,
-            out_channels=CATEGORIES,
+        self.features, channels = dense_features(
+            2,
+            CATEGORIES,
             init_features=INIT_FEATURES,
             growth_rate=GROWTH_RATE,
-            block_config=BLOCK_CONFIG,
             bn_size=BN_SIZE,
+            block_config=BLOCK_CONFIG,
         )
-        self.features = dense.features
-        classifier = dense.class_layers.out
-        assert isinstance(classifier, torch.nn.Linear)
-        channels = classifier.in_features
         self.lesion_map = torch.nn.Conv2d(channels, 1, kernel_size=1)
         self.dropout = torch.nn.Dropout(dropout)
         self.head = torch.nn.Linear(2 * channels + 1, CATEGORIES)
@@ -99,12 +93,8 @@ def build_mammo_net() -> MammoViewNet:
     return MammoViewNet()
 
 
-class MammoServed(torch.nn.Module):
+class MammoServed(Served):
     """What Triton serves: a study's views in, (probability, birads_probabilities) out."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
 
     def forward(self, study: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, v, h, w = study.shape

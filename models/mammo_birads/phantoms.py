@@ -237,14 +237,22 @@ def _draw_lesion(
     kind, contrast = plan.kind, plan.contrast
     sub = add[win]
 
-    def micro_calcs(n: int, extent_px: float) -> np.ndarray:
-        """Fine pleomorphic specks (0.5-1.2 mm, varied shapes) within `extent_px`."""
+    def scattered_calcs(
+        n: int,
+        extent_px: float,
+        size_mm: tuple[float, float] = (0.5, 1.2),
+        elongation: tuple[float, float] = (1.0, 2.5),
+        density: tuple[float, float] = (0.35, 0.7),
+    ) -> np.ndarray:
+        """`n` calcifications scattered within `extent_px`, each of a random size, elongation,
+        orientation and density in those ranges; by default fine pleomorphic specks (dots,
+        commas, short rods)."""
         calcs = np.zeros_like(sub)
         for _ in range(n):
             rad = extent_px / 2 * np.sqrt(u(0, 1))
             ang = u(0, 2 * np.pi)
-            size_px = u(0.5, 1.2) / pixel
-            elong = u(1.0, 2.5)  # pleomorphic: dots, commas, short rods
+            size_px = u(*size_mm) / pixel
+            elong = u(*elongation)
             _blob(
                 calcs,
                 r0 - r_lo + rad * np.sin(ang),
@@ -252,7 +260,7 @@ def _draw_lesion(
                 size_px / 2.355 * elong,
                 size_px / 2.355,
                 u(0, np.pi),
-                u(0.35, 0.7),
+                u(*density),
             )
         return calcs
 
@@ -312,27 +320,16 @@ def _draw_lesion(
             _splat_curve(spicules, pts, 0.5 * (1 - 0.8 * t))  # thin, tapering
         sub += contrast * u(0.5, 0.9) * ndimage.gaussian_filter(spicules, 0.6) * 2.5
         if kind == "spiculated_calcs":
-            sub += micro_calcs(int(rng.integers(5, 15)), 2 * radius * 0.8)
+            sub += scattered_calcs(int(rng.integers(5, 15)), 2 * radius * 0.8)
     elif kind == "pleomorphic_calcs":
-        calcs = micro_calcs(int(rng.integers(5, 21)), 2 * radius)
+        calcs = scattered_calcs(int(rng.integers(5, 21)), 2 * radius)
         sub += calcs
         mask[win] = ndimage.binary_dilation(calcs > 0.15)
     elif kind == "coarse_calcs":
-        calcs = np.zeros_like(sub)
-        for _ in range(int(rng.integers(3, 9))):
-            rad = radius * np.sqrt(u(0, 1))
-            ang = u(0, 2 * np.pi)
-            size_px = u(2, 5) / pixel
-            calcs_len = u(1.0, 3.0)  # rod-like, some round
-            _blob(
-                calcs,
-                r0 - r_lo + rad * np.sin(ang),
-                c0 - c_lo + rad * np.cos(ang),
-                size_px / 2.355 * calcs_len,
-                size_px / 2.355,
-                u(0, np.pi),
-                u(0.6, 0.9),
-            )
+        # Few, large and dense (2-5 mm), rod-like or round: benign.
+        calcs = scattered_calcs(
+            int(rng.integers(3, 9)), 2 * radius, size_mm=(2, 5), elongation=(1.0, 3.0), density=(0.6, 0.9)
+        )
         sub += calcs
         mask[win] = calcs > 0.2
     return add, mask

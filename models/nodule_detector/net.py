@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from monai.networks.nets import UNet
 
+from models.network_parts import Served
 from processors.preprocessing import NODULE_INPUT_SHAPE
 
 MODEL_CHANNELS: tuple[int, int, int, int] = (16, 32, 64, 128)
@@ -51,12 +52,8 @@ def lung_gate(volume: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.max_pool3d(region, kernel_size=k, stride=1, padding=LUNG_MARGIN_VOXELS)
 
 
-class NoduleWithSigmoid(torch.nn.Module):
+class NoduleWithSigmoid(Served):
     """What Triton serves: (N, 1) P(nodule in the study) and (N, 1, D, H, W) nodule_map."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
 
     def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nodule_map = torch.sigmoid(self.net(volume)) * lung_gate(volume)

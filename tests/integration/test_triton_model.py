@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from processors.model_inputs import prepare_input
 from processors.preprocessing import ICH_INPUT_SHAPE
 from processors.triton_client import InferenceError, TritonModelClient
 from radtriage.settings import REPO_ROOT
+from tests.support.triton_lanes import lane_results
 
 pytestmark = pytest.mark.integration
 
@@ -32,20 +32,10 @@ def test_served_model_separates_bleeds_from_normals(triton_grpc_url: str, tmp_pa
         tensor = prepare_input("ich_classifier", files).tensor
         cases.append((ph.has_bleed, tensor))
 
-    async def run() -> list[tuple[bool, float, str]]:
-        client = TritonModelClient(triton_grpc_url, timeout_s=30)
-        try:
-            results = await asyncio.gather(
-                *(
-                    client.infer_probability("ich_classifier", t, priority=1 + i % 3)
-                    for i, (_, t) in enumerate(cases)
-                )
-            )
-        finally:
-            await client.close()
-        return [(label, r.probability, r.model_version) for (label, _), r in zip(cases, results, strict=True)]
-
-    results = asyncio.run(run())
+    inferred = asyncio.run(
+        lane_results(triton_grpc_url, "ich_classifier", [t for _, t in cases], timeout_s=30)
+    )
+    results = [(label, r.probability, r.model_version) for (label, _), r in zip(cases, inferred, strict=True)]
     threshold = METRICS["threshold"]
     correct = sum((p >= threshold) == label for label, p, _ in results)
     assert correct >= 10, results  # the validation set says ~AUC 0.99; 10/12 leaves room for noise
@@ -97,18 +87,10 @@ def test_served_model_localises_the_bleed_to_its_slices(triton_grpc_url: str, tm
         blood_z = {ordered[k] for k in np.flatnonzero(ph.blood_mask.any(axis=(1, 2)))}
         cases.append((tensor, geometry, z_by_number, blood_z))
 
-    async def run() -> list[Any]:
-        client = TritonModelClient(triton_grpc_url, timeout_s=30)
-        try:
-            return list(
-                await asyncio.gather(
-                    *(client.infer_probability("ich_classifier", t, priority=1) for t, *_ in cases)
-                )
-            )
-        finally:
-            await client.close()
-
-    results = asyncio.run(run())
+    tensors = [t for t, *_ in cases]
+    results = asyncio.run(
+        lane_results(triton_grpc_url, "ich_classifier", tensors, priorities=[1] * len(tensors), timeout_s=30)
+    )
     hits = 0
     for result, (_t, geometry, z_by_number, blood_z) in zip(results, cases, strict=True):
         assert result.maps[LOCALISATION_OUTPUT].shape == (16, 24, 24)

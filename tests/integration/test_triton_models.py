@@ -24,8 +24,9 @@ from processors.birads import birads_of
 from processors.model_inputs import prepare_input
 from processors.nodules import NoduleGeometry, nodules_of
 from processors.preprocessing import CXR_INPUT_SHAPE, LVO_INPUT_SHAPE, MAMMO_INPUT_SHAPE, NODULE_INPUT_SHAPE
-from processors.triton_client import Inference, TritonModelClient
+from processors.triton_client import Inference
 from radtriage.settings import REPO_ROOT
+from tests.support.triton_lanes import lane_results
 
 pytestmark = pytest.mark.integration
 
@@ -84,30 +85,12 @@ def _cxr_cases(tmp_path: Path) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-async def _through_the_lane_client(
-    url: str, model: str, tensors: list[np.ndarray]
-) -> list[tuple[float, str]]:
-    return [(r.probability, r.model_version) for r in await _lane_results(url, model, tensors)]
-
-
 def _assert_ready(url: str, model: str) -> None:
     client = InferenceServerClient(url)
     try:
         assert client.is_model_ready(model)
     finally:
         client.close()
-
-
-async def _lane_results(url: str, model: str, tensors: list[np.ndarray]) -> list[Inference]:
-    client = TritonModelClient(url, timeout_s=60)
-    try:
-        return list(
-            await asyncio.gather(
-                *(client.infer_probability(model, t, priority=1 + i % 3) for i, t in enumerate(tensors))
-            )
-        )
-    finally:
-        await client.close()
 
 
 def _batch(url: str, model: str, tensors: list[np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
@@ -121,6 +104,21 @@ def _batch(url: str, model: str, tensors: list[np.ndarray], outputs: list[str]) 
     finally:
         client.close()
     return {o: result.as_numpy(o) for o in outputs}
+
+
+def _lane_agrees_and_separates(
+    url: str, model: str, tensors: list[np.ndarray], labels: np.ndarray, served: dict[str, np.ndarray]
+) -> tuple[list[Inference], np.ndarray]:
+    """Every tensor through the lanes' client: each answered by version 1, the batched answers
+    (`served`, of the first tensors) are the per-request ones, and the probabilities separate
+    `labels` at least as MIN_AUC says. Returns the answers and their probabilities."""
+    lane = asyncio.run(lane_results(url, model, tensors))
+    probs = np.array([r.probability for r in lane])
+    assert {r.model_version for r in lane} == {"1"}
+    batched = served["probability"].reshape(-1)
+    np.testing.assert_allclose(batched, probs[: len(batched)], atol=1e-4)
+    assert auc(probs, labels) >= MIN_AUC[model], list(zip(labels, probs.round(3), strict=True))
+    return lane, probs
 
 
 def test_lvo_detector_loads_answers_a_batch_and_separates_lvo(triton_grpc_url: str, tmp_path: Path) -> None:
@@ -140,7 +138,7 @@ def test_lvo_detector_loads_answers_a_batch_and_separates_lvo(triton_grpc_url: s
     served = _batch(triton_grpc_url, "lvo_detector", tensors[:8], ["probability", "side_left_probability"])
     assert served["probability"].shape == (8, 1) and served["side_left_probability"].shape == (8, 1)
     # The lanes' client brings the model's second output back by name, unasked.
-    lane = asyncio.run(_lane_results(triton_grpc_url, "lvo_detector", tensors[:8]))
+    lane = asyncio.run(lane_results(triton_grpc_url, "lvo_detector", tensors[:8]))
     assert all(set(r.outputs) == {"side_left_probability"} for r in lane)
     np.testing.assert_allclose(
         [r.outputs["side_left_probability"] for r in lane],
@@ -148,13 +146,9 @@ def test_lvo_detector_loads_answers_a_batch_and_separates_lvo(triton_grpc_url: s
         atol=1e-4,
     )
 
-    results = asyncio.run(_through_the_lane_client(triton_grpc_url, "lvo_detector", tensors))
-    probs = np.array([p for p, _ in results])
-    assert {v for _, v in results} == {"1"}
-    assert ((probs >= 0) & (probs <= 1)).all()
     # The batched answers are the per-request answers.
-    np.testing.assert_allclose(served["probability"].reshape(-1), probs[:8], atol=1e-4)
-    assert auc(probs, labels) >= MIN_AUC["lvo_detector"], list(zip(labels, probs.round(3), strict=True))
+    _, probs = _lane_agrees_and_separates(triton_grpc_url, "lvo_detector", tensors, labels, served)
+    assert ((probs >= 0) & (probs <= 1)).all()
     # Side: of the occlusions the threshold catches, most are put on the correct side.
     threshold = _metrics("lvo_detector")["threshold"]
     side = np.concatenate(
@@ -184,13 +178,8 @@ def test_cxr_triage_loads_answers_a_batch_and_separates_pneumothorax(
     assert all(t.shape == CXR_INPUT_SHAPE for t in tensors)
     served = _batch(triton_grpc_url, "cxr_triage", tensors[:8], ["probability"])
     assert served["probability"].shape == (8, 1)
-    lane = asyncio.run(_lane_results(triton_grpc_url, "cxr_triage", tensors))
+    lane, _ = _lane_agrees_and_separates(triton_grpc_url, "cxr_triage", tensors, labels, served)
     assert all(r.outputs == {} for r in lane)  # one output: nothing extra
-    results = [(r.probability, r.model_version) for r in lane]
-    probs = np.array([p for p, _ in results])
-    assert {v for _, v in results} == {"1"}
-    np.testing.assert_allclose(served["probability"].reshape(-1), probs[:8], atol=1e-4)
-    assert auc(probs, labels) >= MIN_AUC["cxr_triage"], list(zip(labels, probs.round(3), strict=True))
 
 
 def _mammo_cases(tmp_path: Path) -> list[tuple[int, str | None, np.ndarray]]:
@@ -216,11 +205,7 @@ def test_mammo_birads_loads_answers_a_batch_and_separates_suspicious_studies(
     assert all(t.shape == MAMMO_INPUT_SHAPE for t in tensors)
     served = _batch(triton_grpc_url, "mammo_birads", tensors[:6], ["probability", "birads_probabilities"])
     assert served["probability"].shape == (6, 1) and served["birads_probabilities"].shape == (6, 4, 6)
-    lane = asyncio.run(_lane_results(triton_grpc_url, "mammo_birads", tensors))
-    probs = np.array([r.probability for r in lane])
-    assert {r.model_version for r in lane} == {"1"}
-    np.testing.assert_allclose(served["probability"].reshape(-1), probs[:6], atol=1e-4)
-    assert auc(probs, labels) >= MIN_AUC["mammo_birads"], list(zip(labels, probs.round(3), strict=True))
+    lane, _ = _lane_agrees_and_separates(triton_grpc_url, "mammo_birads", tensors, labels, served)
     # The lane client hands the per-view categories on, and they make a category that agrees
     # with the flag; flagged suspicious studies are mostly placed in the breast the lesion is
     # in (test set: 0.84; a study with both breasts at 4 has no side).
@@ -260,11 +245,7 @@ def test_nodule_detector_loads_answers_a_batch_and_finds_nodules_where_they_are(
     assert served["nodule_map"].shape == (2, 1, *NODULE_INPUT_SHAPE[1:])
     peaks = served["nodule_map"].max(axis=(1, 2, 3, 4))
     np.testing.assert_allclose(peaks, served["probability"][:, 0], atol=1e-6)
-    lane = asyncio.run(_lane_results(triton_grpc_url, "nodule_detector", tensors))
-    probs = np.array([r.probability for r in lane])
-    assert {r.model_version for r in lane} == {"1"}
-    np.testing.assert_allclose(served["probability"].reshape(-1), probs[:2], atol=1e-4)
-    assert auc(probs, labels) >= MIN_AUC["nodule_detector"], list(zip(labels, probs.round(3), strict=True))
+    lane, _ = _lane_agrees_and_separates(triton_grpc_url, "nodule_detector", tensors, labels, served)
     # The lane client hands the map on; the nodules read from it are real ones: every
     # flagged study with nodules has its likeliest candidate on one (centre within the
     # match rule of models/nodule_detector/train.py), in the lung it is in, about its size.

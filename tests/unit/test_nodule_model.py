@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import warnings
-
 import numpy as np
 import pytest
 import torch
-from tritonclient.grpc import model_config_pb2
 
 from models.nodule_detector.phantoms import chest_ct_phantom
-from models.serving import parse_config
 from processors.nodules import find_nodules
 from processors.preprocessing import NODULE_INPUT_SHAPE, preprocess_chest_ct
-from radtriage.settings import REPO_ROOT
+from tests.support.committed_model import (
+    check_configs,
+    check_metrics_and_weights,
+    load_weights,
+    metrics,
+    model_dir,
+)
 
-MODEL_DIR = REPO_ROOT / "deploy" / "triton" / "model_repository" / "nodule_detector"
-METRICS = json.loads((REPO_ROOT / "models" / "nodule_detector" / "metrics.json").read_text())
+NAME = "nodule_detector"
+MODEL_DIR = model_dir(NAME)
+METRICS = metrics(NAME)
 # What models/evaluate.py reads for every model, and what this model adds.
 FIELDS = (
     "model version finding threshold threshold_rule target_sensitivity auc sensitivity specificity "
@@ -27,32 +29,15 @@ FIELDS = (
 
 
 def test_configs_parse_and_differ_only_in_the_instance_kind() -> None:
-    cpu = parse_config((MODEL_DIR / "config.pbtxt").read_text())
-    gpu = parse_config((MODEL_DIR / "configs" / "gpu.pbtxt").read_text())
-    onnx = parse_config((MODEL_DIR / "configs" / "onnx.pbtxt").read_text())
-    assert cpu.name == gpu.name == onnx.name == "nodule_detector" and cpu.backend == "python"
-    assert onnx.backend == "onnxruntime" and onnx.default_model_filename == "model.onnx"
-    assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
-    assert [g.kind for g in gpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
-    gpu.ClearField("instance_group")
-    cpu.ClearField("instance_group")
-    assert cpu == gpu
-    assert list(cpu.input[0].dims) == list(NODULE_INPUT_SHAPE) and cpu.input[0].name == "volume"
-    assert [o.name for o in cpu.output] == ["probability", "nodule_map"]
+    cpu = check_configs(NAME, NODULE_INPUT_SHAPE, ["probability", "nodule_map"], "NODULE")
     assert list(cpu.output[0].dims) == [1] and list(cpu.output[1].dims) == [1, *NODULE_INPUT_SHAPE[1:]]
-    batching = cpu.dynamic_batching
-    assert batching.priority_levels == 3 and batching.default_priority_level == 3
-    assert batching.default_queue_policy.default_timeout_microseconds > 0
-    params = {k: v.string_value for k, v in cpu.parameters.items()}
-    assert params["recommended_threshold"] == f"{METRICS['threshold']:.4f}"
-    assert params["input_shape"] == ", ".join(map(str, NODULE_INPUT_SHAPE)) and params["finding"] == "NODULE"
 
 
 def test_metrics_fields_and_weights_size() -> None:
+    check_metrics_and_weights(NAME, NODULE_INPUT_SHAPE)
     missing = [f for f in FIELDS if f not in METRICS]
     assert not missing, missing
     assert METRICS["model"] == "nodule_detector" and METRICS["finding"] == "NODULE"
-    assert METRICS["input_shape"] == list(NODULE_INPUT_SHAPE) and METRICS["test_size"] >= 200
     assert set(METRICS["val_operating_point"]) >= {"sensitivity", "specificity"}
     assert METRICS["val_operating_point"]["sensitivity"] >= 0.95 and 0.0 < METRICS["threshold"] < 1.0
     detection = METRICS["nodule_detection"]
@@ -66,9 +51,7 @@ def test_metrics_fields_and_weights_size() -> None:
 
 
 def test_committed_weights_find_a_nodule() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = torch.jit.load(str(MODEL_DIR / "1" / "model.pt"), map_location="cpu").eval()
+    model = load_weights(NAME)
     rng = np.random.default_rng(919_191)  # no training, validation or test seed
     cases = [
         # >= 10 mm: what the model finds (test sensitivity 0.81 at 10-20 mm, 0.97 above;
