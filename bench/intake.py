@@ -62,6 +62,10 @@ from pathlib import Path
 cfg = json.loads(sys.argv[1])
 from radtriage.settings import Settings
 from connectors.dicom import scp as scp_module
+try:  # the listener has its own module since the SCP's split; older checkouts had it in scp
+    from connectors.dicom.listener import start_scp
+except ImportError:
+    start_scp = scp_module.start_scp
 settings = Settings(home=Path(cfg["home"]))
 settings.kafka.bootstrap_servers = cfg["bootstrap"]
 settings.dicom.port = cfg["port"]
@@ -73,7 +77,7 @@ settings.telemetry.exporter = "none"
 _CHILD_SERVE = r"""
 done = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: done.set())
-_servers, stop = scp_module.start_scp(settings)
+_servers, stop = start_scp(settings)
 print("ready", flush=True)
 done.wait()
 stop()

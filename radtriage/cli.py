@@ -116,7 +116,7 @@ def worker() -> None:
 @main.command("dicom-scp")
 def dicom_scp() -> None:
     """Run the DICOM C-STORE listener (started for you by `radtriage up`)."""
-    from connectors.dicom.scp import run_scp
+    from connectors.dicom.listener import run_scp
     from radtriage.tls import TlsConfigError
     from radtriage.tracing_sdk import setup_tracing
 

@@ -236,7 +236,7 @@ DICOM_ASSOCIATION_REFUSALS = Counter(
 DICOM_REJECTED_CONTEXTS = Counter(
     "radtriage_dicom_rejected_presentation_contexts_total",
     "DICOM presentation contexts the SCP rejected at association, by reason",
-    ["reason"],  # connectors/dicom/scp.py CONTEXT_REJECTION_REASONS
+    ["reason"],  # connectors/dicom/negotiation.py CONTEXT_REJECTION_REASONS
 )
 PACS_EXPORTS = Counter(
     "radtriage_pacs_exports_total",

@@ -20,8 +20,8 @@ from radtriage.settings import DicomSettings
 # "internal_error": the check itself failed, and the request is rejected all the same.
 Reason = Literal["calling_ae_unknown", "address_not_allowed", "called_ae_mismatch", "internal_error"]
 # Every value the refusal metric's `reason` label can take: these, the listener's own
-# "tls_handshake_failed", and pynetdicom's own rejections after ours passed (scp.py
-# handle_rejected): more associations than `maximum_associations`, a failed user
+# "tls_handshake_failed", and pynetdicom's own rejections after ours passed (negotiation.py
+# on_rejected): more associations than `maximum_associations`, a failed user
 # identity, or anything else.
 REASONS: tuple[str, ...] = (
     *Reason.__args__,  # type: ignore[attr-defined]

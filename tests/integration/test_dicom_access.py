@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from connectors.dicom.callers import REASONS
-from connectors.dicom.scp import start_scp
+from connectors.dicom.listener import start_scp
 from radtriage.settings import DicomSettings, Settings
 from radtriage.tls import TlsConfigError
 from tests.certs import Pki, make_pki
@@ -131,7 +131,7 @@ def test_caller_allow_list(
     port = settings.dicom.port
     _servers, stop = start_scp(settings)
     started.append(stop)
-    caplog.set_level(logging.WARNING, logger="connectors.dicom.scp")
+    caplog.set_level(logging.WARNING, logger="connectors.dicom")
     before = _refusals()
     shape = (3, 32, 32)
     rejected_files = [_series(tmp_path / f"rejected{i}", 100 + i, shape=shape) for i in range(3)]

@@ -37,7 +37,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from connectors.dicom import validation as v
-from connectors.dicom.scp import start_scp
+from connectors.dicom.listener import start_scp
 from connectors.publisher import EventPublisher, PublishError
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
@@ -217,7 +217,7 @@ def test_storescu_series_is_published_with_a_release_marker(
 def test_bad_objects_get_exact_failure_statuses_and_the_listener_goes_on(
     listener: Listener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="connectors.dicom.scp")
+    caplog.set_level(logging.WARNING, logger="connectors.dicom")
     truncated = _header_only(tmp_path / "truncated.dcm", TRUNCATED_SEQUENCE)
     garbage = _header_only(tmp_path / "garbage.dcm", random.Random(1234).randbytes(512))
     # An image SOP class without its pixel data is still refused (0xA900); non-image
@@ -357,7 +357,7 @@ def test_kafka_down_means_out_of_resources_never_success_and_recovery_needs_no_r
     publisher = EventPublisher(settings.kafka.bootstrap_servers, timeout_s=2.0, client_id="test-down")
     _server, stop = start_scp(settings, publisher=publisher)
     forwarder = _Forwarder(down_port, ("127.0.0.1", int(kafka_bootstrap.rsplit(":", 1)[1])))
-    caplog.set_level(logging.WARNING, logger="connectors.dicom.scp")
+    caplog.set_level(logging.WARNING, logger="connectors.dicom")
     try:
         files = _series(tmp_path / "s", 10, shape=(2, 32, 32))
         ae = _scu()

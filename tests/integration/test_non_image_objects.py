@@ -200,7 +200,7 @@ def test_each_non_image_object_is_stored_and_published_without_pixels(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="connectors.dicom.scp")
+    caplog.set_level(logging.WARNING, logger="connectors.dicom")
     images = [dcmread(f) for f in ct_files]
     ds = BUILDERS[kind](images)
     path = _save(ds, tmp_path / f"{kind}.dcm")

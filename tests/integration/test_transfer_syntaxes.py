@@ -318,7 +318,7 @@ def _rejected_contexts(reason: str) -> float:
 def test_an_unsupported_syntax_is_a_rejected_context_logged_and_counted(
     sources: Sources, listener: Listener, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="connectors.dicom.scp")
+    caplog.set_level(logging.WARNING, logger="connectors.dicom")
     before = _rejected_contexts("transfer_syntaxes_not_supported")
     # A CT proposed in MPEG2 only (the file itself is uncompressed; it is never sent).
     out = _send_only(listener, sources.ct_signed, uids.CTImageStorage, MPEG2)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connectors.dicom.scp import start_scp
+from connectors.dicom.listener import start_scp
 from radtriage.settings import Settings
 from tests.support.kafka import PARTITIONS
 from tests.support.net import free_port
