@@ -211,11 +211,16 @@ def preprocess_head_ct_with_mask(
     mask (e.g. where the phantom has blood) carried through the same crop, pad and resize,
     as a (D, H, W) float32 fraction in [0, 1]. Mask voxels removed by the bone strip are
     dropped: the model cannot see them."""
-    if mask.shape != hu.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from volume shape {hu.shape}")
+    _check_mask(mask, hu, "volume")
     x, m, _, _ = _head_ct(hu, spacing_zyx, mask)
     assert m is not None
     return x, m
+
+
+def _check_mask(mask: np.ndarray, image: np.ndarray, what: str) -> None:
+    """A training mask must lie on the image it marks, voxel for voxel."""
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from {what} shape {image.shape}")
 
 
 def _validated(
@@ -354,8 +359,7 @@ def preprocess_cta_with_mask(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training only: `preprocess_cta`'s input plus a voxel mask (e.g. the clot) through the
     same crop, pad and slab MIP, as a (D, H, W) float32 in [0, 1]."""
-    if mask.shape != hu.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from volume shape {hu.shape}")
+    _check_mask(mask, hu, "volume")
     x, m = _cta(hu, spacing_zyx, mask)
     assert m is not None
     return x, m
@@ -493,8 +497,7 @@ def preprocess_radiograph_with_mask(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training only: `preprocess_radiograph`'s input plus a pixel mask (e.g. the pleural
     air) through the same pad and resize, as a (H, W) float32 fraction in [0, 1]."""
-    if mask.shape != pixels.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {pixels.shape}")
+    _check_mask(mask, pixels, "image")
     x, m = _radiograph(pixels, pixel_mm, mask)
     assert m is not None
     return x, m
@@ -578,8 +581,8 @@ def preprocess_mammo_view(
     spacing = tuple(float(s) for s in pixel_mm)
     if len(spacing) != 2 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise ValueError(f"pixel_mm must be two positive mm values, got {pixel_mm}")
-    if mask is not None and mask.shape != pixels.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {pixels.shape}")
+    if mask is not None:
+        _check_mask(mask, pixels, "image")
     image = np.asarray(pixels, dtype=np.float32)
     if not np.isfinite(image).all():
         raise ValueError("image contains NaN or infinity")
@@ -668,8 +671,7 @@ def preprocess_chest_ct_with_mask(
 ) -> tuple[np.ndarray, np.ndarray, NoduleGeometry]:
     """Training only: `preprocess_chest_ct` plus a voxel mask (the nodules) through the same
     averaging and resampling, as a (D, H, W) float32 fraction in [0, 1] per grid voxel."""
-    if mask.shape != hu.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from volume shape {hu.shape}")
+    _check_mask(mask, hu, "volume")
     x, m, geometry = _chest_ct(hu, spacing_zyx, mask)
     assert m is not None
     return x, m, geometry
