@@ -76,12 +76,9 @@ SNOMED = "http://snomed.info/sct"
 RADLEX = "http://radlex.org"
 
 
-def concept(text: str | None, *codings: tuple[str, str, str]) -> dict[str, Any]:
-    """A CodeableConcept: its codings as (system, code, display), then its text if any."""
-    out: dict[str, Any] = {"coding": [{"system": s, "code": c, "display": d} for s, c, d in codings]}
-    if text is not None:
-        out["text"] = text
-    return out
+def concept(text: str, *codings: tuple[str, str, str]) -> dict[str, Any]:
+    """A CodeableConcept: its codings, each (system, code, display), and its text."""
+    return {"coding": [{"system": s, "code": c, "display": d} for s, c, d in codings], "text": text}
 
 
 # SNOMED CT 272741003 |Laterality (attribute)| with its qualifier values, and RadLex's
