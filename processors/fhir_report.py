@@ -74,15 +74,18 @@ BIRADS_SYSTEM = "https://radtriage.dev/fhir/CodeSystem/ai-birads"
 
 SNOMED = "http://snomed.info/sct"
 RADLEX = "http://radlex.org"
+
+
+def concept(text: str, *codings: tuple[str, str, str]) -> dict[str, Any]:
+    """A CodeableConcept: its codings, each (system, code, display), and its text."""
+    return {"coding": [{"system": s, "code": c, "display": d} for s, c, d in codings], "text": text}
+
+
 # SNOMED CT 272741003 |Laterality (attribute)| with its qualifier values, and RadLex's
 # terms for the same (as RadElement's "Side" element codes them).
-LATERALITY_CODE: dict[str, Any] = {
-    "coding": [
-        {"system": SNOMED, "code": "272741003", "display": "Laterality"},
-        {"system": RADLEX, "code": "RID5821", "display": "laterality"},
-    ],
-    "text": "Laterality",
-}
+LATERALITY_CODE: dict[str, Any] = concept(
+    "Laterality", (SNOMED, "272741003", "Laterality"), (RADLEX, "RID5821", "laterality")
+)
 SIDES: dict[str, tuple[str, str]] = {
     # side: (SNOMED CT qualifier value, RadLex)
     "left": ("7771000", "RID5824"),
@@ -100,17 +103,14 @@ UCUM = "http://unitsofmeasure.org"
 # |Diameter| (DICOM CID 7470's linear measurement), in the lung it is in (SNOMED CT body
 # structures). No standard code names a point's patient coordinates, so the centre
 # components carry radtriage's own codes plus text, as the slice range does.
-NODULE_CODE: dict[str, Any] = {
-    "coding": [
-        {"system": SNOMED, "code": "786838002", "display": "Pulmonary nodule"},
-        {"system": RADLEX, "code": "RID50149", "display": "pulmonary nodule"},
-    ],
-    "text": "Lung nodule (AI candidate)",
-}
-DIAMETER_CODE: dict[str, Any] = {
-    "coding": [{"system": SNOMED, "code": "81827009", "display": "Diameter"}],
-    "text": "Diameter (sphere of the nodule's volume)",
-}
+NODULE_CODE: dict[str, Any] = concept(
+    "Lung nodule (AI candidate)",
+    (SNOMED, "786838002", "Pulmonary nodule"),
+    (RADLEX, "RID50149", "pulmonary nodule"),
+)
+DIAMETER_CODE: dict[str, Any] = concept(
+    "Diameter (sphere of the nodule's volume)", (SNOMED, "81827009", "Diameter")
+)
 AXIS_MEANINGS = ("+ is the patient's left", "+ is posterior", "+ is towards the head")
 LUNGS: dict[str, tuple[str, str]] = {
     "left": ("44029006", "Left lung structure"),
@@ -364,31 +364,27 @@ def slice_range_components(finding: Finding) -> list[dict[str, Any]]:
         low, high = sorted((r.first_instance_number, r.last_instance_number))
         out.append(
             {
-                "code": {
-                    "coding": [
-                        {
-                            "system": LOCALISATION_SYSTEM,
-                            "code": "slice-range-instance-number",
-                            "display": "Affected slice range, DICOM Instance Number",
-                        }
-                    ],
-                    "text": "Affected slices: DICOM Instance Numbers, first to last (AI localisation)",
-                },
+                "code": concept(
+                    "Affected slices: DICOM Instance Numbers, first to last (AI localisation)",
+                    (
+                        LOCALISATION_SYSTEM,
+                        "slice-range-instance-number",
+                        "Affected slice range, DICOM Instance Number",
+                    ),
+                ),
                 "valueRange": {"low": {"value": low}, "high": {"value": high}},
             }
         )
     out.append(
         {
-            "code": {
-                "coding": [
-                    {
-                        "system": LOCALISATION_SYSTEM,
-                        "code": "slice-range-position",
-                        "display": "Affected slice range, position along the slice normal",
-                    }
-                ],
-                "text": "Affected slices: position along the slice normal (patient z for axial), mm",
-            },
+            "code": concept(
+                "Affected slices: position along the slice normal (patient z for axial), mm",
+                (
+                    LOCALISATION_SYSTEM,
+                    "slice-range-position",
+                    "Affected slice range, position along the slice normal",
+                ),
+            ),
             "valueRange": {
                 "low": _mm(r.first_position_mm),
                 "high": _mm(r.last_position_mm),
@@ -401,13 +397,7 @@ def slice_range_components(finding: Finding) -> list[dict[str, Any]]:
 def _side_concept(side: str) -> dict[str, Any]:
     snomed, radlex = SIDES[side]
     display = side.capitalize()
-    return {
-        "coding": [
-            {"system": SNOMED, "code": snomed, "display": display},
-            {"system": RADLEX, "code": radlex, "display": display},
-        ],
-        "text": display,
-    }
+    return concept(display, (SNOMED, snomed, display), (RADLEX, radlex, display))
 
 
 def laterality_components(finding: Finding) -> list[dict[str, Any]]:
@@ -462,16 +452,10 @@ def build_nodule_observations(
         )
         centre = [
             {
-                "code": {
-                    "coding": [
-                        {
-                            "system": LOCALISATION_SYSTEM,
-                            "code": f"centre-{axis}",
-                            "display": f"Centre, DICOM patient {axis} (LPS)",
-                        }
-                    ],
-                    "text": f"Centre, DICOM patient {axis} in mm ({meaning})",
-                },
+                "code": concept(
+                    f"Centre, DICOM patient {axis} in mm ({meaning})",
+                    (LOCALISATION_SYSTEM, f"centre-{axis}", f"Centre, DICOM patient {axis} (LPS)"),
+                ),
                 "valueQuantity": _mm(value),
             }
             for axis, meaning, value in zip("xyz", AXIS_MEANINGS, n.centre_lps_mm, strict=True)
@@ -479,7 +463,7 @@ def build_nodule_observations(
         body |= {
             "code": NODULE_CODE,
             "valueQuantity": _mm(n.diameter_mm),
-            "bodySite": {"coding": [{"system": SNOMED, "code": snomed, "display": display}], "text": display},
+            "bodySite": concept(display, (SNOMED, snomed, display)),
             "component": [
                 {"code": DIAMETER_CODE, "valueQuantity": _mm(n.diameter_mm)},
                 *centre,
@@ -513,10 +497,7 @@ def birads_text(b: BiradsAssessment) -> str:
 
 def _birads_concept(category: int) -> dict[str, Any]:
     words, code, display = BIRADS_CATEGORIES[category]
-    return {
-        "coding": [{"system": SNOMED, "code": code, "display": display}],
-        "text": f"BI-RADS {category}: {words}",
-    }
+    return concept(f"BI-RADS {category}: {words}", (SNOMED, code, display))
 
 
 def birads_components(finding: Finding) -> list[dict[str, Any]]:
@@ -528,7 +509,7 @@ def birads_components(finding: Finding) -> list[dict[str, Any]]:
         return []
 
     def code(key: str, display: str) -> dict[str, Any]:
-        return {"coding": [{"system": BIRADS_SYSTEM, "code": key, "display": display}], "text": display}
+        return concept(display, (BIRADS_SYSTEM, key, display))
 
     out: list[dict[str, Any]] = [
         {

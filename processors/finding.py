@@ -29,6 +29,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# What a finding repeats of its request unchanged: the study and series it is about, how it
+# was routed, and what the report and the notify stage need to name and route it.
+CARRIED_FROM_REQUEST: tuple[str, ...] = (
+    "study_uid",
+    "accession_number",
+    "patient_id",
+    "series_uid",
+    "finding",
+    "threshold",
+    "model_name",
+    "lane",
+    "rule_id",
+    "received_at",
+    "ready_at",
+    "request_id",
+    "series_number",
+    "series_description",
+    "amends_request_id",
+    "order",
+    "patient_class",
+)
+
+
 def _extra(what: str, study_uid: str, read: Callable[[], T]) -> T | None:
     try:
         return read()
@@ -53,31 +76,16 @@ def build_finding(req: TriageRequest, result: Inference, geometry: ModelGeometry
         nodules = _extra(
             "nodule list", uid, lambda: nodules_of(result.maps, geometry, req.threshold, positive)
         )
+    carried = {name: getattr(req, name) for name in CARRIED_FROM_REQUEST}
     return Finding(
-        study_uid=req.study_uid,
-        accession_number=req.accession_number,
-        patient_id=req.patient_id,
-        series_uid=req.series_uid,
-        finding=req.finding,
+        **carried,
         probability=result.probability,
-        threshold=req.threshold,
         positive=positive,
-        model_name=req.model_name,
         model_version=result.model_version,
-        lane=req.lane,
-        rule_id=req.rule_id,
-        received_at=req.received_at,
-        ready_at=req.ready_at,
         inference_ms=result.elapsed_ms,
-        request_id=req.request_id,
         laterality=side.laterality,
         laterality_probability=side.probability,
         slice_range=slices,
         birads=birads,
         nodules=nodules,
-        series_number=req.series_number,
-        series_description=req.series_description,
-        amends_request_id=req.amends_request_id,
-        order=req.order,
-        patient_class=req.patient_class,
     )

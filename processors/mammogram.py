@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from processors.dicom_volume import DEFER_BYTES, VolumeError
+from processors.radiograph import single_frame
 
 MAMMO_VIEWS: tuple[str, ...] = ("RCC", "RMLO", "LCC", "LMLO")  # the model's channel order
 TAKEN_POSITIONS: tuple[str, ...] = ("CC", "MLO")
@@ -104,17 +105,14 @@ def _laterality(ds: Dataset, name: str) -> str:
 
 
 def _image(ds: Dataset, name: str, laterality: str, view: str) -> MammoImage:
+    # No pixel data is the first refusal, before the photometric check; the frame is decoded
+    # only once that check has passed (single_frame asks for the pixel data again: cheap).
     if "PixelData" not in ds:
         raise VolumeError(f"{name}: no pixel data; not an image instance")
     photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise VolumeError(f"{name}: PhotometricInterpretation {photometric} is not a greyscale mammogram")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for truncated or undecodable pixel data
-        raise VolumeError(f"{name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    if pixels.ndim != 2:
-        raise VolumeError(f"{name}: expected one single-sample frame, got pixel data of shape {pixels.shape}")
+    pixels = single_frame(ds, name)
     row_mm, col_mm = _spacing(ds, name)
     try:
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)

@@ -61,15 +61,15 @@ BONE_HU = 150.0
 # What counts as head when cropping: anything denser than fat-free air in either channel.
 FOREGROUND_LEVEL = 0.02
 
-_blood_window = ScaleIntensityRange(
-    a_min=ICH_WINDOW_HU[0], a_max=ICH_WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True
-)
-_narrow_window = ScaleIntensityRange(
-    a_min=ICH_BLOOD_WINDOW_HU[0], a_max=ICH_BLOOD_WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True
-)
-_bone_window = ScaleIntensityRange(
-    a_min=ICH_BONE_WINDOW_HU[0], a_max=ICH_BONE_WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True
-)
+
+def _window(hu: tuple[float, float]) -> ScaleIntensityRange:
+    """A display window: `hu` (low, high) onto [0, 1], clipped outside."""
+    return ScaleIntensityRange(a_min=hu[0], a_max=hu[1], b_min=0.0, b_max=1.0, clip=True)
+
+
+_blood_window = _window(ICH_WINDOW_HU)
+_narrow_window = _window(ICH_BLOOD_WINDOW_HU)
+_bone_window = _window(ICH_BONE_WINDOW_HU)
 # The crop box comes from the image channels only (a training mask rides along, never steers).
 _crop = CropForeground(
     select_fn=lambda x: x > FOREGROUND_LEVEL,
@@ -211,16 +211,22 @@ def preprocess_head_ct_with_mask(
     mask (e.g. where the phantom has blood) carried through the same crop, pad and resize,
     as a (D, H, W) float32 fraction in [0, 1]. Mask voxels removed by the bone strip are
     dropped: the model cannot see them."""
-    if mask.shape != hu.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from volume shape {hu.shape}")
+    _check_mask(mask, hu, "volume")
     x, m, _, _ = _head_ct(hu, spacing_zyx, mask)
     assert m is not None
     return x, m
 
 
-def _head_ct(
-    volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None, mask: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None, SliceCrop, PlaneField]:
+def _check_mask(mask: np.ndarray, image: np.ndarray, what: str) -> None:
+    """A training mask must lie on the image it marks, voxel for voxel."""
+    if mask.shape != image.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from {what} shape {image.shape}")
+
+
+def _validated(
+    volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The HU array (float32) and its (z, y, x) spacing in mm, checked as every CT model needs them."""
     if isinstance(volume, np.ndarray):
         hu = volume
         if spacing_zyx is None:
@@ -236,7 +242,13 @@ def _head_ct(
     hu = np.asarray(hu, dtype=np.float32)
     if not np.isfinite(hu).all():
         raise ValueError("volume contains NaN or infinity")
+    return hu, spacing
 
+
+def _head_ct(
+    volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, SliceCrop, PlaneField]:
+    hu, spacing = _validated(volume, spacing_zyx)
     bone = ndimage.binary_dilation(hu > BONE_HU, structure=_BONE_STRUCTURE)
     # The windows are per voxel: computed a slab of slices at a time straight into the one
     # (C, z, y, x) array, they are the same values without MONAI's full-size temporaries
@@ -326,12 +338,8 @@ CTA_MIDLINE_BAND = 3  # columns either side of the middle left out of the asymme
 CTA_YAW_SEARCH = np.linspace(-0.24, 0.24, 17)
 CTA_SHIFT_SEARCH = np.arange(-8.0, 8.5, 0.5)
 
-_cta_vessel_window = ScaleIntensityRange(
-    a_min=CTA_VESSEL_WINDOW_HU[0], a_max=CTA_VESSEL_WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True
-)
-_cta_bone_window = ScaleIntensityRange(
-    a_min=CTA_BONE_WINDOW_HU[0], a_max=CTA_BONE_WINDOW_HU[1], b_min=0.0, b_max=1.0, clip=True
-)
+_cta_vessel_window = _window(CTA_VESSEL_WINDOW_HU)
+_cta_bone_window = _window(CTA_BONE_WINDOW_HU)
 
 
 def preprocess_cta(volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None = None) -> np.ndarray:
@@ -351,32 +359,10 @@ def preprocess_cta_with_mask(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training only: `preprocess_cta`'s input plus a voxel mask (e.g. the clot) through the
     same crop, pad and slab MIP, as a (D, H, W) float32 in [0, 1]."""
-    if mask.shape != hu.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from volume shape {hu.shape}")
+    _check_mask(mask, hu, "volume")
     x, m = _cta(hu, spacing_zyx, mask)
     assert m is not None
     return x, m
-
-
-def _validated(
-    volume: Volume | np.ndarray, spacing_zyx: Sequence[float] | None
-) -> tuple[np.ndarray, tuple[float, ...]]:
-    if isinstance(volume, np.ndarray):
-        hu = volume
-        if spacing_zyx is None:
-            raise ValueError("spacing_zyx is required with a plain array")
-        spacing = tuple(float(s) for s in spacing_zyx)
-    else:
-        hu = volume.hu
-        spacing = tuple(float(s) for s in (spacing_zyx or volume.spacing_zyx))
-    if hu.ndim != 3 or min(hu.shape) < 2:
-        raise ValueError(f"expected a 3D volume with at least 2 voxels per axis, got shape {hu.shape}")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing_zyx must be three positive mm values, got {spacing_zyx}")
-    hu = np.asarray(hu, dtype=np.float32)
-    if not np.isfinite(hu).all():
-        raise ValueError("volume contains NaN or infinity")
-    return hu, spacing
 
 
 def _cta(
@@ -511,8 +497,7 @@ def preprocess_radiograph_with_mask(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training only: `preprocess_radiograph`'s input plus a pixel mask (e.g. the pleural
     air) through the same pad and resize, as a (H, W) float32 fraction in [0, 1]."""
-    if mask.shape != pixels.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {pixels.shape}")
+    _check_mask(mask, pixels, "image")
     x, m = _radiograph(pixels, pixel_mm, mask)
     assert m is not None
     return x, m
@@ -549,13 +534,17 @@ def _radiograph(
         x = torch.as_tensor(
             SpatialPad(spatial_size=(round(side_mm / spacing[0]), round(side_mm / spacing[1])))(x)
         )
-        grid = CXR_INPUT_SHAPE[1:]
-        if all(n >= g for n, g in zip(x.shape[1:], grid, strict=True)):
-            x = torch.nn.functional.interpolate(x[None], size=grid, mode="area")[0]
-        else:
-            x = torch.nn.functional.interpolate(x[None], size=grid, mode="bilinear", align_corners=False)[0]
+        x = _resize_2d(x, CXR_INPUT_SHAPE[1:])
     out = np.clip(x.numpy().astype(np.float32), 0.0, 1.0)
     return np.ascontiguousarray(out[:1]), (out[1] if mask is not None else None)
+
+
+def _resize_2d(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(C, H, W) → (C, *size): area averaging when shrinking along both axes (a detector
+    image is averaged down, not aliased), bilinear otherwise."""
+    if all(n >= g for n, g in zip(x.shape[1:], size, strict=True)):
+        return torch.nn.functional.interpolate(x[None], size=tuple(size), mode="area")[0]
+    return torch.nn.functional.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 # Mammography (MG) for the BI-RADS model, one channel per standard view in
@@ -592,8 +581,8 @@ def preprocess_mammo_view(
     spacing = tuple(float(s) for s in pixel_mm)
     if len(spacing) != 2 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise ValueError(f"pixel_mm must be two positive mm values, got {pixel_mm}")
-    if mask is not None and mask.shape != pixels.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from image shape {pixels.shape}")
+    if mask is not None:
+        _check_mask(mask, pixels, "image")
     image = np.asarray(pixels, dtype=np.float32)
     if not np.isfinite(image).all():
         raise ValueError("image contains NaN or infinity")
@@ -606,10 +595,7 @@ def preprocess_mammo_view(
         x = torch.cat([x, torch.from_numpy(mask.astype(np.float32))[None]])
     size = tuple(max(1, round(n * s / MAMMO_PIXEL_MM)) for n, s in zip(x.shape[1:], spacing, strict=True))
     with torch.no_grad():
-        if all(n >= g for n, g in zip(x.shape[1:], size, strict=True)):
-            x = torch.nn.functional.interpolate(x[None], size=size, mode="area")[0]
-        else:
-            x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+        x = _resize_2d(x, size)
     rows, cols = MAMMO_VIEW_SHAPE
     out = torch.zeros((x.shape[0], rows, cols))
     # Rows: centred (crop or pad both sides); columns: from the chest wall.
@@ -685,8 +671,7 @@ def preprocess_chest_ct_with_mask(
 ) -> tuple[np.ndarray, np.ndarray, NoduleGeometry]:
     """Training only: `preprocess_chest_ct` plus a voxel mask (the nodules) through the same
     averaging and resampling, as a (D, H, W) float32 fraction in [0, 1] per grid voxel."""
-    if mask.shape != hu.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from volume shape {hu.shape}")
+    _check_mask(mask, hu, "volume")
     x, m, geometry = _chest_ct(hu, spacing_zyx, mask)
     assert m is not None
     return x, m, geometry

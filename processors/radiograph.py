@@ -39,6 +39,20 @@ def _read(path: Path) -> Dataset:
         raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
 
 
+def single_frame(ds: Dataset, name: str) -> np.ndarray:
+    """The one greyscale frame of a projection image (radiograph or mammogram view), decoded;
+    a `VolumeError` naming the file when there is none or it cannot be decoded."""
+    if "PixelData" not in ds:
+        raise VolumeError(f"{name}: no pixel data; not an image instance")
+    try:
+        pixels: np.ndarray = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for truncated or undecodable pixel data
+        raise VolumeError(f"{name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    if pixels.ndim != 2:
+        raise VolumeError(f"{name}: expected one single-sample frame, got pixel data of shape {pixels.shape}")
+    return pixels
+
+
 def _spacing(ds: Dataset, name: str) -> tuple[float, float]:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
@@ -63,14 +77,7 @@ def load_radiograph(paths: Sequence[Path]) -> Volume:
         raise VolumeError(f"instances belong to {len(series)} series; a radiograph is one series")
     frontal = [d for d in datasets if str(d[0].get("ViewPosition", "")).upper() in FRONTAL_VIEWS]
     ds, name = (frontal or datasets)[0]
-    if "PixelData" not in ds:
-        raise VolumeError(f"{name}: no pixel data; not an image instance")
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for truncated or undecodable pixel data
-        raise VolumeError(f"{name}: pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    if pixels.ndim != 2:
-        raise VolumeError(f"{name}: expected one single-sample frame, got pixel data of shape {pixels.shape}")
+    pixels = single_frame(ds, name)
     row_mm, col_mm = _spacing(ds, name)
     try:
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)

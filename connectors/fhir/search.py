@@ -118,89 +118,87 @@ _COMMON = (
         "repeat for a range (AND).",
     ),
 )
+
+
+def _by_name(*own: Param) -> dict[str, Param]:
+    """A resource type's parameters by name: the common ones, then its own."""
+    return {p.name: p for p in (*_COMMON, *own)}
+
+
+def _status_param(resource_type: str, system: str) -> Param:
+    """`status`: the same two values for each type, in the type's own code system."""
+    return Param(
+        "status",
+        "token",
+        SPEC + f"{resource_type}-status",
+        "preliminary, or amended for a re-read.",
+        _status(system),
+    )
+
+
 PARAMETERS: dict[str, dict[str, Param]] = {
-    "DiagnosticReport": {
-        p.name: p
-        for p in (
-            *_COMMON,
-            Param(
-                "identifier",
-                "token",
-                SPEC + "clinical-identifier",
-                "[system|]value: the study (urn:dicom:uid|urn:oid:<StudyInstanceUID>), the accession "
-                "number and the filler order number (no system: search them as value or |value).",
-                _own_identifiers,
-            ),
-            Param(
-                "subject:identifier",
-                "reference",
-                SPEC + "clinical-patient",
-                "Only with the :identifier modifier: the patient's identifier, [system|]value "
-                "(system: the assigning authority).",
-                _reference_identifiers("subject"),
-            ),
-            Param(
-                "based-on:identifier",
-                "reference",
-                SPEC + "DiagnosticReport-based-on",
-                "Only with the :identifier modifier: the ServiceRequest's placer/filler order "
-                "number or accession number that basedOn carries.",
-                _reference_identifiers("basedOn"),
-            ),
-            Param(
-                "status",
-                "token",
-                SPEC + "DiagnosticReport-status",
-                "preliminary, or amended for a re-read.",
-                _status(DIAGNOSTIC_REPORT_STATUS),
-            ),
-            Param("code", "token", SPEC + "clinical-code", "The report's code (LOINC).", _codes),
-        )
-    },
-    "Observation": {
-        p.name: p
-        for p in (
-            *_COMMON,
-            Param(
-                "identifier",
-                "token",
-                SPEC + "clinical-identifier",
-                "[system|]value: each Observation's urn:ietf:rfc:3986|urn:uuid:<its id> (the same for "
-                "an amended report; what an EHR's server stores it under).",
-                _own_identifiers,
-            ),
-            Param(
-                "subject:identifier",
-                "reference",
-                SPEC + "clinical-patient",
-                "Only with the :identifier modifier: the patient's identifier, [system|]value.",
-                _reference_identifiers("subject"),
-            ),
-            Param(
-                "derived-from:identifier",
-                "reference",
-                SPEC + "Observation-derived-from",
-                "Only with the :identifier modifier: the ImagingStudy the Observation is derived "
-                "from, urn:dicom:uid|urn:oid:<StudyInstanceUID>.",
-                _reference_identifiers("derivedFrom"),
-            ),
-            Param(
-                "status",
-                "token",
-                SPEC + "Observation-status",
-                "preliminary, or amended for a re-read.",
-                _status(OBSERVATION_STATUS),
-            ),
-            Param(
-                "code",
-                "token",
-                SPEC + "clinical-code",
-                "The finding code (system https://radtriage.dev/fhir/CodeSystem/ai-finding, "
-                "a model's finding) or SNOMED CT.",
-                _codes,
-            ),
-        )
-    },
+    "DiagnosticReport": _by_name(
+        Param(
+            "identifier",
+            "token",
+            SPEC + "clinical-identifier",
+            "[system|]value: the study (urn:dicom:uid|urn:oid:<StudyInstanceUID>), the accession "
+            "number and the filler order number (no system: search them as value or |value).",
+            _own_identifiers,
+        ),
+        Param(
+            "subject:identifier",
+            "reference",
+            SPEC + "clinical-patient",
+            "Only with the :identifier modifier: the patient's identifier, [system|]value "
+            "(system: the assigning authority).",
+            _reference_identifiers("subject"),
+        ),
+        Param(
+            "based-on:identifier",
+            "reference",
+            SPEC + "DiagnosticReport-based-on",
+            "Only with the :identifier modifier: the ServiceRequest's placer/filler order "
+            "number or accession number that basedOn carries.",
+            _reference_identifiers("basedOn"),
+        ),
+        _status_param("DiagnosticReport", DIAGNOSTIC_REPORT_STATUS),
+        Param("code", "token", SPEC + "clinical-code", "The report's code (LOINC).", _codes),
+    ),
+    "Observation": _by_name(
+        Param(
+            "identifier",
+            "token",
+            SPEC + "clinical-identifier",
+            "[system|]value: each Observation's urn:ietf:rfc:3986|urn:uuid:<its id> (the same for "
+            "an amended report; what an EHR's server stores it under).",
+            _own_identifiers,
+        ),
+        Param(
+            "subject:identifier",
+            "reference",
+            SPEC + "clinical-patient",
+            "Only with the :identifier modifier: the patient's identifier, [system|]value.",
+            _reference_identifiers("subject"),
+        ),
+        Param(
+            "derived-from:identifier",
+            "reference",
+            SPEC + "Observation-derived-from",
+            "Only with the :identifier modifier: the ImagingStudy the Observation is derived "
+            "from, urn:dicom:uid|urn:oid:<StudyInstanceUID>.",
+            _reference_identifiers("derivedFrom"),
+        ),
+        _status_param("Observation", OBSERVATION_STATUS),
+        Param(
+            "code",
+            "token",
+            SPEC + "clinical-code",
+            "The finding code (system https://radtriage.dev/fhir/CodeSystem/ai-finding, "
+            "a model's finding) or SNOMED CT.",
+            _codes,
+        ),
+    ),
 }
 SEARCHABLE_TYPES = tuple(PARAMETERS)
 

@@ -40,7 +40,6 @@ import contextlib
 import functools
 import json
 import logging
-import signal
 import ssl
 import traceback
 import uuid
@@ -58,6 +57,7 @@ from connectors.hl7.message import Header, token, version_token
 from connectors.hl7.parse import Accepted, Outcome, Rejected, oversized, parse_message
 from connectors.hl7.quarantine import Quarantine
 from connectors.publisher import EventPublisher, PublishError
+from connectors.serving import serve_until_signalled
 from radtriage import metrics
 from radtriage.mllp_framing import Abandoned, FrameDecoder, Junk, Oversized, frame
 from radtriage.settings import Settings
@@ -442,26 +442,27 @@ async def start_listener(settings: Settings, publisher: EventPublisher | None = 
 
 
 async def _serve_until_signalled(settings: Settings) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    listener = await start_listener(settings)
     hl7 = settings.hl7
-    log.info(
-        "HL7 MLLP listener on %s:%d%s (%s; Kafka %s)",
-        hl7.bind_address,
-        listener.port,
-        " TLS" + (" with client certificates" if hl7.tls.client_ca_file else "") if hl7.tls.enabled else "",
-        f"{len(hl7.allowed_sources)} allowed source networks" if hl7.allowed_sources else "any source",
-        settings.kafka.bootstrap_servers,
+
+    def announce(listener: Hl7Listener) -> None:
+        log.info(
+            "HL7 MLLP listener on %s:%d%s (%s; Kafka %s)",
+            hl7.bind_address,
+            listener.port,
+            " TLS" + (" with client certificates" if hl7.tls.client_ca_file else "")
+            if hl7.tls.enabled
+            else "",
+            f"{len(hl7.allowed_sources)} allowed source networks" if hl7.allowed_sources else "any source",
+            settings.kafka.bootstrap_servers,
+        )
+
+    await serve_until_signalled(
+        lambda: start_listener(settings),
+        announce,
+        log,
+        stopping="HL7 MLLP listener stopping: finishing messages in flight",
+        stopped="HL7 MLLP listener stopped",
     )
-    try:
-        await stop.wait()
-        log.info("HL7 MLLP listener stopping: finishing messages in flight")
-    finally:
-        await listener.stop()
-    log.info("HL7 MLLP listener stopped")
 
 
 def run_listener(settings: Settings) -> None:

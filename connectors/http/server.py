@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from connectors.http.state import BLOBS, IN_FLIGHT, PAGES, PUBLISHER, SETTINGS, 
 from connectors.http.tls import TlsConfigError, server_context
 from connectors.http.tokens import TokenError, TokenStore
 from connectors.publisher import EventPublisher
+from connectors.serving import serve_until_signalled
 from radtriage import metrics
 from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import Settings
@@ -181,24 +181,22 @@ async def start_http(
 
 
 async def _serve(settings: Settings, pages: Sequence[Page]) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    handle = await start_http(settings, pages=pages)
-    log.info(
-        "HTTP intake listening on %s://%s:%d (FHIR /fhir, STOW-RS /dicomweb/studies, /healthz), auth %s",
-        settings.http.scheme,
-        settings.http.bind_address,
-        handle.port,
-        settings.http.auth.mode,
+    def announce(handle: HttpHandle) -> None:
+        log.info(
+            "HTTP intake listening on %s://%s:%d (FHIR /fhir, STOW-RS /dicomweb/studies, /healthz), auth %s",
+            settings.http.scheme,
+            settings.http.bind_address,
+            handle.port,
+            settings.http.auth.mode,
+        )
+
+    await serve_until_signalled(
+        lambda: start_http(settings, pages=pages),
+        announce,
+        log,
+        stopping="stopping: finishing requests in flight",
+        stopped="HTTP intake stopped",
     )
-    try:
-        await stop.wait()
-        log.info("stopping: finishing requests in flight")
-    finally:
-        await handle.stop()
-    log.info("HTTP intake stopped")
 
 
 def run_http(settings: Settings, pages: Sequence[Page] = ()) -> None:
