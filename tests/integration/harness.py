@@ -22,10 +22,10 @@ from models.phantoms import head_ct_phantom
 from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings, Topics
-from schemas.findings import Finding
 from schemas.instances import InstanceEvent
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
+from tests.support.findings import ich_result
 from tests.support.net import free_port
 from tests.support.process import start_radtriage, wait_listening, wait_ready
 from tests.support.settings import isolated_settings
@@ -146,21 +146,16 @@ def finding_bytes(
     """A stat-lane ICH finding for `uid` with probability `p` (positive at >= 0.5), as a lane
     agent would publish it: tests drive the report/escalate agents without a model."""
     ready = ready_at or datetime.now(UTC)
-    return Finding(
-        study_uid=uid,
+    return ich_result(
+        uid,
+        uid + ".1",
+        ready,
         accession_number="ACC",
         patient_id="MRN",
-        series_uid=uid + ".1",
-        finding="ICH",
         probability=p,
-        threshold=0.5,
         positive=p >= 0.5,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id="ct-head-noncontrast-ich",
         received_at=ready - timedelta(seconds=received_before_s),
-        ready_at=ready,
+        inferred_at=datetime.now(UTC),  # read now, however long ago the study was ready
         inference_ms=5.0,
         request_id=request_id,
     ).to_bytes()

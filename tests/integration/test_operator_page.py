@@ -37,6 +37,7 @@ from schemas.alerts import Alert
 from schemas.findings import Finding
 from schemas.instances import InstanceEvent
 from tests.integration.harness import Worker
+from tests.support.findings import ich_alert
 from tests.support.kafka import Tail
 from tests.support.net import free_port
 
@@ -328,21 +329,7 @@ def test_alert_arrives_live_is_acknowledged_on_audit_and_every_page_agrees(
 
 
 def _alert(study_uid: str) -> Alert:
-    now = datetime.now(UTC)
-    return Alert(
-        alert_id=f"{study_uid}/ICH",
-        study_uid=study_uid,
-        accession_number="ACC-OK",
-        finding="ICH",
-        probability=0.8,
-        threshold=0.05,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        received_at=now,
-        ready_at=now,
-        trace_id="",
-    )
+    return ich_alert(study_uid, accession_number="ACC-OK", probability=0.8, threshold=0.05)
 
 
 def test_malformed_messages_and_bad_posts_do_not_break_the_page(
