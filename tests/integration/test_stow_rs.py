@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from connectors.dicom import validation as v
@@ -32,6 +31,16 @@ from models.phantoms import head_ct_phantom
 from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
+from tests.support.dicom_objects import (
+    MALFORMED_OBJECT_WARNINGS,
+    SECRET_BIRTH_DATE,
+    SECRET_NAME,
+    TRUNCATED_SEQUENCE,
+    header_only,
+    instance,
+    part10,
+    with_meta,
+)
 from tests.support.http import (
     Intake,
     healthy,
@@ -45,26 +54,12 @@ from tests.support.kafka import PARTITIONS, read_topic
 from tests.support.net import free_port
 from tests.support.process import wait_ready
 
-pytestmark = [
-    pytest.mark.integration,
-    # Test objects are malformed on purpose (pydicom warns while writing or decoding them).
-    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
-    pytest.mark.filterwarnings("ignore:VR lookup failed:UserWarning"),
-]
+pytestmark = [pytest.mark.integration, *MALFORMED_OBJECT_WARNINGS]
 
-SECRET_NAME = "Secret^Patient"
-SECRET_BIRTH_DATE = "19450817"
 PUBLIC_BASE = "https://pacs-gw.example.org"
 BOUNDARY = "radtriage-test-boundary"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 TIMEOUT = (5, 120)
-
-# A sequence of undefined length that ends mid-item: pydicom cannot decode it (0xC210).
-TRUNCATED_SEQUENCE = (
-    b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
-    b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
-    b"\x08\x00\x50\x00SH\x04\x00ABCD"
-)
 
 
 # -- a server in a background event loop ----------------------------------------------
@@ -97,37 +92,10 @@ def series(out: Path, seed: int, slices: int = 12) -> list[Dataset]:
     return datasets
 
 
-def part10(ds: Dataset) -> bytes:
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def truncated_ct() -> bytes:
-    """A valid Part 10 header claiming a CT image, then a dataset that does not decode."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return part10(ds) + TRUNCATED_SEQUENCE
-
-
 def structured_report() -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = BasicTextSRStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "SR"
+    ds = instance(BasicTextSRStorage, "SR")
     ds.PatientName = SECRET_NAME
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
+    return with_meta(ds)
 
 
 def pixelless_ct() -> Dataset:
@@ -222,7 +190,7 @@ def test_good_and_bad_parts_get_202_with_failure_reasons(intake: Intake, tmp_pat
     body = multipart(
         [
             part10(datasets[0]),
-            truncated_ct(),
+            header_only(TRUNCATED_SEQUENCE),
             part10(datasets[1]),
             part10(sr),
             part10(pixelless),
