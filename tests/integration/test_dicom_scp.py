@@ -39,7 +39,6 @@ from connectors.dicom.scp import start_scp
 from connectors.publisher import EventPublisher, PublishError
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from schemas.instances import InstanceEvent
 from tests.support.dicom import Listener, dicom_settings, send_files, storescu
@@ -54,6 +53,7 @@ from tests.support.dicom_objects import (
 )
 from tests.support.kafka import PARTITIONS, Record, read_topic
 from tests.support.net import free_port
+from tests.support.published import one_study, stored_as_sent
 
 pytestmark = [pytest.mark.integration, *MALFORMED_OBJECT_WARNINGS]
 
@@ -122,16 +122,9 @@ def test_storescu_series_is_published_with_a_release_marker(
     print(f"\nC-STORE throughput: {len(files)} instances in {elapsed:.2f} s = {len(files) / elapsed:.1f}/s")
 
     records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
-    instances = [r for r in records if r.value["kind"] == "instance"]
-    markers = [r for r in records if r.value["kind"] == "transfer_complete"]
+    instances, _ = one_study(records, study_uid, len(files))
     # Exactly the good instances, once each, plus one marker.
     assert sorted(r.value["sop_instance_uid"] for r in instances) == sorted(originals)
-    assert len(markers) == 1 and len(records) == len(files) + 1
-    (marker,) = markers
-    assert marker.value["study_uid"] == study_uid and marker.value["instance_count"] == len(files)
-    # Keyed by the study: one partition, the marker after every instance.
-    assert {r.partition for r in records} == {marker.partition}
-    assert marker.offset == max(r.offset for r in records)
 
     first = instances[0].value
     assert (first["modality"], first["body_part"], first["accession_number"], first["patient_id"]) == (
@@ -140,7 +133,6 @@ def test_storescu_series_is_published_with_a_release_marker(
         "ACC5",
         "MRN5",
     )
-    assert {r.value["association_id"] for r in records} == {marker.value["association_id"]}
     assert {r.value["calling_ae"] for r in records} == {"STORESCU"}
     for r in records:
         _assert_no_phi(json.dumps(r.value))
@@ -170,14 +162,8 @@ def test_storescu_series_is_published_with_a_release_marker(
         _assert_no_phi(json.dumps(dict(s.attributes or {})))
 
     # The blobs are complete Part 10 files with the pixels that were sent.
-    store = LocalBlobStore(listener.settings.blob_dir)
-    for r in instances:
-        stored = dcmread(store.path_of(r.value["blob_uri"]))
-        original = originals[str(stored.SOPInstanceUID)]
-        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-        assert stored.PixelData == original.PixelData
+    stored = stored_as_sent(listener.settings.blob_dir, instances, originals)
     assert stored.pixel_array.shape == (256, 256)
-    assert len(list(listener.settings.blob_dir.rglob("*.dcm"))) == len(files)
     _assert_no_phi(caplog.text)
 
 

@@ -18,7 +18,14 @@ pytestmark = pytest.mark.integration
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def _triton_gave_up(topic: str, lane: str, study_uid: str, payload: str, **position: int) -> DeadLetter:
+def _triton_gave_up(
+    topic: str,
+    lane: str,
+    study_uid: str,
+    payload: str,
+    partition: int | None = None,
+    offset: int | None = None,
+) -> DeadLetter:
     """What a lane's agent dead-letters when Triton stays unreachable: the request as read."""
     return DeadLetter(
         source_topic=topic,
@@ -27,7 +34,8 @@ def _triton_gave_up(topic: str, lane: str, study_uid: str, payload: str, **posit
         key=study_uid,
         study_uid=study_uid,
         payload=payload,
-        **position,
+        partition=partition,
+        offset=offset,
     )
 
 

@@ -28,7 +28,6 @@ from connectors.dicom import validation as v
 from connectors.publisher import EventPublisher
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
 from tests.support.dicom_objects import (
@@ -53,6 +52,7 @@ from tests.support.http import (
 from tests.support.kafka import PARTITIONS, read_topic
 from tests.support.net import free_port
 from tests.support.process import wait_ready
+from tests.support.published import one_study, stored_as_sent
 
 pytestmark = [pytest.mark.integration, *MALFORMED_OBJECT_WARNINGS]
 
@@ -148,16 +148,8 @@ def test_dicomweb_client_stores_a_series_published_with_one_marker(intake: Intak
         )
 
     records = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, len(datasets) + 1)
-    instances = [r for r in records if r.value["kind"] == "instance"]
-    markers = [r for r in records if r.value["kind"] == "transfer_complete"]
-    assert len(instances) == len(datasets) and len(markers) == 1 and len(records) == len(datasets) + 1
-    (marker,) = markers
-    assert marker.value["study_uid"] == study_uid and marker.value["instance_count"] == len(datasets)
+    instances, marker = one_study(records, study_uid, len(datasets))
     assert marker.value["source"] == "dicomweb"
-    # Keyed by the study: one partition, the marker after every instance.
-    assert {r.partition for r in records} == {marker.partition}
-    assert marker.offset == max(r.offset for r in records)
-    assert {r.value["association_id"] for r in records} == {marker.value["association_id"]}
     assert {r.value["source"] for r in instances} == {"dicomweb"}
     first = instances[0].value
     assert (first["modality"], first["body_part"], first["accession_number"], first["patient_id"]) == (
@@ -172,14 +164,7 @@ def test_dicomweb_client_stores_a_series_published_with_one_marker(intake: Intak
         _no_phi(r.raw)
 
     # Every event's blob exists and is the complete Part 10 file that was sent.
-    store = LocalBlobStore(intake.settings.blob_dir)
-    originals = {str(ds.SOPInstanceUID): ds for ds in datasets}
-    for r in instances:
-        stored = dcmread(store.path_of(r.value["blob_uri"]))
-        original = originals[str(stored.SOPInstanceUID)]
-        assert stored.PixelData == original.PixelData
-        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-    assert len(list(intake.settings.blob_dir.rglob("*.dcm"))) == len(datasets)
+    stored_as_sent(intake.settings.blob_dir, instances, {str(ds.SOPInstanceUID): ds for ds in datasets})
 
 
 def test_good_and_bad_parts_get_202_with_failure_reasons(intake: Intake, tmp_path: Path) -> None:
