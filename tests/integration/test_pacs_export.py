@@ -13,7 +13,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,11 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
-from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import DestinationTls, DicomDestination, Settings
 from schemas.findings import Finding
-from schemas.requests import TriageRequest
-from schemas.routing_rules import RoutingRules
 from streams.dicom_send import c_store
 from tests.certs import make_pki
-from tests.integration.harness import RULE, Worker
+from tests.integration.harness import RULE, Worker, send_request, store_series
 from tests.support.dicom import Listener, send_files, storescu
 from tests.support.findings import ich_result
 from tests.support.http import Intake, http_settings, running_intake
@@ -66,30 +62,8 @@ def _send_bleed(
     )
     if orthanc is not None:
         orthanc.upload(files)
-    blobs = LocalBlobStore(settings.blob_dir)
-    uris = tuple(
-        blobs.put_instance(
-            study, series, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f.read_bytes()
-        )
-        for f in files
-    )
-    (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == RULE]
-    now = datetime.now(UTC)
-    request = TriageRequest(
-        study_uid=study,
-        series_uid=series,
-        patient_id=f"MRN{seed}",
-        instance_uris=uris,
-        lane="stat",
-        rule_id=RULE,
-        model_name="ich_classifier",
-        finding="ICH",
-        threshold=rule.threshold,
-        received_at=now,
-        ready_at=now,
-        request_id=f"{study}/{RULE}",
-    )
-    producer.send(settings.topics.lane_topic("stat"), key=study.encode(), value=request.to_bytes()).get(10)
+    uris = store_series(settings, study, series, files)
+    send_request(settings, producer, "stat", RULE, study, series, uris, patient_id=f"MRN{seed}")
     return study, files
 
 
@@ -392,12 +366,8 @@ def test_a_pacs_that_stays_down_past_the_deadline_gets_a_dead_letter_naming_it(
     t = settings.topics
     down_port = free_port()
     destination = {"name": "gone", "host": "127.0.0.1", "port": down_port, "ae_title": "NOPACS"}
-    study, files, sources = _small_ct(tmp_path / "ct", 4)
-    series = str(sources[0].SeriesInstanceUID)
-    blobs = LocalBlobStore(settings.blob_dir)
-    for path, ds in zip(files, sources, strict=True):
-        blobs.put_instance(study, series, str(ds.SOPInstanceUID), path.read_bytes())
-    finding = ich_result(study, series)
+    finding, _ = _finding_on_a_stored_series(settings, tmp_path / "ct")
+    study = finding.study_uid
     orphan = finding.model_copy(update={"study_uid": pydicom.uid.generate_uid(), "request_id": "orphan"})
     _, tail, producer = _start_worker(
         env, settings, destination, retry_initial_s="0.2", retry_max_s="0.5", retry_deadline_s="2"
@@ -469,9 +439,7 @@ def _finding_on_a_stored_series(settings: Settings, work: Path) -> tuple[Finding
     study that is in the worker's blob store, and the CT's files."""
     study, files, sources = _small_ct(work, 4)
     series = str(sources[0].SeriesInstanceUID)
-    blobs = LocalBlobStore(settings.blob_dir)
-    for path, ds in zip(files, sources, strict=True):
-        blobs.put_instance(study, series, str(ds.SOPInstanceUID), path.read_bytes())
+    store_series(settings, study, series, files)
     return ich_result(study, series), files
 
 
@@ -631,30 +599,8 @@ def _send_chest_nodule(
         phantom.hu, phantom.spacing_zyx, work, study_uid=study, series_uid=series, body_part="CHEST"
     )
     orthanc.upload(files)
-    blobs = LocalBlobStore(settings.blob_dir)
-    uris = tuple(
-        blobs.put_instance(
-            study, series, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f.read_bytes()
-        )
-        for f in files
-    )
-    rule_id = "ct-chest-lung-nodule"
-    (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == rule_id]
-    now = datetime.now(UTC)
-    request = TriageRequest(
-        study_uid=study,
-        series_uid=series,
-        instance_uris=uris,
-        lane="routine",
-        rule_id=rule_id,
-        model_name=rule.model,
-        finding=rule.finding,
-        threshold=rule.threshold,
-        received_at=now,
-        ready_at=now,
-        request_id=f"{study}/{rule_id}",
-    )
-    producer.send(settings.topics.lane_topic("routine"), key=study.encode(), value=request.to_bytes()).get(10)
+    uris = store_series(settings, study, series, files)
+    send_request(settings, producer, "routine", "ct-chest-lung-nodule", study, series, uris)
     return study, files
 
 
