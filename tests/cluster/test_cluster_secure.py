@@ -74,27 +74,21 @@ def test_the_http_role_reads_the_pages_topics_and_writes_acknowledgements_only(
         read_to_end(http, TOPICS.instances)
 
 
-def test_a_wrong_password_is_an_authentication_error(
-    secure_kafka_cluster: ClusterUnderTest, tmp_path: os.PathLike[str]
+@pytest.mark.parametrize(
+    ("credentials", "refusal"),
+    [
+        ({"sasl_password_file": None, "sasl_password": SecretStr("not-the-password")}, r"(?i)authentication"),
+        ({"sasl_username": "", "sasl_password_file": None}, r"needs kafka\.sasl_username"),
+    ],
+    ids=["a-wrong-password-is-an-authentication-error", "no-credentials-is-refused-at-start"],
+)
+def test_a_wrong_password_or_none_is_refused(
+    secure_kafka_cluster: ClusterUnderTest, credentials: dict[str, object], refusal: str
 ) -> None:
-    wrong = secure_kafka_cluster.kafka_settings("dicom").model_copy(
-        update={"sasl_password_file": None, "sasl_password": SecretStr("not-the-password")}
-    )
-    publisher = _publisher(wrong, timeout_s=5.0)
+    settings = secure_kafka_cluster.kafka_settings("dicom").model_copy(update=credentials)
+    publisher = _publisher(settings, timeout_s=5.0)
     try:
-        with pytest.raises(PublishError, match=r"(?i)authentication"):
-            publisher.publish(TOPICS.instances, "k", _event("never"))
-    finally:
-        publisher.close()
-
-
-def test_no_credentials_is_refused_at_start(secure_kafka_cluster: ClusterUnderTest) -> None:
-    anonymous = secure_kafka_cluster.kafka_settings("dicom").model_copy(
-        update={"sasl_username": "", "sasl_password_file": None}
-    )
-    publisher = _publisher(anonymous, timeout_s=5.0)
-    try:
-        with pytest.raises(PublishError, match=r"needs kafka\.sasl_username"):
+        with pytest.raises(PublishError, match=refusal):
             publisher.publish(TOPICS.instances, "k", _event("never"))
     finally:
         publisher.close()

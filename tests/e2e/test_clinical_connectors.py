@@ -11,18 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from pydicom import dcmread
 
-from models.dicom_writer import write_ct_series
-from models.phantoms import head_ct_phantom
 from radtriage.demo_messages import hl7_order, service_request
 from radtriage.settings import REPO_ROOT
 from tests.e2e.harness import Outputs, Stack
 from tests.support.dicom import storescu_send
+from tests.support.head_study import head_ct_study
 
 pytestmark = pytest.mark.e2e
 
@@ -31,19 +29,9 @@ PHI = ("Secret^Patient", "Phantom^Demo", "Demo^Phantom", "19811203", "19700101",
 
 
 def _head(tmp: Path, seed: int, accession: str, bleed: bool) -> tuple[str, list[Path]]:
-    ph = head_ct_phantom(np.random.default_rng(seed), bleed=bleed, min_bleed_ml=5.0)
-    files = write_ct_series(
-        ph.hu,
-        ph.spacing_zyx,
-        tmp,
-        accession=accession,
-        patient_id=f"MRN-{accession}",
-        patient_name="Secret^Patient",
-        patient_birth_date="19811203",
-        body_part="HEAD",
-        series_description="CT HEAD WO CONTRAST",
+    return head_ct_study(
+        tmp, seed, accession, bleed=bleed, patient_name="Secret^Patient", patient_birth_date="19811203"
     )
-    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files
 
 
 def _storescu_send(stack: Stack, files: list[Path]) -> None:

@@ -20,17 +20,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from pydicom import dcmread
 from tritonclient.grpc import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from models.dicom_writer import write_ct_series
-from models.phantoms import head_ct_phantom
 from radtriage.demo_messages import hl7_order, service_request
 from tests.e2e.harness import Outputs, Stack, start_stack
 from tests.support.dicom import storescu_send
+from tests.support.head_study import head_ct_study
 
 pytestmark = pytest.mark.e2e
 
@@ -64,22 +61,6 @@ def _curl(*args: str) -> subprocess.CompletedProcess[str]:
     curl = shutil.which("curl")
     assert curl, "curl is required for this test"
     return subprocess.run([curl, "-sS", "-i", *args], capture_output=True, text=True, timeout=60)
-
-
-def _head_study(tmp: Path, seed: int, accession: str) -> tuple[str, list[Path]]:
-    ph = head_ct_phantom(np.random.default_rng(seed), bleed=True, min_bleed_ml=5.0)
-    files = write_ct_series(
-        ph.hu,
-        ph.spacing_zyx,
-        tmp,
-        accession=accession,
-        patient_id=f"MRN-{accession}",
-        patient_name=PATIENT_NAME,
-        patient_birth_date=BIRTH_DATE,
-        body_part="HEAD",
-        series_description="CT HEAD WO CONTRAST",
-    )
-    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files
 
 
 def _storescu_as(stack: Stack, aet: str, files: list[Path]) -> subprocess.CompletedProcess[str]:
@@ -123,7 +104,9 @@ def test_an_unauthenticated_client_is_refused_on_every_port(secure_stack: Stack,
     assert _curl(f"{base}/healthz").stdout.startswith("HTTP/1.1 200")  # probes stay open
 
     # DICOM: an AE title not on the list is rejected at association; nothing is stored.
-    uid, files = _head_study(tmp_path / "study", 4242, "SEC1")
+    uid, files = head_ct_study(
+        tmp_path / "study", 4242, "SEC1", bleed=True, patient_name=PATIENT_NAME, patient_birth_date=BIRTH_DATE
+    )
     rejected = _storescu_as(stack, "NOT_ALLOWED", files[:2])
     assert rejected.returncode != 0
     assert "reject" in (rejected.stdout + rejected.stderr).lower(), rejected.stderr[-500:]

@@ -22,27 +22,25 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from models.dicom_writer import write_ct_series
-from models.phantoms import chest_ct_phantom, head_ct_phantom
+from models.phantoms import chest_ct_phantom
 from tests.e2e.harness import Outputs, Stack, _consumers
 from tests.support.dicom import storescu_send
+from tests.support.dicom_objects import instance, with_meta
+from tests.support.head_study import head_ct_study
 
 pytestmark = pytest.mark.e2e
 
 
 def _write_head(tmp: Path, bleed: bool, seed: int) -> tuple[str, list[Path]]:
-    ph = head_ct_phantom(np.random.default_rng(seed), bleed=bleed, min_bleed_ml=5.0)
-    files = write_ct_series(
-        ph.hu,
-        ph.spacing_zyx,
+    return head_ct_study(
         tmp,
-        accession=f"E2E{seed}",
+        seed,
+        f"E2E{seed}",
+        bleed=bleed,
         patient_id=f"MRN{seed}",
         patient_name="Test^Phantom",
-        body_part="HEAD",
-        series_description="CT HEAD WO CONTRAST",
         shuffle_files=True,
     )
-    return str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID), files
 
 
 def _storescu_send(stack: Stack, files: list[Path]) -> subprocess.CompletedProcess[str]:
@@ -123,17 +121,8 @@ def _corrupt_file(path: Path) -> Path:
 
 
 def _non_image_file(path: Path) -> Path:
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage  # claims CT, carries no pixels
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
+    ds = instance(CTImageStorage, "CT")  # claims CT, carries no pixels
+    with_meta(ds).save_as(path, enforce_file_format=True)
     return path
 
 

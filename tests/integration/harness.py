@@ -9,9 +9,10 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -22,10 +23,10 @@ from models.phantoms import head_ct_phantom
 from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings, Topics
-from schemas.findings import Finding
 from schemas.instances import InstanceEvent
 from schemas.requests import Lane, TriageRequest
 from schemas.routing_rules import RoutingRules
+from tests.support.findings import ich_result
 from tests.support.net import free_port
 from tests.support.process import start_radtriage, wait_listening, wait_ready
 from tests.support.settings import isolated_settings
@@ -146,21 +147,16 @@ def finding_bytes(
     """A stat-lane ICH finding for `uid` with probability `p` (positive at >= 0.5), as a lane
     agent would publish it: tests drive the report/escalate agents without a model."""
     ready = ready_at or datetime.now(UTC)
-    return Finding(
-        study_uid=uid,
+    return ich_result(
+        uid,
+        uid + ".1",
+        ready,
         accession_number="ACC",
         patient_id="MRN",
-        series_uid=uid + ".1",
-        finding="ICH",
         probability=p,
-        threshold=0.5,
         positive=p >= 0.5,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id="ct-head-noncontrast-ich",
         received_at=ready - timedelta(seconds=received_before_s),
-        ready_at=ready,
+        inferred_at=datetime.now(UTC),  # read now, however long ago the study was ready
         inference_ms=5.0,
         request_id=request_id,
     ).to_bytes()
@@ -169,15 +165,55 @@ def finding_bytes(
 RULE = "ct-head-noncontrast-ich"
 
 
+def store_series(settings: Settings, study: str, series: str, files: Iterable[Path]) -> tuple[str, ...]:
+    """The files in the worker's blob store, as the listener would have stored them: their URIs."""
+    blobs = LocalBlobStore(settings.blob_dir)
+    return tuple(
+        blobs.put_instance(
+            study, series, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f.read_bytes()
+        )
+        for f in files
+    )
+
+
+def send_request(
+    settings: Settings,
+    producer: KafkaProducer,
+    lane: Lane,
+    rule_id: str,
+    study: str,
+    series: str,
+    uris: tuple[str, ...],
+    **fields: Any,
+) -> None:
+    """The request of rule `rule_id` (its model, finding and threshold as the routing rules
+    say) for a series in the blob store (`uris`) on `lane`'s topic, as the router publishes
+    it, ready now; `fields` add to it."""
+    (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == rule_id]
+    now = datetime.now(UTC)
+    request = TriageRequest(
+        study_uid=study,
+        series_uid=series,
+        instance_uris=uris,
+        lane=lane,
+        rule_id=rule_id,
+        model_name=rule.model,
+        finding=rule.finding,
+        threshold=rule.threshold,
+        received_at=now,
+        ready_at=now,
+        request_id=f"{study}/{rule_id}",
+        **fields,
+    )
+    producer.send(settings.topics.lane_topic(lane), key=study.encode(), value=request.to_bytes()).get(10)
+
+
 class Studies:
     """Head CT phantoms written as DICOM into the worker's blob store, sent as lane requests."""
 
     def __init__(self, settings: Settings, tmp_path: Path) -> None:
         self.settings, self.tmp = settings, tmp_path
-        self.blobs = LocalBlobStore(settings.blob_dir)
         self.rng = np.random.default_rng(20240917)
-        (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == RULE]
-        self.threshold = rule.threshold
         self.producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
         self.bleeds: set[str] = set()
         self.lane: dict[str, Lane] = {}
@@ -188,32 +224,10 @@ class Studies:
         files = write_ct_series(
             ph.hu, ph.spacing_zyx, self.tmp / "dicom" / study_uid, study_uid=study_uid, series_uid=series_uid
         )
-        uris = tuple(
-            self.blobs.put_instance(
-                study_uid,
-                series_uid,
-                pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID,
-                f.read_bytes(),
-            )
-            for f in files
+        uris = store_series(self.settings, study_uid, series_uid, files)
+        send_request(
+            self.settings, self.producer, lane, RULE, study_uid, series_uid, uris, lane_reason="fault test"
         )
-        now = datetime.now(UTC)
-        req = TriageRequest(
-            study_uid=study_uid,
-            series_uid=series_uid,
-            instance_uris=uris,
-            lane=lane,
-            rule_id=RULE,
-            model_name="ich_classifier",
-            finding="ICH",
-            threshold=self.threshold,
-            received_at=now,
-            ready_at=now,
-            request_id=f"{study_uid}/{RULE}",
-            lane_reason="fault test",
-        )
-        topic = self.settings.topics.lane_topic(lane)
-        self.producer.send(topic, key=study_uid.encode(), value=req.to_bytes()).get(10)
         if bleed:
             self.bleeds.add(study_uid)
         self.lane[study_uid] = lane

@@ -24,13 +24,11 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     BasicTextSRStorage,
     CTImageStorage,
     EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
-    generate_uid,
 )
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
@@ -41,22 +39,23 @@ from connectors.dicom.listener import start_scp
 from connectors.publisher import EventPublisher, PublishError
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from schemas.instances import InstanceEvent
 from tests.support.dicom import Listener, dicom_settings, send_files, storescu
+from tests.support.dicom_objects import (
+    MALFORMED_OBJECT_WARNINGS,
+    SECRET_BIRTH_DATE,
+    SECRET_NAME,
+    TRUNCATED_SEQUENCE,
+    header_only,
+    instance,
+    with_meta,
+)
 from tests.support.kafka import PARTITIONS, Record, read_topic
 from tests.support.net import free_port
+from tests.support.published import one_study, stored_as_sent
 
-pytestmark = [
-    pytest.mark.integration,
-    # Test objects are malformed on purpose (pydicom warns while writing or decoding them).
-    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
-    pytest.mark.filterwarnings("ignore:VR lookup failed:UserWarning"),
-]
-
-SECRET_NAME = "Secret^Patient"
-SECRET_BIRTH_DATE = "19450817"
+pytestmark = [pytest.mark.integration, *MALFORMED_OBJECT_WARNINGS]
 
 
 @pytest.fixture
@@ -72,44 +71,12 @@ def spans() -> Iterator[InMemorySpanExporter]:
         exporter.shutdown()  # the processor stays registered but keeps nothing more
 
 
-def _with_meta(ds: Dataset) -> Dataset:
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
-
-
-def _header_only(path: Path, garbage: bytes) -> Path:
-    """A valid Part 10 header claiming a CT image, followed by `garbage` as the dataset."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    _with_meta(ds).save_as(path, enforce_file_format=True)
-    with path.open("ab") as fh:
-        fh.write(garbage)
-    return path
-
-
-# A sequence of undefined length that ends mid-item: pydicom cannot decode it (0xC210).
-TRUNCATED_SEQUENCE = (
-    b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"  # (0008,1115) SQ, undefined length
-    b"\xfe\xff\x00\xe0\xff\xff\xff\xff"  # an item of undefined length...
-    b"\x08\x00\x50\x00SH\x04\x00ABCD"  # ...one element, then the stream ends
-)
-
-
 def _pixelless_ct(path: Path) -> Path:
     """A CT image header without its pixel data: an image SOP class that is not one."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
+    ds = instance(CTImageStorage, "CT")
     ds.PatientName = SECRET_NAME
     ds.PatientBirthDate = SECRET_BIRTH_DATE
-    _with_meta(ds).save_as(path, enforce_file_format=True)
+    with_meta(ds).save_as(path, enforce_file_format=True)
     return path
 
 
@@ -155,16 +122,9 @@ def test_storescu_series_is_published_with_a_release_marker(
     print(f"\nC-STORE throughput: {len(files)} instances in {elapsed:.2f} s = {len(files) / elapsed:.1f}/s")
 
     records = read_topic(listener.settings.kafka.bootstrap_servers, listener.topic, len(files) + 1)
-    instances = [r for r in records if r.value["kind"] == "instance"]
-    markers = [r for r in records if r.value["kind"] == "transfer_complete"]
+    instances, _ = one_study(records, study_uid, len(files))
     # Exactly the good instances, once each, plus one marker.
     assert sorted(r.value["sop_instance_uid"] for r in instances) == sorted(originals)
-    assert len(markers) == 1 and len(records) == len(files) + 1
-    (marker,) = markers
-    assert marker.value["study_uid"] == study_uid and marker.value["instance_count"] == len(files)
-    # Keyed by the study: one partition, the marker after every instance.
-    assert {r.partition for r in records} == {marker.partition}
-    assert marker.offset == max(r.offset for r in records)
 
     first = instances[0].value
     assert (first["modality"], first["body_part"], first["accession_number"], first["patient_id"]) == (
@@ -173,7 +133,6 @@ def test_storescu_series_is_published_with_a_release_marker(
         "ACC5",
         "MRN5",
     )
-    assert {r.value["association_id"] for r in records} == {marker.value["association_id"]}
     assert {r.value["calling_ae"] for r in records} == {"STORESCU"}
     for r in records:
         _assert_no_phi(json.dumps(r.value))
@@ -203,14 +162,8 @@ def test_storescu_series_is_published_with_a_release_marker(
         _assert_no_phi(json.dumps(dict(s.attributes or {})))
 
     # The blobs are complete Part 10 files with the pixels that were sent.
-    store = LocalBlobStore(listener.settings.blob_dir)
-    for r in instances:
-        stored = dcmread(store.path_of(r.value["blob_uri"]))
-        original = originals[str(stored.SOPInstanceUID)]
-        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-        assert stored.PixelData == original.PixelData
+    stored = stored_as_sent(listener.settings.blob_dir, instances, originals)
     assert stored.pixel_array.shape == (256, 256)
-    assert len(list(listener.settings.blob_dir.rglob("*.dcm"))) == len(files)
     _assert_no_phi(caplog.text)
 
 
@@ -218,8 +171,10 @@ def test_bad_objects_get_exact_failure_statuses_and_the_listener_goes_on(
     listener: Listener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="connectors.dicom")
-    truncated = _header_only(tmp_path / "truncated.dcm", TRUNCATED_SEQUENCE)
-    garbage = _header_only(tmp_path / "garbage.dcm", random.Random(1234).randbytes(512))
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(header_only(TRUNCATED_SEQUENCE))
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(header_only(random.Random(1234).randbytes(512)))
     # An image SOP class without its pixel data is still refused (0xA900); non-image
     # objects are stored (tests/integration/test_non_image_objects.py).
     pixelless = _pixelless_ct(tmp_path / "pixelless.dcm")

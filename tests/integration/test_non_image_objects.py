@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pydicom import dcmread
 from pydicom import uid as uids
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
@@ -25,6 +25,7 @@ from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from radtriage.blobstore import LocalBlobStore
 from tests.support.dicom import Listener, send_files
+from tests.support.dicom_objects import with_meta
 from tests.support.kafka import read_topic
 
 pytestmark = [pytest.mark.integration]
@@ -73,11 +74,7 @@ def _common(sop_class: str, modality: str, study: Dataset, series_number: int) -
     ds.Modality = modality
     ds.Manufacturer = "radtriage test"
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = uids.ExplicitVRLittleEndian
-    return ds
+    return with_meta(ds)
 
 
 def _evidence(images: list[Dataset]) -> Sequence:

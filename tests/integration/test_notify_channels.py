@@ -15,9 +15,9 @@ import pytest
 from processors.notify import channels, message
 from processors.notify.deliver import Try, deliver
 from radtriage.settings import SmtpSettings, WebhookTarget
-from schemas.alerts import Alert
 from schemas.oncall import Channel
 from tests.certs import Pki, make_pki
+from tests.support.findings import ich_alert
 from tests.support.notify_peers import SmtpServer, smtp_server, webhook_receiver
 
 pytestmark = pytest.mark.integration
@@ -38,18 +38,12 @@ def smtp(pki: Pki) -> Iterator[SmtpServer]:
 
 def notice(key: str = "key-1") -> message.Notice:
     now = datetime.now(UTC)
-    alert = Alert(
-        alert_id="1.2.840.1/ICH",
-        study_uid="1.2.840.1",
+    alert = ich_alert(
+        "1.2.840.1",
+        now - timedelta(seconds=80),
         accession_number="ACC42",
-        finding="ICH",
         probability=0.91,
-        threshold=0.5,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
         received_at=now - timedelta(seconds=90),
-        ready_at=now - timedelta(seconds=80),
     )
     return message.Notice(
         alert=alert,

@@ -22,10 +22,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from radtriage.settings import Settings
 from schemas.deadletter import DeadLetter
-from tests.certs import make_pki
 from tests.integration.harness import Worker
 from tests.support.kafka import Tail
-from tests.support.notify_peers import smtp_env, smtp_server, webhook_receiver
+from tests.support.notify_peers import notify_peers, webhook_receiver
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -49,12 +48,11 @@ def test_a_flood_of_dead_letters_is_one_digest_per_cause_then_email_when_the_web
 ) -> None:
     env, settings = worker_env
     t = settings.topics
-    pki = make_pki(tmp_path / "pki")
-    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+    with notify_peers(SECRET, tmp_path / "pki") as (hooks, smtp, mail_env):
         ops_hook = f'{{"name": "ops", "url": "{hooks.url("/ops")}", "secret": "{SECRET}"}}'
         env = {
             **env,
-            **smtp_env(smtp, pki.ca),
+            **mail_env,
             "RADTRIAGE_NOTIFY__WEBHOOKS": f"[{ops_hook}]",
             "RADTRIAGE_NOTIFY__OPERATORS__WEBHOOKS": '["ops"]',
             "RADTRIAGE_NOTIFY__OPERATORS__EMAILS": '["radtriage-ops@hospital.example"]',

@@ -24,11 +24,10 @@ import requests
 from kafka import KafkaProducer
 
 from radtriage.settings import Settings
-from tests.certs import Pki, make_pki
 from tests.integration.harness import Worker, finding_bytes, listener
 from tests.support.kafka import Tail
 from tests.support.net import free_port
-from tests.support.notify_peers import SmtpServer, WebhookReceiver, smtp_env, smtp_server, webhook_receiver
+from tests.support.notify_peers import WebhookReceiver, notify_peers
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -52,12 +51,14 @@ fallback: {recipients: [operators]}
 
 
 def _notify_env(
-    env: dict[str, str], smtp: SmtpServer, pki: Pki, hooks: WebhookReceiver, oncall: Path
+    env: dict[str, str], mail_env: dict[str, str], hooks: WebhookReceiver, oncall: Path, rota: str
 ) -> dict[str, str]:
-    """The worker's environment with both webhooks (pager, ops), the SMTP server and `oncall`."""
+    """The worker's environment with both webhooks (pager, ops), the SMTP server's settings and
+    `rota` written to `oncall` as its on-call file."""
+    oncall.write_text(rota)
     return {
         **env,
-        **smtp_env(smtp, pki.ca),
+        **mail_env,
         "RADTRIAGE_NOTIFY__WEBHOOKS": (
             f'[{{"name": "pager", "url": "{hooks.url("/pager")}", "secret": "{SECRET}"}},'
             f' {{"name": "ops", "url": "{hooks.url("/ops")}", "secret": "{SECRET}"}}]'
@@ -71,13 +72,10 @@ def test_step_one_at_once_step_two_at_the_timeout_none_after_the_ack_across_a_ki
 ) -> None:
     env, settings = worker_env
     t = settings.topics
-    pki = make_pki(tmp_path / "pki")
-    oncall = tmp_path / "oncall.yaml"
-    oncall.write_text(ONCALL % STEP1_TIMEOUT_S)
     http_port = free_port()
-    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+    with notify_peers(SECRET, tmp_path / "pki") as (hooks, smtp, mail_env):
         env = {
-            **_notify_env(env, smtp, pki, hooks, oncall),
+            **_notify_env(env, mail_env, hooks, tmp_path / "oncall.yaml", ONCALL % STEP1_TIMEOUT_S),
             "RADTRIAGE_NOTIFY__ACK_SECRET": "ack-secret",
             "RADTRIAGE_NOTIFY__PUBLIC_URL": f"http://127.0.0.1:{http_port}",
             "RADTRIAGE_NOTIFY__TICK_S": "0.2",
@@ -160,12 +158,9 @@ def test_a_channel_down_falls_back_undeliverable_is_a_dead_letter_and_its_replay
 ) -> None:
     env, settings = worker_env
     t = settings.topics
-    pki = make_pki(tmp_path / "pki")
-    oncall = tmp_path / "oncall.yaml"
-    oncall.write_text(FALLBACK_ONCALL)
-    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+    with notify_peers(SECRET, tmp_path / "pki") as (hooks, smtp, mail_env):
         env = {
-            **_notify_env(env, smtp, pki, hooks, oncall),
+            **_notify_env(env, mail_env, hooks, tmp_path / "oncall.yaml", FALLBACK_ONCALL),
             "RADTRIAGE_NOTIFY__ATTEMPTS": "2",
             "RADTRIAGE_NOTIFY__BACKOFF_S": "0.05",
         }

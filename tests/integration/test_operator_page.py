@@ -34,9 +34,9 @@ from radtriage.operator import page as operator_page
 from radtriage.replay import REPLAY_HEADER
 from radtriage.settings import Settings
 from schemas.alerts import Alert
-from schemas.findings import Finding
 from schemas.instances import InstanceEvent
 from tests.integration.harness import Worker
+from tests.support.findings import ich_alert, ich_result
 from tests.support.kafka import Tail
 from tests.support.net import free_port
 
@@ -53,7 +53,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-RULE = "ct-head-noncontrast-ich"
 MRN = "MRN-OPERATOR-PAGE-SENTINEL"
 WAIT_MS = 90_000
 
@@ -207,22 +206,18 @@ def test_alert_arrives_live_is_acknowledged_on_audit_and_every_page_agrees(
         # Triton's answer for A, as the lane would publish it: the worker reports and alerts.
         tail.until(lambda: bool(tail.of(t.studies, study_uid=study_a)))
         (ready,) = tail.of(t.studies, study_uid=study_a)
-        finding = Finding(
-            study_uid=study_a,
+        finding = ich_result(
+            study_a,
+            study_a + ".1",
+            datetime.fromisoformat(ready["ready_at"]),
             accession_number="ACC-A",
             patient_id=MRN,
-            series_uid=study_a + ".1",
-            finding="ICH",
             probability=0.93,
             threshold=0.0519,
-            positive=True,
-            model_name="ich_classifier",
-            model_version="1",
-            lane="stat",
-            rule_id=RULE,
             received_at=datetime.fromisoformat(ready["received_at"]),
-            ready_at=datetime.fromisoformat(ready["ready_at"]),
+            inferred_at=datetime.now(UTC),
             inference_ms=150.0,
+            request_id="",
         )
         produce(producer, t.findings, study_a, finding.to_bytes(), tp_a)
         alert_id = f"{study_a}/ICH"
@@ -328,21 +323,7 @@ def test_alert_arrives_live_is_acknowledged_on_audit_and_every_page_agrees(
 
 
 def _alert(study_uid: str) -> Alert:
-    now = datetime.now(UTC)
-    return Alert(
-        alert_id=f"{study_uid}/ICH",
-        study_uid=study_uid,
-        accession_number="ACC-OK",
-        finding="ICH",
-        probability=0.8,
-        threshold=0.05,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        received_at=now,
-        ready_at=now,
-        trace_id="",
-    )
+    return ich_alert(study_uid, accession_number="ACC-OK", probability=0.8, threshold=0.05)
 
 
 def test_malformed_messages_and_bad_posts_do_not_break_the_page(

@@ -12,7 +12,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,11 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
 from processors.dicom_results import PRESENT, PROBABILITY, build_sr, encode, read_headers
-from radtriage.blobstore import LocalBlobStore
 from radtriage.settings import DestinationTls, DicomDestination, Settings
 from schemas.findings import Finding
-from schemas.requests import TriageRequest
-from schemas.routing_rules import RoutingRules
 from streams.dicom_send import c_store
 from tests.certs import make_pki
-from tests.integration.harness import RULE, Worker
+from tests.integration.harness import RULE, Worker, send_request, store_series
 from tests.support.dicom import Listener, send_files, storescu
 from tests.support.findings import ich_result
 from tests.support.http import Intake, http_settings, running_intake
@@ -65,30 +62,8 @@ def _send_bleed(
     )
     if orthanc is not None:
         orthanc.upload(files)
-    blobs = LocalBlobStore(settings.blob_dir)
-    uris = tuple(
-        blobs.put_instance(
-            study, series, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f.read_bytes()
-        )
-        for f in files
-    )
-    (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == RULE]
-    now = datetime.now(UTC)
-    request = TriageRequest(
-        study_uid=study,
-        series_uid=series,
-        patient_id=f"MRN{seed}",
-        instance_uris=uris,
-        lane="stat",
-        rule_id=RULE,
-        model_name="ich_classifier",
-        finding="ICH",
-        threshold=rule.threshold,
-        received_at=now,
-        ready_at=now,
-        request_id=f"{study}/{RULE}",
-    )
-    producer.send(settings.topics.lane_topic("stat"), key=study.encode(), value=request.to_bytes()).get(10)
+    uris = store_series(settings, study, series, files)
+    send_request(settings, producer, "stat", RULE, study, series, uris, patient_id=f"MRN{seed}")
     return study, files
 
 
@@ -114,6 +89,11 @@ def _exports(
     return found
 
 
+def _letters(tail: Tail, deadletter_topic: str, study: str) -> list[dict[str, Any]]:
+    """The study's dead letters of the export stage."""
+    return [d for d in tail.of(deadletter_topic, study_uid=study) if d["stage"] == "pacs-export"]
+
+
 def _dciodvfy_errors(path: Path) -> list[str]:
     check = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True, check=False)
     return [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
@@ -128,6 +108,17 @@ def _small_ct(work: Path, slices: int) -> tuple[str, list[Path], list[pydicom.Da
 
 
 OBJECTS = ("sr", "key_image", "kos")
+
+
+@contextmanager
+def _running_orthanc(where: Path, **options: Any) -> Iterator[Orthanc]:
+    """Orthanc (`options` as Orthanc takes them) started, and stopped whatever the test does."""
+    orthanc = Orthanc(where, **options)
+    orthanc.start()
+    try:
+        yield orthanc
+    finally:
+        orthanc.stop()
 
 
 def _orthanc_destination(orthanc: Orthanc, **options: Any) -> dict[str, Any]:
@@ -170,9 +161,7 @@ def test_a_bleed_ends_as_sr_key_image_and_kos_in_orthanc_once_even_with_orthanc_
 ) -> None:
     env, settings = worker_env
     t = settings.topics
-    orthanc = Orthanc(tmp_path / "pacs")
-    orthanc.start()
-    try:
+    with _running_orthanc(tmp_path / "pacs") as orthanc:
         destination = _orthanc_destination(
             orthanc, objects=list(OBJECTS), findings=["ICH"], positive_only=True
         )
@@ -259,8 +248,6 @@ def test_a_bleed_ends_as_sr_key_image_and_kos_in_orthanc_once_even_with_orthanc_
         assert set(_results_in_orthanc(orthanc, second)) == set(uid2.values())
         assert set(_results_in_orthanc(orthanc, study)) == set(uid.values())
         assert not [d for d in tail.of(t.deadletter) if d["stage"] == "pacs-export"]
-    finally:
-        orthanc.stop()
 
 
 def test_radtriage_own_sr_sent_back_is_not_ingested(listener: Listener, tmp_path: Path) -> None:
@@ -323,9 +310,7 @@ def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
     arrives later, is read again, and its SR names the first as its predecessor."""
     env, settings = worker_env
     t = settings.topics
-    orthanc = Orthanc(tmp_path / "pacs")
-    orthanc.start()
-    try:
+    with _running_orthanc(tmp_path / "pacs") as orthanc:
         study = f"1.2.826.0.9.{time.time_ns()}"
         phantom = head_ct_phantom(np.random.default_rng(7007), bleed=True, min_bleed_ml=5.0)
         dz, dy, dx = phantom.spacing_zyx
@@ -368,8 +353,6 @@ def test_a_later_better_series_sends_an_amended_sr_referencing_the_first(
             assert [s.SeriesInstanceUID for s in evidence.ReferencedSeriesSequence] == [series]
         (tmp_path / "amended.dcm").write_bytes(orthanc.file(stored[sent[1]]))
         assert _dciodvfy_errors(tmp_path / "amended.dcm") == []
-    finally:
-        orthanc.stop()
 
 
 def test_a_pacs_that_stays_down_past_the_deadline_gets_a_dead_letter_naming_it(
@@ -383,12 +366,8 @@ def test_a_pacs_that_stays_down_past_the_deadline_gets_a_dead_letter_naming_it(
     t = settings.topics
     down_port = free_port()
     destination = {"name": "gone", "host": "127.0.0.1", "port": down_port, "ae_title": "NOPACS"}
-    study, files, sources = _small_ct(tmp_path / "ct", 4)
-    series = str(sources[0].SeriesInstanceUID)
-    blobs = LocalBlobStore(settings.blob_dir)
-    for path, ds in zip(files, sources, strict=True):
-        blobs.put_instance(study, series, str(ds.SOPInstanceUID), path.read_bytes())
-    finding = ich_result(study, series)
+    finding, _ = _finding_on_a_stored_series(settings, tmp_path / "ct")
+    study = finding.study_uid
     orphan = finding.model_copy(update={"study_uid": pydicom.uid.generate_uid(), "request_id": "orphan"})
     _, tail, producer = _start_worker(
         env, settings, destination, retry_initial_s="0.2", retry_max_s="0.5", retry_deadline_s="2"
@@ -396,17 +375,17 @@ def test_a_pacs_that_stays_down_past_the_deadline_gets_a_dead_letter_naming_it(
     for f in (finding, orphan):
         producer.send(t.findings, key=f.study_uid.encode(), value=f.to_bytes()).get(10)
 
-    def letters(uid: str) -> list[dict[str, Any]]:
-        return [d for d in tail.of(t.deadletter, study_uid=uid) if d["stage"] == "pacs-export"]
-
-    tail.until(lambda: letters(study) and letters(orphan.study_uid), timeout=120)
-    (letter,) = letters(study)
+    tail.until(
+        lambda: _letters(tail, t.deadletter, study) and _letters(tail, t.deadletter, orphan.study_uid),
+        timeout=120,
+    )
+    (letter,) = _letters(tail, t.deadletter, study)
     assert f"destination gone (NOPACS@127.0.0.1:{down_port})" in letter["error"]
     assert "DICOM status no response" in letter["error"] and "association" in letter["error"]
     assert Finding.from_bytes(letter["payload"]) == finding  # replayable as it was
     (export,) = _exports(tail, t.audit, study)["sr"]
     assert export["decision"] == "sr_failed" and export["detail"]["tries"] > 1
-    (orphan_letter,) = letters(orphan.study_uid)
+    (orphan_letter,) = _letters(tail, t.deadletter, orphan.study_uid)
     assert "no source instance" in orphan_letter["error"]
 
 
@@ -415,7 +394,7 @@ def test_dicom_tls_to_the_pacs(tmp_path: Path) -> None:
     radtriage's certificate; plain TCP, a PACS certificate of an untrusted CA, or no client
     certificate do not store it, and each is a retryable outcome (no response)."""
     pki = make_pki(tmp_path / "pki")
-    orthanc = Orthanc(
+    with _running_orthanc(
         tmp_path / "pacs",
         extra_config={
             "DicomTlsEnabled": True,
@@ -424,9 +403,7 @@ def test_dicom_tls_to_the_pacs(tmp_path: Path) -> None:
             "DicomTlsTrustedCertificates": str(pki.ca),
             "DicomTlsRemoteCertificateRequired": True,
         },
-    )
-    orthanc.start()
-    try:
+    ) as orthanc:
         study, _, sources = _small_ct(tmp_path / "ct", 3)
         finding = ich_result(study, str(sources[0].SeriesInstanceUID))
         sr = build_sr(finding, sources)
@@ -455,8 +432,6 @@ def test_dicom_tls_to_the_pacs(tmp_path: Path) -> None:
         assert outcome.stored, outcome
         (found,) = orthanc.rest("POST", "/tools/lookup", str(sr.SOPInstanceUID))
         assert found["Type"] == "Instance"
-    finally:
-        orthanc.stop()
 
 
 def _finding_on_a_stored_series(settings: Settings, work: Path) -> tuple[Finding, list[Path]]:
@@ -464,9 +439,7 @@ def _finding_on_a_stored_series(settings: Settings, work: Path) -> tuple[Finding
     study that is in the worker's blob store, and the CT's files."""
     study, files, sources = _small_ct(work, 4)
     series = str(sources[0].SeriesInstanceUID)
-    blobs = LocalBlobStore(settings.blob_dir)
-    for path, ds in zip(files, sources, strict=True):
-        blobs.put_instance(study, series, str(ds.SOPInstanceUID), path.read_bytes())
+    store_series(settings, study, series, files)
     return ich_result(study, series), files
 
 
@@ -474,6 +447,27 @@ def _study_instances(orthanc: Orthanc, study: str) -> list[str]:
     """Every SOP Instance UID Orthanc holds in the study (a second copy would be listed twice)."""
     instances = orthanc.rest("GET", f"/studies/{orthanc.study_id(study)}/instances")
     return [i["MainDicomTags"]["SOPInstanceUID"] for i in instances]
+
+
+# Two retry policies (RADTRIAGE_DISPATCH__* settings) for an outage of ~20 s: one rides it
+# out (tries every 1-4 s for up to 60 s), one gives up on it (0.5-1 s for up to 3 s).
+RIDES_OUT = {"retry_initial_s": "1", "retry_max_s": "4", "retry_deadline_s": "60", "timeout_s": "5"}
+GIVES_UP = {"retry_initial_s": "0.5", "retry_max_s": "1", "retry_deadline_s": "3", "timeout_s": "2"}
+
+
+def _sent_with_orthanc_down(
+    env: dict[str, str], settings: Settings, orthanc: Orthanc, work: Path, **retry: str
+) -> tuple[Finding, list[Path], Tail]:
+    """A finding on a CT that Orthanc holds, a worker exporting SR, key image and KOS there
+    (`retry`: the RADTRIAGE_DISPATCH__* settings), then Orthanc stopped and the finding sent."""
+    finding, files = _finding_on_a_stored_series(settings, work)
+    orthanc.upload(files)
+    _, tail, producer = _start_worker(
+        env, settings, _orthanc_destination(orthanc, objects=list(OBJECTS)), **retry
+    )
+    orthanc.stop()
+    producer.send(settings.topics.findings, key=finding.study_uid.encode(), value=finding.to_bytes()).get(10)
+    return finding, files, tail
 
 
 def test_orthanc_down_and_back_within_the_deadline_loses_nothing_and_duplicates_nothing(
@@ -484,25 +478,10 @@ def test_orthanc_down_and_back_within_the_deadline_loses_nothing_and_duplicates_
     SR is audited as retrying, then SR, key image and KOS stored, each exactly once."""
     env, settings = worker_env
     t = settings.topics
-    orthanc = Orthanc(tmp_path / "pacs")
-    orthanc.start()
-    try:
-        finding, files = _finding_on_a_stored_series(settings, tmp_path / "ct")
+    with _running_orthanc(tmp_path / "pacs") as orthanc:
+        finding, files, tail = _sent_with_orthanc_down(env, settings, orthanc, tmp_path / "ct", **RIDES_OUT)
+        down_at = time.monotonic()  # a moment after it stopped: the outage is no shorter
         study = finding.study_uid
-        orthanc.upload(files)
-        destination = _orthanc_destination(orthanc, objects=list(OBJECTS))
-        _, tail, producer = _start_worker(
-            env,
-            settings,
-            destination,
-            retry_initial_s="1",
-            retry_max_s="4",
-            retry_deadline_s="60",
-            timeout_s="5",
-        )
-        orthanc.stop()
-        down_at = time.monotonic()
-        producer.send(t.findings, key=study.encode(), value=finding.to_bytes()).get(10)
         tail.until(lambda: _exports(tail, t.audit, study, retrying=True).get("sr"), timeout=60)
         assert not _exports(tail, t.audit, study)  # nothing stored nor given up on yet
         # The outage lasts ~20 s of retries; then the PACS is back, same storage and ports.
@@ -520,8 +499,6 @@ def test_orthanc_down_and_back_within_the_deadline_loses_nothing_and_duplicates_
         assert len(held) == len(set(held)) == len(files) + len(OBJECTS)
         assert set(_results_in_orthanc(orthanc, study)) == sent
         assert not [d for d in tail.of(t.deadletter) if d["stage"].startswith("pacs-export")]
-    finally:
-        orthanc.stop()
 
 
 def test_past_the_deadline_a_dead_letter_and_a_replay_sends_each_object_once(
@@ -533,30 +510,12 @@ def test_past_the_deadline_a_dead_letter_and_a_replay_sends_each_object_once(
     replay sends nothing."""
     env, settings = worker_env
     t = settings.topics
-    orthanc = Orthanc(tmp_path / "pacs")
-    orthanc.start()
-    try:
-        finding, files = _finding_on_a_stored_series(settings, tmp_path / "ct")
+    with _running_orthanc(tmp_path / "pacs") as orthanc:
+        finding, files, tail = _sent_with_orthanc_down(env, settings, orthanc, tmp_path / "ct", **GIVES_UP)
         study = finding.study_uid
-        orthanc.upload(files)
-        destination = _orthanc_destination(orthanc, objects=list(OBJECTS))
-        _, tail, producer = _start_worker(
-            env,
-            settings,
-            destination,
-            retry_initial_s="0.5",
-            retry_max_s="1",
-            retry_deadline_s="3",
-            timeout_s="2",
-        )
-        orthanc.stop()
-        producer.send(t.findings, key=study.encode(), value=finding.to_bytes()).get(10)
 
-        def letters() -> list[dict[str, Any]]:
-            return [d for d in tail.of(t.deadletter, study_uid=study) if d["stage"] == "pacs-export"]
-
-        tail.until(letters, timeout=90)
-        (letter,) = letters()
+        tail.until(lambda: _letters(tail, t.deadletter, study), timeout=90)
+        (letter,) = _letters(tail, t.deadletter, study)
         assert f"destination orthanc (ORTHANC@127.0.0.1:{orthanc.dicom_port})" in letter["error"]
         assert "sr not stored" in letter["error"] and "DICOM status no response" in letter["error"]
         assert letter["source_topic"] == settings.streams.outbox_topic("pacs-export")
@@ -582,8 +541,6 @@ def test_past_the_deadline_a_dead_letter_and_a_replay_sends_each_object_once(
         }
         # The replay went to the outbox only: report and escalate did not see the finding again.
         assert len(tail.of(t.findings, study_uid=study)) == 1
-    finally:
-        orthanc.stop()
 
 
 def test_stow_rs_to_orthanc_dicomweb_with_basic_auth(
@@ -594,9 +551,7 @@ def test_stow_rs_to_orthanc_dicomweb_with_basic_auth(
     password is refused at once (401, final: no retry) and dead-lettered naming it."""
     env, settings = worker_env
     t = settings.topics
-    orthanc = Orthanc(tmp_path / "pacs", dicomweb=True, users={"radtriage": "s3cret"})
-    orthanc.start()
-    try:
+    with _running_orthanc(tmp_path / "pacs", dicomweb=True, users={"radtriage": "s3cret"}) as orthanc:
         finding, _ = _finding_on_a_stored_series(settings, tmp_path / "ct")
         study = finding.study_uid
         web = {"kind": "stow", "url": orthanc.dicomweb_url, "username": "radtriage", "objects": list(OBJECTS)}
@@ -607,10 +562,7 @@ def test_stow_rs_to_orthanc_dicomweb_with_basic_auth(
         _, tail, producer = _start_worker(env, settings, destinations, retry_deadline_s="60", timeout_s="10")
         producer.send(t.findings, key=study.encode(), value=finding.to_bytes()).get(10)
 
-        def letters() -> list[dict[str, Any]]:
-            return [d for d in tail.of(t.deadletter, study_uid=study) if d["stage"] == "pacs-export"]
-
-        tail.until(letters, timeout=90)
+        tail.until(lambda: _letters(tail, t.deadletter, study), timeout=90)
         stored = {w: only for w, (only,) in _exports(tail, t.audit, study, destination="web").items()}
         assert set(stored) == set(OBJECTS)
         for what, event in stored.items():
@@ -623,14 +575,12 @@ def test_stow_rs_to_orthanc_dicomweb_with_basic_auth(
         }
         assert Comprehensive3DSRStorage in classes and SecondaryCaptureImageStorage in classes
 
-        (letter,) = letters()
+        (letter,) = _letters(tail, t.deadletter, study)
         assert f"destination wrong-password ({orthanc.dicomweb_url})" in letter["error"]
         assert "STOW status HTTP 401" in letter["error"] and "after 1 tries" in letter["error"]
         (refused,) = _exports(tail, t.audit, study, destination="wrong-password")["sr"]
         assert refused["decision"] == "sr_failed" and refused["detail"]["tries"] == 1
         assert not _exports(tail, t.audit, study, destination="wrong-password", retrying=True)
-    finally:
-        orthanc.stop()
 
 
 def _send_chest_nodule(
@@ -649,30 +599,8 @@ def _send_chest_nodule(
         phantom.hu, phantom.spacing_zyx, work, study_uid=study, series_uid=series, body_part="CHEST"
     )
     orthanc.upload(files)
-    blobs = LocalBlobStore(settings.blob_dir)
-    uris = tuple(
-        blobs.put_instance(
-            study, series, str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID), f.read_bytes()
-        )
-        for f in files
-    )
-    rule_id = "ct-chest-lung-nodule"
-    (rule,) = [r for r in RoutingRules.load(settings.routing_rules).rules if r.id == rule_id]
-    now = datetime.now(UTC)
-    request = TriageRequest(
-        study_uid=study,
-        series_uid=series,
-        instance_uris=uris,
-        lane="routine",
-        rule_id=rule_id,
-        model_name=rule.model,
-        finding=rule.finding,
-        threshold=rule.threshold,
-        received_at=now,
-        ready_at=now,
-        request_id=f"{study}/{rule_id}",
-    )
-    producer.send(settings.topics.lane_topic("routine"), key=study.encode(), value=request.to_bytes()).get(10)
+    uris = store_series(settings, study, series, files)
+    send_request(settings, producer, "routine", "ct-chest-lung-nodule", study, series, uris)
     return study, files
 
 
@@ -703,9 +631,7 @@ def test_a_bleed_and_a_chest_nodule_end_as_segs_on_their_ct_in_orthanc(
     instances; the nodule's SEG has a sphere where the SR's SCOORD3D point is."""
     env, settings = worker_env
     t = settings.topics
-    orthanc = Orthanc(tmp_path / "pacs")
-    orthanc.start()
-    try:
+    with _running_orthanc(tmp_path / "pacs") as orthanc:
         destination = _orthanc_destination(orthanc, objects=["sr", "seg"], positive_only=True)
         _, tail, producer = _start_worker(env, settings, destination, triton_grpc_url)
         bleed, bleed_files = _send_bleed(settings, orthanc, producer, tmp_path / "ct", seed=1801)
@@ -772,5 +698,3 @@ def test_a_bleed_and_a_chest_nodule_end_as_segs_on_their_ct_in_orthanc(
         (tmp_path / "nodule-seg.dcm").write_bytes(raw_seg)
         assert _dciodvfy_errors(tmp_path / "nodule-seg.dcm") == []
         assert not [d for d in tail.of(t.deadletter) if d["stage"] == "pacs-export"]
-    finally:
-        orthanc.stop()

@@ -18,6 +18,27 @@ pytestmark = pytest.mark.integration
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
+def _triton_gave_up(
+    topic: str,
+    lane: str,
+    study_uid: str,
+    payload: str,
+    partition: int | None = None,
+    offset: int | None = None,
+) -> DeadLetter:
+    """What a lane's agent dead-letters when Triton stays unreachable: the request as read."""
+    return DeadLetter(
+        source_topic=topic,
+        stage=f"infer.{lane}.triton",
+        error="gave up after 3 attempt(s): Triton unreachable",
+        key=study_uid,
+        study_uid=study_uid,
+        payload=payload,
+        partition=partition,
+        offset=offset,
+    )
+
+
 def test_replay_republishes_chosen_letters_once_with_key_header_and_trace(
     worker_env: tuple[dict[str, str], Settings],
 ) -> None:
@@ -26,23 +47,19 @@ def test_replay_republishes_chosen_letters_once_with_key_header_and_trace(
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     # What the stream's dead_letter() writes: the original text, key, topic and position.
     letters = {
-        "stat": DeadLetter(
-            source_topic=t.requests_stat,
-            stage="infer.stat.triton",
-            error="gave up after 3 attempt(s): Triton unreachable",
-            key="1.2.826.0.9.1",
+        "stat": _triton_gave_up(
+            t.requests_stat,
+            "stat",
+            "1.2.826.0.9.1",
+            '{"study_uid": "1.2.826.0.9.1", "lane": "stat", "note": "é"}',
             partition=1,
             offset=4,
-            study_uid="1.2.826.0.9.1",
-            payload='{"study_uid": "1.2.826.0.9.1", "lane": "stat", "note": "é"}',
         ),
-        "routine": DeadLetter(
-            source_topic=t.requests_routine,
-            stage="infer.routine.triton",
-            error="gave up after 3 attempt(s): Triton unreachable",
-            key="1.2.826.0.9.2",
-            study_uid="1.2.826.0.9.2",
-            payload='{"study_uid": "1.2.826.0.9.2", "lane": "routine"}',
+        "routine": _triton_gave_up(
+            t.requests_routine,
+            "routine",
+            "1.2.826.0.9.2",
+            '{"study_uid": "1.2.826.0.9.2", "lane": "routine"}',
         ),
         "route": DeadLetter(
             source_topic=t.studies,

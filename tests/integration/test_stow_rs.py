@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,25 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from connectors.dicom import validation as v
 from connectors.publisher import EventPublisher
 from models.dicom_writer import write_ct_series
 from models.phantoms import head_ct_phantom
-from radtriage.blobstore import LocalBlobStore
 from radtriage.kafka_admin import ensure_topics
 from radtriage.settings import Settings
+from tests.support.dicom_objects import (
+    MALFORMED_OBJECT_WARNINGS,
+    SECRET_BIRTH_DATE,
+    SECRET_NAME,
+    TRUNCATED_SEQUENCE,
+    header_only,
+    instance,
+    part10,
+    with_meta,
+)
 from tests.support.http import (
     Intake,
     healthy,
@@ -44,27 +52,14 @@ from tests.support.http import (
 from tests.support.kafka import PARTITIONS, read_topic
 from tests.support.net import free_port
 from tests.support.process import wait_ready
+from tests.support.published import one_study, stored_as_sent
 
-pytestmark = [
-    pytest.mark.integration,
-    # Test objects are malformed on purpose (pydicom warns while writing or decoding them).
-    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
-    pytest.mark.filterwarnings("ignore:VR lookup failed:UserWarning"),
-]
+pytestmark = [pytest.mark.integration, *MALFORMED_OBJECT_WARNINGS]
 
-SECRET_NAME = "Secret^Patient"
-SECRET_BIRTH_DATE = "19450817"
 PUBLIC_BASE = "https://pacs-gw.example.org"
 BOUNDARY = "radtriage-test-boundary"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 TIMEOUT = (5, 120)
-
-# A sequence of undefined length that ends mid-item: pydicom cannot decode it (0xC210).
-TRUNCATED_SEQUENCE = (
-    b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff"
-    b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
-    b"\x08\x00\x50\x00SH\x04\x00ABCD"
-)
 
 
 # -- a server in a background event loop ----------------------------------------------
@@ -97,37 +92,10 @@ def series(out: Path, seed: int, slices: int = 12) -> list[Dataset]:
     return datasets
 
 
-def part10(ds: Dataset) -> bytes:
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def truncated_ct() -> bytes:
-    """A valid Part 10 header claiming a CT image, then a dataset that does not decode."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return part10(ds) + TRUNCATED_SEQUENCE
-
-
 def structured_report() -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = BasicTextSRStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "SR"
+    ds = instance(BasicTextSRStorage, "SR")
     ds.PatientName = SECRET_NAME
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
+    return with_meta(ds)
 
 
 def pixelless_ct() -> Dataset:
@@ -180,16 +148,8 @@ def test_dicomweb_client_stores_a_series_published_with_one_marker(intake: Intak
         )
 
     records = read_topic(intake.settings.kafka.bootstrap_servers, intake.topic, len(datasets) + 1)
-    instances = [r for r in records if r.value["kind"] == "instance"]
-    markers = [r for r in records if r.value["kind"] == "transfer_complete"]
-    assert len(instances) == len(datasets) and len(markers) == 1 and len(records) == len(datasets) + 1
-    (marker,) = markers
-    assert marker.value["study_uid"] == study_uid and marker.value["instance_count"] == len(datasets)
+    instances, marker = one_study(records, study_uid, len(datasets))
     assert marker.value["source"] == "dicomweb"
-    # Keyed by the study: one partition, the marker after every instance.
-    assert {r.partition for r in records} == {marker.partition}
-    assert marker.offset == max(r.offset for r in records)
-    assert {r.value["association_id"] for r in records} == {marker.value["association_id"]}
     assert {r.value["source"] for r in instances} == {"dicomweb"}
     first = instances[0].value
     assert (first["modality"], first["body_part"], first["accession_number"], first["patient_id"]) == (
@@ -204,14 +164,7 @@ def test_dicomweb_client_stores_a_series_published_with_one_marker(intake: Intak
         _no_phi(r.raw)
 
     # Every event's blob exists and is the complete Part 10 file that was sent.
-    store = LocalBlobStore(intake.settings.blob_dir)
-    originals = {str(ds.SOPInstanceUID): ds for ds in datasets}
-    for r in instances:
-        stored = dcmread(store.path_of(r.value["blob_uri"]))
-        original = originals[str(stored.SOPInstanceUID)]
-        assert stored.PixelData == original.PixelData
-        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-    assert len(list(intake.settings.blob_dir.rglob("*.dcm"))) == len(datasets)
+    stored_as_sent(intake.settings.blob_dir, instances, {str(ds.SOPInstanceUID): ds for ds in datasets})
 
 
 def test_good_and_bad_parts_get_202_with_failure_reasons(intake: Intake, tmp_path: Path) -> None:
@@ -222,7 +175,7 @@ def test_good_and_bad_parts_get_202_with_failure_reasons(intake: Intake, tmp_pat
     body = multipart(
         [
             part10(datasets[0]),
-            truncated_ct(),
+            header_only(TRUNCATED_SEQUENCE),
             part10(datasets[1]),
             part10(sr),
             part10(pixelless),

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import requests
@@ -25,7 +24,7 @@ from radtriage.settings import Settings
 from radtriage.stack.process import terminate_with_parent
 from tests.support.java_build import built_classpath
 from tests.support.net import free_port
-from tests.support.process import stop_process
+from tests.support.process import PeerProcess
 
 VERSION = "8.8.0"
 HERE = Path(__file__).parent / "hapi_server"
@@ -49,9 +48,11 @@ def _ensure(cache: Path) -> str:
     )
 
 
-class HapiFhirServer:
+class HapiFhirServer(PeerProcess):
     """The JPA server on a port of its own, its database a file under `data_dir` (so it can be
     stopped and started again with what it stored: the tests' EHR outage)."""
+
+    stop_grace_s = 30.0  # SIGTERM first: H2 closes its file on the JVM's shutdown
 
     def __init__(self, data_dir: Path, cache: Path | None = None, port: int | None = None) -> None:
         self.classpath = _ensure(cache or Settings().cache)
@@ -101,20 +102,6 @@ class HapiFhirServer:
             elif not line.lstrip().startswith("at "):
                 self.log.append(line.rstrip())
         ready.set()  # it exited: start() sees poll() set
-
-    def stop(self) -> None:
-        """SIGTERM (H2 closes its file on the JVM's shutdown), SIGKILL if it lingers."""
-        proc, self.proc = self.proc, None
-        stop_process(proc, 30)
-
-    def __enter__(self) -> HapiFhirServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def search(self, resource_type: str, **params: str) -> list[dict[str, Any]]:
         """Every match of a search (all pages), the resources themselves."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.alerts import Alert, alert_id
 from schemas.findings import BiradsAssessment, Finding, LungNodule, SliceRange
 from schemas.requests import OrderRef
 
@@ -97,6 +98,20 @@ def ich_result(study_uid: str, series_uid: str, at: datetime | None = None, **fi
         "request_id": f"{study_uid}/{ICH_RULE}",
     }
     return Finding(**(base | fields))
+
+
+# What an alert repeats of its finding, as escalate copies it (streams/stages/escalate.py,
+# alert_of): every Alert field the Finding has, by name.
+_ALERT_FROM_FINDING = (Alert.model_fields.keys() & Finding.model_fields.keys()) - {"schema_version"}
+
+
+def ich_alert(study_uid: str, at: datetime | None = None, **fields: Any) -> Alert:
+    """The alert escalate raises on `ich_result(study_uid, <study_uid>.1, at)`: the same
+    read, keyed by (study, ICH); `fields` replace any of its values (`alerted_at` is now
+    unless given)."""
+    read = ich_result(study_uid, f"{study_uid}.1", at)
+    repeated = {name: getattr(read, name) for name in _ALERT_FROM_FINDING}
+    return Alert(**(repeated | {"alert_id": alert_id(study_uid, "ICH")} | fields))
 
 
 def gallery() -> dict[str, Finding]:

@@ -28,7 +28,7 @@ from processors.notify.signing import (
     SignatureError,
     verify_webhook,
 )
-from tests.certs import Pki
+from tests.certs import Pki, make_pki
 from tests.support.net import free_port
 
 
@@ -178,3 +178,12 @@ def smtp_env(server: SmtpServer, ca: Path) -> dict[str, str]:
         "RADTRIAGE_NOTIFY__SMTP__FROM": "radtriage@test.example",
         "RADTRIAGE_NOTIFY__SMTP__CAFILE": str(ca),
     }
+
+
+@contextmanager
+def notify_peers(secret: str, pki_dir: Path) -> Iterator[tuple[WebhookReceiver, SmtpServer, dict[str, str]]]:
+    """A webhook receiver checking `secret`, an SMTP server with STARTTLS (its certificate from
+    a PKI made in `pki_dir`), and the worker's settings that mail there."""
+    pki = make_pki(pki_dir)
+    with webhook_receiver(secret) as hooks, smtp_server(pki) as smtp:
+        yield hooks, smtp, smtp_env(smtp, pki.ca)

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from radtriage.settings import REPO_ROOT
 from radtriage.stack.process import port_in_use, terminate_with_parent
@@ -79,3 +79,26 @@ def stop_process(proc: subprocess.Popen[Any] | None, grace_s: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+class PeerProcess:
+    """A test peer that runs as a process of its own (`start` launches it into `proc`):
+    `with peer:` starts it and stops it whatever the test does; `stop` is SIGTERM, then
+    SIGKILL after `stop_grace_s`."""
+
+    proc: subprocess.Popen[Any] | None = None
+    stop_grace_s = 10.0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        stop_process(proc, self.stop_grace_s)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -11,15 +11,14 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
-from types import TracebackType
 
 from radtriage.stack.process import terminate_with_parent
 from tests.support.net import free_port
-from tests.support.process import stop_process
+from tests.support.process import PeerProcess
 from tests.support.wait import wait_until
 
 
-class MutualTlsProxy:
+class MutualTlsProxy(PeerProcess):
     """`https://127.0.0.1:<port>/` -> `upstream`, for clients whose certificate `client_ca` signed."""
 
     def __init__(self, work: Path, upstream: str, cert: Path, key: Path, client_ca: Path) -> None:
@@ -86,16 +85,3 @@ http {{
         wait_until(lambda: self._listening() or self.proc is None or self.proc.poll() is not None,
                    "nginx listening", timeout=30)  # fmt: skip
         assert self.proc.poll() is None, f"nginx did not start:\n{self.error_log[-3000:]}"
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        stop_process(proc, 10)
-
-    def __enter__(self) -> MutualTlsProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -3,14 +3,13 @@ building the Faust app only declares agents, topics and tables)."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
 import pytest
 
 from radtriage.settings import REPO_ROOT, Settings
-from streams.agents import build_pipeline
+from tests.support.pipeline import built_app
 
 LANES = ("stat", "urgent", "routine")
 # An agents cell ending "(only with `<setting>`)": registered only when that setting is set.
@@ -95,15 +94,7 @@ def test_the_documented_stages_are_the_registered_agents_with_their_topics(
     configured: frozenset[str],
 ) -> None:
     settings = _settings(configured)
-    # Building the pipeline makes the lanes' gRPC aio client, which wants the thread's event
-    # loop: a loop of its own, whatever earlier tests of the session left set or closed.
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        app = build_pipeline(settings).app
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
+    app = built_app(settings)
     # "notify.operators" needs a webhook, which is "notify" too.
     implied = configured | ({"notify"} if "notify.operators" in configured else set())
     documented = _table(frozenset(implied))

@@ -3,8 +3,6 @@ the finding's consistency rule, and its FHIR coding."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -12,6 +10,7 @@ from pydantic import ValidationError
 from processors.birads import BIRADS_OUTPUT, CONCERN_ORDER, VIEWS, assess, birads_of, overall_category
 from processors.fhir_report import BIRADS_CATEGORIES, build_result_bundle, conclusion_text
 from schemas.findings import BiradsAssessment, Finding
+from tests.support.findings import plain_finding
 
 THRESHOLD = 0.3
 
@@ -90,23 +89,9 @@ def test_malformed_outputs_are_refused_with_a_reason() -> None:
 
 
 def _finding(birads: BiradsAssessment | None, positive: bool) -> Finding:
-    now = datetime(2026, 12, 3, tzinfo=UTC)
-    return Finding(
-        study_uid="1.2.3",
-        series_uid="1.2.3.4",
-        finding="BIRADS",
-        probability=0.8 if positive else 0.1,
-        threshold=THRESHOLD,
-        positive=positive,
-        model_name="mammo_birads",
-        model_version="1",
-        lane="routine",
-        rule_id="mg-breast-birads",
-        received_at=now,
-        ready_at=now,
-        inference_ms=5.0,
-        birads=birads,
-    )
+    """A mammogram's finding as the routine lane publishes it, positive or not, with `birads`."""
+    p = 0.8 if positive else 0.1
+    return plain_finding("BIRADS", p, THRESHOLD, lane="routine", rule_id="mg-breast-birads", birads=birads)
 
 
 def test_a_finding_whose_category_contradicts_its_flag_is_refused() -> None:

@@ -28,18 +28,14 @@ from pydicom.uid import (
 
 from connectors.dicom import validation as v
 from radtriage.blobstore import BlobStoreError, LocalBlobStore, valid_uid
+from tests.support.dicom_objects import instance, part10, with_meta
 
 # Some datasets here are deliberately invalid; pydicom warns when they are built.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 
 
 def ct() -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
+    ds = instance(CTImageStorage, "CT")
     ds.BodyPartExamined = "HEAD"
     ds.SeriesDescription = "CT HEAD WO"
     ds.StudyDescription = "CT BRAIN"
@@ -55,14 +51,8 @@ def ct() -> Dataset:
 
 def non_image(sop_class: str) -> Dataset:
     """An SR / PDF / presentation state: identity and modality, no pixel data."""
-    ds = Dataset()
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
     modalities = {str(BasicTextSRStorage): "SR", str(EncapsulatedPDFStorage): "DOC"}
-    ds.Modality = modalities.get(sop_class, "PR")
-    return ds
+    return instance(sop_class, modalities.get(sop_class, "PR"))
 
 
 def test_a_ct_image_is_accepted_and_carries_only_routing_metadata() -> None:
@@ -311,15 +301,9 @@ def test_blob_store_is_atomic_idempotent_and_confined(tmp_path: Path) -> None:
 
 
 def test_a_stored_part10_file_reads_back(tmp_path: Path) -> None:
-    ds = ct()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    ds = with_meta(ct())
     store = LocalBlobStore(tmp_path)
-    uri = store.put_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, buf.getvalue())
+    uri = store.put_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, part10(ds))
     assert dcmread(store.path_of(uri)).SOPInstanceUID == ds.SOPInstanceUID
 
 

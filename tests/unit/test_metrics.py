@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import REGISTRY
 
 from radtriage import metrics
-from schemas.alerts import Alert
 from schemas.findings import Finding
 from schemas.requests import TriageRequest
 from schemas.results import ResultHeaders
+from tests.support.findings import ich_alert, ich_result
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -115,21 +115,17 @@ def _request(lane: str = "stat") -> TriageRequest:
 
 
 def _finding(positive: bool) -> Finding:
-    return Finding(
-        study_uid="1.2.3",
-        series_uid="1.2.3.1",
-        finding="ICH",
+    return ich_result(
+        "1.2.3",
+        "1.2.3.1",
+        T0 + timedelta(seconds=2),
         probability=0.9 if positive else 0.1,
-        threshold=0.5,
         positive=positive,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
         rule_id="r",
         received_at=T0,
-        ready_at=T0 + timedelta(seconds=2),
         inferred_at=T0 + timedelta(seconds=3.6),
         inference_ms=400.0,
+        request_id="",
     )
 
 
@@ -137,54 +133,34 @@ def test_recording_helpers_use_the_events_timestamps() -> None:
     metrics.set_known_models(["ich_classifier"])
     labels = {"lane": "stat", "model": "ich_classifier"}
     alert_labels = {**labels, "finding": "ICH"}
-    before = {
-        "inferred": _value("radtriage_routed_to_inferred_seconds_sum", **labels),
-        "alert_n": _value("radtriage_ready_to_alert_seconds_count", **alert_labels),
-        "alert_sum": _value("radtriage_ready_to_alert_seconds_sum", **alert_labels),
-        "received_sum": _value("radtriage_received_to_alert_seconds_sum", **alert_labels),
-        "le5": _value("radtriage_ready_to_alert_seconds_bucket", **alert_labels, le="5.0"),
-        "le3": _value("radtriage_ready_to_alert_seconds_bucket", **alert_labels, le="3.0"),
-        "report_sum": _value("radtriage_ready_to_report_seconds_sum", **labels),
-        "positive": _value(
-            "radtriage_findings_total", lane="stat", model="ich_classifier", finding="ICH", positive="true"
-        ),
-        "alerts": _value("radtriage_alerts_total", finding="ICH", lane="stat"),
-    }
+    # Each series the helpers record into, with what one finding, alert and report add to it.
+    expected = [
+        ("radtriage_routed_to_inferred_seconds_sum", labels, 1.5),
+        ("radtriage_ready_to_alert_seconds_count", alert_labels, 1),
+        ("radtriage_ready_to_alert_seconds_sum", alert_labels, 4.0),
+        ("radtriage_received_to_alert_seconds_sum", alert_labels, 6.0),
+        # 4 s: inside the 5 s bucket, outside the 3 s one.
+        ("radtriage_ready_to_alert_seconds_bucket", {**alert_labels, "le": "5.0"}, 1),
+        ("radtriage_ready_to_alert_seconds_bucket", {**alert_labels, "le": "3.0"}, 0),
+        ("radtriage_ready_to_report_seconds_sum", labels, 3.0),
+        ("radtriage_findings_total", {**alert_labels, "positive": "true"}, 1),
+        ("radtriage_alerts_total", {"finding": "ICH", "lane": "stat"}, 1),
+    ]
+    before = [_value(name, **series) for name, series, _ in expected]
     finding = _finding(True)
     metrics.observe_finding("stat", _request(), finding)
-    alert = Alert(
-        alert_id="1.2.3/ICH",
-        study_uid="1.2.3",
-        finding="ICH",
-        probability=0.9,
-        threshold=0.5,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        received_at=T0,
-        ready_at=T0 + timedelta(seconds=2),
-        alerted_at=T0 + timedelta(seconds=6),
+    alert = ich_alert(
+        "1.2.3", T0 + timedelta(seconds=2), received_at=T0, alerted_at=T0 + timedelta(seconds=6)
     )
     metrics.observe_alert(alert)
     result = ResultHeaders(study_uid="1.2.3", finding="ICH", produced_at=T0 + timedelta(seconds=5))
     metrics.observe_report(finding, result)
 
-    assert _value("radtriage_routed_to_inferred_seconds_sum", **labels) - before["inferred"] == 1.5
-    assert _value("radtriage_ready_to_alert_seconds_count", **alert_labels) - before["alert_n"] == 1
-    assert _value("radtriage_ready_to_alert_seconds_sum", **alert_labels) - before["alert_sum"] == 4.0
-    assert _value("radtriage_received_to_alert_seconds_sum", **alert_labels) - before["received_sum"] == 6.0
-    # 4 s: inside the 5 s bucket, outside the 3 s one.
-    assert _value("radtriage_ready_to_alert_seconds_bucket", **alert_labels, le="5.0") - before["le5"] == 1
-    assert _value("radtriage_ready_to_alert_seconds_bucket", **alert_labels, le="3.0") - before["le3"] == 0
-    assert _value("radtriage_ready_to_report_seconds_sum", **labels) - before["report_sum"] == 3.0
-    assert (
-        _value(
-            "radtriage_findings_total", lane="stat", model="ich_classifier", finding="ICH", positive="true"
-        )
-        - before["positive"]
-        == 1
-    )
-    assert _value("radtriage_alerts_total", finding="ICH", lane="stat") - before["alerts"] == 1
+    grown = [
+        (name, series, _value(name, **series) - was)
+        for (name, series, _), was in zip(expected, before, strict=True)
+    ]
+    assert grown == expected
 
 
 def test_no_identifier_ever_becomes_a_label_value() -> None:

@@ -3,7 +3,6 @@ messages), stuck-study detection, who the operators are, and what registers when
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,7 +22,7 @@ from radtriage.settings import NotifySettings, OperatorNotifySettings, Settings,
 from radtriage.status import notify_summary
 from schemas.deadletter import DeadLetter
 from schemas.oncall import Channel, Oncall, OncallError
-from streams.agents import build_pipeline
+from tests.support.pipeline import built_app
 
 T0 = datetime(2026, 12, 7, 10, 0, 0, tzinfo=UTC)
 
@@ -180,14 +179,7 @@ def test_a_digest_message_names_the_cause_count_and_first_studies() -> None:
 
 
 def _agents(settings: Settings) -> set[str]:
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        app = build_pipeline(settings).app
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
-    return {name.rsplit(".", 1)[-1] for name in app.agents}
+    return {name.rsplit(".", 1)[-1] for name in built_app(settings).agents}
 
 
 def test_nothing_configured_registers_no_notify_agent() -> None:

@@ -40,6 +40,7 @@ from schemas.requests import Lane, TriageRequest
 from schemas.results import ResultHeaders
 from schemas.studies import SeriesRef, StudyEvent
 from streams.join import request_id
+from tests.support.findings import ich_alert, ich_result
 
 T0 = datetime(2026, 12, 1, 8, 0, 0, tzinfo=UTC)
 UID = "1.2.826.0.1.3680043.8.498.1234567890123456789"
@@ -102,39 +103,29 @@ def request(
 
 
 def finding(uid: str = UID, p: float = 0.9, inferred: float = 5) -> Finding:
-    return Finding(
-        study_uid=uid,
+    return ich_result(
+        uid,
+        uid + ".1",
+        at(2),
         accession_number="ACC1",
         patient_id=MRN,
-        series_uid=uid + ".1",
-        finding="ICH",
         probability=p,
         threshold=0.05,
         positive=p >= 0.05,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id="ct-head-noncontrast-ich",
         received_at=at(0),
-        ready_at=at(2),
         inferred_at=at(inferred),
         inference_ms=120.0,
+        request_id="",
     )
 
 
 def alert(uid: str = UID, alerted: float = 6) -> Alert:
-    return Alert(
-        alert_id=f"{uid}/ICH",
-        study_uid=uid,
+    return ich_alert(
+        uid,
+        at(2),
         accession_number="ACC1",
-        finding="ICH",
-        probability=0.9,
         threshold=0.05,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
         received_at=at(0),
-        ready_at=at(2),
         alerted_at=at(alerted),
         trace_id="ab" * 16,
     )

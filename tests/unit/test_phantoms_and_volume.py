@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import BasicTextSRStorage, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from models.dicom_writer import write_ct_series
 from models.phantoms import Phantom, chest_ct_phantom, head_ct_phantom
 from processors.dicom_volume import VolumeError, load_series
+from tests.support.dicom_objects import with_meta
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +141,7 @@ def test_reversed_normal_reverses_the_order(
 
 
 def _save(ds: Dataset, path: Path) -> Path:
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
+    with_meta(ds).save_as(path, enforce_file_format=True)
     return path
 
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,36 +33,32 @@ AXIAL, THIN, BONE = 6, 16, 8
 SEED = 16
 
 
+def _study(where: Path, seed: int, **kw: Any) -> StudyManifest:
+    """A realistic head study of few slices per series (a unit test's size); `kw` as
+    write_realistic_head_study takes them."""
+    return write_realistic_head_study(
+        where, rng=np.random.default_rng(seed), axial_slices=AXIAL, thin_slices=THIN, bone_slices=BONE, **kw
+    )
+
+
 @pytest.fixture(scope="module")
 def signed_bleed(tmp_path_factory: pytest.TempPathFactory) -> StudyManifest:
     """Siemens-style: signed pixels, -2000 padding, InstanceNumber rising along z."""
-    return write_realistic_head_study(
-        tmp_path_factory.mktemp("signed"),
-        bleed=True,
-        rng=np.random.default_rng(SEED),
-        accession="ACC16",
-        patient_id="MRN16",
-        axial_slices=AXIAL,
-        thin_slices=THIN,
-        bone_slices=BONE,
-    )
+    return _study(tmp_path_factory.mktemp("signed"), SEED, bleed=True, accession="ACC16", patient_id="MRN16")
 
 
 @pytest.fixture(scope="module")
 def unsigned_normal(tmp_path_factory: pytest.TempPathFactory) -> StudyManifest:
     """GE-style names, unsigned pixels (intercept -1024), InstanceNumber falling along z."""
-    return write_realistic_head_study(
+    return _study(
         tmp_path_factory.mktemp("unsigned"),
+        SEED + 1,
         bleed=False,
-        rng=np.random.default_rng(SEED + 1),
         signed=False,
         instance_order="descending",
         vendor="ge",
         accession="ACC17",
         patient_id="MRN17",
-        axial_slices=AXIAL,
-        thin_slices=THIN,
-        bone_slices=BONE,
     )
 
 

@@ -22,6 +22,7 @@ from schemas.studies import SeriesRef, StudyEvent
 from streams import assembly
 from streams.join import on_study, route_with_context
 from streams.routing import RoutedSeries, decide, eligible, request_id, route_study
+from tests.support.findings import ich_result
 
 RULES = RoutingRules.load(REPO_ROOT / "deploy" / "routing" / "rules.yaml")
 AXIAL = ("ORIGINAL", "PRIMARY", "AXIAL")
@@ -241,24 +242,18 @@ def test_assembly_carries_series_headers_and_counts_frames_once() -> None:
 
 
 def finding(**update: object) -> Finding:
-    base = Finding(
-        study_uid="1.2.840.1",
-        series_uid=THICK.series_uid,
-        finding="ICH",
+    return ich_result(
+        "1.2.840.1",
+        THICK.series_uid,
+        T0,
         probability=0.93,
         threshold=0.05,
-        positive=True,
-        model_name="ich_classifier",
-        model_version="1",
-        lane="stat",
-        rule_id="ct-head-noncontrast-ich",
-        received_at=T0,
-        ready_at=T0,
         inference_ms=12.0,
         series_number=2,
         series_description="Head 5.0 H30s",
+        request_id="",
+        **update,
     )
-    return base.model_copy(update=update)
 
 
 def test_report_names_the_series_and_an_amendment_keeps_the_report_id() -> None:
