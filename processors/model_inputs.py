@@ -1,7 +1,7 @@
 """From a series' blob URIs to the tensor a given Triton model expects.
 
 Each served model's spec (models/<name>/spec.py) names the input here it was trained
-with: its series loader and preprocessing (the transforms in `processors/preprocessing.py`,
+with: its series loader and preprocessing (the transforms in `processors/preprocessing/`,
 shared with training), which is what prevents train/serve skew.
 
 Every preprocessor returns the tensor and the model's geometry: what maps the model's
@@ -119,7 +119,7 @@ def _mammogram(images: Images) -> tuple[np.ndarray, ModelGeometry]:
 
 # The inputs of the reference models, each named by its model's spec (models/<name>/spec.py,
 # `input`). CT models read their series onto the working grid their preprocessing declares
-# (processors/preprocessing.py, "Working grids"): memory and time follow the model's grid,
+# (processors/preprocessing/common.py, "Working grids"): memory and time follow the model's grid,
 # not the scanner's matrix.
 HEAD_CT = ModelInput(_head_ct, functools.partial(load_series, pool=ich_pooling))
 CTA = ModelInput(_cta, functools.partial(load_series, pool=lvo_pooling))

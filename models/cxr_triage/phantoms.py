@@ -24,7 +24,7 @@ Then exposure and detector: gain and offset (kV, dose), a gamma, detector blur, 
 that grows with signal, sometimes a vendor's edge enhancement. Image size, pixel
 spacing, patient size and position vary. A seeded `np.random.Generator` reproduces a
 phantom exactly. Grids are 300-400 pixels of 1.0-1.4 mm (a real detector is 3000 of
-0.14 mm): the model sees ~1.7 mm pixels either way (processors/preprocessing.py).
+0.14 mm): the model sees ~1.7 mm pixels either way (processors/preprocessing/).
 
 Array convention: row 0 is the top (head), the last column is the patient's left —
 the conventional PA display, PatientOrientation "L\\F" in the DICOM written by

@@ -10,7 +10,7 @@
                no bias: P(left) from evidence on the left against evidence on the right
 
 The halves are the last axis split at its middle (the patient's right | left, see
-processors/preprocessing.py): the preprocessing crops and pads the head symmetrically
+processors/preprocessing/): the preprocessing crops and pads the head symmetrically
 enough that the midline falls near the middle, and the network only compares the two.
 An occlusion is an absence — a tube that stops, a territory that fills less — so the
 explicit left-right difference is what lets a network this small see it from a few

@@ -38,7 +38,7 @@ from processors.preprocessing import LVO_INPUT_SHAPE, preprocess_cta, preprocess
 MAP_POOL = (2, 4, 4)
 MAP_SHAPE = tuple(n // p for n, p in zip(LVO_INPUT_SHAPE[1:], MAP_POOL, strict=True))
 MAP_POS_WEIGHT = 20.0
-ASYMMETRY_CHANNEL = 2  # processors/preprocessing.py, CTA step 5  # clot fills well under 1 % of the map
+ASYMMETRY_CHANNEL = 2  # processors/preprocessing/, CTA step 5  # clot fills well under 1 % of the map
 DEFAULTS = training.Defaults(train=600, val=200, test=200, epochs=6, batch=4, lr=2e-3)
 
 

@@ -9,7 +9,7 @@
                 P(BI-RADS 0..5) for the view
 
 One network reads every view (chest wall at column 0 whatever the breast:
-processors/preprocessing.py), so a study's four views are four rows of one batch.
+processors/preprocessing/), so a study's four views are four rows of one batch.
 `MammoServed` is what Triton runs: (N, 4, 256, 192) in, per study
 
     probability           (N, 1)     max over present views of P(4) + P(5)

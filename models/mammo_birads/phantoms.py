@@ -20,7 +20,7 @@ denser):
 Then exposure and detector: gain and offset, a gamma, detector blur, noise that grows
 with signal. A seeded `np.random.Generator` reproduces a phantom exactly. Pixels are
 0.6-0.8 mm on a ~240 x 300 mm detector (a real one is 0.07-0.1 mm): the triage model
-sees a downsampled image either way (processors/preprocessing.py).
+sees a downsampled image either way (processors/preprocessing/).
 
 Array convention, for every view and both breasts (orientation is normalised so one model
 sees every view the same way): the chest wall (pectoral side) is column 0 and the nipple

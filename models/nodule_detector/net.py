@@ -29,7 +29,7 @@ from models.network_parts import Served
 from processors.preprocessing import NODULE_INPUT_SHAPE
 
 MODEL_CHANNELS: tuple[int, int, int, int] = (16, 32, 64, 128)
-LUNG_CHANNEL = 1  # processors/preprocessing.py, chest CT step 3
+LUNG_CHANNEL = 1  # processors/preprocessing/, chest CT step 3
 LUNG_MARGIN_VOXELS = 3  # 7.5 mm at 2.5 mm: the pleura and a juxta-pleural nodule's wall side
 
 

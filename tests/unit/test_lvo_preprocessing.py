@@ -12,12 +12,8 @@ from models.dicom_writer import write_ct_series
 from models.lvo_detector.phantoms import cta_phantom
 from processors.dicom_volume import load_series
 from processors.model_inputs import prepare_input
-from processors.preprocessing import (
-    LVO_INPUT_SHAPE,
-    _slab_mip,
-    preprocess_cta,
-    preprocess_cta_with_mask,
-)
+from processors.preprocessing import LVO_INPUT_SHAPE, preprocess_cta, preprocess_cta_with_mask
+from processors.preprocessing.cta import _slab_mip
 
 
 def test_shape_dtype_range_and_channels() -> None:

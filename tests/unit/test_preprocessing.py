@@ -142,7 +142,7 @@ def test_committed_weights_classify_fresh_phantoms() -> None:
 
 # The last commit before issue 16's loader work: the arithmetic the committed weights were
 # trained through (the merge-base with main moves once this work is merged, so it is pinned).
-# SHA-256 of the float32 outputs of processors/preprocessing.py as it was before issue 16
+# SHA-256 of the float32 outputs of processors/preprocessing/ as it was before issue 16
 # (commit 89bf3b5) on these phantoms, recorded from that code: the reference needs no git
 # history (a shallow clone has none), and a changed value anywhere changes the digest.
 BEFORE_ISSUE_16 = {
@@ -191,12 +191,13 @@ def test_phantom_inputs_are_bit_identical_to_the_preprocessing_before_issue_16()
 def test_the_lean_anti_aliased_resize_is_monais() -> None:
     """Shrinking by 1.5x or more (a scanner series on its working grid; never a training
     phantom) is MONAI's anti-aliased Resize, computed one channel and axis at a time."""
-    from processors.preprocessing import _resize_anti_aliased, _resize_smoothed
+    from processors.preprocessing.common import resize_anti_aliased
+    from processors.preprocessing.head_ct import _resize_smoothed
 
     generator = torch.Generator().manual_seed(0)
     for shape in [(3, 75, 225, 225), (4, 50, 150, 140), (3, 32, 200, 120)]:
         x = torch.rand(shape, generator=generator)
-        lean = _resize_anti_aliased(x, ICH_INPUT_SHAPE[1:])
+        lean = resize_anti_aliased(x, ICH_INPUT_SHAPE[1:])
         monai = torch.as_tensor(_resize_smoothed(x))
         assert lean.shape == monai.shape == (shape[0], *ICH_INPUT_SHAPE[1:])
         np.testing.assert_allclose(lean.numpy(), monai.numpy(), rtol=0, atol=1e-6)
