@@ -558,6 +558,11 @@ class StreamSettings(BaseModel):
     # (60 s in deploy/k8s). Nothing is lost by it: offsets of unfinished work are not
     # committed, and the published ledgers keep the replay from publishing twice.
     shutdown_timeout_s: float = 20.0
+    # After the warm-up, move every object alive then (the imported libraries: torch, MONAI,
+    # pydicom, highdicom, fhir.resources) out of the garbage collector's reach (gc.freeze):
+    # a full collection walked them all, 40-200 ms with the loop stopped, long enough to
+    # hold up an alert's webhook by as much (bench/RESULTS.md, "Alerts first").
+    gc_freeze_after_warm: bool = True
 
     @property
     def studies_by_patient_topic(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -91,6 +92,10 @@ def run_worker(settings: Settings) -> None:
             await pipeline.warm()
         except Exception:  # a cold lane is slower, not broken: serve anyway
             log.exception("warm-up failed; the first studies pay for it")
+        if settings.streams.gc_freeze_after_warm:
+            gc.collect()
+            gc.freeze()
+            log.info("%d objects frozen out of garbage collection after the warm-up", gc.get_freeze_count())
         progress["warm"] = True
         _mark_if_ready()
 
