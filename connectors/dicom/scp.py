@@ -25,6 +25,7 @@ from pynetdicom.events import EventHandlerType
 from connectors.dicom import negotiation
 from connectors.dicom import validation as v
 from connectors.dicom.associations import Association, Associations
+from connectors.dicom.part10 import part10_header
 from connectors.dicom.received_study import ReceivedStudy
 from connectors.publisher import EventPublisher, PublishError
 from processors.result_marker import is_radtriage_result
@@ -194,7 +195,7 @@ class StoreSCP:
         # negotiated transfer syntax, never re-encoded. The header is pynetdicom's
         # `encoded_dataset()` one, written directly.
         request = event.request
-        header = v.part10_header(
+        header = part10_header(
             str(request.AffectedSOPClassUID or ""),
             str(request.AffectedSOPInstanceUID or ""),
             str(event.context.transfer_syntax),

@@ -27,6 +27,7 @@ from pydicom.uid import (
 )
 
 from connectors.dicom import validation as v
+from connectors.dicom.part10 import part10_header
 from radtriage.blobstore import BlobStoreError, LocalBlobStore, valid_uid
 from tests.support.dicom_objects import instance, part10, with_meta
 
@@ -319,7 +320,7 @@ def test_the_part10_header_is_what_pynetdicom_would_write(syntax: str) -> None:
     meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
     expected = b"\0" * 128 + b"DICM" + encode_file_meta(meta)
-    header = v.part10_header(
+    header = part10_header(
         CTImageStorage,
         "1.2.826.0.1.3680043.8.498.123",
         syntax,
