@@ -222,22 +222,11 @@ def _algorithm(finding: Finding, threshold: float) -> hd.AlgorithmIdentification
     )
 
 
-def build_seg(
-    finding: Finding,
-    sources: Sequence[Dataset],
-    cell_map: StoredMap | None = None,
-    software_version: str = "",
-) -> Dataset:
-    """The finding's SEG on `sources` (headers of the series the model read, pixel data not
-    needed). Raises SegError when there is nothing to segment or no geometry to put it on."""
-    why_not = nothing_to_segment(finding, cell_map)
-    if why_not is not None:
-        raise SegError(f"no SEG for {finding.study_uid}: {why_not}")
-    others = {str(ds.StudyInstanceUID) for ds in sources} - {finding.study_uid}
-    if others:
-        raise SegError(f"source instances of other studies: {sorted(others)}")
-    slices = _slices(sources)
-    # One entry per segment: its description and its masks by slice.
+def _segments(
+    finding: Finding, slices: Sequence[_Slice], cell_map: StoredMap | None
+) -> list[tuple[hd.seg.SegmentDescription, Painters]]:
+    """One entry per segment: its description and its masks by slice (the localisation
+    map's cells, then each nodule's sphere)."""
     segments: list[tuple[hd.seg.SegmentDescription, Painters]] = []
     if cell_map is not None:
         concept = finding_concept(finding)
@@ -267,6 +256,14 @@ def build_seg(
             display_color=_YELLOW,
         )
         segments.append((description, _sphere_masks(slices, nodule)))
+    return segments
+
+
+def _painted(
+    finding: Finding, slices: Sequence[_Slice], segments: list[tuple[hd.seg.SegmentDescription, Painters]]
+) -> tuple[list[int], np.ndarray]:
+    """The source slices any segment touches, and (frames, rows, cols, segments) masks on
+    them, one byte a pixel: the segmented slices only."""
     used = sorted({i for _, masks in segments for i in masks})
     if not used:
         raise SegError(f"no SEG for {finding.study_uid}: nothing it localises falls on a source slice")
@@ -274,12 +271,31 @@ def build_seg(
     if len(shapes) != 1:
         raise SegError(f"segmented source slices of several sizes: {sorted(shapes)}")
     rows, cols = shapes.pop()
-    # (frames, rows, cols, segments), one byte a pixel: the segmented slices only.
     pixels = np.zeros((len(used), rows, cols, len(segments)), dtype=bool)
     for f, i in enumerate(used):
         for s, (_, painters) in enumerate(segments):
             if i in painters:
                 painters[i](pixels[f, :, :, s])
+    return used, pixels
+
+
+def build_seg(
+    finding: Finding,
+    sources: Sequence[Dataset],
+    cell_map: StoredMap | None = None,
+    software_version: str = "",
+) -> Dataset:
+    """The finding's SEG on `sources` (headers of the series the model read, pixel data not
+    needed). Raises SegError when there is nothing to segment or no geometry to put it on."""
+    why_not = nothing_to_segment(finding, cell_map)
+    if why_not is not None:
+        raise SegError(f"no SEG for {finding.study_uid}: {why_not}")
+    others = {str(ds.StudyInstanceUID) for ds in sources} - {finding.study_uid}
+    if others:
+        raise SegError(f"source instances of other studies: {sorted(others)}")
+    slices = _slices(sources)
+    segments = _segments(finding, slices, cell_map)
+    used, pixels = _painted(finding, slices, segments)
     series_uid, sop_uid = seg_uids(finding)
     inferred = finding.inferred_at
     seg = hd.seg.Segmentation(
