@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -27,6 +28,21 @@ def _settings(bootstrap_servers: str | None = None, triton_url: str | None = Non
         settings.triton.grpc_url = triton_url
         settings.triton.embedded = False
     return settings
+
+
+def _run_listener(command: str, component: str, serve: Callable[[Settings], None]) -> None:
+    """Serve a TLS-capable listener with tracing; settings TLS cannot use exit 2 with the reason."""
+    from radtriage.tls import TlsConfigError
+    from radtriage.tracing_sdk import setup_tracing
+
+    setup_logging(component=component)
+    settings = _settings()
+    setup_tracing(settings, command)
+    try:
+        serve(settings)
+    except TlsConfigError as exc:
+        click.echo(f"radtriage {command}: {exc}", err=True)
+        sys.exit(2)
 
 
 @click.group()
@@ -117,34 +133,16 @@ def worker() -> None:
 def dicom_scp() -> None:
     """Run the DICOM C-STORE listener (started for you by `radtriage up`)."""
     from connectors.dicom.listener import run_scp
-    from radtriage.tls import TlsConfigError
-    from radtriage.tracing_sdk import setup_tracing
 
-    setup_logging(component="dicom")
-    settings = _settings()
-    setup_tracing(settings, "dicom-scp")
-    try:
-        run_scp(settings)
-    except TlsConfigError as exc:
-        click.echo(f"radtriage dicom-scp: {exc}", err=True)
-        sys.exit(2)
+    _run_listener("dicom-scp", "dicom", run_scp)
 
 
 @main.command("hl7-listener")
 def hl7_listener() -> None:
     """Run the HL7 v2 MLLP listener (started for you by `radtriage up`)."""
     from connectors.hl7.mllp import run_listener
-    from radtriage.tls import TlsConfigError
-    from radtriage.tracing_sdk import setup_tracing
 
-    setup_logging(component="hl7")
-    settings = _settings()
-    setup_tracing(settings, "hl7-listener")
-    try:
-        run_listener(settings)
-    except TlsConfigError as exc:
-        click.echo(f"radtriage hl7-listener: {exc}", err=True)
-        sys.exit(2)
+    _run_listener("hl7-listener", "hl7", run_listener)
 
 
 @main.command("http")

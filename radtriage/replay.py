@@ -254,6 +254,21 @@ def replay_headers(
     return own + mark + ([("traceparent", traceparent)] if traceparent else [])
 
 
+def send_replay(
+    producer: KafkaProducer, letter: DeadLetter, headers: list[tuple[str, bytes]], timeout_s: float
+) -> Coordinates:
+    """Publish a dead letter's payload to its source topic again, under its own key, and
+    wait for the acknowledgement: where it landed. Any KafkaError is the caller's to handle
+    (the command stops, the operator page answers 503); only an acknowledged replay is recorded."""
+    meta = producer.send(
+        letter.source_topic,
+        key=letter.key.encode() if letter.key else None,
+        value=letter.payload.encode("utf-8"),
+        headers=headers,
+    ).get(timeout=timeout_s)
+    return Coordinates(meta.topic, meta.partition, meta.offset)
+
+
 def read_dead_letters(
     kafka: KafkaSettings | str, topic: str, timeout_s: float = 60.0
 ) -> tuple[list[StoredLetter], int]:
@@ -309,16 +324,10 @@ def run_replay(settings: Settings, criteria: Criteria, *, dry_run: bool) -> Repo
                 stored, letter = decision.stored, decision.stored.letter
                 headers = replay_headers(letter, stored.coords, stored.traceparent)
                 try:
-                    meta = producer.send(
-                        letter.source_topic,
-                        key=letter.key.encode() if letter.key else None,
-                        value=letter.payload.encode("utf-8"),
-                        headers=headers,
-                    ).get(timeout=settings.kafka.produce_timeout_s)
+                    landed = send_replay(producer, letter, headers, settings.kafka.produce_timeout_s)
                 except Exception as exc:  # every KafkaError: stop, nothing after this is half-done
                     report.failure = f"{stored.coords} not acknowledged: {type(exc).__name__}: {exc}"
                     break
-                landed = Coordinates(meta.topic, meta.partition, meta.offset)
                 append_record(record, record_line(stored.coords, letter, landed))
                 report.replayed_to[stored.coords] = landed
         finally:

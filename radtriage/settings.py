@@ -25,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainSerializer,
     SecretStr,
     SerializationInfo,
     Tag,
@@ -80,6 +81,16 @@ def reveals_secrets(info: SerializationInfo) -> bool:
     (`Settings.inheritable_json`): they need the real values."""
     context = info.context
     return isinstance(context, dict) and bool(context.get(REVEAL_SECRETS))
+
+
+def _dump_secret(value: SecretStr, info: SerializationInfo) -> str:
+    return value.get_secret_value() if reveals_secrets(info) else str(value)
+
+
+# A secret setting (a password, a key, a token): masked in every JSON dump but the one a
+# child of `up` is given (reveals_secrets). One declaration, so no settings class can
+# forget the rule.
+Secret = Annotated[SecretStr, PlainSerializer(_dump_secret, when_used="json")]
 
 
 def _default_home() -> Path:
@@ -146,17 +157,13 @@ class KafkaSettings(BaseModel):
     sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
     sasl_username: str = ""
     # The password itself, or a file holding it (a mounted Secret); the file wins when both are set.
-    sasl_password: SecretStr = SecretStr("")
+    sasl_password: Secret = SecretStr("")
     sasl_password_file: Path | None = None
     # PEM files: the CA that signed the brokers' certificates, and an optional client
     # certificate + unencrypted key (mutual TLS).
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
-
-    @field_serializer("sasl_password", when_used="json")
-    def _dump_password(self, value: SecretStr, info: SerializationInfo) -> str:
-        return value.get_secret_value() if reveals_secrets(info) else str(value)
 
     @property
     def uses_sasl(self) -> bool:
@@ -192,15 +199,9 @@ class TritonSettings(BaseModel):
     # metadata key `triton-grpc-protocol-<api_key_header>`). The embedded Triton is started that way and every
     # radtriage client sends it. Triton's metrics port has no such control: keep it on
     # loopback or behind a NetworkPolicy (deploy/k8s does).
-    api_key: SecretStr | None = None
+    api_key: Secret | None = None
     api_key_file: Path | None = None
     api_key_header: str = "radtriage-triton-key"
-
-    @field_serializer("api_key", when_used="json")
-    def _dump_key(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
-        if value is None:
-            return None
-        return value.get_secret_value() if reveals_secrets(info) else str(value)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> TritonSettings:
@@ -261,17 +262,11 @@ class TlsSettings(BaseModel):
     key_file: Path | None = None  # PEM private key
     # Only for an encrypted key file: the password itself, or a file holding it (a mounted
     # secret). Never logged.
-    key_password: SecretStr | None = None
+    key_password: Secret | None = None
     key_password_file: Path | None = None
     client_ca_file: Path | None = None
     # A connection that has not finished its handshake by then is closed.
     handshake_timeout_s: float = 10.0
-
-    @field_serializer("key_password", when_used="json")
-    def _dump_secret(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
-        if value is None:
-            return None
-        return value.get_secret_value() if reveals_secrets(info) else str(value)
 
     @model_validator(mode="after")
     def _complete(self) -> TlsSettings:
@@ -430,20 +425,13 @@ class StowDestination(_Destination):
     # The service's base URL (e.g. http://pacs:8042/dicom-web for Orthanc's plugin).
     url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$")
     # Either a bearer token or HTTP basic (username + password); neither: no Authorization.
-    bearer_token: SecretStr | None = None
+    bearer_token: Secret | None = None
     username: str | None = None
-    password: SecretStr | None = None
+    password: Secret | None = None
     # HTTPS: the service's certificate is verified (against `ca_file`, else the system's
     # CAs) unless `tls_verify` is false (a test bench's self-signed peer only).
     tls_verify: bool = True
     ca_file: Path | None = None
-
-    @field_serializer("bearer_token", "password", when_used="json")
-    def _dump_secret(self, value: SecretStr | None, info: SerializationInfo) -> str | None:
-        # Revealed only for a child process of `radtriage up` (inheritable_json).
-        if value is None:
-            return None
-        return value.get_secret_value() if reveals_secrets(info) else str(value)
 
     @model_validator(mode="after")
     def _one_auth(self) -> StowDestination:
@@ -850,14 +838,10 @@ class WebhookTarget(BaseModel):
     name: str = ""
     url: str
     # HMAC-SHA256 key of the X-Radtriage-Signature header; "" = unsigned (Teams/Slack verify nothing).
-    secret: SecretStr = SecretStr("")
+    secret: Secret = SecretStr("")
     # Finding codes it carries (e.g. ["ICH"]); empty = every finding.
     findings: list[str] = Field(default_factory=list)
     format: Literal["json", "teams", "slack"] = "json"
-
-    @field_serializer("secret", when_used="json")
-    def _dump_secret(self, value: SecretStr, info: SerializationInfo) -> str:
-        return value.get_secret_value() if reveals_secrets(info) else str(value)
 
 
 class SmtpSettings(BaseModel):
@@ -869,7 +853,7 @@ class SmtpSettings(BaseModel):
     starttls: bool = True
     sender: str = Field(default="radtriage@localhost", validation_alias=AliasChoices("from", "sender"))
     username: str = ""
-    password: SecretStr = SecretStr("")
+    password: Secret = SecretStr("")
     # The CA the relay's certificate is checked against; None = the system's store.
     cafile: Path | None = None
     timeout_s: float = 10.0
@@ -877,10 +861,6 @@ class SmtpSettings(BaseModel):
     # open at once, each closed and made again after `idle_s` unused.
     connections: int = Field(default=4, ge=1)
     idle_s: float = 30.0
-
-    @field_serializer("password", when_used="json")
-    def _dump_password(self, value: SecretStr, info: SerializationInfo) -> str:
-        return value.get_secret_value() if reveals_secrets(info) else str(value)
 
 
 # What a hospital may leave out of notifications (minimum necessary): a message always
@@ -928,7 +908,7 @@ class NotifySettings(BaseModel):
     # each alert once, with no escalation.
     oncall_file: Path | None = None
     # Key of the acknowledgement links' HMAC tokens; "" = messages carry no ack link.
-    ack_secret: SecretStr = SecretStr("")
+    ack_secret: Secret = SecretStr("")
     # Base URL of the HTTP port as the recipients reach it (operator page, ack links).
     public_url: str = "http://127.0.0.1:8080"
     ack_ttl_s: float = 24 * 3600.0
@@ -951,10 +931,6 @@ class NotifySettings(BaseModel):
     # Left out of every message (env: RADTRIAGE_NOTIFY__OMIT='["accession"]').
     omit: list[NotifyOmittable] = Field(default_factory=list)
     operators: OperatorNotifySettings = Field(default_factory=OperatorNotifySettings)
-
-    @field_serializer("ack_secret", when_used="json")
-    def _dump_ack_secret(self, value: SecretStr, info: SerializationInfo) -> str:
-        return value.get_secret_value() if reveals_secrets(info) else str(value)
 
     def named_webhooks(self) -> dict[str, WebhookTarget]:
         return {w.name or f"webhook{i}": w for i, w in enumerate(self.webhooks)}

@@ -17,8 +17,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -85,10 +85,12 @@ def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Itera
         elif settings.kafka.embedded:
             from radtriage.stack.kafka import LocalKafka
 
-            with console.status("starting Apache Kafka (KRaft, single node)…"):
-                kafka = LocalKafka.for_settings(settings, settings.home / "kafka")
-                kafka.start()
-            stoppers.append(("kafka", kafka))
+            _start_in_process(
+                stoppers,
+                "kafka",
+                "starting Apache Kafka (KRaft, single node)…",
+                lambda: LocalKafka.for_settings(settings, settings.home / "kafka"),
+            )
             endpoints.append(
                 ("Kafka", f"{settings.kafka.bootstrap_servers} (embedded {settings.kafka.embedded_version})")
             )
@@ -103,10 +105,12 @@ def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Itera
         if settings.triton.embedded:
             from radtriage.stack.triton import LocalTriton
 
-            with console.status("starting Triton Inference Server (CPU)…"):
-                triton = LocalTriton.for_settings(settings, settings.home / "logs" / "triton.log")
-                triton.start()
-            stoppers.append(("triton", triton))
+            _start_in_process(
+                stoppers,
+                "triton",
+                "starting Triton Inference Server (CPU)…",
+                lambda: LocalTriton.for_settings(settings, settings.home / "logs" / "triton.log"),
+            )
             endpoints.append(
                 ("Triton", f"gRPC {settings.triton.grpc_url}, HTTP {settings.triton.http_url} (embedded)")
             )
@@ -114,9 +118,7 @@ def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Itera
             endpoints.append(("Triton", f"gRPC {settings.triton.grpc_url} (external)"))
 
         if pacs is not None:
-            with console.status("starting Orthanc (the local PACS)…"):
-                pacs.start()
-            stoppers.append(("orthanc", pacs))
+            _start_in_process(stoppers, "orthanc", "starting Orthanc (the local PACS)…", lambda: pacs)
             web = f", DICOMweb {pacs.web_ui.rsplit('/app/', 1)[0]}/dicom-web" if pacs.dicomweb else ""
             endpoints.append(
                 ("PACS (Orthanc)", f"web UI {pacs.web_ui}, C-STORE port {pacs.dicom_port} AE ORTHANC{web}")
@@ -129,21 +131,15 @@ def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Itera
             worker.wait_until(ready_file(settings).exists, 120, "partition assignment and warm-up")
         endpoints.append(("Faust worker", f"app '{settings.streams.app_id}', log {worker.log_file}"))
 
-        scp = spawn("dicom-scp", ["dicom-scp"], settings)
-        children.append(scp)
         dicom = settings.dicom
-        scp.wait_until(lambda: port_in_use(dicom.main_port), 30, "the DICOM port to open")
+        _spawn_listener(children, settings, "dicom-scp", dicom.main_port, "the DICOM port to open")
         ports = [str(dicom.port)] * dicom.plain_enabled + [f"{dicom.tls_port} (TLS)"] * dicom.tls.enabled
         endpoints.append(("DICOM C-STORE SCP", f"port {', '.join(ports)}, AE title {dicom.ae_title}"))
 
-        hl7 = spawn("hl7-listener", ["hl7-listener"], settings)
-        children.append(hl7)
-        hl7.wait_until(lambda: port_in_use(settings.hl7.port), 30, "the MLLP port to open")
+        _spawn_listener(children, settings, "hl7-listener", settings.hl7.port, "the MLLP port to open")
         endpoints.append(("HL7 v2 MLLP", f"port {settings.hl7.port} (ORM^O01, OMI^O23, ADT^A01/A04/A08)"))
 
-        http = spawn("http", ["http"], settings)
-        children.append(http)
-        http.wait_until(lambda: port_in_use(settings.http.port), 30, "the HTTP port to open")
+        _spawn_listener(children, settings, "http", settings.http.port, "the HTTP port to open")
         base = f"{settings.http.scheme}://127.0.0.1:{settings.http.port}"
         endpoints.append(("FHIR R4", f"{base}/fhir (ServiceRequest, ImagingStudy, Bundle)"))
         endpoints.append(("DICOMweb STOW-RS", f"{base}/dicomweb/studies"))
@@ -160,6 +156,30 @@ def running_stack(settings: Settings, pacs: LocalOrthanc | None = None) -> Itera
         for name, service in reversed(stoppers):
             console.print(f"stopping {name}…")
             service.stop()  # type: ignore[attr-defined]
+
+
+class _InProcess(Protocol):
+    def start(self) -> None: ...
+
+
+def _start_in_process(
+    stoppers: list[tuple[str, object]], name: str, status: str, make: Callable[[], _InProcess]
+) -> None:
+    """Build and start a service run from here (Kafka, Triton, Orthanc) under a status
+    line; it joins `stoppers`, which are stopped in reverse order on exit."""
+    with console.status(status):
+        service = make()
+        service.start()
+    stoppers.append((name, service))
+
+
+def _spawn_listener(
+    children: list[ServiceProcess], settings: Settings, name: str, port: int, waiting_for: str
+) -> None:
+    """`radtriage <name>` as a child service, waited for until it listens on `port`."""
+    child = spawn(name, [name], settings)
+    children.append(child)
+    child.wait_until(lambda: port_in_use(port), 30, waiting_for)
 
 
 def _start_cluster(settings: Settings) -> LocalKafkaCluster:

@@ -79,10 +79,20 @@ class JoinResult:
     unchanged: list[tuple[str, str, LaneDecision]] = field(default_factory=list)
 
 
-def _prune(state: AccessionState, now: datetime, retention_s: float) -> None:
+def _working_copy(
+    state: AccessionState | None, accession_number: str, now: datetime, retention_s: float
+) -> AccessionState:
+    """A copy to change (the caller's state stays as it was), or a new accession's state,
+    without the studies joined longer than `retention_s` ago."""
+    state = (
+        state.model_copy(deep=True)
+        if state is not None
+        else AccessionState(accession_number=accession_number)
+    )
     cutoff = now - timedelta(seconds=retention_s)
     for uid in [u for u, s in state.studies.items() if s.joined_at < cutoff]:
         del state.studies[uid]
+    return state
 
 
 def decide_for_route(
@@ -145,12 +155,7 @@ def on_study(
     retention_s: float,
 ) -> JoinResult:
     """A study arrived for this accession: route it with the order known so far, remember it."""
-    state = (
-        state.model_copy(deep=True)
-        if state is not None
-        else AccessionState(accession_number=ctx.study.accession_number)
-    )
-    _prune(state, now, retention_s)
+    state = _working_copy(state, ctx.study.accession_number, now, retention_s)
     dispatches = route_with_context(ctx, rules, state.order, stat_patterns)
     if dispatches:
         # A study read again on a better series keeps the other rules' requests: a late
@@ -175,12 +180,7 @@ def on_order(
     retention_s: float,
 ) -> JoinResult:
     """An order-side event arrived: merge it, and move already-routed work up if it now deserves it."""
-    state = (
-        state.model_copy(deep=True)
-        if state is not None
-        else AccessionState(accession_number=order.accession_number)
-    )
-    _prune(state, now, retention_s)
+    state = _working_copy(state, order.accession_number, now, retention_s)
     state.order = merge_order(state.order, order)
     state.order_events += 1
     result = JoinResult(state)

@@ -29,6 +29,7 @@ from radtriage.replay import (
     record_line,
     replay_headers,
     replay_record,
+    send_replay,
 )
 from radtriage.settings import Settings
 from schemas.audit import ACK_DECISION, AuditEvent
@@ -137,16 +138,10 @@ def replay_letter(settings: Settings, row: LetterRow) -> tuple[Coordinates, froz
         except Exception as exc:  # NoBrokersAvailable and friends
             raise ActionError(503, f"event log unavailable, nothing replayed: {type(exc).__name__}") from exc
         try:
-            meta = producer.send(
-                letter.source_topic,
-                key=letter.key.encode() if letter.key else None,
-                value=letter.payload.encode("utf-8"),
-                headers=headers,
-            ).get(timeout=settings.kafka.produce_timeout_s)
+            landed = send_replay(producer, letter, headers, settings.kafka.produce_timeout_s)
         except Exception as exc:  # every KafkaError: not acknowledged, so not recorded
             raise ActionError(503, f"Kafka did not acknowledge the replay: {type(exc).__name__}") from exc
         finally:
             producer.close(timeout=settings.kafka.produce_timeout_s)
-        landed = Coordinates(meta.topic, meta.partition, meta.offset)
         append_record(record, record_line(row.coords, letter, landed))
         return landed, frozenset(read_record(record))

@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -212,11 +212,8 @@ class OperatorPage:
         )
 
     async def ack(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        try:
-            wanted = parse_ack(body)
-        except ActionError as exc:
-            raise HttpError(exc.status, exc.message) from None
+        with _refusal_as_http():
+            wanted = parse_ack(await _json_body(request))
         alert = self.view.alerts.get(wanted.alert_id)
         if alert is None:
             raise HttpError(404, "no such alert on the page")
@@ -240,18 +237,13 @@ class OperatorPage:
         )
 
     async def replay(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        try:
-            coords = parse_replay(body)
-        except ActionError as exc:
-            raise HttpError(exc.status, exc.message) from None
+        with _refusal_as_http():
+            coords = parse_replay(await _json_body(request))
         row = self.view.letters.get(coords)
         if row is None:
             raise HttpError(404, "no such dead letter on the page")
-        try:
+        with _refusal_as_http():
             landed, ledger = await asyncio.to_thread(replay_letter, self.settings, row)
-        except ActionError as exc:
-            raise HttpError(exc.status, exc.message) from None
         self.apply([LedgerLoaded(ledger)])
         log.info("dead letter %s replayed to %s", coords, landed)
         return web.json_response({"status": "replayed", "letter": str(coords), "replayed_to": str(landed)})
@@ -259,6 +251,16 @@ class OperatorPage:
 
 def _header_pairs() -> list[tuple[str, str]]:
     return [(k, v.decode()) for k, v in headers_for_current_span()]
+
+
+@contextlib.contextmanager
+def _refusal_as_http() -> Iterator[None]:
+    """An action's refusal (ActionError: a bad body, a letter that cannot be replayed, no
+    Kafka) is the HTTP answer, with the action's own status and message."""
+    try:
+        yield
+    except ActionError as exc:
+        raise HttpError(exc.status, exc.message) from None
 
 
 async def _json_body(request: web.Request) -> bytes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from radtriage.operator.decode import Observed, Unreadable
 from radtriage.replay import Action, Coordinates, classify
@@ -219,6 +219,21 @@ def _track(
     return replace(view, studies=_put(view.studies, study_uid, new, limits.studies))
 
 
+class _OfStudy(Protocol):
+    """An event that names its study itself (studies, requests, findings, alerts, results)."""
+
+    @property
+    def study_uid(self) -> str: ...
+
+    @property
+    def accession_number(self) -> str: ...
+
+
+def _track_event(view: View, event: _OfStudy, trace_id: str, limits: Limits, **stages: object) -> View:
+    """`_track` for the study an event names, with the event's own accession number."""
+    return _track(view, event.study_uid, event.accession_number, trace_id, limits, **stages)
+
+
 def _as_utc(text: object, fallback: datetime) -> datetime:
     if isinstance(text, str):
         try:
@@ -275,25 +290,12 @@ def _fold_event(view: View, obs: Observed, limits: Limits) -> View:
         case Finding():
             return _finding(view, event, obs, limits)
         case ResultHeaders():
-            return _track(
-                view,
-                event.study_uid,
-                event.accession_number,
-                obs.trace_id,
-                limits,
-                reported_at=event.produced_at,
-            )
+            return _track_event(view, event, obs.trace_id, limits, reported_at=event.produced_at)
         case DeadLetter():
             return _dead_letter(view, event, obs, limits)
         case StudyEvent():
-            return _track(
-                view,
-                event.study_uid,
-                event.accession_number,
-                obs.trace_id,
-                limits,
-                received_at=event.received_at,
-                ready_at=event.ready_at,
+            return _track_event(
+                view, event, obs.trace_id, limits, received_at=event.received_at, ready_at=event.ready_at
             )
     return view
 
@@ -322,10 +324,9 @@ def _alert(view: View, alert: Alert, obs: Observed, limits: Limits) -> View:
     )
     view = replace(view, alerts=alerts)
     trace_id = alert.trace_id or obs.trace_id
-    return _track(
+    return _track_event(
         view,
-        alert.study_uid,
-        alert.accession_number,
+        alert,
         trace_id,
         limits,
         received_at=alert.received_at,
@@ -387,10 +388,9 @@ def _audit(view: View, event: AuditEvent, limits: Limits) -> View:
 
 def _request(view: View, req: TriageRequest, obs: Observed, limits: Limits) -> View:
     key = request_key(req)
-    view = _track(
+    view = _track_event(
         view,
-        req.study_uid,
-        req.accession_number,
+        req,
         obs.trace_id,
         limits,
         received_at=req.received_at,
@@ -461,10 +461,9 @@ def _finding(view: View, finding: Finding, obs: Observed, limits: Limits) -> Vie
     if all(r.request_id != key for r in view.finished):  # a finding processed again (at-least-once)
         finished = sorted((*view.finished, row), key=lambda r: r.inferred_at, reverse=True)
         view = replace(view, finished=tuple(finished[: limits.finished]))
-    return _track(
+    return _track_event(
         view,
-        finding.study_uid,
-        finding.accession_number,
+        finding,
         obs.trace_id,
         limits,
         received_at=finding.received_at,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from radtriage.settings import KAFKA_POM, KafkaSettings, Settings, default_data_dir
-from radtriage.stack.process import ServiceError, ServiceProcess, port_in_use
+from radtriage.stack.process import LocalService, ServiceError, ServiceProcess, port_in_use
 
 DEFAULT_VERSION = "3.9.1"
 
@@ -148,7 +148,7 @@ def server_properties(
     return "\n".join(lines) + "\n"
 
 
-class LocalKafka:
+class LocalKafka(LocalService):
     """One local KRaft node: alone (the default), or one voter of a LocalKafkaCluster."""
 
     def __init__(
@@ -327,15 +327,8 @@ class LocalKafka:
             self._service.stop()
             self._service = None
 
-    def __enter__(self) -> LocalKafka:
-        self.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class LocalKafkaCluster:
+class LocalKafkaCluster(LocalService):
     """`nodes` local KRaft nodes, each broker + controller, one cluster id, all voters.
 
     Node i (0-based) listens on `base_port + 2i` (clients) and `controller_base_port + 2i`
@@ -432,13 +425,6 @@ class LocalKafkaCluster:
     def stop(self) -> None:
         for n in reversed(self.nodes):
             n.stop()
-
-    def __enter__(self) -> LocalKafkaCluster:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def cluster_client_settings(cluster: LocalKafkaCluster, base: KafkaSettings | None = None) -> KafkaSettings:

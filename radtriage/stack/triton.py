@@ -22,7 +22,7 @@ from pathlib import Path
 
 from models import backend
 from radtriage.settings import REPO_ROOT, Settings
-from radtriage.stack.process import ServiceError, ServiceProcess, port_in_use
+from radtriage.stack.process import LocalService, ServiceError, ServiceProcess, port_in_use
 
 
 def pytriton_dist() -> Path:
@@ -72,7 +72,7 @@ def server_env(extra_pythonpath: list[Path]) -> dict[str, str]:
 RESTRICTED_APIS = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
 
 
-class LocalTriton:
+class LocalTriton(LocalService):
     def __init__(
         self,
         model_repository: Path,
@@ -158,10 +158,3 @@ class LocalTriton:
         if self._service is not None:
             self._service.stop()
             self._service = None
-
-    def __enter__(self) -> LocalTriton:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

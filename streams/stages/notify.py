@@ -54,11 +54,8 @@ class Notifier(Telling):
     what = "notify"
 
     def __init__(self, ctx: PipelineContext, oncall: Oncall) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.n = ctx.settings.notify
+        super().__init__(ctx)
         self.oncall = oncall
-        self.webhooks = self.n.named_webhooks()
         self.state = ns.NotifyState()
         self.alert_topics = tuple(t.get_topic_name() for t in ctx.topics.alerts.values())
         self.audit_topic = ctx.topics.audit.get_topic_name()

@@ -79,12 +79,9 @@ class OpsNotifier(Notifying):
     what = "notify-ops"
 
     def __init__(self, ctx: PipelineContext, recipient: Recipient) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.n = ctx.settings.notify
+        super().__init__(ctx)
         self.ops = self.n.operators
         self.recipient = recipient
-        self.webhooks = self.n.named_webhooks()
         self.digests = Digests(self.ops.digest_s, self.ops.examples, self.ops.max_causes)
         self.watch = StuckWatch({str(k): v for k, v in self.ops.stuck_after_s.items()}, self.ops.max_watched)
         self.deadletter_topic = ctx.topics.deadletter.get_topic_name()

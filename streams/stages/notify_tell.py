@@ -14,14 +14,13 @@ from processors.notify.deliver import Try, deliver
 from processors.notify.rota import PlannedStep, usable_channels
 from processors.notify.signing import AckClaim, idempotency_key, make_ack_token
 from radtriage import metrics
-from radtriage.settings import NotifySettings, WebhookTarget
+from radtriage.settings import NotifySettings
 from radtriage.telemetry import headers_for_current_span
 from schemas.alerts import Alert
 from schemas.deadletter import DeadLetter
 from schemas.oncall import Channel, Oncall
 from streams import notify_state as ns
 from streams.app import publish
-from streams.stages.context import PipelineContext
 from streams.stages.notifying import Notifying
 
 log = logging.getLogger(__name__)
@@ -64,10 +63,7 @@ def notice(
 class Telling(Notifying):
     """The notify stage's sending half (streams/stages/notify.py `Notifier` is the rest)."""
 
-    ctx: PipelineContext
-    n: NotifySettings
     oncall: Oncall
-    webhooks: dict[str, WebhookTarget]
     retry_topic: str
 
     async def note(self, alert: Alert, decision: str, **detail: str | float | int | bool) -> None:

@@ -67,7 +67,13 @@ class Background:
 
 class Notifying(Background):
     """A notifier stage's state: told of the partitions it owns, fed each record, woken by a
-    timer."""
+    timer. Both stages send under the notify settings, to its webhooks among others."""
+
+    def __init__(self, ctx: PipelineContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.n = ctx.settings.notify
+        self.webhooks = self.n.named_webhooks()
 
     def assigned(self, partitions: set[int]) -> None: ...
     def revoked(self) -> None: ...
