@@ -641,9 +641,9 @@ class EhrFhirAuthSettings(BaseModel):
     """How radtriage identifies itself to the FHIR server: nothing, a bearer token, or HTTP
     basic (env: RADTRIAGE_EHR__FHIR='{"base_url": ..., "auth": {"bearer_token": "..."}}')."""
 
-    bearer_token: SecretStr | None = None
+    bearer_token: Secret | None = None
     username: str = ""
-    password: SecretStr | None = None
+    password: Secret | None = None
 
     @model_validator(mode="after")
     def _one(self) -> EhrFhirAuthSettings:
