@@ -81,11 +81,8 @@ class Notifier(Telling):
         """The takeover read: audit records and alerts of one partition into the state."""
         try:
             self.state.apply(AuditEvent.from_bytes(value))
-            return None
-        except EventDecodeError:
-            pass
-        alert = Alert.from_bytes(value)  # neither: EventDecodeError, skipped by the reader
-        self.state.add_alert(alert)
+        except EventDecodeError:  # an alert; neither: EventDecodeError, skipped by the reader
+            self.state.add_alert(Alert.from_bytes(value))
         return None
 
     def assigned(self, partitions: set[int]) -> None:
