@@ -247,3 +247,56 @@ def test_a_failed_table_write_stops_every_later_commit(consumer: SafeCommitConsu
                 await consumer._handle_attached({})
 
     asyncio.run(go())
+
+
+def test_a_record_skipped_after_the_recoverys_seek_is_read_again(
+    consumer: SafeCommitConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recovery sought to 100 and the fetcher read on while the flow was still stopped:
+    # the stream skipped 103, of this generation, and nothing would read it again.
+    consumer._next_offset[PART] = 103
+    consumer.app.flow_control.suspend()
+    assert not consumer.ack(_delivered(consumer, 104))
+    assert not consumer.ack(_delivered(consumer, 103))
+    consumer.app.flow_control.resume()
+    broker = _Batches(consumer, [[105, 106], [103, 104, 105]], log_start=0)
+    assert _read(consumer, broker, monkeypatch) == []
+    assert broker.sought == [103]
+    assert _read(consumer, broker, monkeypatch) == [103, 104, 105]
+    assert broker.sought == [103]  # once
+
+
+def test_a_skip_is_left_to_the_rebalance_while_the_flow_is_stopped(
+    consumer: SafeCommitConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer.app.flow_control.suspend()
+    consumer.ack(_delivered(consumer, 50))
+    assert consumer._owed(PART, 60) is None  # the recovery's seek may still come
+    consumer.app.flow_control.resume()
+
+    async def seek(self: SafeCommitConsumer, tp: TP, offset: int) -> None:
+        pass
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "seek", seek)
+    asyncio.run(consumer.seek(PART, 40))  # it came, and reads 50 again
+    assert consumer._owed(PART, 60) is None
+
+
+def test_a_skip_noted_before_the_recoverys_seek_is_left_to_it(
+    consumer: SafeCommitConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer.app.flow_control.suspend()
+    consumer.ack(_delivered(consumer, 50))
+
+    async def seek_to_committed(self: SafeCommitConsumer) -> dict[TP, int]:
+        return {PART: 45}
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "seek_to_committed", seek_to_committed)
+    asyncio.run(consumer.perform_seek())
+    consumer.app.flow_control.resume()
+    assert consumer._owed(PART, 60) is None
+
+
+def test_an_old_generations_message_is_left_to_the_rebalances_seek(consumer: SafeCommitConsumer) -> None:
+    assert not consumer.ack(_delivered(consumer, 70, generation=6))
+    assert consumer._owed(PART, 80) is None
