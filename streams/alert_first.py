@@ -61,9 +61,13 @@ class AlertFirst:
         self.wait_s = wait_s
         self._owns = owns
 
+    def channel(self, finding: Finding) -> str | None:
+        """The channel the finding is alerted on under the routing rules, or None."""
+        return alert_channel(finding, self.rule_alerts.get(finding.model_name, False))
+
     def key(self, finding: Finding) -> str | None:
         """The finding's alert id if it alerts, else None."""
-        if alert_channel(finding, self.rule_alerts.get(finding.model_name, False)) is None:
+        if self.channel(finding) is None:
             return None
         return alert_id(finding.study_uid, finding.finding)
 

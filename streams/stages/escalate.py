@@ -35,11 +35,9 @@ __all__ = ["alert_channel", "alert_of", "register"]
 
 
 def register(ctx: PipelineContext) -> None:
-    alerts = ctx.alert_first.rule_alerts
-
     async def escalate_one(event: EventT[Any]) -> None:
         finding = Finding.from_bytes(event.value)
-        channel = alert_channel(finding, alerts.get(finding.model_name, False))
+        channel = ctx.alert_first.channel(finding)
         if channel is None:
             return
         key = alert_id(finding.study_uid, finding.finding)
