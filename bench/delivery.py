@@ -13,14 +13,17 @@ studies alternate between ascending explicit-VR files from one vendor and descen
 JPEG-LS files from another. The studies are written before the lock is taken.
 
 The stack is `radtriage up`'s on free ports (Kafka, Triton, worker, listeners), configured
-with four real peers: a JSON webhook receiver that verifies the HMAC
-(tests/support/notify_peers.py), an MLLP receiver answering with python-hl7's ACK
+with four real peers: a JSON webhook receiver that verifies the HMAC, in a process of its
+own (tests/support/webhook_process.py), an MLLP receiver answering with python-hl7's ACK
 (tests/support/mllp_receiver.py), Debian's Orthanc as the PACS (tests/support/orthanc.py)
 and the HAPI FHIR JPA server 8.8.0 as the EHR's FHIR server (tests/support/fhir_server.py,
 H2 in a file, -Xmx384m) for the `ehr-fhir` stage.
 
 Measured per study, on one clock (one machine), from the study's `ready_at`:
 - the alert (its `alerted_at`): the baseline every delivery is compared with;
+- the webhook received, and the notify stage's share split in two: the alert's `alerted_at`
+  to the stage's `notify_opened` audit record (the trip back through Kafka into the stage),
+  and that record to the receipt (the telling);
 - the webhook received, the ORU received by the MLLP peer (it answers at once), the SR
   stored in Orthanc (the pacs-export stage's `sr_stored` audit time, after Orthanc's
   C-STORE response; the SR is then looked up in Orthanc's REST API);
@@ -103,8 +106,8 @@ from radtriage.settings import (
 )
 from tests.support.fhir_server import HapiFhirServer
 from tests.support.mllp_receiver import MllpReceiver
-from tests.support.notify_peers import webhook_receiver
 from tests.support.orthanc import Orthanc
+from tests.support.webhook_process import webhook_receiver_process
 
 console = Console()
 SECRET = "bench-delivery"
@@ -162,6 +165,11 @@ class Delivered:
     dead_letters: list[str] = field(default_factory=list)
     ready_to_alert_ms: float | None = None
     ready_to_webhook_ms: float | None = None
+    # The notify stage's share (issue 19), split where the worker records it: the alert's
+    # trip back through Kafka into the stage (its `notify_opened` record), then the telling.
+    alert_to_webhook_ms: float | None = None
+    alert_to_notify_opened_ms: float | None = None
+    notify_opened_to_webhook_ms: float | None = None
     ready_to_oru_ms: float | None = None
     ready_to_sr_stored_ms: float | None = None
     finding_to_oru_ms: float | None = None
@@ -235,8 +243,16 @@ def collect(m: StudyManifest, phase: str, w: Watcher, peers: Peers, *, count_fhi
         return d
     ready = _ts(alerts[0]["ready_at"])
     d.ready_to_alert_ms = (_ts(alerts[0]["alerted_at"]) - ready) * 1000
+    alerted = _ts(alerts[0]["alerted_at"])
+    opened = [_ts(a["at"]) for a in w.of(t.audit, uid) if a.get("decision") == "notify_opened"]
+    if opened:
+        d.alert_to_notify_opened_ms = (min(opened) - alerted) * 1000
     if hooks_of:
-        d.ready_to_webhook_ms = (min(r.at for r in hooks_of) - ready) * 1000
+        hooked = min(r.at for r in hooks_of)
+        d.ready_to_webhook_ms = (hooked - ready) * 1000
+        d.alert_to_webhook_ms = (hooked - alerted) * 1000
+        if opened:
+            d.notify_opened_to_webhook_ms = (hooked - min(opened)) * 1000
     findings = [f for f in w.of(t.findings, uid) if f.get("positive")]
     found_at = _ts(findings[0]["inferred_at"]) if findings else None
     if orus:
@@ -436,7 +452,8 @@ def main() -> None:
         # The code the stack runs is the checkout's when it starts, not when the run ends.
         commit = _git_commit()
 
-        hooks = stack.enter_context(webhook_receiver(SECRET))
+        # In a process of its own, as a hospital's receiver is (tests/support/webhook_process.py).
+        hooks = stack.enter_context(webhook_receiver_process(SECRET, tmp))
         mllp = TimedMllp()
         mllp.start()
         stack.callback(mllp.stop)
@@ -601,6 +618,9 @@ def main() -> None:
         "ready_to_alert_ms": stats([d.ready_to_alert_ms for d in normal]),
         "ready_to_webhook_received_ms": stats([d.ready_to_webhook_ms for d in normal]),
         "ready_to_oru_received_ms": stats([d.ready_to_oru_ms for d in normal]),
+        "alert_to_webhook_received_ms": stats([d.alert_to_webhook_ms for d in normal]),
+        "alert_to_notify_opened_ms": stats([d.alert_to_notify_opened_ms for d in normal]),
+        "notify_opened_to_webhook_received_ms": stats([d.notify_opened_to_webhook_ms for d in normal]),
         "ready_to_sr_stored_ms": stats([d.ready_to_sr_stored_ms for d in normal]),
         "ready_to_fhir_readable_ms": stats([d.ready_to_fhir_readable_ms for d in normal]),
         "fhir_poll_window_ms": stats([d.fhir_poll_window_ms for d in normal]),
@@ -676,6 +696,13 @@ def print_report(r: dict[str, Any]) -> None:
         s = r[key]
         table.add_row(label, str(s["n"]), _fmt(s["p50"]), _fmt(s["p99"]))
     console.print(table)
+    a2w, a2o, o2w = (r[k] for k in ("alert_to_webhook_received_ms", "alert_to_notify_opened_ms",
+                                    "notify_opened_to_webhook_received_ms"))  # fmt: skip
+    console.print(
+        f"the notify stage's share, p50 / p99: alert -> webhook {_fmt(a2w['p50'])} / {_fmt(a2w['p99'])} ms "
+        f"(alert -> stage {_fmt(a2o['p50'])} / {_fmt(a2o['p99'])}, stage -> webhook "
+        f"{_fmt(o2w['p50'])} / {_fmt(o2w['p99'])})"
+    )
     console.print(
         f"ratios (p50): {r['ratios_p50']}; counts: {r['counts']}; worker VmHWM {r['worker_vmhwm_mb']} MB; "
         f"HAPI {r['hapi']}"
