@@ -9,7 +9,9 @@ SMTP server (STARTTLS), through a real Kafka and a real `radtriage worker` (issu
 
 Starts its own single-node Kafka, a worker whose notify stage tells one on-call step of two
 recipients (a JSON webhook signed with HMAC-SHA256, an e-mail), a webhook receiver that
-verifies the signature and an aiosmtpd server that requires STARTTLS (tests/support). Each
+verifies the signature (in a process of its own: tests/support/webhook_process.py, so its
+receipt time does not wait for this process's GIL) and an aiosmtpd server that requires
+STARTTLS (tests/support). Each
 alert comes from a positive stat ICH finding published on `triage.findings` (the escalate
 stage turns it into the alert; no model runs), one at a time. Measured per alert, from the
 alert's own `alerted_at` (written by the escalate stage) to the receipt time at each peer,
@@ -44,8 +46,9 @@ from radtriage.settings import REPO_ROOT
 from tests.certs import make_pki
 from tests.integration.harness import Worker, finding_bytes, make_worker_env
 from tests.support.kafka import local_kafka
-from tests.support.notify_peers import smtp_env, smtp_server, webhook_receiver
+from tests.support.notify_peers import smtp_env, smtp_server
 from tests.support.wait import wait_until
+from tests.support.webhook_process import webhook_receiver_process
 
 console = Console()
 SECRET = "bench-secret"
@@ -88,7 +91,7 @@ def bleed_studies(n: int, tmp: Path) -> dict[str, Any]:
     pki = make_pki(tmp / "pki")
     oncall = tmp / "oncall.yaml"
     oncall.write_text(ONCALL)
-    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+    with webhook_receiver_process(SECRET, tmp) as hooks, smtp_server(pki) as smtp:
         # The stack on ports of its own, as the lanes benchmark starts it.
         settings = own_stack_settings(tmp / "home")
         settings.telemetry.exporter = "none"
@@ -151,7 +154,7 @@ def lanes_flood(lanes_argv: list[str], tmp: Path) -> dict[str, Any]:
     oncall = tmp / "oncall.yaml"
     oncall.write_text(ONCALL)
     out = tmp / "lanes"
-    with webhook_receiver(SECRET) as hooks, smtp_server(pki) as smtp:
+    with webhook_receiver_process(SECRET, tmp) as hooks, smtp_server(pki) as smtp:
         plain = lanes.own_stack_settings
 
         def with_notify(home: Path) -> Settings:
@@ -299,7 +302,7 @@ def worker_bench(alerts: int, flood: int, rounds: int, *, notify: bool) -> dict[
         oncall.write_text(ONCALL)
         with (
             local_kafka(tmp / "kafka") as broker,
-            webhook_receiver(SECRET) as hooks,
+            webhook_receiver_process(SECRET, tmp) as hooks,
             smtp_server(pki) as smtp,
         ):
             bootstrap = broker.bootstrap_servers

@@ -551,6 +551,13 @@ class StreamSettings(BaseModel):
     # a full collection walked them all, 40-200 ms with the loop stopped, long enough to
     # hold up an alert's webhook by as much (bench/RESULTS.md, "Alerts first").
     gc_freeze_after_warm: bool = True
+    # How long a thread running Python keeps the GIL while another waits for it (Python's
+    # default 5 ms; 0 keeps it). The event loop thread gives the GIL up at every socket
+    # call of a webhook POST or a Kafka fetch and, with a thread of the worker busy in
+    # Python (the span exporter, a library's thread), waits up to this long to get it back
+    # each time: a few such waits are an alert's tail (bench/RESULTS.md, "The GIL's
+    # switch interval").
+    gil_switch_interval_s: float = Field(default=0.001, ge=0.0, le=0.1)
 
     @property
     def studies_by_patient_topic(self) -> str:
@@ -928,6 +935,10 @@ class NotifySettings(BaseModel):
     # result objects of a finding that alerts wait until its first step was told, at most
     # this long. 0: they never wait.
     alert_first_s: float = Field(default=0.5, ge=0)
+    # An alert this worker's escalate stage wrote to a partition its notify stage owns is
+    # handed to that stage as soon as Kafka acknowledged it, not after its trip back through
+    # Kafka (streams/alert_first.py). False: the stream's read of it is the only way in.
+    hand_over: bool = True
     # Left out of every message (env: RADTRIAGE_NOTIFY__OMIT='["accession"]').
     omit: list[NotifyOmittable] = Field(default_factory=list)
     operators: OperatorNotifySettings = Field(default_factory=OperatorNotifySettings)

@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def run_worker(settings: Settings) -> None:
                 arm_shutdown_deadline(settings.streams.shutdown_timeout_s)
             super()._schedule_shutdown(signum)
 
+    if settings.streams.gil_switch_interval_s > 0:
+        sys.setswitchinterval(settings.streams.gil_switch_interval_s)
     from processors.notify.rota import operators_recipient
     from schemas.oncall import OncallError
     from streams.agents import build_pipeline

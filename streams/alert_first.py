@@ -10,6 +10,12 @@ the loop ran the report's FHIR Bundle (32 ms straight) and the ORU (34 ms), and 
 webhook's POST the SR build's thread held the GIL for 130-250 ms: alert -> webhook p50
 62-96 ms, p99 157-353 ms, where the notify stage's own work is 1-4 ms.
 
+And the alert itself goes first: when the escalate stage wrote it to a partition this
+worker's notify stage owns, it is handed to that stage at once (`published`), after Kafka
+acknowledged it, instead of after its trip back through Kafka into the same worker's
+stream (the fetch, the stream's buffer behind the audit records). The stream's own read of
+the record then finds the escalation open and does nothing more.
+
 So in a worker that runs the notify stage, the report, ORU and result-object builders of
 a finding that alerts first wait (`before_delivering`) until the notify stage has told the
 alert's first step, or the escalate stage found that another worker notifies it (the
@@ -28,7 +34,7 @@ from typing import Literal
 
 from models import registry
 from radtriage import metrics
-from schemas.alerts import alert_id
+from schemas.alerts import Alert, alert_id
 from schemas.findings import Finding
 
 # Gates kept at most (each a few hundred bytes): far more than the findings a worker has
@@ -53,13 +59,21 @@ class AlertFirst:
         self.rule_alerts = dict(rule_alerts)
         self.wait_s = 0.0  # off until the notify stage turns it on
         self._owns: Callable[[int], bool] = lambda partition: False
+        self._hand_over: Callable[[Alert, int], None] | None = None
         self._gates: OrderedDict[str, asyncio.Event] = OrderedDict()
 
-    def enable(self, wait_s: float, owns: Callable[[int], bool]) -> None:
+    def enable(
+        self,
+        wait_s: float,
+        owns: Callable[[int], bool],
+        hand_over: Callable[[Alert, int], None] | None = None,
+    ) -> None:
         """Turned on by the notify stage: `owns(p)`, whether partition p of the alert topics
-        is this worker's (then this worker's notify stage tells the alert)."""
+        is this worker's (then this worker's notify stage tells the alert); `hand_over`, the
+        stage's door for an alert written to such a partition."""
         self.wait_s = wait_s
         self._owns = owns
+        self._hand_over = hand_over
 
     def channel(self, finding: Finding) -> str | None:
         """The channel the finding is alerted on under the routing rules, or None."""
@@ -85,10 +99,13 @@ class AlertFirst:
         if self.wait_s > 0:
             self._gate(key).set()
 
-    def published(self, key: str, partition: int | None) -> None:
-        """The escalate stage wrote the alert to `partition`: not this worker's, no wait."""
+    def published(self, alert: Alert, partition: int | None) -> None:
+        """The escalate stage wrote `alert` to `partition` and Kafka acknowledged it: this
+        worker's notify stage has it now, or (another worker's partition) nobody here waits."""
         if partition is None or not self._owns(partition):
-            self.release(key)
+            self.release(alert.alert_id)
+        elif self._hand_over is not None:
+            self._hand_over(alert, partition)
 
     async def before_delivering(self, finding: Finding) -> Waited:
         """Wait, if the finding alerts and this worker tells it, until it was told."""

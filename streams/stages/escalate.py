@@ -59,7 +59,7 @@ def register(ctx: PipelineContext) -> None:
             else:
                 alert = alert_of(finding, key, current_trace_id())
                 partition = await publish(topic, finding.study_uid, alert, headers_for_current_span())
-                ctx.alert_first.published(key, partition)
+                ctx.alert_first.published(alert, partition)
                 ctx.crash_if("crash_after_alert", key)
                 ctx.alerts_ledger.record(key)
                 decision = "alert_sent"

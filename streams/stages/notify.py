@@ -179,6 +179,23 @@ class Notifier(Telling):
                 log.warning("notify: the open record of %s was not written (%s): again", alert_id, error)
                 self._send_open(alert_id, study_uid, event, headers)
 
+    def hand_over(self, alert: Alert, partition: int) -> None:
+        """This worker's escalate stage wrote `alert` to a partition this stage owns, and
+        Kafka has it: open its escalation now, not after the record's trip back through
+        Kafka into this stream (streams/alert_first.py). The stream's read of the same record
+        then finds it open. An alert too old to notify is left to the stream, which records
+        why; a partition lost meanwhile, to its next owner."""
+        self.run_beside(self._take(alert, partition))
+
+    async def _take(self, alert: Alert, partition: int) -> None:
+        await self.ready(partition)
+        if partition not in self.owned or ns.age_s(alert, datetime.now(UTC)) > self.n.max_alert_age_s:
+            return
+        if alert.alert_id in self.state.escalations or alert.alert_id in self.state.skipped:
+            return
+        self.state.add_alert(alert)
+        self.open(alert)
+
     # -- the stream --------------------------------------------------------------------------
 
     async def handle(self, event: EventT[Any]) -> None:
@@ -295,5 +312,9 @@ def register(ctx: PipelineContext) -> None:
     # Alerts, the audit trail and replayed dead letters: co-partitioned by study UID, so one
     # worker sees an alert, its notifications and its acknowledgements.
     notifier = Notifier(ctx, oncall)
-    ctx.alert_first.enable(ctx.settings.notify.alert_first_s, lambda partition: partition in notifier.owned)
+    ctx.alert_first.enable(
+        ctx.settings.notify.alert_first_s,
+        lambda partition: partition in notifier.owned,
+        notifier.hand_over if ctx.settings.notify.hand_over else None,
+    )
     register_notifier(ctx, notifier, "notify", topics, ctx.settings.notify.tick_s)

@@ -7,14 +7,16 @@ import asyncio
 
 import pytest
 
-from schemas.alerts import alert_id
+from schemas.alerts import Alert, alert_id
 from streams import alert_first as af
 from streams.alert_first import AlertFirst
+from streams.stages.escalate import alert_of
 from tests.support.findings import finding
 
 RULES = {"ich_classifier": True, "cxr_triage": False}
 BLEED = finding("ICH", 0.93)
 KEY = alert_id(BLEED.study_uid, "ICH")
+ALERT = alert_of(BLEED, KEY, "")
 
 
 def gates(wait_s: float = 0.2, owned: frozenset[int] = frozenset({0})) -> AlertFirst:
@@ -70,7 +72,7 @@ def test_told_before_the_delivery_asks_means_no_wait() -> None:
 def test_an_alert_another_worker_tells_releases_at_once() -> None:
     async def check() -> None:
         gate = gates(wait_s=5.0, owned=frozenset({0}))
-        gate.published(KEY, 3)  # written to partition 3, which this worker's notify stage does not own
+        gate.published(ALERT, 3)  # written to partition 3, which this worker's notify stage does not own
         assert await asyncio.wait_for(gate.before_delivering(BLEED), 0.05) == "told"
 
     asyncio.run(check())
@@ -79,7 +81,7 @@ def test_an_alert_another_worker_tells_releases_at_once() -> None:
 def test_an_alert_this_worker_tells_is_waited_for() -> None:
     async def check() -> None:
         gate = gates(wait_s=0.1, owned=frozenset({3}))
-        gate.published(KEY, 3)
+        gate.published(ALERT, 3)
         assert await gate.before_delivering(BLEED) == "bound"
 
     asyncio.run(check())
@@ -106,3 +108,22 @@ def test_gates_are_bounded_and_the_dropped_one_lets_its_waiter_go(monkeypatch: p
         assert len(gate._gates) == 3
 
     asyncio.run(check())
+
+
+def test_an_alert_written_to_a_partition_this_worker_notifies_is_handed_over_at_once() -> None:
+    handed: list[tuple[Alert, int]] = []
+    gate = AlertFirst(RULES)
+    gate.enable(0.2, lambda partition: partition in {0, 3}, lambda alert, p: handed.append((alert, p)))
+    gate.published(ALERT, 3)
+    assert handed == [(ALERT, 3)]
+    gate.published(ALERT, 5)  # another worker's partition: its notify stage reads it from Kafka
+    gate.published(ALERT, None)
+    assert handed == [(ALERT, 3)]
+
+
+def test_an_alert_is_handed_over_even_when_nothing_waits_for_it() -> None:
+    handed: list[int] = []
+    gate = AlertFirst(RULES)
+    gate.enable(0.0, lambda partition: True, lambda alert, p: handed.append(p))  # alerts first off
+    gate.published(ALERT, 1)
+    assert handed == [1]
