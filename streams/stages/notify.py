@@ -123,7 +123,7 @@ class Notifier(Telling):
         await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
         self.state.apply(event)
 
-    async def admit(self, alert: Alert) -> None:
+    async def admit(self, alert: Alert, via: str) -> None:
         """A new alert: open its escalation, unless it is too old to page anyone for."""
         age = ns.age_s(alert, datetime.now(UTC))
         if age > self.n.max_alert_age_s:
@@ -137,13 +137,13 @@ class Notifier(Telling):
             await self.note(alert, ns.SKIPPED, reason="too_old", age_s=round(age, 1))
             self.ctx.alert_first.release(alert.alert_id)
             return
-        self.open(alert)
+        self.open(alert, via)
         # Let step 1's sends start now: the stream goes on without suspending while its
         # buffer holds records (the audit topic's, in bursts), and the tasks just made
         # would wait for it to run dry (~20 ms more to the webhook in the full stack).
         await asyncio.sleep(0)
 
-    def open(self, alert: Alert) -> None:
+    def open(self, alert: Alert, via: str) -> None:
         """Open the escalation and start telling step 1 while its record is written: the
         stream does not wait for the record's ack either, so a burst of alerts is not one
         acks=all round trip apart each on the way to the first person. The record is sent
@@ -151,8 +151,9 @@ class Notifier(Telling):
         by the timer (`resend_opens`). A kill after the alert's offset was committed and
         before the record reached Kafka is found on takeover: the alert is read back with
         no escalation (`NotifyState.unopened`) and opened then; step 1 goes out again under
-        the same idempotency keys."""
-        event = ns.record(alert, ns.OPENED)
+        the same idempotency keys. `via`: how the alert came in (`hand_over`, `stream`,
+        `takeover`), on the record for the operators."""
+        event = ns.record(alert, ns.OPENED, via=via)
         chain = recipients_for(subject(alert), self.oncall, event.at)
         self.chains[alert.alert_id] = chain  # what `plan` would compute again from the same time
         if chain and chain[0].timeout_s is not None:
@@ -194,7 +195,7 @@ class Notifier(Telling):
         if alert.alert_id in self.state.escalations or alert.alert_id in self.state.skipped:
             return
         self.state.add_alert(alert)
-        self.open(alert)
+        self.open(alert, "hand_over")
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -221,7 +222,7 @@ class Notifier(Telling):
         esc = self.state.escalations.get(alert.alert_id)
         if esc is None:
             if alert.alert_id not in self.state.skipped:
-                await self.admit(alert)
+                await self.admit(alert, "stream")
             return
         if topic == self.retry_topic:
             # A dead letter replayed: try the undeliverable recipients of the current step
@@ -276,7 +277,7 @@ class Notifier(Telling):
         self.state.prune(datetime.now(UTC), self.n.lookback_s)
         self.resend_opens()
         for alert in self.state.unopened():
-            await self.admit(alert)
+            await self.admit(alert, "takeover")
         for alert_id in [a for a in self.chains if a not in self.state.alerts]:
             del self.chains[alert_id]
         for action in list(ns.due(self.state, self.plan, datetime.now(UTC))):

@@ -220,4 +220,8 @@ def test_a_channel_down_falls_back_undeliverable_is_a_dead_letter_and_its_replay
         assert len(smtp.mails) == 1 and hooks.on("/pager") == [] and not hooks.duplicates
         delivered = tail.of(t.audit, decision="notify_delivered", study_uid=uid)
         assert sorted(d["detail"]["recipient"] for d in delivered) == ["operators", "resident"]
+        # Opened once, by the escalate stage's hand-over in the same worker (not after the
+        # alert's trip back through Kafka); the stream's read of the alert found it open.
+        (opened,) = tail.of(t.audit, decision="notify_opened", study_uid=uid)
+        assert opened["detail"]["via"] == "hand_over"
         worker.kill(signal.SIGTERM)
