@@ -555,8 +555,8 @@ class StreamSettings(BaseModel):
     # default 5 ms; 0 keeps it). The event loop thread gives the GIL up at every socket
     # call of a webhook POST or a Kafka fetch and, with a thread of the worker busy in
     # Python (the span exporter, a library's thread), waits up to this long to get it back
-    # each time: a few such waits are an alert's tail (bench/RESULTS.md, "The GIL's
-    # switch interval").
+    # each time (bench/RESULTS.md, "The alert handed over as it is sent"; not measured
+    # alone).
     gil_switch_interval_s: float = Field(default=0.001, ge=0.0, le=0.1)
 
     @property
@@ -935,9 +935,9 @@ class NotifySettings(BaseModel):
     # result objects of a finding that alerts wait until its first step was told, at most
     # this long. 0: they never wait.
     alert_first_s: float = Field(default=0.5, ge=0)
-    # An alert this worker's escalate stage wrote to a partition its notify stage owns is
-    # handed to that stage as soon as Kafka acknowledged it, not after its trip back through
-    # Kafka (streams/alert_first.py). False: the stream's read of it is the only way in.
+    # An alert this worker's escalate stage writes to a partition its notify stage owns is
+    # handed to that stage as it is sent, not after its round trip through Kafka
+    # (streams/alert_first.py). False: the stream's read of it is the only way in.
     hand_over: bool = True
     # Left out of every message (env: RADTRIAGE_NOTIFY__OMIT='["accession"]').
     omit: list[NotifyOmittable] = Field(default_factory=list)

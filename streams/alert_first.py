@@ -10,11 +10,14 @@ the loop ran the report's FHIR Bundle (32 ms straight) and the ORU (34 ms), and 
 webhook's POST the SR build's thread held the GIL for 130-250 ms: alert -> webhook p50
 62-96 ms, p99 157-353 ms, where the notify stage's own work is 1-4 ms.
 
-And the alert itself goes first: when the escalate stage wrote it to a partition this
-worker's notify stage owns, it is handed to that stage at once (`published`), after Kafka
-acknowledged it, instead of after its trip back through Kafka into the same worker's
-stream (the fetch, the stream's buffer behind the audit records). The stream's own read of
-the record then finds the escalation open and does nothing more.
+And the alert itself goes first: when the escalate stage writes it to a partition this
+worker's notify stage owns, it is handed to that stage as it is sent (`sending`), not after
+its round trip through Kafka into the same worker's stream (the produce's acknowledgement,
+the fetch, the stream's buffer behind the audit records: 43-201 ms in 1-3 alerts of 20 on
+real-shaped head CTs, docs/ARCHITECTURE.md "Alerts first"). When the producer cannot say
+the partition before sending (no metadata for the topic yet), it is handed over once Kafka
+acknowledged it (`published`). The stream's own read of the record then finds the
+escalation open and does nothing more.
 
 So in a worker that runs the notify stage, the report, ORU and result-object builders of
 a finding that alerts first wait (`before_delivering`) until the notify stage has told the
@@ -99,12 +102,21 @@ class AlertFirst:
         if self.wait_s > 0:
             self._gate(key).set()
 
-    def published(self, alert: Alert, partition: int | None) -> None:
+    def sending(self, alert: Alert, partition: int | None) -> bool:
+        """The escalate stage is about to write `alert` to `partition`: if this worker's
+        notify stage owns it, hand the alert over now. True if it was handed over."""
+        if partition is None or self._hand_over is None or not self._owns(partition):
+            return False
+        self._hand_over(alert, partition)
+        return True
+
+    def published(self, alert: Alert, partition: int | None, *, handed: bool = False) -> None:
         """The escalate stage wrote `alert` to `partition` and Kafka acknowledged it: this
-        worker's notify stage has it now, or (another worker's partition) nobody here waits."""
+        worker's notify stage has it (now, unless `handed` before), or (another worker's
+        partition) nobody here waits."""
         if partition is None or not self._owns(partition):
             self.release(alert.alert_id)
-        elif self._hand_over is not None:
+        elif self._hand_over is not None and not handed:
             self._hand_over(alert, partition)
 
     async def before_delivering(self, finding: Finding) -> Waited:

@@ -101,18 +101,36 @@ def declare_topics(app: faust.App, settings: Settings) -> TriageTopics:
     )
 
 
-async def publish(topic: TopicT, key: str, event: Event, headers: HeaderList | None = None) -> int | None:
+async def publish(
+    topic: TopicT, key: str, event: Event, headers: HeaderList | None = None, *, partition: int | None = None
+) -> int | None:
     """Send and wait for the broker's acknowledgement before the stream moves on; the
-    partition it was written to (None if the client did not say).
+    partition it was written to (None if the client did not say). `partition`: where to
+    write it (default: the producer's partitioner, by key).
 
     Waiting per message costs a few milliseconds but means the source offset is
     never committed ahead of what we produced from it.
     """
-    return await publish_value(topic, key, event.to_bytes(), headers, about=event)
+    return await publish_value(topic, key, event.to_bytes(), headers, about=event, partition=partition)
+
+
+def key_partition(topic: TopicT, key: str) -> int | None:
+    """The partition the producer's partitioner gives `key` on `topic`, from the metadata
+    it has now; None when it has none for the topic yet (nothing sent there so far)."""
+    try:
+        return int(topic.app.producer.key_partition(topic.get_topic_name(), key.encode()).partition)
+    except Exception:  # no metadata for the topic yet, or a producer not started
+        return None
 
 
 async def publish_value(
-    topic: TopicT, key: str, value: bytes, headers: HeaderList | None = None, *, about: object | None = None
+    topic: TopicT,
+    key: str,
+    value: bytes,
+    headers: HeaderList | None = None,
+    *,
+    about: object | None = None,
+    partition: int | None = None,
 ) -> int | None:
     """`publish` for a value that is not an Event (the results topic's plain FHIR Bundle,
     its metadata in `headers`): the same send, acknowledgement and PRODUCER span, the
@@ -122,7 +140,7 @@ async def publish_value(
     # A PRODUCER span per record ("send <topic>"), whose context the record carries on.
     with send_span(topic.get_topic_name(), key, carrier, about) as (span, carried):
         sent = [(k, v.encode("latin-1")) for k, v in carried.items()]
-        fut = await topic.send(key=key.encode(), value=value, headers=sent)
+        fut = await topic.send(key=key.encode(), value=value, headers=sent, partition=partition)
         meta = await fut
         partition = getattr(meta, "partition", None)
         record_ack(span, partition, getattr(meta, "offset", None))

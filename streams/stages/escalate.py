@@ -19,7 +19,7 @@ from radtriage.telemetry import current_trace_id, headers_for_current_span
 from schemas.alerts import Alert, alert_id
 from schemas.findings import Finding
 from streams.alert_first import alert_channel
-from streams.app import publish
+from streams.app import key_partition, publish
 from streams.stages.common import audit, consumer_span, each
 from streams.stages.context import PipelineContext
 
@@ -58,8 +58,14 @@ def register(ctx: PipelineContext) -> None:
                 ctx.alert_first.release(key)
             else:
                 alert = alert_of(finding, key, current_trace_id())
-                partition = await publish(topic, finding.study_uid, alert, headers_for_current_span())
-                ctx.alert_first.published(alert, partition)
+                # Told while it is written: the partition is fixed first, so that the worker
+                # handing it over is the one whose notify stage would read it back.
+                going_to = key_partition(topic, finding.study_uid)
+                handed = ctx.alert_first.sending(alert, going_to)
+                partition = await publish(
+                    topic, finding.study_uid, alert, headers_for_current_span(), partition=going_to
+                )
+                ctx.alert_first.published(alert, partition, handed=handed)
                 ctx.crash_if("crash_after_alert", key)
                 ctx.alerts_ledger.record(key)
                 decision = "alert_sent"

@@ -181,11 +181,14 @@ class Notifier(Telling):
                 self._send_open(alert_id, study_uid, event, headers)
 
     def hand_over(self, alert: Alert, partition: int) -> None:
-        """This worker's escalate stage wrote `alert` to a partition this stage owns, and
-        Kafka has it: open its escalation now, not after the record's trip back through
-        Kafka into this stream (streams/alert_first.py). The stream's read of the same record
-        then finds it open. An alert too old to notify is left to the stream, which records
-        why; a partition lost meanwhile, to its next owner."""
+        """This worker's escalate stage is writing `alert` to a partition this stage owns:
+        open its escalation now, not after the record's round trip through Kafka into this
+        stream (streams/alert_first.py). The stream's read of the same record then finds it
+        open. An alert too old to notify is left to the stream, which records why; a
+        partition lost meanwhile, to its next owner. Told before Kafka acknowledged the
+        alert: a kill before it did leaves the finding's offset uncommitted, the alert is
+        written again on replay and its steps told again under the same idempotency keys,
+        as after any kill between a send and its record."""
         self.run_beside(self._take(alert, partition))
 
     async def _take(self, alert: Alert, partition: int) -> None:

@@ -121,6 +121,22 @@ def test_an_alert_written_to_a_partition_this_worker_notifies_is_handed_over_at_
     assert handed == [(ALERT, 3)]
 
 
+def test_an_alert_is_handed_over_as_it_is_sent_once_not_again_when_acknowledged() -> None:
+    handed: list[int] = []
+    gate = AlertFirst(RULES)
+    gate.enable(0.2, lambda partition: partition == 3, lambda alert, p: handed.append(p))
+    assert gate.sending(ALERT, 3)
+    gate.published(ALERT, 3, handed=True)
+    assert handed == [3]
+    # The partition not known before sending (no metadata yet): handed over at the ack.
+    assert not gate.sending(ALERT, None)
+    gate.published(ALERT, 3, handed=False)
+    assert handed == [3, 3]
+    # Another worker's partition: not handed over, and nothing here waits for it.
+    assert not gate.sending(ALERT, 5)
+    assert handed == [3, 3]
+
+
 def test_an_alert_is_handed_over_even_when_nothing_waits_for_it() -> None:
     handed: list[int] = []
     gate = AlertFirst(RULES)
