@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from faust.types import EventT
 
@@ -48,6 +48,9 @@ from streams.stages.notify_tell import Telling
 from streams.stages.notifying import register_notifier
 
 log = logging.getLogger(__name__)
+
+# How an alert came into the stage, on its `notify_opened` record for the operators.
+Via = Literal["hand_over", "stream", "takeover"]
 
 
 class Notifier(Telling):
@@ -123,7 +126,7 @@ class Notifier(Telling):
         await publish(self.ctx.topics.audit, alert.study_uid, event, headers_for_current_span())
         self.state.apply(event)
 
-    async def admit(self, alert: Alert, via: str) -> None:
+    async def admit(self, alert: Alert, via: Via) -> None:
         """A new alert: open its escalation, unless it is too old to page anyone for."""
         age = ns.age_s(alert, datetime.now(UTC))
         if age > self.n.max_alert_age_s:
@@ -143,7 +146,7 @@ class Notifier(Telling):
         # would wait for it to run dry (~20 ms more to the webhook in the full stack).
         await asyncio.sleep(0)
 
-    def open(self, alert: Alert, via: str) -> None:
+    def open(self, alert: Alert, via: Via) -> None:
         """Open the escalation and start telling step 1 while its record is written: the
         stream does not wait for the record's ack either, so a burst of alerts is not one
         acks=all round trip apart each on the way to the first person. The record is sent
@@ -195,10 +198,14 @@ class Notifier(Telling):
         await self.ready(partition)
         if partition not in self.owned or ns.age_s(alert, datetime.now(UTC)) > self.n.max_alert_age_s:
             return
-        if alert.alert_id in self.state.escalations or alert.alert_id in self.state.skipped:
+        if self.settled(alert.alert_id):
             return
         self.state.add_alert(alert)
         self.open(alert, "hand_over")
+
+    def settled(self, alert_id: str) -> bool:
+        """Opened already, or skipped: whichever way it came in again, nothing to open."""
+        return alert_id in self.state.escalations or alert_id in self.state.skipped
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -222,10 +229,11 @@ class Notifier(Telling):
             return
         alert = Alert.from_bytes(event.value)  # unreadable: dead-lettered by `each`
         self.state.add_alert(alert)
+        if not self.settled(alert.alert_id):
+            await self.admit(alert, "stream")
+            return
         esc = self.state.escalations.get(alert.alert_id)
-        if esc is None:
-            if alert.alert_id not in self.state.skipped:
-                await self.admit(alert, "stream")
+        if esc is None:  # skipped
             return
         if topic == self.retry_topic:
             # A dead letter replayed: try the undeliverable recipients of the current step
